@@ -1,1 +1,44 @@
 //! certmq: an MQTT-over-TLS broker with mutual X.509 device authentication.
+//!
+//! # Architecture
+//!
+//! ```text
+//! accept (server)            one task per connection, bounded by max_connections
+//!   -> TLS handshake         tls::DeviceVerifier: pinned fingerprint | webpki path to an
+//!                            anchor (tls::policy); a refusal is a TLS alert + one log line
+//!   -> CONNECT               mqtt::codec reads it under connect_timeout
+//!   -> admission             auth::decide: steps 2-7 again against the *current* config
+//!                            (resumed sessions too), identity (CN -> DeviceName), registry
+//!   -> CONNACK               broker::connect maps the decision to return/reason codes
+//!   -> session               broker::session: keep alive, PINGREQ, DISCONNECT
+//! ```
+//!
+//! - [`config`]: TOML -> typed, validated [`config::Config`] (PEMs, regexes, CRLs, ACLs).
+//! - [`cert`]: fingerprints and validity of one certificate.
+//! - [`tls`]: the rustls server config (built once per config) and the verifier.
+//! - [`identity`]: pure CN -> device name with hostile-case tests.
+//! - [`registry`]: the device registry (SPEC 3 step 7) in SQLite.
+//! - [`auth`]: the whole decision, shared by CONNECT and `certmq explain`.
+//! - [`acl`], [`mqtt::topic`]: authorization profiles and topic matching.
+//! - [`mqtt::codec`]: MQTT 3.1.1 / 5.0 framing behind our own API.
+//! - [`broker`]: CONNECT/CONNACK and the session loop.
+//! - [`server`]: the accept loop, connection limit, graceful shutdown.
+//! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
+//! - [`metrics`]: counters for `/metrics`.
+//!
+//! Shared state is immutable and swapped whole: a [`server::Shared`] holds the current
+//! `Arc<Config>` and `Arc<rustls::ServerConfig>`; a connection takes a snapshot.
+
+pub mod acl;
+pub mod auth;
+pub mod broker;
+pub mod cert;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod mqtt;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod tls;

@@ -1,1 +1,278 @@
-fn main() {}
+//! The `certmq` binary: arguments (clap), logging (tracing), signals, exit codes. The work
+//! is in the library; `anyhow` is used only here, to print error chains as one sentence.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use certmq::cli;
+use certmq::config::{Config, ConfigError};
+use certmq::registry::{Mode, Registry};
+use certmq::server::{self, Server, ServerError};
+
+#[derive(Parser)]
+#[command(
+    name = "certmq",
+    version,
+    about = "MQTT-over-TLS broker with mutual X.509 device authentication"
+)]
+struct Cli {
+    /// The config file; relative paths inside it resolve against its folder.
+    #[arg(long, global = true, default_value = certmq::config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker until SIGINT/SIGTERM.
+    Serve,
+    /// Validate the config as `serve` would and print a summary.
+    Check,
+    /// Explain what the broker would decide for a client certificate chain.
+    Explain {
+        /// PEM file: the client certificate, optionally followed by its intermediates.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The device registry.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Write a complete example PKI and a config that uses it.
+    DemoPki {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of every certificate, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Every device.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse the device's connections (a running broker disconnects it).
+    Disable { name: String },
+    /// Accept the device again.
+    Enable { name: String },
+    /// Remove the device (it may be provisioned again by its anchor).
+    Delete { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("certmq: {}", sentence(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// An error chain as one sentence: "a: b: c".
+fn sentence(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => serve(&cli.config),
+        Command::Check => check(&cli.config),
+        Command::Explain { cert, json } => explain(&cli.config, &cert, json),
+        Command::Devices { command } => devices(&cli.config, command),
+        Command::DemoPki { out, days } => {
+            let files = certmq::pki::write_demo(&out, days)?;
+            println!("wrote {} files to {}", files.files.len(), out.display());
+            println!("run: certmq serve --config {}", files.config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads the config, printing every problem on failure.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| report(&e))
+}
+
+fn report(e: &ConfigError) -> ExitCode {
+    eprintln!("certmq: {e}:");
+    for p in &e.problems {
+        eprintln!("  {p}");
+    }
+    ExitCode::from(1)
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    // The registry, when it exists, must not hold a pinned name for an anchor.
+    let registry = cli::registry_for_reading(&config)?;
+    if let Err(ServerError::Config(e)) = server::check_pinned(&config, &registry, Mode::DryRun) {
+        return Ok(report(&e));
+    }
+    cli::check_summary(&config, &mut std::io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let chain = cli::read_chain(cert)?;
+    let registry = cli::registry_for_reading(&config)?;
+    let decision = cli::explain(&config, &registry, &chain);
+    if json {
+        println!("{}", cli::explain_json(&config, &decision));
+    } else {
+        for step in cli::explain_steps(&config, &decision) {
+            println!("{step}");
+        }
+        match &decision.result {
+            Ok(a) => println!(
+                "decision: accept as device {:?} by {}",
+                a.device.as_str(),
+                a.rule_label
+            ),
+            Err(e) => println!("decision: reject ({}): {e}", e.label()),
+        }
+    }
+    Ok(if decision.result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let registry = Registry::open(&config.server.data_dir)?;
+    match command {
+        DevicesCommand::List { json } => {
+            let all = registry.list()?;
+            if json {
+                let rows: Vec<_> = all.iter().map(cli::device_json).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{}", cli::device_header());
+                for d in &all {
+                    println!("{}", cli::device_line(d));
+                }
+            }
+        }
+        DevicesCommand::Show { name, json } => {
+            let Some(d) = registry.get(&name)? else {
+                return Err(cli::CliError::UnknownDevice(name).into());
+            };
+            if json {
+                println!("{}", cli::device_json(&d));
+            } else {
+                println!("{}", cli::device_header());
+                println!("{}", cli::device_line(&d));
+            }
+        }
+        DevicesCommand::Disable { name } => {
+            registry.set_enabled(&name, false)?;
+            println!("device {name} disabled");
+        }
+        DevicesCommand::Enable { name } => {
+            registry.set_enabled(&name, true)?;
+            println!("device {name} enabled");
+        }
+        DevicesCommand::Delete { name } => {
+            registry.delete(&name)?;
+            println!("device {name} deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let server = match Server::new(config) {
+            Ok(s) => s,
+            Err(ServerError::Config(e)) => return Ok(report(&e)),
+            Err(e) => return Err(e.into()),
+        };
+        let listener = server.bind().await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        server.run(listener, shutdown).await?;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP is caught so that
+/// it never kills the broker; reloading is logged as not available in this version.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP: configuration reload is not available in this version; restart to apply changes");
+                continue;
+            }
+        }
+        if shutdown.is_cancelled() {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(1);
+        }
+        tracing::info!("signal received: shutting down");
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,255 @@
+//! CONNECT handling: the admission decision (SPEC 3) and the client identifier rules
+//! (SPEC 4), mapped to CONNACK return codes (MQTT 3.1.1) and reason codes (MQTT 5).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::auth::Refused;
+use crate::mqtt::codec::{v4, v5, CodecError, Connect, Packet, Protocol};
+
+/// What the client asked for in CONNECT, independent of the protocol version.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub protocol: Protocol,
+    pub client_id: String,
+    /// MQTT 3.1.1 clean session / MQTT 5 clean start.
+    pub clean_start: bool,
+    /// Seconds; 0 = none.
+    pub keep_alive: u16,
+}
+
+impl ConnectRequest {
+    /// Username and password are ignored (SPEC 3): identity comes from the certificate.
+    pub fn from_packet(connect: &Connect) -> ConnectRequest {
+        match connect {
+            Connect::V311(c) => ConnectRequest {
+                protocol: Protocol::V311,
+                client_id: c.client_id.clone(),
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+            },
+            Connect::V5 { connect: c, .. } => ConnectRequest {
+                protocol: Protocol::V5,
+                client_id: c.client_id.clone(),
+                clean_start: c.clean_start,
+                keep_alive: c.keep_alive,
+            },
+        }
+    }
+}
+
+/// Why a CONNECT is refused after admission passed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientIdRefusal {
+    /// MQTT-3.1.3-8: an empty client id requires clean session in MQTT 3.1.1.
+    #[error("an empty client identifier requires clean session = 1")]
+    EmptyWithPersistentSession,
+}
+
+/// The client identifier the session will use, and whether the broker assigned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientId {
+    pub id: String,
+    pub assigned: bool,
+}
+
+/// SPEC 4: an empty client id is assigned one; 3.1.1 with clean session 0 is refused.
+pub fn client_id(req: &ConnectRequest) -> Result<ClientId, ClientIdRefusal> {
+    if !req.client_id.is_empty() {
+        return Ok(ClientId {
+            id: req.client_id.clone(),
+            assigned: false,
+        });
+    }
+    if req.protocol == Protocol::V311 && !req.clean_start {
+        return Err(ClientIdRefusal::EmptyWithPersistentSession);
+    }
+    Ok(ClientId {
+        id: assign_id(),
+        assigned: true,
+    })
+}
+
+/// A process-unique identifier. Sessions are keyed by (device, client id), so uniqueness
+/// within one device is what matters; the time prefix keeps ids unique across restarts.
+fn assign_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("certmq-{t:x}-{n:x}")
+}
+
+/// The keep alive the broker enforces, in seconds (SPEC 6, 9): the client's value capped
+/// at `max_keep_alive`. A client asking for none (0) still gets `max_keep_alive`, so that
+/// no wait on a peer is unbounded. MQTT 5 clients are told via Server Keep Alive.
+pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
+    if requested == 0 || requested > max_keep_alive {
+        max_keep_alive
+    } else {
+        requested
+    }
+}
+
+/// A successful CONNACK.
+pub fn connack_success(
+    req: &ConnectRequest,
+    id: &ClientId,
+    keep_alive: u16,
+    receive_maximum: u16,
+    max_packet_size: usize,
+) -> Packet {
+    match req.protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::Success,
+            false,
+        ))),
+        Protocol::V5 => {
+            let properties = v5::ConnAckProperties {
+                assigned_client_identifier: id.assigned.then(|| id.id.clone()),
+                server_keep_alive: (keep_alive != req.keep_alive).then_some(keep_alive),
+                receive_max: Some(receive_maximum),
+                max_packet_size: u32::try_from(max_packet_size).ok(),
+                ..connack_properties()
+            };
+            Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
+                session_present: false,
+                code: v5::ConnectReturnCode::Success,
+                properties: Some(properties),
+            }))
+        }
+    }
+}
+
+/// The CONNACK that refuses an admission (SPEC 3: code 5 / 0x87 with a reason string; a
+/// registry that cannot answer is "server unavailable", code 3 / 0x88).
+pub fn connack_refused(protocol: Protocol, refused: &Refused) -> Packet {
+    let unavailable = matches!(refused, Refused::Store(_));
+    match protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            if unavailable {
+                v4::ConnectReturnCode::ServiceUnavailable
+            } else {
+                v4::ConnectReturnCode::NotAuthorized
+            },
+            false,
+        ))),
+        Protocol::V5 => v5_refusal(
+            if unavailable {
+                v5::ConnectReturnCode::ServerUnavailable
+            } else {
+                v5::ConnectReturnCode::NotAuthorized
+            },
+            format!("not authorized: {refused}"),
+        ),
+    }
+}
+
+/// The CONNACK for a client identifier refusal (3.1.1 code 2; 0x85 in MQTT 5).
+pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packet {
+    match protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::BadClientId,
+            false,
+        ))),
+        Protocol::V5 => v5_refusal(
+            v5::ConnectReturnCode::ClientIdentifierNotValid,
+            why.to_string(),
+        ),
+    }
+}
+
+/// The CONNACK for a CONNECT the codec refused, when one is due: MQTT 3.1 gets 3.1.1
+/// return code 1 (what MQTT 3.1 clients understand); an unknown level of `MQTT` gets 0x84
+/// in MQTT 5 form, as MQTT 5 §3.1.2.2 allows. Other errors just close.
+pub fn connack_for_codec_error(e: &CodecError) -> Option<Packet> {
+    match e {
+        CodecError::UnsupportedProtocol { name, .. } if name == "MQIsdp" => {
+            Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+                v4::ConnectReturnCode::RefusedProtocolVersion,
+                false,
+            ))))
+        }
+        CodecError::UnsupportedProtocol { .. } => Some(v5_refusal(
+            v5::ConnectReturnCode::UnsupportedProtocolVersion,
+            e.to_string(),
+        )),
+        _ => None,
+    }
+}
+
+fn v5_refusal(code: v5::ConnectReturnCode, reason: String) -> Packet {
+    Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
+        session_present: false,
+        code,
+        properties: Some(v5::ConnAckProperties {
+            reason_string: Some(reason),
+            ..connack_properties()
+        }),
+    }))
+}
+
+/// ConnAckProperties with nothing set (mqttbytes-ng has no Default for it).
+fn connack_properties() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(protocol: Protocol, id: &str, clean: bool) -> ConnectRequest {
+        ConnectRequest {
+            protocol,
+            client_id: id.into(),
+            clean_start: clean,
+            keep_alive: 60,
+        }
+    }
+
+    #[test]
+    fn client_id_rules() {
+        let given = client_id(&req(Protocol::V311, "abc", false)).unwrap();
+        assert_eq!(
+            given,
+            ClientId {
+                id: "abc".into(),
+                assigned: false
+            }
+        );
+        assert_eq!(
+            client_id(&req(Protocol::V311, "", false)),
+            Err(ClientIdRefusal::EmptyWithPersistentSession)
+        );
+        let a = client_id(&req(Protocol::V311, "", true)).unwrap();
+        let b = client_id(&req(Protocol::V5, "", false)).unwrap();
+        assert!(a.assigned && b.assigned);
+        assert_ne!(a.id, b.id);
+    }
+
+    #[test]
+    fn keep_alive_is_capped_and_never_unbounded() {
+        assert_eq!(effective_keep_alive(60, 3600), 60);
+        assert_eq!(effective_keep_alive(0, 3600), 3600);
+        assert_eq!(effective_keep_alive(7200, 3600), 3600);
+    }
+}

@@ -1,0 +1,234 @@
+//! Facts about one X.509 certificate that certmq needs outside path validation: its
+//! SHA-256 fingerprint (the pinned strategy and the registry key on it), its validity
+//! period, its subject for display, and its CA properties (config validation of anchors).
+//!
+//! Path validation itself is webpki's job (see `tls::policy`); this module only reads.
+
+use std::fmt;
+
+use ring::digest;
+use rustls_pki_types::UnixTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Why a certificate could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The DER does not parse as an X.509 certificate.
+    #[error("not a valid X.509 certificate")]
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// Bytes followed the certificate inside its DER blob.
+    #[error("{0} unexpected bytes after the certificate")]
+    TrailingBytes(usize),
+}
+
+/// SHA-256 of a certificate's DER: the identity of a pinned certificate and of the
+/// certificate a device is bound to in the registry. A newtype so that a fingerprint is
+/// never confused with another hex string, and is always printed in lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a certificate's DER encoding.
+    pub fn of(der: &[u8]) -> Fingerprint {
+        let d = digest::digest(&digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Fingerprint(out)
+    }
+
+    /// Parses the lowercase or uppercase hex form (as stored in the registry).
+    pub fn from_hex(s: &str) -> Option<Fingerprint> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Fingerprint(out))
+    }
+
+    /// Lowercase hex, as SPEC 1 prints it.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", self.to_hex())
+    }
+}
+
+/// A validity period in seconds since the Unix epoch. Kept as plain seconds because both
+/// the registry (SQLite integers) and rustls (`UnixTime`) speak in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// notBefore, seconds since the epoch (may be negative for very old certificates).
+    pub not_before: i64,
+    /// notAfter, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// Where `now` falls relative to the period.
+    pub fn check(&self, now: UnixTime) -> Result<(), ValidityError> {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if now < self.not_before {
+            Err(ValidityError::NotYetValid)
+        } else if now > self.not_after {
+            Err(ValidityError::Expired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The two ways a certificate can be outside its validity period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ValidityError {
+    #[error("certificate expired")]
+    Expired,
+    #[error("certificate not yet valid")]
+    NotYetValid,
+}
+
+/// What certmq reads from one certificate, parsed once at load time.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub fingerprint: Fingerprint,
+    pub validity: Validity,
+    /// The subject as an RFC 4514-style string, for operators.
+    pub subject: String,
+    /// The raw DER of the subject Name, to compare with issuers byte for byte.
+    pub subject_der: Vec<u8>,
+    /// The raw DER of the issuer Name.
+    pub issuer_der: Vec<u8>,
+    /// basicConstraints cA.
+    pub is_ca: bool,
+    /// basicConstraints pathLenConstraint, when present.
+    pub path_len: Option<u32>,
+    /// keyUsage, when the extension is present: (keyCertSign, cRLSign).
+    pub key_usage: Option<(bool, bool)>,
+    /// Whether subject and issuer are the same name (a root or a self-signed leaf).
+    pub self_issued: bool,
+}
+
+impl CertInfo {
+    /// Reads the facts from a certificate's DER.
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, CertError> {
+        let (rest, cert) = X509Certificate::from_der(der).map_err(CertError::Parse)?;
+        if !rest.is_empty() {
+            return Err(CertError::TrailingBytes(rest.len()));
+        }
+        Ok(Self::from_parsed(der, &cert))
+    }
+
+    fn from_parsed(der: &[u8], cert: &X509Certificate<'_>) -> CertInfo {
+        let (is_ca, path_len) = match cert.basic_constraints() {
+            Ok(Some(bc)) => (bc.value.ca, bc.value.path_len_constraint),
+            _ => (false, None),
+        };
+        let key_usage = match cert.key_usage() {
+            Ok(Some(ku)) => Some((ku.value.key_cert_sign(), ku.value.crl_sign())),
+            _ => None,
+        };
+        let subject_der = cert.subject().as_raw().to_vec();
+        let issuer_der = cert.issuer().as_raw().to_vec();
+        CertInfo {
+            fingerprint: Fingerprint::of(der),
+            validity: Validity {
+                not_before: cert.validity().not_before.timestamp(),
+                not_after: cert.validity().not_after.timestamp(),
+            },
+            subject: cert.subject().to_string(),
+            self_issued: subject_der == issuer_der,
+            subject_der,
+            issuer_der,
+            is_ca,
+            path_len,
+            key_usage,
+        }
+    }
+}
+
+/// Formats seconds since the epoch as RFC 3339 (UTC), as the CLI and JSON print times.
+pub fn rfc3339(secs: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| secs.to_string()),
+        Err(_) => secs.to_string(),
+    }
+}
+
+/// The current time in seconds since the epoch.
+pub fn now_secs() -> i64 {
+    i64::try_from(UnixTime::now().as_secs()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_hex_round_trip() {
+        let f = Fingerprint::of(b"hello");
+        let hex = f.to_hex();
+        assert_eq!(
+            hex,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(Fingerprint::from_hex(&hex), Some(f));
+        assert_eq!(Fingerprint::from_hex(&hex.to_uppercase()), Some(f));
+        assert_eq!(Fingerprint::from_hex("zz"), None);
+        assert_eq!(Fingerprint::from_hex(&"é".repeat(32)), None);
+    }
+
+    #[test]
+    fn validity_edges() {
+        let v = Validity {
+            not_before: 100,
+            not_after: 200,
+        };
+        assert_eq!(
+            v.check(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                99
+            ))),
+            Err(ValidityError::NotYetValid)
+        );
+        assert_eq!(
+            v.check(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                100
+            ))),
+            Ok(())
+        );
+        assert_eq!(
+            v.check(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                200
+            ))),
+            Ok(())
+        );
+        assert_eq!(
+            v.check(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                201
+            ))),
+            Err(ValidityError::Expired)
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(CertInfo::from_der(b"not a certificate").is_err());
+    }
+}

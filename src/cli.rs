@@ -1,0 +1,271 @@
+//! What the `certmq` commands print (SPEC 1): `check`, `explain`, `devices`, `demo-pki`.
+//! `main.rs` parses arguments and maps results to exit codes; the work and the wording
+//! are here, in the library, so they are tested like everything else.
+
+use std::io::Write;
+use std::path::Path;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde_json::json;
+
+use crate::auth::{self, Decision};
+use crate::cert::rfc3339;
+use crate::config::Config;
+use crate::registry::{Device, Mode, Registry, RegistryError};
+use crate::tls::policy::{AnchorFailure, Rule};
+
+/// Failures of the CLI commands, each one sentence naming the file or device.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read the certificate file {path}")]
+    CertFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: std::path::PathBuf },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("no device named {0:?} in the registry")]
+    UnknownDevice(String),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("cannot write to standard output")]
+    Output(#[from] std::io::Error),
+}
+
+/// `certmq check`: the summary of a loaded config, warnings included.
+pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "config {} is valid", config.path.display())?;
+    let s = &config.server;
+    writeln!(
+        out,
+        "listener: {} (TLS 1.3, 1.2; client certificate required)",
+        s.bind
+    )?;
+    writeln!(
+        out,
+        "server certificate: {} (expires {})",
+        s.cert_info.subject,
+        rfc3339(s.cert_info.validity.not_after)
+    )?;
+    writeln!(out, "data_dir: {}", s.data_dir.display())?;
+    if let Some(a) = s.admin_bind {
+        writeln!(out, "admin: http://{a}/metrics")?;
+    }
+    writeln!(out, "anchors: {}", config.anchors.len())?;
+    for a in &config.anchors {
+        writeln!(out, "  {}: {}", a.name, a.info.subject)?;
+        writeln!(out, "    expires {}", rfc3339(a.info.validity.not_after))?;
+        writeln!(out, "    cn_regex {}", a.cn_regex.as_str())?;
+        writeln!(
+            out,
+            "    create_devices {}, acl {}",
+            a.create_devices, a.acl
+        )?;
+        if let Some(crl) = &a.crl {
+            writeln!(
+                out,
+                "    crl {} ({} revoked{})",
+                crl.path.display(),
+                crl.revoked_count,
+                crl.next_update
+                    .map(|n| format!(", next update {}", rfc3339(n)))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    writeln!(out, "pinned devices: {}", config.devices.len())?;
+    for d in &config.devices {
+        writeln!(
+            out,
+            "  {}: {} (expires {}, acl {})",
+            d.name,
+            d.info.fingerprint,
+            rfc3339(d.info.validity.not_after),
+            d.acl
+        )?;
+    }
+    writeln!(
+        out,
+        "acl profiles: {}",
+        config.acl.keys().cloned().collect::<Vec<_>>().join(", ")
+    )?;
+    for w in &config.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    Ok(())
+}
+
+/// Opens the registry in `data_dir` if it exists; else an empty in-memory one, so that
+/// `explain` works before the first start and never creates files.
+pub fn registry_for_reading(config: &Config) -> Result<Registry, RegistryError> {
+    if config
+        .server
+        .data_dir
+        .join(crate::registry::DB_FILE)
+        .exists()
+    {
+        Registry::open(&config.server.data_dir)
+    } else {
+        Registry::in_memory()
+    }
+}
+
+/// Reads a PEM file of certificates (leaf first).
+pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CliError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|source| CliError::CertFile {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .collect();
+    let certs = certs.map_err(|source| CliError::CertFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if certs.is_empty() {
+        return Err(CliError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// `certmq explain`: the decision for a chain, without changing anything.
+pub fn explain(config: &Config, registry: &Registry, chain: &[CertificateDer<'_>]) -> Decision {
+    auth::decide(config, registry, chain, UnixTime::now(), Mode::DryRun)
+}
+
+/// The step-by-step lines of an explanation.
+pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
+    let mut steps = Vec::new();
+    let Some(leaf) = &d.report.leaf else {
+        steps.push("1. certificate: cannot be parsed".to_owned());
+        return steps;
+    };
+    steps.push(format!(
+        "1. certificate: subject {}, fingerprint {}, valid {} .. {}",
+        leaf.subject,
+        leaf.fingerprint,
+        rfc3339(leaf.validity.not_before),
+        rfc3339(leaf.validity.not_after)
+    ));
+    match d.report.pinned {
+        Some(i) => steps.push(format!(
+            "2. pinned: matches [[device]] {:?}; validity {}",
+            config.devices[i].name.as_str(),
+            match &d.report.outcome {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.to_string(),
+            }
+        )),
+        None => steps.push("2. pinned: no [[device]] has this fingerprint".to_owned()),
+    }
+    if d.report.pinned.is_none() {
+        if config.anchors.is_empty() {
+            steps.push("3. chain: no anchors configured".to_owned());
+        }
+        for (a, r) in config.anchors.iter().zip(&d.report.anchors) {
+            let line = match r {
+                Ok(n) => format!(
+                    "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints, key usage, clientAuth EKU{} ok",
+                    if a.crl.is_some() { ", CRL" } else { "" }
+                ),
+                Err(AnchorFailure::NotInChain) => "skipped: not an issuer of any certificate in the chain".to_owned(),
+                Err(f) => format!("fails: {f}"),
+            };
+            steps.push(format!("3. anchor {}: {line}", a.name));
+        }
+        if let Ok(Rule::Anchor(i)) = d.report.outcome {
+            steps.push(format!(
+                "   chosen: anchor {} (nearest to the leaf, then first in the file)",
+                config.anchors[i].name
+            ));
+        }
+    }
+    if let Some(cn) = &d.cn {
+        steps.push(format!("5. common name: {cn:?}"));
+    }
+    if let Some(dev) = &d.device {
+        steps.push(format!("6. device name: {:?}", dev.as_str()));
+    }
+    match &d.result {
+        Ok(a) => steps.push(format!(
+            "7. registry: {}",
+            match &a.registry {
+                crate::registry::Admitted::Known =>
+                    "known device, same rule, same certificate".to_owned(),
+                crate::registry::Admitted::Provisioned =>
+                    "unknown device: would be created (provisioned) by this connection".to_owned(),
+                crate::registry::Admitted::Rotated { previous } =>
+                    format!("rotation: would replace certificate {previous}"),
+            }
+        )),
+        Err(auth::Refused::Registry { refusal, .. }) => {
+            steps.push(format!("7. registry: {refusal}"))
+        }
+        Err(auth::Refused::Store(e)) => steps.push(format!("7. registry: unavailable: {e}")),
+        Err(_) => {}
+    }
+    steps
+}
+
+/// `explain --json`.
+pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
+    let (decision, reason) = match &d.result {
+        Ok(a) => (
+            "accept",
+            format!("accepted: {:?}", a.registry).to_lowercase(),
+        ),
+        Err(e) => ("reject", e.to_string()),
+    };
+    json!({
+        "decision": decision,
+        "device": d.device.as_ref().map(|n| n.as_str()),
+        "rule": d.rule_label(config),
+        "reason": reason,
+        "reason_code": d.result.as_ref().err().map(|e| e.label()),
+        "fingerprint": d.report.leaf.as_ref().map(|l| l.fingerprint.to_hex()),
+        "common_name": d.cn,
+        "steps": explain_steps(config, d),
+    })
+}
+
+/// One registry row as SPEC 1 prints it in JSON.
+pub fn device_json(d: &Device) -> serde_json::Value {
+    json!({
+        "name": d.name,
+        "source": d.source.as_str(),
+        "fingerprint": d.fingerprint.to_hex(),
+        "enabled": d.enabled,
+        "not_after": rfc3339(d.validity.not_after),
+        "created_at": rfc3339(d.created_at),
+        "last_seen_at": d.last_seen_at.map(rfc3339),
+    })
+}
+
+/// One registry row as text.
+pub fn device_line(d: &Device) -> String {
+    format!(
+        "{:<24} {:<12} {:<8} {:<26} {:<26} {}",
+        d.name,
+        d.source.as_str(),
+        if d.enabled { "enabled" } else { "DISABLED" },
+        rfc3339(d.validity.not_after),
+        d.last_seen_at
+            .map(rfc3339)
+            .unwrap_or_else(|| "never".to_owned()),
+        d.fingerprint
+    )
+}
+
+/// The header of [`device_line`].
+pub fn device_header() -> String {
+    format!(
+        "{:<24} {:<12} {:<8} {:<26} {:<26} {}",
+        "NAME", "SOURCE", "STATE", "NOT_AFTER", "LAST_SEEN", "FINGERPRINT"
+    )
+}

@@ -1,0 +1,958 @@
+//! The TOML configuration (SPEC 2), parsed into typed, validated values at the boundary:
+//! PEM files loaded, the server key matched to its certificate, anchors turned into webpki
+//! trust anchors, regexes compiled, CRLs checked against their anchor, ACL profiles
+//! compiled. Everything downstream works with these types and never re-reads a file.
+//!
+//! Loading collects every problem before failing, because an operator fixing a config wants
+//! the whole list at once (`certmq check`), and a reload must be refused as a whole.
+//! Unknown keys are errors: a typo such as `create_device = true` or `crls = ...` must not
+//! silently change what is trusted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use regex::Regex;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use serde::Deserialize;
+use x509_parser::prelude::FromDer;
+
+use crate::acl::{AclError, Profile};
+use crate::cert::{now_secs, CertError, CertInfo, Fingerprint, Validity};
+use crate::identity::{DeviceName, NameError};
+
+/// The default config path, relative to the working directory (SPEC 1).
+pub const DEFAULT_PATH: &str = "config/certmq.toml";
+
+/// The source name the registry uses for pinned devices; an anchor may not take it.
+pub const PINNED_SOURCE: &str = "pinned";
+
+/// One thing wrong with a config file: where (file and field) and what.
+#[derive(Debug)]
+pub struct Problem {
+    /// The config file.
+    pub file: PathBuf,
+    /// The field, e.g. `anchor[1] "fleet".crl`.
+    pub field: String,
+    pub kind: ProblemKind,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.field, self.kind)?;
+        let mut source = std::error::Error::source(&self.kind);
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong, with the underlying cause kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ProblemKind {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TOML")]
+    Toml(#[source] toml::de::Error),
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds {count} certificates; exactly one is expected")]
+    TooManyCertificates { path: PathBuf, count: usize },
+    #[error("{path} is not valid PEM")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path}: certificate cannot be parsed")]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: CertError,
+    },
+    #[error("{path} holds no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected)")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("the private key is not supported")]
+    KeyUnsupported(#[source] rustls::Error),
+    #[error("the private key does not match the server certificate")]
+    KeyMismatch(#[source] rustls::Error),
+    #[error("{path} is not a CA certificate (basicConstraints cA is not set)")]
+    NotCa { path: PathBuf },
+    #[error("{path} is a CA certificate whose keyUsage lacks keyCertSign")]
+    NoKeyCertSign { path: PathBuf },
+    #[error("not a socket address such as 0.0.0.0:8883: {value:?}")]
+    Address {
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("{value:?} is used more than once")]
+    Duplicate { value: String },
+    #[error("same certificate as {other}")]
+    SameCertificate { other: String },
+    #[error(
+        "anchor names are 1 to 64 characters from A-Z a-z 0-9 . _ - and not \"pinned\": {value:?}"
+    )]
+    AnchorName { value: String },
+    #[error("invalid device name {value:?}")]
+    DeviceName {
+        value: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("invalid regular expression")]
+    Regex(#[source] regex::Error),
+    #[error("ACL profile {name:?} is not defined")]
+    UnknownProfile { name: String },
+    #[error("invalid ACL profile")]
+    Acl(#[source] AclError),
+    #[error("{path} is not a valid CRL")]
+    Crl {
+        path: PathBuf,
+        #[source]
+        source: webpki::Error,
+    },
+    #[error("{path} cannot be parsed as a CRL")]
+    CrlParse {
+        path: PathBuf,
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    #[error("{path} was not issued by this anchor (CRL issuer {issuer})")]
+    CrlIssuer { path: PathBuf, issuer: String },
+    #[error("{path}: CRL signature does not verify with the anchor's key")]
+    CrlSignature {
+        path: PathBuf,
+        #[source]
+        source: x509_parser::error::X509Error,
+    },
+    #[error("the anchor's keyUsage lacks cRLSign, so its CRL cannot be used")]
+    NoCrlSign,
+    #[error("{path}: CRL is past its nextUpdate ({next_update}); it is still applied")]
+    CrlStale { path: PathBuf, next_update: String },
+    #[error("certificate expired on {not_after}")]
+    Expired { not_after: String },
+    #[error("certificate not valid before {not_before}")]
+    NotYetValid { not_before: String },
+    #[error("no trust rule is usable: every anchor and pinned certificate is expired, not yet valid, or none is configured")]
+    NoUsableRule,
+    #[error("{name:?} is pinned here, but the registry holds this device for anchor {source_name:?}; delete that device first (certmq devices delete {name})")]
+    PinnedNameTaken { name: String, source_name: String },
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+/// A config that did not load; the list holds every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in {}", problems.len(), path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// `[server]`.
+#[derive(Debug)]
+pub struct Server {
+    pub bind: SocketAddr,
+    pub cert_chain_path: PathBuf,
+    /// The server certificate, then its intermediates.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub cert_info: CertInfo,
+    pub private_key_path: PathBuf,
+    pub private_key: PrivateKeyDer<'static>,
+    pub data_dir: PathBuf,
+    pub admin_bind: Option<SocketAddr>,
+}
+
+/// `[limits]`, with SPEC 2 defaults. Durations are whole seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub handshake_timeout: u64,
+    pub connect_timeout: u64,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub max_keep_alive: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_packet_size: 1_048_576,
+            handshake_timeout: 10,
+            connect_timeout: 10,
+            max_inflight: 64,
+            max_queued_messages: 1000,
+            max_keep_alive: 3600,
+        }
+    }
+}
+
+/// A CRL attached to an anchor, parsed and checked against the anchor at load time so that
+/// a wrong file is a config error, not a lock-out of every device at handshake time.
+#[derive(Debug)]
+pub struct Crl {
+    pub path: PathBuf,
+    pub list: webpki::CertRevocationList<'static>,
+    /// nextUpdate, seconds since the epoch, when present.
+    pub next_update: Option<i64>,
+    pub revoked_count: usize,
+}
+
+/// `[[anchor]]`: the certificate-chain strategy.
+#[derive(Debug)]
+pub struct Anchor {
+    pub name: String,
+    pub certificate_path: PathBuf,
+    pub der: CertificateDer<'static>,
+    pub info: CertInfo,
+    /// The anchor as webpki sees it: subject, key and name constraints.
+    pub trust_anchor: rustls_pki_types::TrustAnchor<'static>,
+    pub cn_regex: Regex,
+    pub create_devices: bool,
+    pub acl: String,
+    pub crl: Option<Crl>,
+}
+
+/// `[[device]]`: the pinned strategy.
+#[derive(Debug)]
+pub struct PinnedDevice {
+    pub name: DeviceName,
+    pub certificate_path: PathBuf,
+    pub info: CertInfo,
+    pub acl: String,
+}
+
+/// A loaded, validated configuration. Immutable: a reload builds a new one.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub server: Server,
+    pub limits: Limits,
+    pub anchors: Vec<Anchor>,
+    pub devices: Vec<PinnedDevice>,
+    /// ACL profiles by name, the built-in `device` included.
+    pub acl: BTreeMap<String, Arc<Profile>>,
+    /// Problems that do not stop the broker (expired anchors while others are usable,
+    /// stale CRLs); `check` prints them.
+    pub warnings: Vec<Problem>,
+}
+
+impl Config {
+    /// The anchor with this name.
+    pub fn anchor(&self, name: &str) -> Option<&Anchor> {
+        self.anchors.iter().find(|a| a.name == name)
+    }
+
+    /// The pinned device with this name.
+    pub fn pinned(&self, name: &str) -> Option<&PinnedDevice> {
+        self.devices.iter().find(|d| d.name.as_str() == name)
+    }
+
+    /// An ACL profile by name (validated to exist for every rule at load).
+    pub fn profile(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.acl.get(name)
+    }
+
+    /// Loads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let mut loader = Loader {
+            file: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(source) => {
+                loader.problem(
+                    "(file)",
+                    ProblemKind::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return Err(loader.into_error());
+            }
+        };
+        let raw: RawConfig = match toml::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                loader.problem("(file)", ProblemKind::Toml(e));
+                return Err(loader.into_error());
+            }
+        };
+        loader.build(raw)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    anchor: Vec<RawAnchor>,
+    #[serde(default)]
+    device: Vec<RawDevice>,
+    #[serde(default)]
+    acl: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    bind: String,
+    cert_chain: PathBuf,
+    private_key: PathBuf,
+    data_dir: PathBuf,
+    admin_bind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnchor {
+    name: String,
+    certificate: PathBuf,
+    cn_regex: String,
+    #[serde(default)]
+    create_devices: bool,
+    #[serde(default = "default_profile")]
+    acl: String,
+    crl: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    certificate: PathBuf,
+    #[serde(default = "default_profile")]
+    acl: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    deny_publish: Vec<String>,
+    #[serde(default)]
+    deny_subscribe: Vec<String>,
+}
+
+fn default_profile() -> String {
+    "device".to_owned()
+}
+
+/// Accumulates problems while building a [`Config`].
+struct Loader {
+    file: PathBuf,
+    dir: PathBuf,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Loader {
+    fn problem(&mut self, field: impl Into<String>, kind: ProblemKind) {
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            field: field.into(),
+            kind,
+        });
+    }
+
+    fn warning(&mut self, field: impl Into<String>, kind: ProblemKind) {
+        self.warnings.push(Problem {
+            file: self.file.clone(),
+            field: field.into(),
+            kind,
+        });
+    }
+
+    fn into_error(self) -> ConfigError {
+        ConfigError {
+            path: self.file,
+            problems: self.problems,
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn build(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server);
+        self.limits(&raw.limits);
+        let acl = self.profiles(raw.acl);
+        let anchors = self.anchors(raw.anchor, &acl);
+        let devices = self.devices(raw.device, &acl);
+        self.usable_rules(&anchors, &devices);
+        match server {
+            Some(server) if self.problems.is_empty() => Ok(Config {
+                path: self.file,
+                server,
+                limits: raw.limits,
+                anchors,
+                devices,
+                acl,
+                warnings: self.warnings,
+            }),
+            _ => Err(self.into_error()),
+        }
+    }
+
+    fn address(&mut self, field: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Address {
+                        value: value.to_owned(),
+                        source,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<Server> {
+        let bind = self.address("server.bind", &raw.bind);
+        let admin_bind = match raw.admin_bind.as_deref() {
+            Some(a) => self.address("server.admin_bind", a),
+            None => None,
+        };
+        let cert_chain_path = self.resolve(&raw.cert_chain);
+        let private_key_path = self.resolve(&raw.private_key);
+        let cert_chain = self.certificates("server.cert_chain", &cert_chain_path);
+        let private_key = match PrivateKeyDer::from_pem_file(&private_key_path) {
+            Ok(k) => Some(k),
+            Err(source) => {
+                self.problem(
+                    "server.private_key",
+                    ProblemKind::Key {
+                        path: private_key_path.clone(),
+                        source,
+                    },
+                );
+                None
+            }
+        };
+        let cert_chain = cert_chain?;
+        let private_key = private_key?;
+        let cert_info = self.cert_info("server.cert_chain", &cert_chain_path, &cert_chain[0])?;
+        self.key_matches(&cert_chain, &private_key)?;
+        Some(Server {
+            bind: bind?,
+            cert_chain_path,
+            cert_chain,
+            cert_info,
+            private_key_path,
+            private_key,
+            data_dir: self.resolve(&raw.data_dir),
+            admin_bind,
+        })
+    }
+
+    fn key_matches(
+        &mut self,
+        chain: &[CertificateDer<'static>],
+        key: &PrivateKeyDer<'static>,
+    ) -> Option<()> {
+        let provider = crate::tls::provider();
+        let signing_key = match provider.key_provider.load_private_key(key.clone_key()) {
+            Ok(k) => k,
+            Err(e) => {
+                self.problem("server.private_key", ProblemKind::KeyUnsupported(e));
+                return None;
+            }
+        };
+        let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing_key);
+        match certified.keys_match() {
+            Ok(()) => Some(()),
+            Err(e) => {
+                self.problem("server.private_key", ProblemKind::KeyMismatch(e));
+                None
+            }
+        }
+    }
+
+    fn limits(&mut self, l: &Limits) {
+        let checks = [
+            ("limits.max_connections", l.max_connections == 0),
+            ("limits.max_packet_size", l.max_packet_size < 2),
+            ("limits.handshake_timeout", l.handshake_timeout == 0),
+            ("limits.connect_timeout", l.connect_timeout == 0),
+            ("limits.max_inflight", l.max_inflight == 0),
+        ];
+        for (field, bad) in checks {
+            if bad {
+                self.problem(field, ProblemKind::Zero(field));
+            }
+        }
+    }
+
+    /// All PEM certificates in a file; at least one.
+    fn certificates(&mut self, field: &str, path: &Path) -> Option<Vec<CertificateDer<'static>>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return None;
+            }
+        };
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+        match certs {
+            Ok(c) if c.is_empty() => {
+                self.problem(
+                    field,
+                    ProblemKind::NoCertificate {
+                        path: path.to_path_buf(),
+                    },
+                );
+                None
+            }
+            Ok(c) => Some(c),
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Pem {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// Exactly one certificate from a file (anchors and pinned devices).
+    fn one_certificate(&mut self, field: &str, path: &Path) -> Option<CertificateDer<'static>> {
+        let mut certs = self.certificates(field, path)?;
+        if certs.len() > 1 {
+            self.problem(
+                field,
+                ProblemKind::TooManyCertificates {
+                    path: path.to_path_buf(),
+                    count: certs.len(),
+                },
+            );
+            return None;
+        }
+        certs.pop()
+    }
+
+    fn cert_info(
+        &mut self,
+        field: &str,
+        path: &Path,
+        der: &CertificateDer<'_>,
+    ) -> Option<CertInfo> {
+        match CertInfo::from_der(der) {
+            Ok(i) => Some(i),
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Certificate {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    fn profiles(&mut self, raw: BTreeMap<String, RawProfile>) -> BTreeMap<String, Arc<Profile>> {
+        let mut out = BTreeMap::new();
+        out.insert("device".to_owned(), Arc::new(Profile::builtin_device()));
+        for (name, p) in raw {
+            match Profile::new(&p.publish, &p.subscribe, &p.deny_publish, &p.deny_subscribe) {
+                Ok(profile) => {
+                    out.insert(name, Arc::new(profile));
+                }
+                Err(e) => self.problem(format!("acl.{name}"), ProblemKind::Acl(e)),
+            }
+        }
+        out
+    }
+
+    fn profile_exists(&mut self, field: &str, name: &str, acl: &BTreeMap<String, Arc<Profile>>) {
+        if !acl.contains_key(name) {
+            self.problem(
+                field,
+                ProblemKind::UnknownProfile {
+                    name: name.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// Reports a rule certificate outside its validity period as a warning; returns whether
+    /// the rule is usable now.
+    fn usable_now(&mut self, field: &str, validity: &Validity) -> bool {
+        match validity.check(UnixTime::now()) {
+            Ok(()) => true,
+            Err(crate::cert::ValidityError::Expired) => {
+                self.warning(
+                    field,
+                    ProblemKind::Expired {
+                        not_after: crate::cert::rfc3339(validity.not_after),
+                    },
+                );
+                false
+            }
+            Err(crate::cert::ValidityError::NotYetValid) => {
+                self.warning(
+                    field,
+                    ProblemKind::NotYetValid {
+                        not_before: crate::cert::rfc3339(validity.not_before),
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    fn anchors(
+        &mut self,
+        raw: Vec<RawAnchor>,
+        acl: &BTreeMap<String, Arc<Profile>>,
+    ) -> Vec<Anchor> {
+        let mut out: Vec<Anchor> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut fingerprints: HashMap<Fingerprint, String> = HashMap::new();
+        for (i, a) in raw.into_iter().enumerate() {
+            let field = format!("anchor[{i}] {:?}", a.name);
+            if !valid_anchor_name(&a.name) {
+                self.problem(
+                    format!("{field}.name"),
+                    ProblemKind::AnchorName {
+                        value: a.name.clone(),
+                    },
+                );
+            }
+            if names.insert(a.name.clone(), i).is_some() {
+                self.problem(
+                    format!("{field}.name"),
+                    ProblemKind::Duplicate {
+                        value: a.name.clone(),
+                    },
+                );
+            }
+            self.profile_exists(&format!("{field}.acl"), &a.acl, acl);
+            let cn_regex = match Regex::new(&a.cn_regex) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.problem(format!("{field}.cn_regex"), ProblemKind::Regex(e));
+                    None
+                }
+            };
+            let cert_field = format!("{field}.certificate");
+            let certificate_path = self.resolve(&a.certificate);
+            let Some(der) = self.one_certificate(&cert_field, &certificate_path) else {
+                continue;
+            };
+            let Some(info) = self.cert_info(&cert_field, &certificate_path, &der) else {
+                continue;
+            };
+            if !info.is_ca {
+                self.problem(
+                    &cert_field,
+                    ProblemKind::NotCa {
+                        path: certificate_path.clone(),
+                    },
+                );
+                continue;
+            }
+            if matches!(info.key_usage, Some((false, _))) {
+                self.problem(
+                    &cert_field,
+                    ProblemKind::NoKeyCertSign {
+                        path: certificate_path.clone(),
+                    },
+                );
+            }
+            if let Some(other) = fingerprints.insert(info.fingerprint, a.name.clone()) {
+                self.problem(
+                    &cert_field,
+                    ProblemKind::SameCertificate {
+                        other: format!("anchor {other:?}"),
+                    },
+                );
+            }
+            self.usable_now(&cert_field, &info.validity);
+            let trust_anchor = match webpki::anchor_from_trusted_cert(&der) {
+                Ok(t) => t.to_owned(),
+                Err(source) => {
+                    self.problem(
+                        &cert_field,
+                        ProblemKind::Crl {
+                            path: certificate_path.clone(),
+                            source,
+                        },
+                    );
+                    continue;
+                }
+            };
+            let crl = match &a.crl {
+                Some(p) => {
+                    let path = self.resolve(p);
+                    self.crl(&format!("{field}.crl"), &path, &der, &info)
+                }
+                None => None,
+            };
+            if a.crl.is_some() && crl.is_none() {
+                continue;
+            }
+            let Some(cn_regex) = cn_regex else { continue };
+            out.push(Anchor {
+                name: a.name,
+                certificate_path,
+                der,
+                info,
+                trust_anchor,
+                cn_regex,
+                create_devices: a.create_devices,
+                acl: a.acl,
+                crl,
+            });
+        }
+        out
+    }
+
+    /// Loads a CRL (PEM or DER) and checks that this anchor issued and signed it.
+    fn crl(
+        &mut self,
+        field: &str,
+        path: &Path,
+        anchor_der: &CertificateDer<'_>,
+        anchor: &CertInfo,
+    ) -> Option<Crl> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return None;
+            }
+        };
+        let der = if bytes.starts_with(b"-----") {
+            match CertificateRevocationListDer::from_pem_slice(&bytes) {
+                Ok(d) => d.as_ref().to_vec(),
+                Err(source) => {
+                    self.problem(
+                        field,
+                        ProblemKind::Pem {
+                            path: path.to_path_buf(),
+                            source,
+                        },
+                    );
+                    return None;
+                }
+            }
+        } else {
+            bytes
+        };
+        let parsed = match x509_parser::revocation_list::CertificateRevocationList::from_der(&der) {
+            Ok((_, c)) => c,
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::CrlParse {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return None;
+            }
+        };
+        if parsed.issuer().as_raw() != anchor.subject_der.as_slice() {
+            self.problem(
+                field,
+                ProblemKind::CrlIssuer {
+                    path: path.to_path_buf(),
+                    issuer: parsed.issuer().to_string(),
+                },
+            );
+            return None;
+        }
+        let anchor_cert = match x509_parser::parse_x509_certificate(anchor_der) {
+            Ok((_, c)) => c,
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::CrlParse {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return None;
+            }
+        };
+        if let Err(source) = parsed.verify_signature(anchor_cert.public_key()) {
+            self.problem(
+                field,
+                ProblemKind::CrlSignature {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            );
+            return None;
+        }
+        if matches!(anchor.key_usage, Some((_, false))) {
+            self.problem(field, ProblemKind::NoCrlSign);
+            return None;
+        }
+        let next_update = parsed.next_update().map(|t| t.timestamp());
+        let revoked_count = parsed.iter_revoked_certificates().count();
+        if let Some(next) = next_update {
+            if next < now_secs() {
+                self.warning(
+                    field,
+                    ProblemKind::CrlStale {
+                        path: path.to_path_buf(),
+                        next_update: crate::cert::rfc3339(next),
+                    },
+                );
+            }
+        }
+        let list = match webpki::OwnedCertRevocationList::from_der(&der) {
+            Ok(l) => webpki::CertRevocationList::Owned(l),
+            Err(source) => {
+                self.problem(
+                    field,
+                    ProblemKind::Crl {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                );
+                return None;
+            }
+        };
+        Some(Crl {
+            path: path.to_path_buf(),
+            list,
+            next_update,
+            revoked_count,
+        })
+    }
+
+    fn devices(
+        &mut self,
+        raw: Vec<RawDevice>,
+        acl: &BTreeMap<String, Arc<Profile>>,
+    ) -> Vec<PinnedDevice> {
+        let mut out = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut fingerprints: HashMap<Fingerprint, String> = HashMap::new();
+        for (i, d) in raw.into_iter().enumerate() {
+            let field = format!("device[{i}] {:?}", d.name);
+            if names.insert(d.name.clone(), i).is_some() {
+                self.problem(
+                    format!("{field}.name"),
+                    ProblemKind::Duplicate {
+                        value: d.name.clone(),
+                    },
+                );
+            }
+            let name = match DeviceName::parse(&d.name) {
+                Ok(n) => Some(n),
+                Err(source) => {
+                    self.problem(
+                        format!("{field}.name"),
+                        ProblemKind::DeviceName {
+                            value: d.name.clone(),
+                            source,
+                        },
+                    );
+                    None
+                }
+            };
+            self.profile_exists(&format!("{field}.acl"), &d.acl, acl);
+            let cert_field = format!("{field}.certificate");
+            let certificate_path = self.resolve(&d.certificate);
+            let Some(der) = self.one_certificate(&cert_field, &certificate_path) else {
+                continue;
+            };
+            let Some(info) = self.cert_info(&cert_field, &certificate_path, &der) else {
+                continue;
+            };
+            if let Some(other) = fingerprints.insert(info.fingerprint, d.name.clone()) {
+                self.problem(
+                    &cert_field,
+                    ProblemKind::SameCertificate {
+                        other: format!("device {other:?}"),
+                    },
+                );
+            }
+            self.usable_now(&cert_field, &info.validity);
+            let Some(name) = name else { continue };
+            out.push(PinnedDevice {
+                name,
+                certificate_path,
+                info,
+                acl: d.acl,
+            });
+        }
+        out
+    }
+
+    /// SPEC 2: expired rules are warnings unless no rule at all is usable.
+    fn usable_rules(&mut self, anchors: &[Anchor], devices: &[PinnedDevice]) {
+        let now = UnixTime::now();
+        let usable = anchors.iter().any(|a| a.info.validity.check(now).is_ok())
+            || devices.iter().any(|d| d.info.validity.check(now).is_ok());
+        if !usable && self.problems.is_empty() {
+            self.problem("anchor/device", ProblemKind::NoUsableRule);
+        }
+    }
+}
+
+/// Anchor names appear in logs, the registry and metric labels: keep them plain.
+fn valid_anchor_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != PINNED_SOURCE
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,99 @@
+//! Process-wide counters (SPEC 10). Plain atomics and one short std mutex for the labelled
+//! counters: they are bumped on the connection path, so they must never wait on I/O. The
+//! admin endpoint renders them in Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// The broker's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open device connections (TCP accepted and not yet closed).
+    pub connections: AtomicI64,
+    pub handshakes_ok: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub devices_provisioned: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    /// Refusals by reason label (TLS-stage and CONNECT-stage alike). std Mutex: held for a
+    /// map update only, never across an await.
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    /// Counts one authentication refusal.
+    pub fn auth_refused(&self, reason: &'static str) {
+        if let Ok(mut m) = self.refusals.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Counts messages dropped for a reason.
+    pub fn dropped(&self, reason: &'static str, n: u64) {
+        if let Ok(mut m) = self.dropped.lock() {
+            *m.entry(reason).or_default() += n;
+        }
+    }
+
+    /// Refusal counts so far (tests and the admin endpoint).
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.refusals.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# TYPE certmq_connections gauge");
+        let _ = writeln!(
+            out,
+            "certmq_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE certmq_handshakes_total counter");
+        let _ = writeln!(
+            out,
+            "certmq_handshakes_total{{result=\"ok\"}} {}",
+            get(&self.handshakes_ok)
+        );
+        let _ = writeln!(
+            out,
+            "certmq_handshakes_total{{result=\"failed\"}} {}",
+            get(&self.handshakes_failed)
+        );
+        let _ = writeln!(out, "# TYPE certmq_auth_refusals_total counter");
+        for (reason, n) in self.refusals() {
+            let _ = writeln!(out, "certmq_auth_refusals_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# TYPE certmq_devices_provisioned_total counter");
+        let _ = writeln!(
+            out,
+            "certmq_devices_provisioned_total {}",
+            get(&self.devices_provisioned)
+        );
+        let _ = writeln!(out, "# TYPE certmq_messages_received_total counter");
+        let _ = writeln!(
+            out,
+            "certmq_messages_received_total {}",
+            get(&self.messages_received)
+        );
+        let _ = writeln!(out, "# TYPE certmq_messages_sent_total counter");
+        let _ = writeln!(
+            out,
+            "certmq_messages_sent_total {}",
+            get(&self.messages_sent)
+        );
+        let _ = writeln!(out, "# TYPE certmq_messages_dropped_total counter");
+        let dropped = self.dropped.lock().map(|m| m.clone()).unwrap_or_default();
+        for (reason, n) in dropped {
+            let _ = writeln!(
+                out,
+                "certmq_messages_dropped_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        out
+    }
+}

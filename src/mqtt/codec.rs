@@ -1,0 +1,369 @@
+//! MQTT 3.1.1 and 5.0 packets over one connection's byte stream (SPEC 6 and 9).
+//!
+//! Why this module exists: `mqttbytes-ng` decodes and encodes packet bodies well, but it has
+//! a single maintainer, counts its size limit without the fixed header, skips several
+//! "malformed packet" rules and mis-encodes some MQTT 5 packets (see `encode.rs`). Everything
+//! in certmq reaches it through this module, which:
+//!
+//! - frames packets itself (`frame.rs`) and refuses one larger than `max_packet_size` (the
+//!   whole packet) from its fixed header alone, before buffering its body;
+//! - decides MQTT 3.1.1 or 5.0 from the CONNECT's protocol name and level, then decodes every
+//!   later packet of the connection with that version;
+//! - adds the checks the crate skips (reserved flag bits, fixed lengths, subscription
+//!   options, empty UNSUBSCRIBE, UTF-8 of MQTT 5 topics);
+//! - is cancellation safe: all state lives in [`PacketReader`], so `read_packet` can sit in a
+//!   `tokio::select!` next to the outgoing queue and the keep-alive timer.
+
+mod encode;
+mod frame;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_reader;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use encode::encode;
+pub use mqttbytes_ng::{v4, v5, QoS};
+
+/// How much the reader asks the stream for at a time. The buffer grows by at most this much
+/// ahead of what arrived, whatever length a peer announces; 8 KiB holds a typical PUBLISH
+/// and matches the buffers rustls reads TLS records into.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// An emptied read buffer larger than this is released, so that one large PUBLISH does not
+/// pin its memory on an otherwise idle connection.
+const KEEP_CAPACITY: usize = 2 * READ_CHUNK;
+
+/// The protocol a connection speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1.1 (protocol level 4).
+    V311,
+    /// MQTT 5.0 (protocol level 5).
+    V5,
+}
+
+/// The first packet of a connection, decoded by the protocol level it announces.
+// Once per connection and consumed at once: moving 400 bytes costs less than a Box would.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connect {
+    V311(v4::Connect),
+    /// MQTT 5 carries the will and the credentials beside the CONNECT in mqttbytes-ng.
+    V5 {
+        connect: v5::Connect,
+        will: Option<v5::LastWill>,
+        login: Option<v5::Login>,
+    },
+}
+
+/// Any packet after CONNECT, in the connection's protocol. Also what [`encode`] writes.
+// Unboxed so that the session matches `Packet::V5(v5::Packet::Publish(p))` directly; a packet
+// lives from one read (or one encode) to the next, so its size does not accumulate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet {
+    V311(v4::Packet),
+    V5(v5::Packet),
+}
+
+/// Why a connection's packets could not be read or written. One enum for the whole codec so
+/// that the session maps each case to its protocol outcome in one place
+/// ([`CodecError::v5_reason_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("reading from the connection failed")]
+    Io(#[source] std::io::Error),
+    /// The stream ended between two packets: a normal end, nothing to answer.
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("the peer closed the connection in the middle of a packet")]
+    TruncatedPacket,
+    /// Decided from the fixed header alone; `size` is the whole packet the peer announced.
+    #[error("a packet of {size} bytes exceeds the maximum packet size of {max} bytes")]
+    PacketTooLarge { size: usize, max: usize },
+    #[error("malformed packet")]
+    Malformed(#[source] Malformed),
+    /// The first packet of a connection must be CONNECT (MQTT-3.1.0-1); decided from its
+    /// first byte, so an HTTP request or a TLS record is refused at once.
+    #[error("the first packet is not CONNECT")]
+    NotConnect,
+    /// A second CONNECT is a protocol violation (MQTT-3.1.0-2).
+    #[error("a second CONNECT arrived on the same connection")]
+    UnexpectedConnect,
+    /// MQTT 3.1 (`MQIsdp`) or an unknown level of `MQTT`: the caller answers with an MQTT
+    /// 3.1.1 CONNACK, return code 1, then closes.
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol { name: String, level: u8 },
+    /// The caller used the reader out of order: `read_connect` must succeed exactly once,
+    /// before any `read_packet`.
+    #[error("read_connect must succeed exactly once, before read_packet")]
+    OutOfOrder,
+    #[error("the packet cannot be encoded")]
+    Unencodable(#[source] Unencodable),
+}
+
+impl CodecError {
+    /// The MQTT 5 reason code for a DISCONNECT or CONNACK about this error. `Io` and
+    /// `Closed` get 0x80 (Unspecified error), though there is nobody left to tell.
+    pub fn v5_reason_code(&self) -> u8 {
+        match self {
+            CodecError::Io(_) | CodecError::Closed => 0x80,
+            CodecError::TruncatedPacket | CodecError::Malformed(_) => 0x81,
+            CodecError::NotConnect | CodecError::UnexpectedConnect => 0x82,
+            CodecError::OutOfOrder | CodecError::Unencodable(_) => 0x83,
+            CodecError::UnsupportedProtocol { .. } => 0x84,
+            CodecError::PacketTooLarge { .. } => 0x95,
+        }
+    }
+}
+
+/// What made a packet malformed: either mqttbytes-ng's own finding, or one of the rules this
+/// module checks because the crate does not.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    #[error("the packet body does not decode")]
+    Decode(#[source] mqttbytes_ng::Error),
+    #[error("the remaining length has more than four bytes")]
+    RemainingLength,
+    #[error("packet type {0} is reserved")]
+    ReservedPacketType(u8),
+    #[error("packet type {packet_type} has reserved flag bits {flags:#06b}")]
+    ReservedFlags { packet_type: u8, flags: u8 },
+    #[error("packet type {packet_type} must have a remaining length of {expected}, not {actual}")]
+    RemainingLengthFixed {
+        packet_type: u8,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("subscription options {0:#010b} have reserved bits set")]
+    SubscriptionOptions(u8),
+    #[error("UNSUBSCRIBE without any topic filter")]
+    EmptyUnsubscribe,
+    #[error("topic name is not UTF-8")]
+    TopicNotUtf8(#[source] std::str::Utf8Error),
+    #[error("CONNECT ends inside its protocol name, level or flags")]
+    ConnectHeader,
+    #[error("CONNECT names protocol {0:?}, which is not MQTT")]
+    ProtocolName(String),
+    #[error("CONNECT sets the reserved flag bit")]
+    ReservedConnectFlag,
+    #[error("MQTT 3.1.1 CONNECT has a password without a user name")]
+    PasswordWithoutUserName,
+}
+
+/// Why a packet could not be encoded. Only broker bugs reach this: what we send is built by
+/// us, never copied blindly from a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unencodable {
+    #[error("mqttbytes-ng refused the packet")]
+    Library(#[source] mqttbytes_ng::Error),
+    #[error("a string of {len} bytes does not fit the two-byte MQTT length")]
+    StringTooLong {
+        len: usize,
+        #[source]
+        source: std::num::TryFromIntError,
+    },
+    #[error("a length of {len} does not fit a Variable Byte Integer")]
+    TooLong { len: usize },
+}
+
+/// Reads packets from one connection. It owns the read buffer, so a read cancelled by
+/// `select!` loses nothing: the bytes already read stay in `buf` for the next call.
+#[derive(Debug)]
+pub struct PacketReader<R> {
+    inner: R,
+    /// Bytes read but not yet decoded: at most the current packet (bounded by
+    /// `max_packet_size`) plus one `READ_CHUNK`.
+    buf: BytesMut,
+    /// Limit on a whole packet (fixed header included), as SPEC 9 and MQTT 5 define it.
+    max_packet_size: usize,
+    /// `None` until `read_connect` succeeds; then every packet is decoded with it.
+    protocol: Option<Protocol>,
+}
+
+impl<R: AsyncRead + Unpin> PacketReader<R> {
+    pub fn new(inner: R, max_packet_size: usize) -> Self {
+        PacketReader {
+            inner,
+            buf: BytesMut::new(),
+            max_packet_size,
+            protocol: None,
+        }
+    }
+
+    /// Reads the CONNECT, decides the protocol from its protocol name and level, and fixes
+    /// it for the rest of the connection.
+    pub async fn read_connect(&mut self) -> Result<Connect, CodecError> {
+        if self.protocol.is_some() {
+            return Err(CodecError::OutOfOrder);
+        }
+        let (header, mut frame) = self.next_frame().await?;
+        let protocol = frame::connect_protocol(&frame[header.header_len..])?;
+        let connect = match protocol {
+            Protocol::V311 => match v4::Packet::read(&mut frame, usize::MAX).map_err(decode)? {
+                v4::Packet::Connect(connect) => Connect::V311(connect),
+                _ => return Err(CodecError::NotConnect),
+            },
+            Protocol::V5 => match v5::Packet::read(&mut frame, None).map_err(decode)? {
+                v5::Packet::Connect(connect, will, login) => {
+                    if let Some(will) = &will {
+                        check_topic(&will.topic)?;
+                    }
+                    Connect::V5 {
+                        connect,
+                        will,
+                        login,
+                    }
+                }
+                _ => return Err(CodecError::NotConnect),
+            },
+        };
+        self.protocol = Some(protocol);
+        Ok(connect)
+    }
+
+    /// Next packet in the negotiated protocol (after `read_connect`). A second CONNECT is a
+    /// protocol error. Cancellation safe.
+    pub async fn read_packet(&mut self) -> Result<Packet, CodecError> {
+        let protocol = self.protocol.ok_or(CodecError::OutOfOrder)?;
+        let (header, frame) = self.next_frame().await?;
+        decode_packet(protocol, &header, frame)
+    }
+
+    /// The protocol fixed by `read_connect`, if it succeeded.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Waits for one whole packet and takes it out of the buffer. Every check that needs
+    /// only the first byte or the fixed header runs as soon as those bytes are in, so a peer
+    /// cannot make us wait for (or buffer) a body we are going to refuse.
+    async fn next_frame(&mut self) -> Result<(frame::FixedHeader, BytesMut), CodecError> {
+        loop {
+            if let Some(&byte1) = self.buf.first() {
+                self.check_first_byte(byte1)?;
+            }
+            if let Some(header) =
+                frame::parse_fixed_header(&self.buf).map_err(CodecError::Malformed)?
+            {
+                if header.frame_len() > self.max_packet_size {
+                    return Err(CodecError::PacketTooLarge {
+                        size: header.frame_len(),
+                        max: self.max_packet_size,
+                    });
+                }
+                if let Some(protocol) = self.protocol {
+                    frame::check_remaining_len(&header, protocol).map_err(CodecError::Malformed)?;
+                }
+                if self.buf.len() >= header.frame_len() {
+                    return Ok((header, self.take_frame(header.frame_len())));
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn check_first_byte(&self, byte1: u8) -> Result<(), CodecError> {
+        let is_connect = byte1 >> 4 == frame::CONNECT;
+        match self.protocol {
+            None if !is_connect => Err(CodecError::NotConnect),
+            Some(_) if is_connect => Err(CodecError::UnexpectedConnect),
+            // CONNECT's flags are 0000 in both versions.
+            protocol => frame::check_first_byte(byte1, protocol.unwrap_or(Protocol::V311))
+                .map_err(CodecError::Malformed),
+        }
+    }
+
+    /// Copies the packet out instead of splitting the buffer: the decoded payload then owns
+    /// an allocation of its own size, so a small message queued for an offline session does
+    /// not pin a whole read chunk, and the read buffer is reused in place.
+    fn take_frame(&mut self, len: usize) -> BytesMut {
+        let frame = BytesMut::from(&self.buf[..len]);
+        self.buf.advance(len);
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        frame
+    }
+
+    /// Reads what the stream has, up to `READ_CHUNK` more than the buffer holds. A TLS peer
+    /// that closes without close_notify surfaces as `UnexpectedEof`: treated as an end of
+    /// stream like a plain one.
+    async fn fill(&mut self) -> Result<(), CodecError> {
+        self.buf.reserve(READ_CHUNK);
+        let read = match self.inner.read_buf(&mut self.buf).await {
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(error) => return Err(CodecError::Io(error)),
+        };
+        match read {
+            0 if self.buf.is_empty() => Err(CodecError::Closed),
+            0 => Err(CodecError::TruncatedPacket),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Decodes one whole packet (`frame`, fixed header included) of an established connection.
+fn decode_packet(
+    protocol: Protocol,
+    header: &frame::FixedHeader,
+    mut frame: BytesMut,
+) -> Result<Packet, CodecError> {
+    let body = &frame[header.header_len..];
+    if header.packet_type() == frame::SUBSCRIBE {
+        frame::check_subscription_options(body, protocol).map_err(CodecError::Malformed)?;
+    }
+    match protocol {
+        Protocol::V311 => {
+            let packet = v4::Packet::read(&mut frame, usize::MAX).map_err(decode)?;
+            if matches!(&packet, v4::Packet::Unsubscribe(unsubscribe) if unsubscribe.topics.is_empty())
+            {
+                return Err(CodecError::Malformed(Malformed::EmptyUnsubscribe));
+            }
+            Ok(Packet::V311(packet))
+        }
+        Protocol::V5 => {
+            // mqttbytes-ng requires a property length after the reason code; MQTT 5
+            // (3.14.2.2.1) lets a DISCONNECT end right after it.
+            if let (frame::DISCONNECT, [reason]) = (header.packet_type(), body) {
+                let reason_code = v5::DisconnectReasonCode::try_from(*reason).map_err(decode)?;
+                return Ok(Packet::V5(v5::Packet::Disconnect(v5::Disconnect::new(
+                    reason_code,
+                ))));
+            }
+            let packet = v5::Packet::read(&mut frame, None).map_err(decode)?;
+            match &packet {
+                v5::Packet::Publish(publish) => check_topic(&publish.topic)?,
+                v5::Packet::Unsubscribe(unsubscribe) if unsubscribe.filters.is_empty() => {
+                    return Err(CodecError::Malformed(Malformed::EmptyUnsubscribe))
+                }
+                _ => {}
+            }
+            Ok(Packet::V5(packet))
+        }
+    }
+}
+
+/// mqttbytes-ng keeps MQTT 5 topic names as raw bytes; MQTT 5 (1.5.4) makes a topic that is
+/// not UTF-8 a malformed packet, so downstream code may rely on it.
+fn check_topic(topic: &[u8]) -> Result<(), CodecError> {
+    std::str::from_utf8(topic)
+        .map(|_| ())
+        .map_err(|source| CodecError::Malformed(Malformed::TopicNotUtf8(source)))
+}
+
+fn decode(source: mqttbytes_ng::Error) -> CodecError {
+    CodecError::Malformed(Malformed::Decode(source))
+}

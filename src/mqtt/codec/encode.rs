@@ -1,0 +1,135 @@
+//! Packets to bytes, with the workarounds for what `mqttbytes-ng` 0.7.1 encodes wrongly.
+//!
+//! - MQTT 5 DISCONNECT: for a reason code without properties it writes a remaining length
+//!   of 1 followed by two bytes (`e0 01 8e 00`), which desynchronises the client's stream;
+//!   with empty properties it drops the reason code (`e0 00`). We encode DISCONNECT here.
+//! - MQTT 5 CONNACK: the 3.1.1-only return codes of its shared enum reach `unreachable!()`.
+//!   We map them to their MQTT 5 equivalents before encoding.
+//! - Strings longer than 65,535 bytes are written with a truncated `u16` length. A PUBLISH
+//!   topic can outgrow that once the `v1/devices/me/` alias is expanded, so we refuse it.
+//! - A failed write leaves half a packet in the buffer: we cut the buffer back.
+
+use bytes::{BufMut, BytesMut};
+use mqttbytes_ng::{v4, v5};
+
+use super::frame::{put_variable_byte_integer, variable_byte_integer_len};
+use super::{CodecError, Packet, Unencodable};
+
+/// MQTT 5 property identifiers used by DISCONNECT (section 2.2.2.2).
+const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
+const SERVER_REFERENCE: u8 = 0x1C;
+const REASON_STRING: u8 = 0x1F;
+const USER_PROPERTY: u8 = 0x26;
+
+/// Appends `packet` to `out` and returns the number of bytes written; on error `out` is
+/// left as it was, so the caller may keep using it for other packets.
+pub fn encode(packet: &Packet, out: &mut BytesMut) -> Result<usize, CodecError> {
+    let start = out.len();
+    let written = match packet {
+        Packet::V311(packet) => encode_v4(packet, out),
+        Packet::V5(packet) => encode_v5(packet, out),
+    };
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written.map_err(CodecError::Unencodable)
+}
+
+fn encode_v4(packet: &v4::Packet, out: &mut BytesMut) -> Result<usize, Unencodable> {
+    if let v4::Packet::Publish(publish) = packet {
+        check_string_len(publish.topic.len())?;
+    }
+    packet.write(out, usize::MAX).map_err(Unencodable::Library)
+}
+
+fn encode_v5(packet: &v5::Packet, out: &mut BytesMut) -> Result<usize, Unencodable> {
+    match packet {
+        v5::Packet::Disconnect(disconnect) => encode_v5_disconnect(disconnect, out),
+        v5::Packet::ConnAck(connack) => {
+            let code = v5_connack_code(connack.code);
+            if code == connack.code {
+                packet.write(out, None).map_err(Unencodable::Library)
+            } else {
+                let mapped = v5::ConnAck {
+                    code,
+                    ..connack.clone()
+                };
+                v5::Packet::ConnAck(mapped)
+                    .write(out, None)
+                    .map_err(Unencodable::Library)
+            }
+        }
+        v5::Packet::Publish(publish) => {
+            check_string_len(publish.topic.len())?;
+            packet.write(out, None).map_err(Unencodable::Library)
+        }
+        _ => packet.write(out, None).map_err(Unencodable::Library),
+    }
+}
+
+/// The MQTT 5 reason code for a return code that only exists in MQTT 3.1.1 (mqttbytes-ng
+/// panics on those); other codes are returned unchanged.
+fn v5_connack_code(code: v5::ConnectReturnCode) -> v5::ConnectReturnCode {
+    use v5::ConnectReturnCode as Code;
+    match code {
+        Code::RefusedProtocolVersion => Code::UnsupportedProtocolVersion,
+        Code::BadClientId => Code::ClientIdentifierNotValid,
+        Code::ServiceUnavailable => Code::ServerUnavailable,
+        other => other,
+    }
+}
+
+/// Encodes an MQTT 5 DISCONNECT (section 3.14): `e0 00` for a normal disconnection without
+/// properties, else the reason code and a property length, as every client accepts.
+fn encode_v5_disconnect(
+    disconnect: &v5::Disconnect,
+    out: &mut BytesMut,
+) -> Result<usize, Unencodable> {
+    let reason = disconnect.reason_code as u8;
+    let Some(properties) = &disconnect.properties else {
+        if reason == 0 {
+            out.put_slice(&[0xE0, 0x00]);
+            return Ok(2);
+        }
+        out.put_slice(&[0xE0, 0x02, reason, 0x00]);
+        return Ok(4);
+    };
+    let mut props = BytesMut::new();
+    if let Some(interval) = properties.session_expiry_interval {
+        props.put_u8(SESSION_EXPIRY_INTERVAL);
+        props.put_u32(interval);
+    }
+    if let Some(text) = &properties.reason_string {
+        props.put_u8(REASON_STRING);
+        put_string(&mut props, text)?;
+    }
+    for (key, value) in &properties.user_properties {
+        props.put_u8(USER_PROPERTY);
+        put_string(&mut props, key)?;
+        put_string(&mut props, value)?;
+    }
+    if let Some(reference) = &properties.server_reference {
+        props.put_u8(SERVER_REFERENCE);
+        put_string(&mut props, reference)?;
+    }
+    let remaining_len = 1 + variable_byte_integer_len(props.len()) + props.len();
+    let start = out.len();
+    out.put_u8(0xE0);
+    put_variable_byte_integer(out, remaining_len)?;
+    out.put_u8(reason);
+    put_variable_byte_integer(out, props.len())?;
+    out.put_slice(&props);
+    Ok(out.len() - start)
+}
+
+/// Appends a UTF-8 Encoded String (section 1.5.4): a two-byte length, then the bytes.
+fn put_string(out: &mut BytesMut, text: &str) -> Result<(), Unencodable> {
+    let len = check_string_len(text.len())?;
+    out.put_u16(len);
+    out.put_slice(text.as_bytes());
+    Ok(())
+}
+
+fn check_string_len(len: usize) -> Result<u16, Unencodable> {
+    u16::try_from(len).map_err(|source| Unencodable::StringTooLong { len, source })
+}

@@ -1,0 +1,373 @@
+//! SQLite storage of the registry: `data_dir/certmq.db`, created on first start, in WAL
+//! mode so that the broker and the `certmq devices` CLI can use it at the same time.
+//!
+//! Provisioning and rotation commit with `synchronous = FULL` before CONNACK: a device
+//! that was told it is admitted survives `kill -9` and power loss. `last_seen_at` is not
+//! worth an fsync per connection: it is collected in memory and written in one transaction
+//! by [`Registry::flush_last_seen`], which the server calls every second and at shutdown.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{decide, Admitted, Device, Mode, Presented, Refusal, Source};
+use crate::cert::{now_secs, Fingerprint, Validity};
+use crate::config::PinnedDevice;
+
+/// `PRAGMA application_id` of a certmq database ("cmq1"): a foreign SQLite file in
+/// `data_dir` is refused instead of being written into.
+const APPLICATION_ID: i64 = 0x636d_7131;
+/// Schema version in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+/// The database file name inside `data_dir`.
+pub const DB_FILE: &str = "certmq.db";
+
+/// Registry storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path} is not a certmq database (application_id {found:#x}); refusing to use it")]
+    Foreign { path: PathBuf, found: i64 },
+    #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
+    Schema { path: PathBuf, found: i64 },
+    #[error("registry database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("registry row for {name:?} holds an invalid fingerprint")]
+    BadRow { name: String },
+    #[error("no device named {0:?}")]
+    UnknownDevice(String),
+    #[error("the registry lock was poisoned by a panic")]
+    Poisoned,
+}
+
+/// The registry. The connection sits behind a std Mutex: every operation is a short
+/// synchronous SQLite call, never held across an await; the server calls the writing ones
+/// from `spawn_blocking` because a commit waits for fsync.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    /// last_seen_at updates waiting for the next flush.
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl Registry {
+    /// Opens (creating if needed) `data_dir/certmq.db`.
+    pub fn open(data_dir: &Path) -> Result<Registry, RegistryError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| RegistryError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|source| RegistryError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let registry = Registry {
+            path,
+            conn: Mutex::new(conn),
+            seen: Mutex::new(HashMap::new()),
+        };
+        registry.init()?;
+        Ok(registry)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, RegistryError> {
+        self.conn.lock().map_err(|_| RegistryError::Poisoned)
+    }
+
+    fn init(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let open_err = |source| RegistryError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        // A file that is not SQLite at all fails here, with SQLite's "file is not a database".
+        let app_id: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(open_err)?;
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if app_id != APPLICATION_ID && (app_id != 0 || tables != 0) {
+            return Err(RegistryError::Foreign {
+                path: self.path.clone(),
+                found: app_id,
+            });
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // journal_mode answers with a row, hence the _and_check form.
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        if app_id == 0 {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS devices (
+                     name TEXT PRIMARY KEY NOT NULL,
+                     source TEXT NOT NULL,
+                     fingerprint TEXT NOT NULL,
+                     not_before INTEGER NOT NULL,
+                     not_after INTEGER NOT NULL,
+                     enabled INTEGER NOT NULL DEFAULT 1,
+                     created_at INTEGER NOT NULL,
+                     updated_at INTEGER NOT NULL,
+                     last_seen_at INTEGER
+                 );
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = {SCHEMA_VERSION};
+                 COMMIT;"
+            ))?;
+        } else {
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if version != SCHEMA_VERSION {
+                return Err(RegistryError::Schema {
+                    path: self.path.clone(),
+                    found: version,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// SPEC 3 step 7 in one IMMEDIATE transaction: the lookup and the write (provisioning
+    /// or rotation) cannot interleave with another connection or the CLI.
+    pub fn admit(
+        &self,
+        presented: &Presented<'_>,
+        mode: Mode,
+    ) -> Result<Result<Admitted, Refusal>, RegistryError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(match mode {
+            Mode::Commit => TransactionBehavior::Immediate,
+            Mode::DryRun => TransactionBehavior::Deferred,
+        })?;
+        let stored = get(&tx, presented.name.as_str())?;
+        let outcome = decide(stored.as_ref(), presented);
+        if mode == Mode::DryRun {
+            return Ok(outcome);
+        }
+        let now = now_secs();
+        match &outcome {
+            Ok(Admitted::Provisioned) => {
+                tx.execute(
+                    "INSERT INTO devices (name, source, fingerprint, not_before, not_after,
+                         enabled, created_at, updated_at, last_seen_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6, ?6)",
+                    params![
+                        presented.name.as_str(),
+                        presented.source.as_str(),
+                        presented.fingerprint.to_hex(),
+                        presented.validity.not_before,
+                        presented.validity.not_after,
+                        now
+                    ],
+                )?;
+            }
+            Ok(Admitted::Rotated { .. }) => {
+                tx.execute(
+                    "UPDATE devices SET fingerprint = ?2, not_before = ?3, not_after = ?4,
+                         updated_at = ?5 WHERE name = ?1",
+                    params![
+                        presented.name.as_str(),
+                        presented.fingerprint.to_hex(),
+                        presented.validity.not_before,
+                        presented.validity.not_after,
+                        now
+                    ],
+                )?;
+            }
+            Ok(Admitted::Known) | Err(_) => {}
+        }
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Enters the config's pinned devices (SPEC 3 step 7, at start and on reload). Returns
+    /// the names that the registry holds for an anchor: a config error, reported by the
+    /// caller; nothing is written then.
+    pub fn sync_pinned(
+        &self,
+        pinned: &[PinnedDevice],
+        mode: Mode,
+    ) -> Result<Vec<(String, String)>, RegistryError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(match mode {
+            Mode::Commit => TransactionBehavior::Immediate,
+            Mode::DryRun => TransactionBehavior::Deferred,
+        })?;
+        let mut conflicts = Vec::new();
+        for p in pinned {
+            if let Some(d) = get(&tx, p.name.as_str())? {
+                if let Source::Anchor(anchor) = d.source {
+                    conflicts.push((p.name.to_string(), anchor));
+                }
+            }
+        }
+        if !conflicts.is_empty() || mode == Mode::DryRun {
+            return Ok(conflicts);
+        }
+        let now = now_secs();
+        for p in pinned {
+            tx.execute(
+                "INSERT INTO devices (name, source, fingerprint, not_before, not_after,
+                     enabled, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+                 ON CONFLICT(name) DO UPDATE SET fingerprint = excluded.fingerprint,
+                     not_before = excluded.not_before, not_after = excluded.not_after,
+                     updated_at = excluded.updated_at
+                 WHERE fingerprint <> excluded.fingerprint",
+                params![
+                    p.name.as_str(),
+                    Source::Pinned.as_str(),
+                    p.info.fingerprint.to_hex(),
+                    p.info.validity.not_before,
+                    p.info.validity.not_after,
+                    now
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(conflicts)
+    }
+
+    /// One device.
+    pub fn get(&self, name: &str) -> Result<Option<Device>, RegistryError> {
+        let conn = self.lock()?;
+        get(&conn, name)
+    }
+
+    /// Every device, by name.
+    pub fn list(&self) -> Result<Vec<Device>, RegistryError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY name"))?;
+        let rows = stmt.query_map([], row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// `devices enable|disable NAME`.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let n = conn.execute(
+            "UPDATE devices SET enabled = ?2, updated_at = ?3 WHERE name = ?1",
+            params![name, enabled, now_secs()],
+        )?;
+        if n == 0 {
+            return Err(RegistryError::UnknownDevice(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// `devices delete NAME`.
+    pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let n = conn.execute("DELETE FROM devices WHERE name = ?1", params![name])?;
+        if n == 0 {
+            return Err(RegistryError::UnknownDevice(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Records a connection time, written at the next [`Registry::flush_last_seen`].
+    pub fn touch(&self, name: &str, at: i64) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(name.to_owned(), at);
+        }
+    }
+
+    /// Writes pending `last_seen_at` values in one transaction.
+    pub fn flush_last_seen(&self) -> Result<usize, RegistryError> {
+        let pending: Vec<(String, i64)> = match self.seen.lock() {
+            Ok(mut seen) => seen.drain().collect(),
+            Err(_) => return Err(RegistryError::Poisoned),
+        };
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE devices SET last_seen_at = max(coalesce(last_seen_at, 0), ?2) WHERE name = ?1",
+            )?;
+            for (name, at) in &pending {
+                stmt.execute(params![name, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(pending.len())
+    }
+}
+
+const SELECT: &str = "SELECT name, source, fingerprint, not_before, not_after, enabled, \
+                      created_at, last_seen_at FROM devices";
+
+fn get(conn: &Connection, name: &str) -> Result<Option<Device>, RegistryError> {
+    let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE name = ?1"))?;
+    match stmt.query_row(params![name], row).optional()? {
+        Some(r) => Ok(Some(r?)),
+        None => Ok(None),
+    }
+}
+
+/// Maps a row; the inner Result carries a bad fingerprint without aborting SQLite's API.
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Device, RegistryError>> {
+    let name: String = r.get(0)?;
+    let fp: String = r.get(2)?;
+    let Some(fingerprint) = Fingerprint::from_hex(&fp) else {
+        return Ok(Err(RegistryError::BadRow { name }));
+    };
+    Ok(Ok(Device {
+        source: Source::from_stored(r.get(1)?),
+        fingerprint,
+        validity: Validity {
+            not_before: r.get(3)?,
+            not_after: r.get(4)?,
+        },
+        enabled: r.get(5)?,
+        created_at: r.get(6)?,
+        last_seen_at: r.get(7)?,
+        name,
+    }))
+}
+
+impl Registry {
+    /// An empty registry in memory: what `explain` consults before the broker ever ran,
+    /// so that it creates no file.
+    pub fn in_memory() -> Result<Registry, RegistryError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| RegistryError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let registry = Registry {
+            path,
+            conn: Mutex::new(conn),
+            seen: Mutex::new(HashMap::new()),
+        };
+        registry.init()?;
+        Ok(registry)
+    }
+}

@@ -1,0 +1,223 @@
+//! The listener: accept loop, connection limit, shared state, graceful shutdown.
+//!
+//! `Server::run(listener, shutdown)` is the whole broker, so tests start a real one on
+//! `127.0.0.1:0` and `main` wires it to signals. The accept loop only accepts: each
+//! connection's TLS handshake, CONNECT and session run in the connection's own task
+//! ([`connection`]), under the timeouts of `[limits]`, so a slow or silent peer can never
+//! stall other clients.
+//!
+//! Config and TLS state are immutable and swapped whole ([`Shared::current`]): a
+//! connection takes a snapshot at accept for its handshake and another at CONNECT for the
+//! admission, so a reload takes effect for every new decision at once.
+
+mod connection;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError, Problem, ProblemKind};
+use crate::metrics::Metrics;
+use crate::registry::{Mode, Registry, RegistryError};
+use crate::tls::{self, TlsError};
+
+/// How long shutdown waits for connections to finish after telling them to stop.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often pending `last_seen_at` values are written.
+const LAST_SEEN_FLUSH: Duration = Duration::from_secs(1);
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the device registry")]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A config and the TLS acceptor built from it.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub acceptor: TlsAcceptor,
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The current snapshot. std RwLock: read for an Arc clone per connection, written only
+    /// by a reload; never held across an await.
+    current: RwLock<Arc<Snapshot>>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// The current config and acceptor.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.current.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// A broker ready to run.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Opens the registry in `data_dir`, enters the pinned devices (a pinned name the
+    /// registry holds for an anchor is a config error), and builds the TLS config.
+    pub fn new(config: Config) -> Result<Server, ServerError> {
+        let registry = Arc::new(Registry::open(&config.server.data_dir)?);
+        check_pinned(&config, &registry, Mode::Commit)?;
+        let metrics = Arc::new(Metrics::default());
+        let config = Arc::new(config);
+        let tls = tls::server_config(config.clone(), metrics.clone())?;
+        let snapshot = Snapshot {
+            config,
+            acceptor: TlsAcceptor::from(tls),
+        };
+        Ok(Server {
+            shared: Arc::new(Shared {
+                current: RwLock::new(Arc::new(snapshot)),
+                registry,
+                metrics,
+            }),
+        })
+    }
+
+    /// The broker's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The current config.
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.snapshot().config.clone()
+    }
+
+    /// Binds `server.bind` from the config.
+    pub async fn bind(&self) -> Result<TcpListener, ServerError> {
+        let addr = self.config().server.bind;
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, tells connections to
+    /// stop (MQTT 5 clients get DISCONNECT 0x8B), waits up to [`SHUTDOWN_GRACE`], and
+    /// flushes the registry.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let shared = self.shared;
+        let max = shared.snapshot().config.limits.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
+        let tracker = TaskTracker::new();
+        let flusher = tokio::spawn(flush_last_seen(shared.registry.clone(), shutdown.clone()));
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "listening for MQTT over TLS");
+        }
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // SPEC 9: at max_connections new connections are refused at once.
+                tracing::warn!(%peer, max, "refused: max_connections reached");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            tracker.spawn(connection::handle(
+                tcp,
+                peer,
+                shared.clone(),
+                shutdown.clone(),
+                permit,
+            ));
+        }
+        drop(listener);
+        tracker.close();
+        tracing::info!(connections = tracker.len(), "shutting down");
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "grace period over; closing the rest"
+            );
+        }
+        let _ = flusher.await;
+        Ok(())
+    }
+}
+
+/// SPEC 3 step 7: a pinned name that the registry holds for an anchor is a config error.
+/// With `Mode::Commit` the pinned devices are entered when there is no conflict.
+pub fn check_pinned(config: &Config, registry: &Registry, mode: Mode) -> Result<(), ServerError> {
+    let conflicts = registry.sync_pinned(&config.devices, mode)?;
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let problems = conflicts
+        .into_iter()
+        .map(|(name, source_name)| Problem {
+            file: config.path.clone(),
+            field: format!("device {name:?}"),
+            kind: ProblemKind::PinnedNameTaken { name, source_name },
+        })
+        .collect();
+    Err(ServerError::Config(ConfigError {
+        path: config.path.clone(),
+        problems,
+    }))
+}
+
+/// Writes `last_seen_at` every second, and once more at shutdown.
+async fn flush_last_seen(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(LAST_SEEN_FLUSH);
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.flush_last_seen()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot record last_seen_at"),
+            Err(e) => tracing::warn!(error = %e, "last_seen_at flush task failed"),
+        }
+        if stop {
+            return;
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! TLS for the device listener: the rustls server config, built once per loaded config and
+//! swapped whole on reload (never rebuilt per connection), and the device verifier.
+//!
+//! One crypto provider (ring) is used everywhere — rustls, webpki, fingerprints — and
+//! every config is built with `builder_with_provider`, so nothing depends on a
+//! process-wide default provider (NOTES.md: two providers compiled in make rustls panic).
+
+pub mod policy;
+pub mod verifier;
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::ServerConfig;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub use verifier::{DeviceVerifier, HANDSHAKE_PEER};
+
+/// Why a TLS server config could not be built (after the config validated, this means a
+/// key or certificate rustls refuses).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot build the TLS server configuration")]
+    Build(#[source] rustls::Error),
+}
+
+/// The process's crypto provider (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Builds the server config for a loaded [`Config`]: TLS 1.3 and 1.2, a client
+/// certificate required and checked by [`DeviceVerifier`].
+///
+/// TLS session resumption stays on (rustls' default in-memory cache): it saves devices a
+/// full handshake, and is safe because the admission at CONNECT re-runs every check
+/// against the current config and registry (SPEC 3 step 8; rustls does not call the
+/// verifier on resumption).
+pub fn server_config(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = config.server.cert_chain.clone();
+    let key = config.server.private_key.clone_key();
+    let verifier = Arc::new(DeviceVerifier::new(config, metrics));
+    let tls = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Build)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Build)?;
+    Ok(Arc::new(tls))
+}

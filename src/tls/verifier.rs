@@ -1,0 +1,122 @@
+//! The rustls client-certificate verifier: SPEC 3 steps 1 to 4 at handshake time.
+//!
+//! It composes rather than replaces: the decision is [`policy::match_chain`] (webpki path
+//! validation per anchor plus pinning); TLS 1.2/1.3 handshake signatures are checked by
+//! rustls' own helpers with the provider's algorithms, exactly as `WebPkiClientVerifier`
+//! does. What differs from `WebPkiClientVerifier`, and why:
+//! - pinned (often self-signed) certificates are accepted by fingerprint;
+//! - each anchor is tried alone, so an intermediate anchor never trusts its root's subtree,
+//!   and the nearest anchor is chosen;
+//! - the anchor's own validity and pathLenConstraint are checked (webpki does not);
+//! - no root hints are sent in the CertificateRequest: a client that filters its
+//!   certificate by the hint list would never offer a pinned self-signed certificate.
+//!
+//! A refusal is logged here, once, with the peer address (from the task-local set by the
+//! connection task around the handshake), and returned as the rustls error whose alert
+//! names the cause (unknown_ca, certificate_expired, certificate_revoked...).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use super::policy;
+use crate::cert::Fingerprint;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+tokio::task_local! {
+    /// The peer of the handshake being driven by this task; read by the verifier so that
+    /// its refusal log line names the peer. Set by the connection task around `accept`.
+    pub static HANDSHAKE_PEER: SocketAddr;
+}
+
+/// Verifies client certificates against one loaded [`Config`]. A reload builds a new one.
+#[derive(Debug)]
+pub struct DeviceVerifier {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl DeviceVerifier {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> DeviceVerifier {
+        DeviceVerifier {
+            config,
+            metrics,
+            algorithms: super::provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let report = policy::match_chain(&self.config, &chain, now);
+        match report.outcome {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(refusal) => {
+                let peer = HANDSHAKE_PEER.try_with(|p| p.to_string()).ok();
+                let fingerprint = Fingerprint::of(end_entity);
+                self.metrics.auth_refused(refusal.label());
+                tracing::warn!(
+                    target: "certmq::auth",
+                    peer = peer.as_deref().unwrap_or("-"),
+                    %fingerprint,
+                    rule = "-",
+                    device = "-",
+                    result = "refused",
+                    stage = "tls",
+                    reason = refusal.label(),
+                    "refused at TLS: {refusal}"
+                );
+                Err(refusal.to_rustls())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
