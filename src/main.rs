@@ -1,6 +1,7 @@
 //! The `certmq` binary: arguments (clap), logging (tracing), signals, exit codes. The work
 //! is in the library; `anyhow` is used only here, to print error chains as one sentence.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -81,6 +82,8 @@ fn main() -> ExitCode {
     init_tracing();
     match run(cli) {
         Ok(code) => code,
+        // `certmq devices list | head`: a closed stdout is not an error worth a message.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("certmq: {}", sentence(&e));
             ExitCode::from(1)
@@ -94,7 +97,15 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// An error chain as one sentence: "a: b: c".
@@ -113,8 +124,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices { command } => devices(&cli.config, command),
         Command::DemoPki { out, days } => {
             let files = certmq::pki::write_demo(&out, days)?;
-            println!("wrote {} files to {}", files.files.len(), out.display());
-            println!("run: certmq serve --config {}", files.config.display());
+            writeln!(
+                std::io::stdout(),
+                "wrote {} files to {}",
+                files.files.len(),
+                out.display()
+            )?;
+            writeln!(
+                std::io::stdout(),
+                "run: certmq serve --config {}",
+                files.config.display()
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -156,19 +176,24 @@ fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let registry = cli::registry_for_reading(&config)?;
     let decision = cli::explain(&config, &registry, &chain);
     if json {
-        println!("{}", cli::explain_json(&config, &decision));
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            cli::explain_json(&config, &decision)
+        )?;
     } else {
         for step in cli::explain_steps(&config, &decision) {
-            println!("{step}");
+            writeln!(std::io::stdout(), "{step}")?;
         }
         match &decision.result {
-            Ok(a) => println!(
+            Ok(a) => writeln!(
+                std::io::stdout(),
                 "decision: accept as device {:?} by {}",
                 a.device.as_str(),
                 a.rule_label
             ),
-            Err(e) => println!("decision: reject ({}): {e}", e.label()),
-        }
+            Err(e) => writeln!(std::io::stdout(), "decision: reject ({}): {e}", e.label()),
+        }?;
     }
     Ok(if decision.result.is_ok() {
         ExitCode::SUCCESS
@@ -188,11 +213,11 @@ fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
             let all = registry.list()?;
             if json {
                 let rows: Vec<_> = all.iter().map(cli::device_json).collect();
-                println!("{}", serde_json::Value::Array(rows));
+                writeln!(std::io::stdout(), "{}", serde_json::Value::Array(rows))?;
             } else {
-                println!("{}", cli::device_header());
+                writeln!(std::io::stdout(), "{}", cli::device_header())?;
                 for d in &all {
-                    println!("{}", cli::device_line(d));
+                    writeln!(std::io::stdout(), "{}", cli::device_line(d))?;
                 }
             }
         }
@@ -201,23 +226,23 @@ fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
                 return Err(cli::CliError::UnknownDevice(name).into());
             };
             if json {
-                println!("{}", cli::device_json(&d));
+                writeln!(std::io::stdout(), "{}", cli::device_json(&d))?;
             } else {
-                println!("{}", cli::device_header());
-                println!("{}", cli::device_line(&d));
+                writeln!(std::io::stdout(), "{}", cli::device_header())?;
+                writeln!(std::io::stdout(), "{}", cli::device_line(&d))?;
             }
         }
         DevicesCommand::Disable { name } => {
             registry.set_enabled(&name, false)?;
-            println!("device {name} disabled");
+            writeln!(std::io::stdout(), "device {name} disabled")?;
         }
         DevicesCommand::Enable { name } => {
             registry.set_enabled(&name, true)?;
-            println!("device {name} enabled");
+            writeln!(std::io::stdout(), "device {name} enabled")?;
         }
         DevicesCommand::Delete { name } => {
             registry.delete(&name)?;
-            println!("device {name} deleted");
+            writeln!(std::io::stdout(), "device {name} deleted")?;
         }
     }
     Ok(ExitCode::SUCCESS)
