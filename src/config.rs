@@ -942,6 +942,10 @@ impl Loader {
         let usable = anchors.iter().any(|a| a.info.validity.check(now).is_ok())
             || devices.iter().any(|d| d.info.validity.check(now).is_ok());
         if !usable && self.problems.is_empty() {
+            // The expiry warnings say which rules are unusable: without them the operator
+            // reads only that none is. They become problems so that they are printed.
+            let warnings = std::mem::take(&mut self.warnings);
+            self.problems.extend(warnings);
             self.problem("anchor/device", ProblemKind::NoUsableRule);
         }
     }
