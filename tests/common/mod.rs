@@ -4,6 +4,8 @@
 //! in parallel.
 #![allow(dead_code)]
 
+pub mod run;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
