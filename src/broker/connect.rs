@@ -3,8 +3,17 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Instant;
+
+use super::message::{Forwarded, Message};
+use super::Will;
+use crate::acl::{self, DeviceAcl};
 use crate::auth::Refused;
 use crate::mqtt::codec::{v4, v5, CodecError, Connect, Packet, Protocol};
+use crate::mqtt::topic::TopicName;
+
+/// Topic aliases a client may set (our Topic Alias Maximum): bounded per connection.
+pub const TOPIC_ALIAS_MAX: u16 = 32;
 
 /// What the client asked for in CONNECT, independent of the protocol version.
 #[derive(Debug, Clone)]
@@ -15,6 +24,12 @@ pub struct ConnectRequest {
     pub clean_start: bool,
     /// Seconds; 0 = none.
     pub keep_alive: u16,
+    /// MQTT 5 Session Expiry Interval.
+    pub session_expiry: Option<u32>,
+    /// MQTT 5: how many QoS 1/2 messages the client accepts in flight.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5: the largest packet the client accepts.
+    pub max_packet_size: Option<u32>,
 }
 
 impl ConnectRequest {
@@ -26,14 +41,108 @@ impl ConnectRequest {
                 client_id: c.client_id.clone(),
                 clean_start: c.clean_session,
                 keep_alive: c.keep_alive,
+                session_expiry: None,
+                receive_maximum: None,
+                max_packet_size: None,
             },
-            Connect::V5 { connect: c, .. } => ConnectRequest {
-                protocol: Protocol::V5,
-                client_id: c.client_id.clone(),
-                clean_start: c.clean_start,
-                keep_alive: c.keep_alive,
-            },
+            Connect::V5 { connect: c, .. } => {
+                let p = c.properties.as_ref();
+                ConnectRequest {
+                    protocol: Protocol::V5,
+                    client_id: c.client_id.clone(),
+                    clean_start: c.clean_start,
+                    keep_alive: c.keep_alive,
+                    session_expiry: p.and_then(|p| p.session_expiry_interval),
+                    receive_maximum: p.and_then(|p| p.receive_maximum),
+                    max_packet_size: p.and_then(|p| p.max_packet_size),
+                }
+            }
         }
+    }
+}
+
+/// Why a will in CONNECT is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WillRefusal {
+    #[error("invalid will topic {topic:?}: {reason}")]
+    InvalidTopic { topic: String, reason: String },
+    #[error("not authorized to publish the will to {0}")]
+    NotAuthorized(String),
+}
+
+/// The will of a CONNECT, with the `me` alias applied and the publish ACL checked
+/// (SPEC 5, 6): a device learns at CONNECT that its will could never be published.
+pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<Will>, WillRefusal> {
+    let now = Instant::now();
+    let (topic, payload, qos, retain, delay, expiry, props) = match connect {
+        Connect::V311(c) => match &c.last_will {
+            None => return Ok(None),
+            Some(w) => (
+                w.topic.clone(),
+                w.message.clone(),
+                w.qos,
+                w.retain,
+                0,
+                None,
+                Forwarded::default(),
+            ),
+        },
+        Connect::V5 { will: None, .. } => return Ok(None),
+        Connect::V5 { will: Some(w), .. } => {
+            let p = w.properties.clone();
+            (
+                String::from_utf8_lossy(&w.topic).into_owned(),
+                w.message.clone(),
+                w.qos,
+                w.retain,
+                p.as_ref().and_then(|p| p.delay_interval).unwrap_or(0),
+                p.as_ref().and_then(|p| p.message_expiry_interval),
+                p.map(|p| Forwarded {
+                    payload_format_indicator: p.payload_format_indicator,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    user_properties: p.user_properties,
+                    content_type: p.content_type,
+                })
+                .unwrap_or_default(),
+            )
+        }
+    };
+    let canonical = acl::alias_inbound(&topic, device).unwrap_or(topic);
+    let name = TopicName::parse(&canonical).map_err(|e| WillRefusal::InvalidTopic {
+        topic: canonical.clone(),
+        reason: e.to_string(),
+    })?;
+    if !acl.can_publish(&name) {
+        return Err(WillRefusal::NotAuthorized(canonical));
+    }
+    Ok(Some(Will {
+        message: Message {
+            topic: name,
+            payload,
+            qos,
+            retain,
+            props,
+            expires_at: Message::deadline(expiry, now),
+        },
+        delay,
+    }))
+}
+
+/// The CONNACK refusing a will (code 5 / 0x87 for ACL; 0x90 for an invalid topic in v5).
+pub fn connack_bad_will(protocol: Protocol, why: &WillRefusal) -> Packet {
+    match protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::NotAuthorized,
+            false,
+        ))),
+        Protocol::V5 => v5_refusal(
+            match why {
+                WillRefusal::InvalidTopic { .. } => v5::ConnectReturnCode::TopicNameInvalid,
+                WillRefusal::NotAuthorized(_) => v5::ConnectReturnCode::NotAuthorized,
+            },
+            why.to_string(),
+        ),
     }
 }
 
@@ -96,6 +205,7 @@ pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
 pub fn connack_success(
     req: &ConnectRequest,
     id: &ClientId,
+    session_present: bool,
     keep_alive: u16,
     receive_maximum: u16,
     max_packet_size: usize,
@@ -103,7 +213,7 @@ pub fn connack_success(
     match req.protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::Success,
-            false,
+            session_present,
         ))),
         Protocol::V5 => {
             let properties = v5::ConnAckProperties {
@@ -111,10 +221,11 @@ pub fn connack_success(
                 server_keep_alive: (keep_alive != req.keep_alive).then_some(keep_alive),
                 receive_max: Some(receive_maximum),
                 max_packet_size: u32::try_from(max_packet_size).ok(),
+                topic_alias_max: Some(TOPIC_ALIAS_MAX),
                 ..connack_properties()
             };
             Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
-                session_present: false,
+                session_present,
                 code: v5::ConnectReturnCode::Success,
                 properties: Some(properties),
             }))
@@ -223,6 +334,9 @@ mod tests {
             client_id: id.into(),
             clean_start: clean,
             keep_alive: 60,
+            session_expiry: None,
+            receive_maximum: None,
+            max_packet_size: None,
         }
     }
 

@@ -1,19 +1,48 @@
-//! From an authenticated TLS stream to an MQTT session.
+//! The MQTT broker core: sessions, routing, retained messages, wills.
 //!
 //! - [`connect`]: CONNECT -> admission -> CONNACK, client identifier rules (SPEC 3, 4).
-//! - [`session`]: the connection after CONNACK: keep alive, PINGREQ, DISCONNECT, shutdown.
+//! - [`session`]: one connection's loop (keep alive, QoS flows, delivery), with
+//!   [`handle_publish`] and [`handle_subscribe`] for the inbound packets.
+//! - [`state`]: one session's queue and in-flight state (the durability interface).
+//! - [`router`]: the subscription table; [`retain`]: retained messages.
+//! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.
 //!
-//! Every outcome of the protocol is mapped to return/reason codes here and only here.
+//! Data flow of a PUBLISH: session -> ACL -> [`Broker::publish`] -> router -> each
+//! subscriber's bounded queue ([`state::Session::enqueue`], never blocking the publisher)
+//! -> that subscriber's connection wakes and writes.
+//!
+//! Locks: the router and the sessions table are std Mutexes, held for in-memory work
+//! only, never across an await. Order: router, then a session's own lock; the sessions
+//! table is never held while taking the router.
 
 pub mod connect;
+mod handle_publish;
+mod handle_subscribe;
+pub mod message;
+pub mod retain;
+pub mod router;
 pub mod session;
+pub mod state;
+mod trie;
+pub mod wire;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
-use crate::mqtt::codec::{self, CodecError, Packet};
+use crate::acl::DeviceAcl;
+use crate::metrics::Metrics;
+use crate::mqtt::codec::{self, CodecError, Packet, QoS};
+use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
+use message::Message;
+use retain::Retained;
+use router::{Router, SubOptions};
+use state::{Delivery, Enqueued, Expiry, Session, SessionKey, SessionRef};
 
 /// Why writing to a client failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +56,7 @@ pub enum WriteError {
     Timeout(Duration),
 }
 
-/// Writes one packet and flushes, bounded by `limit`.
+/// Writes one packet and flushes, bounded by `limit` (used before the session starts).
 pub async fn send<W: AsyncWrite + Unpin>(
     out: &mut W,
     packet: &Packet,
@@ -42,5 +71,261 @@ pub async fn send<W: AsyncWrite + Unpin>(
     match tokio::time::timeout(limit, write).await {
         Ok(r) => r.map_err(WriteError::Io),
         Err(_) => Err(WriteError::Timeout(limit)),
+    }
+}
+
+/// A will message waiting for its connection to end (SPEC 6).
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub message: Message,
+    /// MQTT 5 Will Delay Interval, seconds.
+    pub delay: u32,
+}
+
+/// The state shared by every session of the broker.
+#[derive(Debug)]
+pub struct Broker {
+    /// Sessions by (device, client id). Held only to look up, insert or remove.
+    sessions: Mutex<HashMap<SessionKey, SessionRef>>,
+    /// Read for every PUBLISH (shared-group cursors are atomics); written by SUBSCRIBE.
+    router: RwLock<Router<SessionRef>>,
+    /// Read on every SUBSCRIBE, written on retained PUBLISH.
+    retained: RwLock<Retained<Arc<Message>>>,
+    pub metrics: Arc<Metrics>,
+    next_connection: AtomicU64,
+}
+
+/// What a CONNECT asks of its session.
+pub struct SessionRequest {
+    pub key: SessionKey,
+    pub clean_start: bool,
+    pub expiry: Expiry,
+    /// The device's ACL, also used for deliveries (`can_receive`).
+    pub acl: Arc<DeviceAcl>,
+    /// `max_queued_messages`.
+    pub max_queued: usize,
+}
+
+/// What [`Broker::open_session`] found.
+pub struct Opened {
+    pub session: SessionRef,
+    /// CONNACK Session Present.
+    pub present: bool,
+}
+
+impl Broker {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Broker> {
+        Arc::new(Broker {
+            sessions: Mutex::new(HashMap::new()),
+            router: RwLock::new(Router::new()),
+            retained: RwLock::new(Retained::new()),
+            metrics,
+            next_connection: AtomicU64::new(1),
+        })
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionKey, SessionRef>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn router_mut(&self) -> std::sync::RwLockWriteGuard<'_, Router<SessionRef>> {
+        self.router.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A process-unique connection id.
+    pub fn connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// SPEC 4: finds or creates the session (device, client id) and attaches the
+    /// connection; a connection already holding it is told to close (takeover). Clean
+    /// start discards any previous state.
+    pub fn open_session(
+        &self,
+        req: SessionRequest,
+        conn_id: u64,
+        kick: CancellationToken,
+    ) -> Opened {
+        let SessionRequest {
+            key,
+            clean_start,
+            expiry,
+            acl,
+            max_queued,
+        } = req;
+        let (session, present, discarded) = {
+            let mut sessions = self.sessions();
+            match sessions.get(&key).cloned() {
+                Some(existing) if !clean_start => (existing, true, None),
+                existing => {
+                    let fresh = Session::create(key.clone(), acl.clone(), expiry, max_queued);
+                    sessions.insert(key, fresh.clone());
+                    (fresh, false, existing)
+                }
+            }
+        };
+        if let Some(old) = discarded {
+            // Take over its connection and forget its subscriptions.
+            if let Some(k) = old.kick_out() {
+                k.cancel();
+            }
+            self.router_mut().remove_all(&old);
+        }
+        session.set_acl(acl);
+        session.set_expiry(expiry);
+        if let Some(previous) = session.attach(conn_id, kick) {
+            previous.cancel();
+        }
+        Opened { session, present }
+    }
+
+    /// The connection `conn_id` ended: detach it and end the session when its expiry says
+    /// so (now, or after the interval unless a connection resumes it).
+    pub fn close_session(self: &Arc<Self>, session: &SessionRef, conn_id: u64) {
+        let Some(generation) = session.detach(conn_id) else {
+            return; // taken over: the new connection owns the session
+        };
+        match session.expiry() {
+            Expiry::OnDisconnect => self.end_session(session),
+            Expiry::Never => {}
+            Expiry::After(secs) => {
+                let broker = self.clone();
+                let session = session.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
+                    if session.generation() == generation && !session.online() {
+                        broker.end_session(&session);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Removes a session and its subscriptions, if it is still the one registered.
+    fn end_session(&self, session: &SessionRef) {
+        {
+            let mut sessions = self.sessions();
+            if sessions.get(&session.key).is_some_and(|s| s == session) {
+                sessions.remove(&session.key);
+            }
+        }
+        self.router_mut().remove_all(session);
+    }
+
+    /// Routes a message to every matching subscription and updates the retained store.
+    /// Never blocks: each subscriber's queue is bounded and drops by policy. Returns the
+    /// number of sessions it was queued for.
+    pub fn publish(&self, msg: Arc<Message>, publisher: Option<&SessionRef>) -> usize {
+        self.metrics
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        if msg.retain {
+            let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+            retained.set(&msg.topic, (!msg.payload.is_empty()).then(|| msg.clone()));
+        }
+        let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
+            &msg.topic,
+            publisher,
+            |s| s.online(),
+        );
+        let mut queued = 0;
+        for t in targets {
+            if !t.key.acl().can_receive(&msg.topic) {
+                self.metrics.dropped("acl", 1);
+                continue;
+            }
+            let delivery = Delivery {
+                qos: min_qos(msg.qos, t.qos),
+                retain: msg.retain && t.retain_as_published,
+                sub_ids: t.subscription_ids,
+                msg: msg.clone(),
+            };
+            match t.key.enqueue(delivery) {
+                Enqueued::Queued => queued += 1,
+                Enqueued::QueuedDroppedOldQos0 => {
+                    queued += 1;
+                    self.metrics.dropped("queue_full", 1);
+                }
+                Enqueued::DroppedOffline => self.metrics.dropped("offline_qos0", 1),
+                Enqueued::DroppedFull => {
+                    self.metrics.dropped("queue_full", 1);
+                    tracing::warn!(
+                        device = %t.key.key.device,
+                        client_id = %t.key.key.client_id,
+                        "queue full: QoS {} message on {} dropped",
+                        msg.qos as u8,
+                        msg.topic
+                    );
+                }
+            }
+        }
+        queued
+    }
+
+    /// Adds a subscription; true if it replaced one with the same filter.
+    pub fn subscribe(&self, session: &SessionRef, sub: &Subscription, opts: SubOptions) -> bool {
+        self.router_mut().subscribe(session, sub, opts)
+    }
+
+    /// Removes a subscription; true if it existed.
+    pub fn unsubscribe(&self, session: &SessionRef, sub: &Subscription) -> bool {
+        self.router_mut().unsubscribe(session, sub)
+    }
+
+    /// Retained messages matching a filter, for delivery on SUBSCRIBE.
+    pub fn retained_matching(&self, filter: &TopicFilter) -> Vec<(TopicName, Arc<Message>)> {
+        self.retained
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .matching(filter)
+    }
+
+    /// Publishes a will, now or after its delay unless the session is resumed first
+    /// (MQTT 5 §3.1.3.2.2). Its topic was checked against the publish ACL at CONNECT; it
+    /// is checked again here, since a reload may have narrowed the profile.
+    pub fn publish_will(self: &Arc<Self>, session: &SessionRef, will: Will) {
+        let delay = match session.expiry() {
+            Expiry::OnDisconnect => 0,
+            Expiry::After(s) => will.delay.min(s),
+            Expiry::Never => will.delay,
+        };
+        let fire = {
+            let broker = self.clone();
+            let session = session.clone();
+            move |generation: Option<u64>| {
+                if generation.is_some_and(|g| g != session.generation()) {
+                    return; // the session was resumed: the will is cancelled
+                }
+                if !session.acl().can_publish(&will.message.topic) {
+                    tracing::warn!(device = %session.key.device, topic = %will.message.topic, "will not published: topic not allowed");
+                    broker.metrics.dropped("acl", 1);
+                    return;
+                }
+                broker.publish(Arc::new(will.message), Some(&session));
+            }
+        };
+        if delay == 0 {
+            fire(None);
+        } else {
+            let generation = session.generation();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                fire(Some(generation));
+            });
+        }
+    }
+
+    /// Number of sessions (tests, metrics).
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+}
+
+/// The lower of two QoS levels.
+pub fn min_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
     }
 }

@@ -1,120 +1,430 @@
-//! One connection after CONNACK.
+//! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
 //!
-//! Scope today (issue 2, the authenticated front door): keep alive enforced at 1.5 times
-//! the effective value, PINGREQ answered, DISCONNECT honoured, graceful shutdown announced
-//! to MQTT 5 clients (0x8B). Any other packet closes the connection with an MQTT 5
-//! DISCONNECT 0x83 (implementation specific error) and a reason string saying publish and
-//! subscribe are not available yet: refused clearly, never silently dropped. The session
-//! and router of SPEC 4-6 replace this.
+//! The connection task reads packets, enforces keep alive, and moves deliveries from the
+//! session's queue to the client within the in-flight window. Writing happens in a
+//! separate writer task fed by a bounded channel, so that the loop keeps reading (PUBACKs
+//! free the window) while a large write drains: a broker that stops reading while it
+//! writes deadlocks with a client that does the same. A client that does not read fills
+//! the channel, then the writer's bounded wait (`write_limit`) ends the connection; its
+//! queue meanwhile stays bounded and publishers never wait for it.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{send, WriteError};
-use crate::mqtt::codec::{v4, v5, CodecError, Packet, PacketReader, Protocol};
+use super::state::{Expiry, Outgoing, SessionRef};
+use super::wire::{self, Inbound};
+use super::{Broker, Will, WriteError};
+use crate::acl;
+use crate::identity::DeviceName;
+use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol};
+
+/// Packets waiting for the writer task. Small: the session queue is where messages wait;
+/// this only decouples the loop from one socket write.
+const OUT_CHANNEL: usize = 64;
+/// The writer coalesces queued packets into one TLS write up to this size.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What a connection negotiated at CONNECT.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub protocol: Protocol,
+    /// Effective keep alive, seconds (never 0: see `connect::effective_keep_alive`).
+    pub keep_alive: u16,
+    /// Outbound QoS 1/2 in flight: min(max_inflight, the client's Receive Maximum).
+    pub window: usize,
+    /// Inbound QoS 2 in flight we accept (our Receive Maximum, = max_inflight).
+    pub receive_max: usize,
+    /// Topic aliases the client may use (our Topic Alias Maximum).
+    pub topic_alias_max: u16,
+    /// The client's Maximum Packet Size (MQTT 5).
+    pub client_max_packet: Option<usize>,
+    /// Bound on one write to the client.
+    pub write_limit: Duration,
+    /// MQTT 5: the session expiry was 0 at CONNECT (DISCONNECT may not raise it).
+    pub expiry_was_zero: bool,
+}
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum End {
     #[error("client sent DISCONNECT")]
-    Disconnect,
+    Disconnect { with_will: bool },
     #[error("keep alive expired: no packet for {0:?}")]
     KeepAlive(Duration),
     #[error("broker shutting down")]
     Shutdown,
+    #[error("session taken over by a new connection")]
+    TakenOver,
     #[error("connection closed")]
     Closed(#[source] CodecError),
-    #[error("packet not supported yet: {0}")]
-    Unsupported(&'static str),
+    #[error("protocol error: {text}")]
+    Protocol {
+        code: v5::DisconnectReasonCode,
+        text: String,
+    },
     #[error("write failed")]
     Write(#[source] WriteError),
 }
 
-/// Runs the session until it ends. `keep_alive` is the effective value in seconds.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut PacketReader<S>,
-    protocol: Protocol,
-    keep_alive: u16,
-    shutdown: &CancellationToken,
-    write_limit: Duration,
-) -> End {
-    // MQTT 3.1.1 §3.1.2.10 / 5.0 §3.1.2.10: one and a half times the keep alive.
-    let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
-    loop {
-        let packet = tokio::select! {
-            _ = shutdown.cancelled() => {
-                if protocol == Protocol::V5 {
-                    let bye = disconnect_v5(v5::DisconnectReasonCode::ServerShuttingDown, "server shutting down");
-                    let _ = send(conn.get_mut(), &bye, write_limit).await;
-                }
-                return End::Shutdown;
+impl End {
+    /// The MQTT 5 DISCONNECT the broker sends before closing, if any.
+    fn disconnect_packet(&self) -> Option<Packet> {
+        use v5::DisconnectReasonCode as D;
+        let (code, text) = match self {
+            End::KeepAlive(_) => (D::KeepAliveTimeout, "keep alive timeout".to_owned()),
+            End::Shutdown => (D::ServerShuttingDown, "server shutting down".to_owned()),
+            End::TakenOver => (D::SessionTakenOver, "session taken over".to_owned()),
+            End::Protocol { code, text } => (*code, text.clone()),
+            End::Closed(e)
+                if !matches!(
+                    e,
+                    CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket
+                ) =>
+            {
+                (disconnect_code(e.v5_reason_code()), e.to_string())
             }
-            r = tokio::time::timeout(idle_limit, conn.read_packet()) => match r {
-                Err(_) => {
-                    if protocol == Protocol::V5 {
-                        let bye = disconnect_v5(v5::DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
-                        let _ = send(conn.get_mut(), &bye, write_limit).await;
-                    }
-                    return End::KeepAlive(idle_limit);
-                }
-                Ok(Err(e)) => {
-                    if protocol == Protocol::V5 && !matches!(e, CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket) {
-                        let bye = disconnect_v5_code(e.v5_reason_code(), &e.to_string());
-                        let _ = send(conn.get_mut(), &bye, write_limit).await;
-                    }
-                    return End::Closed(e);
-                }
-                Ok(Ok(p)) => p,
-            },
+            _ => return None,
         };
-        match packet {
-            Packet::V311(v4::Packet::PingReq) => {
-                if let Err(e) = send(
-                    conn.get_mut(),
-                    &Packet::V311(v4::Packet::PingResp),
-                    write_limit,
-                )
-                .await
-                {
-                    return End::Write(e);
-                }
-            }
-            Packet::V5(v5::Packet::PingReq(_)) => {
-                let pong = Packet::V5(v5::Packet::PingResp(v5::PingResp));
-                if let Err(e) = send(conn.get_mut(), &pong, write_limit).await {
-                    return End::Write(e);
-                }
-            }
-            Packet::V311(v4::Packet::Disconnect) | Packet::V5(v5::Packet::Disconnect(_)) => {
-                return End::Disconnect;
-            }
-            other => {
-                let what = packet_name(&other);
-                if protocol == Protocol::V5 {
-                    let bye = disconnect_v5(
-                        v5::DisconnectReasonCode::ImplementationSpecificError,
-                        "this broker does not route messages yet: only PINGREQ and DISCONNECT are served",
-                    );
-                    let _ = send(conn.get_mut(), &bye, write_limit).await;
-                }
-                return End::Unsupported(what);
-            }
+        Some(disconnect_v5(code, &text))
+    }
+
+    /// Whether the will is published (SPEC 6: not on DISCONNECT; MQTT 5 0x04 asks for it;
+    /// not when the broker itself shuts down).
+    fn publishes_will(&self) -> bool {
+        match self {
+            End::Disconnect { with_will } => *with_will,
+            End::Shutdown => false,
+            _ => true,
         }
     }
 }
 
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::V311(v4::Packet::Publish(_)) | Packet::V5(v5::Packet::Publish(_)) => "PUBLISH",
-        Packet::V311(v4::Packet::Subscribe(_)) | Packet::V5(v5::Packet::Subscribe(_)) => {
-            "SUBSCRIBE"
+/// Runs a session on a connection until it ends, then publishes the will if due and
+/// detaches (or ends) the session.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<R, W>(
+    broker: &Arc<Broker>,
+    session: &SessionRef,
+    conn_id: u64,
+    device: &DeviceName,
+    reader: &mut PacketReader<R>,
+    writer: W,
+    params: Params,
+    will: Option<Will>,
+    shutdown: &CancellationToken,
+    kick: &CancellationToken,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(OUT_CHANNEL);
+    let mut writer_task = tokio::spawn(write_loop(writer, rx, params.write_limit));
+    let mut conn = Conn {
+        broker,
+        session,
+        conn_id,
+        device,
+        p: params,
+        out: tx,
+        aliases: HashMap::new(),
+    };
+    let end = conn.run(reader, shutdown, kick, &mut writer_task).await;
+    if conn.p.protocol == Protocol::V5 {
+        if let Some(bye) = end.disconnect_packet() {
+            if let Ok(b) = conn.encode(&bye) {
+                let _ = conn.out.try_send(b);
+            }
         }
-        Packet::V311(v4::Packet::Unsubscribe(_)) | Packet::V5(v5::Packet::Unsubscribe(_)) => {
-            "UNSUBSCRIBE"
+    }
+    let write_limit = conn.p.write_limit;
+    drop(conn);
+    // The writer drains what is queued (the final DISCONNECT included) and closes TLS.
+    if !writer_task.is_finished() {
+        let _ = tokio::time::timeout(write_limit, &mut writer_task).await;
+    }
+    writer_task.abort();
+    if end.publishes_will() {
+        if let Some(w) = will {
+            broker.publish_will(session, w);
         }
-        _ => "unexpected packet",
+    }
+    broker.close_session(session, conn_id);
+    end
+}
+
+/// The writer task: coalesces queued packets into one write, bounded by `limit`.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    limit: Duration,
+) -> Result<(), WriteError> {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(b) => buf.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        let write = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(limit, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(WriteError::Io(e)),
+            Err(_) => return Err(WriteError::Timeout(limit)),
+        }
+        buf.clear();
+        if buf.capacity() > 2 * WRITE_BATCH {
+            buf = BytesMut::new();
+        }
+    }
+    let _ = tokio::time::timeout(limit, w.shutdown()).await;
+    Ok(())
+}
+
+/// What woke the loop. Short-lived, one at a time: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Packet(Packet),
+    Wake,
+    End(End),
+}
+
+/// The connection's state inside the loop.
+pub(super) struct Conn<'a> {
+    pub(super) broker: &'a Arc<Broker>,
+    pub(super) session: &'a SessionRef,
+    pub(super) conn_id: u64,
+    pub(super) device: &'a DeviceName,
+    pub(super) p: Params,
+    out: mpsc::Sender<Bytes>,
+    /// MQTT 5 topic aliases set by the client on this connection.
+    pub(super) aliases: HashMap<u16, String>,
+}
+
+impl Conn<'_> {
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PacketReader<R>,
+        shutdown: &CancellationToken,
+        kick: &CancellationToken,
+        writer_task: &mut tokio::task::JoinHandle<Result<(), WriteError>>,
+    ) -> End {
+        // A resumed session first gets what was in flight (DUP), then its queue.
+        for o in self.session.resend_inflight(self.conn_id) {
+            if let Some(p) = self.outgoing_packet(o) {
+                if let Err(end) = self.send(&p).await {
+                    return end;
+                }
+            }
+        }
+        let idle_limit = Duration::from_millis(u64::from(self.p.keep_alive) * 1500);
+        let idle = tokio::time::sleep(idle_limit);
+        tokio::pin!(idle);
+        loop {
+            let backlogged = match self.pump() {
+                Ok(b) => b,
+                Err(end) => return end,
+            };
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::End(End::Shutdown),
+                _ = kick.cancelled() => Event::End(End::TakenOver),
+                r = &mut *writer_task => Event::End(match r {
+                    Ok(Err(e)) => End::Write(e),
+                    _ => End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into())),
+                }),
+                r = reader.read_packet() => match r {
+                    Ok(packet) => Event::Packet(packet),
+                    Err(e) => Event::End(End::Closed(e)),
+                },
+                _ = &mut idle => Event::End(End::KeepAlive(idle_limit)),
+                _ = self.session.notified(), if !backlogged => Event::Wake,
+                // Capacity is back: the permit is released and pump() fills the room.
+                _ = self.out.reserve(), if backlogged => Event::Wake,
+            };
+            match event {
+                Event::End(end) => return end,
+                Event::Wake => {}
+                Event::Packet(packet) => {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_limit);
+                    if let Some(end) = self.handle(wire::inbound(packet)).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one inbound packet; Some(end) ends the session.
+    async fn handle(&mut self, inbound: Inbound) -> Option<End> {
+        let r = match inbound {
+            Inbound::Publish(p) => self.on_publish(p).await,
+            Inbound::PubAck(pkid) => {
+                self.session.puback(pkid);
+                Ok(())
+            }
+            Inbound::PubRec { pkid, accepted } => {
+                if self.session.pubrec(pkid, accepted) {
+                    self.send(&wire::pubrel(self.p.protocol, pkid)).await
+                } else {
+                    Ok(())
+                }
+            }
+            Inbound::PubRel(pkid) => {
+                let found = self.session.inbound_qos2_release(pkid);
+                self.send(&wire::pubcomp(self.p.protocol, pkid, found))
+                    .await
+            }
+            Inbound::PubComp(pkid) => {
+                self.session.pubcomp(pkid);
+                Ok(())
+            }
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => self.on_subscribe(pkid, filters, subscription_id).await,
+            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters).await,
+            Inbound::PingReq => self.send(&wire::pingresp(self.p.protocol)).await,
+            Inbound::Disconnect {
+                with_will,
+                session_expiry,
+            } => {
+                if let Some(secs) = session_expiry {
+                    if self.p.expiry_was_zero && secs != 0 {
+                        return Some(protocol_error(
+                            v5::DisconnectReasonCode::ProtocolError,
+                            "DISCONNECT may not set a session expiry when CONNECT had 0",
+                        ));
+                    }
+                    self.session.set_expiry(Expiry::from_v5(secs));
+                }
+                return Some(End::Disconnect { with_will });
+            }
+            Inbound::Unexpected(what) => Err(protocol_error(
+                v5::DisconnectReasonCode::ProtocolError,
+                &format!("a client may not send {what}"),
+            )),
+        };
+        r.err()
+    }
+
+    /// Moves sendable deliveries from the session queue to the writer while the channel
+    /// has room. Returns true when the channel is full (wait for capacity).
+    fn pump(&mut self) -> Result<bool, End> {
+        loop {
+            let room = self.out.capacity();
+            if room == 0 {
+                return Ok(self.session.has_queued());
+            }
+            let batch = self.session.next_batch(self.conn_id, self.p.window, room);
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            for o in batch {
+                let Some(packet) = self.outgoing_packet(o) else {
+                    continue;
+                };
+                let bytes = self.encode(&packet)?;
+                if self.out.try_send(bytes).is_err() {
+                    return Err(End::Write(WriteError::Io(
+                        std::io::ErrorKind::BrokenPipe.into(),
+                    )));
+                }
+                self.broker
+                    .metrics
+                    .messages_sent
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
+    /// large for the client), in which case its exchange is abandoned.
+    fn outgoing_packet(&self, o: Outgoing) -> Option<Packet> {
+        let (pkid, d, dup) = match o {
+            Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
+            Outgoing::Publish {
+                pkid,
+                delivery,
+                dup,
+            } => (pkid, delivery, dup),
+        };
+        let now = Instant::now();
+        if d.msg.expired(now) {
+            self.abandon(pkid, "expired");
+            return None;
+        }
+        let topic = if self.session.delivers_aliased(&d.msg.topic) {
+            acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str())
+                .unwrap_or_else(|| d.msg.topic.as_str().to_owned())
+        } else {
+            d.msg.topic.as_str().to_owned()
+        };
+        let packet = wire::publish(
+            self.p.protocol,
+            &topic,
+            d.msg.payload.clone(),
+            d.qos,
+            d.retain,
+            dup,
+            pkid,
+            &d.msg.props,
+            d.msg.remaining_expiry(now),
+            &d.sub_ids,
+        );
+        if let Some(max) = self.p.client_max_packet {
+            let mut probe = BytesMut::new();
+            if codec::encode(&packet, &mut probe).map_or(true, |n| n > max) {
+                // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
+                self.abandon(pkid, "too_large_for_client");
+                return None;
+            }
+        }
+        Some(packet)
+    }
+
+    fn abandon(&self, pkid: u16, reason: &'static str) {
+        if pkid != 0 {
+            self.session.abandon(pkid);
+        }
+        self.broker.metrics.dropped(reason, 1);
+    }
+
+    pub(super) fn encode(&self, packet: &Packet) -> Result<Bytes, End> {
+        let mut buf = BytesMut::new();
+        codec::encode(packet, &mut buf).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        Ok(buf.freeze())
+    }
+
+    /// Queues a packet for the writer, waiting for room.
+    pub(super) async fn send(&self, packet: &Packet) -> Result<(), End> {
+        let bytes = self.encode(packet)?;
+        self.out
+            .send(bytes)
+            .await
+            .map_err(|_| End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into())))
+    }
+}
+
+/// A protocol violation that ends the connection.
+pub(super) fn protocol_error(code: v5::DisconnectReasonCode, text: &str) -> End {
+    End::Protocol {
+        code,
+        text: text.to_owned(),
     }
 }
 
@@ -131,15 +441,14 @@ pub fn disconnect_v5(code: v5::DisconnectReasonCode, reason: &str) -> Packet {
     }))
 }
 
-/// An MQTT 5 DISCONNECT from a numeric reason code (codec errors carry numbers).
-fn disconnect_v5_code(code: u8, reason: &str) -> Packet {
+/// The DISCONNECT reason for a codec error's numeric code.
+fn disconnect_code(code: u8) -> v5::DisconnectReasonCode {
     use v5::DisconnectReasonCode as D;
-    let code = match code {
+    match code {
         0x81 => D::MalformedPacket,
         0x82 => D::ProtocolError,
         0x95 => D::PacketTooLarge,
         0x83 => D::ImplementationSpecificError,
         _ => D::UnspecifiedError,
-    };
-    disconnect_v5(code, reason)
+    }
 }

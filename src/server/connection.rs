@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::auth::{self, Decision};
-use crate::broker::{connect, send, session};
+use crate::broker::state::{Expiry, SessionKey};
+use crate::broker::{connect, send, session, SessionRequest};
 use crate::cert::now_secs;
 use crate::metrics::Metrics;
-use crate::mqtt::codec::PacketReader;
+use crate::mqtt::codec::{PacketReader, Protocol};
 use crate::registry::{Admitted, Mode};
 use crate::tls::HANDSHAKE_PEER;
 
@@ -77,8 +78,9 @@ pub async fn handle(
         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
 
-    // CONNECT.
-    let mut conn = PacketReader::new(tls, limits.max_packet_size);
+    // Split now: bytes the client pipelined after CONNECT stay in the reader's buffer.
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut conn = PacketReader::new(rd, limits.max_packet_size);
     let packet = match tokio::time::timeout(
         Duration::from_secs(limits.connect_timeout),
         conn.read_connect(),
@@ -89,7 +91,7 @@ pub async fn handle(
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "no valid CONNECT");
             if let Some(ack) = connect::connack_for_codec_error(&e) {
-                let _ = send(conn.get_mut(), &ack, write_limit).await;
+                let _ = send(&mut wr, &ack, write_limit).await;
             }
             return;
         }
@@ -125,7 +127,7 @@ pub async fn handle(
         Err(refused) => {
             metrics.auth_refused(refused.label());
             let ack = connect::connack_refused(req.protocol, &refused);
-            let _ = send(conn.get_mut(), &ack, write_limit).await;
+            let _ = send(&mut wr, &ack, write_limit).await;
             return;
         }
     };
@@ -133,33 +135,100 @@ pub async fn handle(
         metrics.devices_provisioned.fetch_add(1, Ordering::Relaxed);
     }
     shared.registry.touch(admission.device.as_str(), now_secs());
+    let device = admission.device.clone();
 
-    // Client identifier (SPEC 4).
+    // Client identifier (SPEC 4) and will (SPEC 5, 6).
     let client_id = match connect::client_id(&req) {
         Ok(id) => id,
         Err(why) => {
-            tracing::info!(%peer, device = %admission.device, reason = %why, "CONNECT refused");
+            tracing::info!(%peer, %device, reason = %why, "CONNECT refused");
             let ack = connect::connack_bad_client_id(req.protocol, &why);
-            let _ = send(conn.get_mut(), &ack, write_limit).await;
+            let _ = send(&mut wr, &ack, write_limit).await;
             return;
         }
     };
+    let acl = Arc::new(admission.profile.for_device(device.as_str()));
+    let will = match connect::will(&packet, device.as_str(), &acl) {
+        Ok(w) => w,
+        Err(why) => {
+            tracing::info!(%peer, %device, reason = %why, "CONNECT refused");
+            metrics.auth_refused("will_not_authorized");
+            let ack = connect::connack_bad_will(req.protocol, &why);
+            let _ = send(&mut wr, &ack, write_limit).await;
+            return;
+        }
+    };
+    drop(packet);
+
+    // The session (SPEC 4): keyed by (device, client id); a holder is taken over.
+    let expiry = match req.protocol {
+        Protocol::V311 if req.clean_start => Expiry::OnDisconnect,
+        Protocol::V311 => Expiry::Never,
+        Protocol::V5 => Expiry::from_v5(req.session_expiry.unwrap_or(0)),
+    };
+    let broker = shared.broker.clone();
+    let conn_id = broker.connection_id();
+    let kick = CancellationToken::new();
+    let key = SessionKey {
+        device: device.clone(),
+        client_id: client_id.id.clone(),
+    };
+    let opened = broker.open_session(
+        SessionRequest {
+            key,
+            clean_start: req.clean_start,
+            expiry,
+            acl,
+            max_queued: limits.max_queued_messages,
+        },
+        conn_id,
+        kick.clone(),
+    );
     let keep_alive = connect::effective_keep_alive(req.keep_alive, limits.max_keep_alive);
     let ack = connect::connack_success(
         &req,
         &client_id,
+        opened.present,
         keep_alive,
         limits.max_inflight,
         limits.max_packet_size,
     );
-    if let Err(e) = send(conn.get_mut(), &ack, write_limit).await {
-        tracing::info!(%peer, device = %admission.device, error = %e, "CONNACK not delivered");
+    if let Err(e) = send(&mut wr, &ack, write_limit).await {
+        tracing::info!(%peer, %device, error = %e, "CONNACK not delivered");
+        broker.close_session(&opened.session, conn_id);
         return;
     }
-    let end = session::run(&mut conn, req.protocol, keep_alive, &shutdown, write_limit).await;
+    let params = session::Params {
+        protocol: req.protocol,
+        keep_alive,
+        window: usize::from(
+            req.receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(limits.max_inflight)
+                .max(1),
+        ),
+        receive_max: usize::from(limits.max_inflight),
+        topic_alias_max: connect::TOPIC_ALIAS_MAX,
+        client_max_packet: req.max_packet_size.map(|m| m as usize),
+        write_limit,
+        expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,
+    };
+    let end = session::serve(
+        &broker,
+        &opened.session,
+        conn_id,
+        &device,
+        &mut conn,
+        wr,
+        params,
+        will,
+        &shutdown,
+        &kick,
+    )
+    .await;
     tracing::info!(
         %peer,
-        device = %admission.device,
+        %device,
         client_id = %client_id.id,
         reason = %end,
         "session ended"

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Broker;
 use crate::config::{Config, ConfigError, Problem, ProblemKind};
 use crate::metrics::Metrics;
 use crate::registry::{Mode, Registry, RegistryError};
@@ -62,6 +63,8 @@ pub struct Shared {
     current: RwLock<Arc<Snapshot>>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Sessions, subscriptions, retained messages.
+    pub broker: Arc<Broker>,
 }
 
 impl Shared {
@@ -96,6 +99,7 @@ impl Server {
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(snapshot)),
                 registry,
+                broker: Broker::new(metrics.clone()),
                 metrics,
             }),
         })

@@ -1,0 +1,150 @@
+//! Inbound PUBLISH (SPEC 5, 6): topic alias resolution (MQTT 5), topic validation, the
+//! `v1/devices/me/` alias, the publish ACL, then QoS 0/1/2 with exactly-once inbound
+//! (method A: routed on PUBLISH, the packet id remembered until PUBREL, so a resent
+//! duplicate is acknowledged but not routed again, also across a reconnect).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::message::Message;
+use super::session::{protocol_error, Conn, End};
+use super::wire::{self, AckReason, InPublish};
+use crate::acl;
+use crate::mqtt::codec::{v5, Protocol, QoS};
+use crate::mqtt::topic::TopicName;
+
+impl Conn<'_> {
+    pub(super) async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
+        use v5::DisconnectReasonCode as D;
+        if p.has_subscription_ids {
+            return Err(protocol_error(
+                D::ProtocolError,
+                "a PUBLISH from a client may not carry subscription identifiers",
+            ));
+        }
+        let topic = self.resolve_alias(&p)?;
+        let name = TopicName::parse(&topic).map_err(|e| {
+            protocol_error(
+                D::TopicNameInvalid,
+                &format!("invalid topic name {topic:?}: {e}"),
+            )
+        })?;
+        // SPEC 5: v1/devices/me/... is v1/devices/<name>/...; ACLs see the canonical topic.
+        let canonical = match acl::alias_inbound(name.as_str(), self.device.as_str()) {
+            Some(t) => TopicName::parse(&t).map_err(|e| {
+                protocol_error(
+                    D::TopicNameInvalid,
+                    &format!("invalid topic name {t:?}: {e}"),
+                )
+            })?,
+            None => name,
+        };
+        let allowed = self.session.acl().can_publish(&canonical);
+        if !allowed {
+            self.broker.metrics.dropped("acl", 1);
+            tracing::info!(
+                device = %self.device,
+                client_id = %self.session.key.client_id,
+                topic = %canonical,
+                "publish denied by ACL"
+            );
+        }
+        let denied_text = format!("not authorized to publish to {canonical}");
+        match p.qos {
+            QoS::AtMostOnce => {
+                if allowed {
+                    self.route(canonical, p);
+                }
+                Ok(())
+            }
+            QoS::AtLeastOnce => {
+                let pkid = p.pkid;
+                let reason = if allowed {
+                    self.route(canonical, p);
+                    AckReason::Success
+                } else {
+                    AckReason::NotAuthorized
+                };
+                let text = (!allowed).then_some(denied_text.as_str());
+                self.send(&wire::puback(self.p.protocol, pkid, reason, text))
+                    .await
+            }
+            QoS::ExactlyOnce => {
+                let pkid = p.pkid;
+                if !self.session.inbound_qos2_begin(pkid) {
+                    // A duplicate of a PUBLISH already routed: acknowledge only.
+                    return self
+                        .send(&wire::pubrec(
+                            self.p.protocol,
+                            pkid,
+                            AckReason::Success,
+                            None,
+                        ))
+                        .await;
+                }
+                if self.session.inbound_qos2_len() > self.p.receive_max {
+                    return Err(protocol_error(
+                        D::ReceiveMaximumExceeded,
+                        "more QoS 2 messages in flight than the Receive Maximum",
+                    ));
+                }
+                let reason = if allowed {
+                    self.route(canonical, p);
+                    AckReason::Success
+                } else {
+                    if self.p.protocol == Protocol::V5 {
+                        // A PUBREC with an error reason ends the exchange: no PUBREL follows.
+                        self.session.inbound_qos2_release(pkid);
+                    }
+                    AckReason::NotAuthorized
+                };
+                let text = (!allowed).then_some(denied_text.as_str());
+                self.send(&wire::pubrec(self.p.protocol, pkid, reason, text))
+                    .await
+            }
+        }
+    }
+
+    /// MQTT 5 §3.3.2.3.4: a topic alias with a topic sets it; an alias alone uses it.
+    fn resolve_alias(&mut self, p: &InPublish) -> Result<String, End> {
+        use v5::DisconnectReasonCode as D;
+        let Some(alias) = p.topic_alias else {
+            if p.topic.is_empty() {
+                return Err(protocol_error(
+                    D::ProtocolError,
+                    "empty topic name without a topic alias",
+                ));
+            }
+            return Ok(p.topic.clone());
+        };
+        if alias == 0 || alias > self.p.topic_alias_max {
+            return Err(protocol_error(
+                D::TopicAliasInvalid,
+                &format!("topic alias {alias} outside 1..={}", self.p.topic_alias_max),
+            ));
+        }
+        if p.topic.is_empty() {
+            self.aliases.get(&alias).cloned().ok_or_else(|| {
+                protocol_error(
+                    D::ProtocolError,
+                    &format!("topic alias {alias} was never set"),
+                )
+            })
+        } else {
+            self.aliases.insert(alias, p.topic.clone());
+            Ok(p.topic.clone())
+        }
+    }
+
+    fn route(&self, topic: TopicName, p: InPublish) {
+        let message = Message {
+            topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            props: p.props,
+            expires_at: Message::deadline(p.message_expiry, Instant::now()),
+        };
+        self.broker.publish(Arc::new(message), Some(self.session));
+    }
+}

@@ -1,0 +1,133 @@
+//! SUBSCRIBE and UNSUBSCRIBE (SPEC 5, 6): filter validation, the `v1/devices/me/` alias,
+//! filter coverage by the subscribe ACL, MQTT 5 subscription options, shared
+//! subscriptions, and the retained messages a new subscription receives.
+
+use std::time::Instant;
+
+use super::min_qos;
+use super::router::{RetainHandling, SubOptions};
+use super::session::{protocol_error, Conn, End};
+use super::state::Delivery;
+use super::wire::{self, RequestedFilter, SubResult};
+use crate::acl;
+use crate::mqtt::codec::v5;
+use crate::mqtt::topic::{Subscription, TopicFilter};
+
+impl Conn<'_> {
+    pub(super) async fn on_subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<RequestedFilter>,
+        subscription_id: Option<u32>,
+    ) -> Result<(), End> {
+        if subscription_id == Some(0) {
+            return Err(protocol_error(
+                v5::DisconnectReasonCode::ProtocolError,
+                "subscription identifier 0",
+            ));
+        }
+        let device_acl = self.session.acl();
+        let mut results = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        for f in filters {
+            let Some((sub, aliased)) = self.canonical(&f.filter) else {
+                results.push(SubResult::TopicFilterInvalid);
+                continue;
+            };
+            if !device_acl.can_subscribe(sub.filter()) {
+                tracing::info!(
+                    device = %self.device,
+                    client_id = %self.session.key.client_id,
+                    filter = %f.filter,
+                    "subscription denied by ACL"
+                );
+                results.push(SubResult::NotAuthorized);
+                continue;
+            }
+            let shared = matches!(sub, Subscription::Shared { .. });
+            if shared && f.no_local {
+                return Err(protocol_error(
+                    v5::DisconnectReasonCode::ProtocolError,
+                    "No Local on a shared subscription",
+                ));
+            }
+            let retain_handling = match f.retain_handling {
+                0 => RetainHandling::SendAlways,
+                1 => RetainHandling::SendIfNew,
+                _ => RetainHandling::Never,
+            };
+            let opts = SubOptions {
+                qos: f.qos,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                retain_handling,
+                subscription_id,
+            };
+            let existed = self.broker.subscribe(self.session, &sub, opts);
+            self.session.set_aliased(sub.filter(), aliased);
+            results.push(SubResult::Granted(f.qos));
+            // Retained messages: never for shared subscriptions (MQTT 5 §4.8.2).
+            let send_retained = !shared
+                && match retain_handling {
+                    RetainHandling::SendAlways => true,
+                    RetainHandling::SendIfNew => !existed,
+                    RetainHandling::Never => false,
+                };
+            if send_retained {
+                let now = Instant::now();
+                for (topic, msg) in self.broker.retained_matching(sub.filter()) {
+                    if msg.expired(now) || !device_acl.can_receive(&topic) {
+                        continue;
+                    }
+                    retained.push(Delivery {
+                        qos: min_qos(msg.qos, f.qos),
+                        retain: true,
+                        sub_ids: subscription_id.into_iter().collect(),
+                        msg,
+                    });
+                }
+            }
+        }
+        self.send(&wire::suback(self.p.protocol, pkid, &results))
+            .await?;
+        for d in retained {
+            self.session.enqueue(d);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn on_unsubscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<String>,
+    ) -> Result<(), End> {
+        let mut existed = Vec::with_capacity(filters.len());
+        for f in filters {
+            match self.canonical(&f) {
+                Some((sub, _)) => {
+                    existed.push(self.broker.unsubscribe(self.session, &sub));
+                    self.session.set_aliased(sub.filter(), false);
+                }
+                None => existed.push(false),
+            }
+        }
+        self.send(&wire::unsuback(self.p.protocol, pkid, &existed))
+            .await
+    }
+
+    /// Parses a requested filter and applies the `me` alias to its filter part; the flag
+    /// says whether the alias applied (deliveries then go back under `me`).
+    fn canonical(&self, requested: &str) -> Option<(Subscription, bool)> {
+        let sub = Subscription::parse(requested).ok()?;
+        let device = self.device.as_str();
+        let Some(aliased) = acl::alias_inbound(sub.filter().as_str(), device) else {
+            return Some((sub, false));
+        };
+        let filter = TopicFilter::parse(&aliased).ok()?;
+        let sub = match sub {
+            Subscription::Plain(_) => Subscription::Plain(filter),
+            Subscription::Shared { group, .. } => Subscription::Shared { group, filter },
+        };
+        Some((sub, true))
+    }
+}

@@ -1,0 +1,488 @@
+//! The state of one MQTT session (SPEC 4): what it waits to send, what is in flight each
+//! way, which connection holds it. This is the interface the durability issue backs with
+//! SQLite: every change to a session's durable state goes through a method here.
+//!
+//! A session is keyed by (device, client id), so two devices never share one. It lives in a
+//! [`SessionRef`] (an `Arc` compared by a unique id), which is also the router's subscriber
+//! key: fan-out reaches the session without a map lookup. The state sits behind a std
+//! Mutex held only for queue operations, never across an await; the connection is woken by
+//! a `Notify` when something is queued.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::message::Message;
+use crate::acl::DeviceAcl;
+use crate::identity::DeviceName;
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic::{TopicFilter, TopicName};
+
+/// (device, client id): the identity of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub device: DeviceName,
+    pub client_id: String,
+}
+
+/// When a session ends after its connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// MQTT 3.1.1 clean session, or MQTT 5 session expiry 0.
+    OnDisconnect,
+    /// MQTT 5 session expiry interval in seconds.
+    After(u32),
+    /// MQTT 3.1.1 clean session 0, or MQTT 5 0xFFFFFFFF.
+    Never,
+}
+
+impl Expiry {
+    /// From an MQTT 5 Session Expiry Interval.
+    pub fn from_v5(interval: u32) -> Expiry {
+        match interval {
+            0 => Expiry::OnDisconnect,
+            u32::MAX => Expiry::Never,
+            s => Expiry::After(s),
+        }
+    }
+}
+
+/// A message on its way to one subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// min(published QoS, granted QoS).
+    pub qos: QoS,
+    /// The RETAIN flag to send: set for retained messages sent on SUBSCRIBE, and for
+    /// live messages on subscriptions with Retain As Published.
+    pub retain: bool,
+    /// MQTT 5 subscription identifiers of the matching subscriptions.
+    pub sub_ids: Vec<u32>,
+}
+
+/// An outbound QoS 1/2 exchange not yet completed.
+#[derive(Debug, Clone)]
+enum Flight {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Publish(Delivery),
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// What the connection must write next.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// `pkid` is 0 for QoS 0.
+    Publish {
+        pkid: u16,
+        delivery: Delivery,
+        dup: bool,
+    },
+    PubRel {
+        pkid: u16,
+    },
+}
+
+/// What [`Session::enqueue`] did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// QoS 0 for a session with no connection is not kept (as Mosquitto by default).
+    DroppedOffline,
+    /// The queue was full: its oldest QoS 0 message was dropped to make room.
+    QueuedDroppedOldQos0,
+    /// The queue was full of QoS 1/2 messages: this one was dropped.
+    DroppedFull,
+}
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One session.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    pub key: SessionKey,
+    inner: Mutex<Inner>,
+    notify: Notify,
+    /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
+    online: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Waiting to be sent, in order.
+    queue: VecDeque<Delivery>,
+    max_queued: usize,
+    /// Outbound exchanges in the order their PUBLISH was first sent.
+    inflight: VecDeque<(u16, Flight)>,
+    next_pkid: u16,
+    /// Inbound QoS 2 packet ids between PUBLISH and PUBREL: a duplicate PUBLISH with one of
+    /// these ids is acknowledged again but not routed again (exactly once).
+    inbound_qos2: HashSet<u16>,
+    /// The connection holding the session, and how to close it on takeover.
+    attached: Option<(u64, CancellationToken)>,
+    /// Bumped on every attach; a will delay or expiry timer fires only for its generation.
+    generation: u64,
+    expiry: Expiry,
+    acl: Arc<DeviceAcl>,
+    /// Subscriptions made through `v1/devices/me/...`, in canonical form: deliveries that
+    /// match one are sent back under the `me` topic (SPEC 5).
+    aliased: Vec<TopicFilter>,
+}
+
+/// A shared session, compared and hashed by its unique id (the router's key).
+#[derive(Debug, Clone)]
+pub struct SessionRef(pub Arc<Session>);
+
+impl PartialEq for SessionRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+impl Eq for SessionRef {}
+impl Hash for SessionRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state);
+    }
+}
+impl PartialOrd for SessionRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for SessionRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+impl std::ops::Deref for SessionRef {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.0
+    }
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn create(
+        key: SessionKey,
+        acl: Arc<DeviceAcl>,
+        expiry: Expiry,
+        max_queued: usize,
+    ) -> SessionRef {
+        SessionRef(Arc::new(Session {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            key,
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                max_queued,
+                inflight: VecDeque::new(),
+                next_pkid: 1,
+                inbound_qos2: HashSet::new(),
+                attached: None,
+                generation: 0,
+                expiry,
+                acl,
+                aliased: Vec::new(),
+            }),
+            notify: Notify::new(),
+            online: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain data (queues), still consistent
+        // enough to keep serving; recover rather than take every publisher down.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The unique id of this session object.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether a connection holds the session.
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Wakes the connection when something was queued.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first).
+    pub fn enqueue(&self, d: Delivery) -> Enqueued {
+        let mut inner = self.lock();
+        if inner.attached.is_none() && d.qos == QoS::AtMostOnce {
+            return Enqueued::DroppedOffline;
+        }
+        let mut outcome = Enqueued::Queued;
+        if inner.queue.len() >= inner.max_queued {
+            match inner.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+                Some(i) => {
+                    inner.queue.remove(i);
+                    outcome = Enqueued::QueuedDroppedOldQos0;
+                }
+                None => return Enqueued::DroppedFull,
+            }
+        }
+        inner.queue.push_back(d);
+        drop(inner);
+        self.notify.notify_one();
+        outcome
+    }
+
+    /// Attaches a connection; returns the token of the connection it takes over, if any.
+    pub fn attach(&self, conn_id: u64, kick: CancellationToken) -> Option<CancellationToken> {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        let previous = inner.attached.replace((conn_id, kick)).map(|(_, k)| k);
+        self.online.store(true, Ordering::Release);
+        previous
+    }
+
+    /// Detaches whatever connection holds the session and returns its token, so the
+    /// caller can tell it to close (clean-start takeover of a discarded session).
+    pub fn kick_out(&self) -> Option<CancellationToken> {
+        let mut inner = self.lock();
+        self.online.store(false, Ordering::Release);
+        inner.attached.take().map(|(_, k)| k)
+    }
+
+    /// Detaches `conn_id` if it still holds the session; true if it did. Returns the
+    /// generation at detach time (timers compare it).
+    pub fn detach(&self, conn_id: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        if inner
+            .attached
+            .as_ref()
+            .is_some_and(|(id, _)| *id == conn_id)
+        {
+            inner.attached = None;
+            self.online.store(false, Ordering::Release);
+            // Queued QoS 0 messages are not kept for an offline session.
+            inner.queue.retain(|d| d.qos != QoS::AtMostOnce);
+            Some(inner.generation)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `conn_id` holds the session.
+    pub fn is_attached(&self, conn_id: u64) -> bool {
+        self.lock()
+            .attached
+            .as_ref()
+            .is_some_and(|(id, _)| *id == conn_id)
+    }
+
+    /// The current attach generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    pub fn expiry(&self) -> Expiry {
+        self.lock().expiry
+    }
+
+    pub fn set_expiry(&self, e: Expiry) {
+        self.lock().expiry = e;
+    }
+
+    /// The session's ACL (replaced on reload).
+    pub fn acl(&self) -> Arc<DeviceAcl> {
+        self.lock().acl.clone()
+    }
+
+    pub fn set_acl(&self, acl: Arc<DeviceAcl>) {
+        self.lock().acl = acl;
+    }
+
+    /// Records (or forgets) a subscription made through the `me` alias.
+    pub fn set_aliased(&self, filter: &TopicFilter, aliased: bool) {
+        let mut inner = self.lock();
+        inner.aliased.retain(|f| f != filter);
+        if aliased {
+            inner.aliased.push(filter.clone());
+        }
+    }
+
+    /// Whether a delivery on `topic` goes back under the `me` alias.
+    pub fn delivers_aliased(&self, topic: &TopicName) -> bool {
+        let inner = self.lock();
+        !inner.aliased.is_empty() && inner.aliased.iter().any(|f| f.matches(topic))
+    }
+
+    /// Everything in flight, to send again after a reconnect (PUBLISH with DUP, PUBREL).
+    pub fn resend_inflight(&self, conn_id: u64) -> Vec<Outgoing> {
+        let inner = self.lock();
+        if !inner.holds(conn_id) {
+            return Vec::new();
+        }
+        inner
+            .inflight
+            .iter()
+            .map(|(pkid, f)| match f {
+                Flight::Publish(d) => Outgoing::Publish {
+                    pkid: *pkid,
+                    delivery: d.clone(),
+                    dup: true,
+                },
+                Flight::Released => Outgoing::PubRel { pkid: *pkid },
+            })
+            .collect()
+    }
+
+    /// Takes up to `max` queued deliveries that may be sent now: QoS 0 always, QoS 1/2
+    /// while fewer than `window` exchanges are in flight (assigning packet ids). Order is
+    /// kept: a QoS 1 message that does not fit blocks those behind it.
+    pub fn next_batch(&self, conn_id: u64, window: usize, max: usize) -> Vec<Outgoing> {
+        let mut inner = self.lock();
+        if !inner.holds(conn_id) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(front) = inner.queue.front() else {
+                break;
+            };
+            if front.qos == QoS::AtMostOnce {
+                if let Some(d) = inner.queue.pop_front() {
+                    out.push(Outgoing::Publish {
+                        pkid: 0,
+                        delivery: d,
+                        dup: false,
+                    });
+                }
+                continue;
+            }
+            if inner.inflight.len() >= window {
+                break;
+            }
+            let Some(d) = inner.queue.pop_front() else {
+                break;
+            };
+            let pkid = inner.allocate_pkid();
+            inner.inflight.push_back((pkid, Flight::Publish(d.clone())));
+            out.push(Outgoing::Publish {
+                pkid,
+                delivery: d,
+                dup: false,
+            });
+        }
+        out
+    }
+
+    /// Whether anything waits in the queue.
+    pub fn has_queued(&self) -> bool {
+        !self.lock().queue.is_empty()
+    }
+
+    /// Number of queued deliveries (tests, metrics).
+    pub fn queued_len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// PUBACK for an outbound QoS 1 message; false if unknown.
+    pub fn puback(&self, pkid: u16) -> bool {
+        let mut inner = self.lock();
+        match inner.position(pkid) {
+            Some(i) if matches!(&inner.inflight[i].1, Flight::Publish(d) if d.qos == QoS::AtLeastOnce) =>
+            {
+                inner.inflight.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC for an outbound QoS 2 message. `accepted` is false when an MQTT 5 client
+    /// answers with an error reason: the exchange ends there. Returns whether a PUBREL is
+    /// due (also for a duplicate PUBREC of an already released id).
+    pub fn pubrec(&self, pkid: u16, accepted: bool) -> bool {
+        let mut inner = self.lock();
+        let Some(i) = inner.position(pkid) else {
+            return false;
+        };
+        if !accepted {
+            inner.inflight.remove(i);
+            return false;
+        }
+        inner.inflight[i].1 = Flight::Released;
+        true
+    }
+
+    /// PUBCOMP ends an outbound QoS 2 exchange; false if unknown.
+    pub fn pubcomp(&self, pkid: u16) -> bool {
+        let mut inner = self.lock();
+        match inner.position(pkid) {
+            Some(i) if matches!(inner.inflight[i].1, Flight::Released) => {
+                inner.inflight.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops an outbound exchange that could not be sent (e.g. larger than the client's
+    /// maximum packet size).
+    pub fn abandon(&self, pkid: u16) {
+        let mut inner = self.lock();
+        if let Some(i) = inner.position(pkid) {
+            inner.inflight.remove(i);
+        }
+    }
+
+    /// Number of outbound exchanges in flight.
+    pub fn inflight_len(&self) -> usize {
+        self.lock().inflight.len()
+    }
+
+    /// An inbound QoS 2 PUBLISH arrived: true if the id is new (route the message), false
+    /// for a duplicate (acknowledge again only).
+    pub fn inbound_qos2_begin(&self, pkid: u16) -> bool {
+        self.lock().inbound_qos2.insert(pkid)
+    }
+
+    /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.
+    pub fn inbound_qos2_release(&self, pkid: u16) -> bool {
+        self.lock().inbound_qos2.remove(&pkid)
+    }
+
+    /// Inbound QoS 2 exchanges awaiting PUBREL (MQTT 5 Receive Maximum).
+    pub fn inbound_qos2_len(&self) -> usize {
+        self.lock().inbound_qos2.len()
+    }
+}
+
+impl Inner {
+    /// Whether connection `conn_id` holds the session.
+    fn holds(&self, conn_id: u64) -> bool {
+        self.attached.as_ref().is_some_and(|(id, _)| *id == conn_id)
+    }
+
+    fn position(&self, pkid: u16) -> Option<usize> {
+        self.inflight.iter().position(|(p, _)| *p == pkid)
+    }
+
+    /// The next packet id not in flight (1..=65535). The window is far below 65535, so
+    /// this terminates quickly.
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|(p, _)| *p == id) {
+                return id;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,162 @@
+use super::*;
+use crate::acl::Profile;
+use crate::mqtt::codec::QoS;
+use bytes::Bytes;
+
+fn session(max_queued: usize) -> SessionRef {
+    let key = SessionKey {
+        device: DeviceName::parse("dev-1").unwrap(),
+        client_id: "c".into(),
+    };
+    let acl = Arc::new(Profile::builtin_device().for_device("dev-1"));
+    Session::create(key, acl, Expiry::Never, max_queued)
+}
+
+fn delivery(qos: QoS, n: u8) -> Delivery {
+    Delivery {
+        msg: Arc::new(Message {
+            topic: TopicName::parse("devices/dev-1/x").unwrap(),
+            payload: Bytes::from(vec![n]),
+            qos,
+            retain: false,
+            props: Default::default(),
+            expires_at: None,
+        }),
+        qos,
+        retain: false,
+        sub_ids: Vec::new(),
+    }
+}
+
+fn payloads(out: &[Outgoing]) -> Vec<u8> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outgoing::Publish { delivery, .. } => Some(delivery.msg.payload[0]),
+            Outgoing::PubRel { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn qos0_is_not_kept_for_an_offline_session() {
+    let s = session(10);
+    assert_eq!(
+        s.enqueue(delivery(QoS::AtMostOnce, 1)),
+        Enqueued::DroppedOffline
+    );
+    assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce, 2)), Enqueued::Queued);
+    assert_eq!(s.queued_len(), 1);
+}
+
+#[test]
+fn a_full_queue_drops_qos0_first_then_refuses() {
+    let s = session(3);
+    s.attach(1, CancellationToken::new());
+    assert_eq!(s.enqueue(delivery(QoS::AtMostOnce, 1)), Enqueued::Queued);
+    assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce, 2)), Enqueued::Queued);
+    assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce, 3)), Enqueued::Queued);
+    assert_eq!(
+        s.enqueue(delivery(QoS::AtLeastOnce, 4)),
+        Enqueued::QueuedDroppedOldQos0
+    );
+    assert_eq!(
+        s.enqueue(delivery(QoS::AtLeastOnce, 5)),
+        Enqueued::DroppedFull
+    );
+    assert_eq!(payloads(&s.next_batch(1, 10, 10)), vec![2, 3, 4]);
+}
+
+#[test]
+fn window_limits_qos1_and_keeps_order() {
+    let s = session(100);
+    s.attach(7, CancellationToken::new());
+    for n in 1..=5 {
+        s.enqueue(delivery(QoS::AtLeastOnce, n));
+    }
+    s.enqueue(delivery(QoS::AtMostOnce, 6));
+    let first = s.next_batch(7, 2, 100);
+    assert_eq!(payloads(&first), vec![1, 2]);
+    assert!(
+        s.next_batch(7, 2, 100).is_empty(),
+        "window full, QoS 0 waits behind"
+    );
+    let Outgoing::Publish { pkid, .. } = first[0] else {
+        panic!()
+    };
+    assert!(s.puback(pkid));
+    assert!(!s.puback(pkid), "a second PUBACK is unknown");
+    assert_eq!(payloads(&s.next_batch(7, 2, 100)), vec![3]);
+    // Another connection id gets nothing.
+    assert!(s.next_batch(8, 10, 100).is_empty());
+}
+
+#[test]
+fn inflight_is_resent_with_dup_after_reattach() {
+    let s = session(100);
+    s.attach(1, CancellationToken::new());
+    s.enqueue(delivery(QoS::ExactlyOnce, 1));
+    s.enqueue(delivery(QoS::AtLeastOnce, 2));
+    let sent = s.next_batch(1, 10, 10);
+    let Outgoing::Publish { pkid: p1, .. } = sent[0] else {
+        panic!()
+    };
+    assert!(s.pubrec(p1, true), "PUBREL due");
+    assert!(s.detach(1).is_some());
+    let old = s.attach(2, CancellationToken::new());
+    assert!(old.is_none());
+    let again = s.resend_inflight(2);
+    assert_eq!(again.len(), 2);
+    assert!(matches!(again[0], Outgoing::PubRel { pkid } if pkid == p1));
+    assert!(matches!(again[1], Outgoing::Publish { dup: true, .. }));
+    assert!(s.pubcomp(p1));
+    assert!(!s.pubcomp(p1));
+}
+
+#[test]
+fn takeover_returns_the_old_token_and_old_connection_cannot_detach() {
+    let s = session(10);
+    let old = CancellationToken::new();
+    s.attach(1, old.clone());
+    let returned = s
+        .attach(2, CancellationToken::new())
+        .expect("previous token");
+    returned.cancel();
+    assert!(old.is_cancelled());
+    assert!(
+        s.detach(1).is_none(),
+        "the old connection no longer holds the session"
+    );
+    assert!(s.is_attached(2));
+}
+
+#[test]
+fn inbound_qos2_ids_are_exactly_once() {
+    let s = session(10);
+    assert!(s.inbound_qos2_begin(9));
+    assert!(!s.inbound_qos2_begin(9), "duplicate");
+    assert!(s.inbound_qos2_release(9));
+    assert!(!s.inbound_qos2_release(9));
+    assert!(s.inbound_qos2_begin(9), "a new exchange may reuse the id");
+}
+
+#[test]
+fn packet_ids_skip_ids_in_flight_and_wrap() {
+    let s = session(100_000);
+    s.attach(1, CancellationToken::new());
+    s.enqueue(delivery(QoS::AtLeastOnce, 0));
+    let first = s.next_batch(1, 10, 1);
+    let Outgoing::Publish { pkid: held, .. } = first[0] else {
+        panic!()
+    };
+    // Cycle through the whole id space while `held` stays in flight.
+    for _ in 0..70_000u32 {
+        s.enqueue(delivery(QoS::AtLeastOnce, 1));
+        let b = s.next_batch(1, 10, 1);
+        let Outgoing::Publish { pkid, .. } = b[0] else {
+            panic!()
+        };
+        assert_ne!(pkid, 0);
+        assert_ne!(pkid, held);
+        assert!(s.puback(pkid));
+    }
+}
