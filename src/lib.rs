@@ -24,12 +24,13 @@
 //! - [`broker`]: CONNECT/CONNACK and the session loop.
 //! - [`server`]: the accept loop, connection limit, graceful shutdown.
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
-//! - [`metrics`]: counters for `/metrics`.
+//! - [`metrics`]: counters for `/metrics`; [`admin`]: the `/healthz` and `/metrics` endpoint.
 //!
 //! Shared state is immutable and swapped whole: a [`server::Shared`] holds the current
 //! `Arc<Config>` and `Arc<rustls::ServerConfig>`; a connection takes a snapshot.
 
 pub mod acl;
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod cert;

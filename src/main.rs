@@ -265,16 +265,16 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         };
         let listener = server.bind().await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(signals(shutdown.clone(), server.shared()));
         server.run(listener, shutdown).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP is caught so that
-/// it never kills the broker; reloading is logged as not available in this version.
-async fn signals(shutdown: CancellationToken) {
+/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (SPEC 8);
+/// an invalid file is logged problem by problem and the old config stays in force.
+async fn signals(shutdown: CancellationToken, shared: std::sync::Arc<server::Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
@@ -289,7 +289,23 @@ async fn signals(shutdown: CancellationToken) {
             _ = int.recv() => {}
             _ = term.recv() => {}
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not available in this version; restart to apply changes");
+                let s = shared.clone();
+                match tokio::task::spawn_blocking(move || s.reload()).await {
+                    Ok(Ok(outcome)) => tracing::info!(
+                        kept = outcome.recheck.kept,
+                        revoked = outcome.recheck.revoked,
+                        subscriptions_removed = outcome.recheck.subscriptions_removed,
+                        "SIGHUP: configuration reloaded"
+                    ),
+                    Ok(Err(ServerError::Config(e))) => {
+                        tracing::error!("SIGHUP: reload refused, keeping the running configuration: {e}");
+                        for p in &e.problems {
+                            tracing::error!("  {p}");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {}", sentence(&anyhow::Error::new(e))),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+                }
                 continue;
             }
         }

@@ -21,6 +21,14 @@ pub struct Metrics {
     /// map update only, never across an await.
     refusals: Mutex<BTreeMap<&'static str, u64>>,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    /// Seconds since the epoch of the last reload attempt (0 = never).
+    last_reload_at: AtomicI64,
+    /// 1 if the last reload applied, 0 if it was refused.
+    last_reload_ok: AtomicI64,
+    /// Each anchor's certificate notAfter, so expiring anchors can be alerted on.
+    anchors: Mutex<Vec<(String, i64)>>,
 }
 
 impl Metrics {
@@ -35,6 +43,30 @@ impl Metrics {
     pub fn dropped(&self, reason: &'static str, n: u64) {
         if let Ok(mut m) = self.dropped.lock() {
             *m.entry(reason).or_default() += n;
+        }
+    }
+
+    /// Records a reload attempt.
+    pub fn reloaded(&self, ok: bool) {
+        if ok {
+            self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_reload_at
+            .store(crate::cert::now_secs(), Ordering::Relaxed);
+        self.last_reload_ok.store(i64::from(ok), Ordering::Relaxed);
+    }
+
+    /// Publishes the anchors of the config in force.
+    pub fn set_anchor_expiry(&self, config: &crate::config::Config) {
+        let list = config
+            .anchors
+            .iter()
+            .map(|a| (a.name.clone(), a.info.validity.not_after))
+            .collect();
+        if let Ok(mut a) = self.anchors.lock() {
+            *a = list;
         }
     }
 
@@ -86,6 +118,40 @@ impl Metrics {
             "certmq_messages_sent_total {}",
             get(&self.messages_sent)
         );
+        let _ = writeln!(out, "# TYPE certmq_reloads_total counter");
+        let _ = writeln!(
+            out,
+            "certmq_reloads_total{{result=\"ok\"}} {}",
+            get(&self.reloads_ok)
+        );
+        let _ = writeln!(
+            out,
+            "certmq_reloads_total{{result=\"failed\"}} {}",
+            get(&self.reloads_failed)
+        );
+        let _ = writeln!(out, "# TYPE certmq_last_reload_timestamp_seconds gauge");
+        let _ = writeln!(
+            out,
+            "certmq_last_reload_timestamp_seconds {}",
+            self.last_reload_at.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE certmq_last_reload_success gauge");
+        let _ = writeln!(
+            out,
+            "certmq_last_reload_success {}",
+            self.last_reload_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE certmq_anchor_not_after_timestamp_seconds gauge"
+        );
+        let anchors = self.anchors.lock().map(|a| a.clone()).unwrap_or_default();
+        for (name, not_after) in anchors {
+            let _ = writeln!(
+                out,
+                "certmq_anchor_not_after_timestamp_seconds{{anchor=\"{name}\"}} {not_after}"
+            );
+        }
         let _ = writeln!(out, "# TYPE certmq_messages_dropped_total counter");
         let dropped = self.dropped.lock().map(|m| m.clone()).unwrap_or_default();
         for (reason, n) in dropped {

@@ -272,6 +272,22 @@ impl Broker {
         self.router_mut().unsubscribe(session, sub)
     }
 
+    /// Gives a live session a new ACL (after a reload) and removes the subscriptions it no
+    /// longer allows (issue 6). Returns how many were removed.
+    pub fn apply_acl(&self, session: &SessionRef, acl: Arc<DeviceAcl>) -> usize {
+        session.set_acl(acl.clone());
+        let mut router = self.router_mut();
+        let mut removed = 0;
+        for (sub, _) in router.subscriptions_of(session) {
+            if !acl.can_subscribe(sub.filter()) {
+                router.unsubscribe(session, &sub);
+                tracing::info!(device = %session.key.device, filter = %sub.filter(), "subscription removed: no longer allowed");
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Retained messages matching a filter, for delivery on SUBSCRIBE.
     pub fn retained_matching(&self, filter: &TopicFilter) -> Vec<(TopicName, Arc<Message>)> {
         self.retained

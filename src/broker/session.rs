@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -62,6 +62,9 @@ pub enum End {
     Shutdown,
     #[error("session taken over by a new connection")]
     TakenOver,
+    /// The device is no longer admitted (reload, CRL, registry change).
+    #[error("revoked: {0}")]
+    Revoked(String),
     #[error("connection closed")]
     Closed(#[source] CodecError),
     #[error("protocol error: {text}")]
@@ -81,6 +84,7 @@ impl End {
             End::KeepAlive(_) => (D::KeepAliveTimeout, "keep alive timeout".to_owned()),
             End::Shutdown => (D::ServerShuttingDown, "server shutting down".to_owned()),
             End::TakenOver => (D::SessionTakenOver, "session taken over".to_owned()),
+            End::Revoked(reason) => (D::NotAuthorized, reason.clone()),
             End::Protocol { code, text } => (*code, text.clone()),
             End::Closed(e)
                 if !matches!(
@@ -100,10 +104,51 @@ impl End {
     fn publishes_will(&self) -> bool {
         match self {
             End::Disconnect { with_will } => *with_will,
-            End::Shutdown => false,
+            // A device that is no longer trusted does not get to speak once more.
+            End::Shutdown | End::Revoked(_) => false,
             _ => true,
         }
     }
+}
+
+/// Tells one connection to close because its device is no longer admitted.
+#[derive(Debug, Default)]
+pub struct Revoke {
+    token: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl Revoke {
+    /// Revokes with a reason (first reason wins).
+    pub fn revoke(&self, reason: String) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The reason, once revoked.
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "revoked".to_owned())
+    }
+}
+
+/// What can end a session from outside the connection.
+pub struct Signals<'a> {
+    /// The broker is shutting down.
+    pub shutdown: &'a CancellationToken,
+    /// Another connection took the session over.
+    pub kick: &'a CancellationToken,
+    /// The device is no longer admitted.
+    pub revoke: &'a Revoke,
 }
 
 /// Runs a session on a connection until it ends, then publishes the will if due and
@@ -118,8 +163,7 @@ pub async fn serve<R, W>(
     writer: W,
     params: Params,
     will: Option<Will>,
-    shutdown: &CancellationToken,
-    kick: &CancellationToken,
+    signals: Signals<'_>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -136,7 +180,7 @@ where
         out: tx,
         aliases: HashMap::new(),
     };
-    let end = conn.run(reader, shutdown, kick, &mut writer_task).await;
+    let end = conn.run(reader, &signals, &mut writer_task).await;
     if conn.p.protocol == Protocol::V5 {
         if let Some(bye) = end.disconnect_packet() {
             if let Ok(b) = conn.encode(&bye) {
@@ -217,8 +261,7 @@ impl Conn<'_> {
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut PacketReader<R>,
-        shutdown: &CancellationToken,
-        kick: &CancellationToken,
+        signals: &Signals<'_>,
         writer_task: &mut tokio::task::JoinHandle<Result<(), WriteError>>,
     ) -> End {
         // A resumed session first gets what was in flight (DUP), then its queue.
@@ -239,8 +282,9 @@ impl Conn<'_> {
             };
             let event = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Event::End(End::Shutdown),
-                _ = kick.cancelled() => Event::End(End::TakenOver),
+                _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
+                _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
+                _ = signals.kick.cancelled() => Event::End(End::TakenOver),
                 r = &mut *writer_task => Event::End(match r {
                     Ok(Err(e)) => End::Write(e),
                     _ => End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into())),

@@ -290,6 +290,20 @@ impl Registry {
         Ok(())
     }
 
+    /// SQLite's `data_version`: changes when another connection (the CLI) committed.
+    pub fn data_version(&self) -> Result<i64, RegistryError> {
+        let conn = self.lock()?;
+        Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Whether the store accepts writes now (the admin health check): takes and releases
+    /// the write lock without changing anything.
+    pub fn writable(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
     /// Records a connection time, written at the next [`Registry::flush_last_seen`].
     pub fn touch(&self, name: &str, at: i64) {
         if let Ok(mut seen) = self.seen.lock() {

@@ -13,12 +13,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::auth::{self, Decision};
+use crate::broker::session::Revoke;
 use crate::broker::state::{Expiry, SessionKey};
 use crate::broker::{connect, send, session, SessionRequest};
 use crate::cert::now_secs;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{PacketReader, Protocol};
+use crate::registry::Source;
 use crate::registry::{Admitted, Mode};
+use crate::server::live::LiveConn;
+use crate::tls::policy::Rule;
 use crate::tls::HANDSHAKE_PEER;
 
 /// Keeps `certmq_connections` right on every exit path.
@@ -107,6 +111,8 @@ pub async fn handle(
     let snap = shared.snapshot();
     let config = snap.config.clone();
     let registry = shared.registry.clone();
+    let chain = Arc::new(chain);
+    let chain_for_recheck = chain.clone();
     let decision = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
@@ -136,6 +142,10 @@ pub async fn handle(
     }
     shared.registry.touch(admission.device.as_str(), now_secs());
     let device = admission.device.clone();
+    let source = match admission.rule {
+        Rule::Pinned(_) => Source::Pinned,
+        Rule::Anchor(i) => Source::Anchor(config.anchors[i].name.clone()),
+    };
 
     // Client identifier (SPEC 4) and will (SPEC 5, 6).
     let client_id = match connect::client_id(&req) {
@@ -213,6 +223,27 @@ pub async fn handle(
         write_limit,
         expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,
     };
+    let revoke = Arc::new(Revoke::default());
+    let _live = shared.live.register(
+        conn_id,
+        LiveConn {
+            chain: chain_for_recheck,
+            device: device.clone(),
+            source: source.clone(),
+            session: opened.session.clone(),
+            revoke: revoke.clone(),
+        },
+    );
+    // A reload between the admission and the registration above would have missed this
+    // connection: decide once more if the config changed meanwhile.
+    if !Arc::ptr_eq(&shared.snapshot().config, &config) {
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let snap = s.snapshot();
+            s.live.recheck_all(&snap.config, &s.registry, &s.broker)
+        })
+        .await;
+    }
     let end = session::serve(
         &broker,
         &opened.session,
@@ -222,8 +253,11 @@ pub async fn handle(
         wr,
         params,
         will,
-        &shutdown,
-        &kick,
+        session::Signals {
+            shutdown: &shutdown,
+            kick: &kick,
+            revoke: &revoke,
+        },
     )
     .await;
     tracing::info!(

@@ -11,8 +11,9 @@
 //! admission, so a reload takes effect for every new decision at once.
 
 mod connection;
+pub mod live;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -65,6 +66,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Sessions, subscriptions, retained messages.
     pub broker: Arc<Broker>,
+    /// Admitted connections, re-checked on reload and on registry changes.
+    pub live: live::Live,
+    /// Serialises reloads (a SIGHUP storm runs them one after the other).
+    reloading: Mutex<()>,
 }
 
 impl Shared {
@@ -89,6 +94,7 @@ impl Server {
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
         check_pinned(&config, &registry, Mode::Commit)?;
         let metrics = Arc::new(Metrics::default());
+        metrics.set_anchor_expiry(&config);
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), metrics.clone())?;
         let snapshot = Snapshot {
@@ -101,6 +107,8 @@ impl Server {
                 registry,
                 broker: Broker::new(metrics.clone()),
                 metrics,
+                live: live::Live::default(),
+                reloading: Mutex::new(()),
             }),
         })
     }
@@ -108,6 +116,11 @@ impl Server {
     /// The broker's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
+    }
+
+    /// The state shared with connections (reload, admin endpoint, tests).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// The current config.
@@ -123,19 +136,44 @@ impl Server {
             .map_err(|source| ServerError::Bind { addr, source })
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, tells connections to
-    /// stop (MQTT 5 clients get DISCONNECT 0x8B), waits up to [`SHUTDOWN_GRACE`], and
-    /// flushes the registry.
+    /// Binds `admin_bind` from the config, when set.
+    pub async fn bind_admin(&self) -> Result<Option<TcpListener>, ServerError> {
+        let Some(addr) = self.config().server.admin_bind else {
+            return Ok(None);
+        };
+        TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| ServerError::Bind { addr, source })
+    }
+
+    /// [`Server::run_with_admin`] with the admin endpoint bound from the config.
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
+        let admin = self.bind_admin().await?;
+        self.run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, tells connections to
+    /// stop (MQTT 5 clients get DISCONNECT 0x8B), waits up to [`SHUTDOWN_GRACE`], and
+    /// flushes the registry. `admin`, when given, serves `/healthz` and `/metrics`.
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
         let shared = self.shared;
+        let admin_task =
+            admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.clone(), shutdown.clone())));
         let max = shared.snapshot().config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();
         let flusher = tokio::spawn(flush_last_seen(shared.registry.clone(), shutdown.clone()));
+        let watcher = tokio::spawn(watch_registry(shared.clone(), shutdown.clone()));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening for MQTT over TLS");
         }
@@ -181,6 +219,10 @@ impl Server {
             );
         }
         let _ = flusher.await;
+        let _ = watcher.await;
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
         Ok(())
     }
 }
@@ -223,5 +265,85 @@ async fn flush_last_seen(registry: Arc<Registry>, shutdown: CancellationToken) {
         if stop {
             return;
         }
+    }
+}
+
+/// How often the registry is polled for changes made by the `certmq devices` CLI. SPEC 1
+/// asks for disconnection within 2 seconds; SQLite's `data_version` makes a poll cheap.
+const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Re-checks live sessions when another process changed the registry.
+async fn watch_registry(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(REGISTRY_POLL);
+    let mut seen: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = shared.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            let version = s.registry.data_version().ok()?;
+            Some(version)
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(version) = changed else { continue };
+        if seen.is_some_and(|v| v != version) {
+            let s = shared.clone();
+            let result =
+                tokio::task::spawn_blocking(move || s.live.recheck_registry(&s.registry)).await;
+            if let Ok(r) = result {
+                if r.revoked > 0 {
+                    tracing::info!(
+                        revoked = r.revoked,
+                        kept = r.kept,
+                        "registry changed: sessions re-checked"
+                    );
+                }
+            }
+        }
+        seen = Some(version);
+    }
+}
+
+/// What a reload did, for logs and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ReloadOutcome {
+    pub recheck: live::Recheck,
+}
+
+impl Shared {
+    /// SPEC 8: re-reads the config file; on any problem keeps the old config and returns
+    /// every problem; on success swaps config and TLS atomically for new connections and
+    /// re-checks every live session. Blocking: call from `spawn_blocking`.
+    pub fn reload(&self) -> Result<ReloadOutcome, ServerError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.snapshot().config.path.clone();
+        let outcome = self.reload_from(&path);
+        self.metrics.reloaded(outcome.is_ok());
+        outcome
+    }
+
+    fn reload_from(&self, path: &std::path::Path) -> Result<ReloadOutcome, ServerError> {
+        let config = Config::load(path)?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        check_pinned(&config, &self.registry, Mode::Commit)?;
+        let config = Arc::new(config);
+        let tls = tls::server_config(config.clone(), self.metrics.clone())?;
+        let snapshot = Arc::new(Snapshot {
+            config: config.clone(),
+            acceptor: TlsAcceptor::from(tls),
+        });
+        match self.current.write() {
+            Ok(mut cur) => *cur = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+        self.metrics.set_anchor_expiry(&config);
+        let recheck = self.live.recheck_all(&config, &self.registry, &self.broker);
+        Ok(ReloadOutcome { recheck })
     }
 }

@@ -1,0 +1,107 @@
+//! The admin HTTP endpoint (SPEC 10), on `admin_bind` when set: `GET /healthz` and
+//! `GET /metrics` (Prometheus text). hyper's HTTP/1 server on its own listener and tasks,
+//! off the device path: a slow scraper costs the brokers nothing but its own task.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+
+/// A request that takes longer than this (headers included) is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves admin requests until `shutdown`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin endpoint listening");
+    }
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                let stopping = stopping.clone();
+                async move { Ok::<_, Infallible>(respond(req, &shared, &stopping).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 3, conn).await;
+        });
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    stopping: &CancellationToken,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned());
+    }
+    match req.uri().path() {
+        "/healthz" => {
+            if stopping.is_cancelled() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting down\n".to_owned(),
+                );
+            }
+            let s = shared.clone();
+            let writable = tokio::task::spawn_blocking(move || s.registry.writable()).await;
+            match writable {
+                Ok(Ok(())) => text(StatusCode::OK, "ok\n".to_owned()),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("store not writable: {e}\n"),
+                ),
+                Err(e) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("health check failed: {e}\n"),
+                ),
+            }
+        }
+        "/metrics" => {
+            let mut body = shared.metrics.render();
+            body.push_str("# TYPE certmq_sessions gauge\n");
+            body.push_str(&format!(
+                "certmq_sessions {}\n",
+                shared.broker.session_count()
+            ));
+            let mut r = text(StatusCode::OK, body);
+            if let Ok(v) = "text/plain; version=0.0.4".parse() {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
