@@ -42,4 +42,5 @@ pub mod mqtt;
 pub mod pki;
 pub mod registry;
 pub mod server;
+pub mod storage;
 pub mod tls;

@@ -39,6 +39,10 @@ impl Conn<'_> {
             })?,
             None => name,
         };
+        // SPEC 7: a store that cannot commit refuses new QoS 1/2 messages up front.
+        if p.qos != QoS::AtMostOnce && self.broker.store().is_some_and(|s| s.failing()) {
+            return self.refuse_unstored(&p).await;
+        }
         let allowed = self.session.acl().can_publish(&canonical);
         if !allowed {
             self.broker.metrics.dropped("acl", 1);
@@ -52,15 +56,20 @@ impl Conn<'_> {
         let denied_text = format!("not authorized to publish to {canonical}");
         match p.qos {
             QoS::AtMostOnce => {
-                if allowed {
-                    self.route(canonical, p);
+                if allowed && self.route(canonical, p) {
+                    // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
+                    // like everything else (backpressure); a failed commit is logged there.
+                    self.commit().await;
                 }
                 Ok(())
             }
             QoS::AtLeastOnce => {
                 let pkid = p.pkid;
                 let reason = if allowed {
-                    self.route(canonical, p);
+                    let copy = p.clone();
+                    if self.route(canonical, p) && !self.commit().await {
+                        return self.refuse_unstored(&copy).await;
+                    }
                     AckReason::Success
                 } else {
                     AckReason::NotAuthorized
@@ -89,7 +98,13 @@ impl Conn<'_> {
                     ));
                 }
                 let reason = if allowed {
-                    self.route(canonical, p);
+                    let copy = p.clone();
+                    // The inbound id is committed with the message (a restart keeps it).
+                    let durable = self.route(canonical, p) || self.session.store().is_some();
+                    if durable && !self.commit().await {
+                        self.session.inbound_qos2_release(pkid);
+                        return self.refuse_unstored(&copy).await;
+                    }
                     AckReason::Success
                 } else {
                     if self.p.protocol == Protocol::V5 {
@@ -136,7 +151,8 @@ impl Conn<'_> {
         }
     }
 
-    fn route(&self, topic: TopicName, p: InPublish) {
+    /// Routes the message; true when it was submitted to the store (commit before ack).
+    fn route(&self, topic: TopicName, p: InPublish) -> bool {
         let message = Message {
             topic,
             payload: p.payload,
@@ -145,6 +161,54 @@ impl Conn<'_> {
             props: p.props,
             expires_at: Message::deadline(p.message_expiry, Instant::now()),
         };
-        self.broker.publish(Arc::new(message), Some(self.session));
+        self.broker
+            .publish(Arc::new(message), Some(self.session))
+            .durable
+    }
+
+    /// Waits for the group commit of what this connection submitted; false if it failed.
+    pub(super) async fn commit(&self) -> bool {
+        let Some(store) = self.broker.store() else {
+            return true;
+        };
+        match store.barrier().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(device = %self.device, error = %e, "message not durable");
+                false
+            }
+        }
+    }
+
+    /// SPEC 7: a QoS 1/2 message the store cannot keep is not acknowledged. MQTT 5 gets
+    /// PUBACK/PUBREC 0x97 (quota exceeded) with a reason string; MQTT 3.1.1 has no negative
+    /// acknowledgement, so the connection is closed unacknowledged (the client resends).
+    async fn refuse_unstored(&self, p: &InPublish) -> Result<(), End> {
+        self.broker.metrics.dropped("store_unavailable", 1);
+        let text = "the message store cannot accept messages now";
+        match (self.p.protocol, p.qos) {
+            (Protocol::V5, QoS::AtLeastOnce) => {
+                self.send(&wire::puback(
+                    self.p.protocol,
+                    p.pkid,
+                    AckReason::QuotaExceeded,
+                    Some(text),
+                ))
+                .await
+            }
+            (Protocol::V5, _) => {
+                self.send(&wire::pubrec(
+                    self.p.protocol,
+                    p.pkid,
+                    AckReason::QuotaExceeded,
+                    Some(text),
+                ))
+                .await
+            }
+            (Protocol::V311, _) => Err(protocol_error(
+                v5::DisconnectReasonCode::QuotaExceeded,
+                text,
+            )),
+        }
     }
 }

@@ -63,8 +63,7 @@ impl Conn<'_> {
                 retain_handling,
                 subscription_id,
             };
-            let existed = self.broker.subscribe(self.session, &sub, opts);
-            self.session.set_aliased(sub.filter(), aliased);
+            let existed = self.broker.subscribe(self.session, &sub, opts, aliased);
             results.push(SubResult::Granted(f.qos));
             // Retained messages: never for shared subscriptions (MQTT 5 §4.8.2).
             let send_retained = !shared
@@ -83,6 +82,7 @@ impl Conn<'_> {
                         qos: min_qos(msg.qos, f.qos),
                         retain: true,
                         sub_ids: subscription_id.into_iter().collect(),
+                        store_id: None,
                         msg,
                     });
                 }
@@ -106,7 +106,6 @@ impl Conn<'_> {
             match self.canonical(&f) {
                 Some((sub, _)) => {
                     existed.push(self.broker.unsubscribe(self.session, &sub));
-                    self.session.set_aliased(sub.filter(), false);
                 }
                 None => existed.push(false),
             }

@@ -36,9 +36,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::acl::DeviceAcl;
+use crate::identity::DeviceName;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{self, CodecError, Packet, QoS};
 use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
+use crate::storage::{Op, Recovered, Store};
 use message::Message;
 use retain::Retained;
 use router::{Router, SubOptions};
@@ -93,6 +95,18 @@ pub struct Broker {
     retained: RwLock<Retained<Arc<Message>>>,
     pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
+    /// The message store; None only for brokers built without durability (unit tests).
+    store: Option<Store>,
+}
+
+/// What [`Broker::publish`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Published {
+    /// Sessions the message was queued for.
+    pub queued: usize,
+    /// Whether it was submitted to the store (persistent subscribers or retained): the
+    /// publisher is acknowledged only after [`Store::barrier`] (SPEC 7).
+    pub durable: bool,
 }
 
 /// What a CONNECT asks of its session.
@@ -114,14 +128,97 @@ pub struct Opened {
 }
 
 impl Broker {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Broker> {
+    pub fn new(metrics: Arc<Metrics>, store: Option<Store>) -> Arc<Broker> {
         Arc::new(Broker {
             sessions: Mutex::new(HashMap::new()),
             router: RwLock::new(Router::new()),
             retained: RwLock::new(Retained::new()),
             metrics,
             next_connection: AtomicU64::new(1),
+            store,
         })
+    }
+
+    /// The message store.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// Puts back what the store held (SPEC 7 recovery): sessions offline with their
+    /// subscriptions, queues and in-flight state, and retained messages. `acl_for` gives
+    /// each device's current ACL (deliveries to offline sessions are checked against it).
+    /// Returns the sessions with an expiry deadline, for [`Broker::schedule_expiry`].
+    pub fn restore(
+        &self,
+        recovered: Recovered,
+        acl_for: impl Fn(&DeviceName) -> Arc<DeviceAcl>,
+        max_queued: usize,
+    ) -> Vec<(SessionRef, i64)> {
+        let mut deadlines = Vec::new();
+        {
+            let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+            for msg in recovered.retained {
+                retained.set(&msg.topic.clone(), Some(msg));
+            }
+        }
+        for stored in recovered.sessions {
+            let expiry = match stored.expiry {
+                None => Expiry::Never,
+                Some(s) => Expiry::from_v5(s),
+            };
+            let session = Session::create(
+                stored.key.clone(),
+                acl_for(&stored.key.device),
+                expiry,
+                max_queued,
+                self.store.clone(),
+            );
+            session.restore(stored.queue, stored.inbound);
+            {
+                let mut router = self.router_mut();
+                for (filter, opts, aliased) in stored.subscriptions {
+                    match Subscription::parse(&filter) {
+                        Ok(sub) => {
+                            router.subscribe(&session, &sub, opts);
+                            session.set_aliased(sub.filter(), aliased);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%filter, error = %e, "stored subscription skipped")
+                        }
+                    }
+                }
+            }
+            if let Some(at) = stored.expires_at {
+                deadlines.push((session.clone(), at));
+            }
+            self.sessions().insert(stored.key, session);
+        }
+        deadlines
+    }
+
+    /// Ends restored offline sessions at their deadline unless a connection resumes them.
+    pub fn schedule_expiry(self: &Arc<Self>, deadlines: Vec<(SessionRef, i64)>) {
+        let now = crate::cert::now_secs();
+        for (session, at) in deadlines {
+            let broker = self.clone();
+            let generation = session.generation();
+            let wait = Duration::from_secs(u64::try_from(at - now).unwrap_or(0));
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if session.generation() == generation && !session.online() {
+                    broker.end_session(&session);
+                }
+            });
+        }
+    }
+
+    /// The expiry as stored (None = never).
+    fn stored_expiry(expiry: Expiry) -> Option<u32> {
+        match expiry {
+            Expiry::Never => None,
+            Expiry::After(s) => Some(s),
+            Expiry::OnDisconnect => Some(0),
+        }
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<SessionKey, SessionRef>> {
@@ -153,26 +250,43 @@ impl Broker {
             acl,
             max_queued,
         } = req;
+        let persistent = expiry != Expiry::OnDisconnect && self.store.is_some();
         let (session, present, discarded) = {
             let mut sessions = self.sessions();
             match sessions.get(&key).cloned() {
-                Some(existing) if !clean_start => (existing, true, None),
+                // A session is resumed as it is; one kept in memory only cannot become
+                // persistent in place (it was never written), so it starts over.
+                Some(existing) if !clean_start && (existing.store().is_some() || !persistent) => {
+                    (existing, true, None)
+                }
                 existing => {
-                    let fresh = Session::create(key.clone(), acl.clone(), expiry, max_queued);
-                    sessions.insert(key, fresh.clone());
+                    let store = if persistent { self.store.clone() } else { None };
+                    let fresh =
+                        Session::create(key.clone(), acl.clone(), expiry, max_queued, store);
+                    sessions.insert(key.clone(), fresh.clone());
                     (fresh, false, existing)
                 }
             }
         };
         if let Some(old) = discarded {
-            // Take over its connection and forget its subscriptions.
+            // Take over its connection and forget its subscriptions and stored state.
             if let Some(k) = old.kick_out() {
                 k.cancel();
             }
             self.router_mut().remove_all(&old);
+            if let Some(store) = old.store() {
+                store.submit(Op::DropSession { key: key.clone() });
+            }
         }
         session.set_acl(acl);
         session.set_expiry(expiry);
+        if let Some(store) = session.store() {
+            store.submit(Op::Session {
+                key,
+                expiry: Self::stored_expiry(expiry),
+                expires_at: None,
+            });
+        }
         if let Some(previous) = session.attach(conn_id, kick) {
             previous.cancel();
         }
@@ -189,6 +303,13 @@ impl Broker {
             Expiry::OnDisconnect => self.end_session(session),
             Expiry::Never => {}
             Expiry::After(secs) => {
+                if let Some(store) = session.store() {
+                    store.submit(Op::Session {
+                        key: session.key.clone(),
+                        expiry: Some(secs),
+                        expires_at: Some(crate::cert::now_secs() + i64::from(secs)),
+                    });
+                }
                 let broker = self.clone();
                 let session = session.clone();
                 tokio::spawn(async move {
@@ -203,25 +324,42 @@ impl Broker {
 
     /// Removes a session and its subscriptions, if it is still the one registered.
     fn end_session(&self, session: &SessionRef) {
+        let mut current = false;
         {
             let mut sessions = self.sessions();
             if sessions.get(&session.key).is_some_and(|s| s == session) {
                 sessions.remove(&session.key);
+                current = true;
             }
         }
         self.router_mut().remove_all(session);
+        if let (true, Some(store)) = (current, session.store()) {
+            store.submit(Op::DropSession {
+                key: session.key.clone(),
+            });
+        }
     }
 
     /// Routes a message to every matching subscription and updates the retained store.
     /// Never blocks: each subscriber's queue is bounded and drops by policy. Returns the
     /// number of sessions it was queued for.
-    pub fn publish(&self, msg: Arc<Message>, publisher: Option<&SessionRef>) -> usize {
+    pub fn publish(&self, msg: Arc<Message>, publisher: Option<&SessionRef>) -> Published {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
+        let mut durable = false;
         if msg.retain {
+            let kept = (!msg.payload.is_empty()).then(|| msg.clone());
             let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            retained.set(&msg.topic, (!msg.payload.is_empty()).then(|| msg.clone()));
+            if let Some(store) = &self.store {
+                // Submitted under the retained lock: store order = memory order per topic.
+                store.submit(Op::Retain {
+                    topic: msg.topic.as_str().to_owned(),
+                    msg: kept.clone(),
+                });
+                durable = true;
+            }
+            retained.set(&msg.topic, kept);
         }
         let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
             &msg.topic,
@@ -238,12 +376,18 @@ impl Broker {
                 qos: min_qos(msg.qos, t.qos),
                 retain: msg.retain && t.retain_as_published,
                 sub_ids: t.subscription_ids,
+                store_id: None,
                 msg: msg.clone(),
             };
+            let persisted = t.key.store().is_some() && delivery.qos != QoS::AtMostOnce;
             match t.key.enqueue(delivery) {
-                Enqueued::Queued => queued += 1,
+                Enqueued::Queued => {
+                    queued += 1;
+                    durable |= persisted;
+                }
                 Enqueued::QueuedDroppedOldQos0 => {
                     queued += 1;
+                    durable |= persisted;
                     self.metrics.dropped("queue_full", 1);
                 }
                 Enqueued::DroppedOffline => self.metrics.dropped("offline_qos0", 1),
@@ -259,17 +403,42 @@ impl Broker {
                 }
             }
         }
-        queued
+        Published { queued, durable }
     }
 
-    /// Adds a subscription; true if it replaced one with the same filter.
-    pub fn subscribe(&self, session: &SessionRef, sub: &Subscription, opts: SubOptions) -> bool {
-        self.router_mut().subscribe(session, sub, opts)
+    /// Adds a subscription; true if it replaced one with the same filter. `aliased`: made
+    /// through `v1/devices/me/` (deliveries go back under `me`).
+    pub fn subscribe(
+        &self,
+        session: &SessionRef,
+        sub: &Subscription,
+        opts: SubOptions,
+        aliased: bool,
+    ) -> bool {
+        let mut router = self.router_mut();
+        if let Some(store) = session.store() {
+            store.submit(Op::Subscribe {
+                key: session.key.clone(),
+                filter: subscription_text(sub),
+                opts: opts.clone(),
+                aliased,
+            });
+        }
+        session.set_aliased(sub.filter(), aliased);
+        router.subscribe(session, sub, opts)
     }
 
     /// Removes a subscription; true if it existed.
     pub fn unsubscribe(&self, session: &SessionRef, sub: &Subscription) -> bool {
-        self.router_mut().unsubscribe(session, sub)
+        let mut router = self.router_mut();
+        if let Some(store) = session.store() {
+            store.submit(Op::Unsubscribe {
+                key: session.key.clone(),
+                filter: subscription_text(sub),
+            });
+        }
+        session.set_aliased(sub.filter(), false);
+        router.unsubscribe(session, sub)
     }
 
     /// Gives a live session a new ACL (after a reload) and removes the subscriptions it no
@@ -281,6 +450,12 @@ impl Broker {
         for (sub, _) in router.subscriptions_of(session) {
             if !acl.can_subscribe(sub.filter()) {
                 router.unsubscribe(session, &sub);
+                if let Some(store) = session.store() {
+                    store.submit(Op::Unsubscribe {
+                        key: session.key.clone(),
+                        filter: subscription_text(&sub),
+                    });
+                }
                 tracing::info!(device = %session.key.device, filter = %sub.filter(), "subscription removed: no longer allowed");
                 removed += 1;
             }
@@ -318,6 +493,7 @@ impl Broker {
                     return;
                 }
                 broker.publish(Arc::new(will.message), Some(&session));
+                // Nobody waits for this commit: a will has no publisher to acknowledge.
             }
         };
         if delay == 0 {
@@ -343,5 +519,13 @@ pub fn min_qos(a: QoS, b: QoS) -> QoS {
         a
     } else {
         b
+    }
+}
+
+/// A subscription as the store keeps it: `$share/GROUP/filter` or the filter.
+fn subscription_text(sub: &Subscription) -> String {
+    match sub {
+        Subscription::Plain(f) => f.as_str().to_owned(),
+        Subscription::Shared { group, filter } => format!("$share/{group}/{}", filter.as_str()),
     }
 }

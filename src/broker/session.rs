@@ -23,7 +23,7 @@ use super::wire::{self, Inbound};
 use super::{Broker, Will, WriteError};
 use crate::acl;
 use crate::identity::DeviceName;
-use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol};
+use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, QoS};
 
 /// Packets waiting for the writer task. Small: the session queue is where messages wait;
 /// this only decouples the loop from one socket write.
@@ -276,7 +276,7 @@ impl Conn<'_> {
         let idle = tokio::time::sleep(idle_limit);
         tokio::pin!(idle);
         loop {
-            let backlogged = match self.pump() {
+            let backlogged = match self.pump().await {
                 Ok(b) => b,
                 Err(end) => return end,
             };
@@ -368,7 +368,7 @@ impl Conn<'_> {
 
     /// Moves sendable deliveries from the session queue to the writer while the channel
     /// has room. Returns true when the channel is full (wait for capacity).
-    fn pump(&mut self) -> Result<bool, End> {
+    async fn pump(&mut self) -> Result<bool, End> {
         loop {
             let room = self.out.capacity();
             if room == 0 {
@@ -377,6 +377,15 @@ impl Conn<'_> {
             let batch = self.session.next_batch(self.conn_id, self.p.window, room);
             if batch.is_empty() {
                 return Ok(false);
+            }
+            // A QoS 2 packet id is committed before the PUBLISH leaves: after a restart the
+            // message is resent with the same id and DUP, which the client deduplicates.
+            let qos2_stored = batch.iter().any(|o| {
+                matches!(o, Outgoing::Publish { delivery, .. }
+                    if delivery.qos == QoS::ExactlyOnce && delivery.store_id.is_some())
+            });
+            if qos2_stored {
+                self.commit().await;
             }
             for o in batch {
                 let Some(packet) = self.outgoing_packet(o) else {

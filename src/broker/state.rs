@@ -21,6 +21,7 @@ use crate::acl::DeviceAcl;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{TopicFilter, TopicName};
+use crate::storage::{Op, Store, StoredQueued};
 
 /// (device, client id): the identity of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,6 +63,8 @@ pub struct Delivery {
     pub retain: bool,
     /// MQTT 5 subscription identifiers of the matching subscriptions.
     pub sub_ids: Vec<u32>,
+    /// The row in the message store, for QoS 1/2 deliveries to persistent sessions.
+    pub store_id: Option<i64>,
 }
 
 /// An outbound QoS 1/2 exchange not yet completed.
@@ -69,8 +72,8 @@ pub struct Delivery {
 enum Flight {
     /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     Publish(Delivery),
-    /// PUBREL sent, waiting for PUBCOMP.
-    Released,
+    /// PUBREL sent, waiting for PUBCOMP (with the store row, if persistent).
+    Released(Option<i64>),
 }
 
 /// What the connection must write next.
@@ -110,6 +113,9 @@ pub struct Session {
     notify: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
+    /// Set for persistent sessions: every durable change is submitted here, under the
+    /// session lock, so the store sees changes in the order they happened.
+    store: Option<Store>,
 }
 
 #[derive(Debug)]
@@ -174,6 +180,7 @@ impl Session {
         acl: Arc<DeviceAcl>,
         expiry: Expiry,
         max_queued: usize,
+        store: Option<Store>,
     ) -> SessionRef {
         SessionRef(Arc::new(Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
@@ -192,7 +199,50 @@ impl Session {
             }),
             notify: Notify::new(),
             online: AtomicBool::new(false),
+            store,
         }))
+    }
+
+    /// The store, when the session is persistent.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    fn submit(&self, op: Op) {
+        if let Some(s) = &self.store {
+            s.submit(op);
+        }
+    }
+
+    fn delivered(&self, id: Option<i64>) {
+        if let Some(id) = id {
+            self.submit(Op::Delivered { id });
+        }
+    }
+
+    /// Puts back what the store held for this session (at start, before any connection).
+    pub fn restore(&self, queued: Vec<StoredQueued>, inbound: Vec<u16>) {
+        let mut inner = self.lock();
+        for q in queued {
+            let d = Delivery {
+                msg: q.msg,
+                qos: q.qos,
+                retain: q.retain,
+                sub_ids: q.sub_ids,
+                store_id: Some(q.id),
+            };
+            match q.pkid {
+                Some(pkid) if q.released => inner
+                    .inflight
+                    .push_back((pkid, Flight::Released(d.store_id))),
+                Some(pkid) => inner.inflight.push_back((pkid, Flight::Publish(d))),
+                None => inner.queue.push_back(d),
+            }
+        }
+        if let Some(max) = inner.inflight.iter().map(|(p, _)| *p).max() {
+            inner.next_pkid = if max == u16::MAX { 1 } else { max + 1 };
+        }
+        inner.inbound_qos2.extend(inbound);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -216,8 +266,10 @@ impl Session {
         self.notify.notified()
     }
 
-    /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first).
-    pub fn enqueue(&self, d: Delivery) -> Enqueued {
+    /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
+    /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
+    /// before acknowledging the publisher).
+    pub fn enqueue(&self, mut d: Delivery) -> Enqueued {
         let mut inner = self.lock();
         if inner.attached.is_none() && d.qos == QoS::AtMostOnce {
             return Enqueued::DroppedOffline;
@@ -231,6 +283,18 @@ impl Session {
                 }
                 None => return Enqueued::DroppedFull,
             }
+        }
+        if let (Some(store), false) = (&self.store, d.qos == QoS::AtMostOnce) {
+            let id = store.next_id();
+            d.store_id = Some(id);
+            store.submit(Op::Enqueue {
+                id,
+                key: self.key.clone(),
+                msg: d.msg.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                sub_ids: d.sub_ids.clone(),
+            });
         }
         inner.queue.push_back(d);
         drop(inner);
@@ -334,7 +398,7 @@ impl Session {
                     delivery: d.clone(),
                     dup: true,
                 },
-                Flight::Released => Outgoing::PubRel { pkid: *pkid },
+                Flight::Released(_) => Outgoing::PubRel { pkid: *pkid },
             })
             .collect()
     }
@@ -369,6 +433,9 @@ impl Session {
                 break;
             };
             let pkid = inner.allocate_pkid();
+            if let Some(id) = d.store_id {
+                self.submit(Op::Sent { id, pkid });
+            }
             inner.inflight.push_back((pkid, Flight::Publish(d.clone())));
             out.push(Outgoing::Publish {
                 pkid,
@@ -395,7 +462,9 @@ impl Session {
         match inner.position(pkid) {
             Some(i) if matches!(&inner.inflight[i].1, Flight::Publish(d) if d.qos == QoS::AtLeastOnce) =>
             {
-                inner.inflight.remove(i);
+                if let Some((_, Flight::Publish(d))) = inner.inflight.remove(i) {
+                    self.delivered(d.store_id);
+                }
                 true
             }
             _ => false,
@@ -410,11 +479,19 @@ impl Session {
         let Some(i) = inner.position(pkid) else {
             return false;
         };
+        let id = match &inner.inflight[i].1 {
+            Flight::Publish(d) => d.store_id,
+            Flight::Released(id) => *id,
+        };
         if !accepted {
             inner.inflight.remove(i);
+            self.delivered(id);
             return false;
         }
-        inner.inflight[i].1 = Flight::Released;
+        if let (Some(id), Flight::Publish(_)) = (id, &inner.inflight[i].1) {
+            self.submit(Op::Released { id });
+        }
+        inner.inflight[i].1 = Flight::Released(id);
         true
     }
 
@@ -422,8 +499,10 @@ impl Session {
     pub fn pubcomp(&self, pkid: u16) -> bool {
         let mut inner = self.lock();
         match inner.position(pkid) {
-            Some(i) if matches!(inner.inflight[i].1, Flight::Released) => {
-                inner.inflight.remove(i);
+            Some(i) if matches!(inner.inflight[i].1, Flight::Released(_)) => {
+                if let Some((_, Flight::Released(id))) = inner.inflight.remove(i) {
+                    self.delivered(id);
+                }
                 true
             }
             _ => false,
@@ -435,7 +514,11 @@ impl Session {
     pub fn abandon(&self, pkid: u16) {
         let mut inner = self.lock();
         if let Some(i) = inner.position(pkid) {
-            inner.inflight.remove(i);
+            match inner.inflight.remove(i) {
+                Some((_, Flight::Publish(d))) => self.delivered(d.store_id),
+                Some((_, Flight::Released(id))) => self.delivered(id),
+                None => {}
+            }
         }
     }
 
@@ -447,12 +530,28 @@ impl Session {
     /// An inbound QoS 2 PUBLISH arrived: true if the id is new (route the message), false
     /// for a duplicate (acknowledge again only).
     pub fn inbound_qos2_begin(&self, pkid: u16) -> bool {
-        self.lock().inbound_qos2.insert(pkid)
+        let mut inner = self.lock();
+        let new = inner.inbound_qos2.insert(pkid);
+        if new {
+            self.submit(Op::InboundBegin {
+                key: self.key.clone(),
+                pkid,
+            });
+        }
+        new
     }
 
     /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.
     pub fn inbound_qos2_release(&self, pkid: u16) -> bool {
-        self.lock().inbound_qos2.remove(&pkid)
+        let mut inner = self.lock();
+        let found = inner.inbound_qos2.remove(&pkid);
+        if found {
+            self.submit(Op::InboundRelease {
+                key: self.key.clone(),
+                pkid,
+            });
+        }
+        found
     }
 
     /// Inbound QoS 2 exchanges awaiting PUBREL (MQTT 5 Receive Maximum).

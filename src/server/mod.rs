@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, Problem, ProblemKind};
 use crate::metrics::Metrics;
-use crate::registry::{Mode, Registry, RegistryError};
+use crate::registry::{Mode, Registry, RegistryError, Source};
+use crate::storage::Store;
 use crate::tls::{self, TlsError};
 
 /// How long shutdown waits for connections to finish after telling them to stop.
@@ -41,6 +42,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("cannot open the device registry")]
     Registry(#[from] RegistryError),
+    #[error("cannot open the message store")]
+    Store(#[from] crate::storage::StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}")]
@@ -85,6 +88,8 @@ impl Shared {
 /// A broker ready to run.
 pub struct Server {
     shared: Arc<Shared>,
+    /// Restored offline sessions with an expiry deadline, timed from `run`.
+    deadlines: Mutex<Vec<(crate::broker::state::SessionRef, i64)>>,
 }
 
 impl Server {
@@ -93,7 +98,23 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
         check_pinned(&config, &registry, Mode::Commit)?;
+        let (store, recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
+        let broker = Broker::new(metrics.clone(), Some(store));
+        let restored = recovered.sessions.len();
+        let retained = recovered.retained.len();
+        let deadlines = broker.restore(
+            recovered,
+            |device| Arc::new(device_acl(&config, &registry, device)),
+            config.limits.max_queued_messages,
+        );
+        if restored + retained > 0 {
+            tracing::info!(
+                sessions = restored,
+                retained,
+                "restored from the message store"
+            );
+        }
         metrics.set_anchor_expiry(&config);
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), metrics.clone())?;
@@ -102,10 +123,11 @@ impl Server {
             acceptor: TlsAcceptor::from(tls),
         };
         Ok(Server {
+            deadlines: Mutex::new(deadlines),
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(snapshot)),
                 registry,
-                broker: Broker::new(metrics.clone()),
+                broker,
                 metrics,
                 live: live::Live::default(),
                 reloading: Mutex::new(()),
@@ -167,6 +189,9 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
         let shared = self.shared;
+        let deadlines =
+            std::mem::take(&mut *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()));
+        shared.broker.schedule_expiry(deadlines);
         let admin_task =
             admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.clone(), shutdown.clone())));
         let max = shared.snapshot().config.limits.max_connections;
@@ -220,6 +245,12 @@ impl Server {
         }
         let _ = flusher.await;
         let _ = watcher.await;
+        // Everything the sessions submitted on their way out is committed before exit.
+        if let Some(store) = shared.broker.store() {
+            if let Err(e) = store.barrier().await {
+                tracing::error!(error = %e, "final store flush failed");
+            }
+        }
         if let Some(t) = admin_task {
             let _ = t.await;
         }
@@ -346,4 +377,24 @@ impl Shared {
         let recheck = self.live.recheck_all(&config, &self.registry, &self.broker);
         Ok(ReloadOutcome { recheck })
     }
+}
+
+/// A device's ACL under `config`, from the rule the registry binds it to; allows nothing
+/// when the device or its rule is gone (it cannot connect then either).
+pub fn device_acl(
+    config: &Config,
+    registry: &Registry,
+    device: &crate::identity::DeviceName,
+) -> crate::acl::DeviceAcl {
+    let profile = match registry.get(device.as_str()) {
+        Ok(Some(d)) => match d.source {
+            Source::Pinned => config.pinned(device.as_str()).map(|p| p.acl.clone()),
+            Source::Anchor(name) => config.anchor(&name).map(|a| a.acl.clone()),
+        },
+        _ => None,
+    };
+    profile
+        .and_then(|p| config.profile(&p).cloned())
+        .map(|p| p.for_device(device.as_str()))
+        .unwrap_or_default()
 }

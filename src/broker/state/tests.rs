@@ -9,7 +9,7 @@ fn session(max_queued: usize) -> SessionRef {
         client_id: "c".into(),
     };
     let acl = Arc::new(Profile::builtin_device().for_device("dev-1"));
-    Session::create(key, acl, Expiry::Never, max_queued)
+    Session::create(key, acl, Expiry::Never, max_queued, None)
 }
 
 fn delivery(qos: QoS, n: u8) -> Delivery {
@@ -25,6 +25,7 @@ fn delivery(qos: QoS, n: u8) -> Delivery {
         qos,
         retain: false,
         sub_ids: Vec::new(),
+        store_id: None,
     }
 }
 

@@ -1,0 +1,206 @@
+//! Durable broker state (SPEC 7): retained messages and persistent sessions (their
+//! subscriptions, the QoS 1/2 messages queued or in flight for them, the inbound QoS 2
+//! packet ids), in `data_dir/messages.db`.
+//!
+//! Why a second SQLite file beside the registry's `certmq.db`: SQLite has one writer per
+//! database; the message store writes continuously with group commit, while the registry
+//! is also written by the `certmq devices` CLI from another process. Separate files keep a
+//! CLI command from ever waiting behind a message batch, and vice versa.
+//!
+//! Group commit: one writer thread owns the connection and applies [`Op`]s in the order
+//! they were submitted. It takes every op waiting when it wakes, applies them in ONE
+//! transaction and commits (`synchronous = FULL`: one fsync), then completes the
+//! [`Store::barrier`]s among them. A publisher's PUBACK/PUBREC waits for a barrier submitted
+//! after its ops, so "acknowledged" means "committed", and many publishers share each fsync.
+//! The op channel is bounded in practice by the protocol: every op that can be submitted
+//! repeatedly by a peer is followed by a barrier its connection waits for (QoS 1/2
+//! publishes, retained publishes) or is bounded by the in-flight window (acks).
+
+mod recover;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+pub use recover::{Recovered, StoredQueued, StoredSession};
+
+use crate::broker::message::Message;
+use crate::broker::router::SubOptions;
+use crate::broker::state::SessionKey;
+use crate::mqtt::codec::QoS;
+
+/// The database file inside `data_dir`.
+pub const DB_FILE: &str = "messages.db";
+/// `PRAGMA application_id` of a certmq message store ("cmqm").
+const APPLICATION_ID: i64 = 0x636d_716d;
+const SCHEMA_VERSION: i64 = 1;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the message store {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{path} is not a certmq message store (application_id {found:#x}); refusing to use it"
+    )]
+    Foreign { path: PathBuf, found: i64 },
+    #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
+    Schema { path: PathBuf, found: i64 },
+    #[error("message store error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a stored row is corrupt: {0}")]
+    Corrupt(String),
+    /// A batch failed to commit (disk full, read-only, I/O error): what it held is not durable.
+    #[error("the message store could not commit: {0}")]
+    CommitFailed(String),
+    #[error("the message store writer has stopped")]
+    Stopped,
+    #[error("cannot start the message store writer")]
+    Thread(#[source] std::io::Error),
+}
+
+/// One change to the durable state, applied in submission order.
+#[derive(Debug)]
+pub enum Op {
+    /// Creates or updates a persistent session; `expires_at` is set while it is offline.
+    Session {
+        key: SessionKey,
+        /// MQTT 5 session expiry seconds; None = never.
+        expiry: Option<u32>,
+        expires_at: Option<i64>,
+    },
+    /// Removes a session with everything it holds.
+    DropSession {
+        key: SessionKey,
+    },
+    Subscribe {
+        key: SessionKey,
+        /// The subscription as the client wrote it after the alias (`$share/g/f` or `f`).
+        filter: String,
+        opts: SubOptions,
+        aliased: bool,
+    },
+    Unsubscribe {
+        key: SessionKey,
+        filter: String,
+    },
+    /// A delivery queued for a persistent session.
+    Enqueue {
+        id: i64,
+        key: SessionKey,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+    },
+    /// The delivery went out with this packet id (DUP on redelivery after a restart).
+    Sent {
+        id: i64,
+        pkid: u16,
+    },
+    /// PUBREC received: only PUBREL/PUBCOMP remain.
+    Released {
+        id: i64,
+    },
+    /// Acknowledged (PUBACK / PUBCOMP), expired, or dropped.
+    Delivered {
+        id: i64,
+    },
+    /// Stores or (None) clears the retained message of a topic.
+    Retain {
+        topic: String,
+        msg: Option<Arc<Message>>,
+    },
+    /// An inbound QoS 2 packet id between PUBLISH and PUBREL.
+    InboundBegin {
+        key: SessionKey,
+        pkid: u16,
+    },
+    InboundRelease {
+        key: SessionKey,
+        pkid: u16,
+    },
+    /// Completes when everything submitted before it is committed.
+    Barrier(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    tx: mpsc::Sender<Op>,
+    /// Ids for queued deliveries, assigned without a round trip to the writer.
+    next_id: AtomicI64,
+    /// Set while commits fail (disk full, read-only): new QoS 1/2 messages are refused.
+    failing: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `data_dir/messages.db`, reads back everything it holds,
+    /// and starts the writer thread. A corrupt or foreign file is an error, never replaced.
+    pub fn open(data_dir: &Path) -> Result<(Store, Recovered), StoreError> {
+        let path = data_dir.join(DB_FILE);
+        let conn = writer::open(&path)?;
+        let recovered = recover::load(&conn, crate::cert::now_secs())?;
+        let failing = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        writer::spawn(conn, rx, failing.clone())?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                path,
+                tx,
+                next_id: AtomicI64::new(recovered.max_queue_id + 1),
+                failing,
+            }),
+        };
+        Ok((store, recovered))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// A fresh id for a queued delivery.
+    pub fn next_id(&self) -> i64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Submits an op (applied in order, committed with the next batch).
+    pub fn submit(&self, op: Op) {
+        // The writer only stops when the store is dropped; an op sent after that is moot.
+        let _ = self.inner.tx.send(op);
+    }
+
+    /// Waits until everything submitted so far is committed.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Barrier(tx));
+        rx.await.unwrap_or(Err(StoreError::Stopped))
+    }
+
+    /// The same, for blocking callers (shutdown, tests).
+    pub fn barrier_blocking(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Barrier(tx));
+        rx.blocking_recv().unwrap_or(Err(StoreError::Stopped))
+    }
+
+    /// Whether the last commit failed (SPEC 7: then new QoS 1/2 messages are refused).
+    pub fn failing(&self) -> bool {
+        self.inner.failing.load(Ordering::Relaxed)
+    }
+}

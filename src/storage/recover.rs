@@ -1,0 +1,254 @@
+//! Reading the store back at start (SPEC 7, recovery): persistent sessions with their
+//! subscriptions, queued and in-flight deliveries (in order), inbound QoS 2 ids, and
+//! retained messages. Sessions and messages that expired while the broker was down are
+//! deleted here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection};
+
+use super::writer::{key, parse_props};
+use super::StoreError;
+use crate::broker::message::Message;
+use crate::broker::router::{RetainHandling, SubOptions};
+use crate::broker::state::SessionKey;
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic::TopicName;
+
+/// A delivery read back from the queue.
+#[derive(Debug, Clone)]
+pub struct StoredQueued {
+    pub id: i64,
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+    /// Set once sent: redelivered with DUP and this id.
+    pub pkid: Option<u16>,
+    /// PUBREC was received: only PUBREL remains.
+    pub released: bool,
+}
+
+/// A persistent session read back.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    pub key: SessionKey,
+    /// MQTT 5 session expiry seconds; None = never.
+    pub expiry: Option<u32>,
+    /// When the session ends if nobody reconnects (seconds since the epoch).
+    pub expires_at: Option<i64>,
+    /// (filter as subscribed after the alias, options, whether made through `me`).
+    pub subscriptions: Vec<(String, SubOptions, bool)>,
+    pub queue: Vec<StoredQueued>,
+    pub inbound: Vec<u16>,
+}
+
+/// Everything the store held.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub sessions: Vec<StoredSession>,
+    pub retained: Vec<Arc<Message>>,
+    /// The largest queue id in use (new ids continue after it).
+    pub max_queue_id: i64,
+}
+
+fn qos(v: u8) -> Result<QoS, StoreError> {
+    match v {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        2 => Ok(QoS::ExactlyOnce),
+        other => Err(StoreError::Corrupt(format!("QoS {other}"))),
+    }
+}
+
+/// Converts a stored expiry (seconds since the epoch) back to a deadline.
+fn deadline(at: Option<i64>, now: i64) -> Option<Instant> {
+    at.map(|t| Instant::now() + Duration::from_secs(u64::try_from(t - now).unwrap_or(0)))
+}
+
+fn message(
+    topic: String,
+    payload: Vec<u8>,
+    msg_qos: u8,
+    retain: bool,
+    props: Option<String>,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<Message, StoreError> {
+    Ok(Message {
+        topic: TopicName::parse(&topic)
+            .map_err(|e| StoreError::Corrupt(format!("topic {topic:?}: {e}")))?,
+        payload: Bytes::from(payload),
+        qos: qos(msg_qos)?,
+        retain,
+        props: match props {
+            Some(p) => parse_props(&p)?,
+            None => Default::default(),
+        },
+        expires_at: deadline(expires_at, now),
+    })
+}
+
+/// Reads everything, deleting what expired.
+pub(super) fn load(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = load_in_tx(conn, now);
+    match &result {
+        Ok(_) => conn.execute_batch("COMMIT")?,
+        Err(_) => {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+    result
+}
+
+fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
+    // Sessions whose expiry passed while the broker was down end now.
+    let mut expired = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT device, client_id FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?1")?;
+        let rows = stmt.query_map(params![now], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for r in rows {
+            expired.push(r?);
+        }
+    }
+    for (d, c) in &expired {
+        for table in ["sessions", "subscriptions", "queue", "inbound"] {
+            conn.execute(
+                &format!("DELETE FROM {table} WHERE device = ?1 AND client_id = ?2"),
+                params![d, c],
+            )?;
+        }
+    }
+    conn.execute(
+        "DELETE FROM queue WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+        params![now],
+    )?;
+    conn.execute(
+        "DELETE FROM retained WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+        params![now],
+    )?;
+
+    let mut out = Recovered::default();
+    let mut stmt = conn.prepare(
+        "SELECT device, client_id, expiry, expires_at FROM sessions ORDER BY device, client_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<u32>>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (device, client_id, expiry, expires_at) = row?;
+        let mut session = StoredSession {
+            key: key(device.clone(), client_id.clone())?,
+            expiry,
+            expires_at,
+            subscriptions: Vec::new(),
+            queue: Vec::new(),
+            inbound: Vec::new(),
+        };
+        let mut subs = conn.prepare_cached(
+            "SELECT filter, qos, no_local, retain_as_published, retain_handling, sub_id, aliased
+             FROM subscriptions WHERE device = ?1 AND client_id = ?2",
+        )?;
+        let rows = subs.query_map(params![device, client_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u8>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, u8>(4)?,
+                r.get::<_, Option<u32>>(5)?,
+                r.get::<_, bool>(6)?,
+            ))
+        })?;
+        for r in rows {
+            let (filter, q, no_local, rap, rh, sub_id, aliased) = r?;
+            let opts = SubOptions {
+                qos: qos(q)?,
+                no_local,
+                retain_as_published: rap,
+                retain_handling: match rh {
+                    0 => RetainHandling::SendAlways,
+                    1 => RetainHandling::SendIfNew,
+                    _ => RetainHandling::Never,
+                },
+                subscription_id: sub_id,
+            };
+            session.subscriptions.push((filter, opts, aliased));
+        }
+        let mut queue = conn.prepare_cached(
+            "SELECT id, topic, payload, msg_qos, qos, retain, props, expires_at, sub_ids, pkid, released
+             FROM queue WHERE device = ?1 AND client_id = ?2 ORDER BY id",
+        )?;
+        let rows = queue.query_map(params![device, client_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, u8>(3)?,
+                r.get::<_, u8>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, Option<u16>>(9)?,
+                r.get::<_, bool>(10)?,
+            ))
+        })?;
+        for r in rows {
+            let (id, topic, payload, msg_qos, q, retain, props, exp, sub_ids, pkid, released) = r?;
+            out.max_queue_id = out.max_queue_id.max(id);
+            let sub_ids = sub_ids
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<u32>()
+                        .map_err(|e| StoreError::Corrupt(format!("subscription id {s:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            session.queue.push(StoredQueued {
+                id,
+                msg: Arc::new(message(topic, payload, msg_qos, false, props, exp, now)?),
+                qos: qos(q)?,
+                retain,
+                sub_ids,
+                pkid,
+                released,
+            });
+        }
+        let mut inbound =
+            conn.prepare_cached("SELECT pkid FROM inbound WHERE device = ?1 AND client_id = ?2")?;
+        let rows = inbound.query_map(params![device, client_id], |r| r.get::<_, u16>(0))?;
+        for r in rows {
+            session.inbound.push(r?);
+        }
+        out.sessions.push(session);
+    }
+    let max: Option<i64> = conn.query_row("SELECT max(id) FROM queue", [], |r| r.get(0))?;
+    out.max_queue_id = out.max_queue_id.max(max.unwrap_or(0));
+    let mut stmt = conn.prepare("SELECT topic, payload, qos, props, expires_at FROM retained")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, u8>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+        ))
+    })?;
+    for r in rows {
+        let (topic, payload, q, props, exp) = r?;
+        out.retained
+            .push(Arc::new(message(topic, payload, q, true, props, exp, now)?));
+    }
+    Ok(out)
+}

@@ -1,0 +1,345 @@
+//! The store's writer thread: the only owner of the SQLite connection after recovery.
+//! One transaction per batch of ops, one fsync per commit (group commit).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, Transaction};
+
+use super::{Op, StoreError, APPLICATION_ID, SCHEMA_VERSION};
+use crate::broker::message::Message;
+use crate::broker::state::SessionKey;
+
+/// The most ops applied in one transaction; more wait for the next one, so one commit
+/// never grows without bound.
+const MAX_BATCH: usize = 50_000;
+
+/// Opens or creates the database and checks it is ours.
+pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        // The registry created data_dir already; this is for a store opened on its own.
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let conn = Connection::open(path).map_err(open_err)?;
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(open_err)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if app_id != APPLICATION_ID && (app_id != 0 || tables != 0) {
+        return Err(StoreError::Foreign {
+            path: path.to_path_buf(),
+            found: app_id,
+        });
+    }
+    let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if app_id == 0 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE sessions (
+                 device TEXT NOT NULL, client_id TEXT NOT NULL,
+                 expiry INTEGER, expires_at INTEGER,
+                 PRIMARY KEY (device, client_id));
+             CREATE TABLE subscriptions (
+                 device TEXT NOT NULL, client_id TEXT NOT NULL, filter TEXT NOT NULL,
+                 qos INTEGER NOT NULL, no_local INTEGER NOT NULL,
+                 retain_as_published INTEGER NOT NULL, retain_handling INTEGER NOT NULL,
+                 sub_id INTEGER, aliased INTEGER NOT NULL,
+                 PRIMARY KEY (device, client_id, filter));
+             CREATE TABLE queue (
+                 id INTEGER PRIMARY KEY, device TEXT NOT NULL, client_id TEXT NOT NULL,
+                 topic TEXT NOT NULL, payload BLOB NOT NULL, msg_qos INTEGER NOT NULL,
+                 qos INTEGER NOT NULL, retain INTEGER NOT NULL, props TEXT,
+                 expires_at INTEGER, sub_ids TEXT NOT NULL,
+                 pkid INTEGER, released INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX queue_session ON queue (device, client_id, id);
+             CREATE TABLE retained (
+                 topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                 props TEXT, expires_at INTEGER);
+             CREATE TABLE inbound (
+                 device TEXT NOT NULL, client_id TEXT NOT NULL, pkid INTEGER NOT NULL,
+                 PRIMARY KEY (device, client_id, pkid));
+             PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))?;
+    } else {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+    }
+    Ok(conn)
+}
+
+/// Starts the writer thread.
+pub(super) fn spawn(
+    conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    failing: Arc<AtomicBool>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("certmq-store".into())
+        .spawn(move || run(conn, rx, &failing))
+        .map(|_| ())
+        .map_err(StoreError::Thread)
+}
+
+fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut barriers = Vec::new();
+        let mut work = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Barrier(b) => barriers.push(b),
+                other => work.push(other),
+            }
+        }
+        let result = if work.is_empty() {
+            Ok(())
+        } else {
+            apply(&mut conn, &work)
+        };
+        match &result {
+            Ok(()) => {
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("message store writable again");
+                }
+            }
+            Err(e) => {
+                failing.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, ops = work.len(), "message store commit failed: these changes are not durable");
+            }
+        }
+        for b in barriers {
+            let _ = b.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::CommitFailed(e.to_string())),
+            });
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, ops: &[Op]) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for op in ops {
+        apply_one(&tx, op)?;
+    }
+    tx.commit()
+}
+
+fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
+    let now = crate::cert::now_secs();
+    match op {
+        Op::Session {
+            key,
+            expiry,
+            expires_at,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO sessions (device, client_id, expiry, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (device, client_id) DO UPDATE SET expiry = excluded.expiry, expires_at = excluded.expires_at",
+            )?
+            .execute(params![key.device.as_str(), key.client_id, expiry, expires_at])?;
+        }
+        Op::DropSession { key } => {
+            for table in ["sessions", "subscriptions", "queue", "inbound"] {
+                tx.prepare_cached(&format!(
+                    "DELETE FROM {table} WHERE device = ?1 AND client_id = ?2"
+                ))?
+                .execute(params![key.device.as_str(), key.client_id])?;
+            }
+        }
+        Op::Subscribe {
+            key,
+            filter,
+            opts,
+            aliased,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO subscriptions (device, client_id, filter, qos, no_local,
+                     retain_as_published, retain_handling, sub_id, aliased)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                key.device.as_str(),
+                key.client_id,
+                filter,
+                opts.qos as u8,
+                opts.no_local,
+                opts.retain_as_published,
+                retain_handling_code(&opts.retain_handling),
+                opts.subscription_id,
+                aliased
+            ])?;
+        }
+        Op::Unsubscribe { key, filter } => {
+            tx.prepare_cached(
+                "DELETE FROM subscriptions WHERE device = ?1 AND client_id = ?2 AND filter = ?3",
+            )?
+            .execute(params![key.device.as_str(), key.client_id, filter])?;
+        }
+        Op::Enqueue {
+            id,
+            key,
+            msg,
+            qos,
+            retain,
+            sub_ids,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO queue (id, device, client_id, topic, payload, msg_qos, qos, retain,
+                     props, expires_at, sub_ids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                id,
+                key.device.as_str(),
+                key.client_id,
+                msg.topic.as_str(),
+                &msg.payload[..],
+                msg.qos as u8,
+                *qos as u8,
+                retain,
+                props_json(msg),
+                expires_at(msg, now),
+                sub_ids_text(sub_ids),
+            ])?;
+        }
+        Op::Sent { id, pkid } => {
+            tx.prepare_cached("UPDATE queue SET pkid = ?2 WHERE id = ?1")?
+                .execute(params![id, pkid])?;
+        }
+        Op::Released { id } => {
+            tx.prepare_cached("UPDATE queue SET released = 1 WHERE id = ?1")?
+                .execute(params![id])?;
+        }
+        Op::Delivered { id } => {
+            tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?
+                .execute(params![id])?;
+        }
+        Op::Retain { topic, msg: None } => {
+            tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+                .execute(params![topic])?;
+        }
+        Op::Retain {
+            topic,
+            msg: Some(msg),
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO retained (topic, payload, qos, props, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                topic,
+                &msg.payload[..],
+                msg.qos as u8,
+                props_json(msg),
+                expires_at(msg, now)
+            ])?;
+        }
+        Op::InboundBegin { key, pkid } => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO inbound (device, client_id, pkid) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![key.device.as_str(), key.client_id, pkid])?;
+        }
+        Op::InboundRelease { key, pkid } => {
+            tx.prepare_cached(
+                "DELETE FROM inbound WHERE device = ?1 AND client_id = ?2 AND pkid = ?3",
+            )?
+            .execute(params![key.device.as_str(), key.client_id, pkid])?;
+        }
+        Op::Barrier(_) => {}
+    }
+    Ok(())
+}
+
+fn retain_handling_code(r: &crate::broker::router::RetainHandling) -> u8 {
+    use crate::broker::router::RetainHandling as R;
+    match r {
+        R::SendAlways => 0,
+        R::SendIfNew => 1,
+        R::Never => 2,
+    }
+}
+
+/// The message's expiry as seconds since the epoch.
+fn expires_at(msg: &Message, now: i64) -> Option<i64> {
+    let left = msg
+        .expires_at?
+        .saturating_duration_since(std::time::Instant::now());
+    Some(now.saturating_add(i64::try_from(left.as_secs()).unwrap_or(i64::MAX)))
+}
+
+fn sub_ids_text(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// MQTT 5 properties as JSON (None when there are none).
+fn props_json(msg: &Message) -> Option<String> {
+    if msg.props.is_empty() {
+        return None;
+    }
+    let p = &msg.props;
+    Some(
+        serde_json::json!({
+            "pfi": p.payload_format_indicator,
+            "rt": p.response_topic,
+            "cd": p.correlation_data.as_ref().map(|b| b.to_vec()),
+            "up": p.user_properties,
+            "ct": p.content_type,
+        })
+        .to_string(),
+    )
+}
+
+/// Used by recovery to parse what [`props_json`] wrote.
+pub(super) fn parse_props(text: &str) -> Result<crate::broker::message::Forwarded, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        pfi: Option<u8>,
+        rt: Option<String>,
+        cd: Option<Vec<u8>>,
+        up: Vec<(String, String)>,
+        ct: Option<String>,
+    }
+    let p: P =
+        serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("properties: {e}")))?;
+    Ok(crate::broker::message::Forwarded {
+        payload_format_indicator: p.pfi,
+        response_topic: p.rt,
+        correlation_data: p.cd.map(bytes::Bytes::from),
+        user_properties: p.up,
+        content_type: p.ct,
+    })
+}
+
+/// For recovery: the session key of a row.
+pub(super) fn key(device: String, client_id: String) -> Result<SessionKey, StoreError> {
+    let device = crate::identity::DeviceName::parse(&device)
+        .map_err(|e| StoreError::Corrupt(format!("device name {device:?}: {e}")))?;
+    Ok(SessionKey { device, client_id })
+}
