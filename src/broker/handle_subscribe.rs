@@ -88,6 +88,11 @@ impl Conn<'_> {
                 }
             }
         }
+        // A persistent session's subscriptions are committed before SUBACK: an acknowledged
+        // subscription survives a crash like an acknowledged message.
+        if self.session.store().is_some() {
+            self.commit().await;
+        }
         self.send(&wire::suback(self.p.protocol, pkid, &results))
             .await?;
         for d in retained {
@@ -109,6 +114,9 @@ impl Conn<'_> {
                 }
                 None => existed.push(false),
             }
+        }
+        if self.session.store().is_some() {
+            self.commit().await;
         }
         self.send(&wire::unsuback(self.p.protocol, pkid, &existed))
             .await
