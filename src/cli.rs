@@ -193,17 +193,7 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         steps.push(format!("6. device name: {:?}", dev.as_str()));
     }
     match &d.result {
-        Ok(a) => steps.push(format!(
-            "7. registry: {}",
-            match &a.registry {
-                crate::registry::Admitted::Known =>
-                    "known device, same rule, same certificate".to_owned(),
-                crate::registry::Admitted::Provisioned =>
-                    "unknown device: would be created (provisioned) by this connection".to_owned(),
-                crate::registry::Admitted::Rotated { previous } =>
-                    format!("rotation: would replace certificate {previous}"),
-            }
-        )),
+        Ok(a) => steps.push(format!("7. registry: {}", admitted_text(&a.registry))),
         Err(auth::Refused::Registry { refusal, .. }) => {
             steps.push(format!("7. registry: {refusal}"))
         }
@@ -218,7 +208,7 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
     let (decision, reason) = match &d.result {
         Ok(a) => (
             "accept",
-            format!("accepted: {:?}", a.registry).to_lowercase(),
+            format!("accepted: {}", admitted_text(&a.registry)),
         ),
         Err(e) => ("reject", e.to_string()),
     };
@@ -268,4 +258,17 @@ pub fn device_header() -> String {
         "{:<24} {:<12} {:<8} {:<26} {:<26} {}",
         "NAME", "SOURCE", "STATE", "NOT_AFTER", "LAST_SEEN", "FINGERPRINT"
     )
+}
+
+/// Step 7's outcome in words (text and JSON alike); `explain` is a dry run, hence "would".
+fn admitted_text(a: &crate::registry::Admitted) -> String {
+    match a {
+        crate::registry::Admitted::Known => "known device, same rule, same certificate".to_owned(),
+        crate::registry::Admitted::Provisioned => {
+            "unknown device: would be created (provisioned) by this connection".to_owned()
+        }
+        crate::registry::Admitted::Rotated { previous } => {
+            format!("rotation: would replace certificate {previous}")
+        }
+    }
 }
