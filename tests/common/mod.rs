@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod run;
+pub mod v5tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
