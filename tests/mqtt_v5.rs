@@ -119,10 +119,10 @@ async fn refusals_carry_reason_codes_and_reason_strings() {
             SubscribeReasonCode::Success(QoS::AtLeastOnce)
         ]
     );
-    let text = ack.properties.and_then(|p| p.reason_string);
+    let text = ack.properties.clone().and_then(|p| p.reason_string);
     assert!(
         text.is_some_and(|t| t.contains("devices/#")),
-        "SUBACK 0x87 without a reason string"
+        "SUBACK 0x87 without a reason string: {ack:?}"
     );
 
     let ack = d

@@ -254,7 +254,7 @@ async fn shared_subscription_delivers_each_message_once_with_its_options() {
         for msg in &got {
             assert_eq!(msg.topic, "sh/t");
             assert_eq!(msg.qos, QoS::AtLeastOnce);
-            assert_eq!(ids(msg), [*id as usize]);
+            assert_eq!(ids(msg), [*id]);
         }
         seen.extend(
             got[..got.len() - 1]
