@@ -29,6 +29,7 @@ impl Conn<'_> {
         let device_acl = self.session.acl();
         let mut results = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
+        let mut denied = Vec::new();
         for f in filters {
             let Some((sub, aliased)) = self.canonical(&f.filter) else {
                 results.push(SubResult::TopicFilterInvalid);
@@ -42,6 +43,7 @@ impl Conn<'_> {
                     "subscription denied by ACL"
                 );
                 results.push(SubResult::NotAuthorized);
+                denied.push(f.filter);
                 continue;
             }
             let shared = matches!(sub, Subscription::Shared { .. });
@@ -93,8 +95,15 @@ impl Conn<'_> {
         if self.session.store().is_some() {
             self.commit().await;
         }
-        self.send(&wire::suback(self.p.protocol, pkid, &results))
-            .await?;
+        let text = (!denied.is_empty())
+            .then(|| format!("not authorized to subscribe to {}", denied.join(", ")));
+        self.send(&wire::suback(
+            self.p.protocol,
+            pkid,
+            &results,
+            text.as_deref(),
+        ))
+        .await?;
         for d in retained {
             self.session.enqueue(d);
         }

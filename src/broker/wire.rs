@@ -340,7 +340,8 @@ pub enum SubResult {
     TopicFilterInvalid,
 }
 
-pub fn suback(protocol: Protocol, pkid: u16, results: &[SubResult]) -> Packet {
+/// SUBACK; `text` is the MQTT 5 reason string, sent when a filter was refused (SPEC 6).
+pub fn suback(protocol: Protocol, pkid: u16, results: &[SubResult], text: Option<&str>) -> Packet {
     match protocol {
         Protocol::V311 => Packet::V311(v4::Packet::SubAck(v4::SubAck::new(
             pkid,
@@ -362,7 +363,10 @@ pub fn suback(protocol: Protocol, pkid: u16, results: &[SubResult]) -> Packet {
                     SubResult::TopicFilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
                 })
                 .collect(),
-            properties: None,
+            properties: text.map(|t| v5::SubAckProperties {
+                reason_string: Some(t.to_owned()),
+                user_properties: Vec::new(),
+            }),
         })),
     }
 }

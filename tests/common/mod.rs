@@ -6,6 +6,7 @@
 
 pub mod interop;
 pub mod run;
+pub mod v5tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
