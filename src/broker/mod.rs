@@ -125,6 +125,8 @@ pub struct Opened {
     pub session: SessionRef,
     /// CONNACK Session Present.
     pub present: bool,
+    /// This connection's attach generation (for its will delay).
+    pub generation: u64,
 }
 
 impl Broker {
@@ -287,10 +289,15 @@ impl Broker {
                 expires_at: None,
             });
         }
-        if let Some(previous) = session.attach(conn_id, kick) {
+        let (previous, generation) = session.attach(conn_id, kick);
+        if let Some(previous) = previous {
             previous.cancel();
         }
-        Opened { session, present }
+        Opened {
+            session,
+            present,
+            generation,
+        }
     }
 
     /// The connection `conn_id` ended: detach it and end the session when its expiry says
@@ -471,10 +478,11 @@ impl Broker {
             .matching(filter)
     }
 
-    /// Publishes a will, now or after its delay unless the session is resumed first
-    /// (MQTT 5 §3.1.3.2.2). Its topic was checked against the publish ACL at CONNECT; it
-    /// is checked again here, since a reload may have narrowed the profile.
-    pub fn publish_will(self: &Arc<Self>, session: &SessionRef, will: Will) {
+    /// Publishes a will, now or after its delay unless a connection attaches to the session
+    /// first (MQTT 5 §3.1.3.2.2). `generation` is the ending connection's attach generation.
+    /// Its topic was checked against the publish ACL at CONNECT; it is checked again here,
+    /// since a reload may have narrowed the profile.
+    pub fn publish_will(self: &Arc<Self>, session: &SessionRef, will: Will, generation: u64) {
         let delay = match session.expiry() {
             Expiry::OnDisconnect => 0,
             Expiry::After(s) => will.delay.min(s),
@@ -483,26 +491,25 @@ impl Broker {
         let fire = {
             let broker = self.clone();
             let session = session.clone();
-            move |generation: Option<u64>| {
-                if generation.is_some_and(|g| g != session.generation()) {
-                    return; // the session was resumed: the will is cancelled
-                }
+            move || {
                 if !session.acl().can_publish(&will.message.topic) {
                     tracing::warn!(device = %session.key.device, topic = %will.message.topic, "will not published: topic not allowed");
                     broker.metrics.dropped("acl", 1);
                     return;
                 }
-                broker.publish(Arc::new(will.message), Some(&session));
                 // Nobody waits for this commit: a will has no publisher to acknowledge.
+                broker.publish(Arc::new(will.message), Some(&session));
             }
         };
         if delay == 0 {
-            fire(None);
+            fire();
         } else {
-            let generation = session.generation();
+            let session = session.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                fire(Some(generation));
+                if session.generation() == generation {
+                    fire();
+                }
             });
         }
     }

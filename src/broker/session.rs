@@ -163,6 +163,7 @@ pub async fn serve<R, W>(
     writer: W,
     params: Params,
     will: Option<Will>,
+    generation: u64,
     signals: Signals<'_>,
 ) -> End
 where
@@ -197,7 +198,7 @@ where
     writer_task.abort();
     if end.publishes_will() {
         if let Some(w) = will {
-            broker.publish_will(session, w);
+            broker.publish_will(session, w, generation);
         }
     }
     broker.close_session(session, conn_id);

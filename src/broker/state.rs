@@ -302,13 +302,19 @@ impl Session {
         outcome
     }
 
-    /// Attaches a connection; returns the token of the connection it takes over, if any.
-    pub fn attach(&self, conn_id: u64, kick: CancellationToken) -> Option<CancellationToken> {
+    /// Attaches a connection; returns the token of the connection it takes over, if any,
+    /// and the attach generation of this connection (a later attach changes it: a delayed
+    /// will of this connection is then cancelled).
+    pub fn attach(
+        &self,
+        conn_id: u64,
+        kick: CancellationToken,
+    ) -> (Option<CancellationToken>, u64) {
         let mut inner = self.lock();
         inner.generation += 1;
         let previous = inner.attached.replace((conn_id, kick)).map(|(_, k)| k);
         self.online.store(true, Ordering::Release);
-        previous
+        (previous, inner.generation)
     }
 
     /// Detaches whatever connection holds the session and returns its token, so the

@@ -253,6 +253,7 @@ pub async fn handle(
         wr,
         params,
         will,
+        opened.generation,
         session::Signals {
             shutdown: &shutdown,
             kick: &kick,

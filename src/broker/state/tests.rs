@@ -103,7 +103,7 @@ fn inflight_is_resent_with_dup_after_reattach() {
     };
     assert!(s.pubrec(p1, true), "PUBREL due");
     assert!(s.detach(1).is_some());
-    let old = s.attach(2, CancellationToken::new());
+    let (old, _) = s.attach(2, CancellationToken::new());
     assert!(old.is_none());
     let again = s.resend_inflight(2);
     assert_eq!(again.len(), 2);
@@ -120,6 +120,7 @@ fn takeover_returns_the_old_token_and_old_connection_cannot_detach() {
     s.attach(1, old.clone());
     let returned = s
         .attach(2, CancellationToken::new())
+        .0
         .expect("previous token");
     returned.cancel();
     assert!(old.is_cancelled());
