@@ -4,6 +4,7 @@
 //! in parallel.
 #![allow(dead_code)]
 
+pub mod coretests;
 pub mod interop;
 pub mod run;
 pub mod v5tests;
