@@ -30,6 +30,10 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5 Request Problem Information (default 1).
+    pub problem_info: bool,
+    /// MQTT 5 Authentication Method: enhanced authentication, which certmq does not offer.
+    pub authentication_method: Option<String>,
 }
 
 impl ConnectRequest {
@@ -44,6 +48,8 @@ impl ConnectRequest {
                 session_expiry: None,
                 receive_maximum: None,
                 max_packet_size: None,
+                problem_info: true,
+                authentication_method: None,
             },
             Connect::V5 { connect: c, .. } => {
                 let p = c.properties.as_ref();
@@ -55,6 +61,8 @@ impl ConnectRequest {
                     session_expiry: p.and_then(|p| p.session_expiry_interval),
                     receive_maximum: p.and_then(|p| p.receive_maximum),
                     max_packet_size: p.and_then(|p| p.max_packet_size),
+                    problem_info: p.and_then(|p| p.request_problem_info) != Some(0),
+                    authentication_method: p.and_then(|p| p.authentication_method.clone()),
                 }
             }
         }
@@ -257,6 +265,15 @@ pub fn connack_refused(protocol: Protocol, refused: &Refused) -> Packet {
     }
 }
 
+/// The CONNACK for an MQTT 5 CONNECT asking for enhanced authentication (AUTH): 0x8C Bad
+/// authentication method. The client certificate is the only authentication certmq takes.
+pub fn connack_bad_auth_method(method: &str) -> Packet {
+    v5_refusal(
+        v5::ConnectReturnCode::BadAuthenticationMethod,
+        format!("authentication method {method:?} is not supported: the client certificate authenticates"),
+    )
+}
+
 /// The CONNACK for a client identifier refusal (3.1.1 code 2; 0x85 in MQTT 5).
 pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packet {
     match protocol {
@@ -337,6 +354,8 @@ mod tests {
             session_expiry: None,
             receive_maximum: None,
             max_packet_size: None,
+            problem_info: true,
+            authentication_method: None,
         }
     }
 

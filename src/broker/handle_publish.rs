@@ -74,7 +74,7 @@ impl Conn<'_> {
                 } else {
                     AckReason::NotAuthorized
                 };
-                let text = (!allowed).then_some(denied_text.as_str());
+                let text = self.reason((!allowed).then_some(denied_text.as_str()));
                 self.send(&wire::puback(self.p.protocol, pkid, reason, text))
                     .await
             }
@@ -113,7 +113,7 @@ impl Conn<'_> {
                     }
                     AckReason::NotAuthorized
                 };
-                let text = (!allowed).then_some(denied_text.as_str());
+                let text = self.reason((!allowed).then_some(denied_text.as_str()));
                 self.send(&wire::pubrec(self.p.protocol, pkid, reason, text))
                     .await
             }
@@ -192,7 +192,7 @@ impl Conn<'_> {
                     self.p.protocol,
                     p.pkid,
                     AckReason::QuotaExceeded,
-                    Some(text),
+                    self.reason(Some(text)),
                 ))
                 .await
             }
@@ -201,7 +201,7 @@ impl Conn<'_> {
                     self.p.protocol,
                     p.pkid,
                     AckReason::QuotaExceeded,
-                    Some(text),
+                    self.reason(Some(text)),
                 ))
                 .await
             }

@@ -101,7 +101,7 @@ impl Conn<'_> {
             self.p.protocol,
             pkid,
             &results,
-            text.as_deref(),
+            self.reason(text.as_deref()),
         ))
         .await?;
         for d in retained {

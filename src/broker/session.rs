@@ -49,6 +49,9 @@ pub struct Params {
     pub write_limit: Duration,
     /// MQTT 5: the session expiry was 0 at CONNECT (DISCONNECT may not raise it).
     pub expiry_was_zero: bool,
+    /// MQTT 5 Request Problem Information: when false, no reason strings on acknowledgements
+    /// (MQTT 5 §3.1.2.11.7; CONNACK, DISCONNECT and PUBLISH may still carry them).
+    pub problem_info: bool,
 }
 
 /// Why a session ended.
@@ -456,6 +459,11 @@ impl Conn<'_> {
             self.session.abandon(pkid);
         }
         self.broker.metrics.dropped(reason, 1);
+    }
+
+    /// A reason string for an acknowledgement, if the client asked for problem information.
+    pub(super) fn reason<'t>(&self, text: Option<&'t str>) -> Option<&'t str> {
+        text.filter(|_| self.p.problem_info)
     }
 
     pub(super) fn encode(&self, packet: &Packet) -> Result<Bytes, End> {

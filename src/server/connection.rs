@@ -147,6 +147,17 @@ pub async fn handle(
         Rule::Anchor(i) => Source::Anchor(config.anchors[i].name.clone()),
     };
 
+    if let Some(method) = &req.authentication_method {
+        tracing::info!(%peer, %device, %method, "CONNECT refused: enhanced authentication requested");
+        let _ = send(
+            &mut wr,
+            &connect::connack_bad_auth_method(method),
+            write_limit,
+        )
+        .await;
+        return;
+    }
+
     // Client identifier (SPEC 4) and will (SPEC 5, 6).
     let client_id = match connect::client_id(&req) {
         Ok(id) => id,
@@ -222,6 +233,7 @@ pub async fn handle(
         client_max_packet: req.max_packet_size.map(|m| m as usize),
         write_limit,
         expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,
+        problem_info: req.problem_info,
     };
     let revoke = Arc::new(Revoke::default());
     let _live = shared.live.register(
