@@ -4,6 +4,7 @@
 //! in parallel.
 #![allow(dead_code)]
 
+pub mod ops;
 pub mod run;
 
 use std::net::SocketAddr;
