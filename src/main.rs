@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -263,27 +264,50 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
             Err(ServerError::Config(e)) => return Ok(report(&e)),
             Err(e) => return Err(e.into()),
         };
+        // Installed before the listeners are announced: until then SIGHUP and SIGTERM
+        // keep their default action, and a reload sent right after start killed the broker.
+        let handlers = Signals::install().context("cannot install signal handlers")?;
         let listener = server.bind().await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone(), server.shared()));
+        tokio::spawn(signals(handlers, shutdown.clone(), server.shared()));
         server.run(listener, shutdown).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
 
+/// The signals `serve` handles. Creating a tokio signal stream installs the process's
+/// handler at once, so holding these means no signal can take its default action any more.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (SPEC 8);
 /// an invalid file is logged problem by problem and the old config stays in force.
-async fn signals(shutdown: CancellationToken, shared: std::sync::Arc<server::Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn signals(
+    handlers: Signals,
+    shutdown: CancellationToken,
+    shared: std::sync::Arc<server::Shared>,
+) {
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+    } = handlers;
     loop {
         tokio::select! {
             _ = int.recv() => {}

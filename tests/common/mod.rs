@@ -6,6 +6,7 @@
 
 pub mod coretests;
 pub mod interop;
+pub mod ops;
 pub mod run;
 pub mod v5tests;
 
