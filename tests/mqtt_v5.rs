@@ -456,3 +456,88 @@ async fn delayed_will_is_cancelled_by_a_reconnect_within_the_delay() {
     let got = s.until_payload(b"marker").await;
     assert_eq!(got.len(), 1, "the will was published: {got:?}");
 }
+
+/// An MQTT 5 CONNECT with extra CONNECT properties (already encoded).
+fn connect_v5_with_props(client_id: &str, props: &[u8]) -> Vec<u8> {
+    let mut body = vec![
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        5,
+        0x02,
+        0,
+        60,
+        props.len() as u8,
+    ];
+    body.extend_from_slice(props);
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[tokio::test]
+async fn enhanced_authentication_is_refused_with_0x8c() {
+    let fx = common::Fixture::new();
+    let broker = common::Broker::start(&fx.config(&common::Fixture::fleet_anchor(true))).await;
+    let dev = fx.device("dev-1.devices.example.com");
+    // Property 0x15 Authentication Method = "SCRAM-SHA-1".
+    let mut props = vec![0x15, 0, 11];
+    props.extend_from_slice(b"SCRAM-SHA-1");
+    let answer = fx
+        .client(&dev)
+        .raw(broker.addr, &connect_v5_with_props("c", &props))
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer[0], answer[3]),
+        (0x20, 0x8C),
+        "CONNACK 0x8C: {answer:02x?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&answer).contains("not supported"),
+        "{answer:02x?}"
+    );
+}
+
+#[tokio::test]
+async fn request_problem_information_0_suppresses_reason_strings_on_acks() {
+    let fx = common::Fixture::new();
+    let broker = common::Broker::start(&fx.config(&common::Fixture::fleet_anchor(true))).await;
+    let dev = fx.device("dev-1.devices.example.com");
+    let client = fx.client(&dev);
+    // A QoS 1 PUBLISH to a topic the device may not use, pkid 1.
+    let publish = |topic: &str| {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&[0, 1, 0]);
+        body.extend_from_slice(b"x");
+        let mut p = vec![0x32, body.len() as u8];
+        p.extend(body);
+        p
+    };
+    for (props, expect_string) in [(vec![0x17, 0], false), (vec![], true)] {
+        let (ack, mut tls) = client
+            .raw_first_packet(broker.addr, &connect_v5_with_props("c", &props))
+            .await
+            .unwrap();
+        assert_eq!(ack[3], 0, "connected: {ack:02x?}");
+        use tokio::io::AsyncWriteExt;
+        tls.write_all(&publish("devices/other/t")).await.unwrap();
+        let puback = common::read_packet(&mut tls).await.unwrap();
+        assert_eq!(
+            (puback[0], puback[4]),
+            (0x40, 0x87),
+            "PUBACK 0x87: {puback:02x?}"
+        );
+        assert_eq!(
+            puback.contains(&0x1F),
+            expect_string,
+            "reason string present = {expect_string}: {puback:02x?}"
+        );
+    }
+}
