@@ -70,6 +70,10 @@ pub struct Args {
     /// Keep issued device certificates here and reuse them in later runs.
     #[arg(long, requires = "issuer_cert")]
     pub devices_dir: Option<PathBuf>,
+    /// Number of the first issued device: connection i is bench-<offset + i>. Lets a
+    /// script measure first contact with devices a broker has never seen.
+    #[arg(long, default_value_t = 0, requires = "issuer_cert")]
+    pub device_offset: usize,
     /// Subscriber identity for fan-in/fan-out (must be allowed to read the topics;
     /// default: the first publisher's identity).
     #[arg(long, requires = "sub_key")]
@@ -143,6 +147,7 @@ impl Args {
                 cert: cert.clone(),
                 key: key.clone(),
                 devices_dir: self.devices_dir.clone(),
+                offset: self.device_offset,
             }),
             _ => None,
         }

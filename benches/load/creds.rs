@@ -93,6 +93,8 @@ pub enum Source {
         key: PathBuf,
         /// Optional cache of issued leaves, reused across runs.
         devices_dir: Option<PathBuf>,
+        /// Connection i presents device `bench-<offset + i>`.
+        offset: usize,
     },
 }
 
@@ -128,10 +130,11 @@ impl Credentials {
                 cert,
                 key,
                 devices_dir,
+                offset,
             } => {
                 let issuer = BenchIssuer::load(cert, key)?;
                 let mut out = Vec::with_capacity(count);
-                for i in 0..count.max(1) {
+                for i in (0..count.max(1)).map(|i| i + offset) {
                     let (chain, key, path) = issuer.device(i, devices_dir.as_deref())?;
                     out.push(Identity {
                         tls: client_config(&roots, chain, key, &path)?,
