@@ -1,0 +1,173 @@
+//! The command line: `cargo bench --bench load -- <workload> [options]`.
+//!
+//! One flat set of options for every workload (each uses the ones that apply), so that a
+//! script can pass the same target and identity options to every run and vary only the
+//! workload. Durations are parsed into `Duration` here, once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+
+use super::creds::Source;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// N full mTLS handshakes + CONNECT/CONNACK + DISCONNECT, C at a time.
+    Connect,
+    /// P publishers, 1 subscriber reading every publisher's topic.
+    FanIn,
+    /// 1 publisher, S subscribers on its topic.
+    FanOut,
+    /// N connections opened and held; the broker's RSS before and after.
+    Idle,
+}
+
+impl Workload {
+    /// The name used on the command line, in tables and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Connect => "connect",
+            Workload::FanIn => "fan-in",
+            Workload::FanOut => "fan-out",
+            Workload::Idle => "idle",
+        }
+    }
+}
+
+/// Load generator for any MQTT-over-TLS broker with client certificates.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "load", about)]
+#[command(group(ArgGroup::new("identity").required(true).args(["cert", "issuer_cert"])))]
+pub struct Args {
+    #[arg(value_enum)]
+    pub workload: Workload,
+
+    /// Broker address (an IP address or a name to resolve).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8883)]
+    pub port: u16,
+    /// Name the server certificate must carry (default: --host).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// PEM file of the CA certificate(s) that issued the server certificate.
+    #[arg(long)]
+    pub ca: PathBuf,
+
+    /// One client chain (leaf first) used by every connection.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A CA certificate that issues one device certificate per connection
+    /// (CN bench-<i>.devices.example.com, ECDSA P-256).
+    #[arg(long, requires = "issuer_key")]
+    pub issuer_cert: Option<PathBuf>,
+    #[arg(long, requires = "issuer_cert")]
+    pub issuer_key: Option<PathBuf>,
+    /// Keep issued device certificates here and reuse them in later runs.
+    #[arg(long, requires = "issuer_cert")]
+    pub devices_dir: Option<PathBuf>,
+    /// Number of the first issued device: connection i is bench-<offset + i>. Lets a
+    /// script measure first contact with devices a broker has never seen.
+    #[arg(long, default_value_t = 0, requires = "issuer_cert")]
+    pub device_offset: usize,
+    /// Subscriber identity for fan-in/fan-out (must be allowed to read the topics;
+    /// default: the first publisher's identity).
+    #[arg(long, requires = "sub_key")]
+    pub sub_cert: Option<PathBuf>,
+    #[arg(long, requires = "sub_cert")]
+    pub sub_key: Option<PathBuf>,
+
+    /// Topic template; {device} is the publishing device's name.
+    #[arg(long, default_value = "devices/{device}/bench")]
+    pub topic: String,
+    /// Broker label in the output.
+    #[arg(long, default_value = "broker")]
+    pub label: String,
+    /// Broker process id: report its CPU time (and RSS for idle) from /proc.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Connections (connect: default 2000; idle: default 10000).
+    #[arg(short = 'n', long)]
+    pub connections: Option<usize>,
+    /// Connections opened at the same time (connect, idle).
+    #[arg(short = 'c', long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Publishers (fan-in).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub publishers: u16,
+    /// Subscribers (fan-out).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub subscribers: u16,
+    /// QoS of publications and subscriptions (fan-in, fan-out).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Seconds of publishing (fan-in, fan-out).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    pub duration: Duration,
+    /// Unacknowledged QoS 1 PUBLISHes allowed per publisher.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub window: u16,
+    /// Payload bytes; the first 8 carry the send time.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(8..))]
+    pub payload: u16,
+    /// Messages per second per publisher; 0 = as fast as the broker takes them.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Idle: seconds to wait after the last connection opened before reading the RSS.
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    pub settle: Duration,
+    /// Idle: seconds to keep holding the connections after the measurement.
+    #[arg(long, default_value = "0", value_parser = parse_secs)]
+    pub hold: Duration,
+    /// Seconds any single wait on the broker may take.
+    #[arg(long, default_value = "15", value_parser = parse_secs)]
+    pub timeout: Duration,
+    /// One JSON object per result line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    pub bench: bool,
+}
+
+impl Args {
+    /// Where the publishers' (and connect/idle connections') identities come from.
+    pub fn source(&self) -> Option<Source> {
+        match (&self.cert, &self.key, &self.issuer_cert, &self.issuer_key) {
+            (Some(cert), Some(key), _, _) => Some(Source::Single {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (_, _, Some(cert), Some(key)) => Some(Source::Issuer {
+                cert: cert.clone(),
+                key: key.clone(),
+                devices_dir: self.devices_dir.clone(),
+                offset: self.device_offset,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The subscribers' identity when one was given.
+    pub fn sub_source(&self) -> Option<Source> {
+        match (&self.sub_cert, &self.sub_key) {
+            (Some(cert), Some(key)) => Some(Source::Single {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
