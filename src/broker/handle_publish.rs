@@ -56,7 +56,7 @@ impl Conn<'_> {
         let denied_text = format!("not authorized to publish to {canonical}");
         match p.qos {
             QoS::AtMostOnce => {
-                if allowed && self.route(canonical, p) {
+                if allowed && self.route(canonical, p).await {
                     // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
                     // like everything else (backpressure); a failed commit is logged there.
                     self.commit().await;
@@ -67,7 +67,7 @@ impl Conn<'_> {
                 let pkid = p.pkid;
                 let reason = if allowed {
                     let copy = p.clone();
-                    if self.route(canonical, p) && !self.commit().await {
+                    if self.route(canonical, p).await && !self.commit().await {
                         return self.refuse_unstored(&copy).await;
                     }
                     AckReason::Success
@@ -100,7 +100,7 @@ impl Conn<'_> {
                 let reason = if allowed {
                     let copy = p.clone();
                     // The inbound id is committed with the message (a restart keeps it).
-                    let durable = self.route(canonical, p) || self.session.store().is_some();
+                    let durable = self.route(canonical, p).await || self.session.store().is_some();
                     if durable && !self.commit().await {
                         self.session.inbound_qos2_release(pkid);
                         return self.refuse_unstored(&copy).await;
@@ -152,7 +152,9 @@ impl Conn<'_> {
     }
 
     /// Routes the message; true when it was submitted to the store (commit before ack).
-    fn route(&self, topic: TopicName, p: InPublish) -> bool {
+    /// A publisher feeding a subscriber that falls behind yields its thread (see
+    /// [`Published::congested`](super::Published)).
+    async fn route(&self, topic: TopicName, p: InPublish) -> bool {
         let message = Message {
             topic,
             payload: p.payload,

@@ -107,6 +107,10 @@ pub struct Published {
     /// Whether it was submitted to the store (persistent subscribers or retained): the
     /// publisher is acknowledged only after [`Store::barrier`] (SPEC 7).
     pub durable: bool,
+    /// An online subscriber's queue is more than half full: the publisher's task should
+    /// yield its thread so that the subscriber's task gets to run. Never a wait: a slow
+    /// subscriber does not block publishers (SPEC 9), it only stops being starved.
+    pub congested: bool,
 }
 
 /// What a CONNECT asks of its session.
@@ -374,6 +378,7 @@ impl Broker {
             |s| s.online(),
         );
         let mut queued = 0;
+        let mut congested = false;
         for t in targets {
             if !t.key.acl().can_receive(&msg.topic) {
                 self.metrics.dropped("acl", 1);
@@ -387,6 +392,7 @@ impl Broker {
                 msg: msg.clone(),
             };
             let persisted = t.key.store().is_some() && delivery.qos != QoS::AtMostOnce;
+            congested |= t.key.online() && t.key.congested();
             match t.key.enqueue(delivery) {
                 Enqueued::Queued => {
                     queued += 1;
@@ -410,7 +416,11 @@ impl Broker {
                 }
             }
         }
-        Published { queued, durable }
+        Published {
+            queued,
+            durable,
+            congested,
+        }
     }
 
     /// Adds a subscription; true if it replaced one with the same filter. `aliased`: made

@@ -28,6 +28,8 @@ use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, Q
 /// Packets waiting for the writer task. Small: the session queue is where messages wait;
 /// this only decouples the loop from one socket write.
 const OUT_CHANNEL: usize = 64;
+/// Deliveries encoded into one buffer (one channel slot) per pump step.
+const PUMP_BATCH: usize = 256;
 /// The writer coalesces queued packets into one TLS write up to this size.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -378,7 +380,7 @@ impl Conn<'_> {
             if room == 0 {
                 return Ok(self.session.has_queued());
             }
-            let batch = self.session.next_batch(self.conn_id, self.p.window, room);
+            let batch = self.session.next_batch(self.conn_id, self.p.window, PUMP_BATCH);
             if batch.is_empty() {
                 return Ok(false);
             }
@@ -391,21 +393,29 @@ impl Conn<'_> {
             if qos2_stored {
                 self.commit().await;
             }
+            // One buffer per batch: one channel operation and one writer wake-up for the
+            // whole batch, instead of one per message.
+            let mut buf = BytesMut::new();
+            let mut sent = 0u64;
             for o in batch {
                 let Some(packet) = self.outgoing_packet(o) else {
                     continue;
                 };
-                let bytes = self.encode(&packet)?;
-                if self.out.try_send(bytes).is_err() {
-                    return Err(End::Write(WriteError::Io(
-                        std::io::ErrorKind::BrokenPipe.into(),
-                    )));
-                }
-                self.broker
-                    .metrics
-                    .messages_sent
-                    .fetch_add(1, Ordering::Relaxed);
+                codec::encode(&packet, &mut buf).map_err(|e| End::Write(WriteError::Encode(e)))?;
+                sent += 1;
             }
+            if buf.is_empty() {
+                continue;
+            }
+            if self.out.try_send(buf.freeze()).is_err() {
+                return Err(End::Write(WriteError::Io(
+                    std::io::ErrorKind::BrokenPipe.into(),
+                )));
+            }
+            self.broker
+                .metrics
+                .messages_sent
+                .fetch_add(sent, Ordering::Relaxed);
         }
     }
 

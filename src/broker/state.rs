@@ -266,6 +266,12 @@ impl Session {
         self.notify.notified()
     }
 
+    /// Whether the queue is more than half full: the subscriber is falling behind.
+    pub fn congested(&self) -> bool {
+        let inner = self.lock();
+        inner.queue.len() * 2 > inner.max_queued
+    }
+
     /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
     /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
     /// before acknowledging the publisher).
