@@ -269,6 +269,10 @@ fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             )?
             .execute(params![key.device.as_str(), key.client_id, pkid])?;
         }
+        Op::Probe => {
+            // Rewriting the header field dirties page 1: the commit must write a frame.
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
         Op::Barrier(_) => {}
     }
     Ok(())
