@@ -322,6 +322,12 @@ impl Conn<'_> {
             }
             Inbound::PubRec { pkid, accepted } => {
                 if self.session.pubrec(pkid, accepted) {
+                    // The release is committed before PUBREL leaves: the client forgets the
+                    // id on PUBREL, so after a restart the broker must resend PUBREL, never
+                    // the PUBLISH (which the client would take for a new message).
+                    if self.session.store().is_some() {
+                        self.commit().await;
+                    }
                     self.send(&wire::pubrel(self.p.protocol, pkid)).await
                 } else {
                     Ok(())
