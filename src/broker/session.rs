@@ -335,6 +335,12 @@ impl Conn<'_> {
             }
             Inbound::PubRel(pkid) => {
                 let found = self.session.inbound_qos2_release(pkid);
+                // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
+                // restart would take the client's next message with this id for a
+                // duplicate, acknowledge it, and drop it.
+                if found && self.session.store().is_some() {
+                    self.commit().await;
+                }
                 self.send(&wire::pubcomp(self.p.protocol, pkid, found))
                     .await
             }
