@@ -4,6 +4,7 @@
 //! in parallel.
 #![allow(dead_code)]
 
+pub mod durability;
 pub mod interop;
 pub mod run;
 
