@@ -39,9 +39,14 @@ impl Conn<'_> {
             })?,
             None => name,
         };
-        // SPEC 7: a store that cannot commit refuses new QoS 1/2 messages up front.
-        if p.qos != QoS::AtMostOnce && self.broker.store().is_some_and(|s| s.failing()) {
-            return self.refuse_unstored(&p).await;
+        // SPEC 7: a store that cannot commit refuses new QoS 1/2 messages up front, once a
+        // probe write confirms it still cannot (so it recovers when space comes back).
+        if p.qos != QoS::AtMostOnce {
+            if let Some(store) = self.broker.store().filter(|s| s.failing()) {
+                if store.probe().await.is_err() {
+                    return self.refuse_unstored(&p).await;
+                }
+            }
         }
         let allowed = self.session.acl().can_publish(&canonical);
         if !allowed {

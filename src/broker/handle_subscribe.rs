@@ -90,11 +90,7 @@ impl Conn<'_> {
                 }
             }
         }
-        // A persistent session's subscriptions are committed before SUBACK: an acknowledged
-        // subscription survives a crash like an acknowledged message.
-        if self.session.store().is_some() {
-            self.commit().await;
-        }
+        self.commit_session_change().await?;
         let text = (!denied.is_empty())
             .then(|| format!("not authorized to subscribe to {}", denied.join(", ")));
         self.send(&wire::suback(
@@ -124,11 +120,22 @@ impl Conn<'_> {
                 None => existed.push(false),
             }
         }
-        if self.session.store().is_some() {
-            self.commit().await;
-        }
+        self.commit_session_change().await?;
         self.send(&wire::unsuback(self.p.protocol, pkid, &existed))
             .await
+    }
+
+    /// SPEC 7: a persistent session's SUBACK / UNSUBACK is sent only once the change is
+    /// committed, or a `kill -9` right after it would silently undo what was acknowledged.
+    /// A store that cannot commit ends the connection unacknowledged (the client retries).
+    async fn commit_session_change(&self) -> Result<(), End> {
+        if self.session.store().is_some() && !self.commit().await {
+            return Err(protocol_error(
+                v5::DisconnectReasonCode::QuotaExceeded,
+                "the message store cannot record the subscription now",
+            ));
+        }
+        Ok(())
     }
 
     /// Parses a requested filter and applies the `me` alias to its filter part; the flag

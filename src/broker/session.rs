@@ -328,6 +328,12 @@ impl Conn<'_> {
             }
             Inbound::PubRec { pkid, accepted } => {
                 if self.session.pubrec(pkid, accepted) {
+                    // The release is committed before PUBREL leaves: the client forgets the
+                    // id on PUBREL, so after a restart the broker must resend PUBREL, never
+                    // the PUBLISH (which the client would take for a new message).
+                    if self.session.store().is_some() {
+                        self.commit().await;
+                    }
                     self.send(&wire::pubrel(self.p.protocol, pkid)).await
                 } else {
                     Ok(())
@@ -335,6 +341,12 @@ impl Conn<'_> {
             }
             Inbound::PubRel(pkid) => {
                 let found = self.session.inbound_qos2_release(pkid);
+                // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
+                // restart would take the client's next message with this id for a
+                // duplicate, acknowledge it, and drop it.
+                if found && self.session.store().is_some() {
+                    self.commit().await;
+                }
                 self.send(&wire::pubcomp(self.p.protocol, pkid, found))
                     .await
             }
@@ -380,7 +392,9 @@ impl Conn<'_> {
             if room == 0 {
                 return Ok(self.session.has_queued());
             }
-            let batch = self.session.next_batch(self.conn_id, self.p.window, PUMP_BATCH);
+            let batch = self
+                .session
+                .next_batch(self.conn_id, self.p.window, PUMP_BATCH);
             if batch.is_empty() {
                 return Ok(false);
             }

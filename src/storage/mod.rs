@@ -128,6 +128,9 @@ pub enum Op {
         key: SessionKey,
         pkid: u16,
     },
+    /// A write that changes nothing durable: it tests whether commits work again after
+    /// they failed (disk full), since only a real write can tell.
+    Probe,
     /// Completes when everything submitted before it is committed.
     Barrier(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -197,6 +200,13 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.submit(Op::Barrier(tx));
         rx.blocking_recv().unwrap_or(Err(StoreError::Stopped))
+    }
+
+    /// While commits fail: tries one write and waits for it. Ok means the store takes
+    /// writes again (and [`Store::failing`] is cleared).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.submit(Op::Probe);
+        self.barrier().await
     }
 
     /// Whether the last commit failed (SPEC 7: then new QoS 1/2 messages are refused).

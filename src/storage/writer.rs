@@ -98,6 +98,11 @@ pub(super) fn spawn(
 }
 
 fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
+    // The outcome of the last batch that wrote something. A batch of barriers alone
+    // answers with it: the ops those barriers follow may have gone in that batch (the
+    // writer can wake between a connection's ops and its barrier), and a failed commit
+    // must never be reported as committed.
+    let mut last: Result<(), String> = Ok(());
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {
@@ -114,27 +119,22 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
                 other => work.push(other),
             }
         }
-        let result = if work.is_empty() {
-            Ok(())
-        } else {
-            apply(&mut conn, &work)
-        };
-        match &result {
-            Ok(()) => {
-                if failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("message store writable again");
+        if !work.is_empty() {
+            last = apply(&mut conn, &work).map_err(|e| e.to_string());
+            match &last {
+                Ok(()) => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("message store writable again");
+                    }
                 }
-            }
-            Err(e) => {
-                failing.store(true, Ordering::Relaxed);
-                tracing::error!(error = %e, ops = work.len(), "message store commit failed: these changes are not durable");
+                Err(e) => {
+                    failing.store(true, Ordering::Relaxed);
+                    tracing::error!(error = %e, ops = work.len(), "message store commit failed: these changes are not durable");
+                }
             }
         }
         for b in barriers {
-            let _ = b.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::CommitFailed(e.to_string())),
-            });
+            let _ = b.send(last.clone().map_err(StoreError::CommitFailed));
         }
     }
 }
@@ -268,6 +268,10 @@ fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
                 "DELETE FROM inbound WHERE device = ?1 AND client_id = ?2 AND pkid = ?3",
             )?
             .execute(params![key.device.as_str(), key.client_id, pkid])?;
+        }
+        Op::Probe => {
+            // Rewriting the header field dirties page 1: the commit must write a frame.
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         Op::Barrier(_) => {}
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod coretests;
+pub mod durability;
 pub mod interop;
 pub mod ops;
 pub mod run;
