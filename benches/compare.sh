@@ -183,6 +183,20 @@ for qos in 0 1; do
     run "fan-out-qos$qos-paced" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" \
         --duration "$FLOW_SECS" --rate "$PACED_RATE"
 done
+# Durability (issue 4): QoS 1 fan-in to a persistent subscriber (clean session 0), so every
+# message must be kept for it. certmq commits each one (group commit, fsync) before its
+# PUBACK; Mosquitto restarts with `persistence true`, which keeps messages in memory and
+# writes them to disk on its autosave interval (and at exit), losing what came since on a
+# crash: the stronger guarantee is certmq's.
+kill "$MOSQ_PID" 2>/dev/null || true
+wait "$MOSQ_PID" 2>/dev/null || true
+sed -i 's/^persistence false$/persistence true/' "$WORK/mosquitto.conf"
+echo "persistence_location $WORK/" >>"$WORK/mosquitto.conf"
+"$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>>"$WORK/mosquitto.log" &
+MOSQ_PID=$!
+wait_port "$MOSQ_PORT"
+run "fan-in-qos1-durable" fan-in --publishers "$FAN_IN_P" --qos 1 --duration "$FLOW_SECS" \
+    --persistent-subscribers
 say "workloads took $((SECONDS - START)) s"
 
 # --- table ------------------------------------------------------------------------------

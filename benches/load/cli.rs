@@ -81,6 +81,11 @@ pub struct Args {
     #[arg(long, requires = "sub_cert")]
     pub sub_key: Option<PathBuf>,
 
+    /// Subscribers use persistent sessions (clean session 0, a client id unique to this
+    /// run): a durable broker then stores every QoS 1 message before its PUBACK.
+    #[arg(long)]
+    pub persistent_subscribers: bool,
+
     /// Topic template; {device} is the publishing device's name.
     #[arg(long, default_value = "devices/{device}/bench")]
     pub topic: String,

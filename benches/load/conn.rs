@@ -74,6 +74,17 @@ impl Conn {
         identity: &Identity,
         client_id: &str,
     ) -> Result<Conn, LoadError> {
+        Conn::open_with(target, identity, client_id, true).await
+    }
+
+    /// The same with the clean-session flag given: `false` makes a persistent session,
+    /// whose QoS 1 messages a durable broker must store before acknowledging them.
+    pub async fn open_with(
+        target: &Target,
+        identity: &Identity,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<Conn, LoadError> {
         let tcp = target
             .bounded("TCP connect", async {
                 TcpStream::connect(target.addr)
@@ -105,7 +116,7 @@ impl Conn {
             decoder: Decoder::new(),
         };
         let mut out = Vec::with_capacity(64);
-        mqtt::connect(&mut out, client_id, KEEP_ALIVE_S, true);
+        mqtt::connect(&mut out, client_id, KEEP_ALIVE_S, clean);
         conn.write(target, &out).await?;
         match conn.next(target, "CONNACK").await? {
             Packet::ConnAck { code: 0 } => Ok(conn),

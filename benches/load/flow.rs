@@ -71,8 +71,22 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
     ));
     let mut subs = Vec::with_capacity(plan.subscribers);
     for s in 0..plan.subscribers {
-        let mut conn =
-            Conn::open(&ctx.target, ctx.sub_creds.get(s), &format!("bench-sub-{s}")).await?;
+        let mut conn = if ctx.persistent_subscribers {
+            // A fresh persistent session per run: nothing queued from an earlier run.
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            Conn::open_with(
+                &ctx.target,
+                ctx.sub_creds.get(s),
+                &format!("bench-sub-{s}-{run}"),
+                false,
+            )
+            .await?
+        } else {
+            Conn::open(&ctx.target, ctx.sub_creds.get(s), &format!("bench-sub-{s}")).await?
+        };
         conn.subscribe(&ctx.target, &filter, plan.qos).await?;
         subs.push(conn);
     }

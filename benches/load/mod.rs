@@ -106,6 +106,8 @@ pub struct Ctx {
     pub creds: Credentials,
     /// Subscribers' identity (fan-in, fan-out).
     pub sub_creds: Credentials,
+    /// Subscribers connect with clean session 0 (`--persistent-subscribers`).
+    pub persistent_subscribers: bool,
     pub topic_template: String,
     pub label: String,
     pub pid: Option<u32>,
@@ -156,6 +158,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
         target,
         creds,
         sub_creds,
+        persistent_subscribers: args.persistent_subscribers,
         topic_template: args.topic.clone(),
         label: args.label.clone(),
         pid: args.pid,

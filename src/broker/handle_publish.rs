@@ -13,6 +13,36 @@ use crate::acl;
 use crate::mqtt::codec::{v5, Protocol, QoS};
 use crate::mqtt::topic::TopicName;
 
+/// A store barrier an acknowledgement waits for.
+pub(super) type Barrier = tokio::sync::oneshot::Receiver<Result<(), crate::storage::StoreError>>;
+
+/// A PUBACK or PUBREC waiting for its message's commit (SPEC 7: acknowledged means
+/// stored). The loop keeps reading meanwhile; acknowledgements leave in PUBLISH order.
+pub(super) struct PendingAck {
+    /// None when nothing had to be stored (it waits only for those before it).
+    pub(super) wait: Option<Barrier>,
+    pub(super) qos: QoS,
+    pub(super) pkid: u16,
+    /// What to send once committed.
+    pub(super) ack: crate::mqtt::codec::Packet,
+}
+
+impl PendingAck {
+    fn new(
+        wait: Option<Barrier>,
+        qos: QoS,
+        pkid: u16,
+        ack: crate::mqtt::codec::Packet,
+    ) -> PendingAck {
+        PendingAck {
+            wait,
+            qos,
+            pkid,
+            ack,
+        }
+    }
+}
+
 impl Conn<'_> {
     pub(super) async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
         use v5::DisconnectReasonCode as D;
@@ -44,7 +74,9 @@ impl Conn<'_> {
         if p.qos != QoS::AtMostOnce {
             if let Some(store) = self.broker.store().filter(|s| s.failing()) {
                 if store.probe().await.is_err() {
-                    return self.refuse_unstored(&p).await;
+                    // In order: everything acknowledged before this refusal goes first.
+                    self.drain_acks().await?;
+                    return self.refuse_unstored(p.qos, p.pkid).await;
                 }
             }
         }
@@ -70,30 +102,23 @@ impl Conn<'_> {
             }
             QoS::AtLeastOnce => {
                 let pkid = p.pkid;
-                let reason = if allowed {
-                    let copy = p.clone();
-                    if self.route(canonical, p).await && !self.commit().await {
-                        return self.refuse_unstored(&copy).await;
-                    }
-                    AckReason::Success
+                let (reason, wait) = if allowed {
+                    (AckReason::Success, self.route_durably(canonical, p).await)
                 } else {
-                    AckReason::NotAuthorized
+                    (AckReason::NotAuthorized, None)
                 };
                 let text = self.reason((!allowed).then_some(denied_text.as_str()));
-                self.send(&wire::puback(self.p.protocol, pkid, reason, text))
+                let ack = wire::puback(self.p.protocol, pkid, reason, text);
+                self.queue_ack(PendingAck::new(wait, QoS::AtLeastOnce, pkid, ack))
                     .await
             }
             QoS::ExactlyOnce => {
                 let pkid = p.pkid;
                 if !self.session.inbound_qos2_begin(pkid) {
                     // A duplicate of a PUBLISH already routed: acknowledge only.
+                    let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
                     return self
-                        .send(&wire::pubrec(
-                            self.p.protocol,
-                            pkid,
-                            AckReason::Success,
-                            None,
-                        ))
+                        .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
                         .await;
                 }
                 if self.session.inbound_qos2_len() > self.p.receive_max {
@@ -102,24 +127,25 @@ impl Conn<'_> {
                         "more QoS 2 messages in flight than the Receive Maximum",
                     ));
                 }
-                let reason = if allowed {
-                    let copy = p.clone();
+                let (reason, wait) = if allowed {
                     // The inbound id is committed with the message (a restart keeps it).
-                    let durable = self.route(canonical, p).await || self.session.store().is_some();
-                    if durable && !self.commit().await {
-                        self.session.inbound_qos2_release(pkid);
-                        return self.refuse_unstored(&copy).await;
-                    }
-                    AckReason::Success
+                    let persistent = self.session.store().is_some();
+                    let wait = self.route_durably(canonical, p).await;
+                    let wait = match (wait, persistent, self.broker.store()) {
+                        (None, true, Some(store)) => Some(store.barrier_rx()),
+                        (w, _, _) => w,
+                    };
+                    (AckReason::Success, wait)
                 } else {
                     if self.p.protocol == Protocol::V5 {
                         // A PUBREC with an error reason ends the exchange: no PUBREL follows.
                         self.session.inbound_qos2_release(pkid);
                     }
-                    AckReason::NotAuthorized
+                    (AckReason::NotAuthorized, None)
                 };
                 let text = self.reason((!allowed).then_some(denied_text.as_str()));
-                self.send(&wire::pubrec(self.p.protocol, pkid, reason, text))
+                let ack = wire::pubrec(self.p.protocol, pkid, reason, text);
+                self.queue_ack(PendingAck::new(wait, QoS::ExactlyOnce, pkid, ack))
                     .await
             }
         }
@@ -173,6 +199,74 @@ impl Conn<'_> {
             .durable
     }
 
+    /// Routes the message and, when it went to the store, returns the barrier its
+    /// acknowledgement waits for.
+    async fn route_durably(&self, topic: TopicName, p: InPublish) -> Option<Barrier> {
+        if self.route(topic, p).await {
+            self.broker.store().map(|s| s.barrier_rx())
+        } else {
+            None
+        }
+    }
+
+    /// Queues an acknowledgement behind those already waiting (PUBACK and PUBREC go out in
+    /// the order of their PUBLISHes, MQTT-4.6.0-2/3), then sends every one that is ready.
+    pub(super) async fn queue_ack(&mut self, ack: PendingAck) -> Result<(), End> {
+        self.pending.push_back(ack);
+        self.send_ready_acks().await
+    }
+
+    /// Sends acknowledgements from the front while their commit is done.
+    pub(super) async fn send_ready_acks(&mut self) -> Result<(), End> {
+        while let Some(front) = self.pending.front_mut() {
+            let outcome = match &mut front.wait {
+                None => Ok(()),
+                Some(rx) => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        Err(crate::storage::StoreError::Stopped)
+                    }
+                },
+            };
+            let Some(done) = self.pending.pop_front() else {
+                break;
+            };
+            self.finish_ack(done, outcome).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one acknowledgement whose commit finished (or refuses it if it failed).
+    pub(super) async fn finish_ack(
+        &mut self,
+        ack: PendingAck,
+        outcome: Result<(), crate::storage::StoreError>,
+    ) -> Result<(), End> {
+        match outcome {
+            Ok(()) => self.send(&ack.ack).await,
+            Err(e) => {
+                tracing::error!(device = %self.device, error = %e, "message not durable");
+                if ack.qos == QoS::ExactlyOnce {
+                    self.session.inbound_qos2_release(ack.pkid);
+                }
+                self.refuse_unstored(ack.qos, ack.pkid).await
+            }
+        }
+    }
+
+    /// Waits for every queued acknowledgement and sends it.
+    pub(super) async fn drain_acks(&mut self) -> Result<(), End> {
+        while let Some(mut front) = self.pending.pop_front() {
+            let outcome = match front.wait.take() {
+                None => Ok(()),
+                Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
+            };
+            self.finish_ack(front, outcome).await?;
+        }
+        Ok(())
+    }
+
     /// Waits for the group commit of what this connection submitted; false if it failed.
     pub(super) async fn commit(&self) -> bool {
         let Some(store) = self.broker.store() else {
@@ -190,14 +284,14 @@ impl Conn<'_> {
     /// SPEC 7: a QoS 1/2 message the store cannot keep is not acknowledged. MQTT 5 gets
     /// PUBACK/PUBREC 0x97 (quota exceeded) with a reason string; MQTT 3.1.1 has no negative
     /// acknowledgement, so the connection is closed unacknowledged (the client resends).
-    async fn refuse_unstored(&self, p: &InPublish) -> Result<(), End> {
+    async fn refuse_unstored(&self, qos: QoS, pkid: u16) -> Result<(), End> {
         self.broker.metrics.dropped("store_unavailable", 1);
         let text = "the message store cannot accept messages now";
-        match (self.p.protocol, p.qos) {
+        match (self.p.protocol, qos) {
             (Protocol::V5, QoS::AtLeastOnce) => {
                 self.send(&wire::puback(
                     self.p.protocol,
-                    p.pkid,
+                    pkid,
                     AckReason::QuotaExceeded,
                     self.reason(Some(text)),
                 ))
@@ -206,7 +300,7 @@ impl Conn<'_> {
             (Protocol::V5, _) => {
                 self.send(&wire::pubrec(
                     self.p.protocol,
-                    p.pkid,
+                    pkid,
                     AckReason::QuotaExceeded,
                     self.reason(Some(text)),
                 ))

@@ -185,6 +185,7 @@ where
         p: params,
         out: tx,
         aliases: HashMap::new(),
+        pending: std::collections::VecDeque::new(),
     };
     let end = conn.run(reader, &signals, &mut writer_task).await;
     if conn.p.protocol == Protocol::V5 {
@@ -248,7 +249,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 enum Event {
     Packet(Packet),
     Wake,
+    /// The commit the front acknowledgement waited for finished.
+    Committed(Result<(), crate::storage::StoreError>),
     End(End),
+}
+
+/// Completes when the front pending acknowledgement's commit is done; never when there is
+/// none or it waits for nothing (those are sent as soon as they reach the front).
+/// Cancellation safe: polling a borrowed receiver does not consume its value.
+async fn front_ack(
+    pending: &mut std::collections::VecDeque<super::handle_publish::PendingAck>,
+) -> Result<(), crate::storage::StoreError> {
+    match pending.front_mut().and_then(|p| p.wait.as_mut()) {
+        Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
+        None => std::future::pending().await,
+    }
 }
 
 /// The connection's state inside the loop.
@@ -261,6 +276,8 @@ pub(super) struct Conn<'a> {
     out: mpsc::Sender<Bytes>,
     /// MQTT 5 topic aliases set by the client on this connection.
     pub(super) aliases: HashMap<u16, String>,
+    /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
+    pub(super) pending: std::collections::VecDeque<super::handle_publish::PendingAck>,
 }
 
 impl Conn<'_> {
@@ -295,10 +312,13 @@ impl Conn<'_> {
                     Ok(Err(e)) => End::Write(e),
                     _ => End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into())),
                 }),
-                r = reader.read_packet() => match r {
+                // Stop reading while as many acknowledgements wait as the client may have
+                // in flight: a client ignoring our Receive Maximum cannot grow the queue.
+                r = reader.read_packet(), if self.pending.len() <= self.p.receive_max => match r {
                     Ok(packet) => Event::Packet(packet),
                     Err(e) => Event::End(End::Closed(e)),
                 },
+                r = front_ack(&mut self.pending) => Event::Committed(r),
                 _ = &mut idle => Event::End(End::KeepAlive(idle_limit)),
                 _ = self.session.notified(), if !backlogged => Event::Wake,
                 // Capacity is back: the permit is released and pump() fills the room.
@@ -307,6 +327,17 @@ impl Conn<'_> {
             match event {
                 Event::End(end) => return end,
                 Event::Wake => {}
+                Event::Committed(outcome) => {
+                    if let Some(front) = self.pending.pop_front() {
+                        let sent = match self.finish_ack(front, outcome).await {
+                            Ok(()) => self.send_ready_acks().await,
+                            Err(end) => Err(end),
+                        };
+                        if let Err(end) = sent {
+                            return end;
+                        }
+                    }
+                }
                 Event::Packet(packet) => {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_limit);

@@ -195,6 +195,14 @@ impl Store {
         rx.await.unwrap_or(Err(StoreError::Stopped))
     }
 
+    /// A barrier whose completion the caller polls later: lets a connection keep reading
+    /// while its messages are being committed (acknowledgements are pipelined).
+    pub fn barrier_rx(&self) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Barrier(tx));
+        rx
+    }
+
     /// The same, for blocking callers (shutdown, tests).
     pub fn barrier_blocking(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
