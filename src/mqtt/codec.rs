@@ -36,6 +36,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// pin its memory on an otherwise idle connection.
 const KEEP_CAPACITY: usize = 2 * READ_CHUNK;
 
+/// What an idle connection reads with: enough for a PINGREQ or a small PUBLISH.
+const IDLE_READ: usize = 256;
+
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -306,8 +309,24 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// that closes without close_notify surfaces as `UnexpectedEof`: treated as an end of
     /// stream like a plain one.
     async fn fill(&mut self) -> Result<(), CodecError> {
-        self.buf.reserve(READ_CHUNK);
-        let read = match self.inner.read_buf(&mut self.buf).await {
+        let result = if self.buf.capacity() == 0 {
+            // An idle connection (buffer released after CONNECT) waits with a small array in
+            // its own future instead of an 8 KiB heap chunk (SPEC 11 idle memory); the
+            // copy happens in the same poll that completed the read, so a cancelled read
+            // loses nothing.
+            let mut small = [0u8; IDLE_READ];
+            match self.inner.read(&mut small).await {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&small[..n]);
+                    Ok(n)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.buf.reserve(READ_CHUNK);
+            self.inner.read_buf(&mut self.buf).await
+        };
+        let read = match result {
             Ok(read) => read,
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(error) => return Err(CodecError::Io(error)),
