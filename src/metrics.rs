@@ -21,6 +21,9 @@ pub struct Metrics {
     /// map update only, never across an await.
     refusals: Mutex<BTreeMap<&'static str, u64>>,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+    dropped_queue_full: AtomicU64,
+    dropped_offline_qos0: AtomicU64,
+    dropped_acl: AtomicU64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     /// Seconds since the epoch of the last reload attempt (0 = never).
@@ -39,11 +42,21 @@ impl Metrics {
         }
     }
 
-    /// Counts messages dropped for a reason.
+    /// Counts messages dropped for a reason. The reasons a busy broker hits per message
+    /// are plain atomics; rarer ones go to the labelled map.
     pub fn dropped(&self, reason: &'static str, n: u64) {
-        if let Ok(mut m) = self.dropped.lock() {
-            *m.entry(reason).or_default() += n;
-        }
+        let hot = match reason {
+            "queue_full" => &self.dropped_queue_full,
+            "offline_qos0" => &self.dropped_offline_qos0,
+            "acl" => &self.dropped_acl,
+            _ => {
+                if let Ok(mut m) = self.dropped.lock() {
+                    *m.entry(reason).or_default() += n;
+                }
+                return;
+            }
+        };
+        hot.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records a reload attempt.
@@ -153,7 +166,17 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# TYPE certmq_messages_dropped_total counter");
-        let dropped = self.dropped.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut dropped = self.dropped.lock().map(|m| m.clone()).unwrap_or_default();
+        for (reason, counter) in [
+            ("queue_full", &self.dropped_queue_full),
+            ("offline_qos0", &self.dropped_offline_qos0),
+            ("acl", &self.dropped_acl),
+        ] {
+            let n = get(counter);
+            if n > 0 {
+                dropped.insert(reason, n);
+            }
+        }
         for (reason, n) in dropped {
             let _ = writeln!(
                 out,

@@ -28,6 +28,9 @@ use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, Q
 /// Packets waiting for the writer task. Small: the session queue is where messages wait;
 /// this only decouples the loop from one socket write.
 const OUT_CHANNEL: usize = 64;
+/// Buffered packets handled after one that came through `select!`, before selecting again
+/// (bounded so that deliveries and signals are still looked at regularly).
+const BURST: usize = 64;
 /// Deliveries encoded into one buffer (one channel slot) per pump step.
 const PUMP_BATCH: usize = 256;
 /// The writer coalesces queued packets into one TLS write up to this size.
@@ -343,6 +346,22 @@ impl Conn<'_> {
                         .reset(tokio::time::Instant::now() + idle_limit);
                     if let Some(end) = self.handle(wire::inbound(packet)).await {
                         return end;
+                    }
+                    // Packets the client pipelined behind it are handled now, without a
+                    // round through `select!` (and its timer, waiter and token checks) each.
+                    for _ in 0..BURST {
+                        if self.pending.len() > self.p.receive_max {
+                            break;
+                        }
+                        match reader.buffered_packet() {
+                            Ok(Some(packet)) => {
+                                if let Some(end) = self.handle(wire::inbound(packet)).await {
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return End::Closed(e),
+                        }
                     }
                 }
             }

@@ -241,6 +241,16 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         decode_packet(protocol, &header, frame)
     }
 
+    /// The next packet if it is already whole in the buffer, without reading: lets the
+    /// session handle a burst of pipelined packets in one go.
+    pub fn buffered_packet(&mut self) -> Result<Option<Packet>, CodecError> {
+        let protocol = self.protocol.ok_or(CodecError::OutOfOrder)?;
+        match self.buffered_frame()? {
+            Some((header, frame)) => decode_packet(protocol, &header, frame).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The protocol fixed by `read_connect`, if it succeeded.
     pub fn protocol(&self) -> Option<Protocol> {
         self.protocol
@@ -259,27 +269,33 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// cannot make us wait for (or buffer) a body we are going to refuse.
     async fn next_frame(&mut self) -> Result<(frame::FixedHeader, BytesMut), CodecError> {
         loop {
-            if let Some(&byte1) = self.buf.first() {
-                self.check_first_byte(byte1)?;
-            }
-            if let Some(header) =
-                frame::parse_fixed_header(&self.buf).map_err(CodecError::Malformed)?
-            {
-                if header.frame_len() > self.max_packet_size {
-                    return Err(CodecError::PacketTooLarge {
-                        size: header.frame_len(),
-                        max: self.max_packet_size,
-                    });
-                }
-                if let Some(protocol) = self.protocol {
-                    frame::check_remaining_len(&header, protocol).map_err(CodecError::Malformed)?;
-                }
-                if self.buf.len() >= header.frame_len() {
-                    return Ok((header, self.take_frame(header.frame_len())));
-                }
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(frame);
             }
             self.fill().await?;
         }
+    }
+
+    /// A whole packet already in the buffer, if any, with every check `next_frame` makes.
+    fn buffered_frame(&mut self) -> Result<Option<(frame::FixedHeader, BytesMut)>, CodecError> {
+        if let Some(&byte1) = self.buf.first() {
+            self.check_first_byte(byte1)?;
+        }
+        if let Some(header) = frame::parse_fixed_header(&self.buf).map_err(CodecError::Malformed)? {
+            if header.frame_len() > self.max_packet_size {
+                return Err(CodecError::PacketTooLarge {
+                    size: header.frame_len(),
+                    max: self.max_packet_size,
+                });
+            }
+            if let Some(protocol) = self.protocol {
+                frame::check_remaining_len(&header, protocol).map_err(CodecError::Malformed)?;
+            }
+            if self.buf.len() >= header.frame_len() {
+                return Ok(Some((header, self.take_frame(header.frame_len()))));
+            }
+        }
+        Ok(None)
     }
 
     fn check_first_byte(&self, byte1: u8) -> Result<(), CodecError> {
