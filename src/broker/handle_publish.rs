@@ -73,10 +73,11 @@ impl Conn<'_> {
         // probe write confirms it still cannot (so it recovers when space comes back).
         if p.qos != QoS::AtMostOnce {
             if let Some(store) = self.broker.store().filter(|s| s.failing()) {
-                if store.probe().await.is_err() {
+                // Boxed: a rare path whose state need not live in every connection's task.
+                if Box::pin(store.probe()).await.is_err() {
                     // In order: everything acknowledged before this refusal goes first.
-                    self.drain_acks().await?;
-                    return self.refuse_unstored(p.qos, p.pkid).await;
+                    Box::pin(self.drain_acks()).await?;
+                    return Box::pin(self.refuse_unstored(p.qos, p.pkid)).await;
                 }
             }
         }
@@ -250,7 +251,7 @@ impl Conn<'_> {
                 if ack.qos == QoS::ExactlyOnce {
                     self.session.inbound_qos2_release(ack.pkid);
                 }
-                self.refuse_unstored(ack.qos, ack.pkid).await
+                Box::pin(self.refuse_unstored(ack.qos, ack.pkid)).await
             }
         }
     }

@@ -57,7 +57,9 @@ pub async fn handle(
     let write_limit = Duration::from_secs(limits.connect_timeout);
 
     // TLS (SPEC 3 step 1-4): the verifier logs and counts its own refusals.
-    let handshake = HANDSHAKE_PEER.scope(peer, snap.acceptor.accept(tcp));
+    // Boxed: the handshake's state (a whole rustls connection mid-handshake) would otherwise
+    // be part of this task's allocation for the connection's lifetime (SPEC 11 idle memory).
+    let handshake = Box::pin(HANDSHAKE_PEER.scope(peer, snap.acceptor.accept(tcp)));
     let tls = match tokio::time::timeout(Duration::from_secs(limits.handshake_timeout), handshake)
         .await
     {
