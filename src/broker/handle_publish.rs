@@ -285,7 +285,7 @@ impl Conn<'_> {
     /// SPEC 7: a QoS 1/2 message the store cannot keep is not acknowledged. MQTT 5 gets
     /// PUBACK/PUBREC 0x97 (quota exceeded) with a reason string; MQTT 3.1.1 has no negative
     /// acknowledgement, so the connection is closed unacknowledged (the client resends).
-    async fn refuse_unstored(&self, qos: QoS, pkid: u16) -> Result<(), End> {
+    async fn refuse_unstored(&mut self, qos: QoS, pkid: u16) -> Result<(), End> {
         self.broker.metrics.dropped("store_unavailable", 1);
         let text = "the message store cannot accept messages now";
         match (self.p.protocol, qos) {

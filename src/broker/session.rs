@@ -9,13 +9,13 @@
 //! queue meanwhile stays bounded and publishers never wait for it.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{Expiry, Outgoing, SessionRef};
@@ -25,16 +25,17 @@ use crate::acl;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, QoS};
 
-/// Packets waiting for the writer task. Small: the session queue is where messages wait;
-/// this only decouples the loop from one socket write.
-const OUT_CHANNEL: usize = 64;
+/// Deliveries are encoded into the out buffer only while it holds less than this: the
+/// session queue is where messages wait, the buffer only feeds the socket.
+const OUT_HIGH: usize = 64 * 1024;
 /// Buffered packets handled after one that came through `select!`, before selecting again
 /// (bounded so that deliveries and signals are still looked at regularly).
 const BURST: usize = 64;
-/// Deliveries encoded into one buffer (one channel slot) per pump step.
+/// Deliveries taken from the session queue per pump step.
 const PUMP_BATCH: usize = 256;
-/// The writer coalesces queued packets into one TLS write up to this size.
-const WRITE_BATCH: usize = 64 * 1024;
+/// Reading pauses while the out buffer holds more than this (acknowledgements of a client
+/// that sends but does not read cannot grow it without bound).
+const OUT_MAX: usize = 1024 * 1024;
 
 /// What a connection negotiated at CONNECT.
 #[derive(Debug, Clone)]
@@ -176,35 +177,38 @@ pub async fn serve<R, W>(
 ) -> End
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Bytes>(OUT_CHANNEL);
-    let mut writer_task = tokio::spawn(write_loop(writer, rx, params.write_limit));
+    let write_limit = params.write_limit;
     let mut conn = Conn {
         broker,
         session,
         conn_id,
         device,
         p: params,
-        out: tx,
+        wr: Box::pin(writer),
+        out: BytesMut::new(),
+        unflushed: false,
         aliases: HashMap::new(),
         pending: std::collections::VecDeque::new(),
     };
-    let end = conn.run(reader, &signals, &mut writer_task).await;
+    let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
         if let Some(bye) = end.disconnect_packet() {
-            if let Ok(b) = conn.encode(&bye) {
-                let _ = conn.out.try_send(b);
-            }
+            let _ = codec::encode(&bye, &mut conn.out);
         }
     }
-    let write_limit = conn.p.write_limit;
-    drop(conn);
-    // The writer drains what is queued (the final DISCONNECT included) and closes TLS.
-    if !writer_task.is_finished() {
-        let _ = tokio::time::timeout(write_limit, &mut writer_task).await;
+    // What is still buffered (the final DISCONNECT included) goes out, then TLS closes;
+    // all of it bounded, as every wait on a peer.
+    if !matches!(end, End::Write(_)) {
+        let Conn { mut wr, out, .. } = conn;
+        let _ = tokio::time::timeout(write_limit, async {
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        })
+        .await;
     }
-    writer_task.abort();
     if end.publishes_will() {
         if let Some(w) = will {
             broker.publish_will(session, w, generation);
@@ -214,47 +218,28 @@ where
     end
 }
 
-/// The writer task: coalesces queued packets into one write, bounded by `limit`.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Bytes>,
-    limit: Duration,
-) -> Result<(), WriteError> {
-    let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        buf.extend_from_slice(&first);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(b) => buf.extend_from_slice(&b),
-                Err(_) => break,
-            }
-        }
-        let write = async {
-            w.write_all(&buf).await?;
-            w.flush().await
-        };
-        match tokio::time::timeout(limit, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(WriteError::Io(e)),
-            Err(_) => return Err(WriteError::Timeout(limit)),
-        }
-        buf.clear();
-        if buf.capacity() > 2 * WRITE_BATCH {
-            buf = BytesMut::new();
-        }
-    }
-    let _ = tokio::time::timeout(limit, w.shutdown()).await;
-    Ok(())
-}
-
 /// What woke the loop. Short-lived, one at a time: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Event {
     Packet(Packet),
     Wake,
+    /// Bytes went to the TLS layer (count), or the write failed.
+    Wrote(std::io::Result<usize>),
+    /// The TLS layer flushed to the socket.
+    Flushed(std::io::Result<()>),
     /// The commit the front acknowledgement waited for finished.
     Committed(Result<(), crate::storage::StoreError>),
     End(End),
+}
+
+/// One step of output: a write of what is buffered, or, once all is written, a flush.
+/// Cancellation safe: a write either happened (and is reported) or did not.
+async fn write_or_flush(mut wr: Pin<&mut (dyn AsyncWrite + Send + Sync)>, out: &[u8]) -> Event {
+    if out.is_empty() {
+        Event::Flushed(wr.flush().await)
+    } else {
+        Event::Wrote(wr.write(out).await)
+    }
 }
 
 /// Completes when the front pending acknowledgement's commit is done; never when there is
@@ -276,7 +261,16 @@ pub(super) struct Conn<'a> {
     pub(super) conn_id: u64,
     pub(super) device: &'a DeviceName,
     pub(super) p: Params,
-    out: mpsc::Sender<Bytes>,
+    /// The connection's write half. Written from this task itself, from the select! loop,
+    /// so a delivery costs no hop to another task, and reading goes on while a write
+    /// waits (PUBACKs keep freeing the window).
+    wr: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    /// Encoded packets not yet handed to TLS. Bounded: deliveries stop at `OUT_HIGH`,
+    /// reading stops at `OUT_MAX`, and a write that makes no progress for `write_limit`
+    /// ends the connection (SPEC 9: a client that does not read).
+    out: BytesMut,
+    /// Handed to TLS but not yet flushed to the socket.
+    unflushed: bool,
     /// MQTT 5 topic aliases set by the client on this connection.
     pub(super) aliases: HashMap<u16, String>,
     /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
@@ -288,7 +282,6 @@ impl Conn<'_> {
         &mut self,
         reader: &mut PacketReader<R>,
         signals: &Signals<'_>,
-        writer_task: &mut tokio::task::JoinHandle<Result<(), WriteError>>,
     ) -> End {
         // A resumed session first gets what was in flight (DUP), then its queue.
         for o in self.session.resend_inflight(self.conn_id) {
@@ -301,35 +294,69 @@ impl Conn<'_> {
         let idle_limit = Duration::from_millis(u64::from(self.p.keep_alive) * 1500);
         let idle = tokio::time::sleep(idle_limit);
         tokio::pin!(idle);
+        // Reset whenever a write makes progress (and when writing starts): fires only
+        // after `write_limit` without any.
+        let stall = tokio::time::sleep(self.p.write_limit);
+        tokio::pin!(stall);
+        let mut was_writing = false;
         loop {
             let backlogged = match self.pump().await {
                 Ok(b) => b,
                 Err(end) => return end,
             };
+            let writing = !self.out.is_empty();
+            if writing && !was_writing {
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.p.write_limit);
+            }
+            was_writing = writing || self.unflushed;
             let event = tokio::select! {
                 biased;
                 _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
                 _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
                 _ = signals.kick.cancelled() => Event::End(End::TakenOver),
-                r = &mut *writer_task => Event::End(match r {
-                    Ok(Err(e)) => End::Write(e),
-                    _ => End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into())),
-                }),
+                e = write_or_flush(self.wr.as_mut(), &self.out), if writing || self.unflushed => e,
+                _ = &mut stall, if writing || self.unflushed => {
+                    Event::End(End::Write(WriteError::Timeout(self.p.write_limit)))
+                }
                 // Stop reading while as many acknowledgements wait as the client may have
-                // in flight: a client ignoring our Receive Maximum cannot grow the queue.
-                r = reader.read_packet(), if self.pending.len() <= self.p.receive_max => match r {
+                // in flight, or while the client does not read what we write: neither a
+                // client ignoring our Receive Maximum nor one that never reads can grow
+                // memory without bound.
+                r = reader.read_packet(), if self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
                     Ok(packet) => Event::Packet(packet),
                     Err(e) => Event::End(End::Closed(e)),
                 },
                 r = front_ack(&mut self.pending) => Event::Committed(r),
                 _ = &mut idle => Event::End(End::KeepAlive(idle_limit)),
                 _ = self.session.notified(), if !backlogged => Event::Wake,
-                // Capacity is back: the permit is released and pump() fills the room.
-                _ = self.out.reserve(), if backlogged => Event::Wake,
             };
             match event {
                 Event::End(end) => return end,
                 Event::Wake => {}
+                Event::Wrote(Ok(0)) => {
+                    return End::Write(WriteError::Io(std::io::ErrorKind::WriteZero.into()));
+                }
+                Event::Wrote(Ok(n)) => {
+                    self.out.advance(n);
+                    self.unflushed = true;
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.p.write_limit);
+                    if self.out.is_empty() && self.out.capacity() > 2 * OUT_HIGH {
+                        self.out = BytesMut::new();
+                    }
+                }
+                Event::Flushed(Ok(())) => {
+                    self.unflushed = false;
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.p.write_limit);
+                }
+                Event::Wrote(Err(e)) | Event::Flushed(Err(e)) => {
+                    return End::Write(WriteError::Io(e));
+                }
                 Event::Committed(outcome) => {
                     if let Some(front) = self.pending.pop_front() {
                         let sent = match self.finish_ack(front, outcome).await {
@@ -449,8 +476,7 @@ impl Conn<'_> {
     /// has room. Returns true when the channel is full (wait for capacity).
     async fn pump(&mut self) -> Result<bool, End> {
         loop {
-            let room = self.out.capacity();
-            if room == 0 {
+            if self.out.len() >= OUT_HIGH {
                 return Ok(self.session.has_queued());
             }
             let batch = self
@@ -468,24 +494,14 @@ impl Conn<'_> {
             if qos2_stored {
                 self.commit().await;
             }
-            // One buffer per batch: one channel operation and one writer wake-up for the
-            // whole batch, instead of one per message.
-            let mut buf = BytesMut::new();
             let mut sent = 0u64;
             for o in batch {
                 let Some(packet) = self.outgoing_packet(o) else {
                     continue;
                 };
-                codec::encode(&packet, &mut buf).map_err(|e| End::Write(WriteError::Encode(e)))?;
+                codec::encode(&packet, &mut self.out)
+                    .map_err(|e| End::Write(WriteError::Encode(e)))?;
                 sent += 1;
-            }
-            if buf.is_empty() {
-                continue;
-            }
-            if self.out.try_send(buf.freeze()).is_err() {
-                return Err(End::Write(WriteError::Io(
-                    std::io::ErrorKind::BrokenPipe.into(),
-                )));
             }
             self.broker
                 .metrics
@@ -551,25 +567,11 @@ impl Conn<'_> {
         text.filter(|_| self.p.problem_info)
     }
 
-    pub(super) fn encode(&self, packet: &Packet) -> Result<Bytes, End> {
-        let mut buf = BytesMut::new();
-        codec::encode(packet, &mut buf).map_err(|e| End::Write(WriteError::Encode(e)))?;
-        Ok(buf.freeze())
-    }
-
     /// Queues a packet for the writer, waiting for room.
-    pub(super) async fn send(&self, packet: &Packet) -> Result<(), End> {
-        let bytes = self.encode(packet)?;
-        let closed = || End::Write(WriteError::Io(std::io::ErrorKind::BrokenPipe.into()));
-        match self.out.try_send(bytes) {
-            Ok(()) => Ok(()),
-            // Only a full channel waits; that future is boxed so its state is not part of
-            // every handler's (and so every idle connection's) allocation.
-            Err(mpsc::error::TrySendError::Full(bytes)) => {
-                Box::pin(self.out.send(bytes)).await.map_err(|_| closed())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
-        }
+    /// Queues a packet for the socket (written by the loop's write branch).
+    pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), End> {
+        codec::encode(packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        Ok(())
     }
 }
 
