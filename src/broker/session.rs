@@ -1,12 +1,13 @@
 //! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
 //!
-//! The connection task reads packets, enforces keep alive, and moves deliveries from the
-//! session's queue to the client within the in-flight window. Writing happens in a
-//! separate writer task fed by a bounded channel, so that the loop keeps reading (PUBACKs
-//! free the window) while a large write drains: a broker that stops reading while it
-//! writes deadlocks with a client that does the same. A client that does not read fills
-//! the channel, then the writer's bounded wait (`write_limit`) ends the connection; its
-//! queue meanwhile stays bounded and publishers never wait for it.
+//! One task per connection reads packets, enforces keep alive, moves deliveries from the
+//! session's queue into an out buffer within the in-flight window, and writes that buffer
+//! to TLS, all from one `select!`: a delivery costs no hop to another task, and reading goes
+//! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
+//! it writes deadlocks with a client that does the same). A client that does not read stops
+//! our writes: deliveries pile up in its bounded session queue (publishers never wait for
+//! it), reading stops at `OUT_MAX`, and a write without progress for `write_limit` ends the
+//! connection.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -472,8 +473,8 @@ impl Conn<'_> {
         r.err()
     }
 
-    /// Moves sendable deliveries from the session queue to the writer while the channel
-    /// has room. Returns true when the channel is full (wait for capacity).
+    /// Moves sendable deliveries from the session queue into the out buffer while it holds
+    /// less than `OUT_HIGH`. Returns true when deliveries wait for the buffer to drain.
     async fn pump(&mut self) -> Result<bool, End> {
         loop {
             if self.out.len() >= OUT_HIGH {
