@@ -519,10 +519,10 @@ impl Loader {
         }
     }
 
-    /// All PEM certificates in a file; at least one.
-    fn certificates(&mut self, field: &str, path: &Path) -> Option<Vec<CertificateDer<'static>>> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
+    /// A file's bytes, or a problem naming it.
+    fn read(&mut self, field: &str, path: &Path) -> Option<Vec<u8>> {
+        match std::fs::read(path) {
+            Ok(b) => Some(b),
             Err(source) => {
                 self.problem(
                     field,
@@ -531,9 +531,14 @@ impl Loader {
                         source,
                     },
                 );
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// All PEM certificates in a file; at least one.
+    fn certificates(&mut self, field: &str, path: &Path) -> Option<Vec<CertificateDer<'static>>> {
+        let bytes = self.read(field, path)?;
         let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
         match certs {
             Ok(c) if c.is_empty() => {
@@ -762,19 +767,7 @@ impl Loader {
         anchor_der: &CertificateDer<'_>,
         anchor: &CertInfo,
     ) -> Option<Crl> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(source) => {
-                self.problem(
-                    field,
-                    ProblemKind::Read {
-                        path: path.to_path_buf(),
-                        source,
-                    },
-                );
-                return None;
-            }
-        };
+        let bytes = self.read(field, path)?;
         let der = if bytes.starts_with(b"-----") {
             match CertificateRevocationListDer::from_pem_slice(&bytes) {
                 Ok(d) => d.as_ref().to_vec(),

@@ -9,7 +9,7 @@ use super::message::{Forwarded, Message};
 use super::Will;
 use crate::acl::{self, DeviceAcl};
 use crate::auth::Refused;
-use crate::mqtt::codec::{v4, v5, CodecError, Connect, Packet, Protocol};
+use crate::mqtt::codec::{self, v4, v5, CodecError, Connect, Packet, Protocol};
 use crate::mqtt::topic::TopicName;
 
 /// Topic aliases a client may set (our Topic Alias Maximum): bounded per connection.
@@ -230,7 +230,7 @@ pub fn connack_success(
                 receive_max: Some(receive_maximum),
                 max_packet_size: u32::try_from(max_packet_size).ok(),
                 topic_alias_max: Some(TOPIC_ALIAS_MAX),
-                ..connack_properties()
+                ..codec::empty_connack_properties()
             };
             Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
                 session_present,
@@ -313,32 +313,9 @@ fn v5_refusal(code: v5::ConnectReturnCode, reason: String) -> Packet {
         code,
         properties: Some(v5::ConnAckProperties {
             reason_string: Some(reason),
-            ..connack_properties()
+            ..codec::empty_connack_properties()
         }),
     }))
-}
-
-/// ConnAckProperties with nothing set (mqttbytes-ng has no Default for it).
-fn connack_properties() -> v5::ConnAckProperties {
-    v5::ConnAckProperties {
-        session_expiry_interval: None,
-        receive_max: None,
-        max_qos: None,
-        retain_available: None,
-        max_packet_size: None,
-        assigned_client_identifier: None,
-        topic_alias_max: None,
-        reason_string: None,
-        user_properties: Vec::new(),
-        wildcard_subscription_available: None,
-        subscription_identifiers_available: None,
-        shared_subscription_available: None,
-        server_keep_alive: None,
-        response_information: None,
-        server_reference: None,
-        authentication_method: None,
-        authentication_data: None,
-    }
 }
 
 #[cfg(test)]

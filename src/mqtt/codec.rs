@@ -39,6 +39,29 @@ const KEEP_CAPACITY: usize = 2 * READ_CHUNK;
 /// What an idle connection reads with: enough for a PINGREQ or a small PUBLISH.
 const IDLE_READ: usize = 256;
 
+/// CONNACK properties with nothing set (mqttbytes-ng has no `Default` for them).
+pub fn empty_connack_properties() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

@@ -358,28 +358,6 @@ fn connack_sent() {
     );
 }
 
-fn empty_connack_properties() -> v5::ConnAckProperties {
-    v5::ConnAckProperties {
-        session_expiry_interval: None,
-        receive_max: None,
-        max_qos: None,
-        retain_available: None,
-        max_packet_size: None,
-        assigned_client_identifier: None,
-        topic_alias_max: None,
-        reason_string: None,
-        user_properties: Vec::new(),
-        wildcard_subscription_available: None,
-        subscription_identifiers_available: None,
-        shared_subscription_available: None,
-        server_keep_alive: None,
-        response_information: None,
-        server_reference: None,
-        authentication_method: None,
-        authentication_data: None,
-    }
-}
-
 #[test]
 fn suback_unsuback_sent() {
     let codes = vec![
