@@ -256,6 +256,13 @@ impl DeviceAcl {
     /// by [`Self::can_subscribe`] that never happens (coverage implies it), but after a
     /// reload gives a live session a narrower profile (SPEC 8) its old subscriptions stop
     /// delivering what the new profile no longer allows.
+    /// Whether [`Self::can_receive`] can refuse a topic of a granted subscription: only
+    /// through `deny_subscribe`, since a reload removes the subscriptions a narrower profile
+    /// no longer covers. Lets fan-out skip the per-message check for most profiles.
+    pub fn filters_deliveries(&self) -> bool {
+        !self.deny_subscribe.is_empty()
+    }
+
     pub fn can_receive(&self, topic: &TopicName) -> bool {
         let topic = topic.as_str();
         let matches = |p: &String| filter_matches(p, topic);

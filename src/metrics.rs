@@ -59,6 +59,15 @@ impl Metrics {
         hot.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts one message dropped at a full queue and returns the running total.
+    pub fn dropped_total(&self, reason: &'static str) -> u64 {
+        if reason == "queue_full" {
+            return self.dropped_queue_full.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        self.dropped(reason, 1);
+        0
+    }
+
     /// Records a reload attempt.
     pub fn reloaded(&self, ok: bool) {
         if ok {

@@ -380,10 +380,6 @@ impl Broker {
         let mut queued = 0;
         let mut congested = false;
         for t in targets {
-            if !t.key.acl().can_receive(&msg.topic) {
-                self.metrics.dropped("acl", 1);
-                continue;
-            }
             let delivery = Delivery {
                 qos: min_qos(msg.qos, t.qos),
                 retain: msg.retain && t.retain_as_published,
@@ -392,8 +388,9 @@ impl Broker {
                 msg: msg.clone(),
             };
             let persisted = t.key.store().is_some() && delivery.qos != QoS::AtMostOnce;
-            congested |= t.key.online() && t.key.congested();
-            match t.key.enqueue(delivery) {
+            let (outcome, lagging) = t.key.deliver(delivery);
+            congested |= lagging && t.key.online();
+            match outcome {
                 Enqueued::Queued => {
                     queued += 1;
                     durable |= persisted;
@@ -404,15 +401,21 @@ impl Broker {
                     self.metrics.dropped("queue_full", 1);
                 }
                 Enqueued::DroppedOffline => self.metrics.dropped("offline_qos0", 1),
+                Enqueued::Denied => self.metrics.dropped("acl", 1),
                 Enqueued::DroppedFull => {
-                    self.metrics.dropped("queue_full", 1);
-                    tracing::warn!(
-                        device = %t.key.key.device,
-                        client_id = %t.key.key.client_id,
-                        "queue full: QoS {} message on {} dropped",
-                        msg.qos as u8,
-                        msg.topic
-                    );
+                    // Counted always; logged at powers of two of the running total, so a
+                    // flood into a full queue does not become a flood of log lines.
+                    let total = self.metrics.dropped_total("queue_full");
+                    if total.is_power_of_two() {
+                        tracing::warn!(
+                            device = %t.key.key.device,
+                            client_id = %t.key.key.client_id,
+                            dropped_so_far = total,
+                            "queue full: QoS {} message on {} dropped",
+                            msg.qos as u8,
+                            msg.topic
+                        );
+                    }
                 }
             }
         }

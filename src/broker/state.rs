@@ -100,6 +100,8 @@ pub enum Enqueued {
     QueuedDroppedOldQos0,
     /// The queue was full of QoS 1/2 messages: this one was dropped.
     DroppedFull,
+    /// The session's ACL denies the topic (`deny_subscribe` of a broad subscription).
+    Denied,
 }
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -266,46 +268,28 @@ impl Session {
         self.notify.notified()
     }
 
-    /// Whether the queue is more than half full: the subscriber is falling behind.
-    pub fn congested(&self) -> bool {
-        let inner = self.lock();
-        inner.queue.len() * 2 > inner.max_queued
-    }
 
     /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
     /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
     /// before acknowledging the publisher).
-    pub fn enqueue(&self, mut d: Delivery) -> Enqueued {
+    pub fn enqueue(&self, d: Delivery) -> Enqueued {
+        self.deliver(d).0
+    }
+
+    /// [`Session::enqueue`] for fan-out, under one lock: the ACL's per-message check, the
+    /// queue, and whether the queue is now more than half full (the subscriber lags).
+    pub fn deliver(&self, d: Delivery) -> (Enqueued, bool) {
         let mut inner = self.lock();
-        if inner.attached.is_none() && d.qos == QoS::AtMostOnce {
-            return Enqueued::DroppedOffline;
+        if inner.acl.filters_deliveries() && !inner.acl.can_receive(&d.msg.topic) {
+            return (Enqueued::Denied, false);
         }
-        let mut outcome = Enqueued::Queued;
-        if inner.queue.len() >= inner.max_queued {
-            match inner.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
-                Some(i) => {
-                    inner.queue.remove(i);
-                    outcome = Enqueued::QueuedDroppedOldQos0;
-                }
-                None => return Enqueued::DroppedFull,
-            }
-        }
-        if let (Some(store), false) = (&self.store, d.qos == QoS::AtMostOnce) {
-            let id = store.next_id();
-            d.store_id = Some(id);
-            store.submit(Op::Enqueue {
-                id,
-                key: self.key.clone(),
-                msg: d.msg.clone(),
-                qos: d.qos,
-                retain: d.retain,
-                sub_ids: d.sub_ids.clone(),
-            });
-        }
-        inner.queue.push_back(d);
+        let outcome = inner.push(d, &self.key, self.store.as_ref());
+        let congested = inner.queue.len() * 2 > inner.max_queued;
         drop(inner);
-        self.notify.notify_one();
-        outcome
+        if matches!(outcome, Enqueued::Queued | Enqueued::QueuedDroppedOldQos0) {
+            self.notify.notify_one();
+        }
+        (outcome, congested)
     }
 
     /// Attaches a connection; returns the token of the connection it takes over, if any,
@@ -573,6 +557,40 @@ impl Session {
 }
 
 impl Inner {
+    /// Queues a delivery by the bounded-queue policy (SPEC 6, 9): QoS 0 is not kept offline;
+    /// a full queue gives up its oldest QoS 0 message, else refuses. A QoS 1/2 delivery of a
+    /// persistent session is submitted to the store here, under the session lock, so the
+    /// store sees deliveries in queue order.
+    fn push(&mut self, mut d: Delivery, key: &SessionKey, store: Option<&Store>) -> Enqueued {
+        if self.attached.is_none() && d.qos == QoS::AtMostOnce {
+            return Enqueued::DroppedOffline;
+        }
+        let mut outcome = Enqueued::Queued;
+        if self.queue.len() >= self.max_queued {
+            match self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+                Some(i) => {
+                    self.queue.remove(i);
+                    outcome = Enqueued::QueuedDroppedOldQos0;
+                }
+                None => return Enqueued::DroppedFull,
+            }
+        }
+        if let (Some(store), false) = (store, d.qos == QoS::AtMostOnce) {
+            let id = store.next_id();
+            d.store_id = Some(id);
+            store.submit(Op::Enqueue {
+                id,
+                key: key.clone(),
+                msg: d.msg.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                sub_ids: d.sub_ids.clone(),
+            });
+        }
+        self.queue.push_back(d);
+        outcome
+    }
+
     /// Whether connection `conn_id` holds the session.
     fn holds(&self, conn_id: u64) -> bool {
         self.attached.as_ref().is_some_and(|(id, _)| *id == conn_id)
