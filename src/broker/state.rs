@@ -268,7 +268,6 @@ impl Session {
         self.notify.notified()
     }
 
-
     /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
     /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
     /// before acknowledging the publisher).
