@@ -431,6 +431,50 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
     assert!(rx.got.contains_key(&42), "{:?}", rx.got);
 }
 
+/// Issue 4: a read-only store. Linux refuses to remount a file system read-only while the
+/// broker holds its databases open for writing, so the store is made read-only between two
+/// runs: the broker must then refuse to start, naming the file, instead of serving without
+/// durability; writable again, it starts and still has what it kept. (A store that stops
+/// accepting writes while running is `full_disk_refuses_what_it_cannot_keep_and_recovers`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_store_is_a_clear_startup_error() {
+    let w = World::new("");
+    let mount = match Tmpfs::mount(&w.fx.data_dir(), "16m") {
+        Ok(m) => m,
+        Err(e) if std::env::var_os("CERTMQ_SKIP_MOUNT_TESTS").is_some() => {
+            eprintln!("skipped (CERTMQ_SKIP_MOUNT_TESTS is set): {e}");
+            return;
+        }
+        Err(e) => panic!("{e}; this test needs root (set CERTMQ_SKIP_MOUNT_TESTS to skip it)"),
+    };
+    {
+        let broker = BrokerProc::start(&w.config);
+        let dev = w.device("dev-1");
+        let (mut p, _) = Raw::connect(&dev, broker.addr, "p", true, Some(0)).await;
+        assert_eq!(
+            p.publish_acked(1, true, 1, &topic("dev-1"), &payload(7))
+                .await,
+            0,
+            "retained, acknowledged"
+        );
+    }
+    mount.remount("ro");
+    let (code, stderr) = serve_expecting_exit(&w.config).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("certmq.db") || stderr.contains("messages.db"),
+        "the error names the database file: {stderr}"
+    );
+    mount.remount("rw");
+    let broker = BrokerProc::start(&w.config);
+    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "s", true, None).await;
+    assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
+    match s.recv().await.expect("the retained message") {
+        Pkt::Publish { payload: got, .. } => assert_eq!(got, payload(7)),
+        other => panic!("expected the retained message, got {other:?}"),
+    }
+}
+
 /// What a broken database file is made of.
 #[derive(Debug, Clone, Copy)]
 enum Broken {

@@ -81,8 +81,20 @@ impl Registry {
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
         };
-        registry.init()?;
+        registry.init().map_err(|e| registry.named(e))?;
         Ok(registry)
+    }
+
+    /// Names the file in a database error met while opening (read-only file system,
+    /// locked, corrupt...), so the startup error says which file.
+    fn named(&self, e: RegistryError) -> RegistryError {
+        match e {
+            RegistryError::Sqlite(source) => RegistryError::Open {
+                path: self.path.clone(),
+                source,
+            },
+            other => other,
+        }
     }
 
     /// The database file.

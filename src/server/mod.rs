@@ -97,7 +97,16 @@ impl Server {
     /// registry holds for an anchor is a config error), and builds the TLS config.
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
-        check_pinned(&config, &registry, Mode::Commit)?;
+        // The first write happens here: a read-only or full store fails now, naming its file.
+        check_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
+            ServerError::Registry(RegistryError::Sqlite(source)) => {
+                ServerError::Registry(RegistryError::Open {
+                    path: registry.path().to_path_buf(),
+                    source,
+                })
+            }
+            other => other,
+        })?;
         let (store, recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));

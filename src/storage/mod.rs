@@ -156,8 +156,16 @@ impl Store {
     /// and starts the writer thread. A corrupt or foreign file is an error, never replaced.
     pub fn open(data_dir: &Path) -> Result<(Store, Recovered), StoreError> {
         let path = data_dir.join(DB_FILE);
-        let conn = writer::open(&path)?;
-        let recovered = recover::load(&conn, crate::cert::now_secs())?;
+        // Every database error while opening names the file (read-only, corrupt, locked).
+        let named = |e: StoreError| match e {
+            StoreError::Sqlite(source) => StoreError::Open {
+                path: path.clone(),
+                source,
+            },
+            other => other,
+        };
+        let conn = writer::open(&path).map_err(named)?;
+        let recovered = recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
         let failing = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         writer::spawn(conn, rx, failing.clone())?;

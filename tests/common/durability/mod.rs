@@ -284,8 +284,29 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// `mount -o remount,MODE DIR`: `ro` makes the store read-only under a running broker
+    /// (root bypasses file permissions, a read-only file system it cannot), `rw` undoes it.
+    pub fn remount(&self, mode: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "remount {mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
+        let _ = Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(&self.dir)
+            .status();
         let ok = Command::new("umount")
             .arg(&self.dir)
             .status()
