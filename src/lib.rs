@@ -10,7 +10,15 @@
 //!   -> admission             auth::decide: steps 2-7 again against the *current* config
 //!                            (resumed sessions too), identity (CN -> DeviceName), registry
 //!   -> CONNACK               broker::connect maps the decision to return/reason codes
-//!   -> session               broker::session: keep alive, PINGREQ, DISCONNECT
+//!   -> session               broker::session: one task reads, handles (keep alive, QoS
+//!                            flows, SUBSCRIBE...) and writes, from one select!
+//!
+//! PUBLISH -> ACL (acl) -> Broker::publish -> router (subscription trie) -> each target
+//! session's bounded queue (broker::state; a publisher never waits for a subscriber)
+//! -> that session's task wakes, takes what its in-flight window allows, writes.
+//! QoS 1/2 for persistent sessions and retained messages -> storage (SQLite, one writer
+//! thread, group commit); the PUBACK/PUBREC waits for the commit (acknowledged = durable).
+//! SIGHUP / registry changes -> server::live re-checks every live session.
 //! ```
 //!
 //! - [`config`]: TOML -> typed, validated [`config::Config`] (PEMs, regexes, CRLs, ACLs).
@@ -21,8 +29,9 @@
 //! - [`auth`]: the whole decision, shared by CONNECT and `certmq explain`.
 //! - [`acl`], [`mqtt::topic`]: authorization profiles and topic matching.
 //! - [`mqtt::codec`]: MQTT 3.1.1 / 5.0 framing behind our own API.
-//! - [`broker`]: CONNECT/CONNACK and the session loop.
-//! - [`server`]: the accept loop, connection limit, graceful shutdown.
+//! - [`broker`]: CONNECT/CONNACK, sessions, routing, retained messages, wills.
+//! - [`storage`]: the durable message store (group commit, recovery after `kill -9`).
+//! - [`server`]: the accept loop, connection limit, reload and revocation, shutdown.
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
 //! - [`metrics`]: counters for `/metrics`; [`admin`]: the `/healthz` and `/metrics` endpoint.
 //!
