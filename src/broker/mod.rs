@@ -2,7 +2,7 @@
 //!
 //! - [`connect`]: CONNECT -> admission -> CONNACK, client identifier rules (SPEC 3, 4).
 //! - [`session`]: one connection's loop (keep alive, QoS flows, delivery), with
-//!   [`handle_publish`] and [`handle_subscribe`] for the inbound packets.
+//!   `handle_publish` and `handle_subscribe` for the inbound packets.
 //! - [`state`]: one session's queue and in-flight state (the durability interface).
 //! - [`router`]: the subscription table; [`retain`]: retained messages.
 //! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.

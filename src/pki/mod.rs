@@ -45,7 +45,7 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
-    /// A subject can carry at most two CNs here (see [`COMMON_NAME_OID`]).
+    /// A subject can carry at most two CNs here (see `COMMON_NAME_OID`).
     #[error("a certificate subject can hold at most 2 common names, {count} were given")]
     TooManyCommonNames { count: usize },
     /// The demo PKI must be valid for at least a day: a shorter window would produce a

@@ -4,7 +4,7 @@
 //! The rules live here, as one transaction per admission ([`Registry::admit`]), so that
 //! two connections of the same new device cannot both provision it, a certificate from one
 //! anchor can never take over a device of another, and rotation is accepted only forwards
-//! in time (rollback protection on notBefore). The storage is SQLite ([`store`]), shared
+//! in time (rollback protection on notBefore). The storage is SQLite (`store.rs`), shared
 //! with the `certmq devices` CLI running in another process (WAL mode, busy timeout).
 
 mod store;

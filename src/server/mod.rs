@@ -3,10 +3,10 @@
 //! `Server::run(listener, shutdown)` is the whole broker, so tests start a real one on
 //! `127.0.0.1:0` and `main` wires it to signals. The accept loop only accepts: each
 //! connection's TLS handshake, CONNECT and session run in the connection's own task
-//! ([`connection`]), under the timeouts of `[limits]`, so a slow or silent peer can never
+//! (`connection.rs`), under the timeouts of `[limits]`, so a slow or silent peer can never
 //! stall other clients.
 //!
-//! Config and TLS state are immutable and swapped whole ([`Shared::current`]): a
+//! Config and TLS state are immutable and swapped whole (`Shared::current`): a
 //! connection takes a snapshot at accept for its handshake and another at CONNECT for the
 //! admission, so a reload takes effect for every new decision at once.
 
