@@ -335,13 +335,8 @@ async fn inbound_qos2_id_survives_kill_9_and_is_not_routed_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
     let w = World::new("");
-    let _mount = match Tmpfs::mount(&w.fx.data_dir(), "2m") {
-        Ok(m) => m,
-        Err(e) if std::env::var_os("CERTMQ_SKIP_MOUNT_TESTS").is_some() => {
-            eprintln!("skipped (CERTMQ_SKIP_MOUNT_TESTS is set): {e}");
-            return;
-        }
-        Err(e) => panic!("{e}; this test needs root (set CERTMQ_SKIP_MOUNT_TESTS to skip it)"),
+    let Some(_mount) = mount_or_skip(&w, "2m") else {
+        return;
     };
     let broker = BrokerProc::start(&w.config);
     let addr = broker.addr;
@@ -439,13 +434,8 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_store_is_a_clear_startup_error() {
     let w = World::new("");
-    let mount = match Tmpfs::mount(&w.fx.data_dir(), "16m") {
-        Ok(m) => m,
-        Err(e) if std::env::var_os("CERTMQ_SKIP_MOUNT_TESTS").is_some() => {
-            eprintln!("skipped (CERTMQ_SKIP_MOUNT_TESTS is set): {e}");
-            return;
-        }
-        Err(e) => panic!("{e}; this test needs root (set CERTMQ_SKIP_MOUNT_TESTS to skip it)"),
+    let Some(mount) = mount_or_skip(&w, "16m") else {
+        return;
     };
     {
         let broker = BrokerProc::start(&w.config);
@@ -472,6 +462,19 @@ async fn read_only_store_is_a_clear_startup_error() {
     match s.recv().await.expect("the retained message") {
         Pkt::Publish { payload: got, .. } => assert_eq!(got, payload(7)),
         other => panic!("expected the retained message, got {other:?}"),
+    }
+}
+
+/// A tmpfs of `size` on the world's data_dir; None (after saying so) when mounting is not
+/// possible and `CERTMQ_SKIP_MOUNT_TESTS` is set, else the test fails: CI runs as root.
+fn mount_or_skip(w: &World, size: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount(&w.fx.data_dir(), size) {
+        Ok(m) => Some(m),
+        Err(e) if std::env::var_os("CERTMQ_SKIP_MOUNT_TESTS").is_some() => {
+            eprintln!("skipped (CERTMQ_SKIP_MOUNT_TESTS is set): {e}");
+            None
+        }
+        Err(e) => panic!("{e}; this test needs root (set CERTMQ_SKIP_MOUNT_TESTS to skip it)"),
     }
 }
 
