@@ -329,18 +329,8 @@ impl Client {
     /// Opens TLS, writes `bytes`, and returns everything the broker sends until it closes
     /// the connection (or `WAIT` passes). For packets no MQTT client library will build.
     pub async fn raw(&self, addr: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let mut tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        tls.write_all(bytes).await.map_err(|e| format!("{e:?}"))?;
-        tls.flush().await.map_err(|e| format!("{e:?}"))?;
+        use tokio::io::AsyncReadExt;
+        let mut tls = self.send_raw(addr, bytes).await?;
         let mut out = Vec::new();
         match tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await {
             Ok(Ok(_)) => Ok(out),
@@ -369,6 +359,21 @@ impl Client {
         ),
         String,
     > {
+        let mut tls = self.send_raw(addr, bytes).await?;
+        let packet = tokio::time::timeout(WAIT, read_packet(&mut tls))
+            .await
+            .map_err(|_| "no packet in time".to_owned())??;
+        Ok((packet, tls))
+    }
+}
+
+impl Client {
+    /// Opens TLS to the broker as this client and writes `bytes`.
+    pub async fn send_raw(
+        &self,
+        addr: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
         use tokio::io::AsyncWriteExt;
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -381,10 +386,7 @@ impl Client {
             .map_err(|e| format!("{e:?}"))?;
         tls.write_all(bytes).await.map_err(|e| format!("{e:?}"))?;
         tls.flush().await.map_err(|e| format!("{e:?}"))?;
-        let packet = tokio::time::timeout(WAIT, read_packet(&mut tls))
-            .await
-            .map_err(|_| "no packet in time".to_owned())??;
-        Ok((packet, tls))
+        Ok(tls)
     }
 }
 
