@@ -11,7 +11,9 @@ use crate::acl::Profile;
 use crate::cert::Fingerprint;
 use crate::config::Config;
 use crate::identity::{self, DeviceName, IdentityError};
-use crate::registry::{self, Admitted, Mode, Presented, Refusal, Registry, RegistryError, Source};
+use crate::registry::{
+    self, Admitted, Device, Mode, Presented, Refusal, Registry, RegistryError, Source,
+};
 use crate::tls::policy::{self, ChainRefusal, ChainReport, Rule};
 
 /// An admitted device.
@@ -24,6 +26,8 @@ pub struct Admission {
     /// The ACL profile of the rule (validated to exist at config load).
     pub profile: Arc<Profile>,
     pub fingerprint: Fingerprint,
+    /// The rule the registry entry is bound to (pinned or the anchor's name).
+    pub source: Source,
     pub registry: Admitted,
 }
 
@@ -41,7 +45,7 @@ pub enum Refused {
         error: IdentityError,
     },
     /// Step 7.
-    #[error("device {device}: {refusal}")]
+    #[error("device {device:?}: {refusal}")]
     Registry { device: String, refusal: Refusal },
     /// The registry could not answer or could not commit (disk full, read-only store).
     #[error("the device registry is unavailable")]
@@ -95,15 +99,22 @@ impl Decision {
     }
 }
 
-/// SPEC 3 steps 2 to 7 for `chain` (leaf first). With `Mode::Commit`, provisioning and
-/// rotation are committed before this returns; with `Mode::DryRun` nothing is written.
-pub fn decide(
-    config: &Config,
-    registry: &Registry,
+/// What steps 2 to 6 make of a chain: the device it names and the rule that names it.
+struct Named<'c> {
+    device: DeviceName,
+    rule: Rule,
+    source: Source,
+    create: bool,
+    profile: &'c str,
+}
+
+/// SPEC 3 steps 2 to 6 for `chain` (leaf first): which rule accepts it and which device it
+/// names. No registry: shared by [`decide`] and [`standing`].
+fn identify<'c>(
+    config: &'c Config,
     chain: &[CertificateDer<'_>],
     now: UnixTime,
-    mode: Mode,
-) -> Decision {
+) -> (Decision, Option<Named<'c>>) {
     let report = policy::match_chain(config, chain, now);
     let mut decision = Decision {
         cn: None,
@@ -115,59 +126,77 @@ pub fn decide(
         Ok(rule) => *rule,
         Err(refusal) => {
             decision.result = Err(Refused::Chain(refusal.clone()));
-            return decision;
+            return (decision, None);
         }
     };
-    let Some(leaf) = decision.report.leaf.as_ref() else {
-        return decision;
-    };
-    let (device, source, create, profile_name) = match rule {
+    if decision.report.leaf.is_none() {
+        return (decision, None);
+    }
+    let named = match rule {
         Rule::Pinned(i) => {
             let d = &config.devices[i];
-            (d.name.clone(), Source::Pinned, true, d.acl.as_str())
+            Named {
+                device: d.name.clone(),
+                rule,
+                source: Source::Pinned,
+                create: true,
+                profile: d.acl.as_str(),
+            }
         }
         Rule::Anchor(i) => {
             let a = &config.anchors[i];
             // Steps 5 and 6.
             let leaf_der = chain.first().map(|c| c.as_ref()).unwrap_or_default();
-            match identity::common_name(leaf_der) {
-                Ok(cn) => {
-                    decision.cn = Some(cn.clone());
-                    match identity::device_name(&cn, &a.cn_regex) {
-                        Ok(name) => (
-                            name,
-                            Source::Anchor(a.name.clone()),
-                            a.create_devices,
-                            a.acl.as_str(),
-                        ),
-                        Err(error) => {
-                            decision.result = Err(Refused::Identity {
-                                anchor: a.name.clone(),
-                                error,
-                            });
-                            return decision;
-                        }
-                    }
-                }
+            let named = identity::common_name(leaf_der).and_then(|cn| {
+                let name = identity::device_name(&cn, &a.cn_regex);
+                decision.cn = Some(cn);
+                name
+            });
+            match named {
+                Ok(device) => Named {
+                    device,
+                    rule,
+                    source: Source::Anchor(a.name.clone()),
+                    create: a.create_devices,
+                    profile: a.acl.as_str(),
+                },
                 Err(error) => {
                     decision.result = Err(Refused::Identity {
                         anchor: a.name.clone(),
                         error,
                     });
-                    return decision;
+                    return (decision, None);
                 }
             }
         }
     };
-    decision.device = Some(device.clone());
-    // Step 7.
+    decision.device = Some(named.device.clone());
+    (decision, Some(named))
+}
+
+/// SPEC 3 steps 2 to 7 for `chain` (leaf first). With `Mode::Commit`, provisioning and
+/// rotation are committed before this returns; with `Mode::DryRun` nothing is written.
+pub fn decide(
+    config: &Config,
+    registry: &Registry,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+    mode: Mode,
+) -> Decision {
+    let (mut decision, named) = identify(config, chain, now);
+    let (Some(named), Some(leaf)) = (named, decision.report.leaf.as_ref()) else {
+        return decision;
+    };
+    // Step 7. A pinned name is reserved while its [[device]] entry exists (SPEC 4).
     let presented = Presented {
-        name: &device,
-        source,
+        name: &named.device,
+        reserved: config.pinned(named.device.as_str()).is_some(),
+        source: named.source,
         fingerprint: leaf.fingerprint,
         validity: leaf.validity,
-        create,
+        create: named.create,
     };
+    let fingerprint = leaf.fingerprint;
     let outcome = match registry.admit(&presented, mode) {
         Ok(o) => o,
         Err(e) => {
@@ -175,26 +204,157 @@ pub fn decide(
             return decision;
         }
     };
-    let Some(profile) = config.profile(profile_name).cloned() else {
+    let Some(profile) = config.profile(named.profile).cloned() else {
         // Config validation guarantees the profile exists; a missing one refuses, never opens.
         decision.result = Err(Refused::Chain(ChainRefusal::NoAnchors));
         return decision;
     };
     decision.result = match outcome {
         Ok(admitted) => Ok(Admission {
-            rule_label: rule.label(config),
-            device,
-            rule,
+            rule_label: named.rule.label(config),
+            source: presented.source,
+            device: named.device,
+            rule: named.rule,
             profile,
-            fingerprint: leaf.fingerprint,
+            fingerprint,
             registry: admitted,
         }),
         Err(refusal) => Err(Refused::Registry {
-            device: device.to_string(),
+            device: named.device.to_string(),
             refusal,
         }),
     };
     decision
+}
+
+/// Why an admitted session may no longer act (SPEC 4), as [`standing`] finds it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Revoked {
+    #[error("device {0:?} was deleted")]
+    Deleted(DeviceName),
+    #[error("device {0:?} is disabled")]
+    Disabled(DeviceName),
+    #[error("device {device:?} is now bound to {bound}")]
+    Rebound { device: DeviceName, bound: Source },
+    #[error("certificate superseded: device {0:?} rotated to another certificate")]
+    Superseded(DeviceName),
+    #[error("the rule of device {device:?} ({rule}) is no longer in the configuration")]
+    RuleRemoved { device: DeviceName, rule: Source },
+    /// The chain no longer passes steps 2 to 6 (revoked by a CRL, anchor removed, expired,
+    /// or it now names another device).
+    #[error("{reason}")]
+    Chain { label: &'static str, reason: String },
+}
+
+impl Revoked {
+    /// A short, stable label for metrics and structured logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Revoked::Deleted(_) => "deleted",
+            Revoked::Disabled(_) => "disabled",
+            Revoked::Rebound { .. } => "bound_elsewhere",
+            Revoked::Superseded(_) => "superseded",
+            Revoked::RuleRemoved { .. } => "rule_removed",
+            Revoked::Chain { label, .. } => label,
+        }
+    }
+
+    /// Whether the registry entry the session belonged to is gone: its sessions, queued
+    /// messages and wills are then forgotten, not merely suspended (SPEC 4).
+    pub fn entry_gone(&self) -> bool {
+        matches!(self, Revoked::Deleted(_) | Revoked::Rebound { .. })
+    }
+}
+
+/// The certificate a connected session was admitted with.
+#[derive(Debug, Clone, Copy)]
+pub struct Presenter<'a> {
+    pub source: &'a Source,
+    pub fingerprint: Fingerprint,
+    /// Leaf first.
+    pub chain: &'a [CertificateDer<'static>],
+}
+
+/// The one verdict on an admitted session, now (SPEC 4 "A session lives only as long as its
+/// identity"): may `device` still act, and under which ACL profile? Used for every session
+/// at every moment after CONNECT: on resume and restore (no presenter: the session is
+/// offline), on reload (`revalidate`: the chain is decided again against the new config and
+/// CRLs), on every registry change, and when a delayed will fires.
+///
+/// `row` is the device's registry row (None: deleted). With a presenter, the row must still
+/// be bound to the rule and the certificate the connection was admitted with.
+pub fn standing(
+    config: &Config,
+    row: Option<&Device>,
+    device: &DeviceName,
+    presenter: Option<Presenter<'_>>,
+    revalidate: bool,
+    now: UnixTime,
+) -> Result<Arc<Profile>, Revoked> {
+    let row = row.ok_or_else(|| Revoked::Deleted(device.clone()))?;
+    if !row.enabled {
+        return Err(Revoked::Disabled(device.clone()));
+    }
+    if let Some(p) = presenter {
+        if row.source != *p.source {
+            return Err(Revoked::Rebound {
+                device: device.clone(),
+                bound: row.source.clone(),
+            });
+        }
+        if row.fingerprint != p.fingerprint {
+            return Err(Revoked::Superseded(device.clone()));
+        }
+        if revalidate {
+            let (decision, named) = identify(config, p.chain, now);
+            match named {
+                None => {
+                    let refused = match decision.result {
+                        Err(r) => r,
+                        Ok(_) => Refused::Chain(ChainRefusal::NoCertificate),
+                    };
+                    return Err(Revoked::Chain {
+                        label: refused.label(),
+                        reason: refused.to_string(),
+                    });
+                }
+                Some(n) if n.device != *device => {
+                    return Err(Revoked::Chain {
+                        label: "renamed",
+                        reason: format!(
+                            "the certificate now names device {:?} instead of {device:?}",
+                            n.device
+                        ),
+                    });
+                }
+                Some(n) if n.source != row.source => {
+                    return Err(Revoked::Rebound {
+                        device: device.clone(),
+                        bound: n.source,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    profile_of(config, &row.source, device)
+}
+
+/// The ACL profile of the rule `source` under `config`.
+fn profile_of(
+    config: &Config,
+    source: &Source,
+    device: &DeviceName,
+) -> Result<Arc<Profile>, Revoked> {
+    let name = match source {
+        Source::Pinned => config.pinned(device.as_str()).map(|p| p.acl.as_str()),
+        Source::Anchor(anchor) => config.anchor(anchor).map(|a| a.acl.as_str()),
+    };
+    name.and_then(|n| config.profile(n).cloned())
+        .ok_or_else(|| Revoked::RuleRemoved {
+            device: device.clone(),
+            rule: source.clone(),
+        })
 }
 
 /// Re-exported for callers that only need the registry rules' labels.

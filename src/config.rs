@@ -188,6 +188,8 @@ pub struct Limits {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_keep_alive: u16,
+    /// Persistent sessions one device may hold (SPEC 4): one more is refused at CONNECT.
+    pub max_sessions_per_device: usize,
 }
 
 impl Default for Limits {
@@ -200,6 +202,7 @@ impl Default for Limits {
             max_inflight: 64,
             max_queued_messages: 1000,
             max_keep_alive: 3600,
+            max_sessions_per_device: 16,
         }
     }
 }

@@ -28,7 +28,7 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// the logs can only ever receive a name that went through [`DeviceName::parse`]: one that
 /// cannot contain a topic separator, an MQTT wildcard, a NUL or a control character, and
 /// cannot start with the `$` reserved for broker topics.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceName(String);
 
 impl DeviceName {
@@ -50,6 +50,9 @@ impl DeviceName {
         if s.starts_with('$') {
             return Err(NameError::LeadingDollar);
         }
+        if s.trim() != s {
+            return Err(NameError::SurroundingSpace);
+        }
         Ok(DeviceName(s.to_owned()))
     }
 
@@ -61,9 +64,31 @@ impl DeviceName {
 
 /// Characters a device name must never contain: `/` would let `{device}` span topic levels,
 /// `+` and `#` would turn a substituted ACL filter into a wildcard, and NUL and the other
-/// control characters are forbidden in MQTT strings and would corrupt log lines.
+/// control characters are forbidden in MQTT strings and would corrupt log lines. Unicode
+/// format characters (Cf: zero-width spaces and joiners, bidi marks and overrides, the BOM)
+/// and the line and paragraph separators are refused too (SPEC 3, "Names people can read"):
+/// they make two different names look the same in `devices list` and in logs.
 fn is_forbidden(ch: char) -> bool {
-    matches!(ch, '/' | '+' | '#') || ch.is_control()
+    if matches!(ch, '/' | '+' | '#') || ch.is_control() {
+        return true;
+    }
+    if ch.is_ascii() {
+        return false;
+    }
+    static INVISIBLE: std::sync::OnceLock<Option<Regex>> = std::sync::OnceLock::new();
+    // The pattern is a constant that compiles; were it ever not to, every non-ASCII
+    // character is refused rather than an invisible one let through.
+    INVISIBLE
+        .get_or_init(|| Regex::new(r"^[\p{Cf}\p{Zl}\p{Zp}]$").ok())
+        .as_ref()
+        .is_none_or(|re| re.is_match(ch.encode_utf8(&mut [0; 4])))
+}
+
+/// Quoted and escaped, so that a name in a log field can never forge another field or line.
+impl std::fmt::Debug for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
 }
 
 impl std::fmt::Display for DeviceName {
@@ -105,6 +130,9 @@ pub enum NameError {
     /// Starts with `$`, which MQTT reserves for broker topics such as `$SYS`.
     #[error("starts with '$', which is reserved for broker topics")]
     LeadingDollar,
+    /// Starts or ends with white space: `pump-1` and `pump-1 ` would look the same.
+    #[error("starts or ends with white space")]
+    SurroundingSpace,
 }
 
 /// Why no device name could be derived from a leaf certificate (SPEC 3 steps 5 and 6).

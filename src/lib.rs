@@ -33,6 +33,7 @@
 //! - [`storage`]: the durable message store (group commit, recovery after `kill -9`).
 //! - [`server`]: the accept loop, connection limit, reload and revocation, shutdown.
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
+//! - [`logline`]: refusal log lines rate-limited per peer address.
 //! - [`metrics`]: counters for `/metrics`; [`admin`]: the `/healthz` and `/metrics` endpoint.
 //!
 //! Shared state is immutable and swapped whole: a [`server::Shared`] holds the current
@@ -46,6 +47,7 @@ pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod logline;
 pub mod metrics;
 pub mod mqtt;
 pub mod pki;

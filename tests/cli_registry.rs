@@ -289,7 +289,7 @@ async fn explain_reads_the_registry_and_changes_nothing_in_it() {
     assert_eq!(v["decision"], "reject", "{v}");
     assert_eq!(v["device"], "dev-001", "{v}");
     assert_eq!(v["rule"], "anchor:fleet", "{v}");
-    assert_eq!(v["reason"], "device dev-001: device is disabled", "{v}");
+    assert_eq!(v["reason"], "device \"dev-001\": device is disabled", "{v}");
 }
 
 // ---------------------------------------------------------------- devices

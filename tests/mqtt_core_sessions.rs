@@ -271,6 +271,7 @@ fn with_will(topic: &str, retain: bool) -> Opts {
             payload: b"offline".to_vec(),
             qos: 1,
             retain,
+            delay: 0,
         }),
     }
 }

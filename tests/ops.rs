@@ -396,6 +396,7 @@ fn provision(fx: &Fixture, leaf: &Issued, name: &str) {
         fingerprint: info.fingerprint,
         validity: info.validity,
         create: true,
+        reserved: false,
     };
     let outcome = common::registry(fx)
         .admit(&presented, Mode::Commit)

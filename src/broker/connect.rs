@@ -134,6 +134,7 @@ pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<W
             expires_at: Message::deadline(expiry, now),
         },
         delay,
+        gate: None,
     }))
 }
 
@@ -285,6 +286,18 @@ pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packe
             v5::ConnectReturnCode::ClientIdentifierNotValid,
             why.to_string(),
         ),
+    }
+}
+
+/// The CONNACK refusing one persistent session more than `max_sessions_per_device`
+/// (SPEC 4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
+pub fn connack_quota(protocol: Protocol, why: &super::OpenRefused) -> Packet {
+    match protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::ServiceUnavailable,
+            false,
+        ))),
+        Protocol::V5 => v5_refusal(v5::ConnectReturnCode::QuotaExceeded, why.to_string()),
     }
 }
 

@@ -85,9 +85,9 @@ impl Conn<'_> {
         if !allowed {
             self.broker.metrics.dropped("acl", 1);
             tracing::info!(
-                device = %self.device,
-                client_id = %self.session.key.client_id,
-                topic = %canonical,
+                device = ?self.device,
+                client_id = ?self.session.key.client_id,
+                topic = ?canonical.as_str(),
                 "publish denied by ACL"
             );
         }
@@ -247,7 +247,7 @@ impl Conn<'_> {
         match outcome {
             Ok(()) => self.send(&ack.ack).await,
             Err(e) => {
-                tracing::error!(device = %self.device, error = %e, "message not durable");
+                tracing::error!(device = ?self.device, error = %e, "message not durable");
                 if ack.qos == QoS::ExactlyOnce {
                     self.session.inbound_qos2_release(ack.pkid);
                 }
@@ -276,7 +276,7 @@ impl Conn<'_> {
         match store.barrier().await {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(device = %self.device, error = %e, "message not durable");
+                tracing::error!(device = ?self.device, error = %e, "message not durable");
                 false
             }
         }

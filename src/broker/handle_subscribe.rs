@@ -37,9 +37,9 @@ impl Conn<'_> {
             };
             if !device_acl.can_subscribe(sub.filter()) {
                 tracing::info!(
-                    device = %self.device,
-                    client_id = %self.session.key.client_id,
-                    filter = %f.filter,
+                    device = ?self.device,
+                    client_id = ?self.session.key.client_id,
+                    filter = ?f.filter,
                     "subscription denied by ACL"
                 );
                 results.push(SubResult::NotAuthorized);

@@ -77,18 +77,108 @@ pub async fn send<W: AsyncWrite + Unpin>(
 }
 
 /// A will message waiting for its connection to end (SPEC 6).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Will {
     pub message: Message,
     /// MQTT 5 Will Delay Interval, seconds.
     pub delay: u32,
+    /// Asked when a delayed will fires whether its device may still publish it (SPEC 4:
+    /// dropped if the device is disabled, deleted or revoked, or the topic is no longer
+    /// allowed); Err carries the reason for the log. Blocking: it reads the registry and
+    /// validates the chain. None: no check beyond the session's ACL (tests).
+    pub gate: Option<WillGate>,
+}
+
+/// See [`Will::gate`].
+pub type WillGate = Arc<dyn Fn(&Message) -> Result<(), String> + Send + Sync>;
+
+impl std::fmt::Debug for Will {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Will")
+            .field("message", &self.message)
+            .field("delay", &self.delay)
+            .field("gate", &self.gate.is_some())
+            .finish()
+    }
+}
+
+/// The sessions table, with the number of persistent sessions each device holds
+/// (`max_sessions_per_device`, SPEC 4) kept with it so the quota costs no scan.
+#[derive(Debug, Default)]
+struct Sessions {
+    map: HashMap<SessionKey, SessionRef>,
+    persistent: HashMap<DeviceName, usize>,
+}
+
+impl Sessions {
+    fn get(&self, key: &SessionKey) -> Option<&SessionRef> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, session: SessionRef) -> Option<SessionRef> {
+        if session.store().is_some() {
+            *self
+                .persistent
+                .entry(session.key.device.clone())
+                .or_default() += 1;
+        }
+        let old = self.map.insert(session.key.clone(), session);
+        if let Some(old) = &old {
+            self.uncount(old);
+        }
+        old
+    }
+
+    fn remove(&mut self, key: &SessionKey) -> Option<SessionRef> {
+        let old = self.map.remove(key);
+        if let Some(old) = &old {
+            self.uncount(old);
+        }
+        old
+    }
+
+    fn uncount(&mut self, session: &SessionRef) {
+        if session.store().is_none() {
+            return;
+        }
+        if let Some(n) = self.persistent.get_mut(&session.key.device) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.persistent.remove(&session.key.device);
+            }
+        }
+    }
+
+    /// Persistent sessions of `device`, not counting the one under `key` (it is replaced
+    /// or resumed, never added).
+    fn persistent_besides(&self, key: &SessionKey) -> usize {
+        let held = self.persistent.get(&key.device).copied().unwrap_or(0);
+        let own = self.map.get(key).is_some_and(|s| s.store().is_some());
+        held - usize::from(own && held > 0)
+    }
+
+    fn of_device(&self, device: &DeviceName) -> Vec<SessionRef> {
+        self.map
+            .values()
+            .filter(|s| s.key.device == *device)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Why [`Broker::open_session`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenRefused {
+    /// SPEC 4: one more persistent session than `max_sessions_per_device`.
+    #[error("quota exceeded: the device already holds {max} persistent sessions (max_sessions_per_device)")]
+    Quota { max: usize },
 }
 
 /// The state shared by every session of the broker.
 #[derive(Debug)]
 pub struct Broker {
     /// Sessions by (device, client id). Held only to look up, insert or remove.
-    sessions: Mutex<HashMap<SessionKey, SessionRef>>,
+    sessions: Mutex<Sessions>,
     /// Read for every PUBLISH (shared-group cursors are atomics); written by SUBSCRIBE.
     router: RwLock<Router<SessionRef>>,
     /// Read on every SUBSCRIBE, written on retained PUBLISH.
@@ -122,6 +212,8 @@ pub struct SessionRequest {
     pub acl: Arc<DeviceAcl>,
     /// `max_queued_messages`.
     pub max_queued: usize,
+    /// `max_sessions_per_device`.
+    pub max_sessions: usize,
 }
 
 /// What [`Broker::open_session`] found.
@@ -136,7 +228,7 @@ pub struct Opened {
 impl Broker {
     pub fn new(metrics: Arc<Metrics>, store: Option<Store>) -> Arc<Broker> {
         Arc::new(Broker {
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             router: RwLock::new(Router::new()),
             retained: RwLock::new(Retained::new()),
             metrics,
@@ -197,7 +289,7 @@ impl Broker {
             if let Some(at) = stored.expires_at {
                 deadlines.push((session.clone(), at));
             }
-            self.sessions().insert(stored.key, session);
+            self.sessions().insert(session);
         }
         deadlines
     }
@@ -227,7 +319,7 @@ impl Broker {
         }
     }
 
-    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionKey, SessionRef>> {
+    fn sessions(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -240,21 +332,42 @@ impl Broker {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether opening a session under `key` would stay within `max_sessions` persistent
+    /// sessions of its device (SPEC 4): asked before CONNECT commits anything, so that a
+    /// refusal writes nothing; [`Broker::open_session`] enforces it again.
+    pub fn may_open(
+        &self,
+        key: &SessionKey,
+        clean_start: bool,
+        persistent: bool,
+        max: usize,
+    ) -> bool {
+        if !persistent || self.store.is_none() {
+            return true;
+        }
+        let sessions = self.sessions();
+        let resumed = !clean_start && sessions.get(key).is_some_and(|s| s.store().is_some());
+        resumed || sessions.persistent_besides(key) < max
+    }
+
     /// SPEC 4: finds or creates the session (device, client id) and attaches the
     /// connection; a connection already holding it is told to close (takeover). Clean
-    /// start discards any previous state.
+    /// start discards any previous state. A resumed session gets the connection's ACL:
+    /// subscriptions it no longer allows are removed and queued messages it may no longer
+    /// receive are discarded. A new persistent session beyond the device's quota is refused.
     pub fn open_session(
         &self,
         req: SessionRequest,
         conn_id: u64,
         kick: CancellationToken,
-    ) -> Opened {
+    ) -> Result<Opened, OpenRefused> {
         let SessionRequest {
             key,
             clean_start,
             expiry,
             acl,
             max_queued,
+            max_sessions,
         } = req;
         let persistent = expiry != Expiry::OnDisconnect && self.store.is_some();
         let (session, present, discarded) = {
@@ -266,10 +379,13 @@ impl Broker {
                     (existing, true, None)
                 }
                 existing => {
+                    if persistent && sessions.persistent_besides(&key) >= max_sessions {
+                        return Err(OpenRefused::Quota { max: max_sessions });
+                    }
                     let store = if persistent { self.store.clone() } else { None };
                     let fresh =
                         Session::create(key.clone(), acl.clone(), expiry, max_queued, store);
-                    sessions.insert(key.clone(), fresh.clone());
+                    sessions.insert(fresh.clone());
                     (fresh, false, existing)
                 }
             }
@@ -284,7 +400,11 @@ impl Broker {
                 store.submit(Op::DropSession { key: key.clone() });
             }
         }
-        session.set_acl(acl);
+        if present {
+            self.apply_acl(&session, acl);
+        } else {
+            session.set_acl(acl);
+        }
         session.set_expiry(expiry);
         if let Some(store) = session.store() {
             store.submit(Op::Session {
@@ -297,11 +417,73 @@ impl Broker {
         if let Some(previous) = previous {
             previous.cancel();
         }
-        Opened {
+        Ok(Opened {
             session,
             present,
             generation,
+        })
+    }
+
+    /// Whether `session` is still the one registered under its key (not ended, replaced or
+    /// forgotten with its device).
+    pub fn is_current(&self, session: &SessionRef) -> bool {
+        self.sessions()
+            .get(&session.key)
+            .is_some_and(|s| s == session)
+    }
+
+    /// Forgets every session of `device`, in memory and in the store: subscriptions,
+    /// queued and in-flight messages, and (through [`Broker::is_current`]) pending wills.
+    /// For a device whose registry entry is gone (SPEC 4): a device created later under
+    /// the same name starts empty. Connections still holding one are revoked by the caller.
+    pub fn forget_device(&self, device: &DeviceName) -> usize {
+        let sessions = self.sessions().of_device(device);
+        for s in &sessions {
+            self.end_session(s);
         }
+        if !sessions.is_empty() {
+            tracing::info!(device = ?device, sessions = sessions.len(), "sessions forgotten: the device's registry entry is gone");
+        }
+        sessions.len()
+    }
+
+    /// Applies the current decision to every session held for a device that is not
+    /// connected now (SPEC 4: on restore, reload and registry changes). `verdict` is asked
+    /// once per device: Ok gives the ACL (disallowed subscriptions removed, messages it may
+    /// no longer receive discarded); an Err whose entry is gone forgets the device's
+    /// sessions (connected ones too: their connection is revoked by the caller); any other
+    /// Err (disabled, rule removed) leaves them as they are, since the device cannot
+    /// connect to use them and CONNECT decides again if it ever does.
+    /// `only` limits it to one device's sessions.
+    pub fn reauthorize(
+        &self,
+        only: Option<&DeviceName>,
+        verdict: impl Fn(&DeviceName) -> Result<Arc<DeviceAcl>, crate::auth::Revoked>,
+    ) -> usize {
+        let all: Vec<SessionRef> = match only {
+            Some(device) => self.sessions().of_device(device),
+            None => self.sessions().map.values().cloned().collect(),
+        };
+        let mut by_device: HashMap<DeviceName, Vec<SessionRef>> = HashMap::new();
+        for s in all {
+            by_device.entry(s.key.device.clone()).or_default().push(s);
+        }
+        let mut forgotten = 0;
+        for (device, sessions) in by_device {
+            match verdict(&device) {
+                Ok(acl) => {
+                    for s in sessions.iter().filter(|s| !s.online()) {
+                        self.apply_acl(s, acl.clone());
+                    }
+                }
+                Err(revoked) if revoked.entry_gone() => {
+                    tracing::info!(device = ?device, reason = %revoked, "forgetting the device's sessions");
+                    forgotten += self.forget_device(&device);
+                }
+                Err(_) => {}
+            }
+        }
+        forgotten
     }
 
     /// The connection `conn_id` ended: detach it and end the session when its expiry says
@@ -310,6 +492,11 @@ impl Broker {
         let Some(generation) = session.detach(conn_id) else {
             return; // taken over: the new connection owns the session
         };
+        if !self.is_current(session) {
+            // Forgotten with its device while connected: nothing of it may be written back.
+            self.router_mut().remove_all(session);
+            return;
+        }
         match session.expiry() {
             Expiry::OnDisconnect => self.end_session(session),
             Expiry::Never => {}
@@ -408,12 +595,12 @@ impl Broker {
                     let total = self.metrics.dropped_total("queue_full");
                     if total.is_power_of_two() {
                         tracing::warn!(
-                            device = %t.key.key.device,
-                            client_id = %t.key.key.client_id,
+                            device = ?t.key.key.device,
+                            client_id = ?t.key.key.client_id,
                             dropped_so_far = total,
-                            "queue full: QoS {} message on {} dropped",
-                            msg.qos as u8,
-                            msg.topic
+                            qos = msg.qos as u8,
+                            topic = ?msg.topic.as_str(),
+                            "queue full: message dropped"
                         );
                     }
                 }
@@ -461,10 +648,17 @@ impl Broker {
         router.unsubscribe(session, sub)
     }
 
-    /// Gives a live session a new ACL (after a reload) and removes the subscriptions it no
-    /// longer allows (issue 6). Returns how many were removed.
+    /// Gives a session a new ACL (reload, resume, restore, registry change), removes the
+    /// subscriptions it no longer allows and discards the queued and in-flight messages it
+    /// may no longer receive (SPEC 4), logging both. Returns how many subscriptions were
+    /// removed.
     pub fn apply_acl(&self, session: &SessionRef, acl: Arc<DeviceAcl>) -> usize {
         session.set_acl(acl.clone());
+        let discarded = session.purge(|topic| acl.can_receive(topic));
+        if discarded > 0 {
+            tracing::info!(device = ?session.key.device, client_id = ?session.key.client_id, discarded, "queued messages discarded: no longer allowed");
+            self.metrics.dropped("acl", discarded as u64);
+        }
         let mut router = self.router_mut();
         let mut removed = 0;
         for (sub, _) in router.subscriptions_of(session) {
@@ -476,7 +670,7 @@ impl Broker {
                         filter: subscription_text(&sub),
                     });
                 }
-                tracing::info!(device = %session.key.device, filter = %sub.filter(), "subscription removed: no longer allowed");
+                tracing::info!(device = ?session.key.device, client_id = ?session.key.client_id, filter = ?sub.filter().as_str(), "subscription removed: no longer allowed");
                 removed += 1;
             }
         }
@@ -504,32 +698,51 @@ impl Broker {
         let fire = {
             let broker = self.clone();
             let session = session.clone();
-            move || {
-                if !session.acl().can_publish(&will.message.topic) {
-                    tracing::warn!(device = %session.key.device, topic = %will.message.topic, "will not published: topic not allowed");
+            move |message: Message| {
+                if !session.acl().can_publish(&message.topic) {
+                    tracing::warn!(device = ?session.key.device, topic = ?message.topic.as_str(), "will dropped: topic not allowed");
                     broker.metrics.dropped("acl", 1);
                     return;
                 }
                 // Nobody waits for this commit: a will has no publisher to acknowledge.
-                broker.publish(Arc::new(will.message), Some(&session));
+                broker.publish(Arc::new(message), Some(&session));
             }
         };
         if delay == 0 {
-            fire();
-        } else {
-            let session = session.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                if session.generation() == generation {
-                    fire();
-                }
-            });
+            fire(will.message);
+            return;
         }
+        let broker = self.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            if session.generation() != generation {
+                return; // a connection resumed the session: the will is cancelled
+            }
+            if !broker.is_current(&session) {
+                tracing::info!(device = ?session.key.device, "will dropped: the session ended");
+                return;
+            }
+            let Will { message, gate, .. } = will;
+            let verdict = match gate {
+                None => Ok(message),
+                Some(gate) => tokio::task::spawn_blocking(move || gate(&message).map(|()| message))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the will check failed: {e}"))),
+            };
+            match verdict {
+                Ok(message) => fire(message),
+                Err(reason) => {
+                    tracing::warn!(device = ?session.key.device, reason = ?reason, "will dropped");
+                    broker.metrics.dropped("revoked", 1);
+                }
+            }
+        });
     }
 
     /// Number of sessions (tests, metrics).
     pub fn session_count(&self) -> usize {
-        self.sessions().len()
+        self.sessions().map.len()
     }
 }
 

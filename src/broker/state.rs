@@ -517,6 +517,33 @@ impl Session {
         }
     }
 
+    /// Discards the queued deliveries, and the in-flight ones not yet acknowledged by a
+    /// PUBREC, whose topic `keep` refuses (SPEC 4: what a session may no longer receive);
+    /// their store rows go too. Returns how many were discarded.
+    pub fn purge(&self, keep: impl Fn(&TopicName) -> bool) -> usize {
+        let mut inner = self.lock();
+        let mut gone = Vec::new();
+        inner.queue.retain(|d| {
+            let kept = keep(&d.msg.topic);
+            if !kept {
+                gone.push(d.store_id);
+            }
+            kept
+        });
+        inner.inflight.retain(|(_, f)| match f {
+            Flight::Publish(d) if !keep(&d.msg.topic) => {
+                gone.push(d.store_id);
+                false
+            }
+            _ => true,
+        });
+        drop(inner);
+        for id in &gone {
+            self.delivered(*id);
+        }
+        gone.len()
+    }
+
     /// Number of outbound exchanges in flight.
     pub fn inflight_len(&self) -> usize {
         self.lock().inflight.len()

@@ -532,3 +532,44 @@ fn identity_errors_print_without_raw_control_characters() {
         r#"cn_regex does not match common name "a\u{1b}[2J""#
     );
 }
+
+#[test]
+fn parse_refuses_invisible_and_separator_characters() {
+    for (input, ch, position) in [
+        ("pump\u{200b}-1", '\u{200b}', 4), // zero-width space (Cf)
+        ("pump-1\u{200d}", '\u{200d}', 6), // zero-width joiner (Cf)
+        ("\u{feff}pump-1", '\u{feff}', 0), // byte order mark (Cf)
+        ("pu\u{202e}mp", '\u{202e}', 2),   // right-to-left override (Cf)
+        ("pu\u{2066}mp", '\u{2066}', 2),   // left-to-right isolate (Cf)
+        ("soft\u{ad}hyphen", '\u{ad}', 4), // soft hyphen (Cf)
+        ("a\u{2028}b", '\u{2028}', 1),     // line separator (Zl)
+        ("a\u{2029}b", '\u{2029}', 1),     // paragraph separator (Zp)
+        ("tag\u{e0041}", '\u{e0041}', 3),  // tag character (Cf)
+    ] {
+        assert_eq!(
+            DeviceName::parse(input),
+            Err(NameError::ForbiddenChar { ch, position }),
+            "{input:?}"
+        );
+    }
+}
+
+#[test]
+fn parse_refuses_surrounding_spaces_but_keeps_inner_ones_and_letters() {
+    for input in [" pump-1", "pump-1 ", "\u{3000}pump", "pump\u{a0}"] {
+        assert_eq!(
+            DeviceName::parse(input),
+            Err(NameError::SurroundingSpace),
+            "{input:?}"
+        );
+    }
+    for ok in ["pump 1", "Pumpe-Größe", "ポンプ", "حساس-1", "e\u{301}"] {
+        assert!(DeviceName::parse(ok).is_ok(), "{ok:?}");
+    }
+}
+
+#[test]
+fn device_name_debug_is_quoted_and_escaped() {
+    let name = DeviceName::parse("x\" result=\"accepted").expect("quotes are allowed");
+    assert_eq!(format!("{name:?}"), r#""x\" result=\"accepted""#);
+}

@@ -15,7 +15,7 @@ use crate::cert::{Fingerprint, Validity};
 use crate::config::PINNED_SOURCE;
 use crate::identity::DeviceName;
 
-pub use store::{Registry, RegistryError, DB_FILE};
+pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,9 @@ pub struct Presented<'a> {
     pub validity: Validity,
     /// The anchor's `create_devices` (pinned devices are always (re)entered).
     pub create: bool,
+    /// The name belongs to a `[[device]]` entry of the config: no anchor may provision it,
+    /// even while its registry row is missing (SPEC 4: a pinned name is reserved).
+    pub reserved: bool,
 }
 
 /// Whether [`Registry::admit`] may write (a connection) or only answers (`explain`).
@@ -110,6 +113,8 @@ pub enum Refusal {
         "certificate superseded: its notBefore is older than the device's current certificate"
     )]
     Superseded,
+    #[error("the name is reserved for a pinned device of the configuration")]
+    Reserved,
 }
 
 impl Refusal {
@@ -120,6 +125,7 @@ impl Refusal {
             Refusal::Disabled => "disabled",
             Refusal::BoundElsewhere { .. } => "bound_elsewhere",
             Refusal::Superseded => "superseded",
+            Refusal::Reserved => "reserved_name",
         }
     }
 }
@@ -128,6 +134,9 @@ impl Refusal {
 /// rules are tested without a database; the store runs it inside one transaction.
 pub fn decide(stored: Option<&Device>, presented: &Presented<'_>) -> Result<Admitted, Refusal> {
     let Some(stored) = stored else {
+        if presented.reserved && presented.source != Source::Pinned {
+            return Err(Refusal::Reserved);
+        }
         return if presented.create || presented.source == Source::Pinned {
             Ok(Admitted::Provisioned)
         } else {
@@ -196,6 +205,7 @@ mod tests {
                 not_after: nb + 1000,
             },
             create,
+            reserved: false,
         }
     }
 
@@ -250,6 +260,12 @@ mod tests {
             decide(Some(&disabled), &presented(&n, fleet(), 1, 10, true)),
             Err(Refusal::Disabled)
         );
+        let mut squatter = presented(&n, fleet(), 1, 10, true);
+        squatter.reserved = true;
+        assert_eq!(decide(None, &squatter), Err(Refusal::Reserved));
+        let mut owner = presented(&n, Source::Pinned, 1, 10, false);
+        owner.reserved = true;
+        assert_eq!(decide(None, &owner), Ok(Admitted::Provisioned));
         let pinned = device(Source::Pinned, 1, 10, true);
         assert!(matches!(
             decide(Some(&pinned), &presented(&n, fleet(), 1, 10, true)),

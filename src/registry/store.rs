@@ -53,6 +53,15 @@ pub enum RegistryError {
     Poisoned,
 }
 
+/// What [`Registry::sync_pinned`] found.
+#[derive(Debug, Default)]
+pub struct PinnedSync {
+    /// (pinned name, anchor) pairs: the registry holds the name for that anchor.
+    pub conflicts: Vec<(String, String)>,
+    /// Pinned names whose row was missing and is (or, in a dry run, would be) created.
+    pub created: Vec<String>,
+}
+
 /// The registry. The connection sits behind a std Mutex: every operation is a short
 /// synchronous SQLite call, never held across an await; the server calls the writing ones
 /// from `spawn_blocking` because a commit waits for fsync.
@@ -213,29 +222,35 @@ impl Registry {
         Ok(outcome)
     }
 
-    /// Enters the config's pinned devices (SPEC 3 step 7, at start and on reload). Returns
-    /// the names that the registry holds for an anchor: a config error, reported by the
-    /// caller; nothing is written then.
+    /// Enters the config's pinned devices (SPEC 3 step 7, at start and on reload).
+    /// Conflicts are the names that the registry holds for an anchor: a config error,
+    /// reported by the caller; nothing is written then. Otherwise `created` lists the pinned
+    /// names whose row was missing (never seen, or deleted by `certmq devices delete`) and
+    /// is now (re)created: a new registry entry, so sessions left under that name belong to
+    /// the deleted one (SPEC 4).
     pub fn sync_pinned(
         &self,
         pinned: &[PinnedDevice],
         mode: Mode,
-    ) -> Result<Vec<(String, String)>, RegistryError> {
+    ) -> Result<PinnedSync, RegistryError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(match mode {
             Mode::Commit => TransactionBehavior::Immediate,
             Mode::DryRun => TransactionBehavior::Deferred,
         })?;
-        let mut conflicts = Vec::new();
+        let mut out = PinnedSync::default();
         for p in pinned {
-            if let Some(d) = get(&tx, p.name.as_str())? {
-                if let Source::Anchor(anchor) = d.source {
-                    conflicts.push((p.name.to_string(), anchor));
-                }
+            match get(&tx, p.name.as_str())? {
+                Some(Device {
+                    source: Source::Anchor(anchor),
+                    ..
+                }) => out.conflicts.push((p.name.to_string(), anchor)),
+                Some(_) => {}
+                None => out.created.push(p.name.to_string()),
             }
         }
-        if !conflicts.is_empty() || mode == Mode::DryRun {
-            return Ok(conflicts);
+        if !out.conflicts.is_empty() || mode == Mode::DryRun {
+            return Ok(out);
         }
         let now = now_secs();
         for p in pinned {
@@ -258,7 +273,7 @@ impl Registry {
             )?;
         }
         tx.commit()?;
-        Ok(conflicts)
+        Ok(out)
     }
 
     /// One device.

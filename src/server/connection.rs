@@ -12,17 +12,17 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::auth::{self, Decision};
+use crate::auth::{self, Decision, Presenter};
+use crate::broker::message::Message;
 use crate::broker::session::Revoke;
 use crate::broker::state::{Expiry, SessionKey};
-use crate::broker::{connect, send, session, SessionRequest};
+use crate::broker::{connect, send, session, SessionRequest, WillGate};
 use crate::cert::now_secs;
+use crate::identity::DeviceName;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{PacketReader, Protocol};
-use crate::registry::Source;
 use crate::registry::{Admitted, Mode};
-use crate::server::live::LiveConn;
-use crate::tls::policy::Rule;
+use crate::server::live::{LiveConn, Scope};
 use crate::tls::HANDSHAKE_PEER;
 
 /// Keeps `certmq_connections` right on every exit path.
@@ -108,73 +108,53 @@ pub async fn handle(
     };
     let req = connect::ConnectRequest::from_packet(&packet);
 
-    // Admission against the current config and registry (SPEC 3 step 8). Blocking: the
-    // registry may commit a provisioning (fsync) before CONNACK.
+    // Admission against the current config and registry (SPEC 3 step 8), first as a dry
+    // run: a CONNECT refused for any reason writes nothing to the registry, so every other
+    // reason to refuse is known before provisioning or rotation commits (SPEC 3).
     let snap = shared.snapshot();
     let config = snap.config.clone();
-    let registry = shared.registry.clone();
+    drop(snap);
     let chain = Arc::new(chain);
-    let chain_for_recheck = chain.clone();
-    let decision = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            auth::decide(&config, &registry, &chain, UnixTime::now(), Mode::Commit)
-        })
-        .await
+    let Some(dry) = admit(&shared, &config, &chain, Mode::DryRun, peer).await else {
+        return;
     };
-    let decision = match decision {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(%peer, error = %e, "admission task failed");
-            return;
-        }
-    };
-    log_decision(peer, &req, &decision, &config);
-    let admission = match decision.result {
+    let line = DecisionLine::new(peer, &req, &dry, &config);
+    let admission = match dry.result {
         Ok(a) => a,
         Err(refused) => {
+            line.refused(refused.label(), &refused);
             metrics.auth_refused(refused.label());
             let ack = connect::connack_refused(req.protocol, &refused);
             let _ = send(&mut wr, &ack, write_limit).await;
             return;
         }
     };
-    if admission.registry == Admitted::Provisioned {
-        metrics.devices_provisioned.fetch_add(1, Ordering::Relaxed);
-    }
-    shared.registry.touch(admission.device.as_str(), now_secs());
     let device = admission.device.clone();
-    let source = match admission.rule {
-        Rule::Pinned(_) => Source::Pinned,
-        Rule::Anchor(i) => Source::Anchor(config.anchors[i].name.clone()),
-    };
-
     if let Some(method) = &req.authentication_method {
-        tracing::info!(%peer, %device, %method, "CONNECT refused: enhanced authentication requested");
-        let _ = send(
-            &mut wr,
-            &connect::connack_bad_auth_method(method),
-            write_limit,
-        )
-        .await;
+        line.refused(
+            "bad_authentication_method",
+            &format_args!("enhanced authentication {method:?} is not supported"),
+        );
+        metrics.auth_refused("bad_authentication_method");
+        let ack = connect::connack_bad_auth_method(method);
+        let _ = send(&mut wr, &ack, write_limit).await;
         return;
     }
-
     // Client identifier (SPEC 4) and will (SPEC 5, 6).
     let client_id = match connect::client_id(&req) {
         Ok(id) => id,
         Err(why) => {
-            tracing::info!(%peer, %device, reason = %why, "CONNECT refused");
+            line.refused("bad_client_id", &why);
             let ack = connect::connack_bad_client_id(req.protocol, &why);
             let _ = send(&mut wr, &ack, write_limit).await;
             return;
         }
     };
     let acl = Arc::new(admission.profile.for_device(device.as_str()));
-    let will = match connect::will(&packet, device.as_str(), &acl) {
+    let mut will = match connect::will(&packet, device.as_str(), &acl) {
         Ok(w) => w,
         Err(why) => {
-            tracing::info!(%peer, %device, reason = %why, "CONNECT refused");
+            line.refused("will_not_authorized", &why);
             metrics.auth_refused("will_not_authorized");
             let ack = connect::connack_bad_will(req.protocol, &why);
             let _ = send(&mut wr, &ack, write_limit).await;
@@ -182,20 +162,76 @@ pub async fn handle(
         }
     };
     drop(packet);
-
-    // The session (SPEC 4): keyed by (device, client id); a holder is taken over.
     let expiry = match req.protocol {
         Protocol::V311 if req.clean_start => Expiry::OnDisconnect,
         Protocol::V311 => Expiry::Never,
         Protocol::V5 => Expiry::from_v5(req.session_expiry.unwrap_or(0)),
     };
-    let broker = shared.broker.clone();
-    let conn_id = broker.connection_id();
-    let kick = CancellationToken::new();
     let key = SessionKey {
         device: device.clone(),
         client_id: client_id.id.clone(),
     };
+    let broker = shared.broker.clone();
+    let quota = limits.max_sessions_per_device;
+    let persistent = expiry != Expiry::OnDisconnect;
+    if !broker.may_open(&key, req.clean_start, persistent, quota) {
+        refuse_quota(&line, &metrics, &mut wr, req.protocol, quota, write_limit).await;
+        return;
+    }
+
+    // Everything else passed: commit what the dry run would write, deciding again in one
+    // registry transaction (the registry may have changed meanwhile).
+    let admission = if admission.registry == Admitted::Known {
+        admission
+    } else {
+        let Some(decision) = admit(&shared, &config, &chain, Mode::Commit, peer).await else {
+            return;
+        };
+        match decision.result {
+            // The same chain under the same config names the same device.
+            Ok(a) => a,
+            Err(refused) => {
+                line.refused(refused.label(), &refused);
+                metrics.auth_refused(refused.label());
+                let ack = connect::connack_refused(req.protocol, &refused);
+                let _ = send(&mut wr, &ack, write_limit).await;
+                return;
+            }
+        }
+    };
+    line.accepted(&admission.registry);
+    match admission.registry {
+        Admitted::Known => {}
+        // A new registry entry: whatever was held under this name belonged to a deleted
+        // one (SPEC 4), connections and sessions alike.
+        Admitted::Provisioned => {
+            metrics.devices_provisioned.fetch_add(1, Ordering::Relaxed);
+            let s = shared.clone();
+            let d = device.clone();
+            let _ = tokio::task::spawn_blocking(move || s.forget_entry(&d)).await;
+        }
+        // The broker's own write: connections still using the superseded certificate are
+        // cut now, not at the next registry poll (SPEC 4).
+        Admitted::Rotated { .. } => {
+            let s = shared.clone();
+            let d = device.clone();
+            let c = config.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                s.live
+                    .recheck(&c, &s.registry, &s.broker, Scope::Device(&d))
+            })
+            .await;
+        }
+    }
+    shared.registry.touch(device.as_str(), now_secs());
+    let source = admission.source.clone();
+    if let Some(w) = will.as_mut() {
+        w.gate = Some(will_gate(&shared, &admission, &chain));
+    }
+
+    // The session (SPEC 4): keyed by (device, client id); a holder is taken over.
+    let conn_id = broker.connection_id();
+    let kick = CancellationToken::new();
     let opened = broker.open_session(
         SessionRequest {
             key,
@@ -203,10 +239,18 @@ pub async fn handle(
             expiry,
             acl,
             max_queued: limits.max_queued_messages,
+            max_sessions: quota,
         },
         conn_id,
         kick.clone(),
     );
+    let opened = match opened {
+        Ok(o) => o,
+        Err(_) => {
+            refuse_quota(&line, &metrics, &mut wr, req.protocol, quota, write_limit).await;
+            return;
+        }
+    };
     let keep_alive = connect::effective_keep_alive(req.keep_alive, limits.max_keep_alive);
     let ack = connect::connack_success(
         &req,
@@ -241,9 +285,10 @@ pub async fn handle(
     let _live = shared.live.register(
         conn_id,
         LiveConn {
-            chain: chain_for_recheck,
+            chain: chain.clone(),
             device: device.clone(),
-            source: source.clone(),
+            source,
+            fingerprint: admission.fingerprint,
             session: opened.session.clone(),
             revoke: revoke.clone(),
         },
@@ -253,8 +298,9 @@ pub async fn handle(
     if !Arc::ptr_eq(&shared.snapshot().config, &config) {
         let s = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let snap = s.snapshot();
-            s.live.recheck_all(&snap.config, &s.registry, &s.broker)
+            let config = s.snapshot().config.clone();
+            let scope = Scope::All { revalidate: true };
+            s.live.recheck(&config, &s.registry, &s.broker, scope)
         })
         .await;
     }
@@ -277,50 +323,166 @@ pub async fn handle(
     .await;
     tracing::info!(
         %peer,
-        %device,
-        client_id = %client_id.id,
+        device = ?device,
+        client_id = ?client_id.id,
         reason = %end,
         "session ended"
     );
 }
 
-/// One structured line per CONNECT decision (SPEC 3).
-fn log_decision(
+/// Runs the admission decision off the async workers (it may commit and fsync); None when
+/// the task failed (logged).
+async fn admit(
+    shared: &Arc<Shared>,
+    config: &Arc<crate::config::Config>,
+    chain: &Arc<Vec<CertificateDer<'static>>>,
+    mode: Mode,
     peer: SocketAddr,
-    req: &connect::ConnectRequest,
-    d: &Decision,
-    config: &crate::config::Config,
+) -> Option<Decision> {
+    let (config, registry, chain) = (config.clone(), shared.registry.clone(), chain.clone());
+    let decided = tokio::task::spawn_blocking(move || {
+        auth::decide(&config, &registry, &chain, UnixTime::now(), mode)
+    })
+    .await;
+    match decided {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "admission task failed");
+            None
+        }
+    }
+}
+
+/// Refuses one persistent session over `max_sessions_per_device` (SPEC 4).
+async fn refuse_quota<W: tokio::io::AsyncWrite + Unpin>(
+    line: &DecisionLine,
+    metrics: &Metrics,
+    wr: &mut W,
+    protocol: Protocol,
+    max: usize,
+    write_limit: Duration,
 ) {
-    let fingerprint = d
-        .report
-        .leaf
-        .as_ref()
-        .map(|l| l.fingerprint.to_hex())
-        .unwrap_or_else(|| "-".to_owned());
-    let rule = d.rule_label(config).unwrap_or_else(|| "-".to_owned());
-    let device = d
-        .device
-        .as_ref()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| "-".to_owned());
-    match &d.result {
-        Ok(a) => tracing::info!(
+    let why = crate::broker::OpenRefused::Quota { max };
+    line.refused("quota_exceeded", &why);
+    metrics.auth_refused("quota_exceeded");
+    let _ = send(wr, &connect::connack_quota(protocol, &why), write_limit).await;
+}
+
+/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
+/// decided again, and the will's topic under the current profile.
+fn will_gate(
+    shared: &Arc<Shared>,
+    admission: &auth::Admission,
+    chain: &Arc<Vec<CertificateDer<'static>>>,
+) -> WillGate {
+    let shared = shared.clone();
+    let chain = chain.clone();
+    let device = admission.device.clone();
+    let source = admission.source.clone();
+    let fingerprint = admission.fingerprint;
+    Arc::new(move |message: &Message| {
+        let config = shared.snapshot().config.clone();
+        let row = shared
+            .registry
+            .get(device.as_str())
+            .map_err(|e| format!("the registry cannot answer: {e}"))?;
+        let presenter = Presenter {
+            source: &source,
+            fingerprint,
+            chain: &chain,
+        };
+        let profile = auth::standing(
+            &config,
+            row.as_ref(),
+            &device,
+            Some(presenter),
+            true,
+            UnixTime::now(),
+        )
+        .map_err(|r| r.to_string())?;
+        if profile
+            .for_device(device.as_str())
+            .can_publish(&message.topic)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "topic {:?} is no longer allowed",
+                message.topic.as_str()
+            ))
+        }
+    })
+}
+
+/// The fields of the one structured line per CONNECT decision (SPEC 3): every value that
+/// comes from the peer (device name, client id, reason) is quoted and escaped.
+struct DecisionLine {
+    peer: SocketAddr,
+    fingerprint: String,
+    rule: String,
+    device: Option<DeviceName>,
+    client_id: String,
+}
+
+impl DecisionLine {
+    fn new(
+        peer: SocketAddr,
+        req: &connect::ConnectRequest,
+        d: &Decision,
+        config: &crate::config::Config,
+    ) -> DecisionLine {
+        DecisionLine {
+            peer,
+            fingerprint: d
+                .report
+                .leaf
+                .as_ref()
+                .map(|l| l.fingerprint.to_hex())
+                .unwrap_or_else(|| "-".to_owned()),
+            rule: d.rule_label(config).unwrap_or_else(|| "-".to_owned()),
+            device: d.device.clone(),
+            client_id: req.client_id.clone(),
+        }
+    }
+
+    fn device(&self) -> String {
+        self.device
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |d| d.as_str().to_owned())
+    }
+
+    fn accepted(&self, admitted: &Admitted) {
+        tracing::info!(
             target: "certmq::auth",
-            %peer, %fingerprint, %rule, %device,
-            client_id = %req.client_id,
+            peer = %self.peer,
+            fingerprint = %self.fingerprint,
+            rule = ?self.rule,
+            device = ?self.device(),
+            client_id = ?self.client_id,
             result = "accepted",
-            reason = ?a.registry,
+            reason = ?admitted,
             "accepted at CONNECT"
-        ),
-        Err(refused) => tracing::warn!(
+        );
+    }
+
+    fn refused(&self, label: &str, why: &dyn std::fmt::Display) {
+        let Some(suppressed) = crate::logline::refusal_allowed(self.peer.ip()) else {
+            return;
+        };
+        tracing::warn!(
             target: "certmq::auth",
-            %peer, %fingerprint, %rule, %device,
-            client_id = %req.client_id,
+            peer = %self.peer,
+            fingerprint = %self.fingerprint,
+            rule = ?self.rule,
+            device = ?self.device(),
+            client_id = ?self.client_id,
             result = "refused",
             stage = "connect",
-            reason = refused.label(),
-            "refused at CONNECT: {refused}"
-        ),
+            reason = label,
+            detail = ?why.to_string(),
+            suppressed,
+            "refused at CONNECT"
+        );
     }
 }
 
@@ -334,6 +496,9 @@ fn log_handshake_error(peer: SocketAddr, e: &std::io::Error, metrics: &Metrics) 
         Some(rustls::Error::InvalidCertificate(_)) => {}
         Some(rustls::Error::NoCertificatesPresented) => {
             metrics.auth_refused("no_certificate");
+            let Some(suppressed) = crate::logline::refusal_allowed(peer.ip()) else {
+                return;
+            };
             tracing::warn!(
                 target: "certmq::auth",
                 %peer,
@@ -343,6 +508,7 @@ fn log_handshake_error(peer: SocketAddr, e: &std::io::Error, metrics: &Metrics) 
                 result = "refused",
                 stage = "tls",
                 reason = "no_certificate",
+                suppressed,
                 "refused at TLS: the client sent no certificate"
             );
         }

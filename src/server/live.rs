@@ -1,20 +1,25 @@
-//! The live connections, and their re-check (SPEC 8, issue 6): after a reload every
-//! session is decided again against the new config, CRLs and registry; after a registry
-//! change made by the `certmq devices` CLI, against the registry. A session that would now
-//! be refused is revoked (MQTT 5: DISCONNECT 0x87 with the reason first); the others keep
-//! their connection with the new ACL profile, minus the subscriptions it no longer allows.
+//! The live connections, and how every session is held to the current decision (SPEC 4
+//! "A session lives only as long as its identity", SPEC 8): after a reload, after a registry
+//! change made by the `certmq devices` CLI, and after the broker's own provisioning and
+//! rotation writes. Each connection is judged by the one verdict, [`auth::standing`]; a
+//! connection that would now be refused is revoked (MQTT 5: DISCONNECT 0x87 with the reason
+//! first), the others keep their connection with the current ACL profile, minus the
+//! subscriptions it no longer allows. Sessions not connected now are judged by the same
+//! function through [`Broker::reauthorize`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::auth;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::auth::{self, Presenter, Revoked};
 use crate::broker::session::Revoke;
 use crate::broker::state::SessionRef;
 use crate::broker::Broker;
+use crate::cert::Fingerprint;
 use crate::config::Config;
 use crate::identity::DeviceName;
-use crate::registry::{Admitted, Mode, Registry, Source};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use crate::registry::{Device, Registry, RegistryError, Source};
 
 /// One admitted connection, as the re-check needs it.
 #[derive(Debug, Clone)]
@@ -22,9 +27,21 @@ pub struct LiveConn {
     /// The chain the device presented (leaf first).
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     pub device: DeviceName,
+    /// The rule and certificate it was admitted with: the registry entry must keep both.
     pub source: Source,
+    pub fingerprint: Fingerprint,
     pub session: SessionRef,
     pub revoke: Arc<Revoke>,
+}
+
+impl LiveConn {
+    fn presenter(&self) -> Presenter<'_> {
+        Presenter {
+            source: &self.source,
+            fingerprint: self.fingerprint,
+            chain: &self.chain,
+        }
+    }
 }
 
 /// Connections by connection id. std Mutex: inserts and removes per connection, and a
@@ -52,6 +69,18 @@ pub struct Recheck {
     pub kept: usize,
     pub revoked: usize,
     pub subscriptions_removed: usize,
+    /// Sessions forgotten because their device's registry entry is gone.
+    pub sessions_forgotten: usize,
+}
+
+/// Which connections a re-check looks at, and how deep.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every connection and session; `revalidate` decides each chain again (after a
+    /// reload: anchors, CRLs and regexes may have changed).
+    All { revalidate: bool },
+    /// One device, after the broker itself changed its registry row.
+    Device(&'a DeviceName),
 }
 
 impl Live {
@@ -73,30 +102,40 @@ impl Live {
         self.len() == 0
     }
 
-    fn all(&self) -> Vec<LiveConn> {
-        self.lock().values().cloned().collect()
+    fn select(&self, scope: Scope<'_>) -> Vec<LiveConn> {
+        let conns = self.lock();
+        match scope {
+            Scope::All { .. } => conns.values().cloned().collect(),
+            Scope::Device(d) => conns.values().filter(|c| c.device == *d).cloned().collect(),
+        }
     }
 
-    /// Full re-check (after a reload): SPEC 3 steps 2 to 7 against the new config, then the
-    /// new ACL profile for those kept. Blocking (chain validation, registry reads).
-    pub fn recheck_all(&self, config: &Config, registry: &Registry, broker: &Broker) -> Recheck {
-        let mut out = Recheck::default();
+    /// Revokes every connection of `device` with `reason` (its registry entry is gone).
+    pub fn revoke_device(&self, device: &DeviceName, reason: &Revoked) -> usize {
+        let conns = self.select(Scope::Device(device));
+        for c in &conns {
+            revoke(c, reason, "session revoked");
+        }
+        conns.len()
+    }
+
+    /// Holds every connection in `scope`, and every session of the devices concerned, to
+    /// the current decision ([`auth::standing`]). Blocking (registry reads, and chain
+    /// validation when revalidating): call from `spawn_blocking`.
+    pub fn recheck(
+        &self,
+        config: &Config,
+        registry: &Registry,
+        broker: &Broker,
+        scope: Scope<'_>,
+    ) -> Result<Recheck, RegistryError> {
+        let rows = Rows::read(registry, scope)?;
+        let revalidate = matches!(scope, Scope::All { revalidate: true });
         let now = UnixTime::now();
-        for c in self.all() {
-            let decision = auth::decide(config, registry, &c.chain, now, Mode::DryRun);
-            let verdict = match decision.result {
-                Err(refused) => Err(refused.to_string()),
-                Ok(a) if a.device != c.device => Err(format!(
-                    "the certificate now names device {} instead of {}",
-                    a.device, c.device
-                )),
-                // The dry run would create it: the row is gone (deleted while connected).
-                Ok(a) if a.registry == Admitted::Provisioned => {
-                    Err(format!("device {} was deleted", c.device))
-                }
-                Ok(a) => Ok(a.profile),
-            };
-            match verdict {
+        let mut out = Recheck::default();
+        for c in self.select(scope) {
+            let row = rows.get(&c.device);
+            match auth::standing(config, row, &c.device, Some(c.presenter()), revalidate, now) {
                 Ok(profile) => {
                     out.kept += 1;
                     let acl = Arc::new(profile.for_device(c.device.as_str()));
@@ -104,44 +143,52 @@ impl Live {
                 }
                 Err(reason) => {
                     out.revoked += 1;
-                    tracing::warn!(device = %c.device, %reason, "session revoked after reload");
-                    c.revoke.revoke(format!("not authorized: {reason}"));
+                    revoke(&c, &reason, "session revoked");
                 }
             }
         }
-        out
+        let only = match scope {
+            Scope::Device(d) => Some(d),
+            Scope::All { .. } => None,
+        };
+        out.sessions_forgotten = broker.reauthorize(only, |device| {
+            auth::standing(config, rows.get(device), device, None, false, now)
+                .map(|p| Arc::new(p.for_device(device.as_str())))
+        });
+        Ok(out)
+    }
+}
+
+/// Tells one connection it is no longer admitted, and logs why.
+fn revoke(c: &LiveConn, reason: &Revoked, what: &str) {
+    tracing::warn!(device = ?c.device, reason = reason.label(), detail = ?reason.to_string(), "{what}");
+    c.revoke.revoke(format!("not authorized: {reason}"));
+}
+
+/// The registry rows a re-check needs, read once.
+enum Rows {
+    All(HashMap<String, Device>),
+    One(Option<Device>),
+}
+
+impl Rows {
+    fn read(registry: &Registry, scope: Scope<'_>) -> Result<Rows, RegistryError> {
+        Ok(match scope {
+            Scope::All { .. } => Rows::All(
+                registry
+                    .list()?
+                    .into_iter()
+                    .map(|d| (d.name.clone(), d))
+                    .collect(),
+            ),
+            Scope::Device(d) => Rows::One(registry.get(d.as_str())?),
+        })
     }
 
-    /// Registry-only re-check (after the CLI changed the registry): disabled, deleted or
-    /// re-bound devices are revoked. Blocking (registry reads).
-    pub fn recheck_registry(&self, registry: &Registry) -> Recheck {
-        let mut out = Recheck::default();
-        for c in self.all() {
-            let leaf = c.chain.first().map(|l| crate::cert::Fingerprint::of(l));
-            let reason = match registry.get(c.device.as_str()) {
-                Err(e) => {
-                    tracing::warn!(error = %e, "registry re-check failed; keeping sessions");
-                    return out;
-                }
-                Ok(None) => Some(format!("device {} was deleted", c.device)),
-                Ok(Some(d)) if !d.enabled => Some(format!("device {} is disabled", c.device)),
-                Ok(Some(d)) if d.source != c.source => {
-                    Some(format!("device {} is now bound to {}", c.device, d.source))
-                }
-                Ok(Some(d)) if Some(d.fingerprint) != leaf => {
-                    Some(format!("device {} now uses another certificate", c.device))
-                }
-                Ok(Some(_)) => None,
-            };
-            match reason {
-                None => out.kept += 1,
-                Some(reason) => {
-                    out.revoked += 1;
-                    tracing::warn!(device = %c.device, %reason, "session revoked after a registry change");
-                    c.revoke.revoke(format!("not authorized: {reason}"));
-                }
-            }
+    fn get(&self, device: &DeviceName) -> Option<&Device> {
+        match self {
+            Rows::All(rows) => rows.get(device.as_str()),
+            Rows::One(row) => row.as_ref().filter(|r| r.name == device.as_str()),
         }
-        out
     }
 }

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, Problem, ProblemKind};
 use crate::metrics::Metrics;
-use crate::registry::{Mode, Registry, RegistryError, Source};
+use crate::registry::{Mode, Registry, RegistryError};
 use crate::storage::Store;
 use crate::tls::{self, TlsError};
 
@@ -98,7 +98,7 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
         // The first write happens here: a read-only or full store fails now, naming its file.
-        check_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
+        let recreated = check_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
             ServerError::Registry(RegistryError::Sqlite(source)) => {
                 ServerError::Registry(RegistryError::Open {
                     path: registry.path().to_path_buf(),
@@ -114,7 +114,7 @@ impl Server {
         let retained = recovered.retained.len();
         let deadlines = broker.restore(
             recovered,
-            |device| Arc::new(device_acl(&config, &registry, device)),
+            |_| Arc::new(crate::acl::DeviceAcl::default()),
             config.limits.max_queued_messages,
         );
         if restored + retained > 0 {
@@ -124,6 +124,24 @@ impl Server {
                 "restored from the message store"
             );
         }
+        // SPEC 4: restored sessions answer to the current config and registry like any
+        // other. A pinned row recreated just now is a new entry: what was left under its
+        // name belonged to the deleted one.
+        for name in &recreated {
+            if let Ok(device) = crate::identity::DeviceName::parse(name) {
+                broker.forget_device(&device);
+            }
+        }
+        let rows: std::collections::HashMap<String, crate::registry::Device> = registry
+            .list()?
+            .into_iter()
+            .map(|d| (d.name.clone(), d))
+            .collect();
+        let now = rustls_pki_types::UnixTime::now();
+        broker.reauthorize(None, |device| {
+            crate::auth::standing(&config, rows.get(device.as_str()), device, None, false, now)
+                .map(|p| Arc::new(p.for_device(device.as_str())))
+        });
         metrics.set_anchor_expiry(&config);
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), metrics.clone())?;
@@ -268,13 +286,20 @@ impl Server {
 }
 
 /// SPEC 3 step 7: a pinned name that the registry holds for an anchor is a config error.
-/// With `Mode::Commit` the pinned devices are entered when there is no conflict.
-pub fn check_pinned(config: &Config, registry: &Registry, mode: Mode) -> Result<(), ServerError> {
-    let conflicts = registry.sync_pinned(&config.devices, mode)?;
-    if conflicts.is_empty() {
-        return Ok(());
+/// With `Mode::Commit` the pinned devices are entered when there is no conflict. Returns
+/// the pinned names whose registry row was missing and is now created (SPEC 4: a deleted
+/// pinned row is recreated at start and on reload, as a new entry).
+pub fn check_pinned(
+    config: &Config,
+    registry: &Registry,
+    mode: Mode,
+) -> Result<Vec<String>, ServerError> {
+    let sync = registry.sync_pinned(&config.devices, mode)?;
+    if sync.conflicts.is_empty() {
+        return Ok(sync.created);
     }
-    let problems = conflicts
+    let problems = sync
+        .conflicts
         .into_iter()
         .map(|(name, source_name)| Problem {
             file: config.path.clone(),
@@ -332,16 +357,24 @@ async fn watch_registry(shared: Arc<Shared>, shutdown: CancellationToken) {
         let Some(version) = changed else { continue };
         if seen.is_some_and(|v| v != version) {
             let s = shared.clone();
-            let result =
-                tokio::task::spawn_blocking(move || s.live.recheck_registry(&s.registry)).await;
-            if let Ok(r) = result {
-                if r.revoked > 0 {
-                    tracing::info!(
-                        revoked = r.revoked,
-                        kept = r.kept,
-                        "registry changed: sessions re-checked"
-                    );
+            let result = tokio::task::spawn_blocking(move || {
+                let config = s.snapshot().config.clone();
+                let scope = live::Scope::All { revalidate: false };
+                s.live.recheck(&config, &s.registry, &s.broker, scope)
+            })
+            .await;
+            match result {
+                Ok(Ok(r)) if r.revoked + r.sessions_forgotten > 0 => tracing::info!(
+                    revoked = r.revoked,
+                    kept = r.kept,
+                    forgotten = r.sessions_forgotten,
+                    "registry changed: sessions re-checked"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "registry re-check failed; keeping sessions")
                 }
+                Err(e) => tracing::warn!(error = %e, "registry re-check task failed"),
             }
         }
         seen = Some(version);
@@ -371,7 +404,7 @@ impl Shared {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        check_pinned(&config, &self.registry, Mode::Commit)?;
+        let recreated = check_pinned(&config, &self.registry, Mode::Commit)?;
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), self.metrics.clone())?;
         let snapshot = Arc::new(Snapshot {
@@ -383,27 +416,24 @@ impl Shared {
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
         self.metrics.set_anchor_expiry(&config);
-        let recheck = self.live.recheck_all(&config, &self.registry, &self.broker);
+        for name in &recreated {
+            if let Ok(device) = crate::identity::DeviceName::parse(name) {
+                self.forget_entry(&device);
+            }
+        }
+        let scope = live::Scope::All { revalidate: true };
+        let recheck = self
+            .live
+            .recheck(&config, &self.registry, &self.broker, scope)?;
         Ok(ReloadOutcome { recheck })
     }
-}
 
-/// A device's ACL under `config`, from the rule the registry binds it to; allows nothing
-/// when the device or its rule is gone (it cannot connect then either).
-pub fn device_acl(
-    config: &Config,
-    registry: &Registry,
-    device: &crate::identity::DeviceName,
-) -> crate::acl::DeviceAcl {
-    let profile = match registry.get(device.as_str()) {
-        Ok(Some(d)) => match d.source {
-            Source::Pinned => config.pinned(device.as_str()).map(|p| p.acl.clone()),
-            Source::Anchor(name) => config.anchor(&name).map(|a| a.acl.clone()),
-        },
-        _ => None,
-    };
-    profile
-        .and_then(|p| config.profile(&p).cloned())
-        .map(|p| p.for_device(device.as_str()))
-        .unwrap_or_default()
+    /// The registry entry of `device` is new (provisioned, or a pinned row recreated):
+    /// whatever was held under its name belonged to a deleted entry (SPEC 4). Its
+    /// connections are revoked and its sessions, queued messages and wills forgotten.
+    pub fn forget_entry(&self, device: &crate::identity::DeviceName) {
+        let gone = crate::auth::Revoked::Deleted(device.clone());
+        self.live.revoke_device(device, &gone);
+        self.broker.forget_device(device);
+    }
 }

@@ -94,6 +94,8 @@ pub struct WillMsg {
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 Will Delay Interval in seconds (0: none; ignored by 3.1.1).
+    pub delay: u32,
 }
 
 /// Connection options beyond the client id.
@@ -420,7 +422,15 @@ async fn connect_v5(
             w.payload.clone(),
             qos5(w.qos),
             w.retain,
-            None,
+            (w.delay > 0).then(|| rumqttc::v5::mqttbytes::v5::LastWillProperties {
+                delay_interval: Some(w.delay),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            }),
         ));
     }
     let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 100);

@@ -1,0 +1,447 @@
+//! Identity and session lifecycle (SPEC 3 "Hardening", SPEC 4 "A session lives only as long
+//! as its identity"): a session never outlives the decision that admitted it. Each test
+//! reproduces one way a session used to outlive it — a narrowed profile, a deleted device, a
+//! deleted pinned name, a rotation, a disabled device's delayed will — against `certmq
+//! serve` as a real subprocess, driven as an operator drives it (edit the TOML and SIGHUP,
+//! `certmq devices ...`, restart), with real TLS clients. Every wait is for an event.
+
+mod common;
+
+use std::path::Path;
+
+use certmq::pki::{Ca, Issued, LeafSpec, Validity};
+use common::coretests::{Opts, Peer, WillMsg, MARKER, V};
+use common::ops::{config, config_with_limits, expect_disconnect, open_v5, pinned, subscribe_v5};
+use common::ops::{Proc, BACKEND_PROFILE};
+use common::run::{arg, certmq};
+use common::{self_signed, Client, Fixture, Outcome, WAIT};
+
+const NOT_AUTHORIZED_V5: u8 = 0x87;
+const QUOTA_EXCEEDED_V5: u8 = 0x97;
+const BAD_AUTH_METHOD_V5: u8 = 0x8C;
+const SERVER_UNAVAILABLE_V311: u8 = 3;
+
+/// A pinned backend that may do everything, and its client.
+fn backend(fx: &Fixture) -> (String, Client) {
+    let cert = self_signed("backend");
+    fx.write("backend.pem", &cert.cert_pem);
+    let section = format!(
+        "{}\n{BACKEND_PROFILE}",
+        pinned("backend", "backend.pem", "backend")
+    );
+    (section, Client::new(fx, &cert.cert_pem, &cert.key_pem))
+}
+
+/// The fleet anchor bound to the profile `wide`, whose subscribe patterns are `subscribe`.
+fn fleet_wide(subscribe: &str) -> String {
+    format!(
+        "{}acl = \"wide\"\n\n[acl.wide]\npublish = [\"devices/{{device}}/#\"]\nsubscribe = [{subscribe}]\n",
+        Fixture::fleet_anchor(true)
+    )
+}
+
+const WIDE: &str = "\"fleet/#\", \"devices/{device}/#\"";
+const NARROW: &str = "\"devices/{device}/#\"";
+
+fn persistent() -> Opts {
+    Opts {
+        clean: false,
+        will: None,
+    }
+}
+
+/// `certmq devices ARGS --config PATH`, asserting exit 0.
+fn devices(fx: &Fixture, path: &Path, args: &[&str]) -> String {
+    let mut all = vec!["devices"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", arg(path)]);
+    let run = certmq(fx.dir.path(), &all);
+    assert_eq!(run.code, Some(0), "certmq {all:?}: {}", run.stderr);
+    run.stdout
+}
+
+/// Stops the broker with SIGTERM (graceful: the store is flushed) and starts it again.
+async fn restart(fx: &Fixture, path: &Path, broker: &mut Proc) -> Proc {
+    broker.signal("TERM");
+    let status = broker.wait_exit(WAIT).await;
+    assert!(status.success(), "exit status {status}");
+    Proc::start(fx, path).await
+}
+
+// ------------------------------------------- 1. offline sessions follow the profile
+
+/// A device subscribed to `fleet/#` goes offline with a message queued there; the operator
+/// narrows the profile (SIGHUP, or while the broker is down). On resume the device must
+/// get neither the queued message nor anything new on `fleet/...`.
+async fn narrowed_profile_prunes_the_offline_session(v: V, restart_broker: bool) {
+    let fx = Fixture::new();
+    let (backend_section, backend) = backend(&fx);
+    let path = config(&fx, &format!("{}\n{backend_section}", fleet_wide(WIDE)));
+    let mut broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+
+    let mut d = Peer::connect(&dev, broker.mqtt, v, "d1-c", &persistent()).await;
+    assert_eq!(d.subscribe("fleet/#", 1).await, 1);
+    assert_eq!(d.subscribe("devices/d1/#", 1).await, 1);
+    d.disconnect().await;
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(
+        b.publish("fleet/cmd", 1, false, b"queued-while-allowed")
+            .await,
+        0
+    );
+    drop(b);
+
+    config(&fx, &format!("{}\n{backend_section}", fleet_wide(NARROW)));
+    if restart_broker {
+        broker = restart(&fx, &path, &mut broker).await;
+    } else {
+        broker.reload().await.expect("reload accepted");
+    }
+    // Both logged before the reload's outcome line (or before the listener, at start).
+    let log = broker.stderr();
+    assert!(log.contains("subscription removed"), "{log}");
+    assert!(log.contains("queued messages discarded"), "{log}");
+
+    let mut d = Peer::connect(&dev, broker.mqtt, v, "d1-c", &persistent()).await;
+    assert!(d.session_present, "the session itself survives");
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(
+        b.publish("fleet/cmd", 1, false, b"after-narrowing").await,
+        0
+    );
+    assert_eq!(b.publish("devices/d1/x", 1, false, MARKER).await, 0);
+    let got = d.recv_until_marker().await;
+    assert!(got.is_empty(), "delivered outside the profile: {got:?}");
+}
+
+#[tokio::test]
+async fn sighup_narrowing_prunes_offline_session_v5() {
+    narrowed_profile_prunes_the_offline_session(V::V5, false).await;
+}
+
+#[tokio::test]
+async fn sighup_narrowing_prunes_offline_session_v311() {
+    narrowed_profile_prunes_the_offline_session(V::V4, false).await;
+}
+
+#[tokio::test]
+async fn restart_with_narrowed_profile_prunes_restored_session() {
+    narrowed_profile_prunes_the_offline_session(V::V5, true).await;
+}
+
+// ------------------------------------------- 2. delete removes the device's sessions
+
+/// A second intermediate anchor `other` naming devices the same way, built-in profile.
+fn other_anchor(fx: &Fixture) -> (Ca, String) {
+    let other = fx
+        .root
+        .intermediate("Other Fleet CA", Validity::days(-10, 3650), None)
+        .expect("other CA");
+    fx.write("other.pem", &other.cert_pem());
+    let section = "[[anchor]]\nname = \"other\"\ncertificate = \"other.pem\"\ncn_regex = '^(.+)\\.devices\\.example\\.com$'\ncreate_devices = true\n".to_owned();
+    (other, section)
+}
+
+async fn delete_removes_sessions(restart_broker: bool) {
+    let fx = Fixture::new();
+    let (backend_section, backend) = backend(&fx);
+    let (other, other_section) = other_anchor(&fx);
+    let path = config(
+        &fx,
+        &format!("{}\n{other_section}\n{backend_section}", fleet_wide(WIDE)),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    let old = fx.client(&fx.device("gw-7.devices.example.com"));
+    let mut d = Peer::connect(&old, broker.mqtt, V::V5, "gw", &persistent()).await;
+    assert_eq!(d.subscribe("fleet/#", 1).await, 1);
+    d.disconnect().await;
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(
+        b.publish("fleet/cmd", 1, false, b"for-the-old-gw-7").await,
+        0
+    );
+    drop(b);
+
+    if restart_broker {
+        broker.signal("TERM");
+        assert!(broker.wait_exit(WAIT).await.success());
+        devices(&fx, &path, &["delete", "gw-7"]);
+        broker = Proc::start(&fx, &path).await;
+    } else {
+        devices(&fx, &path, &["delete", "gw-7"]);
+    }
+
+    // The same name from another anchor, with a narrower profile, and the same client id.
+    let newcomer = fx.client(
+        &other
+            .issue(&LeafSpec::device("gw-7.devices.example.com"))
+            .expect("leaf"),
+    );
+    let mut n = Peer::connect(&newcomer, broker.mqtt, V::V5, "gw", &persistent()).await;
+    assert!(!n.session_present, "a device created later starts empty");
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(b.publish("fleet/cmd", 1, false, b"fleet-wide").await, 0);
+    assert_eq!(b.publish("devices/gw-7/x", 1, false, MARKER).await, 0);
+    assert_eq!(n.subscribe("devices/gw-7/#", 1).await, 1);
+    assert_eq!(b.publish("devices/gw-7/x", 1, false, MARKER).await, 0);
+    let got = n.recv_until_marker().await;
+    assert!(
+        got.is_empty(),
+        "the new gw-7 inherited the old one's session: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn devices_delete_removes_sessions_of_a_running_broker() {
+    delete_removes_sessions(false).await;
+}
+
+#[tokio::test]
+async fn devices_delete_while_stopped_removes_stored_sessions() {
+    delete_removes_sessions(true).await;
+}
+
+/// Deleting a connected device closes its connection and forgets its session.
+#[tokio::test]
+async fn devices_delete_disconnects_and_forgets_the_live_session() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let mut tls = open_v5(&dev, broker.mqtt, "d1").await;
+    assert_eq!(subscribe_v5(&mut tls, 1, &["devices/d1/#"]).await, [0]);
+    devices(&fx, &path, &["delete", "d1"]);
+    let bye = expect_disconnect(&mut tls, WAIT).await;
+    assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");
+    let again = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &persistent()).await;
+    assert!(!again.session_present);
+    again.disconnect().await;
+}
+
+// ------------------------------------------- 3. a pinned name stays reserved
+
+#[tokio::test]
+async fn deleted_pinned_name_cannot_be_squatted() {
+    let fx = Fixture::new();
+    let (backend_section, backend) = backend(&fx);
+    let path = config(
+        &fx,
+        &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    devices(&fx, &path, &["delete", "backend"]);
+
+    let squatter = fx.client(&fx.device("backend.devices.example.com"));
+    assert_eq!(
+        squatter.connect_v5(broker.mqtt, "s").await,
+        Outcome::Refused(NOT_AUTHORIZED_V5),
+        "an anchor certificate provisioned the pinned name"
+    );
+    let line = broker.wait_line("reserved").await;
+    assert!(line.contains("refused"), "{line}");
+    assert_eq!(
+        backend.connect_v5(broker.mqtt, "b").await,
+        Outcome::Accepted
+    );
+    broker.reload().await.expect("reload accepted");
+
+    // Deleted again while running, then a restart: the row is recreated at start.
+    devices(&fx, &path, &["delete", "backend"]);
+    let broker = restart(&fx, &path, &mut broker).await;
+    let shown = devices(&fx, &path, &["show", "backend", "--json"]);
+    assert!(shown.contains("\"source\":\"pinned\""), "{shown}");
+    assert_eq!(
+        squatter.connect_v5(broker.mqtt, "s").await,
+        Outcome::Refused(NOT_AUTHORIZED_V5)
+    );
+}
+
+// ------------------------------------------- 4. rotation cuts the superseded certificate
+
+fn leaf(ca: &Ca, cn: &str, start_days_ago: i64) -> Issued {
+    let mut spec = LeafSpec::device(cn);
+    spec.validity = Validity::days(-start_days_ago, 365);
+    ca.issue(&spec).expect("leaf")
+}
+
+#[tokio::test]
+async fn rotation_disconnects_connections_using_the_old_certificate() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let broker = Proc::start(&fx, &path).await;
+    let old = fx.client(&leaf(&fx.fleet, "d1.devices.example.com", 5));
+    let new = fx.client(&leaf(&fx.fleet, "d1.devices.example.com", 1));
+    let mut leaked = open_v5(&old, broker.mqtt, "leaked").await;
+    assert_eq!(subscribe_v5(&mut leaked, 1, &["devices/d1/#"]).await, [0]);
+
+    assert_eq!(
+        new.connect_v5(broker.mqtt, "rotated").await,
+        Outcome::Accepted
+    );
+    let bye = expect_disconnect(&mut leaked, WAIT).await;
+    assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");
+    assert!(bye.reason.contains("superseded"), "{bye:?}");
+    assert_eq!(
+        old.connect_v5(broker.mqtt, "leaked").await,
+        Outcome::Refused(NOT_AUTHORIZED_V5)
+    );
+}
+
+// ------------------------------------------- a disabled device's delayed will is dropped
+
+#[tokio::test]
+async fn delayed_will_of_a_disabled_device_is_dropped() {
+    let fx = Fixture::new();
+    let (backend_section, backend) = backend(&fx);
+    let path = config(
+        &fx,
+        &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(b.subscribe("devices/#", 1).await, 1);
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let opts = Opts {
+        clean: false,
+        will: Some(WillMsg {
+            topic: "devices/d1/status".into(),
+            payload: b"offline".to_vec(),
+            qos: 1,
+            retain: false,
+            delay: 2,
+        }),
+    };
+    let d = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &opts).await;
+    d.drop_tcp().await;
+    devices(&fx, &path, &["disable", "d1"]);
+    let line = broker.wait_line("will dropped").await;
+    assert!(line.contains("disabled"), "{line}");
+    assert_eq!(b.publish("devices/d1/x", 1, false, MARKER).await, 0);
+    let got = b.recv_until_marker().await;
+    assert!(got.is_empty(), "the will was published: {got:?}");
+}
+
+// ------------------------------------------- 6. persistent sessions per device
+
+fn connect_v5_persistent(client_id: &str) -> Vec<u8> {
+    // Session Expiry Interval 600 s, clean start 0.
+    connect_v5_with(client_id, &[0x11, 0, 0, 0x02, 0x58], 0x00)
+}
+
+/// An MQTT 5 CONNECT with these properties and connect flags (no will, no credentials).
+fn connect_v5_with(client_id: &str, props: &[u8], flags: u8) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 30];
+    body.push(u8::try_from(props.len()).expect("short properties"));
+    body.extend_from_slice(props);
+    body.extend_from_slice(
+        &u16::try_from(client_id.len())
+            .expect("short id")
+            .to_be_bytes(),
+    );
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, u8::try_from(body.len()).expect("short packet")];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// The reason code of the CONNACK in `bytes` (MQTT 5 or 3.1.1: the byte after the flags).
+fn connack_code(bytes: &[u8]) -> u8 {
+    assert_eq!(bytes.first(), Some(&0x20), "CONNACK expected: {bytes:02x?}");
+    bytes[3]
+}
+
+#[tokio::test]
+async fn one_persistent_session_over_the_quota_is_refused() {
+    let fx = Fixture::new();
+    let path = config_with_limits(
+        &fx,
+        "handshake_timeout = 5\nconnect_timeout = 5\nmax_sessions_per_device = 2",
+        &Fixture::fleet_anchor(true),
+    );
+    let broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    for id in ["s1", "s2"] {
+        Peer::connect(&dev, broker.mqtt, V::V5, id, &persistent())
+            .await
+            .disconnect()
+            .await;
+    }
+    let v5 = dev
+        .raw(broker.mqtt, &connect_v5_persistent("s3"))
+        .await
+        .expect("CONNACK");
+    assert_eq!(connack_code(&v5), QUOTA_EXCEEDED_V5, "{v5:02x?}");
+    assert_eq!(
+        dev.connect_v4(broker.mqtt, "s4", false).await,
+        Outcome::Refused(SERVER_UNAVAILABLE_V311)
+    );
+    // Resuming one of the two, and a clean session, are not new persistent sessions.
+    let again = Peer::connect(&dev, broker.mqtt, V::V5, "s1", &persistent()).await;
+    assert!(again.session_present);
+    again.disconnect().await;
+    assert_eq!(
+        dev.connect_v4(broker.mqtt, "c", true).await,
+        Outcome::Accepted
+    );
+}
+
+// ------------------------------------------- 11. a refused CONNECT writes nothing
+
+#[tokio::test]
+async fn refused_connect_neither_provisions_nor_rotates() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let broker = Proc::start(&fx, &path).await;
+
+    // Enhanced authentication (Authentication Method "SCRAM") from a new device.
+    let newcomer = fx.client(&fx.device("d9.devices.example.com"));
+    let auth = connect_v5_with("d9", &[0x15, 0, 5, b'S', b'C', b'R', b'A', b'M'], 0x02);
+    let ack = newcomer.raw(broker.mqtt, &auth).await.expect("CONNACK");
+    assert_eq!(connack_code(&ack), BAD_AUTH_METHOD_V5, "{ack:02x?}");
+    let run = certmq(
+        fx.dir.path(),
+        &["devices", "show", "d9", "--config", arg(&path)],
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "provisioned by a refused CONNECT: {}",
+        run.stdout
+    );
+
+    // A will the profile does not allow, from a new device (3.1.1).
+    let mut will = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
+    for s in ["d8", "devices/other/will", "x"] {
+        will.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+        will.extend_from_slice(s.as_bytes());
+    }
+    let mut packet = vec![0x10, u8::try_from(will.len()).expect("short")];
+    packet.extend_from_slice(&will);
+    let d8 = fx.client(&fx.device("d8.devices.example.com"));
+    let ack = d8.raw(broker.mqtt, &packet).await.expect("CONNACK");
+    assert_eq!(ack, [0x20, 2, 0, 5], "will refused with 5");
+    let run = certmq(
+        fx.dir.path(),
+        &["devices", "show", "d8", "--config", arg(&path)],
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "provisioned by a refused CONNECT: {}",
+        run.stdout
+    );
+
+    // A known device's newer certificate in a refused CONNECT does not rotate.
+    let first = leaf(&fx.fleet, "d1.devices.example.com", 5);
+    assert_eq!(
+        fx.client(&first).connect_v5(broker.mqtt, "d1").await,
+        Outcome::Accepted
+    );
+    let newer = fx.client(&leaf(&fx.fleet, "d1.devices.example.com", 1));
+    let ack = newer.raw(broker.mqtt, &auth).await.expect("CONNACK");
+    assert_eq!(connack_code(&ack), BAD_AUTH_METHOD_V5);
+    let shown = devices(&fx, &path, &["show", "d1", "--json"]);
+    let fp = certmq::cert::Fingerprint::of(&first.cert_der).to_hex();
+    assert!(shown.contains(&fp), "rotated by a refused CONNECT: {shown}");
+}
