@@ -162,3 +162,29 @@ fn packet_ids_skip_ids_in_flight_and_wrap() {
         assert!(s.puback(pkid));
     }
 }
+
+#[test]
+fn purge_discards_queued_and_unacknowledged_deliveries_it_may_no_longer_receive() {
+    let s = session(10);
+    let on = |topic: &str, n: u8| {
+        let mut d = delivery(QoS::AtLeastOnce, n);
+        Arc::make_mut(&mut d.msg).topic = TopicName::parse(topic).unwrap();
+        d
+    };
+    s.attach(1, CancellationToken::new());
+    s.enqueue(on("fleet/a", 1));
+    s.enqueue(on("devices/dev-1/x", 2));
+    // Both sent: in flight, waiting for PUBACK.
+    assert_eq!(payloads(&s.next_batch(1, 10, 10)), [1, 2]);
+    s.enqueue(on("fleet/b", 3));
+    s.enqueue(on("devices/dev-1/y", 4));
+    let allowed = |t: &TopicName| t.as_str().starts_with("devices/dev-1/");
+    assert_eq!(s.purge(allowed), 2);
+    assert_eq!(s.queued_len(), 1);
+    assert_eq!(s.inflight_len(), 1);
+    // What remains goes out in order; what was purged is not re-sent on resume.
+    let again: Vec<u8> = payloads(&s.resend_inflight(1));
+    assert_eq!(again, [2]);
+    assert_eq!(payloads(&s.next_batch(1, 10, 10)), [4]);
+    assert_eq!(s.purge(allowed), 0);
+}
