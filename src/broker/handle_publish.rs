@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::message::Message;
 use super::session::{protocol_error, Conn, End};
+use super::state::InboundQos2;
 use super::wire::{self, AckReason, InPublish};
 use crate::acl;
 use crate::mqtt::codec::{v5, Protocol, QoS};
@@ -115,18 +116,24 @@ impl Conn<'_> {
             }
             QoS::ExactlyOnce => {
                 let pkid = p.pkid;
-                if !self.session.inbound_qos2_begin(pkid) {
-                    // A duplicate of a PUBLISH already routed: acknowledge only.
-                    let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
-                    return self
-                        .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
-                        .await;
-                }
-                if self.session.inbound_qos2_len() > self.p.receive_max {
-                    return Err(protocol_error(
-                        D::ReceiveMaximumExceeded,
-                        "more QoS 2 messages in flight than the Receive Maximum",
-                    ));
+                // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
+                // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
+                let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
+                match self.session.inbound_qos2_begin(pkid, limit) {
+                    InboundQos2::New => {}
+                    InboundQos2::Duplicate => {
+                        // A duplicate of a PUBLISH already routed: acknowledge only.
+                        let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
+                        return self
+                            .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
+                            .await;
+                    }
+                    InboundQos2::OverLimit => {
+                        return Err(protocol_error(
+                            D::ReceiveMaximumExceeded,
+                            "more QoS 2 messages in flight than the Receive Maximum",
+                        ));
+                    }
                 }
                 let (reason, wait) = if allowed {
                     // The inbound id is committed with the message (a restart keeps it).

@@ -104,6 +104,17 @@ pub enum Enqueued {
     Denied,
 }
 
+/// What [`Session::inbound_qos2_begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundQos2 {
+    /// A new exchange, recorded: route the message.
+    New,
+    /// A PUBLISH with an id already open: acknowledge again, do not route again.
+    Duplicate,
+    /// A new id beyond the limit: nothing was recorded.
+    OverLimit,
+}
+
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One session.
@@ -549,18 +560,25 @@ impl Session {
         self.lock().inflight.len()
     }
 
-    /// An inbound QoS 2 PUBLISH arrived: true if the id is new (route the message), false
-    /// for a duplicate (acknowledge again only).
-    pub fn inbound_qos2_begin(&self, pkid: u16) -> bool {
+    /// An inbound QoS 2 PUBLISH arrived. A new id is recorded only when fewer than `limit`
+    /// exchanges are open (SPEC 7: an id recorded for a message that is then refused would
+    /// make its resend look like a duplicate, acknowledged and never delivered); `None`
+    /// records without a limit (MQTT 3.1.1 cannot be told one: the packet id space bounds
+    /// the set to 65,535 ids).
+    pub fn inbound_qos2_begin(&self, pkid: u16, limit: Option<usize>) -> InboundQos2 {
         let mut inner = self.lock();
-        let new = inner.inbound_qos2.insert(pkid);
-        if new {
-            self.submit(Op::InboundBegin {
-                key: self.key.clone(),
-                pkid,
-            });
+        if inner.inbound_qos2.contains(&pkid) {
+            return InboundQos2::Duplicate;
         }
-        new
+        if limit.is_some_and(|max| inner.inbound_qos2.len() >= max) {
+            return InboundQos2::OverLimit;
+        }
+        inner.inbound_qos2.insert(pkid);
+        self.submit(Op::InboundBegin {
+            key: self.key.clone(),
+            pkid,
+        });
+        InboundQos2::New
     }
 
     /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.

@@ -134,11 +134,26 @@ fn takeover_returns_the_old_token_and_old_connection_cannot_detach() {
 #[test]
 fn inbound_qos2_ids_are_exactly_once() {
     let s = session(10);
-    assert!(s.inbound_qos2_begin(9));
-    assert!(!s.inbound_qos2_begin(9), "duplicate");
+    assert_eq!(s.inbound_qos2_begin(9, None), InboundQos2::New);
+    assert_eq!(s.inbound_qos2_begin(9, None), InboundQos2::Duplicate);
     assert!(s.inbound_qos2_release(9));
     assert!(!s.inbound_qos2_release(9));
-    assert!(s.inbound_qos2_begin(9), "a new exchange may reuse the id");
+    assert_eq!(
+        s.inbound_qos2_begin(9, None),
+        InboundQos2::New,
+        "a new exchange may reuse the id"
+    );
+}
+
+#[test]
+fn an_inbound_qos2_id_over_the_limit_is_not_recorded() {
+    let s = session(10);
+    assert_eq!(s.inbound_qos2_begin(1, Some(1)), InboundQos2::New);
+    assert_eq!(s.inbound_qos2_begin(2, Some(1)), InboundQos2::OverLimit);
+    // Its resend after the disconnect is a new message, not a duplicate.
+    assert_eq!(s.inbound_qos2_begin(1, Some(1)), InboundQos2::Duplicate);
+    assert!(s.inbound_qos2_release(1));
+    assert_eq!(s.inbound_qos2_begin(2, Some(1)), InboundQos2::New);
 }
 
 #[test]

@@ -1,0 +1,113 @@
+//! Message integrity (SPEC 7 "No silent loss"): an inbound QoS 2 packet id is recorded only
+//! for a message the broker accepts, so a client over its Receive Maximum loses nothing.
+
+mod common;
+
+use common::coretests::raw::{raw_ack, raw_publish, Raw, RawConnect, PUBCOMP, PUBREC, PUBREL};
+use common::coretests::{Setup, V};
+use std::collections::BTreeSet;
+
+const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+/// One more than `max_inflight` (64), the Receive Maximum the broker announces.
+const PIPELINED: u16 = 65;
+
+fn connect(v: V) -> Vec<u8> {
+    RawConnect {
+        v,
+        client_id: "p",
+        clean: false,
+        keep_alive: 30,
+        will: None,
+        session_expiry: (v == V::V5).then_some(600),
+    }
+    .bytes()
+}
+
+/// The packet id of an acknowledgement (PUBREC, PUBCOMP).
+fn ack_pkid(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[2], p[3]])
+}
+
+/// Pipelines 65 QoS 2 messages, then completes every exchange the way a client library does
+/// after a reconnect (PUBREL for what got a PUBREC, the PUBLISH again with DUP for the rest).
+/// The subscriber must receive all 65.
+async fn qos2_over_the_window_loses_nothing(v: V) {
+    let setup = Setup::new().await;
+    let mut sub = setup.peer(&setup.pinned("backend"), V::V5, "sub").await;
+    assert_eq!(sub.subscribe("devices/#", 2).await, 2);
+    let dev = setup.device("d1");
+    let (mut raw, _) = Raw::connect_ok(&dev, setup.addr(), &connect(v)).await;
+    let mut burst = Vec::new();
+    for i in 1..=PIPELINED {
+        burst.extend(raw_publish(
+            v,
+            "devices/d1/t",
+            &i.to_be_bytes(),
+            2,
+            i,
+            false,
+        ));
+    }
+    raw.send(&burst).await;
+
+    let mut recorded = BTreeSet::new();
+    let mut completed = BTreeSet::new();
+    if v == V::V5 {
+        // Over the Receive Maximum: DISCONNECT 0x93, and the extra message is not recorded.
+        let packets = raw.until_closed().await;
+        let bye = packets.last().expect("a DISCONNECT");
+        assert_eq!(bye[0], 0xE0, "{packets:02x?}");
+        assert_eq!(bye[2], RECEIVE_MAXIMUM_EXCEEDED);
+        recorded.extend(
+            packets
+                .iter()
+                .filter(|p| p[0] == PUBREC)
+                .map(|p| ack_pkid(p)),
+        );
+        let (again, present) = Raw::connect_ok(&dev, setup.addr(), &connect(v)).await;
+        assert!(present);
+        raw = again;
+        for i in 1..=PIPELINED {
+            if recorded.contains(&i) {
+                raw.send(&raw_ack(PUBREL, i)).await;
+            } else {
+                raw.send(&raw_publish(
+                    v,
+                    "devices/d1/t",
+                    &i.to_be_bytes(),
+                    2,
+                    i,
+                    true,
+                ))
+                .await;
+            }
+        }
+    }
+    // MQTT 3.1.1 cannot be told a limit: every message is taken on the first connection.
+    while completed.len() < usize::from(PIPELINED) {
+        let p = raw.recv().await;
+        match p[0] {
+            PUBREC => raw.send(&raw_ack(PUBREL, ack_pkid(&p))).await,
+            PUBCOMP => {
+                completed.insert(ack_pkid(&p));
+            }
+            other => panic!("unexpected packet {other:#x}: {p:02x?}"),
+        }
+    }
+    let mut got = BTreeSet::new();
+    while got.len() < usize::from(PIPELINED) {
+        let m = sub.recv().await;
+        got.insert(u16::from_be_bytes([m.payload[0], m.payload[1]]));
+    }
+    assert_eq!(got, (1..=PIPELINED).collect::<BTreeSet<_>>());
+}
+
+#[tokio::test]
+async fn qos2_over_the_receive_maximum_v5_is_refused_then_delivered() {
+    qos2_over_the_window_loses_nothing(V::V5).await;
+}
+
+#[tokio::test]
+async fn qos2_over_the_window_v311_is_accepted() {
+    qos2_over_the_window_loses_nothing(V::V4).await;
+}
