@@ -234,13 +234,14 @@ pub fn device_json(d: &Device) -> serde_json::Value {
         "not_after": rfc3339(d.validity.not_after),
         "created_at": rfc3339(d.created_at),
         "last_seen_at": d.last_seen_at.map(rfc3339),
+        "dropped_messages": d.dropped_messages,
     })
 }
 
 /// One registry row as text.
 pub fn device_line(d: &Device) -> String {
     format!(
-        "{:<24} {:<12} {:<8} {:<26} {:<26} {}",
+        "{:<24} {:<12} {:<8} {:<26} {:<26} {:<8} {}",
         d.name,
         d.source.as_str(),
         if d.enabled { "enabled" } else { "DISABLED" },
@@ -248,6 +249,7 @@ pub fn device_line(d: &Device) -> String {
         d.last_seen_at
             .map(rfc3339)
             .unwrap_or_else(|| "never".to_owned()),
+        d.dropped_messages,
         d.fingerprint
     )
 }
@@ -255,8 +257,8 @@ pub fn device_line(d: &Device) -> String {
 /// The header of [`device_line`].
 pub fn device_header() -> String {
     format!(
-        "{:<24} {:<12} {:<8} {:<26} {:<26} {}",
-        "NAME", "SOURCE", "STATE", "NOT_AFTER", "LAST_SEEN", "FINGERPRINT"
+        "{:<24} {:<12} {:<8} {:<26} {:<26} {:<8} {}",
+        "NAME", "SOURCE", "STATE", "NOT_AFTER", "LAST_SEEN", "DROPPED", "FINGERPRINT"
     )
 }
 

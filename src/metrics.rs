@@ -32,9 +32,27 @@ pub struct Metrics {
     last_reload_ok: AtomicI64,
     /// Each anchor's certificate notAfter, so expiring anchors can be alerted on.
     anchors: Mutex<Vec<(String, i64)>>,
+    /// Messages a device's sessions could not take since the last flush into the registry
+    /// (`devices show`). Per device, not a metric label: devices are unbounded.
+    device_drops: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Metrics {
+    /// Counts a message a session of `device` could not take (SPEC 7).
+    pub fn device_dropped(&self, device: &str) {
+        if let Ok(mut m) = self.device_drops.lock() {
+            *m.entry(device.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// The per-device drop counts since the last call.
+    pub fn take_device_drops(&self) -> Vec<(String, u64)> {
+        self.device_drops
+            .lock()
+            .map(|mut m| m.drain().collect())
+            .unwrap_or_default()
+    }
+
     /// Counts one authentication refusal.
     pub fn auth_refused(&self, reason: &'static str) {
         if let Ok(mut m) = self.refusals.lock() {

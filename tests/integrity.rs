@@ -111,3 +111,68 @@ async fn qos2_over_the_receive_maximum_v5_is_refused_then_delivered() {
 async fn qos2_over_the_window_v311_is_accepted() {
     qos2_over_the_window_loses_nothing(V::V4).await;
 }
+
+/// SPEC 7, no silent loss: a message an offline persistent session cannot queue is not
+/// acknowledged as a success to an MQTT 5 publisher (0x97), and every such drop is counted
+/// (metric per reason, `devices show` per device), for 3.1.1 publishers too.
+#[tokio::test]
+async fn a_full_offline_queue_is_never_acknowledged_as_success() {
+    use common::coretests::{Opts, Peer};
+    use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+    use common::run::{arg, certmq};
+    use common::{self_signed, Client, Fixture};
+
+    let fx = Fixture::new();
+    let cert = self_signed("backend");
+    fx.write("backend.pem", &cert.cert_pem);
+    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
+    let body = format!(
+        "{}\n{}\n{BACKEND_PROFILE}",
+        Fixture::fleet_anchor(true),
+        pinned("backend", "backend.pem", "backend")
+    );
+    let path = config_with_limits(&fx, "max_queued_messages = 3", &body);
+    let broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let persistent = Opts {
+        clean: false,
+        will: None,
+    };
+    let mut d = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &persistent).await;
+    assert_eq!(d.subscribe("devices/d1/#", 1).await, 1);
+    d.disconnect().await;
+
+    let mut b5 = Peer::connect(&backend, broker.mqtt, V::V5, "b5", &Opts::default()).await;
+    let mut codes = Vec::new();
+    for i in 0..5u8 {
+        codes.push(b5.publish("devices/d1/cmd", 1, false, &[i]).await);
+    }
+    assert_eq!(codes, [0, 0, 0, 0x97, 0x97], "MQTT 5 PUBACK reason codes");
+    let mut b4 = Peer::connect(&backend, broker.mqtt, V::V4, "b4", &Opts::default()).await;
+    assert_eq!(b4.publish("devices/d1/cmd", 1, false, &[9]).await, 0);
+    broker
+        .wait_metric("certmq_messages_dropped_total{reason=\"queue_full\"}", 3.0)
+        .await;
+    let shown = tokio::time::timeout(common::WAIT, async {
+        loop {
+            let run = certmq(
+                fx.dir.path(),
+                &["devices", "show", "d1", "--json", "--config", arg(&path)],
+            );
+            if run.stdout.contains("\"dropped_messages\":3") {
+                return run.stdout;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("devices show counts the drops within the flush interval");
+    assert!(shown.contains("\"name\":\"d1\""), "{shown}");
+
+    let mut d = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &persistent).await;
+    let got: Vec<u8> = [d.recv().await, d.recv().await, d.recv().await]
+        .iter()
+        .map(|m| m.payload[0])
+        .collect();
+    assert_eq!(got, [0, 1, 2], "what was acknowledged is what is delivered");
+}

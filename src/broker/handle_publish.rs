@@ -10,6 +10,7 @@ use super::message::Message;
 use super::session::{protocol_error, Conn, End};
 use super::state::InboundQos2;
 use super::wire::{self, AckReason, InPublish};
+use super::Published;
 use crate::acl;
 use crate::mqtt::codec::{v5, Protocol, QoS};
 use crate::mqtt::topic::TopicName;
@@ -95,7 +96,7 @@ impl Conn<'_> {
         let denied_text = format!("not authorized to publish to {canonical}");
         match p.qos {
             QoS::AtMostOnce => {
-                if allowed && self.route(canonical, p).await {
+                if allowed && self.route(canonical, p).await.durable {
                     // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
                     // like everything else (backpressure); a failed commit is logged there.
                     self.commit().await;
@@ -105,11 +106,11 @@ impl Conn<'_> {
             QoS::AtLeastOnce => {
                 let pkid = p.pkid;
                 let (reason, wait) = if allowed {
-                    (AckReason::Success, self.route_durably(canonical, p).await)
+                    self.route_durably(canonical, p).await
                 } else {
                     (AckReason::NotAuthorized, None)
                 };
-                let text = self.reason((!allowed).then_some(denied_text.as_str()));
+                let text = self.reason(reason_text(reason, &denied_text));
                 let ack = wire::puback(self.p.protocol, pkid, reason, text);
                 self.queue_ack(PendingAck::new(wait, QoS::AtLeastOnce, pkid, ack))
                     .await
@@ -138,20 +139,20 @@ impl Conn<'_> {
                 let (reason, wait) = if allowed {
                     // The inbound id is committed with the message (a restart keeps it).
                     let persistent = self.session.store().is_some();
-                    let wait = self.route_durably(canonical, p).await;
+                    let (reason, wait) = self.route_durably(canonical, p).await;
                     let wait = match (wait, persistent, self.broker.store()) {
                         (None, true, Some(store)) => Some(store.barrier_rx()),
                         (w, _, _) => w,
                     };
-                    (AckReason::Success, wait)
+                    (reason, wait)
                 } else {
-                    if self.p.protocol == Protocol::V5 {
-                        // A PUBREC with an error reason ends the exchange: no PUBREL follows.
-                        self.session.inbound_qos2_release(pkid);
-                    }
                     (AckReason::NotAuthorized, None)
                 };
-                let text = self.reason((!allowed).then_some(denied_text.as_str()));
+                if reason != AckReason::Success && self.p.protocol == Protocol::V5 {
+                    // A PUBREC with an error reason ends the exchange: no PUBREL follows.
+                    self.session.inbound_qos2_release(pkid);
+                }
+                let text = self.reason(reason_text(reason, &denied_text));
                 let ack = wire::pubrec(self.p.protocol, pkid, reason, text);
                 self.queue_ack(PendingAck::new(wait, QoS::ExactlyOnce, pkid, ack))
                     .await
@@ -190,10 +191,9 @@ impl Conn<'_> {
         }
     }
 
-    /// Routes the message; true when it was submitted to the store (commit before ack).
-    /// A publisher feeding a subscriber that falls behind yields its thread (see
-    /// [`Published::congested`](super::Published)).
-    async fn route(&self, topic: TopicName, p: InPublish) -> bool {
+    /// Routes the message. A publisher feeding a subscriber that falls behind yields its
+    /// thread (see [`Published::congested`]).
+    async fn route(&self, topic: TopicName, p: InPublish) -> Published {
         let message = Message {
             topic,
             payload: p.payload,
@@ -202,18 +202,28 @@ impl Conn<'_> {
             props: p.props,
             expires_at: Message::deadline(p.message_expiry, Instant::now()),
         };
-        self.broker
-            .publish(Arc::new(message), Some(self.session))
-            .durable
+        self.broker.publish(Arc::new(message), Some(self.session))
     }
 
-    /// Routes the message and, when it went to the store, returns the barrier its
-    /// acknowledgement waits for.
-    async fn route_durably(&self, topic: TopicName, p: InPublish) -> Option<Barrier> {
-        if self.route(topic, p).await {
+    /// Routes a QoS 1/2 message: the acknowledgement's reason, and the barrier it waits
+    /// for when the message went to the store. SPEC 7, no silent loss: when sessions
+    /// matched but none could take it (full queues), an MQTT 5 publisher is told 0x97
+    /// instead of success; a 3.1.1 publisher cannot be told, and the drop is counted and
+    /// logged (per device in `devices show`).
+    async fn route_durably(&self, topic: TopicName, p: InPublish) -> (AckReason, Option<Barrier>) {
+        let retained = p.retain && !p.payload.is_empty();
+        let published = self.route(topic, p).await;
+        let wait = if published.durable {
             self.broker.store().map(|s| s.barrier_rx())
         } else {
             None
+        };
+        // A retained message was taken: by the retained store.
+        let nobody = published.queued == 0 && published.refused > 0 && !retained;
+        if nobody && self.p.protocol == Protocol::V5 {
+            (AckReason::QuotaExceeded, wait)
+        } else {
+            (AckReason::Success, wait)
         }
     }
 
@@ -319,5 +329,16 @@ impl Conn<'_> {
                 text,
             )),
         }
+    }
+}
+
+/// The reason string of a negative acknowledgement (None for success).
+fn reason_text(reason: AckReason, denied: &str) -> Option<&str> {
+    match reason {
+        AckReason::Success => None,
+        AckReason::QuotaExceeded => {
+            Some("no subscriber could take the message: their queues are full")
+        }
+        _ => Some(denied),
     }
 }

@@ -197,6 +197,9 @@ pub struct Published {
     /// Whether it was submitted to the store (persistent subscribers or retained): the
     /// publisher is acknowledged only after [`Store::barrier`] (SPEC 7).
     pub durable: bool,
+    /// Sessions that could not take it (a full queue of QoS 1/2 messages): counted and
+    /// logged; an MQTT 5 publisher whose message no session took gets 0x97 (SPEC 7).
+    pub refused: usize,
     /// An online subscriber's queue is more than half full: the publisher's task should
     /// yield its thread so that the subscriber's task gets to run. Never a wait: a slow
     /// subscriber does not block publishers (SPEC 9), it only stops being starved.
@@ -565,6 +568,7 @@ impl Broker {
             |s| s.online(),
         );
         let mut queued = 0;
+        let mut refused = 0;
         let mut congested = false;
         for t in targets {
             let delivery = Delivery {
@@ -590,6 +594,8 @@ impl Broker {
                 Enqueued::DroppedOffline => self.metrics.dropped("offline_qos0", 1),
                 Enqueued::Denied => self.metrics.dropped("acl", 1),
                 Enqueued::DroppedFull => {
+                    refused += 1;
+                    self.metrics.device_dropped(t.key.key.device.as_str());
                     // Counted always; logged at powers of two of the running total, so a
                     // flood into a full queue does not become a flood of log lines.
                     let total = self.metrics.dropped_total("queue_full");
@@ -608,6 +614,7 @@ impl Broker {
         }
         Published {
             queued,
+            refused,
             durable,
             congested,
         }

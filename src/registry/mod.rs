@@ -66,6 +66,8 @@ pub struct Device {
     /// Seconds since the epoch.
     pub created_at: i64,
     pub last_seen_at: Option<i64>,
+    /// Messages its sessions could not take (SPEC 7: a full queue), counted since created.
+    pub dropped_messages: u64,
 }
 
 /// What a connecting device presents to the registry.
@@ -186,6 +188,7 @@ mod tests {
             enabled,
             created_at: 0,
             last_seen_at: None,
+            dropped_messages: 0,
         }
     }
 

@@ -19,8 +19,9 @@ use crate::config::PinnedDevice;
 /// `PRAGMA application_id` of a certmq database ("cmq1"): a foreign SQLite file in
 /// `data_dir` is refused instead of being written into.
 const APPLICATION_ID: i64 = 0x636d_7131;
-/// Schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version in `PRAGMA user_version`. Version 2 added `dropped_messages`; a version
+/// 1 file is migrated in place at open.
+const SCHEMA_VERSION: i64 = 2;
 /// The database file name inside `data_dir`.
 pub const DB_FILE: &str = "certmq.db";
 
@@ -71,6 +72,9 @@ pub struct Registry {
     conn: Mutex<Connection>,
     /// last_seen_at updates waiting for the next flush.
     seen: Mutex<HashMap<String, i64>>,
+    /// Messages dropped for each device's sessions (SPEC 7: a full queue), waiting for the
+    /// next flush into `dropped_messages`.
+    dropped: Mutex<HashMap<String, u64>>,
 }
 
 impl Registry {
@@ -89,6 +93,7 @@ impl Registry {
             path,
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(HashMap::new()),
         };
         registry.init().map_err(|e| registry.named(e))?;
         Ok(registry)
@@ -151,7 +156,8 @@ impl Registry {
                      enabled INTEGER NOT NULL DEFAULT 1,
                      created_at INTEGER NOT NULL,
                      updated_at INTEGER NOT NULL,
-                     last_seen_at INTEGER
+                     last_seen_at INTEGER,
+                     dropped_messages INTEGER NOT NULL DEFAULT 0
                  );
                  PRAGMA application_id = {APPLICATION_ID};
                  PRAGMA user_version = {SCHEMA_VERSION};
@@ -159,7 +165,14 @@ impl Registry {
             ))?;
         } else {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            if version != SCHEMA_VERSION {
+            if version == 1 {
+                conn.execute_batch(&format!(
+                    "BEGIN IMMEDIATE;
+                     ALTER TABLE devices ADD COLUMN dropped_messages INTEGER NOT NULL DEFAULT 0;
+                     PRAGMA user_version = {SCHEMA_VERSION};
+                     COMMIT;"
+                ))?;
+            } else if version != SCHEMA_VERSION {
                 return Err(RegistryError::Schema {
                     path: self.path.clone(),
                     found: version,
@@ -338,13 +351,25 @@ impl Registry {
         }
     }
 
-    /// Writes pending `last_seen_at` values in one transaction.
+    /// Counts messages dropped for a device's sessions, written at the next
+    /// [`Registry::flush_last_seen`] (`devices show` reports the total).
+    pub fn count_dropped(&self, name: &str, n: u64) {
+        if let Ok(mut dropped) = self.dropped.lock() {
+            *dropped.entry(name.to_owned()).or_default() += n;
+        }
+    }
+
+    /// Writes pending `last_seen_at` values and drop counts in one transaction.
     pub fn flush_last_seen(&self) -> Result<usize, RegistryError> {
         let pending: Vec<(String, i64)> = match self.seen.lock() {
             Ok(mut seen) => seen.drain().collect(),
             Err(_) => return Err(RegistryError::Poisoned),
         };
-        if pending.is_empty() {
+        let dropped: Vec<(String, u64)> = match self.dropped.lock() {
+            Ok(mut d) => d.drain().collect(),
+            Err(_) => return Err(RegistryError::Poisoned),
+        };
+        if pending.is_empty() && dropped.is_empty() {
             return Ok(0);
         }
         let mut conn = self.lock()?;
@@ -356,14 +381,20 @@ impl Registry {
             for (name, at) in &pending {
                 stmt.execute(params![name, at])?;
             }
+            let mut stmt = tx.prepare_cached(
+                "UPDATE devices SET dropped_messages = dropped_messages + ?2 WHERE name = ?1",
+            )?;
+            for (name, n) in &dropped {
+                stmt.execute(params![name, i64::try_from(*n).unwrap_or(i64::MAX)])?;
+            }
         }
         tx.commit()?;
-        Ok(pending.len())
+        Ok(pending.len() + dropped.len())
     }
 }
 
 const SELECT: &str = "SELECT name, source, fingerprint, not_before, not_after, enabled, \
-                      created_at, last_seen_at FROM devices";
+                      created_at, last_seen_at, dropped_messages FROM devices";
 
 fn get(conn: &Connection, name: &str) -> Result<Option<Device>, RegistryError> {
     let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE name = ?1"))?;
@@ -390,6 +421,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Device, RegistryError>>
         enabled: r.get(5)?,
         created_at: r.get(6)?,
         last_seen_at: r.get(7)?,
+        dropped_messages: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
         name,
     }))
 }
@@ -407,8 +439,62 @@ impl Registry {
             path,
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(HashMap::new()),
         };
         registry.init()?;
         Ok(registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry written by schema version 1 opens, keeps its rows, and counts drops.
+    #[test]
+    fn a_version_1_registry_is_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).expect("open");
+            conn.execute_batch(&format!(
+                "CREATE TABLE devices (
+                     name TEXT PRIMARY KEY NOT NULL, source TEXT NOT NULL,
+                     fingerprint TEXT NOT NULL, not_before INTEGER NOT NULL,
+                     not_after INTEGER NOT NULL, enabled INTEGER NOT NULL DEFAULT 1,
+                     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+                     last_seen_at INTEGER);
+                 INSERT INTO devices VALUES ('d1', 'fleet', '{}', 1, 2, 0, 3, 3, NULL);
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = 1;",
+                "ab".repeat(32)
+            ))
+            .expect("v1 schema");
+        }
+        let registry = Registry::open(dir.path()).expect("migrated");
+        let d1 = registry.get("d1").expect("read").expect("kept");
+        assert!(!d1.enabled);
+        assert_eq!(d1.source, Source::Anchor("fleet".into()));
+        assert_eq!(d1.dropped_messages, 0);
+        registry.count_dropped("d1", 7);
+        registry.flush_last_seen().expect("flush");
+        assert_eq!(
+            registry
+                .get("d1")
+                .expect("read")
+                .expect("kept")
+                .dropped_messages,
+            7
+        );
+        drop(registry);
+        // Opened again: already at version 2, nothing to do.
+        let again = Registry::open(dir.path()).expect("reopen");
+        assert_eq!(
+            again
+                .get("d1")
+                .expect("read")
+                .expect("kept")
+                .dropped_messages,
+            7
+        );
     }
 }

@@ -224,7 +224,11 @@ impl Server {
         let max = shared.snapshot().config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();
-        let flusher = tokio::spawn(flush_last_seen(shared.registry.clone(), shutdown.clone()));
+        let flusher = tokio::spawn(flush_last_seen(
+            shared.registry.clone(),
+            shared.metrics.clone(),
+            shutdown.clone(),
+        ));
         let watcher = tokio::spawn(watch_registry(shared.clone(), shutdown.clone()));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening for MQTT over TLS");
@@ -313,14 +317,22 @@ pub fn check_pinned(
     }))
 }
 
-/// Writes `last_seen_at` every second, and once more at shutdown.
-async fn flush_last_seen(registry: Arc<Registry>, shutdown: CancellationToken) {
+/// Writes `last_seen_at` and the per-device drop counts every second, and once more at
+/// shutdown.
+async fn flush_last_seen(
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(LAST_SEEN_FLUSH);
     loop {
         let stop = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
+        for (device, n) in metrics.take_device_drops() {
+            registry.count_dropped(&device, n);
+        }
         let r = registry.clone();
         match tokio::task::spawn_blocking(move || r.flush_last_seen()).await {
             Ok(Ok(_)) => {}
