@@ -1,6 +1,7 @@
 //! Durable broker state (SPEC 7): retained messages and persistent sessions (their
 //! subscriptions, the QoS 1/2 messages queued or in flight for them, the inbound QoS 2
-//! packet ids), in `data_dir/messages.db`.
+//! packet ids), in `data_dir/messages.db`. Each message is stored once however many
+//! sessions hold it, and read back once into one `Arc` they all share (see `schema`).
 //!
 //! Why a second SQLite file beside the registry's `certmq.db`: SQLite has one writer per
 //! database; the message store writes continuously with group commit, while the registry
@@ -17,6 +18,7 @@
 //! publishes, retained publishes) or is bounded by the in-flight window (acks).
 
 mod recover;
+mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -37,7 +39,8 @@ use crate::mqtt::codec::QoS;
 pub const DB_FILE: &str = "messages.db";
 /// `PRAGMA application_id` of a certmq message store ("cmqm").
 const APPLICATION_ID: i64 = 0x636d_716d;
-const SCHEMA_VERSION: i64 = 1;
+/// 2: each message stored once (`messages`), referenced by `queue` and `retained`.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +95,8 @@ pub enum Op {
         key: SessionKey,
         filter: String,
     },
-    /// A delivery queued for a persistent session.
+    /// A delivery queued for a persistent session. The message itself is written once,
+    /// by the first op that carries it (its `Arc` remembers its row: `StoreId`).
     Enqueue {
         id: i64,
         key: SessionKey,
@@ -164,11 +168,12 @@ impl Store {
             },
             other => other,
         };
-        let conn = writer::open(&path).map_err(named)?;
-        let recovered = recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
+        let conn = schema::open(&path).map_err(named)?;
+        let (recovered, max_message_id) =
+            recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
         let failing = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        writer::spawn(conn, rx, failing.clone())?;
+        writer::spawn(conn, rx, failing.clone(), max_message_id + 1)?;
         let store = Store {
             inner: Arc::new(Inner {
                 path,
@@ -230,3 +235,6 @@ impl Store {
         self.inner.failing.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests;

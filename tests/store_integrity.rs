@@ -1,0 +1,326 @@
+//! SPEC 7 "No silent loss", the store's own part: a message reaching many persistent
+//! sessions is stored once and comes back once (memory and disk after a restart match
+//! those before it), and a store written by the previous schema opens with everything it
+//! held.
+//!
+//! The broker runs as a real `certmq serve` child process ([`Proc`]): restart memory is
+//! the child's own RSS, and a restart is a real one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::durability::wire::{self, Pkt};
+use common::durability::Raw;
+use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+use common::{self_signed, Client, Fixture};
+
+/// How long a graceful stop may take (SPEC 1: within the grace period).
+const STOP: Duration = Duration::from_secs(15);
+
+/// A fixture whose config has the fleet anchor, a pinned `backend` that may publish and
+/// subscribe everywhere, the admin endpoint, and `limits`.
+struct Site {
+    fx: Fixture,
+    config: PathBuf,
+    backend: Client,
+}
+
+impl Site {
+    fn new(limits: &str) -> Site {
+        let fx = Fixture::new();
+        let backend = self_signed("backend");
+        fx.write("backend.pem", &backend.cert_pem);
+        let config = config_with_limits(
+            &fx,
+            &format!("handshake_timeout = 5\nconnect_timeout = 5\n{limits}"),
+            &format!(
+                "{}\n{}\n{BACKEND_PROFILE}",
+                Fixture::fleet_anchor(true),
+                pinned("backend", "backend.pem", "backend")
+            ),
+        );
+        let backend = fx.client(&backend);
+        Site {
+            fx,
+            config,
+            backend,
+        }
+    }
+
+    fn device(&self, name: &str) -> Client {
+        self.fx
+            .client(&self.fx.device(&format!("{name}.devices.example.com")))
+    }
+
+    async fn start(&self) -> Proc {
+        Proc::start(&self.fx, &self.config).await
+    }
+
+    fn db(&self, file: &str) -> PathBuf {
+        self.fx.data_dir().join(file)
+    }
+}
+
+/// SIGTERM, and the exit status must be success (SPEC 1).
+async fn stop(mut broker: Proc) {
+    broker.signal("TERM");
+    let status = broker.wait_exit(STOP).await;
+    assert!(status.success(), "{status}; stderr:\n{}", broker.stderr());
+}
+
+/// The resident set size of a process, from `/proc/PID/status`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// The size of a stopped broker's database once its write-ahead log is checkpointed into
+/// it: what the store really holds, without the log's history of page versions.
+fn checkpointed_bytes(db: &Path) -> u64 {
+    let c = rusqlite::Connection::open(db).expect("open database");
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint");
+    drop(c);
+    std::fs::metadata(db).expect("database file").len()
+}
+
+/// A numbered payload of `size` bytes: the number, then filler.
+fn big_payload(n: usize, size: usize) -> Vec<u8> {
+    let mut p = format!("{n:08}:").into_bytes();
+    p.resize(size, b'x');
+    p
+}
+
+/// Receives `count` QoS 1 messages in order on `s`, acknowledging each, and checks they
+/// are the numbered payloads `0..count` of `size` bytes.
+async fn drain_numbered(s: &mut Raw, who: &str, count: usize, size: usize) {
+    for n in 0..count {
+        match s.recv().await {
+            Ok(Pkt::Publish {
+                qos: 1,
+                pkid,
+                payload,
+                ..
+            }) => {
+                assert!(
+                    payload == big_payload(n, size),
+                    "{who}: message {n} expected, got {:?}",
+                    String::from_utf8_lossy(&payload[..payload.len().min(9)])
+                );
+                s.send(&wire::ack(wire::PUBACK, pkid))
+                    .await
+                    .expect("PUBACK");
+            }
+            other => panic!("{who}: message {n} of {count} expected, got {other:?}"),
+        }
+    }
+}
+
+/// A count from a database the broker no longer runs on.
+fn count(db: &Path, sql: &str) -> i64 {
+    let c = rusqlite::Connection::open(db).expect("open database");
+    c.query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
+/// SPEC 7: "a message reaching many sessions is stored once and referenced by each, so
+/// memory and disk after a restart match those before it". Twenty offline persistent
+/// sessions share a backlog of 16 KiB messages; the broker's RSS and the message store's
+/// size after a restart stay close to those before it, every message is still delivered,
+/// and once delivered nothing is left in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
+    const SESSIONS: usize = 20;
+    const MESSAGES: usize = 150;
+    const SIZE: usize = 16 * 1024;
+    let site = Site::new("max_queued_messages = 100000");
+    let broker = site.start().await;
+    for i in 0..SESSIONS {
+        let (mut s, _) =
+            Raw::connect(&site.backend, broker.mqtt, &format!("S{i}"), false, None).await;
+        assert_eq!(s.subscribe("fan/t", 1).await, 1);
+        s.disconnect().await;
+    }
+    let (mut p, _) = Raw::connect(&site.backend, broker.mqtt, "pub", true, None).await;
+    for n in 0..MESSAGES {
+        let pkid = n as u16 + 1;
+        let code = p
+            .publish_acked(1, false, pkid, "fan/t", &big_payload(n, SIZE))
+            .await;
+        assert_eq!(code, 0, "message {n} acknowledged");
+    }
+    p.disconnect().await;
+    let rss_before = rss_kib(broker.pid());
+    stop(broker).await;
+    let disk = checkpointed_bytes(&site.db("messages.db"));
+
+    let broker = site.start().await;
+    let rss_after = rss_kib(broker.pid());
+    let payloads = MESSAGES * SIZE;
+    eprintln!(
+        "{SESSIONS} sessions x {MESSAGES} messages x {SIZE} B ({payloads} B of payloads): \
+         RSS before the restart {rss_before} KiB, after {rss_after} KiB; messages.db {disk} B"
+    );
+    assert!(
+        rss_after as f64 <= 1.5 * rss_before as f64,
+        "RSS after a restart {rss_after} KiB > 1.5 x {rss_before} KiB before it"
+    );
+    // Stored once: about one copy of each payload (16 KiB take five 4 KiB overflow
+    // pages), not one per session.
+    assert!(
+        disk <= 2 * payloads as u64 + (1 << 20),
+        "messages.db holds {disk} B for {payloads} B of payloads"
+    );
+    for i in 0..SESSIONS {
+        let who = format!("S{i}");
+        let (mut s, present) = Raw::connect(&site.backend, broker.mqtt, &who, false, None).await;
+        assert!(present, "{who}: session kept");
+        drain_numbered(&mut s, &who, MESSAGES, SIZE).await;
+        s.disconnect().await;
+    }
+    stop(broker).await;
+    let db = site.db("messages.db");
+    assert_eq!(count(&db, "SELECT count(*) FROM queue"), 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM messages"),
+        0,
+        "every message was delivered everywhere: none may stay in the store"
+    );
+}
+
+/// Copies the committed v1 fixture (see `tests/fixtures/store-v1/README.md`) into the
+/// site's data_dir as its message store.
+fn install_v1_fixture(site: &Site) {
+    std::fs::create_dir_all(site.fx.data_dir()).expect("data_dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1/messages.db");
+    std::fs::copy(fixture, site.db("messages.db")).expect("copy the v1 fixture");
+}
+
+/// A message store written by the schema-1 broker (queue rows holding their own copy of
+/// each message) opens with everything it held: in-flight and released QoS 2 deliveries,
+/// queued ones, the retained message and the inbound QoS 2 packet id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_message_store_opens_with_everything_it_held() {
+    let site = Site::new("");
+    install_v1_fixture(&site);
+    let broker = site.start().await;
+    let addr = broker.mqtt;
+
+    // S (MQTT 5, QoS 2): m1 and m3..m5 were sent and not acknowledged (resent with DUP and
+    // their packet ids), m2 was PUBRECed (only PUBREL 2 remains), q2-in never sent.
+    let (mut s, present) = Raw::connect(&site.backend, addr, "S", false, Some(u32::MAX)).await;
+    assert!(present, "S kept");
+    let mut publishes = Vec::new();
+    let mut released = Vec::new();
+    while publishes.len() < 5 || released.is_empty() {
+        match s.recv().await.expect("S's redeliveries") {
+            Pkt::Publish {
+                dup,
+                qos: 2,
+                pkid,
+                payload,
+                ..
+            } => publishes.push((String::from_utf8(payload).expect("text"), dup, pkid)),
+            Pkt::Ack {
+                kind: wire::PUBREL,
+                pkid,
+                ..
+            } => released.push(pkid),
+            other => panic!("S: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(released, [2], "PUBREL for m2");
+    let sent: Vec<_> = publishes[..4].to_vec();
+    assert_eq!(
+        sent,
+        [
+            ("m1".to_owned(), true, 1),
+            ("m3".to_owned(), true, 3),
+            ("m4".to_owned(), true, 4),
+            ("m5".to_owned(), true, 5)
+        ],
+        "in-flight deliveries resent with DUP and their packet ids"
+    );
+    assert_eq!((publishes[4].0.as_str(), publishes[4].1), ("q2-in", false));
+
+    // S2 (3.1.1, QoS 1): everything queued, in order.
+    let (mut s2, present) = Raw::connect(&site.backend, addr, "S2", false, None).await;
+    assert!(present, "S2 kept");
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        match s2.recv().await.expect("S2's queue") {
+            Pkt::Publish {
+                qos: 1,
+                pkid,
+                payload,
+                ..
+            } => {
+                s2.send(&wire::ack(wire::PUBACK, pkid))
+                    .await
+                    .expect("PUBACK");
+                got.push(String::from_utf8(payload).expect("text"));
+            }
+            other => panic!("S2: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, ["m1", "m2", "m3", "m4", "m5", "q2-in"]);
+
+    // The retained message.
+    let (mut r, _) = Raw::connect(&site.backend, addr, "r", true, None).await;
+    assert_eq!(r.subscribe("devices/+/r", 1).await, 1);
+    match r.recv().await.expect("the retained message") {
+        Pkt::Publish {
+            retain: true,
+            topic,
+            payload,
+            ..
+        } => assert_eq!(
+            (topic.as_str(), &payload[..]),
+            ("devices/dev-1/r", &b"retained-1"[..])
+        ),
+        other => panic!("expected the retained message, got {other:?}"),
+    }
+
+    // dev-2's inbound QoS 2 id 7: its resent PUBLISH is a duplicate, not routed again.
+    let (mut d2, present) = Raw::connect(&site.device("dev-2"), addr, "d2", false, None).await;
+    assert!(present, "d2 kept");
+    d2.send(&wire::publish_dup(false, 2, 7, "devices/dev-2/t", b"q2-in"))
+        .await
+        .expect("resend");
+    assert_eq!(
+        d2.recv().await.expect("PUBREC"),
+        Pkt::Ack {
+            kind: wire::PUBREC,
+            pkid: 7,
+            reason: 0
+        }
+    );
+    d2.send(&wire::ack(wire::PUBREL, 7)).await.expect("PUBREL");
+    assert_eq!(
+        d2.recv().await.expect("PUBCOMP"),
+        Pkt::Ack {
+            kind: wire::PUBCOMP,
+            pkid: 7,
+            reason: 0
+        }
+    );
+    d2.disconnect().await;
+    let (mut p, _) = Raw::connect(&site.backend, addr, "p", true, None).await;
+    assert_eq!(
+        p.publish_acked(1, false, 1, "devices/dev-1/t", b"end")
+            .await,
+        0
+    );
+    match s2.recv().await.expect("the end marker") {
+        Pkt::Publish { payload, .. } => assert_eq!(payload, b"end", "q2-in routed twice?"),
+        other => panic!("S2: unexpected {other:?}"),
+    }
+    stop(broker).await;
+    assert_eq!(count(&site.db("messages.db"), "PRAGMA user_version"), 2);
+}
