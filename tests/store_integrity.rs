@@ -1,7 +1,7 @@
 //! SPEC 7 "No silent loss", the store's own part: a message reaching many persistent
 //! sessions is stored once and comes back once (memory and disk after a restart match
-//! those before it), and a store written by the previous schema opens with everything it
-//! held.
+//! those before it), a store written by the previous schema opens with everything it
+//! held, and `/healthz` is unhealthy while the message store cannot commit.
 //!
 //! The broker runs as a real `certmq serve` child process ([`Proc`]): restart memory is
 //! the child's own RSS, and a restart is a real one.
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::durability::wire::{self, Pkt};
-use common::durability::Raw;
+use common::durability::{fill, Raw, Tmpfs};
 use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
 use common::{self_signed, Client, Fixture};
 
@@ -323,4 +323,47 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     }
     stop(broker).await;
     assert_eq!(count(&site.db("messages.db"), "PRAGMA user_version"), 2);
+}
+
+/// SPEC 7: "`/healthz` is unhealthy while either database cannot commit": a full disk makes
+/// the message store fail its commits while the registry, only read, still answers; health
+/// must say so, and be healthy again once space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_unhealthy_while_the_message_store_cannot_commit() {
+    let site = Site::new("");
+    let Some(_mount) = Tmpfs::mount_or_skip(&site.fx.data_dir(), "2m") else {
+        return;
+    };
+    let broker = site.start().await;
+    let addr = broker.mqtt;
+    let (mut s, _) = Raw::connect(&site.backend, addr, "S", false, Some(3600)).await;
+    assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
+    s.disconnect().await;
+    let (mut p, _) = Raw::connect(&site.device("dev-1"), addr, "p", true, Some(0)).await;
+    assert_eq!(broker.get("/healthz").await.0, 200);
+
+    let filler = site.fx.data_dir().join("filler");
+    fill(&filler);
+    assert_eq!(
+        p.publish_acked(1, false, 1, "devices/dev-1/t", b"refused")
+            .await,
+        0x97,
+        "a full disk refuses QoS 1\n{}",
+        broker.stderr()
+    );
+    let (status, body) = broker.get("/healthz").await;
+    assert_eq!(
+        status, 503,
+        "healthz while messages.db cannot commit: {body}"
+    );
+    assert!(body.contains("messages.db"), "{body}");
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let (status, body) = broker.get("/healthz").await;
+    assert_eq!(status, 200, "healthz once commits work again: {body}");
+    assert_eq!(
+        p.publish_acked(1, false, 2, "devices/dev-1/t", b"kept")
+            .await,
+        0
+    );
 }
