@@ -1,7 +1,8 @@
 //! SPEC 7 "No silent loss", the store's own part: a message reaching many persistent
 //! sessions is stored once and comes back once (memory and disk after a restart match
-//! those before it), a store written by the previous schema opens with everything it
-//! held, and `/healthz` is unhealthy while the message store cannot commit.
+//! those before it), a store written by the previous schema opens with everything it held,
+//! a graceful stop leaves self-contained database files, a damaged file is refused at start,
+//! and `/healthz` is unhealthy while the message store cannot commit.
 //!
 //! The broker runs as a real `certmq serve` child process ([`Proc`]): restart memory is
 //! the child's own RSS, and a restart is a real one.
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::durability::wire::{self, Pkt};
-use common::durability::{fill, Raw, Tmpfs};
+use common::durability::{fill, serve_expecting_exit, Raw, Tmpfs};
 use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
 use common::{self_signed, Client, Fixture};
 
@@ -89,6 +90,12 @@ fn checkpointed_bytes(db: &Path) -> u64 {
         .expect("checkpoint");
     drop(c);
     std::fs::metadata(db).expect("database file").len()
+}
+
+fn wal(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
 }
 
 /// A numbered payload of `size` bytes: the number, then filler.
@@ -323,6 +330,132 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     }
     stop(broker).await;
     assert_eq!(count(&site.db("messages.db"), "PRAGMA user_version"), 2);
+}
+
+/// SPEC 7: "A graceful stop leaves a self-contained database (WAL checkpointed)": after
+/// SIGTERM no write-ahead log holds anything, and the two `.db` files alone, copied to a
+/// fresh data_dir, are the whole store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_leaves_self_contained_database_files() {
+    let site = Site::new("");
+    let broker = site.start().await;
+    let addr = broker.mqtt;
+    let (mut s, _) = Raw::connect(&site.backend, addr, "S", false, None).await;
+    assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
+    s.disconnect().await;
+    let (mut p, _) = Raw::connect(&site.device("dev-1"), addr, "p", true, None).await;
+    for n in 1..=3u16 {
+        let payload = format!("q{n}");
+        assert_eq!(
+            p.publish_acked(1, false, n, "devices/dev-1/t", payload.as_bytes())
+                .await,
+            0
+        );
+    }
+    assert_eq!(
+        p.publish_acked(1, true, 9, "devices/dev-1/r", b"kept")
+            .await,
+        0
+    );
+    p.disconnect().await;
+    stop(broker).await;
+
+    let data = site.fx.data_dir();
+    for file in ["messages.db", "certmq.db"] {
+        let log = wal(&data.join(file));
+        let len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(
+            len,
+            0,
+            "{} holds {len} bytes after a graceful stop",
+            log.display()
+        );
+    }
+    let copy = site.fx.path("data.copy");
+    std::fs::rename(&data, &copy).expect("move data_dir aside");
+    std::fs::create_dir_all(&data).expect("fresh data_dir");
+    for file in ["messages.db", "certmq.db"] {
+        std::fs::copy(copy.join(file), data.join(file)).expect("copy the .db file alone");
+    }
+    let broker = site.start().await;
+    let (mut s, present) = Raw::connect(&site.backend, broker.mqtt, "S", false, None).await;
+    assert!(present, "the session is in the copied messages.db");
+    for n in 1..=3 {
+        match s.recv().await.expect("a queued message") {
+            Pkt::Publish { pkid, payload, .. } => {
+                assert_eq!(payload, format!("q{n}").as_bytes());
+                s.send(&wire::ack(wire::PUBACK, pkid))
+                    .await
+                    .expect("PUBACK");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (mut r, _) = Raw::connect(&site.backend, broker.mqtt, "r", true, None).await;
+    assert_eq!(r.subscribe("devices/+/r", 1).await, 1);
+    match r.recv().await.expect("the retained message") {
+        Pkt::Publish { payload, .. } => assert_eq!(payload, b"kept"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Frees pages in a stopped broker's database (a table filled and dropped), then breaks the
+/// free-page list: the broker need not read those pages to start, so only an integrity
+/// check can tell the file is damaged.
+fn damage_free_list(db: &Path) {
+    {
+        let c = rusqlite::Connection::open(db).expect("open");
+        c.execute_batch(
+            "CREATE TABLE scratch (b BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 64)
+             INSERT INTO scratch SELECT zeroblob(4000) FROM n;
+             DROP TABLE scratch;
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .expect("free some pages");
+    }
+    let mut bytes = std::fs::read(db).expect("read");
+    let page_size = match u16::from_be_bytes([bytes[16], bytes[17]]) {
+        1 => 65_536,
+        n => usize::from(n),
+    };
+    let trunk = u32::from_be_bytes(bytes[32..36].try_into().expect("4 bytes")) as usize;
+    assert!(trunk > 0, "{} has free pages", db.display());
+    // The trunk page's leaf count, far beyond what a page can hold.
+    let at = (trunk - 1) * page_size + 4;
+    bytes[at..at + 4].copy_from_slice(&0x00ff_fff0u32.to_be_bytes());
+    std::fs::write(db, bytes).expect("write");
+}
+
+/// SPEC 7: a damaged file is never used silently. Each database, damaged where starting
+/// does not look, makes `certmq serve` exit 1 naming the file, and the file is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_database_is_refused_at_start_naming_the_file() {
+    for file in ["messages.db", "certmq.db"] {
+        let site = Site::new("");
+        let broker = site.start().await;
+        let (mut p, _) = Raw::connect(&site.device("dev-1"), broker.mqtt, "p", true, None).await;
+        assert_eq!(
+            p.publish_acked(1, true, 1, "devices/dev-1/r", b"kept")
+                .await,
+            0
+        );
+        p.disconnect().await;
+        stop(broker).await;
+        let path = site.db(file);
+        damage_free_list(&path);
+        let before = std::fs::read(&path).expect("read");
+        let (code, stderr) = serve_expecting_exit(&site.config).await;
+        assert_eq!(code, Some(1), "{file}: exit status; stderr:\n{stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()) && stderr.contains("quick_check"),
+            "{file}: the error names the file and the failed check; stderr:\n{stderr}"
+        );
+        assert!(
+            std::fs::read(&path).expect("read") == before,
+            "{file} was changed"
+        );
+    }
 }
 
 /// SPEC 7: "`/healthz` is unhealthy while either database cannot commit": a full disk makes

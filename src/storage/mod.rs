@@ -29,6 +29,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub use recover::{Recovered, StoredQueued, StoredSession};
+pub(crate) use schema::quick_check;
 
 use crate::broker::message::Message;
 use crate::broker::router::SubOptions;
@@ -57,6 +58,9 @@ pub enum StoreError {
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
+    /// SPEC 7: a damaged file is refused at start, never used silently.
+    #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
+    Damaged { path: PathBuf, report: String },
     #[error("message store error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("a stored row is corrupt: {0}")]
@@ -64,6 +68,9 @@ pub enum StoreError {
     /// A batch failed to commit (disk full, read-only, I/O error): what it held is not durable.
     #[error("the message store could not commit: {0}")]
     CommitFailed(String),
+    /// The write-ahead log could not be folded into the database file (a reader held it).
+    #[error("the message store's write-ahead log was not fully checkpointed: {0}")]
+    Checkpoint(String),
     #[error("the message store writer has stopped")]
     Stopped,
     #[error("cannot start the message store writer")]
@@ -137,6 +144,9 @@ pub enum Op {
     Probe,
     /// Completes when everything submitted before it is committed.
     Barrier(oneshot::Sender<Result<(), StoreError>>),
+    /// A barrier that then checkpoints the write-ahead log into the database file and
+    /// truncates the log, so that the `.db` file alone is the whole store (graceful stop).
+    Checkpoint(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// Handle to the store; cheap to clone.
@@ -221,6 +231,15 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.submit(Op::Barrier(tx));
         rx.blocking_recv().unwrap_or(Err(StoreError::Stopped))
+    }
+
+    /// Commits everything submitted so far, then checkpoints the write-ahead log into
+    /// `messages.db` and truncates it (SPEC 7: a graceful stop leaves a self-contained
+    /// database). Submitting more afterwards is allowed; it goes to the log again.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Checkpoint(tx));
+        rx.await.unwrap_or(Err(StoreError::Stopped))
     }
 
     /// While commits fail: tries one write and waits for it. Ok means the store takes

@@ -1,6 +1,7 @@
 //! The store against a real SQLite file in a temporary directory: each message stored once
 //! and read back into one shared `Arc`, message rows going with their last reference, ids
-//! continuing after a restart, and a schema-1 file migrated in place.
+//! continuing after a restart, a schema-1 file migrated in place, and a checkpoint that
+//! leaves the database file self-contained.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -343,4 +344,25 @@ fn a_schema_1_store_is_migrated_in_place_keeping_everything() {
         again.sessions.iter().map(|s| s.queue.len()).sum::<usize>(),
         4
     );
+}
+
+#[test]
+fn a_checkpoint_leaves_the_database_file_self_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    sessions(&store, &["a"]);
+    enqueue(&store, "a", &message("t/1", &[1; 8192], false));
+    store.barrier_blocking().unwrap();
+    let wal = dir.path().join(format!("{DB_FILE}-wal"));
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.checkpoint()).unwrap();
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    // The .db file alone holds the queued message.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join(DB_FILE), copy.path().join(DB_FILE)).unwrap();
+    let (_copy, recovered) = Store::open(copy.path()).unwrap();
+    assert_eq!(recovered.sessions[0].queue.len(), 1);
 }

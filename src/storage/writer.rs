@@ -82,10 +82,12 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
             }
         }
         let mut barriers = Vec::new();
+        let mut checkpoints = Vec::new();
         let mut work = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 Op::Barrier(b) => barriers.push(b),
+                Op::Checkpoint(c) => checkpoints.push(c),
                 other => work.push(other),
             }
         }
@@ -116,7 +118,30 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
         for b in barriers {
             let _ = b.send(last.clone().map_err(StoreError::CommitFailed));
         }
+        for c in checkpoints {
+            let outcome = match &last {
+                Ok(()) => checkpoint(&conn),
+                Err(e) => Err(StoreError::CommitFailed(e.clone())),
+            };
+            let _ = c.send(outcome);
+        }
     }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`: copies every committed page from the log into the
+/// database file, syncs it, and empties the log. Busy (a reader, e.g. `certmq backup`,
+/// holds an old snapshot) leaves part of the log in place: reported, nothing is lost.
+fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    if busy != 0 {
+        return Err(StoreError::Checkpoint(format!(
+            "{done} of {log} log pages copied; a reader kept the rest"
+        )));
+    }
+    Ok(())
 }
 
 /// Drops the ops of deliveries that were queued AND acknowledged within this batch: a
@@ -308,7 +333,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             // Rewriting the header field dirties page 1: the commit must write a frame.
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
-        Op::Barrier(_) => {}
+        Op::Barrier(_) | Op::Checkpoint(_) => {}
     }
     Ok(())
 }
