@@ -101,7 +101,10 @@ async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
     let s = shared.clone();
     match tokio::task::spawn_blocking(move || s.registry.writable()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(format!("store not writable: {e}")),
+        Ok(Err(e)) => {
+            let path = shared.registry.path().display();
+            return Err(format!("{path} not writable: {e}"));
+        }
         Err(e) => return Err(format!("health check failed: {e}")),
     }
     let Some(store) = shared.broker.store() else {

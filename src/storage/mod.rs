@@ -68,7 +68,8 @@ pub enum StoreError {
     /// A batch failed to commit (disk full, read-only, I/O error): what it held is not durable.
     #[error("the message store could not commit: {0}")]
     CommitFailed(String),
-    /// The write-ahead log could not be folded into the database file (a reader held it).
+    /// The write-ahead log could not be fully copied into the database file (another
+    /// process was reading it).
     #[error("the message store's write-ahead log was not fully checkpointed: {0}")]
     Checkpoint(String),
     #[error("the message store writer has stopped")]

@@ -129,7 +129,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
 }
 
 /// `PRAGMA wal_checkpoint(TRUNCATE)`: copies every committed page from the log into the
-/// database file, syncs it, and empties the log. Busy (a reader, e.g. `certmq backup`,
+/// database file, syncs it, and empties the log. Busy (another process reading the file
 /// holds an old snapshot) leaves part of the log in place: reported, nothing is lost.
 fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
     let (busy, log, done): (i64, i64, i64) =
