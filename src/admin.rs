@@ -18,6 +18,8 @@ use crate::server::Shared;
 
 /// A request that takes longer than this (headers included) is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A message store that takes longer than this to commit a probe is reported unhealthy.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves admin requests until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -69,18 +71,9 @@ async fn respond(
                     "shutting down\n".to_owned(),
                 );
             }
-            let s = shared.clone();
-            let writable = tokio::task::spawn_blocking(move || s.registry.writable()).await;
-            match writable {
-                Ok(Ok(())) => text(StatusCode::OK, "ok\n".to_owned()),
-                Ok(Err(e)) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("store not writable: {e}\n"),
-                ),
-                Err(e) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("health check failed: {e}\n"),
-                ),
+            match healthy(shared).await {
+                Ok(()) => text(StatusCode::OK, "ok\n".to_owned()),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
             }
         }
         "/metrics" => {
@@ -97,6 +90,31 @@ async fn respond(
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    }
+}
+
+/// SPEC 7: healthy only while both databases can commit. The registry must give its write
+/// lock (another process, the `certmq devices` CLI, shares it). The message store must
+/// commit a probe write through its writer: while commits fail (a full disk) only a real
+/// commit can tell whether they work again, and the probe shares the next group commit.
+async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
+    let s = shared.clone();
+    match tokio::task::spawn_blocking(move || s.registry.writable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let path = shared.registry.path().display();
+            return Err(format!("{path} not writable: {e}"));
+        }
+        Err(e) => return Err(format!("health check failed: {e}")),
+    }
+    let Some(store) = shared.broker.store() else {
+        return Ok(());
+    };
+    let path = store.path().display();
+    match tokio::time::timeout(PROBE_TIMEOUT, store.probe()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{path} cannot commit: {e}")),
+        Err(_) => Err(format!("{path} did not commit within {PROBE_TIMEOUT:?}")),
     }
 }
 

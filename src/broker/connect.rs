@@ -132,6 +132,7 @@ pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<W
             retain,
             props,
             expires_at: Message::deadline(expiry, now),
+            store_id: Default::default(),
         },
         delay,
         gate: None,

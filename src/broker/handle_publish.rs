@@ -201,6 +201,7 @@ impl Conn<'_> {
             retain: p.retain,
             props: p.props,
             expires_at: Message::deadline(p.message_expiry, Instant::now()),
+            store_id: Default::default(),
         };
         self.broker.publish(Arc::new(message), Some(self.session))
     }

@@ -1,7 +1,9 @@
 //! A published application message as the broker keeps it: canonical topic (the
 //! `v1/devices/me/` alias already applied), payload, QoS, retain, the MQTT 5 properties
-//! that travel with it, and its expiry. Shared by every subscriber through an `Arc`.
+//! that travel with it, and its expiry. Shared by every subscriber through an `Arc`, and
+//! stored once in the message store however many sessions hold it ([`StoreId`]).
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,6 +39,41 @@ pub struct Message {
     pub props: Forwarded,
     /// MQTT 5 Message Expiry Interval, as a deadline.
     pub expires_at: Option<Instant>,
+    /// Its row in the message store, once stored.
+    pub store_id: StoreId,
+}
+
+/// A message's identity in the message store: the id of its one row in the `messages`
+/// table, which every session's queue row and the retained entry reference. Assigned by
+/// the store when it first writes the message, or read back at recovery; it lives in the
+/// message itself so that the `Arc` shared by N sessions is written once, not N times.
+///
+/// A clone is a new message to the store (it may be changed before it is published):
+/// cloning gives an unassigned id. Only the `Arc` carries the identity.
+#[derive(Debug, Default)]
+pub struct StoreId(OnceLock<i64>);
+
+impl StoreId {
+    /// The id of a message read back from the store.
+    pub fn assigned(id: i64) -> StoreId {
+        StoreId(OnceLock::from(id))
+    }
+
+    /// The id, assigning `next()` if the message has none yet.
+    pub fn get_or_assign(&self, next: impl FnOnce() -> i64) -> i64 {
+        *self.0.get_or_init(next)
+    }
+
+    /// The id, if the message was stored.
+    pub fn get(&self) -> Option<i64> {
+        self.0.get().copied()
+    }
+}
+
+impl Clone for StoreId {
+    fn clone(&self) -> StoreId {
+        StoreId::default()
+    }
 }
 
 impl Message {

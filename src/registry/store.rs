@@ -44,6 +44,11 @@ pub enum RegistryError {
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
+    /// SPEC 7: a damaged file is refused at start, never used silently.
+    #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
+    Damaged { path: PathBuf, report: String },
+    #[error("{path}: the write-ahead log was not fully checkpointed ({done} of {log} pages; another process is reading it)")]
+    CheckpointBusy { path: PathBuf, log: i64, done: i64 },
     #[error("registry database error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("registry row for {name:?} holds an invalid fingerprint")]
@@ -341,6 +346,42 @@ impl Registry {
     pub fn writable(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;
         conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
+    /// SQLite's `quick_check` of the whole file, run by the broker at start (SPEC 7): a
+    /// damaged registry is refused, naming the file, never used silently.
+    pub fn quick_check(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        match crate::storage::quick_check(&conn) {
+            Ok(None) => Ok(()),
+            Ok(Some(report)) => Err(RegistryError::Damaged {
+                path: self.path.clone(),
+                report,
+            }),
+            Err(source) => Err(RegistryError::Open {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Copies the write-ahead log into `certmq.db` and truncates it, so that the file alone
+    /// is the whole registry (SPEC 7, at a graceful stop). The CLI may be reading at that
+    /// moment: then part of the log stays, which loses nothing.
+    pub fn checkpoint(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let (busy, log, done): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        if busy != 0 {
+            return Err(RegistryError::CheckpointBusy {
+                path: self.path.clone(),
+                log,
+                done,
+            });
+        }
         Ok(())
     }
 

@@ -97,6 +97,9 @@ impl Server {
     /// registry holds for an anchor is a config error), and builds the TLS config.
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
+        // Before the first write: a damaged registry is refused (the message store checks
+        // its own file as it opens).
+        registry.quick_check()?;
         // The first write happens here: a read-only or full store fails now, naming its file.
         let recreated = check_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
             ServerError::Registry(RegistryError::Sqlite(source)) => {
@@ -276,11 +279,23 @@ impl Server {
         }
         let _ = flusher.await;
         let _ = watcher.await;
-        // Everything the sessions submitted on their way out is committed before exit.
+        // Everything the sessions submitted on their way out is committed before exit, and
+        // both write-ahead logs are checkpointed: each .db file alone is then the whole
+        // store, for a copy or a backup (SPEC 7).
         if let Some(store) = shared.broker.store() {
-            if let Err(e) = store.barrier().await {
-                tracing::error!(error = %e, "final store flush failed");
+            match store.checkpoint().await {
+                Err(e @ crate::storage::StoreError::Checkpoint(_)) => {
+                    tracing::warn!(error = %e, "message store not checkpointed at stop")
+                }
+                Err(e) => tracing::error!(error = %e, "final store flush failed"),
+                Ok(()) => {}
             }
+        }
+        let registry = shared.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "registry not checkpointed at stop"),
+            Err(e) => tracing::warn!(error = %e, "registry checkpoint did not run"),
         }
         if let Some(t) = admin_task {
             let _ = t.await;

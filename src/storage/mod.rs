@@ -1,6 +1,7 @@
 //! Durable broker state (SPEC 7): retained messages and persistent sessions (their
 //! subscriptions, the QoS 1/2 messages queued or in flight for them, the inbound QoS 2
-//! packet ids), in `data_dir/messages.db`.
+//! packet ids), in `data_dir/messages.db`. Each message is stored once however many
+//! sessions hold it, and read back once into one `Arc` they all share (see `schema`).
 //!
 //! Why a second SQLite file beside the registry's `certmq.db`: SQLite has one writer per
 //! database; the message store writes continuously with group commit, while the registry
@@ -17,6 +18,7 @@
 //! publishes, retained publishes) or is bounded by the in-flight window (acks).
 
 mod recover;
+mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub use recover::{Recovered, StoredQueued, StoredSession};
+pub(crate) use schema::quick_check;
 
 use crate::broker::message::Message;
 use crate::broker::router::SubOptions;
@@ -37,7 +40,8 @@ use crate::mqtt::codec::QoS;
 pub const DB_FILE: &str = "messages.db";
 /// `PRAGMA application_id` of a certmq message store ("cmqm").
 const APPLICATION_ID: i64 = 0x636d_716d;
-const SCHEMA_VERSION: i64 = 1;
+/// 2: each message stored once (`messages`), referenced by `queue` and `retained`.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,9 @@ pub enum StoreError {
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
+    /// SPEC 7: a damaged file is refused at start, never used silently.
+    #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
+    Damaged { path: PathBuf, report: String },
     #[error("message store error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("a stored row is corrupt: {0}")]
@@ -61,6 +68,10 @@ pub enum StoreError {
     /// A batch failed to commit (disk full, read-only, I/O error): what it held is not durable.
     #[error("the message store could not commit: {0}")]
     CommitFailed(String),
+    /// The write-ahead log could not be fully copied into the database file (another
+    /// process was reading it).
+    #[error("the message store's write-ahead log was not fully checkpointed: {0}")]
+    Checkpoint(String),
     #[error("the message store writer has stopped")]
     Stopped,
     #[error("cannot start the message store writer")]
@@ -92,7 +103,8 @@ pub enum Op {
         key: SessionKey,
         filter: String,
     },
-    /// A delivery queued for a persistent session.
+    /// A delivery queued for a persistent session. The message itself is written once,
+    /// by the first op that carries it (its `Arc` remembers its row: `StoreId`).
     Enqueue {
         id: i64,
         key: SessionKey,
@@ -133,6 +145,9 @@ pub enum Op {
     Probe,
     /// Completes when everything submitted before it is committed.
     Barrier(oneshot::Sender<Result<(), StoreError>>),
+    /// A barrier that then checkpoints the write-ahead log into the database file and
+    /// truncates the log, so that the `.db` file alone is the whole store (graceful stop).
+    Checkpoint(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// Handle to the store; cheap to clone.
@@ -164,11 +179,12 @@ impl Store {
             },
             other => other,
         };
-        let conn = writer::open(&path).map_err(named)?;
-        let recovered = recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
+        let conn = schema::open(&path).map_err(named)?;
+        let (recovered, max_message_id) =
+            recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
         let failing = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        writer::spawn(conn, rx, failing.clone())?;
+        writer::spawn(conn, rx, failing.clone(), max_message_id + 1)?;
         let store = Store {
             inner: Arc::new(Inner {
                 path,
@@ -218,6 +234,15 @@ impl Store {
         rx.blocking_recv().unwrap_or(Err(StoreError::Stopped))
     }
 
+    /// Commits everything submitted so far, then checkpoints the write-ahead log into
+    /// `messages.db` and truncates it (SPEC 7: a graceful stop leaves a self-contained
+    /// database). Submitting more afterwards is allowed; it goes to the log again.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Checkpoint(tx));
+        rx.await.unwrap_or(Err(StoreError::Stopped))
+    }
+
     /// While commits fail: tries one write and waits for it. Ok means the store takes
     /// writes again (and [`Store::failing`] is cleared).
     pub async fn probe(&self) -> Result<(), StoreError> {
@@ -230,3 +255,6 @@ impl Store {
         self.inner.failing.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,7 +2,12 @@
 //! subscriptions, queued and in-flight deliveries (in order), inbound QoS 2 ids, and
 //! retained messages. Sessions and messages that expired while the broker was down are
 //! deleted here.
+//!
+//! Each stored message is read once into one `Arc`, which every queue row and the retained
+//! entry referencing it share: memory after a restart is what it was before, not one copy
+//! per session. Recovery stays O(rows): one pass over `messages`, then the references.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,13 +16,14 @@ use rusqlite::{params, Connection};
 
 use super::writer::{key, parse_props};
 use super::StoreError;
-use crate::broker::message::Message;
+use crate::broker::message::{Message, StoreId};
 use crate::broker::router::{RetainHandling, SubOptions};
 use crate::broker::state::SessionKey;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;
 
-/// A delivery read back from the queue.
+/// A delivery read back from the queue; `msg` is shared with every other delivery (and the
+/// retained entry) of the same message.
 #[derive(Debug, Clone)]
 pub struct StoredQueued {
     pub id: i64,
@@ -68,15 +74,27 @@ fn deadline(at: Option<i64>, now: i64) -> Option<Instant> {
     at.map(|t| Instant::now() + Duration::from_secs(u64::try_from(t - now).unwrap_or(0)))
 }
 
-fn message(
+/// One row of `messages`.
+struct MessageRow {
+    id: i64,
     topic: String,
     payload: Vec<u8>,
-    msg_qos: u8,
+    qos: u8,
     retain: bool,
     props: Option<String>,
     expires_at: Option<i64>,
-    now: i64,
-) -> Result<Message, StoreError> {
+}
+
+fn message(row: MessageRow, now: i64) -> Result<Message, StoreError> {
+    let MessageRow {
+        id,
+        topic,
+        payload,
+        qos: msg_qos,
+        retain,
+        props,
+        expires_at,
+    } = row;
     Ok(Message {
         topic: TopicName::parse(&topic)
             .map_err(|e| StoreError::Corrupt(format!("topic {topic:?}: {e}")))?,
@@ -88,11 +106,48 @@ fn message(
             None => Default::default(),
         },
         expires_at: deadline(expires_at, now),
+        store_id: StoreId::assigned(id),
     })
 }
 
-/// Reads everything, deleting what expired.
-pub(super) fn load(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
+/// Every stored message, each in one `Arc`.
+fn load_messages(conn: &Connection, now: i64) -> Result<HashMap<i64, Arc<Message>>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT id, topic, payload, qos, retain, props, expires_at FROM messages")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(MessageRow {
+            id: r.get(0)?,
+            topic: r.get(1)?,
+            payload: r.get(2)?,
+            qos: r.get(3)?,
+            retain: r.get(4)?,
+            props: r.get(5)?,
+            expires_at: r.get(6)?,
+        })
+    })?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let row = row?;
+        out.insert(row.id, Arc::new(message(row, now)?));
+    }
+    Ok(out)
+}
+
+/// The shared message a row references.
+fn referenced(
+    messages: &HashMap<i64, Arc<Message>>,
+    id: i64,
+    by: &str,
+) -> Result<Arc<Message>, StoreError> {
+    messages
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| StoreError::Corrupt(format!("{by} references message {id}, not stored")))
+}
+
+/// Reads everything, deleting what expired. Also returns the largest message id in use
+/// (new messages are numbered after it).
+pub(super) fn load(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = load_in_tx(conn, now);
     match &result {
@@ -104,7 +159,7 @@ pub(super) fn load(conn: &Connection, now: i64) -> Result<Recovered, StoreError>
     result
 }
 
-fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
+fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreError> {
     // Sessions whose expiry passed while the broker was down end now.
     let mut expired = Vec::new();
     {
@@ -124,15 +179,19 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
             )?;
         }
     }
-    conn.execute(
-        "DELETE FROM queue WHERE expires_at IS NOT NULL AND expires_at <= ?1",
-        params![now],
-    )?;
-    conn.execute(
-        "DELETE FROM retained WHERE expires_at IS NOT NULL AND expires_at <= ?1",
-        params![now],
-    )?;
+    // Expired messages: their references go, and the triggers take the messages with them.
+    for table in ["queue", "retained"] {
+        conn.execute(
+            &format!(
+                "DELETE FROM {table} WHERE message_id IN
+                 (SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?1)"
+            ),
+            params![now],
+        )?;
+    }
 
+    let messages = load_messages(conn, now)?;
+    let max_message_id = messages.keys().copied().max().unwrap_or(0);
     let mut out = Recovered::default();
     let mut stmt = conn.prepare(
         "SELECT device, client_id, expiry, expires_at FROM sessions ORDER BY device, client_id",
@@ -186,26 +245,22 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
             session.subscriptions.push((filter, opts, aliased));
         }
         let mut queue = conn.prepare_cached(
-            "SELECT id, topic, payload, msg_qos, qos, retain, props, expires_at, sub_ids, pkid, released
+            "SELECT id, message_id, qos, retain, sub_ids, pkid, released
              FROM queue WHERE device = ?1 AND client_id = ?2 ORDER BY id",
         )?;
         let rows = queue.query_map(params![device, client_id], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, u8>(3)?,
-                r.get::<_, u8>(4)?,
-                r.get::<_, bool>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, Option<u16>>(9)?,
-                r.get::<_, bool>(10)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, u8>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<u16>>(5)?,
+                r.get::<_, bool>(6)?,
             ))
         })?;
         for r in rows {
-            let (id, topic, payload, msg_qos, q, retain, props, exp, sub_ids, pkid, released) = r?;
+            let (id, message_id, q, retain, sub_ids, pkid, released) = r?;
             out.max_queue_id = out.max_queue_id.max(id);
             let sub_ids = sub_ids
                 .split(',')
@@ -217,7 +272,7 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
                 .collect::<Result<Vec<_>, _>>()?;
             session.queue.push(StoredQueued {
                 id,
-                msg: Arc::new(message(topic, payload, msg_qos, false, props, exp, now)?),
+                msg: referenced(&messages, message_id, &format!("queue row {id}"))?,
                 qos: qos(q)?,
                 retain,
                 sub_ids,
@@ -235,20 +290,15 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<Recovered, StoreError> {
     }
     let max: Option<i64> = conn.query_row("SELECT max(id) FROM queue", [], |r| r.get(0))?;
     out.max_queue_id = out.max_queue_id.max(max.unwrap_or(0));
-    let mut stmt = conn.prepare("SELECT topic, payload, qos, props, expires_at FROM retained")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Vec<u8>>(1)?,
-            r.get::<_, u8>(2)?,
-            r.get::<_, Option<String>>(3)?,
-            r.get::<_, Option<i64>>(4)?,
-        ))
-    })?;
+    let mut stmt = conn.prepare("SELECT topic, message_id FROM retained")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     for r in rows {
-        let (topic, payload, q, props, exp) = r?;
-        out.retained
-            .push(Arc::new(message(topic, payload, q, true, props, exp, now)?));
+        let (topic, message_id) = r?;
+        out.retained.push(referenced(
+            &messages,
+            message_id,
+            &format!("retained {topic:?}"),
+        )?);
     }
-    Ok(out)
+    Ok((out, max_message_id))
 }

@@ -1,14 +1,13 @@
 //! The store's writer thread: the only owner of the SQLite connection after recovery.
 //! One transaction per batch of ops, one fsync per commit (group commit).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, Transaction};
 
-use super::{Op, StoreError, APPLICATION_ID, SCHEMA_VERSION};
+use super::{Op, StoreError, SCHEMA_VERSION};
 use crate::broker::message::Message;
 use crate::broker::state::SessionKey;
 
@@ -20,91 +19,41 @@ const MAX_BATCH: usize = 50_000;
 /// little latency, and long enough for a subscriber on the same host to acknowledge.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Opens or creates the database and checks it is ours.
-pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        // The registry created data_dir already; this is for a store opened on its own.
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let conn = Connection::open(path).map_err(open_err)?;
-    let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(open_err)?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(open_err)?;
-    if app_id != APPLICATION_ID && (app_id != 0 || tables != 0) {
-        return Err(StoreError::Foreign {
-            path: path.to_path_buf(),
-            found: app_id,
-        });
-    }
-    let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // 16 MiB of page cache and a 16 MiB WAL between checkpoints: the queue table is hot.
-    conn.pragma_update(None, "cache_size", -16_384)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
-    if app_id == 0 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
-             CREATE TABLE sessions (
-                 device TEXT NOT NULL, client_id TEXT NOT NULL,
-                 expiry INTEGER, expires_at INTEGER,
-                 PRIMARY KEY (device, client_id));
-             CREATE TABLE subscriptions (
-                 device TEXT NOT NULL, client_id TEXT NOT NULL, filter TEXT NOT NULL,
-                 qos INTEGER NOT NULL, no_local INTEGER NOT NULL,
-                 retain_as_published INTEGER NOT NULL, retain_handling INTEGER NOT NULL,
-                 sub_id INTEGER, aliased INTEGER NOT NULL,
-                 PRIMARY KEY (device, client_id, filter));
-             CREATE TABLE queue (
-                 id INTEGER PRIMARY KEY, device TEXT NOT NULL, client_id TEXT NOT NULL,
-                 topic TEXT NOT NULL, payload BLOB NOT NULL, msg_qos INTEGER NOT NULL,
-                 qos INTEGER NOT NULL, retain INTEGER NOT NULL, props TEXT,
-                 expires_at INTEGER, sub_ids TEXT NOT NULL,
-                 pkid INTEGER, released INTEGER NOT NULL DEFAULT 0);
-             CREATE INDEX queue_session ON queue (device, client_id, id);
-             CREATE TABLE retained (
-                 topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL,
-                 props TEXT, expires_at INTEGER);
-             CREATE TABLE inbound (
-                 device TEXT NOT NULL, client_id TEXT NOT NULL, pkid INTEGER NOT NULL,
-                 PRIMARY KEY (device, client_id, pkid));
-             PRAGMA application_id = {APPLICATION_ID};
-             PRAGMA user_version = {SCHEMA_VERSION};
-             COMMIT;"
-        ))?;
-    } else {
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version != SCHEMA_VERSION {
-            return Err(StoreError::Schema {
-                path: path.to_path_buf(),
-                found: version,
-            });
-        }
-    }
-    Ok(conn)
-}
-
-/// Starts the writer thread.
+/// Starts the writer thread. `next_message` is the first unused message id.
 pub(super) fn spawn(
     conn: Connection,
     rx: mpsc::Receiver<Op>,
     failing: Arc<AtomicBool>,
+    next_message: i64,
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("certmq-store".into())
-        .spawn(move || run(conn, rx, &failing))
+        .spawn(move || run(conn, rx, &failing, next_message))
         .map(|_| ())
         .map_err(StoreError::Thread)
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
+/// Message ids, assigned by the writer (the one thread that stores messages) the first time
+/// it writes a message; the id then stays with the message's `Arc` ([`StoreId`]), so every
+/// later op for the same message references the same row.
+///
+/// [`StoreId`]: crate::broker::message::StoreId
+struct MessageIds {
+    next: i64,
+}
+
+impl MessageIds {
+    fn of(&mut self, msg: &Message) -> i64 {
+        msg.store_id.get_or_assign(|| {
+            let id = self.next;
+            self.next += 1;
+            id
+        })
+    }
+}
+
+fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_message: i64) {
+    let mut ids = MessageIds { next: next_message };
     // The outcome of the last batch that wrote something. A batch of barriers alone
     // answers with it: the ops those barriers follow may have gone in that batch (the
     // writer can wake between a connection's ops and its barrier), and a failed commit
@@ -133,10 +82,12 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
             }
         }
         let mut barriers = Vec::new();
+        let mut checkpoints = Vec::new();
         let mut work = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 Op::Barrier(b) => barriers.push(b),
+                Op::Checkpoint(c) => checkpoints.push(c),
                 other => work.push(other),
             }
         }
@@ -144,7 +95,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
         let work = coalesce(work);
         if !work.is_empty() {
             let started = std::time::Instant::now();
-            last = apply(&mut conn, &work).map_err(|e| e.to_string());
+            last = apply(&mut conn, &work, &mut ids).map_err(|e| e.to_string());
             tracing::trace!(
                 gathered,
                 applied = work.len(),
@@ -167,7 +118,30 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool) {
         for b in barriers {
             let _ = b.send(last.clone().map_err(StoreError::CommitFailed));
         }
+        for c in checkpoints {
+            let outcome = match &last {
+                Ok(()) => checkpoint(&conn),
+                Err(e) => Err(StoreError::CommitFailed(e.clone())),
+            };
+            let _ = c.send(outcome);
+        }
     }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`: copies every committed page from the log into the
+/// database file, syncs it, and empties the log. Busy (another process reading the file
+/// holds an old snapshot) leaves part of the log in place: reported, nothing is lost.
+fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    if busy != 0 {
+        return Err(StoreError::Checkpoint(format!(
+            "{done} of {log} log pages copied; a reader kept the rest"
+        )));
+    }
+    Ok(())
 }
 
 /// Drops the ops of deliveries that were queued AND acknowledged within this batch: a
@@ -207,15 +181,40 @@ fn coalesce(work: Vec<Op>) -> Vec<Op> {
         .collect()
 }
 
-fn apply(conn: &mut Connection, ops: &[Op]) -> Result<(), rusqlite::Error> {
+fn apply(conn: &mut Connection, ops: &[Op], ids: &mut MessageIds) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in ops {
-        apply_one(&tx, op)?;
+        apply_one(&tx, op, ids)?;
     }
     tx.commit()
 }
 
-fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
+/// Writes the message's row unless it is there already (another session's delivery or the
+/// retained entry stored it); returns its id.
+fn store_message(
+    tx: &Transaction<'_>,
+    msg: &Message,
+    ids: &mut MessageIds,
+    now: i64,
+) -> Result<i64, rusqlite::Error> {
+    let id = ids.of(msg);
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO messages (id, topic, payload, qos, retain, props, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        id,
+        msg.topic.as_str(),
+        &msg.payload[..],
+        msg.qos as u8,
+        msg.retain,
+        props_json(msg),
+        expires_at(msg, now)
+    ])?;
+    Ok(id)
+}
+
+fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), rusqlite::Error> {
     let now = crate::cert::now_secs();
     match op {
         Op::Session {
@@ -274,22 +273,18 @@ fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             retain,
             sub_ids,
         } => {
+            let message_id = store_message(tx, msg, ids, now)?;
             tx.prepare_cached(
-                "INSERT INTO queue (id, device, client_id, topic, payload, msg_qos, qos, retain,
-                     props, expires_at, sub_ids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO queue (id, device, client_id, message_id, qos, retain, sub_ids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 id,
                 key.device.as_str(),
                 key.client_id,
-                msg.topic.as_str(),
-                &msg.payload[..],
-                msg.qos as u8,
+                message_id,
                 *qos as u8,
                 retain,
-                props_json(msg),
-                expires_at(msg, now),
                 sub_ids_text(sub_ids),
             ])?;
         }
@@ -313,17 +308,14 @@ fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             topic,
             msg: Some(msg),
         } => {
+            let message_id = store_message(tx, msg, ids, now)?;
+            // An upsert, not INSERT OR REPLACE: REPLACE's implicit delete would not fire
+            // the trigger that drops the message it replaces.
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO retained (topic, payload, qos, props, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO retained (topic, message_id) VALUES (?1, ?2)
+                 ON CONFLICT (topic) DO UPDATE SET message_id = excluded.message_id",
             )?
-            .execute(params![
-                topic,
-                &msg.payload[..],
-                msg.qos as u8,
-                props_json(msg),
-                expires_at(msg, now)
-            ])?;
+            .execute(params![topic, message_id])?;
         }
         Op::InboundBegin { key, pkid } => {
             tx.prepare_cached(
@@ -341,7 +333,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             // Rewriting the header field dirties page 1: the commit must write a frame.
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
-        Op::Barrier(_) => {}
+        Op::Barrier(_) | Op::Checkpoint(_) => {}
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ fn delivery(qos: QoS, n: u8) -> Delivery {
             retain: false,
             props: Default::default(),
             expires_at: None,
+            store_id: Default::default(),
         }),
         qos,
         retain: false,

@@ -285,6 +285,22 @@ impl Tmpfs {
 }
 
 impl Tmpfs {
+    /// [`Tmpfs::mount`], or None (after saying so) when mounting is not possible and
+    /// `CERTMQ_SKIP_MOUNT_TESTS` is set; otherwise a failure to mount fails the test, since
+    /// CI runs as root.
+    pub fn mount_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
+        match Tmpfs::mount(dir, size) {
+            Ok(m) => Some(m),
+            Err(e) if std::env::var_os("CERTMQ_SKIP_MOUNT_TESTS").is_some() => {
+                eprintln!("skipped (CERTMQ_SKIP_MOUNT_TESTS is set): {e}");
+                None
+            }
+            Err(e) => panic!("{e}; this test needs root (set CERTMQ_SKIP_MOUNT_TESTS to skip it)"),
+        }
+    }
+}
+
+impl Tmpfs {
     /// `mount -o remount,MODE DIR`: `ro` makes the store read-only under a running broker
     /// (root bypasses file permissions, a read-only file system it cannot), `rw` undoes it.
     pub fn remount(&self, mode: &str) {
