@@ -74,6 +74,8 @@ fn assert_device(v: &Value, name: &str, source: &str, cert_der: &[u8], enabled: 
         "not_after",
         "created_at",
         "last_seen_at",
+        // Beyond SPEC 1's list: what the device's sessions could not take (SPEC 7).
+        "dropped_messages",
     ];
     assert_eq!(keys, expected.into_iter().collect(), "{v}");
     assert_eq!(v["name"], name);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::durability::wire::{self, Pkt};
 use common::durability::{fill, serve_expecting_exit, Raw, Tmpfs};
 use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
-use common::{self_signed, Client, Fixture};
+use common::{self_signed, Client, Fixture, WAIT};
 
 /// How long a graceful stop may take (SPEC 1: within the grace period).
 const STOP: Duration = Duration::from_secs(15);
@@ -146,7 +146,7 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
     const SESSIONS: usize = 20;
     const MESSAGES: usize = 150;
     const SIZE: usize = 16 * 1024;
-    let site = Site::new("max_queued_messages = 100000");
+    let site = Site::new("max_queued_messages = 100000\nmax_sessions_per_device = 64");
     let broker = site.start().await;
     for i in 0..SESSIONS {
         let (mut s, _) =
@@ -202,9 +202,18 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
 }
 
 /// Copies the committed v1 fixture (see `tests/fixtures/store-v1/README.md`) into the
-/// site's data_dir as its message store.
-fn install_v1_fixture(site: &Site) {
-    std::fs::create_dir_all(site.fx.data_dir()).expect("data_dir");
+/// site's data_dir as its message store, beside the registry that goes with it: sessions
+/// belong to registry entries (SPEC 4), so a message store without its registry would
+/// rightly start empty. A first run enters the pinned backend and provisions dev-2.
+async fn install_v1_fixture(site: &Site) {
+    let mut broker = site.start().await;
+    let (d2, _) = Raw::connect(&site.device("dev-2"), broker.mqtt, "provision", true, None).await;
+    d2.disconnect().await;
+    broker.signal("TERM");
+    assert!(broker.wait_exit(WAIT).await.success());
+    for file in ["messages.db", "messages.db-wal", "messages.db-shm"] {
+        let _ = std::fs::remove_file(site.db(file));
+    }
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1/messages.db");
     std::fs::copy(fixture, site.db("messages.db")).expect("copy the v1 fixture");
 }
@@ -215,7 +224,7 @@ fn install_v1_fixture(site: &Site) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_1_message_store_opens_with_everything_it_held() {
     let site = Site::new("");
-    install_v1_fixture(&site);
+    install_v1_fixture(&site).await;
     let broker = site.start().await;
     let addr = broker.mqtt;
 
