@@ -190,6 +190,9 @@ pub struct Limits {
     pub max_keep_alive: u16,
     /// Persistent sessions one device may hold (SPEC 4): one more is refused at CONNECT.
     pub max_sessions_per_device: usize,
+    /// Seconds a connected subscriber with a full queue may make no progress before it
+    /// stops pacing publishers (SPEC 9 flow control).
+    pub stall_timeout: u64,
 }
 
 impl Default for Limits {
@@ -203,6 +206,7 @@ impl Default for Limits {
             max_queued_messages: 1000,
             max_keep_alive: 3600,
             max_sessions_per_device: 16,
+            stall_timeout: 10,
         }
     }
 }

@@ -14,7 +14,8 @@
 //!                            flows, SUBSCRIBE...) and writes, from one select!
 //!
 //! PUBLISH -> ACL (acl) -> Broker::publish -> router (subscription trie) -> each target
-//! session's bounded queue (broker::state; a publisher never waits for a subscriber)
+//! session's bounded queue (broker::state; when a connected subscriber's queue is full the
+//! publisher's connection stops reading until it has room, or the subscriber stalls)
 //! -> that session's task wakes, takes what its in-flight window allows, writes.
 //! QoS 1/2 for persistent sessions and retained messages -> storage (SQLite, one writer
 //! thread, group commit); the PUBACK/PUBREC waits for the commit (acknowledged = durable).

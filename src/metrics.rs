@@ -77,13 +77,20 @@ impl Metrics {
         hot.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts one message dropped at a full queue and returns the running total.
-    pub fn dropped_total(&self, reason: &'static str) -> u64 {
+    /// Counts one dropped message and returns the running total for its reason (for
+    /// logging at powers of two).
+    pub fn count_drop(&self, reason: &'static str) -> u64 {
         if reason == "queue_full" {
             return self.dropped_queue_full.fetch_add(1, Ordering::Relaxed) + 1;
         }
-        self.dropped(reason, 1);
-        0
+        match self.dropped.lock() {
+            Ok(mut m) => {
+                let n = m.entry(reason).or_default();
+                *n += 1;
+                *n
+            }
+            Err(_) => 0,
+        }
     }
 
     /// Records a reload attempt.

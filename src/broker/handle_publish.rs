@@ -45,6 +45,19 @@ impl PendingAck {
     }
 }
 
+/// A routed message some of whose sessions had no room yet (SPEC 9 flow control), and what
+/// its acknowledgement needs once they do.
+pub(super) struct Paced {
+    /// What routing did so far.
+    published: Published,
+    /// Deliveries still to offer, each to its session.
+    pub(super) waiting: Vec<(super::state::SessionRef, super::state::Delivery)>,
+    qos: QoS,
+    pkid: u16,
+    /// A retained message (with a payload): the retained store took it.
+    retained: bool,
+}
+
 impl Conn<'_> {
     pub(super) async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
         use v5::DisconnectReasonCode as D;
@@ -93,71 +106,140 @@ impl Conn<'_> {
                 "publish denied by ACL"
             );
         }
-        let denied_text = format!("not authorized to publish to {canonical}");
-        match p.qos {
-            QoS::AtMostOnce => {
-                if allowed && self.route(canonical, p).await.durable {
-                    // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
-                    // like everything else (backpressure); a failed commit is logged there.
-                    self.commit().await;
+        let pkid = p.pkid;
+        let qos = p.qos;
+        if qos == QoS::ExactlyOnce {
+            // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
+            // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
+            let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
+            match self.session.inbound_qos2_begin(pkid, limit) {
+                InboundQos2::New => {}
+                InboundQos2::Duplicate => {
+                    // A duplicate of a PUBLISH already routed: acknowledge only.
+                    let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
+                    return self
+                        .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
+                        .await;
                 }
-                Ok(())
-            }
-            QoS::AtLeastOnce => {
-                let pkid = p.pkid;
-                let (reason, wait) = if allowed {
-                    self.route_durably(canonical, p).await
-                } else {
-                    (AckReason::NotAuthorized, None)
-                };
-                let text = self.reason(reason_text(reason, &denied_text));
-                let ack = wire::puback(self.p.protocol, pkid, reason, text);
-                self.queue_ack(PendingAck::new(wait, QoS::AtLeastOnce, pkid, ack))
-                    .await
-            }
-            QoS::ExactlyOnce => {
-                let pkid = p.pkid;
-                // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
-                // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
-                let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
-                match self.session.inbound_qos2_begin(pkid, limit) {
-                    InboundQos2::New => {}
-                    InboundQos2::Duplicate => {
-                        // A duplicate of a PUBLISH already routed: acknowledge only.
-                        let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
-                        return self
-                            .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
-                            .await;
-                    }
-                    InboundQos2::OverLimit => {
-                        return Err(protocol_error(
-                            D::ReceiveMaximumExceeded,
-                            "more QoS 2 messages in flight than the Receive Maximum",
-                        ));
-                    }
+                InboundQos2::OverLimit => {
+                    return Err(protocol_error(
+                        D::ReceiveMaximumExceeded,
+                        "more QoS 2 messages in flight than the Receive Maximum",
+                    ));
                 }
-                let (reason, wait) = if allowed {
-                    // The inbound id is committed with the message (a restart keeps it).
-                    let persistent = self.session.store().is_some();
-                    let (reason, wait) = self.route_durably(canonical, p).await;
-                    let wait = match (wait, persistent, self.broker.store()) {
-                        (None, true, Some(store)) => Some(store.barrier_rx()),
-                        (w, _, _) => w,
-                    };
-                    (reason, wait)
-                } else {
-                    (AckReason::NotAuthorized, None)
-                };
-                if reason != AckReason::Success && self.p.protocol == Protocol::V5 {
-                    // A PUBREC with an error reason ends the exchange: no PUBREL follows.
-                    self.session.inbound_qos2_release(pkid);
-                }
-                let text = self.reason(reason_text(reason, &denied_text));
-                let ack = wire::pubrec(self.p.protocol, pkid, reason, text);
-                self.queue_ack(PendingAck::new(wait, QoS::ExactlyOnce, pkid, ack))
-                    .await
             }
         }
+        if !allowed {
+            let text = format!("not authorized to publish to {canonical}");
+            return self
+                .acknowledge(qos, pkid, AckReason::NotAuthorized, None, Some(&text))
+                .await;
+        }
+        let retained = p.retain && !p.payload.is_empty();
+        let mut published = self.route(canonical, p).await;
+        let waiting = std::mem::take(&mut published.waiting);
+        let paced = Paced {
+            published,
+            waiting,
+            qos,
+            pkid,
+            retained,
+        };
+        if paced.waiting.is_empty() {
+            self.finish_publish(paced).await
+        } else {
+            // SPEC 9 flow control: nothing more is read from this client until every
+            // session the message must reach has room for it (see `Conn::run`).
+            self.paced = Some(paced);
+            Ok(())
+        }
+    }
+
+    /// Offers the paced message again to the sessions that had no room; acknowledges it
+    /// once every one has taken it (or stalled, or gone offline).
+    pub(super) async fn retry_paced(&mut self) -> Result<(), End> {
+        let Some(mut paced) = self.paced.take() else {
+            return Ok(());
+        };
+        let mut still = Vec::new();
+        for (session, delivery) in std::mem::take(&mut paced.waiting) {
+            if let Err(delivery) = self.broker.offer(&mut paced.published, &session, delivery) {
+                still.push((session, delivery));
+            }
+        }
+        paced.waiting = still;
+        if paced.waiting.is_empty() {
+            self.finish_publish(paced).await
+        } else {
+            self.paced = Some(paced);
+            Ok(())
+        }
+    }
+
+    /// Acknowledges a routed message: for QoS 1/2 after its commit, and with 0x97 for an
+    /// MQTT 5 publisher when sessions matched and none could take it (SPEC 7, no silent
+    /// loss; a 3.1.1 publisher cannot be told, and the drop is counted and logged, per
+    /// device in `devices show`).
+    async fn finish_publish(&mut self, paced: Paced) -> Result<(), End> {
+        let Paced {
+            published,
+            qos,
+            pkid,
+            retained,
+            ..
+        } = paced;
+        if qos == QoS::AtMostOnce {
+            if published.durable {
+                // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
+                // like everything else (backpressure); a failed commit is logged there.
+                self.commit().await;
+            }
+            return Ok(());
+        }
+        let mut wait = if published.durable {
+            self.broker.store().map(|s| s.barrier_rx())
+        } else {
+            None
+        };
+        if qos == QoS::ExactlyOnce && wait.is_none() && self.session.store().is_some() {
+            // The inbound id is committed with the message (a restart keeps it).
+            wait = self.broker.store().map(|s| s.barrier_rx());
+        }
+        // A retained message was taken: by the retained store.
+        let nobody = published.queued == 0 && published.refused > 0 && !retained;
+        let reason = if nobody && self.p.protocol == Protocol::V5 {
+            AckReason::QuotaExceeded
+        } else {
+            AckReason::Success
+        };
+        let text = (reason == AckReason::QuotaExceeded)
+            .then_some("no subscriber could take the message: their queues are full");
+        self.acknowledge(qos, pkid, reason, wait, text).await
+    }
+
+    /// Queues the PUBACK (QoS 1) or PUBREC (QoS 2) of a message; nothing for QoS 0. A
+    /// PUBREC with an error reason ends an MQTT 5 exchange: no PUBREL follows, so the
+    /// inbound id is released.
+    async fn acknowledge(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        reason: AckReason,
+        wait: Option<Barrier>,
+        text: Option<&str>,
+    ) -> Result<(), End> {
+        let text = self.reason(text);
+        let ack = match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => wire::puback(self.p.protocol, pkid, reason, text),
+            QoS::ExactlyOnce => {
+                if reason != AckReason::Success && self.p.protocol == Protocol::V5 {
+                    self.session.inbound_qos2_release(pkid);
+                }
+                wire::pubrec(self.p.protocol, pkid, reason, text)
+            }
+        };
+        self.queue_ack(PendingAck::new(wait, qos, pkid, ack)).await
     }
 
     /// MQTT 5 §3.3.2.3.4: a topic alias with a topic sets it; an alias alone uses it.
@@ -203,29 +285,8 @@ impl Conn<'_> {
             expires_at: Message::deadline(p.message_expiry, Instant::now()),
             store_id: Default::default(),
         };
-        self.broker.publish(Arc::new(message), Some(self.session))
-    }
-
-    /// Routes a QoS 1/2 message: the acknowledgement's reason, and the barrier it waits
-    /// for when the message went to the store. SPEC 7, no silent loss: when sessions
-    /// matched but none could take it (full queues), an MQTT 5 publisher is told 0x97
-    /// instead of success; a 3.1.1 publisher cannot be told, and the drop is counted and
-    /// logged (per device in `devices show`).
-    async fn route_durably(&self, topic: TopicName, p: InPublish) -> (AckReason, Option<Barrier>) {
-        let retained = p.retain && !p.payload.is_empty();
-        let published = self.route(topic, p).await;
-        let wait = if published.durable {
-            self.broker.store().map(|s| s.barrier_rx())
-        } else {
-            None
-        };
-        // A retained message was taken: by the retained store.
-        let nobody = published.queued == 0 && published.refused > 0 && !retained;
-        if nobody && self.p.protocol == Protocol::V5 {
-            (AckReason::QuotaExceeded, wait)
-        } else {
-            (AckReason::Success, wait)
-        }
+        self.broker
+            .publish(Arc::new(message), Some(self.session), true)
     }
 
     /// Queues an acknowledgement behind those already waiting (PUBACK and PUBREC go out in
@@ -330,16 +391,5 @@ impl Conn<'_> {
                 text,
             )),
         }
-    }
-}
-
-/// The reason string of a negative acknowledgement (None for success).
-fn reason_text(reason: AckReason, denied: &str) -> Option<&str> {
-    match reason {
-        AckReason::Success => None,
-        AckReason::QuotaExceeded => {
-            Some("no subscriber could take the message: their queues are full")
-        }
-        _ => Some(denied),
     }
 }

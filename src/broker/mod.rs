@@ -8,7 +8,8 @@
 //! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.
 //!
 //! Data flow of a PUBLISH: session -> ACL -> [`Broker::publish`] -> router -> each
-//! subscriber's bounded queue ([`state::Session::enqueue`], never blocking the publisher)
+//! subscriber's bounded queue ([`state::Session::deliver`]; a full queue of a connected
+//! subscriber hands the delivery back and the publisher stops reading until it has room)
 //! -> that subscriber's connection wakes and writes.
 //!
 //! Locks: the router and the sessions table are std Mutexes, held for in-memory work
@@ -187,10 +188,12 @@ pub struct Broker {
     next_connection: AtomicU64,
     /// The message store; None only for brokers built without durability (unit tests).
     store: Option<Store>,
+    /// `[limits] stall_timeout`, seconds (SPEC 9).
+    stall_timeout: AtomicU64,
 }
 
 /// What [`Broker::publish`] did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub struct Published {
     /// Sessions the message was queued for.
     pub queued: usize,
@@ -204,6 +207,10 @@ pub struct Published {
     /// yield its thread so that the subscriber's task gets to run. Never a wait: a slow
     /// subscriber does not block publishers (SPEC 9), it only stops being starved.
     pub congested: bool,
+    /// Deliveries to connected sessions whose queue is full (SPEC 9 flow control): the
+    /// publisher offers each again ([`Broker::offer`]) once its session has room, and reads
+    /// nothing more until then.
+    pub waiting: Vec<(SessionRef, Delivery)>,
 }
 
 /// What a CONNECT asks of its session.
@@ -237,6 +244,7 @@ impl Broker {
             metrics,
             next_connection: AtomicU64::new(1),
             store,
+            stall_timeout: AtomicU64::new(crate::config::Limits::default().stall_timeout),
         })
     }
 
@@ -542,9 +550,18 @@ impl Broker {
     }
 
     /// Routes a message to every matching subscription and updates the retained store.
-    /// Never blocks: each subscriber's queue is bounded and drops by policy. Returns the
-    /// number of sessions it was queued for.
-    pub fn publish(&self, msg: Arc<Message>, publisher: Option<&SessionRef>) -> Published {
+    /// Never blocks: each subscriber's queue is bounded; what a full queue cannot take is
+    /// handed back (`pace`) or dropped and counted by policy.
+    ///
+    /// `pace`: the publisher can wait (SPEC 9 flow control). Deliveries to connected
+    /// sessions whose queue is full come back in [`Published::waiting`], for the publisher to
+    /// [`Broker::offer`] again when they have room, before it reads its next message.
+    pub fn publish(
+        &self,
+        msg: Arc<Message>,
+        publisher: Option<&SessionRef>,
+        pace: bool,
+    ) -> Published {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
@@ -562,14 +579,18 @@ impl Broker {
             }
             retained.set(&msg.topic, kept);
         }
+        // A shared group's message goes to a connected member with room (SPEC 9: the group
+        // paces as a whole); when none has room, to the next one in rotation.
         let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
             &msg.topic,
             publisher,
-            |s| s.online(),
+            |s| s.online() && s.has_room(),
         );
-        let mut queued = 0;
-        let mut refused = 0;
-        let mut congested = false;
+        let pace = pace.then(|| self.stall_timeout());
+        let mut out = Published {
+            durable,
+            ..Published::default()
+        };
         for t in targets {
             let delivery = Delivery {
                 qos: min_qos(msg.qos, t.qos),
@@ -578,46 +599,77 @@ impl Broker {
                 store_id: None,
                 msg: msg.clone(),
             };
-            let persisted = t.key.store().is_some() && delivery.qos != QoS::AtMostOnce;
-            let (outcome, lagging) = t.key.deliver(delivery);
-            congested |= lagging && t.key.online();
-            match outcome {
-                Enqueued::Queued => {
-                    queued += 1;
-                    durable |= persisted;
+            match t.key.deliver(delivery, pace) {
+                Ok((outcome, lagging)) => {
+                    out.congested |= lagging && t.key.online();
+                    self.account(&mut out, &t.key, outcome, &msg);
                 }
-                Enqueued::QueuedDroppedOldQos0 => {
-                    queued += 1;
-                    durable |= persisted;
-                    self.metrics.dropped("queue_full", 1);
-                }
-                Enqueued::DroppedOffline => self.metrics.dropped("offline_qos0", 1),
-                Enqueued::Denied => self.metrics.dropped("acl", 1),
-                Enqueued::DroppedFull => {
-                    refused += 1;
-                    self.metrics.device_dropped(t.key.key.device.as_str());
-                    // Counted always; logged at powers of two of the running total, so a
-                    // flood into a full queue does not become a flood of log lines.
-                    let total = self.metrics.dropped_total("queue_full");
-                    if total.is_power_of_two() {
-                        tracing::warn!(
-                            device = ?t.key.key.device,
-                            client_id = ?t.key.key.client_id,
-                            dropped_so_far = total,
-                            qos = msg.qos as u8,
-                            topic = ?msg.topic.as_str(),
-                            "queue full: message dropped"
-                        );
-                    }
-                }
+                Err(delivery) => out.waiting.push((t.key, delivery)),
             }
         }
-        Published {
-            queued,
-            refused,
-            durable,
-            congested,
+        out
+    }
+
+    /// Offers a delivery that found its session's queue full again (SPEC 9): Err hands it
+    /// back while the session still has no room and is not stalled.
+    pub fn offer(
+        &self,
+        out: &mut Published,
+        session: &SessionRef,
+        delivery: Delivery,
+    ) -> Result<(), Delivery> {
+        let msg = delivery.msg.clone();
+        let (outcome, _) = session.deliver(delivery, Some(self.stall_timeout()))?;
+        self.account(out, session, outcome, &msg);
+        Ok(())
+    }
+
+    /// Counts what one session did with a message.
+    fn account(&self, out: &mut Published, session: &SessionRef, outcome: Enqueued, msg: &Message) {
+        let persisted = session.store().is_some() && msg.qos != QoS::AtMostOnce;
+        let reason = match outcome {
+            Enqueued::Queued => {
+                out.queued += 1;
+                out.durable |= persisted;
+                return;
+            }
+            Enqueued::QueuedDroppedOldQos0 => {
+                out.queued += 1;
+                out.durable |= persisted;
+                self.metrics.dropped("queue_full", 1);
+                return;
+            }
+            Enqueued::DroppedOffline => return self.metrics.dropped("offline_qos0", 1),
+            Enqueued::Denied => return self.metrics.dropped("acl", 1),
+            Enqueued::DroppedFull => "queue_full",
+            Enqueued::DroppedStalled => "stalled",
+        };
+        out.refused += 1;
+        self.metrics.device_dropped(session.key.device.as_str());
+        // Counted always; logged at powers of two of the running total, so a flood into a
+        // full queue does not become a flood of log lines.
+        let total = self.metrics.count_drop(reason);
+        if total.is_power_of_two() {
+            tracing::warn!(
+                device = ?session.key.device,
+                client_id = ?session.key.client_id,
+                reason,
+                dropped_so_far = total,
+                qos = msg.qos as u8,
+                topic = ?msg.topic.as_str(),
+                "message dropped: the session cannot take it"
+            );
         }
+    }
+
+    /// How long a connected subscriber may make no progress before it paces nobody.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout.load(Ordering::Relaxed))
+    }
+
+    /// Sets `[limits] stall_timeout` (at start and on reload).
+    pub fn set_stall_timeout(&self, secs: u64) {
+        self.stall_timeout.store(secs, Ordering::Relaxed);
     }
 
     /// Adds a subscription; true if it replaced one with the same filter. `aliased`: made
@@ -712,7 +764,8 @@ impl Broker {
                     return;
                 }
                 // Nobody waits for this commit: a will has no publisher to acknowledge.
-                broker.publish(Arc::new(message), Some(&session));
+                // A will has no connection to pace: it never waits.
+                broker.publish(Arc::new(message), Some(&session), false);
             }
         };
         if delay == 0 {

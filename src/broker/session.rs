@@ -5,9 +5,10 @@
 //! to TLS, all from one `select!`: a delivery costs no hop to another task, and reading goes
 //! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
 //! it writes deadlocks with a client that does the same). A client that does not read stops
-//! our writes: deliveries pile up in its bounded session queue (publishers never wait for
-//! it), reading stops at `OUT_MAX`, and a write without progress for `write_limit` ends the
-//! connection.
+//! our writes: deliveries pile up in its bounded session queue (its publishers are paced
+//! until it stalls, SPEC 9), reading stops at `OUT_MAX`, and a write without progress for
+//! `write_limit` ends the connection. A message of this client's that waits for room in a
+//! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -192,6 +193,7 @@ where
         unflushed: false,
         aliases: HashMap::new(),
         pending: std::collections::VecDeque::new(),
+        paced: None,
     };
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
@@ -224,6 +226,8 @@ where
 enum Event {
     Packet(Packet),
     Wake,
+    /// A session the paced message waits for has room (or went offline, or stalled).
+    Room,
     /// Bytes went to the TLS layer (count), or the write failed.
     Wrote(std::io::Result<usize>),
     /// The TLS layer flushed to the socket.
@@ -276,6 +280,10 @@ pub(super) struct Conn<'a> {
     pub(super) aliases: HashMap<u16, String>,
     /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
     pub(super) pending: std::collections::VecDeque<super::handle_publish::PendingAck>,
+    /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
+    /// while it waits nothing more is read from this client (TCP back-pressure; its
+    /// acknowledgement waits too), everything else goes on.
+    pub(super) paced: Option<super::handle_publish::Paced>,
 }
 
 impl Conn<'_> {
@@ -312,6 +320,8 @@ impl Conn<'_> {
                     .reset(tokio::time::Instant::now() + self.p.write_limit);
             }
             was_writing = writing || self.unflushed;
+            let paced = self.paced.is_some();
+            let room = self.room_wait();
             let event = tokio::select! {
                 biased;
                 _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
@@ -325,17 +335,29 @@ impl Conn<'_> {
                 // in flight, or while the client does not read what we write: neither a
                 // client ignoring our Receive Maximum nor one that never reads can grow
                 // memory without bound.
-                r = reader.read_packet(), if self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
+                // ... or while a message waits for room in its subscribers' queues (SPEC 9).
+                r = reader.read_packet(), if !paced && self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
                     Ok(packet) => Event::Packet(packet),
                     Err(e) => Event::End(End::Closed(e)),
                 },
                 r = front_ack(&mut self.pending) => Event::Committed(r),
-                _ = &mut idle => Event::End(End::KeepAlive(idle_limit)),
+                () = room, if paced => Event::Room,
+                // Not while paced: the client's PINGREQ waits unread behind its message.
+                _ = &mut idle, if !paced => Event::End(End::KeepAlive(idle_limit)),
                 _ = self.session.notified(), if !backlogged => Event::Wake,
             };
             match event {
                 Event::End(end) => return end,
                 Event::Wake => {}
+                Event::Room => {
+                    if let Err(end) = self.retry_paced().await {
+                        return end;
+                    }
+                    if self.paced.is_none() {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + idle_limit);
+                    }
+                }
                 Event::Wrote(Ok(0)) => {
                     return End::Write(WriteError::Io(std::io::ErrorKind::WriteZero.into()));
                 }
@@ -378,7 +400,7 @@ impl Conn<'_> {
                     // Packets the client pipelined behind it are handled now, without a
                     // round through `select!` (and its timer, waiter and token checks) each.
                     for _ in 0..BURST {
-                        if self.pending.len() > self.p.receive_max {
+                        if self.paced.is_some() || self.pending.len() > self.p.receive_max {
                             break;
                         }
                         match reader.buffered_packet() {
@@ -392,6 +414,34 @@ impl Conn<'_> {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Completes when the first session the paced message waits for may take it: it has
+    /// room, went offline, or reached its stall deadline. Pending when nothing is paced.
+    /// Owns what it needs, so the loop can poll it beside borrowing `self`.
+    fn room_wait(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let first = self
+            .paced
+            .as_ref()
+            .and_then(|p| p.waiting.first())
+            .map(|(s, _)| s.clone());
+        let stall = self.broker.stall_timeout();
+        async move {
+            let Some(session) = first else {
+                return std::future::pending().await;
+            };
+            let room = session.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if session.has_room() || !session.online() {
+                return;
+            }
+            let deadline = session.stall_deadline(stall);
+            tokio::select! {
+                () = room => {}
+                () = tokio::time::sleep_until(deadline) => {}
             }
         }
     }

@@ -98,8 +98,12 @@ pub enum Enqueued {
     DroppedOffline,
     /// The queue was full: its oldest QoS 0 message was dropped to make room.
     QueuedDroppedOldQos0,
-    /// The queue was full of QoS 1/2 messages: this one was dropped.
+    /// The queue was full of QoS 1/2 messages: this one was dropped (an offline session,
+    /// or a delivery that may not wait; SPEC 7).
     DroppedFull,
+    /// The queue of a connected session is full and it made no progress for
+    /// `stall_timeout`: dropped, and the session paces nobody (SPEC 9).
+    DroppedStalled,
     /// The session's ACL denies the topic (`deny_subscribe` of a broad subscription).
     Denied,
 }
@@ -124,6 +128,9 @@ pub struct Session {
     pub key: SessionKey,
     inner: Mutex<Inner>,
     notify: Notify,
+    /// Wakes publishers paced by this session's full queue when it has room again, or when
+    /// it goes offline (SPEC 9 flow control).
+    room: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
     /// Set for persistent sessions: every durable change is submitted here, under the
@@ -151,6 +158,13 @@ struct Inner {
     /// Subscriptions made through `v1/devices/me/...`, in canonical form: deliveries that
     /// match one are sent back under the `me` topic (SPEC 5).
     aliased: Vec<TopicFilter>,
+    /// When the connection last made progress: took deliveries from the queue, or had one
+    /// acknowledged (or attached). A full queue with no progress for `stall_timeout` is a
+    /// stalled subscriber, which paces nobody (SPEC 9). tokio's clock, so paused-time tests
+    /// can drive it.
+    progress: tokio::time::Instant,
+    /// The stall of this session was logged (once per stall, not per dropped message).
+    stall_logged: bool,
 }
 
 /// A shared session, compared and hashed by its unique id (the router's key).
@@ -209,8 +223,11 @@ impl Session {
                 expiry,
                 acl,
                 aliased: Vec::new(),
+                progress: tokio::time::Instant::now(),
+                stall_logged: false,
             }),
             notify: Notify::new(),
+            room: Notify::new(),
             online: AtomicBool::new(false),
             store,
         }))
@@ -281,25 +298,66 @@ impl Session {
 
     /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
     /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
-    /// before acknowledging the publisher).
+    /// before acknowledging the publisher). Never waits.
     pub fn enqueue(&self, d: Delivery) -> Enqueued {
-        self.deliver(d).0
+        match self.deliver(d, None) {
+            Ok((outcome, _)) => outcome,
+            Err(_) => Enqueued::DroppedFull,
+        }
     }
 
     /// [`Session::enqueue`] for fan-out, under one lock: the ACL's per-message check, the
     /// queue, and whether the queue is now more than half full (the subscriber lags).
-    pub fn deliver(&self, d: Delivery) -> (Enqueued, bool) {
+    ///
+    /// `pace` is the `stall_timeout` of a publisher that may wait (SPEC 9 flow control):
+    /// when this session is connected, its queue full and it made progress within that
+    /// time, the delivery is handed back (`Err`) for the publisher to offer again once
+    /// [`Session::room`] says there is room. A session that made no progress for longer is
+    /// stalled: the delivery is dropped ([`Enqueued::DroppedStalled`]).
+    pub fn deliver(
+        &self,
+        d: Delivery,
+        pace: Option<std::time::Duration>,
+    ) -> Result<(Enqueued, bool), Delivery> {
         let mut inner = self.lock();
         if inner.acl.filters_deliveries() && !inner.acl.can_receive(&d.msg.topic) {
-            return (Enqueued::Denied, false);
+            return Ok((Enqueued::Denied, false));
         }
-        let outcome = inner.push(d, &self.key, self.store.as_ref());
+        let outcome = inner.push(d, &self.key, self.store.as_ref(), pace)?;
         let congested = inner.queue.len() * 2 > inner.max_queued;
+        let log_stall = outcome == Enqueued::DroppedStalled && !inner.stall_logged;
+        inner.stall_logged |= log_stall;
         drop(inner);
+        if log_stall {
+            tracing::warn!(
+                device = ?self.key.device,
+                client_id = ?self.key.client_id,
+                "subscriber stalled: its queue is full and it made no progress for stall_timeout; its messages are dropped and it paces no publisher"
+            );
+        }
         if matches!(outcome, Enqueued::Queued | Enqueued::QueuedDroppedOldQos0) {
             self.notify.notify_one();
         }
-        (outcome, congested)
+        Ok((outcome, congested))
+    }
+
+    /// Whether the queue has room for one more delivery.
+    pub fn has_room(&self) -> bool {
+        let inner = self.lock();
+        inner.queue.len() < inner.max_queued
+    }
+
+    /// When a paced publisher should look again even without a wake-up: the moment this
+    /// session would count as stalled.
+    pub fn stall_deadline(&self, stall: std::time::Duration) -> tokio::time::Instant {
+        self.lock().progress + stall
+    }
+
+    /// Woken when the queue has room again or the session goes offline. Enable it
+    /// (`Notified::enable`) before checking [`Session::has_room`], so that no wake-up is
+    /// missed in between.
+    pub fn room(&self) -> tokio::sync::futures::Notified<'_> {
+        self.room.notified()
     }
 
     /// Attaches a connection; returns the token of the connection it takes over, if any,
@@ -312,6 +370,8 @@ impl Session {
     ) -> (Option<CancellationToken>, u64) {
         let mut inner = self.lock();
         inner.generation += 1;
+        inner.progress = tokio::time::Instant::now();
+        inner.stall_logged = false;
         let previous = inner.attached.replace((conn_id, kick)).map(|(_, k)| k);
         self.online.store(true, Ordering::Release);
         (previous, inner.generation)
@@ -322,7 +382,10 @@ impl Session {
     pub fn kick_out(&self) -> Option<CancellationToken> {
         let mut inner = self.lock();
         self.online.store(false, Ordering::Release);
-        inner.attached.take().map(|(_, k)| k)
+        let kicked = inner.attached.take().map(|(_, k)| k);
+        drop(inner);
+        self.room.notify_waiters();
+        kicked
     }
 
     /// Detaches `conn_id` if it still holds the session; true if it did. Returns the
@@ -338,7 +401,11 @@ impl Session {
             self.online.store(false, Ordering::Release);
             // Queued QoS 0 messages are not kept for an offline session.
             inner.queue.retain(|d| d.qos != QoS::AtMostOnce);
-            Some(inner.generation)
+            let generation = inner.generation;
+            drop(inner);
+            // Publishers paced by this session stop waiting: offline sessions pace nobody.
+            self.room.notify_waiters();
+            Some(generation)
         } else {
             None
         }
@@ -449,6 +516,16 @@ impl Session {
                 dup: false,
             });
         }
+        if !out.is_empty() {
+            inner.progressed();
+            // Paced publishers are woken once the queue is half empty (not at every
+            // message: each wake-up costs every waiting publisher a retry).
+            let wake = inner.queue.len() <= inner.max_queued / 2;
+            drop(inner);
+            if wake {
+                self.room.notify_waiters();
+            }
+        }
         out
     }
 
@@ -471,6 +548,7 @@ impl Session {
                 if let Some((_, Flight::Publish(d))) = inner.inflight.remove(i) {
                     self.delivered(d.store_id);
                 }
+                inner.progressed();
                 true
             }
             _ => false,
@@ -509,6 +587,7 @@ impl Session {
                 if let Some((_, Flight::Released(id))) = inner.inflight.remove(i) {
                     self.delivered(id);
                 }
+                inner.progressed();
                 true
             }
             _ => false,
@@ -605,18 +684,33 @@ impl Inner {
     /// a full queue gives up its oldest QoS 0 message, else refuses. A QoS 1/2 delivery of a
     /// persistent session is submitted to the store here, under the session lock, so the
     /// store sees deliveries in queue order.
-    fn push(&mut self, mut d: Delivery, key: &SessionKey, store: Option<&Store>) -> Enqueued {
+    ///
+    /// With `pace` (see [`Session::deliver`]), a full queue of a connected session hands
+    /// the delivery back while the session makes progress, and drops it once stalled.
+    fn push(
+        &mut self,
+        mut d: Delivery,
+        key: &SessionKey,
+        store: Option<&Store>,
+        pace: Option<std::time::Duration>,
+    ) -> Result<Enqueued, Delivery> {
         if self.attached.is_none() && d.qos == QoS::AtMostOnce {
-            return Enqueued::DroppedOffline;
+            return Ok(Enqueued::DroppedOffline);
         }
         let mut outcome = Enqueued::Queued;
         if self.queue.len() >= self.max_queued {
+            if let (Some(stall), true) = (pace, self.attached.is_some()) {
+                if self.progress.elapsed() < stall {
+                    return Err(d);
+                }
+                return Ok(Enqueued::DroppedStalled);
+            }
             match self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
                 Some(i) => {
                     self.queue.remove(i);
                     outcome = Enqueued::QueuedDroppedOldQos0;
                 }
-                None => return Enqueued::DroppedFull,
+                None => return Ok(Enqueued::DroppedFull),
             }
         }
         if let (Some(store), false) = (store, d.qos == QoS::AtMostOnce) {
@@ -632,7 +726,13 @@ impl Inner {
             });
         }
         self.queue.push_back(d);
-        outcome
+        Ok(outcome)
+    }
+
+    /// The connection made progress: it is not stalled, and a later stall is logged again.
+    fn progressed(&mut self) {
+        self.progress = tokio::time::Instant::now();
+        self.stall_logged = false;
     }
 
     /// Whether connection `conn_id` holds the session.

@@ -113,6 +113,7 @@ impl Server {
         let (store, recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));
+        broker.set_stall_timeout(config.limits.stall_timeout);
         let restored = recovered.sessions.len();
         let retained = recovered.retained.len();
         let deadlines = broker.restore(
@@ -443,6 +444,7 @@ impl Shared {
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
         self.metrics.set_anchor_expiry(&config);
+        self.broker.set_stall_timeout(config.limits.stall_timeout);
         for name in &recreated {
             if let Ok(device) = crate::identity::DeviceName::parse(name) {
                 self.forget_entry(&device);

@@ -204,3 +204,80 @@ fn purge_discards_queued_and_unacknowledged_deliveries_it_may_no_longer_receive(
     assert_eq!(payloads(&s.next_batch(1, 10, 10)), [4]);
     assert_eq!(s.purge(allowed), 0);
 }
+
+/// SPEC 9: a connected session with a full queue paces its publishers (the delivery is
+/// handed back) while it makes progress, and drops its deliveries once it made none for
+/// `stall_timeout`; taking from the queue is progress. Paused time drives the clock.
+#[tokio::test(start_paused = true)]
+async fn a_full_connected_session_paces_until_it_stalls() {
+    let stall = std::time::Duration::from_secs(10);
+    let s = session(2);
+    s.attach(1, CancellationToken::new());
+    for n in 0..2 {
+        assert!(matches!(
+            s.deliver(delivery(QoS::AtLeastOnce, n), Some(stall)),
+            Ok((Enqueued::Queued, _))
+        ));
+    }
+    assert!(!s.has_room());
+    // Full, and progress was made at attach: the publisher waits.
+    let back = s.deliver(delivery(QoS::AtLeastOnce, 2), Some(stall));
+    assert!(back.is_err(), "handed back to wait for room");
+    tokio::time::advance(std::time::Duration::from_secs(9)).await;
+    assert!(s
+        .deliver(delivery(QoS::AtLeastOnce, 2), Some(stall))
+        .is_err());
+    assert_eq!(
+        s.stall_deadline(stall),
+        tokio::time::Instant::now() + std::time::Duration::from_secs(1)
+    );
+    // The connection takes one (progress): room again, and the stall clock restarts.
+    assert_eq!(payloads(&s.next_batch(1, 1, 1)), [0]);
+    assert!(s.has_room());
+    assert!(matches!(
+        s.deliver(delivery(QoS::AtLeastOnce, 2), Some(stall)),
+        Ok((Enqueued::Queued, _))
+    ));
+    tokio::time::advance(std::time::Duration::from_secs(10)).await;
+    // Full again and no progress for stall_timeout: stalled, dropped, nobody waits.
+    assert!(matches!(
+        s.deliver(delivery(QoS::AtLeastOnce, 3), Some(stall)),
+        Ok((Enqueued::DroppedStalled, _))
+    ));
+    // Without pacing (an offline session's rule), a full queue of QoS 1 refuses at once.
+    assert_eq!(
+        s.enqueue(delivery(QoS::AtLeastOnce, 4)),
+        Enqueued::DroppedFull
+    );
+}
+
+/// A publisher waiting for room is woken when the session goes offline (offline sessions
+/// pace nobody) and when the queue drains to half.
+#[tokio::test(start_paused = true)]
+async fn paced_publishers_are_woken_by_room_and_by_detach() {
+    let s = session(4);
+    s.attach(1, CancellationToken::new());
+    for n in 0..4 {
+        s.enqueue(delivery(QoS::AtLeastOnce, n));
+    }
+    let room = s.room();
+    tokio::pin!(room);
+    room.as_mut().enable();
+    // One taken: 3 of 4 left, not yet half: no wake-up.
+    s.next_batch(1, 1, 1);
+    assert!(futures_poll(room.as_mut()).is_pending());
+    s.next_batch(1, 10, 1);
+    assert!(futures_poll(room.as_mut()).is_ready(), "woken at half");
+    let gone = s.room();
+    tokio::pin!(gone);
+    gone.as_mut().enable();
+    assert!(s.detach(1).is_some());
+    assert!(futures_poll(gone.as_mut()).is_ready(), "woken when offline");
+}
+
+/// Polls a future once.
+fn futures_poll<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    f.poll(&mut cx)
+}
