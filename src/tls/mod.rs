@@ -5,6 +5,7 @@
 //! every config is built with `builder_with_provider`, so nothing depends on a
 //! process-wide default provider (NOTES.md: two providers compiled in make rustls panic).
 
+pub mod path;
 pub mod policy;
 pub mod verifier;
 

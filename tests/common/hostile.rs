@@ -101,3 +101,18 @@ pub fn anchor_named_chain(n: usize, anchor_cn: &str) -> HostileChain {
     }
     HostileChain::new(&certs, key_pem)
 }
+
+/// Eight certificates offering ten candidate paths to the anchor `anchor_cn`, more than
+/// a handshake may try: a leaf issued in the name "Hostile A", two CAs named "Hostile A"
+/// issued by "Hostile B", and five named "Hostile B" issued in the anchor's name.
+pub fn layered_chain(anchor_cn: &str) -> HostileChain {
+    let (leaf, key_pem) = bogus_leaf("victim.devices.example.com", "Hostile A");
+    let mut certs = vec![leaf];
+    for _ in 0..2 {
+        certs.push(bogus_ca("Hostile A", "Hostile B"));
+    }
+    for _ in 0..5 {
+        certs.push(bogus_ca("Hostile B", anchor_cn));
+    }
+    HostileChain::new(&certs, key_pem)
+}
