@@ -9,7 +9,7 @@
 mod common;
 
 use certmq::pki::Validity;
-use common::{hostile, Broker, Client, Fixture};
+use common::{hostile, Broker, Client, Fixture, Outcome};
 
 // ---------------------------------------------------------------- bounded pre-auth work
 
@@ -171,4 +171,28 @@ fn explain_names_each_hardening_reason_and_which_certificate() {
         assert_eq!(reason_code, code, "{text}");
         assert!(text.contains(words), "{code}: {text}");
     }
+}
+
+// ---------------------------------------------------------------- off the workers
+
+/// The broker's own runtime flavor: the verifier moves its work off the worker with
+/// `block_in_place` there (which would panic on the current-thread runtime of the other
+/// tests), and both outcomes still reach the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifies_off_the_workers_on_a_multi_thread_runtime() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&three_anchors(&fx)).await;
+    let dev = fx.device("mt-1.devices.example.com");
+    assert_eq!(
+        fx.client_with_chain(&dev)
+            .connect_v4(broker.addr, "c", true)
+            .await,
+        Outcome::Accepted
+    );
+    let chain = hostile::same_subject_chain(8, &ANCHOR_CNS);
+    Client::new(&fx, &chain.pem, &chain.key_pem)
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("DecryptError");
+    assert_eq!(broker.metrics.refusals().get("bad_signature"), Some(&1));
 }
