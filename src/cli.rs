@@ -174,11 +174,12 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         if config.anchors.is_empty() {
             steps.push("3. chain: no anchors configured".to_owned());
         }
+        let crls = config.anchors.iter().any(|a| a.crl.is_some());
         for (a, r) in config.anchors.iter().zip(&d.report.anchors) {
             let line = match r {
                 Ok(n) => format!(
                     "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints, key usage, clientAuth EKU{} ok",
-                    if a.crl.is_some() { ", CRL" } else { "" }
+                    if crls { ", CRLs of the anchors on the path" } else { "" }
                 ),
                 Err(AnchorFailure::NotInChain) => "skipped: not an issuer of any certificate in the chain (by name and key identifier)".to_owned(),
                 Err(f) => format!("fails [{}]: {f}", f.class().0),

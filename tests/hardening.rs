@@ -8,8 +8,8 @@
 
 mod common;
 
-use certmq::pki::Validity;
-use common::{hostile, Broker, Client, Fixture, Outcome};
+use certmq::pki::{LeafSpec, Validity};
+use common::{hostile, registry, Broker, Client, Fixture, Outcome};
 
 // ---------------------------------------------------------------- bounded pre-auth work
 
@@ -195,4 +195,76 @@ async fn verifies_off_the_workers_on_a_multi_thread_runtime() {
         .await
         .assert_tls_alert("DecryptError");
     assert_eq!(broker.metrics.refusals().get("bad_signature"), Some(&1));
+}
+
+// ---------------------------------------------------------------- every CRL on the path
+
+#[tokio::test]
+async fn refuses_a_leaf_revoked_by_an_intermediate_anchor_through_the_root_anchor() {
+    let fx = Fixture::new();
+    let dev = fx.device("revoked.devices.example.com");
+    let good = fx.device("good.devices.example.com");
+    fx.write(
+        "fleet.crl",
+        &fx.fleet.crl(&[dev.serial], Validity::days(-1, 30)).unwrap(),
+    );
+    // The root first in the file, without a CRL; the fleet intermediate with its CRL.
+    let cfg = format!(
+        "[[anchor]]\nname = \"root\"\ncertificate = \"root.pem\"\ncn_regex = '^(.+)\\.devices\\.example\\.com$'\ncreate_devices = true\n\n{}crl = \"fleet.crl\"\n",
+        Fixture::fleet_anchor(true)
+    );
+    let broker = Broker::start(&fx.config(&cfg)).await;
+    // Leaf plus the fleet certificate: a path to the root exists, through the fleet.
+    fx.client_with_chain(&dev)
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("CertificateRevoked");
+    assert_eq!(broker.metrics.refusals().get("revoked"), Some(&1));
+    assert!(registry(&fx).get("revoked").unwrap().is_none());
+    // explain names the CRL: the root's path goes through the fleet, whose CRL lists it.
+    let (code, text) = explain(&fx, &dev.chain_pem(&[&fx.fleet]));
+    assert_eq!(code, "revoked", "{text}");
+    assert!(
+        text.contains("anchor root: fails [revoked]: revoked: listed by the CRL of anchor fleet"),
+        "{text}"
+    );
+    // Control: an unrevoked sibling is accepted, bound to the nearest anchor.
+    assert_eq!(
+        fx.client_with_chain(&good)
+            .connect_v4(broker.addr, "c", true)
+            .await,
+        Outcome::Accepted
+    );
+    assert_eq!(
+        registry(&fx).get("good").unwrap().unwrap().source.as_str(),
+        "fleet"
+    );
+}
+
+#[tokio::test]
+async fn refuses_a_sub_ca_revoked_by_the_intermediate_anchor_through_the_root_anchor() {
+    let fx = Fixture::new();
+    let sub = fx
+        .fleet
+        .intermediate("Revoked Sub CA", Validity::days(-1, 365), None)
+        .unwrap();
+    let dev = sub
+        .issue(&LeafSpec::device("under-sub.devices.example.com"))
+        .unwrap();
+    fx.write(
+        "fleet.crl",
+        &fx.fleet
+            .crl(&[sub.serial()], Validity::days(-1, 30))
+            .unwrap(),
+    );
+    let cfg = format!(
+        "[[anchor]]\nname = \"root\"\ncertificate = \"root.pem\"\ncn_regex = '^(.+)\\.devices\\.example\\.com$'\ncreate_devices = true\n\n{}crl = \"fleet.crl\"\n",
+        Fixture::fleet_anchor(true)
+    );
+    let broker = Broker::start(&fx.config(&cfg)).await;
+    Client::new(&fx, &dev.chain_pem(&[&sub, &fx.fleet]), &dev.key_pem)
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("CertificateRevoked");
+    assert_eq!(broker.metrics.refusals().get("revoked"), Some(&1));
 }

@@ -14,6 +14,8 @@
 //!   one signature budget per handshake ([`super::path`]);
 //! - the anchor's own validity period and path-length constraint (webpki treats the anchor
 //!   as a bare name and key);
+//! - the CRLs of every configured anchor that appears on the path, not only the one the
+//!   path ends at;
 //! - the choice of the nearest anchor, and pinning.
 //!
 //! Every refusal is classified in one place, [`ChainRefusal::class`]: its stable label
@@ -56,6 +58,10 @@ pub enum AnchorFailure {
     NotInChain,
     #[error("{}", classify_webpki(.0).2)]
     Path(webpki::Error),
+    /// A certificate on the path is listed by the CRL of one of these anchors, all of which
+    /// appear on the path (SPEC 3 hardening: every CRL on the path).
+    #[error("revoked: listed by the CRL of anchor {}", .by.join(" or "))]
+    Revoked { by: Vec<String> },
     #[error("the anchor certificate itself is {0}")]
     AnchorValidity(ValidityError),
     #[error("path has {intermediates} intermediate(s) below the anchor, its pathLenConstraint allows {max}")]
@@ -136,6 +142,7 @@ impl AnchorFailure {
                 let (label, error, _) = classify_webpki(e);
                 (label, error)
             }
+            AnchorFailure::Revoked { .. } => ("revoked", C::Revoked),
             AnchorFailure::AnchorValidity(ValidityError::Expired) => ("anchor_expired", C::Expired),
             AnchorFailure::AnchorValidity(ValidityError::NotYetValid) => {
                 ("anchor_expired", C::NotValidYet)
@@ -360,22 +367,34 @@ fn validate(
             cas.push(info);
         }
     }
-    let crls;
-    let revocation = match &anchor.crl {
-        Some(crl) => {
-            crls = [&crl.list];
-            // Only this anchor's CRL is known: certificates issued lower in the path have
-            // no CRL here (Allow). A CRL past its nextUpdate is still applied (Ignore):
-            // a stale CRL must neither unrevoke nor lock out every device (NOTES.md).
-            RevocationOptionsBuilder::new(&crls).ok().map(|b| {
-                b.with_depth(RevocationCheckDepth::Chain)
-                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
-                    .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
-                    .build()
-            })
-        }
-        None => None,
-    };
+    // Every CRL on the path: the anchor's, and that of any configured anchor whose
+    // certificate (same subject and key) is one of the path's intermediates, whichever
+    // anchor the path ends at. webpki picks, for each certificate, the CRL of its issuer.
+    let on_path: Vec<&Anchor> = config
+        .anchors
+        .iter()
+        .enumerate()
+        .filter(|(j, b)| {
+            *j == candidate.anchor
+                || cas
+                    .iter()
+                    .any(|c| c.subject_der == b.info.subject_der && c.spki_der == b.info.spki_der)
+        })
+        .map(|(_, b)| b)
+        .collect();
+    let crls: Vec<&webpki::CertRevocationList<'_>> = on_path
+        .iter()
+        .filter_map(|b| b.crl.as_ref().map(|c| &c.list))
+        .collect();
+    // Certificates below a CA without a configured CRL are not checked (Allow). A CRL past
+    // its nextUpdate is still applied (Ignore): a stale CRL must neither unrevoke nor lock
+    // out every device (NOTES.md).
+    let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+        b.with_depth(RevocationCheckDepth::Chain)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+            .build()
+    });
     chain
         .end_entity
         .verify_for_usage(
@@ -389,6 +408,13 @@ fn validate(
         )
         .map_err(|e| match e {
             _ if budget.exhausted() => AnchorFailure::Budget,
+            webpki::Error::CertRevoked => AnchorFailure::Revoked {
+                by: on_path
+                    .iter()
+                    .filter(|b| b.crl.is_some())
+                    .map(|b| b.name.clone())
+                    .collect(),
+            },
             e => AnchorFailure::Path(e),
         })?;
     // webpki treats the anchor as a bare name and key: check what it does not.
