@@ -8,8 +8,12 @@
 
 mod common;
 
-use certmq::pki::{LeafSpec, Validity};
+use certmq::pki::{Ca, Issued, LeafSpec, Validity};
 use common::{hostile, registry, Broker, Client, Fixture, Outcome};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SerialNumber,
+};
 
 // ---------------------------------------------------------------- bounded pre-auth work
 
@@ -157,14 +161,25 @@ fn explain(fx: &Fixture, chain_pem: &str) -> (String, String) {
 fn explain_names_each_hardening_reason_and_which_certificate() {
     let fx = Fixture::new();
     fx.config(&Fixture::fleet_anchor(true));
+    let fleet = issuer_of(&fx.fleet);
+    let enc_only = leaf(
+        &fleet,
+        "enc.example",
+        vec![KeyUsagePurpose::KeyEncipherment],
+    );
+    let no_sign = sub_ca(
+        &fleet,
+        "Not A Signing CA",
+        vec![KeyUsagePurpose::DigitalSignature],
+        None,
+    );
+    let under_no_sign = leaf(&no_sign.issuer, "x.example", vec![]);
     let long = hostile::same_subject_chain(9, &["Test Fleet CA"]);
     let layered = hostile::layered_chain("Test Fleet CA");
     for (pem, code, words) in [
-        (
-            long.pem.clone(),
-            "chain_too_long",
-            "the client sent 9 certificates",
-        ),
+        (enc_only.cert_pem.clone(), "bad_key_usage", "the client certificate has a keyUsage extension without digitalSignature"),
+        (format!("{}{}", under_no_sign.cert_pem, no_sign.cert_pem), "issuer_key_usage", "CA certificate CN=Not A Signing CA on the path has a keyUsage extension without keyCertSign"),
+        (long.pem.clone(), "chain_too_long", "the client sent 9 certificates"),
         (layered.pem.clone(), "path_budget", "per-handshake budget"),
     ] {
         let (reason_code, text) = explain(&fx, &pem);
@@ -267,4 +282,175 @@ async fn refuses_a_sub_ca_revoked_by_the_intermediate_anchor_through_the_root_an
         .await
         .assert_tls_alert("CertificateRevoked");
     assert_eq!(broker.metrics.refusals().get("revoked"), Some(&1));
+}
+
+// ---------------------------------------------------------------- hand-made CAs
+
+/// A CA certificate made by hand, with the rcgen issuer that signs under it.
+struct HandCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+/// The rcgen issuer of a fixture CA (its certificate and key, read back from PEM).
+fn issuer_of(ca: &Ca) -> Issuer<'static, KeyPair> {
+    let key = KeyPair::from_pem(&ca.key_pem()).expect("CA key");
+    Issuer::from_ca_cert_pem(&ca.cert_pem(), key).expect("CA issuer")
+}
+
+fn serial() -> SerialNumber {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    SerialNumber::from(
+        (nanos ^ NEXT.fetch_add(1, Ordering::Relaxed).rotate_left(40)) & 0x7fff_ffff_ffff_ffff,
+    )
+}
+
+fn window(params: &mut CertificateParams) {
+    let v = Validity::days(-1, 365);
+    params.not_before = v.not_before;
+    params.not_after = v.not_after;
+}
+
+/// A sub-CA under `parent` with these key usages and name constraints.
+fn sub_ca(
+    parent: &Issuer<'_, KeyPair>,
+    cn: &str,
+    key_usages: Vec<KeyUsagePurpose>,
+    constraints: Option<NameConstraints>,
+) -> HandCa {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = key_usages;
+    params.name_constraints = constraints;
+    params.serial_number = Some(serial());
+    params.use_authority_key_identifier_extension = true;
+    window(&mut params);
+    let cert = params.signed_by(&key, parent).expect("sub-CA");
+    HandCa {
+        cert_pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// A device certificate under `issuer`: this CN, these key usages (empty = no keyUsage
+/// extension), EKU clientAuth, no SAN.
+fn leaf(issuer: &Issuer<'_, KeyPair>, cn: &str, key_usages: Vec<KeyUsagePurpose>) -> Issued {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = key_usages;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let serial = serial();
+    params.serial_number = Some(serial.clone());
+    params.use_authority_key_identifier_extension = true;
+    window(&mut params);
+    let cert = params.signed_by(&key, issuer).expect("leaf");
+    let bytes = serial.to_bytes();
+    let mut n = [0u8; 8];
+    n[8 - bytes.len().min(8)..].copy_from_slice(&bytes[bytes.len().saturating_sub(8)..]);
+    Issued {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().to_vec(),
+        key_pem: key.serialize_pem(),
+        serial: u64::from_be_bytes(n),
+    }
+}
+
+fn chain_client(fx: &Fixture, leaf: &Issued, cas: &[&str]) -> Client {
+    let mut pem = leaf.cert_pem.clone();
+    for ca in cas {
+        pem.push_str(ca);
+    }
+    Client::new(fx, &pem, &leaf.key_pem)
+}
+const CA_USAGES: [KeyUsagePurpose; 3] = [
+    KeyUsagePurpose::KeyCertSign,
+    KeyUsagePurpose::CrlSign,
+    KeyUsagePurpose::DigitalSignature,
+];
+
+// ---------------------------------------------------------------- key usage
+
+#[tokio::test]
+async fn refuses_a_leaf_whose_key_usage_lacks_digital_signature() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&fx.config(&Fixture::fleet_anchor(true))).await;
+    let fleet = issuer_of(&fx.fleet);
+    let bad = leaf(
+        &fleet,
+        "enc-only.devices.example.com",
+        vec![KeyUsagePurpose::KeyEncipherment],
+    );
+    fx.client(&bad)
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("UnsupportedCertificate");
+    assert_eq!(broker.metrics.refusals().get("bad_key_usage"), Some(&1));
+    // Controls: digitalSignature present, or no keyUsage extension at all, is accepted.
+    for (cn, usages) in [
+        (
+            "sig.devices.example.com",
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
+        ),
+        ("no-ku.devices.example.com", vec![]),
+    ] {
+        let good = leaf(&fleet, cn, usages);
+        assert_eq!(
+            fx.client(&good).connect_v4(broker.addr, "c", true).await,
+            Outcome::Accepted,
+            "{cn}"
+        );
+    }
+    assert!(registry(&fx).get("enc-only").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn refuses_a_device_issued_by_a_ca_without_key_cert_sign() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&fx.config(&Fixture::fleet_anchor(true))).await;
+    let fleet = issuer_of(&fx.fleet);
+    let no_sign = sub_ca(
+        &fleet,
+        "Not A Signing CA",
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
+        None,
+    );
+    let dev = leaf(
+        &no_sign.issuer,
+        "dev-ku.devices.example.com",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    chain_client(&fx, &dev, &[&no_sign.cert_pem])
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("UnsupportedCertificate");
+    assert_eq!(broker.metrics.refusals().get("issuer_key_usage"), Some(&1));
+    // Control: the same shape with keyCertSign is accepted.
+    let signing = sub_ca(&fleet, "Signing Sub CA", CA_USAGES.to_vec(), None);
+    let ok = leaf(
+        &signing.issuer,
+        "dev-ku2.devices.example.com",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    assert_eq!(
+        chain_client(&fx, &ok, &[&signing.cert_pem])
+            .connect_v4(broker.addr, "c", true)
+            .await,
+        Outcome::Accepted
+    );
 }

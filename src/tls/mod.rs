@@ -7,6 +7,7 @@
 
 pub mod path;
 pub mod policy;
+mod rules;
 pub mod verifier;
 
 use std::sync::{Arc, OnceLock};

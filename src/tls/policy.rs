@@ -16,6 +16,7 @@
 //!   as a bare name and key);
 //! - the CRLs of every configured anchor that appears on the path, not only the one the
 //!   path ends at;
+//! - keyUsage ([`super::rules`]);
 //! - the choice of the nearest anchor, and pinning.
 //!
 //! Every refusal is classified in one place, [`ChainRefusal::class`]: its stable label
@@ -27,6 +28,7 @@ use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, UnixTime}
 use webpki::{EndEntityCert, KeyUsage, RevocationCheckDepth, RevocationOptionsBuilder};
 
 use super::path::{self, Candidate, SignatureBudget};
+use super::rules;
 use crate::cert::{CertError, CertInfo, ValidityError};
 use crate::config::{Anchor, Config, PinnedDevice};
 
@@ -66,6 +68,12 @@ pub enum AnchorFailure {
     AnchorValidity(ValidityError),
     #[error("path has {intermediates} intermediate(s) below the anchor, its pathLenConstraint allows {max}")]
     AnchorPathLen { intermediates: usize, max: u32 },
+    #[error(
+        "wrong key usage: the client certificate has a keyUsage extension without digitalSignature"
+    )]
+    LeafKeyUsage,
+    #[error("wrong key usage: CA certificate {ca} on the path has a keyUsage extension without keyCertSign, so it may not issue certificates")]
+    IssuerKeyUsage { ca: String },
     /// The per-handshake budget ran out before this anchor's paths could be checked.
     #[error("not checked: the chain needs more than the per-handshake budget ({} candidate paths, {} signatures)", path::MAX_CANDIDATE_PATHS, path::SIGNATURE_BUDGET)]
     Budget,
@@ -150,6 +158,8 @@ impl AnchorFailure {
             AnchorFailure::AnchorPathLen { .. } => {
                 ("path_constraint", C::ApplicationVerificationFailure)
             }
+            AnchorFailure::LeafKeyUsage => ("bad_key_usage", C::InvalidPurpose),
+            AnchorFailure::IssuerKeyUsage { .. } => ("issuer_key_usage", C::InvalidPurpose),
             AnchorFailure::Budget => ("path_budget", C::ApplicationVerificationFailure),
         }
     }
@@ -255,6 +265,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         }
     };
     let presented = Presented {
+        leaf: &leaf,
         end_entity: &end_entity,
         ders: intermediates,
         infos: intermediates
@@ -323,6 +334,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
 
 /// The chain as the client sent it, parsed once for every candidate path.
 struct Presented<'a> {
+    leaf: &'a CertInfo,
     end_entity: &'a EndEntityCert<'a>,
     ders: &'a [CertificateDer<'a>],
     /// `ders` parsed; None for what does not parse (never on a candidate path).
@@ -434,6 +446,8 @@ fn validate(
             });
         }
     }
+    cas.push(&anchor.info);
+    rules::key_usage(chain.leaf, &cas)?;
     Ok(depth)
 }
 
