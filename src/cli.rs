@@ -178,7 +178,7 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         for (a, r) in config.anchors.iter().zip(&d.report.anchors) {
             let line = match r {
                 Ok(n) => format!(
-                    "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints, key usage (digitalSignature on the leaf, keyCertSign on every CA), clientAuth EKU{} ok",
+                    "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints (SANs, and the CN under DNS constraints), key usage (digitalSignature on the leaf, keyCertSign on every CA), clientAuth EKU{} ok",
                     if crls { ", CRLs of the anchors on the path" } else { "" }
                 ),
                 Err(AnchorFailure::NotInChain) => "skipped: not an issuer of any certificate in the chain (by name and key identifier)".to_owned(),

@@ -11,8 +11,8 @@ mod common;
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
 use common::{hostile, registry, Broker, Client, Fixture, Outcome};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SerialNumber,
 };
 
 // ---------------------------------------------------------------- bounded pre-auth work
@@ -160,7 +160,7 @@ fn explain(fx: &Fixture, chain_pem: &str) -> (String, String) {
 #[test]
 fn explain_names_each_hardening_reason_and_which_certificate() {
     let fx = Fixture::new();
-    fx.config(&Fixture::fleet_anchor(true));
+    fx.config(&first_label_anchor());
     let fleet = issuer_of(&fx.fleet);
     let enc_only = leaf(
         &fleet,
@@ -174,11 +174,19 @@ fn explain_names_each_hardening_reason_and_which_certificate() {
         None,
     );
     let under_no_sign = leaf(&no_sign.issuer, "x.example", vec![]);
+    let site_a = sub_ca(
+        &fleet,
+        "Site A CA",
+        CA_USAGES.to_vec(),
+        Some(dns_permitted(&["site-a.example"])),
+    );
+    let rogue = leaf(&site_a.issuer, "ceo-phone.example", vec![]);
     let long = hostile::same_subject_chain(9, &["Test Fleet CA"]);
     let layered = hostile::layered_chain("Test Fleet CA");
     for (pem, code, words) in [
         (enc_only.cert_pem.clone(), "bad_key_usage", "the client certificate has a keyUsage extension without digitalSignature"),
         (format!("{}{}", under_no_sign.cert_pem, no_sign.cert_pem), "issuer_key_usage", "CA certificate CN=Not A Signing CA on the path has a keyUsage extension without keyCertSign"),
+        (format!("{}{}", rogue.cert_pem, site_a.cert_pem), "name_constraint", "the common name \"ceo-phone.example\" is not a DNS name that the name constraints of CA CN=Site A CA permit"),
         (long.pem.clone(), "chain_too_long", "the client sent 9 certificates"),
         (layered.pem.clone(), "path_budget", "per-handshake budget"),
     ] {
@@ -451,6 +459,108 @@ async fn refuses_a_device_issued_by_a_ca_without_key_cert_sign() {
         chain_client(&fx, &ok, &[&signing.cert_pem])
             .connect_v4(broker.addr, "c", true)
             .await,
+        Outcome::Accepted
+    );
+}
+
+fn dns_permitted(names: &[&str]) -> NameConstraints {
+    NameConstraints {
+        permitted_subtrees: names
+            .iter()
+            .map(|n| GeneralSubtree::DnsName((*n).to_owned()))
+            .collect(),
+        excluded_subtrees: Vec::new(),
+    }
+}
+
+/// The fleet anchor with a regex that takes the first DNS label of any CN.
+fn first_label_anchor() -> String {
+    "[[anchor]]\nname = \"fleet\"\ncertificate = \"fleet.pem\"\ncn_regex = '^([a-z0-9-]+)'\ncreate_devices = true\n".to_owned()
+}
+
+// ---------------------------------------------------------------- name constraints
+
+#[tokio::test]
+async fn refuses_a_common_name_outside_the_name_constraints_of_a_sub_ca() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&fx.config(&first_label_anchor())).await;
+    let fleet = issuer_of(&fx.fleet);
+    let site_a = sub_ca(
+        &fleet,
+        "Site A CA",
+        CA_USAGES.to_vec(),
+        Some(dns_permitted(&["site-a.example"])),
+    );
+    // The reproduction: permitted site-a.example, leaf CN ceo-phone.example, no SAN.
+    let rogue = leaf(
+        &site_a.issuer,
+        "ceo-phone.example",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    chain_client(&fx, &rogue, &[&site_a.cert_pem])
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("BadCertificate");
+    assert_eq!(broker.metrics.refusals().get("name_constraint"), Some(&1));
+    // A CN that is not a DNS name at all cannot be inside a DNS subtree either.
+    let spaced = leaf(
+        &site_a.issuer,
+        "meter 1",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    chain_client(&fx, &spaced, &[&site_a.cert_pem])
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("BadCertificate");
+    assert_eq!(broker.metrics.refusals().get("name_constraint"), Some(&2));
+    // Control: a CN inside the permitted subtree is accepted.
+    let meter = leaf(
+        &site_a.issuer,
+        "meter-1.site-a.example",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    assert_eq!(
+        chain_client(&fx, &meter, &[&site_a.cert_pem])
+            .connect_v4(broker.addr, "c", true)
+            .await,
+        Outcome::Accepted
+    );
+    assert!(registry(&fx).get("ceo-phone").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn refuses_a_common_name_in_an_excluded_subtree_of_the_anchor() {
+    let fx = Fixture::new();
+    // The anchor itself carries the constraint (an intermediate under the fixture root).
+    let root = issuer_of(&fx.root);
+    let anchor = sub_ca(
+        &root,
+        "Constrained Fleet CA",
+        CA_USAGES.to_vec(),
+        Some(NameConstraints {
+            permitted_subtrees: Vec::new(),
+            excluded_subtrees: vec![GeneralSubtree::DnsName("hq.example".to_owned())],
+        }),
+    );
+    fx.write("fleet.pem", &anchor.cert_pem);
+    let broker = Broker::start(&fx.config(&first_label_anchor())).await;
+    let rogue = leaf(
+        &anchor.issuer,
+        "ceo-phone.hq.example",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    fx.client(&rogue)
+        .connect_v4(broker.addr, "c", true)
+        .await
+        .assert_tls_alert("BadCertificate");
+    assert_eq!(broker.metrics.refusals().get("name_constraint"), Some(&1));
+    let meter = leaf(
+        &anchor.issuer,
+        "meter-2.plant.example",
+        vec![KeyUsagePurpose::DigitalSignature],
+    );
+    assert_eq!(
+        fx.client(&meter).connect_v4(broker.addr, "c", true).await,
         Outcome::Accepted
     );
 }

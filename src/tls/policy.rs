@@ -16,7 +16,7 @@
 //!   as a bare name and key);
 //! - the CRLs of every configured anchor that appears on the path, not only the one the
 //!   path ends at;
-//! - keyUsage ([`super::rules`]);
+//! - keyUsage and DNS name constraints on the CN ([`super::rules`]);
 //! - the choice of the nearest anchor, and pinning.
 //!
 //! Every refusal is classified in one place, [`ChainRefusal::class`]: its stable label
@@ -74,6 +74,8 @@ pub enum AnchorFailure {
     LeafKeyUsage,
     #[error("wrong key usage: CA certificate {ca} on the path has a keyUsage extension without keyCertSign, so it may not issue certificates")]
     IssuerKeyUsage { ca: String },
+    #[error("name constraints: the common name {cn:?} is not a DNS name that the name constraints of CA {ca} permit")]
+    NameConstraint { cn: String, ca: String },
     /// The per-handshake budget ran out before this anchor's paths could be checked.
     #[error("not checked: the chain needs more than the per-handshake budget ({} candidate paths, {} signatures)", path::MAX_CANDIDATE_PATHS, path::SIGNATURE_BUDGET)]
     Budget,
@@ -160,6 +162,7 @@ impl AnchorFailure {
             }
             AnchorFailure::LeafKeyUsage => ("bad_key_usage", C::InvalidPurpose),
             AnchorFailure::IssuerKeyUsage { .. } => ("issuer_key_usage", C::InvalidPurpose),
+            AnchorFailure::NameConstraint { .. } => ("name_constraint", C::NotValidForName),
             AnchorFailure::Budget => ("path_budget", C::ApplicationVerificationFailure),
         }
     }
@@ -267,6 +270,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
     let presented = Presented {
         leaf: &leaf,
         end_entity: &end_entity,
+        cn: crate::identity::common_name(leaf_der).ok(),
         ders: intermediates,
         infos: intermediates
             .iter()
@@ -336,6 +340,8 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
 struct Presented<'a> {
     leaf: &'a CertInfo,
     end_entity: &'a EndEntityCert<'a>,
+    /// The leaf's single CN, when it has one (the device name comes from it).
+    cn: Option<String>,
     ders: &'a [CertificateDer<'a>],
     /// `ders` parsed; None for what does not parse (never on a candidate path).
     infos: Vec<Option<CertInfo>>,
@@ -448,6 +454,7 @@ fn validate(
     }
     cas.push(&anchor.info);
     rules::key_usage(chain.leaf, &cas)?;
+    rules::cn_name_constraints(chain.cn.as_deref(), &cas)?;
     Ok(depth)
 }
 

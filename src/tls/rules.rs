@@ -1,6 +1,8 @@
 //! Checks certmq adds on a path webpki has validated, because webpki does not make them
 //! (SPEC 3 "Hardening of steps 3-6"). Pure functions over [`CertInfo`].
 
+use rustls_pki_types::DnsName;
+
 use super::policy::AnchorFailure;
 use crate::cert::CertInfo;
 
@@ -18,6 +20,29 @@ pub fn key_usage(leaf: &CertInfo, cas: &[&CertInfo]) -> Result<(), AnchorFailure
         }),
         None => Ok(()),
     }
+}
+
+/// DNS name constraints bind the name: the anchor rule takes the device name from the CN,
+/// and webpki applies name constraints to SANs only, so a CA constrained to
+/// `site-a.example` could otherwise issue a device called `ceo-phone`. When any CA on the
+/// path carries dNSName subtrees, the CN must be a DNS name inside all of them.
+///
+/// `cn` is None when the leaf has no single UTF-8 CN: step 5 refuses that device anyway,
+/// with its own reason.
+pub fn cn_name_constraints(cn: Option<&str>, cas: &[&CertInfo]) -> Result<(), AnchorFailure> {
+    let Some(cn) = cn else { return Ok(()) };
+    let is_dns_name = DnsName::try_from(cn).is_ok();
+    for ca in cas {
+        if let Some(constraints) = &ca.dns_constraints {
+            if !is_dns_name || !constraints.permits(cn) {
+                return Err(AnchorFailure::NameConstraint {
+                    cn: cn.to_owned(),
+                    ca: ca.subject.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -66,5 +91,28 @@ mod tests {
         ));
         leaf.digital_signature = Some(true);
         assert!(key_usage(&leaf, &[&signing]).is_ok());
+    }
+
+    #[test]
+    fn the_cn_must_be_a_permitted_dns_name_under_constrained_cas() {
+        let site_a = ca(
+            None,
+            Some(DnsConstraints {
+                permitted: vec!["site-a.example".into()],
+                excluded: vec![],
+            }),
+        );
+        let free = ca(None, None);
+        assert!(cn_name_constraints(Some("meter-1.site-a.example"), &[&site_a, &free]).is_ok());
+        assert!(matches!(
+            cn_name_constraints(Some("ceo-phone.example"), &[&free, &site_a]),
+            Err(AnchorFailure::NameConstraint { .. })
+        ));
+        assert!(
+            cn_name_constraints(Some("meter 1"), &[&site_a]).is_err(),
+            "not a DNS name"
+        );
+        assert!(cn_name_constraints(Some("meter 1"), &[&free]).is_ok());
+        assert!(cn_name_constraints(None, &[&site_a]).is_ok());
     }
 }
