@@ -16,7 +16,7 @@
 //!   as a bare name and key);
 //! - the CRLs of every configured anchor that appears on the path, not only the one the
 //!   path ends at;
-//! - keyUsage and DNS name constraints on the CN ([`super::rules`]);
+//! - keyUsage and DNS name constraints on the CN (`tls/rules.rs`);
 //! - the choice of the nearest anchor, and pinning.
 //!
 //! Every refusal is classified in one place, [`ChainRefusal::class`]: its stable label
