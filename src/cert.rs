@@ -8,6 +8,7 @@ use std::fmt;
 
 use ring::digest;
 use rustls_pki_types::UnixTime;
+use x509_parser::extensions::{GeneralName, GeneralSubtree, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Why a certificate could not be read.
@@ -120,8 +121,63 @@ pub struct CertInfo {
     pub path_len: Option<u32>,
     /// keyUsage, when the extension is present: (keyCertSign, cRLSign).
     pub key_usage: Option<(bool, bool)>,
+    /// keyUsage digitalSignature, when the extension is present (a device's TLS key signs
+    /// the handshake, so a leaf whose keyUsage lacks it is refused; SPEC 3 hardening).
+    pub digital_signature: Option<bool>,
     /// Whether subject and issuer are the same name (a root or a self-signed leaf).
     pub self_issued: bool,
+    /// The DER of the SubjectPublicKeyInfo: with the subject, what identifies a CA when its
+    /// certificate shows up inside a client's chain.
+    pub spki_der: Vec<u8>,
+    /// subjectKeyIdentifier, when present.
+    pub subject_key_id: Option<Vec<u8>>,
+    /// authorityKeyIdentifier keyIdentifier, when present: with the issuer name, it picks
+    /// the candidate issuers of this certificate before any signature is checked.
+    pub authority_key_id: Option<Vec<u8>>,
+    /// The dNSName subtrees of a nameConstraints extension, when it has any.
+    pub dns_constraints: Option<DnsConstraints>,
+}
+
+/// The DNS part of a CA's nameConstraints (RFC 5280 4.2.1.10), as written in the
+/// certificate. Only what certmq checks itself: webpki applies name constraints to SANs
+/// only, never to the Common Name from which an anchor derives the device name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsConstraints {
+    /// permittedSubtrees of type dNSName; empty means no DNS restriction.
+    pub permitted: Vec<String>,
+    /// excludedSubtrees of type dNSName.
+    pub excluded: Vec<String>,
+}
+
+impl DnsConstraints {
+    /// Whether `name` (a DNS name, any case) is inside the subtrees: in no excluded one,
+    /// and in a permitted one when there are any. A subtree `example.com` holds
+    /// `example.com` and every name under it; `.example.com` only the names under it
+    /// (RFC 5280 4.2.1.10 and the reading webpki and OpenSSL share).
+    pub fn permits(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let within = |base: &String| dns_within(&name, base);
+        !self.excluded.iter().any(within)
+            && (self.permitted.is_empty() || self.permitted.iter().any(within))
+    }
+}
+
+/// `name` is `base` or a name under it (labels compared whole, case-insensitively).
+fn dns_within(name: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('.').to_ascii_lowercase();
+    if base.is_empty() {
+        // An empty dNSName constraint matches every name.
+        return true;
+    }
+    if let Some(suffix) = base.strip_prefix('.') {
+        return name.len() > suffix.len() + 1
+            && name.ends_with(suffix)
+            && name.as_bytes()[name.len() - suffix.len() - 1] == b'.';
+    }
+    name == base
+        || (name.len() > base.len()
+            && name.ends_with(&base)
+            && name.as_bytes()[name.len() - base.len() - 1] == b'.')
 }
 
 impl CertInfo {
@@ -139,10 +195,24 @@ impl CertInfo {
             Ok(Some(bc)) => (bc.value.ca, bc.value.path_len_constraint),
             _ => (false, None),
         };
-        let key_usage = match cert.key_usage() {
-            Ok(Some(ku)) => Some((ku.value.key_cert_sign(), ku.value.crl_sign())),
-            _ => None,
+        let (key_usage, digital_signature) = match cert.key_usage() {
+            Ok(Some(ku)) => (
+                Some((ku.value.key_cert_sign(), ku.value.crl_sign())),
+                Some(ku.value.digital_signature()),
+            ),
+            _ => (None, None),
         };
+        let mut subject_key_id = None;
+        let mut authority_key_id = None;
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => subject_key_id = Some(id.0.to_vec()),
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    authority_key_id = aki.key_identifier.as_ref().map(|id| id.0.to_vec());
+                }
+                _ => {}
+            }
+        }
         let subject_der = cert.subject().as_raw().to_vec();
         let issuer_der = cert.issuer().as_raw().to_vec();
         CertInfo {
@@ -158,8 +228,34 @@ impl CertInfo {
             is_ca,
             path_len,
             key_usage,
+            digital_signature,
+            spki_der: cert.public_key().raw.to_vec(),
+            subject_key_id,
+            authority_key_id,
+            dns_constraints: dns_constraints(cert),
         }
     }
+}
+
+/// The dNSName subtrees of the certificate's nameConstraints, if it has any. An extension
+/// that does not parse is left to webpki, which refuses it on any CA it validates.
+fn dns_constraints(cert: &X509Certificate<'_>) -> Option<DnsConstraints> {
+    let nc = cert.name_constraints().ok()??;
+    let dns = |trees: &Option<Vec<GeneralSubtree<'_>>>| -> Vec<String> {
+        trees
+            .iter()
+            .flatten()
+            .filter_map(|t| match t.base {
+                GeneralName::DNSName(d) => Some(d.to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    let out = DnsConstraints {
+        permitted: dns(&nc.value.permitted_subtrees),
+        excluded: dns(&nc.value.excluded_subtrees),
+    };
+    (!out.permitted.is_empty() || !out.excluded.is_empty()).then_some(out)
 }
 
 /// Formats seconds since the epoch as RFC 3339 (UTC), as the CLI and JSON print times.
@@ -225,6 +321,35 @@ mod tests {
             ))),
             Err(ValidityError::Expired)
         );
+    }
+
+    #[test]
+    fn dns_constraints_match_whole_labels() {
+        let c = DnsConstraints {
+            permitted: vec!["site-a.example".into(), ".fleet.example".into()],
+            excluded: vec!["hq.site-a.example".into()],
+        };
+        assert!(c.permits("site-a.example"));
+        assert!(c.permits("meter-1.site-a.example"));
+        assert!(c.permits("METER-1.Site-A.Example."));
+        assert!(
+            !c.permits("evilsite-a.example"),
+            "a label suffix is not a subtree"
+        );
+        assert!(!c.permits("ceo-phone.example"));
+        assert!(
+            !c.permits("fleet.example"),
+            "a leading dot excludes the base itself"
+        );
+        assert!(c.permits("x.fleet.example"));
+        assert!(!c.permits("hq.site-a.example"));
+        assert!(!c.permits("ceo.hq.site-a.example"));
+        let only_excluded = DnsConstraints {
+            permitted: vec![],
+            excluded: vec!["hq.example".into()],
+        };
+        assert!(only_excluded.permits("plant.example"));
+        assert!(!only_excluded.permits("a.hq.example"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::auth::{self, Decision};
 use crate::cert::rfc3339;
 use crate::config::Config;
 use crate::registry::{Device, Mode, Registry, RegistryError};
-use crate::tls::policy::{AnchorFailure, Rule};
+use crate::tls::policy::{AnchorFailure, ChainRefusal, Rule};
 
 /// Failures of the CLI commands, each one sentence naming the file or device.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,13 @@ pub fn explain(config: &Config, registry: &Registry, chain: &[CertificateDer<'_>
 pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
     let mut steps = Vec::new();
     let Some(leaf) = &d.report.leaf else {
-        steps.push("1. certificate: cannot be parsed".to_owned());
+        match &d.report.outcome {
+            Err(e @ ChainRefusal::TooLong { .. }) => {
+                steps.push(format!("1. certificate chain: refused before parsing: {e}"))
+            }
+            Err(ChainRefusal::NoCertificate) => steps.push("1. certificate: none".to_owned()),
+            _ => steps.push("1. certificate: cannot be parsed".to_owned()),
+        }
         return steps;
     };
     steps.push(format!(
@@ -168,17 +174,19 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         if config.anchors.is_empty() {
             steps.push("3. chain: no anchors configured".to_owned());
         }
+        let crls = config.anchors.iter().any(|a| a.crl.is_some());
         for (a, r) in config.anchors.iter().zip(&d.report.anchors) {
             let line = match r {
                 Ok(n) => format!(
-                    "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints, key usage, clientAuth EKU{} ok",
-                    if a.crl.is_some() { ", CRL" } else { "" }
+                    "valid path with {n} intermediate(s): signatures, validity (anchor included), basic constraints, path length, name constraints (SANs, and the CN under DNS constraints), key usage (digitalSignature on the leaf, keyCertSign on every CA), clientAuth EKU{} ok",
+                    if crls { ", CRLs of the anchors on the path" } else { "" }
                 ),
-                Err(AnchorFailure::NotInChain) => "skipped: not an issuer of any certificate in the chain".to_owned(),
-                Err(f) => format!("fails: {f}"),
+                Err(AnchorFailure::NotInChain) => "skipped: not an issuer of any certificate in the chain (by name and key identifier)".to_owned(),
+                Err(f) => format!("fails [{}]: {f}", f.class().0),
             };
             steps.push(format!("3. anchor {}: {line}", a.name));
         }
+
         if let Ok(Rule::Anchor(i)) = d.report.outcome {
             steps.push(format!(
                 "   chosen: anchor {} (nearest to the leaf, then first in the file)",
@@ -212,6 +220,7 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
         ),
         Err(e) => ("reject", e.to_string()),
     };
+    let w = &d.report.work;
     json!({
         "decision": decision,
         "device": d.device.as_ref().map(|n| n.as_str()),
@@ -221,6 +230,15 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
         "fingerprint": d.report.leaf.as_ref().map(|l| l.fingerprint.to_hex()),
         "common_name": d.cn,
         "steps": explain_steps(config, d),
+        // What the pre-authentication bounds limit (SPEC 3 hardening).
+        "work": {
+            "certificates": w.certificates,
+            "bytes": w.bytes,
+            "candidate_paths": w.candidate_paths,
+            "paths_tried": w.paths_tried,
+            "signatures": w.signatures,
+            "budget_exhausted": w.budget_exhausted,
+        },
     })
 }
 

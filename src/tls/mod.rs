@@ -5,7 +5,9 @@
 //! every config is built with `builder_with_provider`, so nothing depends on a
 //! process-wide default provider (NOTES.md: two providers compiled in make rustls panic).
 
+pub mod path;
 pub mod policy;
+mod rules;
 pub mod verifier;
 
 use std::sync::{Arc, OnceLock};

@@ -11,12 +11,17 @@
 //! - no root hints are sent in the CertificateRequest: a client that filters its
 //!   certificate by the hint list would never offer a pinned self-signed certificate.
 //!
+//! - the work is kept off the tokio workers that serve established sessions
+//!   (`block_in_place` on a multi-thread runtime) and at most [`verification_slots`]
+//!   chains are verified at once in the process (SPEC 3: bounded work before
+//!   authentication; the work of one verification is bounded in [`super::path`]).
+//!
 //! A refusal is logged here, once, with the peer address (from the task-local set by the
 //! connection task around the handshake), and returned as the rustls error whose alert
 //! names the cause (unknown_ca, certificate_expired, certificate_revoked...).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -75,7 +80,10 @@ impl ClientCertVerifier for DeviceVerifier {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        let report = policy::match_chain(&self.config, &chain, now);
+        let report = off_the_workers(|| {
+            let _slot = Slot::acquire();
+            policy::match_chain(&self.config, &chain, now)
+        });
         match report.outcome {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(refusal) => {
@@ -118,5 +126,60 @@ impl ClientCertVerifier for DeviceVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// Runs `f`, which may take a few milliseconds of CPU, without holding up the tasks of
+/// established sessions: on a multi-thread runtime the worker hands its other tasks to
+/// another thread first (`block_in_place`). On a current-thread runtime (tests, where
+/// `block_in_place` would panic) and outside tokio (`explain`), `f` simply runs.
+fn off_the_workers<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// How many chains the process verifies at once: half the cores, at least one, so that
+/// handshakes (hostile ones included) never take every core from established sessions.
+pub fn verification_slots() -> usize {
+    static SLOTS: OnceLock<usize> = OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().div_ceil(2))
+            .unwrap_or(1)
+    })
+}
+
+/// One of the [`verification_slots`], held while a chain is verified. A std Mutex and
+/// Condvar, not a tokio semaphore: the verifier is synchronous (rustls calls it inside
+/// `process_new_packets`), and the wait happens off the workers (`off_the_workers`).
+/// Each holder releases within one bounded verification, so the wait is short.
+struct Slot;
+
+/// Verifications in progress, process-wide (CPU is the process's, whatever the config).
+static BUSY: Mutex<usize> = Mutex::new(0);
+static FREED: Condvar = Condvar::new();
+
+impl Slot {
+    fn acquire() -> Slot {
+        let limit = verification_slots();
+        let mut busy = BUSY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *busy >= limit {
+            busy = FREED
+                .wait(busy)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        *busy += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut busy = BUSY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *busy = busy.saturating_sub(1);
+        FREED.notify_one();
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod coretests;
 pub mod durability;
+pub mod hostile;
 pub mod interop;
 pub mod ops;
 pub mod run;
