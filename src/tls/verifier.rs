@@ -87,20 +87,30 @@ impl ClientCertVerifier for DeviceVerifier {
         match report.outcome {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(refusal) => {
-                let peer = HANDSHAKE_PEER.try_with(|p| p.to_string()).ok();
-                let fingerprint = Fingerprint::of(end_entity);
                 self.metrics.auth_refused(refusal.label());
-                tracing::warn!(
-                    target: "certmq::auth",
-                    peer = peer.as_deref().unwrap_or("-"),
-                    %fingerprint,
-                    rule = "-",
-                    device = "-",
-                    result = "refused",
-                    stage = "tls",
-                    reason = refusal.label(),
-                    "refused at TLS: {refusal}"
-                );
+                let peer = HANDSHAKE_PEER.try_with(|p| *p).ok();
+                // Rate-limited per peer address (SPEC 10); the metric counts every one.
+                let suppressed = match peer {
+                    Some(p) => crate::logline::refusal_allowed(p.ip()),
+                    None => Some(0),
+                };
+                if let Some(suppressed) = suppressed {
+                    let fingerprint = Fingerprint::of(end_entity);
+                    tracing::warn!(
+                        target: "certmq::auth",
+                        peer = %peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                        %fingerprint,
+                        rule = "-",
+                        device = "-",
+                        result = "refused",
+                        stage = "tls",
+                        reason = refusal.label(),
+                        // The sentence can quote the certificate's names: escaped.
+                        detail = ?refusal.to_string(),
+                        suppressed,
+                        "refused at TLS"
+                    );
+                }
                 Err(refusal.to_rustls())
             }
         }
