@@ -445,3 +445,36 @@ async fn refused_connect_neither_provisions_nor_rotates() {
     let fp = certmq::cert::Fingerprint::of(&first.cert_der).to_hex();
     assert!(shown.contains(&fp), "rotated by a refused CONNECT: {shown}");
 }
+
+// ------------------------------------------- 10. no peer can forge a log field or line
+
+#[tokio::test]
+async fn a_client_id_cannot_forge_log_fields_or_lines() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let mut broker = Proc::start(&fx, &path).await;
+    // A refused CONNECT (its will is not allowed) whose client id carries a line break and
+    // fields of the decision line.
+    let id = "evil\nresult=\"accepted\" device=\"backend\"";
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
+    for s in [id, "devices/other/will", "x"] {
+        body.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
+    packet.extend_from_slice(&body);
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let ack = dev.raw(broker.mqtt, &packet).await.expect("CONNACK");
+    assert_eq!(ack, [0x20, 2, 0, 5]);
+    let line = broker.wait_line("refused at CONNECT").await;
+    assert!(
+        line.contains(r#"client_id="evil\nresult=\"accepted\" device=\"backend\"""#),
+        "{line}"
+    );
+    let log = broker.stderr();
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("result=") || l.contains(" result=\"accepted\"")),
+        "a forged field or line: {log}"
+    );
+}

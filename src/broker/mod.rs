@@ -488,7 +488,7 @@ impl Broker {
                     }
                 }
                 Err(revoked) if revoked.entry_gone() => {
-                    tracing::info!(device = ?device, reason = %revoked, "forgetting the device's sessions");
+                    tracing::info!(device = ?device, reason = ?revoked.to_string(), "forgetting the device's sessions");
                     forgotten += self.forget_device(&device);
                 }
                 Err(_) => {}

@@ -325,7 +325,7 @@ pub async fn handle(
         %peer,
         device = ?device,
         client_id = ?client_id.id,
-        reason = %end,
+        reason = ?end.to_string(),
         "session ended"
     );
 }
