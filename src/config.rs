@@ -26,6 +26,8 @@ use crate::identity::{DeviceName, NameError};
 
 /// The default config path, relative to the working directory (SPEC 1).
 pub const DEFAULT_PATH: &str = "config/certmq.toml";
+/// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], SPEC 1).
+pub const SYSTEM_PATH: &str = "/etc/certmq/certmq.toml";
 
 /// The source name the registry uses for pinned devices; an anchor may not take it.
 pub const PINNED_SOURCE: &str = "pinned";
@@ -260,6 +262,17 @@ pub struct Config {
     /// Problems that do not stop the broker (expired anchors while others are usable,
     /// stale CRLs); `check` prints them.
     pub warnings: Vec<Problem>,
+}
+
+/// The `[server] data_dir` of a config file, resolved against the file's folder, read
+/// without validating anything else (`certmq reload` finds its broker with it). None when
+/// the file cannot be read or holds no such string.
+pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: toml::Table = toml::from_str(&text).ok()?;
+    let dir = value.get("server")?.get("data_dir")?.as_str()?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Some(base.join(dir))
 }
 
 impl Config {

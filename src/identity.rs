@@ -246,7 +246,7 @@ fn decode_directory_string(value: &Any<'_>) -> Result<String, IdentityError> {
 
 /// Strict UTF-16BE: an odd length or an unpaired surrogate is refused.
 fn decode_utf16be(data: &[u8]) -> Result<String, IdentityError> {
-    if data.len() % 2 != 0 {
+    if !data.len().is_multiple_of(2) {
         return Err(IdentityError::CommonNameNotUtf8);
     }
     let units = data
@@ -260,7 +260,7 @@ fn decode_utf16be(data: &[u8]) -> Result<String, IdentityError> {
 /// Strict UTF-32BE: a length that is not a multiple of 4, a surrogate code point or a value
 /// above U+10FFFF is refused.
 fn decode_utf32be(data: &[u8]) -> Result<String, IdentityError> {
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return Err(IdentityError::CommonNameNotUtf8);
     }
     data.chunks_exact(4)

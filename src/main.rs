@@ -21,9 +21,10 @@ use certmq::server::{self, Server, ServerError};
     about = "MQTT-over-TLS broker with mutual X.509 device authentication"
 )]
 struct Cli {
-    /// The config file; relative paths inside it resolve against its folder.
-    #[arg(long, global = true, default_value = certmq::config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// The config file; relative paths inside it resolve against its folder. Default:
+    /// $CERTMQ_CONFIG, else config/certmq.toml if it exists, else /etc/certmq/certmq.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +35,8 @@ enum Command {
     Serve,
     /// Validate the config as `serve` would and print a summary.
     Check,
+    /// Ask the broker running on this config's data_dir to reload its config (as SIGHUP).
+    Reload,
     /// Explain what the broker would decide for a client certificate chain.
     Explain {
         /// PEM file: the client certificate, optionally followed by its intermediates.
@@ -118,11 +121,13 @@ fn sentence(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = || config_path(cli.config.clone());
     match cli.command {
-        Command::Serve => serve(&cli.config),
-        Command::Check => check(&cli.config),
-        Command::Explain { cert, json } => explain(&cli.config, &cert, json),
-        Command::Devices { command } => devices(&cli.config, command),
+        Command::Serve => serve(&config()?),
+        Command::Check => check(&config()?),
+        Command::Reload => reload(&config()?),
+        Command::Explain { cert, json } => explain(&config()?, &cert, json),
+        Command::Devices { command } => devices(&config()?, command),
         Command::DemoPki { out, days } => {
             let files = certmq::pki::write_demo(&out, days)?;
             writeln!(
@@ -139,6 +144,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Where the config file is (SPEC 1): `--config`, else `$CERTMQ_CONFIG`, else
+/// `config/certmq.toml` when it exists, else `/etc/certmq/certmq.toml`. When none is there
+/// the error names every place tried.
+fn config_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::var_os("CERTMQ_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let local = PathBuf::from(certmq::config::DEFAULT_PATH);
+    if local.exists() {
+        return Ok(local);
+    }
+    let system = PathBuf::from(certmq::config::SYSTEM_PATH);
+    if system.exists() {
+        return Ok(system);
+    }
+    anyhow::bail!(
+        "no config file found: tried $CERTMQ_CONFIG (not set), {} (relative to {}) and {}; give one with --config PATH",
+        local.display(),
+        std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| "the working directory".to_owned()),
+        system.display()
+    )
 }
 
 /// Loads the config, printing every problem on failure.
@@ -166,6 +199,29 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     }
     cli::check_summary(&config, &mut std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `certmq reload`: the broker of this config's data_dir, found through its control
+/// socket (never by process name), reloads; its answer is printed.
+fn reload(path: &Path) -> anyhow::Result<ExitCode> {
+    // Only data_dir is read here: validating the file is the broker's answer (it may read
+    // keys this user cannot). A file without a readable data_dir gets the full report.
+    let data_dir = match certmq::config::data_dir_of(path) {
+        Some(d) => d,
+        None => match load(path) {
+            Ok(c) => c.server.data_dir,
+            Err(code) => return Ok(code),
+        },
+    };
+    let reply = server::control::request_reload(&data_dir)?;
+    let ok = reply.starts_with("reloaded");
+    if ok {
+        write!(std::io::stdout(), "{reply}")?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        write!(std::io::stderr(), "{reply}")?;
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -315,19 +371,9 @@ async fn signals(
             _ = hup.recv() => {
                 let s = shared.clone();
                 match tokio::task::spawn_blocking(move || s.reload()).await {
-                    Ok(Ok(outcome)) => tracing::info!(
-                        kept = outcome.recheck.kept,
-                        revoked = outcome.recheck.revoked,
-                        subscriptions_removed = outcome.recheck.subscriptions_removed,
-                        "SIGHUP: configuration reloaded"
-                    ),
-                    Ok(Err(ServerError::Config(e))) => {
-                        tracing::error!("SIGHUP: reload refused, keeping the running configuration: {e}");
-                        for p in &e.problems {
-                            tracing::error!("  {p}");
-                        }
+                    Ok(outcome) => {
+                        server::control::reload_reply(&outcome, "SIGHUP");
                     }
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {}", sentence(&anyhow::Error::new(e))),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
                 }
                 continue;

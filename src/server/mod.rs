@@ -11,6 +11,7 @@
 //! admission, so a reload takes effect for every new decision at once.
 
 mod connection;
+pub mod control;
 pub mod live;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,6 +47,8 @@ pub enum ServerError {
     Store(#[from] crate::storage::StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -73,6 +76,8 @@ pub struct Shared {
     pub live: live::Live,
     /// Serialises reloads (a SIGHUP storm runs them one after the other).
     reloading: Mutex<()>,
+    /// This broker's exclusive claim on `data_dir`, held as long as anything runs.
+    _lock: control::DataDirLock,
 }
 
 impl Shared {
@@ -96,6 +101,8 @@ impl Server {
     /// Opens the registry in `data_dir`, enters the pinned devices (a pinned name the
     /// registry holds for an anchor is a config error), and builds the TLS config.
     pub fn new(config: Config) -> Result<Server, ServerError> {
+        // Before any database is opened: two brokers never share a data_dir (SPEC 1).
+        let lock = control::DataDirLock::acquire(&config.server.data_dir)?;
         let registry = Arc::new(Registry::open(&config.server.data_dir)?);
         // Before the first write: a damaged registry is refused (the message store checks
         // its own file as it opens).
@@ -162,6 +169,7 @@ impl Server {
                 metrics,
                 live: live::Live::default(),
                 reloading: Mutex::new(()),
+                _lock: lock,
             }),
         })
     }
@@ -228,6 +236,20 @@ impl Server {
         let max = shared.snapshot().config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();
+        // `certmq reload` reaches this broker through its data_dir. Without the socket
+        // (e.g. a data_dir path too long for one) SIGHUP still reloads.
+        let data_dir = shared.snapshot().config.server.data_dir.clone();
+        let control_task = match control::bind(&data_dir) {
+            Ok(l) => Some(tokio::spawn(control::serve(
+                l,
+                shared.clone(),
+                shutdown.clone(),
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "no control socket: `certmq reload` cannot reach this broker, SIGHUP still reloads");
+                None
+            }
+        };
         let flusher = tokio::spawn(flush_last_seen(
             shared.registry.clone(),
             shared.metrics.clone(),
@@ -280,6 +302,10 @@ impl Server {
         }
         let _ = flusher.await;
         let _ = watcher.await;
+        if let Some(t) = control_task {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(data_dir.join(control::SOCKET_FILE));
         // Everything the sessions submitted on their way out is committed before exit, and
         // both write-ahead logs are checkpointed: each .db file alone is then the whole
         // store, for a copy or a backup (SPEC 7).

@@ -1,0 +1,131 @@
+//! The operator's commands around a running broker (SPEC 1): `certmq reload` reaches the
+//! broker of one `data_dir` and no other, two brokers never share a `data_dir`, and the
+//! config file is found without `--config` the documented way.
+
+mod common;
+
+use std::process::Command;
+
+use common::durability::serve_expecting_exit;
+use common::ops::{config, Proc};
+use common::run::{arg, certmq};
+use common::Fixture;
+
+#[tokio::test]
+async fn reload_reaches_the_broker_of_its_data_dir_only() {
+    let a = Fixture::new();
+    let b = Fixture::new();
+    let path_a = config(&a, &Fixture::fleet_anchor(true));
+    let path_b = config(&b, &Fixture::fleet_anchor(true));
+    let mut broker_a = Proc::start(&a, &path_a).await;
+    let mut broker_b = Proc::start(&b, &path_b).await;
+
+    let run = certmq(a.dir.path(), &["reload", "--config", arg(&path_a)]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.starts_with("reloaded"), "{}", run.stdout);
+    broker_a
+        .wait_line("reload command: configuration reloaded")
+        .await;
+
+    // A broken file: exit 1, every problem printed, the running config kept.
+    config(
+        &a,
+        "[[anchor]]\nname = \"x\"\ncertificate = \"missing.pem\"\ncn_regex = '('\n",
+    );
+    let run = certmq(a.dir.path(), &["reload", "--config", arg(&path_a)]);
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    assert!(run.stderr.starts_with("refused"), "{}", run.stderr);
+    assert!(run.stderr.contains("missing.pem"), "{}", run.stderr);
+    assert!(run.stderr.contains("cn_regex"), "{}", run.stderr);
+    broker_a.wait_line("reload refused").await;
+
+    // The other broker heard nothing.
+    broker_b.signal("TERM");
+    broker_b.wait_exit(common::WAIT).await;
+    assert!(
+        !broker_b.stderr().contains("reload"),
+        "{}",
+        broker_b.stderr()
+    );
+}
+
+#[tokio::test]
+async fn reload_without_a_broker_says_so() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let run = certmq(fx.dir.path(), &["reload", "--config", arg(&path)]);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("no broker runs on data_dir"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_second_broker_on_one_data_dir_exits_naming_the_first() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let first = Proc::start(&fx, &path).await;
+    let (code, stderr) = serve_expecting_exit(&path).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "in use by another broker (process {}",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+}
+
+/// `certmq` with neither `--config` nor `$CERTMQ_CONFIG`, in a folder without
+/// `config/certmq.toml`, exits 1 naming every place it looked.
+#[test]
+fn the_config_is_found_the_documented_way() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let empty = tempfile::tempdir().expect("tempdir");
+    let run = |dir: &std::path::Path, env: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_certmq"));
+        cmd.arg("check").current_dir(dir).env_remove("RUST_LOG");
+        match env {
+            Some(p) => cmd.env("CERTMQ_CONFIG", p),
+            None => cmd.env_remove("CERTMQ_CONFIG"),
+        };
+        cmd.output().expect("run certmq")
+    };
+    if !std::path::Path::new(certmq::config::SYSTEM_PATH).exists() {
+        let out = run(empty.path(), None);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("$CERTMQ_CONFIG"), "{err}");
+        assert!(err.contains("config/certmq.toml"), "{err}");
+        assert!(err.contains(certmq::config::SYSTEM_PATH), "{err}");
+        assert!(err.contains("--config"), "{err}");
+    }
+    let out = run(empty.path(), Some(&path));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // config/certmq.toml under the working directory, with no variable set.
+    std::fs::create_dir_all(fx.dir.path().join("config")).expect("config dir");
+    let text = std::fs::read_to_string(&path).expect("config text");
+    let moved = text
+        .replace("\"server.", "\"../server.")
+        .replace("= \"data\"", "= \"../data\"");
+    std::fs::write(
+        fx.dir.path().join("config/certmq.toml"),
+        moved.replace("\"fleet.pem\"", "\"../fleet.pem\""),
+    )
+    .expect("write");
+    let out = run(fx.dir.path(), None);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
