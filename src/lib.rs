@@ -35,6 +35,7 @@
 //! - [`server`]: the accept loop, connection limit, reload and revocation, shutdown.
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
 //! - [`logline`]: refusal log lines rate-limited per peer address.
+//! - [`backup`]: `certmq backup`, a consistent copy of both databases of a running broker.
 //! - [`metrics`]: counters for `/metrics`; [`admin`]: the `/healthz` and `/metrics` endpoint.
 //!
 //! Shared state is immutable and swapped whole: a [`server::Shared`] holds the current
@@ -43,6 +44,7 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod backup;
 pub mod broker;
 pub mod cert;
 pub mod cli;

@@ -37,6 +37,13 @@ enum Command {
     Check,
     /// Ask the broker running on this config's data_dir to reload its config (as SIGHUP).
     Reload,
+    /// Copy the registry and the message store (also while the broker runs) into a new
+    /// directory, restorable by pointing data_dir at it.
+    Backup {
+        /// The directory to create (it must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Explain what the broker would decide for a client certificate chain.
     Explain {
         /// PEM file: the client certificate, optionally followed by its intermediates.
@@ -126,6 +133,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => serve(&config()?),
         Command::Check => check(&config()?),
         Command::Reload => reload(&config()?),
+        Command::Backup { out } => {
+            let data_dir = match certmq::config::data_dir_of(&config()?) {
+                Some(d) => d,
+                None => match load(&config()?) {
+                    Ok(c) => c.server.data_dir,
+                    Err(code) => return Ok(code),
+                },
+            };
+            for f in certmq::backup::backup(&data_dir, &out)? {
+                writeln!(std::io::stdout(), "wrote {}", f.display())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Explain { cert, json } => explain(&config()?, &cert, json),
         Command::Devices { command } => devices(&config()?, command),
         Command::DemoPki { out, days } => {

@@ -129,3 +129,72 @@ fn the_config_is_found_the_documented_way() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `certmq backup` while the broker runs, restored into a second broker: the provisioned
+/// device, a persistent session with its queued message, and a retained message are there.
+#[tokio::test]
+async fn a_backup_of_a_running_broker_restores_into_another() {
+    use common::coretests::{Opts, Peer, V};
+    use common::ops::{pinned, BACKEND_PROFILE};
+    use common::{self_signed, Client};
+
+    let fx = Fixture::new();
+    let cert = self_signed("backend");
+    fx.write("backend.pem", &cert.cert_pem);
+    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
+    let body = format!(
+        "{}\n{}\n{BACKEND_PROFILE}",
+        Fixture::fleet_anchor(true),
+        pinned("backend", "backend.pem", "backend")
+    );
+    let path = config(&fx, &body);
+    let broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let persistent = Opts {
+        clean: false,
+        will: None,
+    };
+    let mut d = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &persistent).await;
+    assert_eq!(d.subscribe("devices/d1/#", 1).await, 1);
+    d.disconnect().await;
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(b.publish("devices/d1/cmd", 1, false, b"queued").await, 0);
+    assert_eq!(b.publish("devices/d1/state", 1, true, b"retained").await, 0);
+
+    let out = fx.path("backup");
+    let run = certmq(
+        fx.dir.path(),
+        &["backup", "--out", arg(&out), "--config", arg(&path)],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    // Over an existing, non-empty directory: refused.
+    let again = certmq(
+        fx.dir.path(),
+        &["backup", "--out", arg(&out), "--config", arg(&path)],
+    );
+    assert_eq!(again.code, Some(1));
+    assert!(
+        again.stderr.contains("not an empty directory"),
+        "{}",
+        again.stderr
+    );
+
+    // A second broker on the copy.
+    let text = std::fs::read_to_string(&path).expect("config");
+    let restored = fx.write(
+        "restored.toml",
+        &text.replace("data_dir = \"data\"", "data_dir = \"backup\""),
+    );
+    let second = Proc::start(&fx, &restored).await;
+    let shown = certmq(
+        fx.dir.path(),
+        &["devices", "show", "d1", "--config", arg(&restored)],
+    );
+    assert_eq!(shown.code, Some(0), "{}", shown.stderr);
+    let mut d = Peer::connect(&dev, second.mqtt, V::V5, "d1", &persistent).await;
+    assert!(d.session_present);
+    assert_eq!(d.recv().await.payload, b"queued");
+    let mut r = Peer::connect(&backend, second.mqtt, V::V5, "r", &Opts::default()).await;
+    assert_eq!(r.subscribe("devices/d1/state", 1).await, 1);
+    assert_eq!(r.recv().await.payload, b"retained");
+}
