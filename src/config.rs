@@ -57,6 +57,12 @@ impl fmt::Display for Problem {
 /// What is wrong, with the underlying cause kept.
 #[derive(Debug, thiserror::Error)]
 pub enum ProblemKind {
+    #[error("invalid log filter {value:?}")]
+    LogLevel {
+        value: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
@@ -254,6 +260,7 @@ pub struct Config {
     /// The file it came from.
     pub path: PathBuf,
     pub server: Server,
+    pub log: Log,
     pub limits: Limits,
     pub anchors: Vec<Anchor>,
     pub devices: Vec<PinnedDevice>,
@@ -323,10 +330,53 @@ impl Config {
     }
 }
 
+/// `[log]` (SPEC 2): how the broker writes its log. `RUST_LOG`, when set, overrides `level`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `warn`, `certmq=debug,info`...
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// One line per event either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` fields; values a peer chose are quoted and escaped.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `[log]` table of a config file, read without validating anything else: logging is
+/// set up before the config is loaded (so that loading can log). The default when the
+/// file cannot be read or the table is invalid (`check` and `serve` then report it).
+pub fn log_of(path: &Path) -> Log {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .and_then(|t| t.get("log").cloned())
+        .and_then(|v| v.try_into::<Log>().ok())
+        .unwrap_or_default()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: RawServer,
+    #[serde(default)]
+    log: Log,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -428,6 +478,15 @@ impl Loader {
 
     fn build(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server);
+        if let Err(source) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+            self.problem(
+                "log.level",
+                ProblemKind::LogLevel {
+                    value: raw.log.level.clone(),
+                    source,
+                },
+            );
+        }
         self.limits(&raw.limits);
         let acl = self.profiles(raw.acl);
         let anchors = self.anchors(raw.anchor, &acl);
@@ -437,6 +496,7 @@ impl Loader {
             Some(server) if self.problems.is_empty() => Ok(Config {
                 path: self.file,
                 server,
+                log: raw.log,
                 limits: raw.limits,
                 anchors,
                 devices,

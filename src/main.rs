@@ -90,7 +90,10 @@ enum DevicesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let log = config_path(cli.config.clone())
+        .map(|p| certmq::config::log_of(&p))
+        .unwrap_or_default();
+    init_tracing(&log);
     match run(cli) {
         Ok(code) => code,
         // `certmq devices list | head`: a closed stdout is not an error worth a message.
@@ -102,14 +105,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logging as `[log]` says (SPEC 2, 10): `RUST_LOG`, when set, overrides the level; one line
+/// per event, text (`key=value`) or JSON. An invalid level falls back to `info` here and is
+/// reported by the config loader.
+fn init_tracing(log: &certmq::config::Log) {
+    use certmq::config::LogFormat;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -227,6 +227,12 @@ impl Drop for Proc {
 
 /// The `addr=HOST:PORT` field of a tracing line.
 fn addr_field(line: &str) -> SocketAddr {
+    // `[log] format = "json"`: one object per line, the address in `fields.addr`.
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        if let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()) {
+            return addr;
+        }
+    }
     let start = line.find("addr=").map(|i| i + 5);
     let text = start.map(|s| line[s..].split_whitespace().next().unwrap_or(""));
     text.and_then(|t| t.parse().ok())

@@ -1,0 +1,135 @@
+//! `[log]` (SPEC 2, 10): JSON lines that every parser reads, one per event, with a peer's
+//! values escaped; the level from the file, overridden by `RUST_LOG`; an invalid level is a
+//! config problem.
+
+mod common;
+
+use common::ops::{config, Proc};
+use common::run::{arg, certmq};
+use common::Fixture;
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
+    let fx = Fixture::new();
+    let path = config(
+        &fx,
+        &format!(
+            "[log]\nformat = \"json\"\nlevel = \"info\"\n\n{}",
+            Fixture::fleet_anchor(true)
+        ),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    // A refused CONNECT whose client id tries to break the line and the object.
+    let id = "x\"}\n{\"result\":\"accepted\"";
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
+    for s in [id, "devices/other/will", "x"] {
+        body.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
+    packet.extend_from_slice(&body);
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    assert_eq!(
+        dev.raw(broker.mqtt, &packet).await.expect("CONNACK"),
+        [0x20, 2, 0, 5]
+    );
+    broker.wait_line("refused at CONNECT").await;
+    broker.signal("TERM");
+    assert!(broker.wait_exit(common::WAIT).await.success());
+    let mut refusal = None;
+    for line in broker.stderr().lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        if v["fields"]["message"] == "refused at CONNECT" {
+            refusal = Some(v);
+        }
+    }
+    let refusal = refusal.expect("the refusal line");
+    assert_eq!(refusal["fields"]["result"], "refused");
+    let client_id = refusal["fields"]["client_id"].as_str().expect("client_id");
+    assert!(client_id.contains("x\\\"}\\n{"), "{client_id}");
+}
+
+#[tokio::test]
+async fn the_level_comes_from_the_file() {
+    let fx = Fixture::new();
+    // The server and admin announcements only, then warnings and errors.
+    let level = "warn,certmq::server=info,certmq::admin=info";
+    let path = config(
+        &fx,
+        &format!(
+            "[log]\nlevel = \"{level}\"\n\n{}",
+            Fixture::fleet_anchor(true)
+        ),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    assert_eq!(
+        dev.connect_v5(broker.mqtt, "d1").await,
+        common::Outcome::Accepted
+    );
+    let stranger = fx.client(&common::self_signed("stranger"));
+    let _ = stranger.connect_v5(broker.mqtt, "s").await;
+    broker.wait_line("refused at TLS").await;
+    assert!(
+        !broker.stderr().contains("accepted at CONNECT"),
+        "an info line of certmq::auth was written: {}",
+        broker.stderr()
+    );
+}
+
+/// `RUST_LOG` overrides the file's level.
+#[test]
+fn rust_log_overrides_the_file() {
+    use std::io::BufRead;
+    let fx = Fixture::new();
+    let path = config(
+        &fx,
+        &format!("[log]\nlevel = \"off\"\n\n{}", Fixture::fleet_anchor(true)),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_certmq"))
+        .args(["serve", "--config", arg(&path)])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let announced = loop {
+        match rx.recv_timeout(common::WAIT) {
+            Ok(line) if line.contains("listening for MQTT over TLS") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(announced, "RUST_LOG=info did not override level = \"off\"");
+}
+
+#[test]
+fn an_invalid_level_is_a_config_problem() {
+    let fx = Fixture::new();
+    let path = config(
+        &fx,
+        &format!(
+            "[log]\nlevel = \"not a[ level\"\n\n{}",
+            Fixture::fleet_anchor(true)
+        ),
+    );
+    let run = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("log.level"), "{}", run.stderr);
+}
