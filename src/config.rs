@@ -190,6 +190,16 @@ pub struct Limits {
     pub max_keep_alive: u16,
     /// Persistent sessions one device may hold (SPEC 4): one more is refused at CONNECT.
     pub max_sessions_per_device: usize,
+    /// Seconds a persistent session outlives its connection at most: caps the MQTT 5
+    /// Session Expiry Interval (0xFFFFFFFF "never" included; CONNACK then announces the
+    /// value used) and is the expiry of MQTT 3.1.1 clean-session-0 sessions, which would
+    /// otherwise hold their subscriptions and queue forever. 0: no session outlives its
+    /// connection; 4294967295: sessions may be kept forever.
+    pub max_session_expiry: u32,
+    /// Retained topics one device may hold (SPEC 4): a retained message belongs to the
+    /// device that published it last; one more is refused (MQTT 5 QoS 1/2: 0x97) or
+    /// dropped and counted. 0: the device may retain nothing.
+    pub max_retained_per_device: usize,
 }
 
 impl Default for Limits {
@@ -203,6 +213,8 @@ impl Default for Limits {
             max_queued_messages: 1000,
             max_keep_alive: 3600,
             max_sessions_per_device: 16,
+            max_session_expiry: 604_800,
+            max_retained_per_device: 1000,
         }
     }
 }

@@ -16,6 +16,7 @@
 //! table is never held while taking the router.
 
 pub mod connect;
+pub mod expiry;
 mod handle_publish;
 mod handle_subscribe;
 pub mod message;
@@ -301,15 +302,9 @@ impl Broker {
     pub fn schedule_expiry(self: &Arc<Self>, deadlines: Vec<(SessionRef, i64)>) {
         let now = crate::cert::now_secs();
         for (session, at) in deadlines {
-            let broker = self.clone();
             let generation = session.generation();
             let wait = Duration::from_secs(u64::try_from(at - now).unwrap_or(0));
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                if session.generation() == generation && !session.online() {
-                    broker.end_session(&session);
-                }
-            });
+            self.expire_later(session, generation, wait);
         }
     }
 
@@ -511,14 +506,11 @@ impl Broker {
                         expires_at: Some(crate::cert::now_secs() + i64::from(secs)),
                     });
                 }
-                let broker = self.clone();
-                let session = session.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
-                    if session.generation() == generation && !session.online() {
-                        broker.end_session(&session);
-                    }
-                });
+                self.expire_later(
+                    session.clone(),
+                    generation,
+                    Duration::from_secs(u64::from(secs)),
+                );
             }
         }
     }

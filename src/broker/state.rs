@@ -35,9 +35,10 @@ pub struct SessionKey {
 pub enum Expiry {
     /// MQTT 3.1.1 clean session, or MQTT 5 session expiry 0.
     OnDisconnect,
-    /// MQTT 5 session expiry interval in seconds.
+    /// Seconds: the MQTT 5 session expiry interval, or `max_session_expiry` for MQTT 3.1.1
+    /// clean session 0 (see `broker::expiry`).
     After(u32),
-    /// MQTT 3.1.1 clean session 0, or MQTT 5 0xFFFFFFFF.
+    /// MQTT 5 0xFFFFFFFF, only when `max_session_expiry` allows it.
     Never,
 }
 

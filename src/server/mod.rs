@@ -110,9 +110,10 @@ impl Server {
             }
             other => other,
         })?;
-        let (store, recovered) = Store::open(&config.server.data_dir)?;
+        let (store, mut recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));
+        broker.cap_restored_expiry(&mut recovered, config.limits.max_session_expiry);
         let restored = recovered.sessions.len();
         let retained = recovered.retained.len();
         let deadlines = broker.restore(
