@@ -7,19 +7,29 @@
 
 mod common;
 
-use common::coretests::{Opts, Peer, V};
-use common::ops::Proc;
+use std::collections::BTreeSet;
+
+use common::coretests::{Opts, Peer, MARKER, V};
+use common::ops::{metric, Proc};
 use common::v5tests::{
     config_with_limits, connect_packet, device_client, with_expiry, Raw5, BACKEND_FLEET,
 };
 use common::{Broker, Fixture};
-use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, PubAckReason};
+use rumqttc::v5::mqttbytes::QoS;
+
+const RETAINED_QUOTA: &str = "certmq_messages_dropped_total{reason=\"retained_quota\"}";
 
 fn persistent() -> Opts {
     Opts {
         clean: false,
         will: None,
     }
+}
+
+/// The number of retained-quota drops the broker counted.
+fn quota_drops(broker: &Broker) -> f64 {
+    metric(&broker.metrics.render(), RETAINED_QUOTA).unwrap_or(0.0)
 }
 
 /// MQTT 5 §3.2.2.3.2: a session expiry above `max_session_expiry` (0xFFFFFFFF included) is
@@ -72,4 +82,151 @@ async fn v311_persistent_session_expires_after_max_session_expiry() {
     assert!(line.contains("keeper"), "{line}");
     let again = Peer::connect(&client, proc.mqtt, V::V4, "keeper", &persistent()).await;
     assert!(!again.session_present, "the expired session was resumed");
+}
+
+/// SPEC 4: a device holds at most `max_retained_per_device` retained topics. One more is
+/// refused to an MQTT 5 QoS 1 publisher with 0x97 and a reason string; a QoS 0 one is
+/// dropped and counted; neither reaches subscribers. Replacing its own topic and clearing one
+/// (which frees the slot) always work.
+#[tokio::test]
+async fn retained_quota_refuses_v5_and_drops_qos0() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&config_with_limits(
+        &fx,
+        "max_retained_per_device = 2",
+        BACKEND_FLEET,
+    ))
+    .await;
+    let mut watcher = Raw5::open(&device_client(&fx, "w"), broker.addr, "w").await;
+    watcher.sub("r/#", QoS::AtLeastOnce).await;
+    let mut d = Raw5::open(&device_client(&fx, "d1"), broker.addr, "p").await;
+    for topic in ["r/1", "r/2", "r/2"] {
+        let ack = d
+            .publish(topic, QoS::AtLeastOnce, true, "v", None)
+            .await
+            .expect("PUBACK");
+        assert_eq!(ack.reason, PubAckReason::Success, "{topic}: {ack:?}");
+    }
+    let ack = d
+        .publish("r/3", QoS::AtLeastOnce, true, "over", None)
+        .await
+        .expect("PUBACK");
+    assert_eq!(ack.reason, PubAckReason::QuotaExceeded, "{ack:?}");
+    let text = ack
+        .properties
+        .and_then(|p| p.reason_string)
+        .unwrap_or_default();
+    assert!(text.contains("max_retained_per_device"), "{text:?}");
+    d.publish("r/4", QoS::AtMostOnce, true, "over", None).await;
+    d.publish_ok("r/marker", MARKER.to_vec()).await;
+    let seen: Vec<String> = watcher
+        .until_payload(MARKER)
+        .await
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+        .collect();
+    assert_eq!(
+        seen,
+        ["r/1", "r/2", "r/2", "r/marker"],
+        "refused ones routed"
+    );
+    assert_eq!(quota_drops(&broker), 2.0);
+
+    // Clearing frees the slot; the refused topic is then taken.
+    let ack = d.publish("r/1", QoS::AtLeastOnce, true, "", None).await;
+    assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
+    let ack = d.publish("r/3", QoS::AtLeastOnce, true, "v3", None).await;
+    assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
+    let mut fresh = Raw5::open(&device_client(&fx, "f"), broker.addr, "f").await;
+    fresh.sub("r/#", QoS::AtMostOnce).await;
+    d.publish_ok("r/marker", MARKER.to_vec()).await;
+    let retained: BTreeSet<String> = fresh
+        .until_payload(MARKER)
+        .await
+        .into_iter()
+        .filter(|p| p.retain)
+        .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+        .collect();
+    assert_eq!(retained, BTreeSet::from(["r/2".into(), "r/3".into()]));
+}
+
+/// MQTT 3.1.1 cannot be told: the message over the quota is acknowledged, not retained, not
+/// routed, and counted. The quota is per device: another device still has its own.
+#[tokio::test]
+async fn retained_quota_drops_v311_and_is_per_device() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&config_with_limits(
+        &fx,
+        "max_retained_per_device = 2",
+        BACKEND_FLEET,
+    ))
+    .await;
+    let mut e = Peer::connect(
+        &device_client(&fx, "e1"),
+        broker.addr,
+        V::V4,
+        "e",
+        &Opts::default(),
+    )
+    .await;
+    for topic in ["s/1", "s/2", "s/3"] {
+        assert_eq!(e.publish(topic, 1, true, b"v").await, 0);
+    }
+    assert_eq!(quota_drops(&broker), 1.0);
+    let mut other = Peer::connect(
+        &device_client(&fx, "e2"),
+        broker.addr,
+        V::V4,
+        "o",
+        &Opts::default(),
+    )
+    .await;
+    assert_eq!(other.publish("s/4", 1, true, b"v").await, 0);
+    let mut fresh = Peer::connect(
+        &device_client(&fx, "f"),
+        broker.addr,
+        V::V4,
+        "f",
+        &Opts::default(),
+    )
+    .await;
+    assert_eq!(fresh.subscribe("s/#", 1).await, 1);
+    e.publish("s/marker", 1, false, MARKER).await;
+    let topics: BTreeSet<String> = fresh
+        .recv_until_marker()
+        .await
+        .into_iter()
+        .map(|m| m.topic)
+        .collect();
+    assert_eq!(
+        topics,
+        BTreeSet::from(["s/1".into(), "s/2".into(), "s/4".into()])
+    );
+    assert_eq!(quota_drops(&broker), 1.0);
+}
+
+/// The owner of each retained message is stored with it: after a restart the device still
+/// holds its slots.
+#[tokio::test]
+async fn retained_ownership_survives_a_restart() {
+    let fx = Fixture::new();
+    let cfg = config_with_limits(&fx, "max_retained_per_device = 2", BACKEND_FLEET);
+    let broker = Broker::start(&cfg).await;
+    let client = device_client(&fx, "d1");
+    let mut d = Raw5::open(&client, broker.addr, "p").await;
+    for topic in ["r/1", "r/2"] {
+        let ack = d.publish(topic, QoS::AtLeastOnce, true, "v", None).await;
+        assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
+    }
+    drop(d);
+    broker.stop().await;
+
+    let broker = Broker::start(&cfg).await;
+    let mut d = Raw5::open(&client, broker.addr, "p").await;
+    let ack = d.publish("r/3", QoS::AtLeastOnce, true, "v", None).await;
+    assert_eq!(ack.expect("PUBACK").reason, PubAckReason::QuotaExceeded);
+    let ack = d.publish("r/2", QoS::AtLeastOnce, true, "", None).await;
+    assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
+    let ack = d.publish("r/3", QoS::AtLeastOnce, true, "v", None).await;
+    assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
 }

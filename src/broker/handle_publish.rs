@@ -105,12 +105,12 @@ impl Conn<'_> {
             }
             QoS::AtLeastOnce => {
                 let pkid = p.pkid;
-                let (reason, wait) = if allowed {
+                let (reason, wait, why) = if allowed {
                     self.route_durably(canonical, p).await
                 } else {
-                    (AckReason::NotAuthorized, None)
+                    (AckReason::NotAuthorized, None, None)
                 };
-                let text = self.reason(reason_text(reason, &denied_text));
+                let text = self.reason(why.or_else(|| reason_text(reason, &denied_text)));
                 let ack = wire::puback(self.p.protocol, pkid, reason, text);
                 self.queue_ack(PendingAck::new(wait, QoS::AtLeastOnce, pkid, ack))
                     .await
@@ -136,23 +136,23 @@ impl Conn<'_> {
                         ));
                     }
                 }
-                let (reason, wait) = if allowed {
+                let (reason, wait, why) = if allowed {
                     // The inbound id is committed with the message (a restart keeps it).
                     let persistent = self.session.store().is_some();
-                    let (reason, wait) = self.route_durably(canonical, p).await;
+                    let (reason, wait, why) = self.route_durably(canonical, p).await;
                     let wait = match (wait, persistent, self.broker.store()) {
                         (None, true, Some(store)) => Some(store.barrier_rx()),
                         (w, _, _) => w,
                     };
-                    (reason, wait)
+                    (reason, wait, why)
                 } else {
-                    (AckReason::NotAuthorized, None)
+                    (AckReason::NotAuthorized, None, None)
                 };
                 if reason != AckReason::Success && self.p.protocol == Protocol::V5 {
                     // A PUBREC with an error reason ends the exchange: no PUBREL follows.
                     self.session.inbound_qos2_release(pkid);
                 }
-                let text = self.reason(reason_text(reason, &denied_text));
+                let text = self.reason(why.or_else(|| reason_text(reason, &denied_text)));
                 let ack = wire::pubrec(self.p.protocol, pkid, reason, text);
                 self.queue_ack(PendingAck::new(wait, QoS::ExactlyOnce, pkid, ack))
                     .await
@@ -206,14 +206,26 @@ impl Conn<'_> {
         self.broker.publish(Arc::new(message), Some(self.session))
     }
 
-    /// Routes a QoS 1/2 message: the acknowledgement's reason, and the barrier it waits
-    /// for when the message went to the store. SPEC 7, no silent loss: when sessions
-    /// matched but none could take it (full queues), an MQTT 5 publisher is told 0x97
-    /// instead of success; a 3.1.1 publisher cannot be told, and the drop is counted and
-    /// logged (per device in `devices show`).
-    async fn route_durably(&self, topic: TopicName, p: InPublish) -> (AckReason, Option<Barrier>) {
+    /// Routes a QoS 1/2 message: the acknowledgement's reason, the barrier it waits for
+    /// when the message went to the store, and a reason string of its own if it has one.
+    /// SPEC 7, no silent loss: when sessions matched but none could take it (full queues),
+    /// an MQTT 5 publisher is told 0x97 instead of success; a 3.1.1 publisher cannot be
+    /// told, and the drop is counted and logged (per device in `devices show`). The same
+    /// for a retained message over the device's `max_retained_per_device` (SPEC 4).
+    async fn route_durably(
+        &self,
+        topic: TopicName,
+        p: InPublish,
+    ) -> (AckReason, Option<Barrier>, Option<&'static str>) {
         let retained = p.retain && !p.payload.is_empty();
         let published = self.route(topic, p).await;
+        if published.retained_refused {
+            let reason = match self.p.protocol {
+                Protocol::V5 => AckReason::QuotaExceeded,
+                Protocol::V311 => AckReason::Success,
+            };
+            return (reason, None, Some(super::retained::QUOTA_TEXT));
+        }
         let wait = if published.durable {
             self.broker.store().map(|s| s.barrier_rx())
         } else {
@@ -222,9 +234,9 @@ impl Conn<'_> {
         // A retained message was taken: by the retained store.
         let nobody = published.queued == 0 && published.refused > 0 && !retained;
         if nobody && self.p.protocol == Protocol::V5 {
-            (AckReason::QuotaExceeded, wait)
+            (AckReason::QuotaExceeded, wait, None)
         } else {
-            (AckReason::Success, wait)
+            (AckReason::Success, wait, None)
         }
     }
 

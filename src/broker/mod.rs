@@ -21,6 +21,7 @@ mod handle_publish;
 mod handle_subscribe;
 pub mod message;
 pub mod retain;
+mod retained;
 pub mod router;
 pub mod session;
 pub mod state;
@@ -43,7 +44,7 @@ use crate::mqtt::codec::{self, CodecError, Packet, QoS};
 use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
 use crate::storage::{Op, Recovered, Store};
 use message::Message;
-use retain::Retained;
+use retain::Owned;
 use router::{Router, SubOptions};
 use state::{Delivery, Enqueued, Expiry, Session, SessionKey, SessionRef};
 
@@ -182,8 +183,9 @@ pub struct Broker {
     sessions: Mutex<Sessions>,
     /// Read for every PUBLISH (shared-group cursors are atomics); written by SUBSCRIBE.
     router: RwLock<Router<SessionRef>>,
-    /// Read on every SUBSCRIBE, written on retained PUBLISH.
-    retained: RwLock<Retained<Arc<Message>>>,
+    /// Read on every SUBSCRIBE, written on retained PUBLISH; with each topic's owner for
+    /// `max_retained_per_device` (SPEC 4).
+    retained: RwLock<Owned<Arc<Message>>>,
     pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
     /// The message store; None only for brokers built without durability (unit tests).
@@ -205,6 +207,9 @@ pub struct Published {
     /// yield its thread so that the subscriber's task gets to run. Never a wait: a slow
     /// subscriber does not block publishers (SPEC 9), it only stops being starved.
     pub congested: bool,
+    /// A retained message over its device's `max_retained_per_device`: not retained, not
+    /// routed (counted and logged); an MQTT 5 QoS 1/2 publisher gets 0x97 (SPEC 4).
+    pub retained_refused: bool,
 }
 
 /// What a CONNECT asks of its session.
@@ -234,7 +239,9 @@ impl Broker {
         Arc::new(Broker {
             sessions: Mutex::new(Sessions::default()),
             router: RwLock::new(Router::new()),
-            retained: RwLock::new(Retained::new()),
+            retained: RwLock::new(Owned::new(
+                crate::config::Limits::default().max_retained_per_device,
+            )),
             metrics,
             next_connection: AtomicU64::new(1),
             store,
@@ -259,8 +266,8 @@ impl Broker {
         let mut deadlines = Vec::new();
         {
             let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            for msg in recovered.retained {
-                retained.set(&msg.topic.clone(), Some(msg));
+            for r in recovered.retained {
+                retained.restore(&r.msg.topic.clone(), r.msg, r.owner);
             }
         }
         for stored in recovered.sessions {
@@ -542,17 +549,16 @@ impl Broker {
             .fetch_add(1, Ordering::Relaxed);
         let mut durable = false;
         if msg.retain {
-            let kept = (!msg.payload.is_empty()).then(|| msg.clone());
-            let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(store) = &self.store {
-                // Submitted under the retained lock: store order = memory order per topic.
-                store.submit(Op::Retain {
-                    topic: msg.topic.as_str().to_owned(),
-                    msg: kept.clone(),
-                });
-                durable = true;
+            match self.keep_retained(&msg, publisher) {
+                Ok(stored) => durable = stored,
+                // SPEC 4: over the device's quota it is neither retained nor routed.
+                Err(_) => {
+                    return Published {
+                        retained_refused: true,
+                        ..Published::default()
+                    }
+                }
             }
-            retained.set(&msg.topic, kept);
         }
         let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
             &msg.topic,
@@ -609,6 +615,7 @@ impl Broker {
             refused,
             durable,
             congested,
+            retained_refused: false,
         }
     }
 

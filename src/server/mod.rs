@@ -114,6 +114,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));
         broker.cap_restored_expiry(&mut recovered, config.limits.max_session_expiry);
+        broker.set_retained_quota(config.limits.max_retained_per_device);
         let restored = recovered.sessions.len();
         let retained = recovered.retained.len();
         let deadlines = broker.restore(
@@ -444,6 +445,8 @@ impl Shared {
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
         self.metrics.set_anchor_expiry(&config);
+        self.broker
+            .set_retained_quota(config.limits.max_retained_per_device);
         for name in &recreated {
             if let Ok(device) = crate::identity::DeviceName::parse(name) {
                 self.forget_entry(&device);
