@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use common::coretests::raw::{raw_publish, Raw, RawConnect, PUBACK};
 use common::coretests::{Opts, Peer, MARKER, V};
 use common::ops::{metric, Proc};
 use common::v5tests::{
@@ -229,4 +230,64 @@ async fn retained_ownership_survives_a_restart() {
     assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
     let ack = d.publish("r/3", QoS::AtLeastOnce, true, "v", None).await;
     assert_eq!(ack.expect("PUBACK").reason, PubAckReason::Success);
+}
+
+/// Retained topics seeded by this many devices, 1,000 each (the default quota).
+const SEEDERS: usize = 5;
+const PER_SEEDER: usize = 1000;
+
+/// Each seeder pipelines its QoS 1 retained PUBLISHes and waits for every PUBACK.
+async fn seed_retained(fx: &Fixture, broker: &Broker) {
+    let mut tasks = Vec::new();
+    for s in 0..SEEDERS {
+        let client = device_client(fx, &format!("seed{s}"));
+        let addr = broker.addr;
+        tasks.push(tokio::spawn(async move {
+            let connect = RawConnect {
+                v: V::V4,
+                client_id: "seed",
+                clean: true,
+                keep_alive: 60,
+                will: None,
+                session_expiry: None,
+            };
+            let (mut raw, _) = Raw::connect_ok(&client, addr, &connect.bytes()).await;
+            let mut burst = Vec::new();
+            for i in 0..PER_SEEDER {
+                let topic = format!("retained/{s}/{i}");
+                let mut p = raw_publish(V::V4, &topic, b"state", 1, i as u16 + 1, false);
+                p[0] |= 0x01; // RETAIN
+                burst.extend(p);
+            }
+            raw.send(&burst).await;
+            for _ in 0..PER_SEEDER {
+                assert_eq!(raw.recv().await[0], PUBACK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("seeder");
+    }
+}
+
+/// SPEC 7: "Retained messages matching a new subscription are all delivered, paced by flow
+/// control, however many": 5,000 retained topics reach a new `retained/#` subscription of
+/// an MQTT 5 and of an MQTT 3.1.1 client, five times `max_queued_messages`.
+#[tokio::test]
+async fn every_retained_message_reaches_a_new_subscription() {
+    let fx = Fixture::new();
+    let broker = Broker::start(&config_with_limits(&fx, "", BACKEND_FLEET)).await;
+    seed_retained(&fx, &broker).await;
+    for (v, qos) in [(V::V5, 1), (V::V4, 1), (V::V5, 0)] {
+        let client = device_client(&fx, "reader");
+        let mut reader = Peer::connect(&client, broker.addr, v, "reader", &Opts::default()).await;
+        assert_eq!(reader.subscribe("retained/#", qos).await, qos);
+        let mut topics = BTreeSet::new();
+        while topics.len() < SEEDERS * PER_SEEDER {
+            let m = reader.recv().await;
+            assert!(m.retain, "{m:?}");
+            topics.insert(m.topic);
+        }
+        reader.disconnect().await;
+    }
 }

@@ -483,6 +483,7 @@ impl Conn<'_> {
             if self.out.len() >= OUT_HIGH {
                 return Ok(self.session.has_queued());
             }
+            self.refill_retained();
             let batch = self
                 .session
                 .next_batch(self.conn_id, self.p.window, PUMP_BATCH);
