@@ -4,7 +4,9 @@
 //! - [`session`]: one connection's loop (keep alive, QoS flows, delivery), with
 //!   `handle_publish` and `handle_subscribe` for the inbound packets.
 //! - [`state`]: one session's queue and in-flight state (the durability interface).
-//! - [`router`]: the subscription table; [`retain`]: retained messages.
+//! - [`router`]: the subscription table; [`retain`]: retained messages and their owners;
+//!   `retained`: the per-device retained quota and the paced retained backlog checks.
+//! - [`expiry`]: `max_session_expiry` and the timers that end offline sessions.
 //! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.
 //!
 //! Data flow of a PUBLISH: session -> ACL -> [`Broker::publish`] -> router -> each
