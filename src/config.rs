@@ -201,6 +201,16 @@ pub struct Limits {
     /// Seconds a connected subscriber with a full queue may make no progress before it
     /// stops pacing publishers (SPEC 9 flow control).
     pub stall_timeout: u64,
+    /// Seconds a persistent session outlives its connection at most: caps the MQTT 5
+    /// Session Expiry Interval (0xFFFFFFFF "never" included; CONNACK then announces the
+    /// value used) and is the expiry of MQTT 3.1.1 clean-session-0 sessions, which would
+    /// otherwise hold their subscriptions and queue forever. 0: no session outlives its
+    /// connection; 4294967295: sessions may be kept forever.
+    pub max_session_expiry: u32,
+    /// Retained topics one device may hold (SPEC 4): a retained message belongs to the
+    /// device that published it last; one more is refused (MQTT 5 QoS 1/2: 0x97) or
+    /// dropped and counted. 0: the device may retain nothing.
+    pub max_retained_per_device: usize,
 }
 
 impl Default for Limits {
@@ -215,6 +225,8 @@ impl Default for Limits {
             max_keep_alive: 3600,
             max_sessions_per_device: 16,
             stall_timeout: 10,
+            max_session_expiry: 604_800,
+            max_retained_per_device: 1000,
         }
     }
 }

@@ -77,20 +77,26 @@ impl Metrics {
         hot.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts one dropped message and returns the running total for its reason (for
-    /// logging at powers of two).
+    /// Counts one message dropped for `reason` and returns the running total (callers log
+    /// at powers of two of it: a flood of drops is not a flood of log lines).
     pub fn count_drop(&self, reason: &'static str) -> u64 {
-        if reason == "queue_full" {
-            return self.dropped_queue_full.fetch_add(1, Ordering::Relaxed) + 1;
-        }
-        match self.dropped.lock() {
-            Ok(mut m) => {
-                let n = m.entry(reason).or_default();
-                *n += 1;
-                *n
+        let hot = match reason {
+            "queue_full" => &self.dropped_queue_full,
+            "offline_qos0" => &self.dropped_offline_qos0,
+            "acl" => &self.dropped_acl,
+            _ => {
+                return self
+                    .dropped
+                    .lock()
+                    .map(|mut m| {
+                        let n = m.entry(reason).or_default();
+                        *n += 1;
+                        *n
+                    })
+                    .unwrap_or(0);
             }
-            Err(_) => 0,
-        }
+        };
+        hot.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Records a reload attempt.

@@ -286,8 +286,11 @@ mod codec {
     fn publish_round_trips_with_a_long_remaining_length() {
         let payload = vec![7u8; 300];
         let mut b = Vec::new();
-        publish(&mut b, "a/b", 1, 513, &payload);
+        publish(&mut b, "a/b", 1, 513, false, &payload);
         assert_eq!(&b[..3], &[0x32, 0xb3, 0x02]);
+        let mut retained = Vec::new();
+        publish(&mut retained, "a/b", 0, 0, true, b"x");
+        assert_eq!(retained[0], 0x31, "RETAIN is bit 0");
         let got = decode_all(&b);
         assert_eq!(
             got,

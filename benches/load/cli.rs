@@ -123,6 +123,10 @@ pub struct Args {
     /// Messages per second per publisher; 0 = as fast as the broker takes them.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Publish with RETAIN set (fan-in, fan-out): every message replaces its topic's
+    /// retained message, which a durable broker stores.
+    #[arg(long)]
+    pub retain: bool,
     /// Idle: seconds to wait after the last connection opened before reading the RSS.
     #[arg(long, default_value = "2", value_parser = parse_secs)]
     pub settle: Duration,

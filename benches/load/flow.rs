@@ -46,6 +46,8 @@ pub struct Plan {
     pub payload: usize,
     /// Messages per second per publisher; `None` = unpaced.
     pub rate: Option<f64>,
+    /// PUBLISH with RETAIN set.
+    pub retain: bool,
 }
 
 struct PubResult {
@@ -295,7 +297,7 @@ async fn publish_qos0(
         let k = pacer.batch();
         for _ in 0..k {
             stamp(&mut payload, ctx.now_ns());
-            mqtt::publish(&mut buf, topic, 0, 0, &payload);
+            mqtt::publish(&mut buf, topic, 0, 0, plan.retain, &payload);
         }
         conn.write(&ctx.target, &buf).await?;
         sent += k as u64;
@@ -349,7 +351,7 @@ async fn publish_qos1(
         for _ in 0..k {
             packet_id = packet_id.checked_add(1).unwrap_or(1);
             stamp(&mut payload, ctx.now_ns());
-            mqtt::publish(&mut buf, topic, 1, packet_id, &payload);
+            mqtt::publish(&mut buf, topic, 1, packet_id, plan.retain, &payload);
         }
         write_bounded(&ctx.target, &mut wr, &buf).await?;
         sent += k as u64;

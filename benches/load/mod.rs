@@ -194,6 +194,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
                 window: usize::from(args.window),
                 payload: usize::from(args.payload),
                 rate: (args.rate > 0.0).then_some(args.rate),
+                retain: args.retain,
             };
             flow::run(&ctx, &plan).await
         }

@@ -63,9 +63,16 @@ pub fn connect(buf: &mut Vec<u8>, client_id: &str, keep_alive_s: u16, clean: boo
 }
 
 /// Appends a PUBLISH. `packet_id` is written only for QoS > 0, as the protocol requires.
-pub fn publish(buf: &mut Vec<u8>, topic: &str, qos: u8, packet_id: u16, payload: &[u8]) {
+pub fn publish(
+    buf: &mut Vec<u8>,
+    topic: &str,
+    qos: u8,
+    packet_id: u16,
+    retain: bool,
+    payload: &[u8],
+) {
     let id_len = if qos > 0 { 2 } else { 0 };
-    buf.push(0x30 | (qos << 1));
+    buf.push(0x30 | (qos << 1) | u8::from(retain));
     remaining_length(buf, 2 + topic.len() + id_len + payload.len());
     string(buf, topic.as_bytes());
     if qos > 0 {

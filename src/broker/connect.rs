@@ -211,7 +211,8 @@ pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
     }
 }
 
-/// A successful CONNACK.
+/// A successful CONNACK. `session_expiry`: MQTT 5 Session Expiry Interval to announce
+/// when the broker uses less than the client asked for (`broker::expiry::granted`).
 pub fn connack_success(
     req: &ConnectRequest,
     id: &ClientId,
@@ -219,6 +220,7 @@ pub fn connack_success(
     keep_alive: u16,
     receive_maximum: u16,
     max_packet_size: usize,
+    session_expiry: Option<u32>,
 ) -> Packet {
     match req.protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
@@ -229,6 +231,7 @@ pub fn connack_success(
             let properties = v5::ConnAckProperties {
                 assigned_client_identifier: id.assigned.then(|| id.id.clone()),
                 server_keep_alive: (keep_alive != req.keep_alive).then_some(keep_alive),
+                session_expiry_interval: session_expiry,
                 receive_max: Some(receive_maximum),
                 max_packet_size: u32::try_from(max_packet_size).ok(),
                 topic_alias_max: Some(TOPIC_ALIAS_MAX),

@@ -20,13 +20,15 @@ pub(super) type Barrier = tokio::sync::oneshot::Receiver<Result<(), crate::stora
 
 /// A PUBACK or PUBREC waiting for its message's commit (SPEC 7: acknowledged means
 /// stored). The loop keeps reading meanwhile; acknowledgements leave in PUBLISH order.
+/// A QoS 0 retained message waits here too, with nothing to send: its commit is not
+/// awaited one message at a time, but it still counts against the bound on what waits.
 pub(super) struct PendingAck {
     /// None when nothing had to be stored (it waits only for those before it).
     pub(super) wait: Option<Barrier>,
     pub(super) qos: QoS,
     pub(super) pkid: u16,
-    /// What to send once committed.
-    pub(super) ack: crate::mqtt::codec::Packet,
+    /// What to send once committed; None for QoS 0.
+    pub(super) ack: Option<crate::mqtt::codec::Packet>,
 }
 
 impl PendingAck {
@@ -40,7 +42,17 @@ impl PendingAck {
             wait,
             qos,
             pkid,
-            ack,
+            ack: Some(ack),
+        }
+    }
+
+    /// A QoS 0 message's commit: nothing to send, only something to wait for.
+    fn commit_only(wait: Option<Barrier>) -> PendingAck {
+        PendingAck {
+            wait,
+            qos: QoS::AtMostOnce,
+            pkid: 0,
+            ack: None,
         }
     }
 }
@@ -188,11 +200,26 @@ impl Conn<'_> {
             retained,
             ..
         } = paced;
+        if published.retained_refused {
+            // SPEC 4: over the device's max_retained_per_device, neither retained nor
+            // routed; an MQTT 5 QoS 1/2 publisher is told (3.1.1 cannot be).
+            let reason = match self.p.protocol {
+                Protocol::V5 => AckReason::QuotaExceeded,
+                Protocol::V311 => AckReason::Success,
+            };
+            let text = Some(super::retained::QUOTA_TEXT);
+            return self.acknowledge(qos, pkid, reason, None, text).await;
+        }
         if qos == QoS::AtMostOnce {
             if published.durable {
-                // Nothing to acknowledge, but a retained QoS 0 flood waits for the store
-                // like everything else (backpressure); a failed commit is logged there.
-                self.commit().await;
+                // Nothing to acknowledge: waiting here for each commit capped a connection
+                // at one retained message per fsync (~400/s). The commit joins the pending
+                // acknowledgements instead, so many share one fsync, and reading still
+                // pauses while more than `receive_max` wait: a retained QoS 0 flood has
+                // back-pressure, at most that many uncommitted messages per connection. A
+                // failed commit is logged when it completes.
+                let wait = self.broker.store().map(|s| s.barrier_rx());
+                return self.queue_ack(PendingAck::commit_only(wait)).await;
             }
             return Ok(());
         }
@@ -323,8 +350,15 @@ impl Conn<'_> {
         ack: PendingAck,
         outcome: Result<(), crate::storage::StoreError>,
     ) -> Result<(), End> {
+        let Some(packet) = &ack.ack else {
+            // QoS 0: nobody to tell. The message was routed; only its durability failed.
+            if let Err(e) = outcome {
+                tracing::error!(device = ?self.device, error = %e, "message not durable");
+            }
+            return Ok(());
+        };
         match outcome {
-            Ok(()) => self.send(&ack.ack).await,
+            Ok(()) => self.send(packet).await,
             Err(e) => {
                 tracing::error!(device = ?self.device, error = %e, "message not durable");
                 if ack.qos == QoS::ExactlyOnce {

@@ -1,17 +1,23 @@
 //! SUBSCRIBE and UNSUBSCRIBE (SPEC 5, 6): filter validation, the `v1/devices/me/` alias,
 //! filter coverage by the subscribe ACL, MQTT 5 subscription options, shared
-//! subscriptions, and the retained messages a new subscription receives.
+//! subscriptions, and the retained messages a new subscription receives (all of them,
+//! through the session's retained backlog, paced by its queue).
 
 use std::time::Instant;
 
 use super::min_qos;
 use super::router::{RetainHandling, SubOptions};
 use super::session::{protocol_error, Conn, End};
-use super::state::Delivery;
+use super::state::{Delivery, Enqueued};
 use super::wire::{self, RequestedFilter, SubResult};
 use crate::acl;
 use crate::mqtt::codec::v5;
 use crate::mqtt::topic::{Subscription, TopicFilter};
+
+/// Retained deliveries moved from a session's backlog into its queue at a time: the queue
+/// is refilled up to this many (or half of `max_queued_messages`, if less), enough to keep
+/// the in-flight window and the out buffer busy between two refills.
+const RETAINED_REFILL: usize = 256;
 
 impl Conn<'_> {
     pub(super) async fn on_subscribe(
@@ -76,11 +82,12 @@ impl Conn<'_> {
                 };
             if send_retained {
                 let now = Instant::now();
+                let mut matched = Vec::new();
                 for (topic, msg) in self.broker.retained_matching(sub.filter()) {
                     if msg.expired(now) || !device_acl.can_receive(&topic) {
                         continue;
                     }
-                    retained.push(Delivery {
+                    matched.push(Delivery {
                         qos: min_qos(msg.qos, f.qos),
                         retain: true,
                         sub_ids: subscription_id.into_iter().collect(),
@@ -88,6 +95,7 @@ impl Conn<'_> {
                         msg,
                     });
                 }
+                retained.push((sub.filter().clone(), matched));
             }
         }
         self.commit_session_change().await?;
@@ -100,10 +108,46 @@ impl Conn<'_> {
             self.reason(text.as_deref()),
         ))
         .await?;
-        for d in retained {
-            self.session.enqueue(d);
+        // SPEC 7: every match is delivered, paced by the queue's room (`refill_retained`),
+        // however many; the first ones go now, ahead of later live messages.
+        for (filter, deliveries) in retained {
+            self.session.add_retained(&filter, deliveries);
         }
+        self.refill_retained();
         Ok(())
+    }
+
+    /// Moves retained deliveries from the session's backlog into its queue while the queue
+    /// has room (called whenever the connection looks for something to send). Each is
+    /// checked again: one whose topic got a newer retained message meanwhile (delivered to
+    /// this subscription live) or was cleared is skipped, as is one the session's current
+    /// ACL no longer lets it receive.
+    pub(super) fn refill_retained(&self) {
+        while let Some((filter, batch)) = self.session.take_retained(self.conn_id, RETAINED_REFILL)
+        {
+            let acl = self.session.acl();
+            let mut queued = false;
+            let mut batch = batch.into_iter();
+            while let Some(d) = batch.next() {
+                if !self.broker.still_retained(&d.msg) || !acl.can_receive(&d.msg.topic) {
+                    continue;
+                }
+                match self.session.enqueue(d.clone()) {
+                    Enqueued::Queued | Enqueued::QueuedDroppedOldQos0 => queued = true,
+                    Enqueued::DroppedOffline | Enqueued::Denied => {}
+                    // Live messages filled the queue meanwhile: the rest waits, none lost.
+                    Enqueued::DroppedFull | Enqueued::DroppedStalled => {
+                        let rest = std::iter::once(d).chain(batch).collect();
+                        self.session.untake_retained(filter, rest);
+                        return;
+                    }
+                }
+            }
+            if queued {
+                return;
+            }
+            // Everything taken was stale: take the next ones rather than wait for a wake.
+        }
     }
 
     pub(super) async fn on_unsubscribe(
@@ -116,6 +160,7 @@ impl Conn<'_> {
             match self.canonical(&f) {
                 Some((sub, _)) => {
                     existed.push(self.broker.unsubscribe(self.session, &sub));
+                    self.session.drop_retained(sub.filter());
                 }
                 None => existed.push(false),
             }

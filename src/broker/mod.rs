@@ -4,7 +4,9 @@
 //! - [`session`]: one connection's loop (keep alive, QoS flows, delivery), with
 //!   `handle_publish` and `handle_subscribe` for the inbound packets.
 //! - [`state`]: one session's queue and in-flight state (the durability interface).
-//! - [`router`]: the subscription table; [`retain`]: retained messages.
+//! - [`router`]: the subscription table; [`retain`]: retained messages and their owners;
+//!   `retained`: the per-device retained quota and the paced retained backlog checks.
+//! - [`expiry`]: `max_session_expiry` and the timers that end offline sessions.
 //! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.
 //!
 //! Data flow of a PUBLISH: session -> ACL -> [`Broker::publish`] -> router -> each
@@ -17,10 +19,12 @@
 //! table is never held while taking the router.
 
 pub mod connect;
+pub mod expiry;
 mod handle_publish;
 mod handle_subscribe;
 pub mod message;
 pub mod retain;
+mod retained;
 pub mod router;
 pub mod session;
 pub mod state;
@@ -43,7 +47,7 @@ use crate::mqtt::codec::{self, CodecError, Packet, QoS};
 use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
 use crate::storage::{Op, Recovered, Store};
 use message::Message;
-use retain::Retained;
+use retain::Owned;
 use router::{Router, SubOptions};
 use state::{Delivery, Enqueued, Expiry, Session, SessionKey, SessionRef};
 
@@ -182,8 +186,9 @@ pub struct Broker {
     sessions: Mutex<Sessions>,
     /// Read for every PUBLISH (shared-group cursors are atomics); written by SUBSCRIBE.
     router: RwLock<Router<SessionRef>>,
-    /// Read on every SUBSCRIBE, written on retained PUBLISH.
-    retained: RwLock<Retained<Arc<Message>>>,
+    /// Read on every SUBSCRIBE, written on retained PUBLISH; with each topic's owner for
+    /// `max_retained_per_device` (SPEC 4).
+    retained: RwLock<Owned<Arc<Message>>>,
     pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
     /// The message store; None only for brokers built without durability (unit tests).
@@ -211,6 +216,9 @@ pub struct Published {
     /// publisher offers each again ([`Broker::offer`]) once its session has room, and reads
     /// nothing more until then.
     pub waiting: Vec<(SessionRef, Delivery)>,
+    /// A retained message over its device's `max_retained_per_device`: not retained, not
+    /// routed (counted and logged); an MQTT 5 QoS 1/2 publisher gets 0x97 (SPEC 4).
+    pub retained_refused: bool,
 }
 
 /// What a CONNECT asks of its session.
@@ -240,7 +248,9 @@ impl Broker {
         Arc::new(Broker {
             sessions: Mutex::new(Sessions::default()),
             router: RwLock::new(Router::new()),
-            retained: RwLock::new(Retained::new()),
+            retained: RwLock::new(Owned::new(
+                crate::config::Limits::default().max_retained_per_device,
+            )),
             metrics,
             next_connection: AtomicU64::new(1),
             store,
@@ -266,8 +276,8 @@ impl Broker {
         let mut deadlines = Vec::new();
         {
             let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            for msg in recovered.retained {
-                retained.set(&msg.topic.clone(), Some(msg));
+            for r in recovered.retained {
+                retained.restore(&r.msg.topic.clone(), r.msg, r.owner);
             }
         }
         for stored in recovered.sessions {
@@ -309,15 +319,9 @@ impl Broker {
     pub fn schedule_expiry(self: &Arc<Self>, deadlines: Vec<(SessionRef, i64)>) {
         let now = crate::cert::now_secs();
         for (session, at) in deadlines {
-            let broker = self.clone();
             let generation = session.generation();
             let wait = Duration::from_secs(u64::try_from(at - now).unwrap_or(0));
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                if session.generation() == generation && !session.online() {
-                    broker.end_session(&session);
-                }
-            });
+            self.expire_later(session, generation, wait);
         }
     }
 
@@ -519,14 +523,11 @@ impl Broker {
                         expires_at: Some(crate::cert::now_secs() + i64::from(secs)),
                     });
                 }
-                let broker = self.clone();
-                let session = session.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
-                    if session.generation() == generation && !session.online() {
-                        broker.end_session(&session);
-                    }
-                });
+                self.expire_later(
+                    session.clone(),
+                    generation,
+                    Duration::from_secs(u64::from(secs)),
+                );
             }
         }
     }
@@ -567,17 +568,16 @@ impl Broker {
             .fetch_add(1, Ordering::Relaxed);
         let mut durable = false;
         if msg.retain {
-            let kept = (!msg.payload.is_empty()).then(|| msg.clone());
-            let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(store) = &self.store {
-                // Submitted under the retained lock: store order = memory order per topic.
-                store.submit(Op::Retain {
-                    topic: msg.topic.as_str().to_owned(),
-                    msg: kept.clone(),
-                });
-                durable = true;
+            match self.keep_retained(&msg, publisher) {
+                Ok(stored) => durable = stored,
+                // SPEC 4: over the device's quota it is neither retained nor routed.
+                Err(_) => {
+                    return Published {
+                        retained_refused: true,
+                        ..Published::default()
+                    }
+                }
             }
-            retained.set(&msg.topic, kept);
         }
         // A shared group's message goes to a connected member with room (SPEC 9: the group
         // paces as a whole); when none has room, to the next one in rotation.
@@ -599,10 +599,11 @@ impl Broker {
                 store_id: None,
                 msg: msg.clone(),
             };
+            let qos = delivery.qos;
             match t.key.deliver(delivery, pace) {
                 Ok((outcome, lagging)) => {
                     out.congested |= lagging && t.key.online();
-                    self.account(&mut out, &t.key, outcome, &msg);
+                    self.account(&mut out, &t.key, outcome, &msg, qos);
                 }
                 Err(delivery) => out.waiting.push((t.key, delivery)),
             }
@@ -619,14 +620,22 @@ impl Broker {
         delivery: Delivery,
     ) -> Result<(), Delivery> {
         let msg = delivery.msg.clone();
+        let qos = delivery.qos;
         let (outcome, _) = session.deliver(delivery, Some(self.stall_timeout()))?;
-        self.account(out, session, outcome, &msg);
+        self.account(out, session, outcome, &msg, qos);
         Ok(())
     }
 
-    /// Counts what one session did with a message.
-    fn account(&self, out: &mut Published, session: &SessionRef, outcome: Enqueued, msg: &Message) {
-        let persisted = session.store().is_some() && msg.qos != QoS::AtMostOnce;
+    /// Counts what one session did with a message delivered at `qos`.
+    fn account(
+        &self,
+        out: &mut Published,
+        session: &SessionRef,
+        outcome: Enqueued,
+        msg: &Message,
+        qos: QoS,
+    ) {
+        let persisted = session.store().is_some() && qos != QoS::AtMostOnce;
         let reason = match outcome {
             Enqueued::Queued => {
                 out.queued += 1;

@@ -20,7 +20,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Expiry, Outgoing, SessionRef};
+use super::state::{Outgoing, SessionRef};
 use super::wire::{self, Inbound};
 use super::{Broker, Will, WriteError};
 use crate::acl;
@@ -57,6 +57,8 @@ pub struct Params {
     pub write_limit: Duration,
     /// MQTT 5: the session expiry was 0 at CONNECT (DISCONNECT may not raise it).
     pub expiry_was_zero: bool,
+    /// `max_session_expiry`: a DISCONNECT may not raise the expiry above it either.
+    pub max_session_expiry: u32,
     /// MQTT 5 Request Problem Information: when false, no reason strings on acknowledgements
     /// (MQTT 5 §3.1.2.11.7; CONNACK, DISCONNECT and PUBLISH may still carry them).
     pub problem_info: bool,
@@ -511,7 +513,8 @@ impl Conn<'_> {
                             "DISCONNECT may not set a session expiry when CONNECT had 0",
                         ));
                     }
-                    self.session.set_expiry(Expiry::from_v5(secs));
+                    let capped = super::expiry::on_disconnect(secs, self.p.max_session_expiry);
+                    self.session.set_expiry(capped);
                 }
                 return Some(End::Disconnect { with_will });
             }
@@ -530,6 +533,7 @@ impl Conn<'_> {
             if self.out.len() >= OUT_HIGH {
                 return Ok(self.session.has_queued());
             }
+            self.refill_retained();
             let batch = self
                 .session
                 .next_batch(self.conn_id, self.p.window, PUMP_BATCH);

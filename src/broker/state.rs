@@ -35,9 +35,10 @@ pub struct SessionKey {
 pub enum Expiry {
     /// MQTT 3.1.1 clean session, or MQTT 5 session expiry 0.
     OnDisconnect,
-    /// MQTT 5 session expiry interval in seconds.
+    /// Seconds: the MQTT 5 session expiry interval, or `max_session_expiry` for MQTT 3.1.1
+    /// clean session 0 (see `broker::expiry`).
     After(u32),
-    /// MQTT 3.1.1 clean session 0, or MQTT 5 0xFFFFFFFF.
+    /// MQTT 5 0xFFFFFFFF, only when `max_session_expiry` allows it.
     Never,
 }
 
@@ -165,6 +166,14 @@ struct Inner {
     progress: tokio::time::Instant,
     /// The stall of this session was logged (once per stall, not per dropped message).
     stall_logged: bool,
+    /// Retained messages matching new subscriptions, not yet in `queue` (SPEC 7: all are
+    /// delivered, however many, without growing `queue` past `max_queued`). One entry per
+    /// subscription filter, in SUBSCRIBE order; the connection moves them into `queue` as
+    /// it drains ([`Session::take_retained`]). `Arc` references to the retained store's
+    /// messages, so a large backlog costs a few words per message. In memory only: a
+    /// restart forgets it (the retained messages themselves are durable; re-subscribing
+    /// delivers them again).
+    retained_backlog: VecDeque<(TopicFilter, VecDeque<Delivery>)>,
 }
 
 /// A shared session, compared and hashed by its unique id (the router's key).
@@ -225,6 +234,7 @@ impl Session {
                 aliased: Vec::new(),
                 progress: tokio::time::Instant::now(),
                 stall_logged: false,
+                retained_backlog: VecDeque::new(),
             }),
             notify: Notify::new(),
             room: Notify::new(),
@@ -676,6 +686,81 @@ impl Session {
     /// Inbound QoS 2 exchanges awaiting PUBREL (MQTT 5 Receive Maximum).
     pub fn inbound_qos2_len(&self) -> usize {
         self.lock().inbound_qos2.len()
+    }
+}
+
+/// The retained backlog (see `Inner::retained_backlog`): kept apart from the queue methods
+/// above so that it stays a self-contained addition.
+impl Session {
+    /// Puts the retained messages matching a new subscription `filter` behind those already
+    /// waiting; those an earlier subscription with the same filter left are replaced (a
+    /// client re-subscribing in a loop cannot grow the backlog).
+    pub fn add_retained(&self, filter: &TopicFilter, deliveries: Vec<Delivery>) {
+        let mut inner = self.lock();
+        inner.retained_backlog.retain(|(f, _)| f != filter);
+        if !deliveries.is_empty() {
+            inner
+                .retained_backlog
+                .push_back((filter.clone(), deliveries.into()));
+        }
+    }
+
+    /// Forgets the retained messages still waiting for `filter` (UNSUBSCRIBE: no new
+    /// messages for it, MQTT-3.10.4-2).
+    pub fn drop_retained(&self, filter: &TopicFilter) {
+        self.lock().retained_backlog.retain(|(f, _)| f != filter);
+    }
+
+    /// Takes, for connection `conn_id`, as many deliveries of the first backlog entry as
+    /// fit while the queue holds fewer than `low` (never more than half of `max_queued`, so
+    /// that live messages still find room and publishers are not paced by retained
+    /// traffic), with the entry's filter. The caller checks they are still due, enqueues
+    /// them, and gives back what the queue could not take ([`Session::untake_retained`]).
+    pub fn take_retained(&self, conn_id: u64, low: usize) -> Option<(TopicFilter, Vec<Delivery>)> {
+        let mut inner = self.lock();
+        if inner.retained_backlog.is_empty() || !inner.holds(conn_id) {
+            return None;
+        }
+        let low = low.min(inner.max_queued / 2).max(1);
+        let room = low.saturating_sub(inner.queue.len());
+        if room == 0 {
+            return None;
+        }
+        let (filter, front) = inner.retained_backlog.front_mut()?;
+        let filter = filter.clone();
+        let n = room.min(front.len());
+        let batch: Vec<Delivery> = front.drain(..n).collect();
+        if front.is_empty() {
+            inner.retained_backlog.pop_front();
+        }
+        Some((filter, batch))
+    }
+
+    /// Puts deliveries taken by [`Session::take_retained`] back at the front, in order.
+    pub fn untake_retained(&self, filter: TopicFilter, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        match inner.retained_backlog.front_mut() {
+            Some((f, front)) if *f == filter => {
+                for d in deliveries.into_iter().rev() {
+                    front.push_front(d);
+                }
+            }
+            _ => inner
+                .retained_backlog
+                .push_front((filter, deliveries.into())),
+        }
+    }
+
+    /// Retained deliveries waiting in the backlog (tests, metrics).
+    pub fn retained_backlog_len(&self) -> usize {
+        self.lock()
+            .retained_backlog
+            .iter()
+            .map(|(_, d)| d.len())
+            .sum()
     }
 }
 

@@ -16,7 +16,7 @@ use crate::auth::{self, Decision, Presenter};
 use crate::broker::message::Message;
 use crate::broker::session::Revoke;
 use crate::broker::state::{Expiry, SessionKey};
-use crate::broker::{connect, send, session, SessionRequest, WillGate};
+use crate::broker::{connect, expiry, send, session, SessionRequest, WillGate};
 use crate::cert::now_secs;
 use crate::identity::DeviceName;
 use crate::metrics::Metrics;
@@ -162,11 +162,14 @@ pub async fn handle(
         }
     };
     drop(packet);
-    let expiry = match req.protocol {
-        Protocol::V311 if req.clean_start => Expiry::OnDisconnect,
-        Protocol::V311 => Expiry::Never,
-        Protocol::V5 => Expiry::from_v5(req.session_expiry.unwrap_or(0)),
-    };
+    // SPEC 2: every persistent session expires within `max_session_expiry`.
+    let granted = expiry::granted(
+        req.protocol,
+        req.clean_start,
+        req.session_expiry,
+        limits.max_session_expiry,
+    );
+    let expiry = granted.expiry;
     let key = SessionKey {
         device: device.clone(),
         client_id: client_id.id.clone(),
@@ -259,6 +262,7 @@ pub async fn handle(
         keep_alive,
         limits.max_inflight,
         limits.max_packet_size,
+        granted.announce,
     );
     if let Err(e) = send(&mut wr, &ack, write_limit).await {
         tracing::info!(%peer, %device, error = %e, "CONNACK not delivered");
@@ -279,6 +283,7 @@ pub async fn handle(
         client_max_packet: req.max_packet_size.map(|m| m as usize),
         write_limit,
         expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,
+        max_session_expiry: limits.max_session_expiry,
         problem_info: req.problem_info,
     };
     let revoke = Arc::new(Revoke::default());

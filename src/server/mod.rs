@@ -117,10 +117,12 @@ impl Server {
             }
             other => other,
         })?;
-        let (store, recovered) = Store::open(&config.server.data_dir)?;
+        let (store, mut recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));
         broker.set_stall_timeout(config.limits.stall_timeout);
+        broker.cap_restored_expiry(&mut recovered, config.limits.max_session_expiry);
+        broker.set_retained_quota(config.limits.max_retained_per_device);
         let restored = recovered.sessions.len();
         let retained = recovered.retained.len();
         let deadlines = broker.restore(
@@ -471,6 +473,8 @@ impl Shared {
         }
         self.metrics.set_anchor_expiry(&config);
         self.broker.set_stall_timeout(config.limits.stall_timeout);
+        self.broker
+            .set_retained_quota(config.limits.max_retained_per_device);
         for name in &recreated {
             if let Ok(device) = crate::identity::DeviceName::parse(name) {
                 self.forget_entry(&device);

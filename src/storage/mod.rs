@@ -28,12 +28,13 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-pub use recover::{Recovered, StoredQueued, StoredSession};
+pub use recover::{Recovered, StoredQueued, StoredRetained, StoredSession};
 pub(crate) use schema::quick_check;
 
 use crate::broker::message::Message;
 use crate::broker::router::SubOptions;
 use crate::broker::state::SessionKey;
+use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 
 /// The database file inside `data_dir`.
@@ -130,6 +131,8 @@ pub enum Op {
     Retain {
         topic: String,
         msg: Option<Arc<Message>>,
+        /// The device that published it, whose quota it counts against (SPEC 4).
+        owner: Option<DeviceName>,
     },
     /// An inbound QoS 2 packet id between PUBLISH and PUBREL.
     InboundBegin {

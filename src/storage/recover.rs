@@ -19,6 +19,7 @@ use super::StoreError;
 use crate::broker::message::{Message, StoreId};
 use crate::broker::router::{RetainHandling, SubOptions};
 use crate::broker::state::SessionKey;
+use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;
 
@@ -51,11 +52,19 @@ pub struct StoredSession {
     pub inbound: Vec<u16>,
 }
 
+/// A retained message read back, with the device whose quota it counts against (None:
+/// unknown, e.g. migrated from schema 1).
+#[derive(Debug, Clone)]
+pub struct StoredRetained {
+    pub msg: Arc<Message>,
+    pub owner: Option<DeviceName>,
+}
+
 /// Everything the store held.
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub sessions: Vec<StoredSession>,
-    pub retained: Vec<Arc<Message>>,
+    pub retained: Vec<StoredRetained>,
     /// The largest queue id in use (new ids continue after it).
     pub max_queue_id: i64,
 }
@@ -290,15 +299,26 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
     }
     let max: Option<i64> = conn.query_row("SELECT max(id) FROM queue", [], |r| r.get(0))?;
     out.max_queue_id = out.max_queue_id.max(max.unwrap_or(0));
-    let mut stmt = conn.prepare("SELECT topic, message_id FROM retained")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut stmt = conn.prepare("SELECT topic, message_id, owner FROM retained")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
+    })?;
     for r in rows {
-        let (topic, message_id) = r?;
-        out.retained.push(referenced(
-            &messages,
-            message_id,
-            &format!("retained {topic:?}"),
-        )?);
+        let (topic, message_id, owner) = r?;
+        let owner = owner
+            .map(|o| {
+                DeviceName::parse(&o)
+                    .map_err(|e| StoreError::Corrupt(format!("owner {o:?} of {topic:?}: {e}")))
+            })
+            .transpose()?;
+        out.retained.push(StoredRetained {
+            msg: referenced(&messages, message_id, &format!("retained {topic:?}"))?,
+            owner,
+        });
     }
     Ok((out, max_message_id))
 }

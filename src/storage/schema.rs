@@ -35,6 +35,9 @@ const SESSIONS: &str = "
 /// Schema 2's messages and their references. `messages.retain` is the message's own flag
 /// (set for a retained publish); `queue.retain` is the flag one delivery is sent with.
 /// `queue.message_id` is indexed for the triggers' "any reference left?" lookups.
+/// `retained.owner` is the device that published the retained message last, whose
+/// `max_retained_per_device` quota it counts against (SPEC 4); NULL counts for nobody
+/// (rows migrated from schema 1, which did not record it).
 const MESSAGES: &str = "
     CREATE TABLE messages (
         id INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL,
@@ -48,7 +51,8 @@ const MESSAGES: &str = "
     CREATE INDEX queue_message ON queue (message_id);
     CREATE TABLE retained (
         topic TEXT PRIMARY KEY,
-        message_id INTEGER NOT NULL REFERENCES messages (id));
+        message_id INTEGER NOT NULL REFERENCES messages (id),
+        owner TEXT);
     CREATE INDEX retained_message ON retained (message_id);
     CREATE TRIGGER queue_unref AFTER DELETE ON queue BEGIN
         DELETE FROM messages WHERE id = OLD.message_id
@@ -69,7 +73,8 @@ const MESSAGES: &str = "
 
 /// Schema 1 -> 2. Each schema-1 queue row becomes one message (its id is the queue row's)
 /// and a queue row referencing it; each retained row becomes one message numbered after
-/// every queue id. Nothing else changes: sessions, subscriptions, in-flight state
+/// every queue id, with no known owner (schema 1 did not record who published it: such a
+/// message counts against no device's quota until it is replaced). Nothing else changes: sessions, subscriptions, in-flight state
 /// (`pkid`, `released`) and inbound ids are kept as they were.
 const MIGRATE_1_TO_2: &str = "
     DROP INDEX queue_session;

@@ -81,6 +81,7 @@ fn a_fanned_out_message_is_stored_once_and_recovered_as_one_arc() {
     store.submit(Op::Retain {
         topic: "t/1".into(),
         msg: Some(m.clone()),
+        owner: None,
     });
     store.barrier_blocking().unwrap();
     assert_eq!(messages(dir.path()), 1, "one row for four references");
@@ -97,13 +98,51 @@ fn a_fanned_out_message_is_stored_once_and_recovered_as_one_arc() {
         })
         .collect();
     assert_eq!(queued.len(), 3);
-    let retained = &recovered.retained[0];
+    let retained = &recovered.retained[0].msg;
     for q in &queued {
         assert!(Arc::ptr_eq(q, retained), "one Arc for every reference");
     }
     assert_eq!(&retained.payload[..], &[7; 4096][..]);
     assert!(retained.retain);
     assert_eq!(retained.store_id.get(), m.store_id.get());
+}
+
+/// SPEC 4: the owner of a retained message (its quota) survives a restart, and follows
+/// the message when another device replaces it.
+#[test]
+fn a_retained_message_keeps_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let owner = |n: &str| Some(DeviceName::parse(n).unwrap());
+    for (topic, by) in [("t/1", "dev-1"), ("t/2", "dev-1"), ("t/2", "dev-2")] {
+        store.submit(Op::Retain {
+            topic: topic.into(),
+            msg: Some(message(topic, b"v", true)),
+            owner: owner(by),
+        });
+    }
+    store.submit(Op::Retain {
+        topic: "t/3".into(),
+        msg: Some(message("t/3", b"v", true)),
+        owner: None,
+    });
+    store.barrier_blocking().unwrap();
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path()).unwrap();
+    let mut got: Vec<_> = recovered
+        .retained
+        .iter()
+        .map(|r| (r.msg.topic.as_str().to_owned(), r.owner.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("t/1".to_owned(), owner("dev-1")),
+            ("t/2".to_owned(), owner("dev-2")),
+            ("t/3".to_owned(), None)
+        ]
+    );
 }
 
 #[test]
@@ -119,6 +158,7 @@ fn a_message_row_goes_with_its_last_reference() {
     store.submit(Op::Retain {
         topic: "t/1".into(),
         msg: Some(m.clone()),
+        owner: None,
     });
     store.barrier_blocking().unwrap();
     store.submit(Op::Delivered { id: qa });
@@ -132,12 +172,14 @@ fn a_message_row_goes_with_its_last_reference() {
     store.submit(Op::Retain {
         topic: "t/1".into(),
         msg: Some(m2),
+        owner: None,
     });
     store.barrier_blocking().unwrap();
     assert_eq!(messages(dir.path()), 1, "only the new retained message");
     store.submit(Op::Retain {
         topic: "t/1".into(),
         msg: None,
+        owner: None,
     });
     store.barrier_blocking().unwrap();
     assert_eq!(messages(dir.path()), 0);
@@ -310,6 +352,7 @@ fn a_schema_1_store_is_migrated_in_place_keeping_everything() {
     let mut retained: Vec<_> = recovered
         .retained
         .iter()
+        .map(|r| &r.msg)
         .map(|m| {
             (
                 m.topic.as_str().to_owned(),
@@ -326,6 +369,10 @@ fn a_schema_1_store_is_migrated_in_place_keeping_everything() {
             ("t/r".to_owned(), vec![10], QoS::AtLeastOnce, true),
             ("t/s".to_owned(), vec![11], QoS::AtMostOnce, true)
         ]
+    );
+    assert!(
+        recovered.retained.iter().all(|r| r.owner.is_none()),
+        "schema 1 did not record owners: migrated rows count for nobody"
     );
     assert_eq!(recovered.max_queue_id, 6, "row 7 expired");
     // New messages and queue rows never collide with migrated ones.

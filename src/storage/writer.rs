@@ -300,22 +300,30 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?
                 .execute(params![id])?;
         }
-        Op::Retain { topic, msg: None } => {
+        Op::Retain {
+            topic, msg: None, ..
+        } => {
             tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
                 .execute(params![topic])?;
         }
         Op::Retain {
             topic,
             msg: Some(msg),
+            owner,
         } => {
             let message_id = store_message(tx, msg, ids, now)?;
             // An upsert, not INSERT OR REPLACE: REPLACE's implicit delete would not fire
             // the trigger that drops the message it replaces.
             tx.prepare_cached(
-                "INSERT INTO retained (topic, message_id) VALUES (?1, ?2)
-                 ON CONFLICT (topic) DO UPDATE SET message_id = excluded.message_id",
+                "INSERT INTO retained (topic, message_id, owner) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic) DO UPDATE
+                 SET message_id = excluded.message_id, owner = excluded.owner",
             )?
-            .execute(params![topic, message_id])?;
+            .execute(params![
+                topic,
+                message_id,
+                owner.as_ref().map(|o| o.as_str())
+            ])?;
         }
         Op::InboundBegin { key, pkid } => {
             tx.prepare_cached(

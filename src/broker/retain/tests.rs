@@ -138,3 +138,72 @@ fn deep_topics_need_no_stack() {
         .unwrap();
     worker.join().unwrap();
 }
+
+fn device(name: &str) -> DeviceName {
+    DeviceName::parse(name).unwrap()
+}
+
+/// SPEC 4: a device holds at most `max` retained topics; replacing its own needs no new
+/// slot, clearing (by anyone) frees one, taking over another device's topic moves it.
+#[test]
+fn owned_topics_count_against_their_last_publisher() {
+    let (a, b) = (device("a"), device("b"));
+    let mut store = Owned::new(2);
+    store.set(&topic("t/1"), Some(1), Some(&a)).unwrap();
+    store.set(&topic("t/2"), Some(2), Some(&a)).unwrap();
+    store.set(&topic("t/2"), Some(3), Some(&a)).unwrap();
+    assert_eq!(
+        store.set(&topic("t/3"), Some(4), Some(&a)),
+        Err(QuotaExceeded { max: 2 })
+    );
+    assert_eq!(
+        store.get(&topic("t/3")),
+        None,
+        "a refused message is not kept"
+    );
+    assert_eq!(store.held_by(&a), 2);
+
+    // b takes t/1 over: a's slot moves to b.
+    store.set(&topic("t/1"), Some(5), Some(&b)).unwrap();
+    assert_eq!((store.held_by(&a), store.held_by(&b)), (1, 1));
+    store.set(&topic("t/3"), Some(6), Some(&a)).unwrap();
+    assert_eq!(store.held_by(&a), 2);
+
+    // Clearing frees the owner's slot, whoever clears; clearing is never refused.
+    store.set(&topic("t/3"), None, Some(&b)).unwrap();
+    assert_eq!((store.held_by(&a), store.held_by(&b)), (1, 1));
+    store.set(&topic("nothing/here"), None, Some(&a)).unwrap();
+    assert_eq!(store.len(), 2);
+    assert_eq!(found_owned(&store, "#"), pairs(&[("t/1", 5), ("t/2", 3)]));
+}
+
+/// Restored messages are never refused, and unknown owners count for nobody; a lowered
+/// quota stops a device from adding more but takes nothing away.
+#[test]
+fn restored_and_unowned_messages() {
+    let a = device("a");
+    let mut store = Owned::new(1);
+    store.restore(&topic("t/1"), 1, Some(a.clone()));
+    store.restore(&topic("t/2"), 2, Some(a.clone()));
+    store.restore(&topic("t/3"), 3, None);
+    assert_eq!(store.held_by(&a), 2);
+    assert_eq!(
+        store.set(&topic("t/4"), Some(4), Some(&a)),
+        Err(QuotaExceeded { max: 1 })
+    );
+    // Its own topic may still be replaced; an unowned one is a new slot for it.
+    store.set(&topic("t/1"), Some(5), Some(&a)).unwrap();
+    assert!(store.set(&topic("t/3"), Some(6), Some(&a)).is_err());
+    store.set(&topic("t/3"), Some(7), None).unwrap();
+    store.set_quota(10);
+    store.set(&topic("t/4"), Some(8), Some(&a)).unwrap();
+    assert_eq!(store.held_by(&a), 3);
+}
+
+fn found_owned(store: &Owned<u32>, f: &str) -> Vec<(String, u32)> {
+    store
+        .matching(&filter(f))
+        .into_iter()
+        .map(|(t, m)| (t.as_str().to_owned(), m))
+        .collect()
+}

@@ -281,3 +281,42 @@ fn futures_poll<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::
     let mut cx = std::task::Context::from_waker(waker);
     f.poll(&mut cx)
 }
+
+/// SPEC 7: the retained backlog feeds the queue only while it is under half its bound,
+/// keeps order across batches, gives back what it could not queue, and a re-subscription
+/// with the same filter replaces (never adds to) what waits.
+#[test]
+fn the_retained_backlog_refills_the_queue_within_its_bound() {
+    let s = session(4);
+    let (_, _) = s.attach(1, CancellationToken::new());
+    let f = TopicFilter::parse("devices/dev-1/#").unwrap();
+    s.add_retained(&f, (1..=5).map(|n| delivery(QoS::AtLeastOnce, n)).collect());
+    s.add_retained(&f, (1..=5).map(|n| delivery(QoS::AtLeastOnce, n)).collect());
+    assert_eq!(s.retained_backlog_len(), 5, "replaced, not added");
+    assert!(
+        s.take_retained(2, 256).is_none(),
+        "only the attached connection"
+    );
+
+    let mut got = Vec::new();
+    while let Some((filter, batch)) = s.take_retained(1, 256) {
+        assert_eq!(filter, f);
+        assert!(batch.len() <= 2, "at most half of max_queued");
+        let mut batch = batch.into_iter();
+        let first = batch.next().unwrap();
+        s.untake_retained(filter, batch.collect());
+        assert_eq!(s.enqueue(first), Enqueued::Queued);
+        let out = s.next_batch(1, 10, 10);
+        got.extend(payloads(&out));
+        for o in out {
+            if let Outgoing::Publish { pkid, .. } = o {
+                s.puback(pkid);
+            }
+        }
+    }
+    assert_eq!(got, [1, 2, 3, 4, 5]);
+    assert_eq!(s.retained_backlog_len(), 0);
+    s.add_retained(&f, vec![delivery(QoS::AtLeastOnce, 9)]);
+    s.drop_retained(&f);
+    assert_eq!(s.retained_backlog_len(), 0);
+}
