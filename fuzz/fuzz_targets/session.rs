@@ -386,7 +386,9 @@ async fn run(input: Input) {
             std::panic::resume_unwind(e.into_panic());
         }
     }
-    client_reader.await.expect("the client reader does not panic");
+    client_reader
+        .await
+        .expect("the client reader does not panic");
 }
 
 /// One complete packet at the start of `buf`: (first byte, body start, packet length).
