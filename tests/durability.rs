@@ -599,3 +599,133 @@ async fn inbound_qos2_id_completed_before_kill_9_can_be_reused() {
         "a new message reusing a completed packet id was dropped"
     );
 }
+
+/// The client side of a persistent QoS 2 publisher, kept across its connections as a
+/// client library keeps it (paho resends its whole unfinished backlog after a reconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Not sent on any connection yet.
+    New,
+    /// PUBLISH sent, no PUBREC yet: resent with DUP.
+    Sent,
+    /// PUBREC received: PUBREL is (re)sent.
+    Released,
+    /// PUBCOMP received.
+    Done,
+}
+
+/// SPEC 7 (issue 10's kill -9 loop): a publisher pipelines more QoS 2 messages than the
+/// in-flight window (64) — all at once over MQTT 3.1.1, which cannot be told a limit; over
+/// MQTT 5 once beyond the Receive Maximum (DISCONNECT 0x93), then within it — and after
+/// every kill -9 resends its unfinished backlog. Every message arrives exactly once.
+async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: u64) {
+    const TOTAL: u16 = 150;
+    const WINDOW: usize = 64;
+    const KILLS: usize = 4;
+    let w = World::new("max_queued_messages = 100000");
+    let mut rng = Rng::new(seed(seed_default));
+    let mut state = vec![Out::New; usize::from(TOTAL) + 1];
+    let expiry = v5.then_some(3600);
+    let dev = w.device("dev-1");
+    let mut kills = 0;
+    let mut first = true;
+    loop {
+        let broker = BrokerProc::start(&w.config);
+        if first {
+            create_offline_subscriber(&w, &broker, 2).await;
+        }
+        let (mut p, _) = Raw::connect(&dev, broker.addr, "P", false, expiry).await;
+        // What this connection sends first: every unfinished exchange, in order; over
+        // MQTT 5 within the window except on the very first connection.
+        let limit = if v5 && !first { WINDOW } else { usize::MAX };
+        first = false;
+        let mut todo: std::collections::VecDeque<u16> = (1..=TOTAL)
+            .filter(|&i| state[usize::from(i)] != Out::Done)
+            .collect();
+        let mut open = 0usize;
+        let send_next = |state: &mut Vec<Out>, i: u16| -> Vec<u8> {
+            let s = &mut state[usize::from(i)];
+            let bytes = match *s {
+                Out::Released => wire::ack(wire::PUBREL, i),
+                Out::Sent => wire::publish_dup(v5, 2, i, &topic("dev-1"), &payload(u32::from(i))),
+                _ => wire::publish(v5, 2, false, i, &topic("dev-1"), &payload(u32::from(i))),
+            };
+            if *s == Out::New {
+                *s = Out::Sent;
+            }
+            bytes
+        };
+        let mut burst = Vec::new();
+        while open < limit {
+            let Some(i) = todo.pop_front() else { break };
+            burst.extend(send_next(&mut state, i));
+            open += 1;
+        }
+        let kill_after = (kills < KILLS).then(|| rng.range(1, 120));
+        let mut events = 0;
+        let mut alive = p.send(&burst).await.is_ok();
+        while alive && open > 0 {
+            if kill_after.is_some_and(|k| events >= k) {
+                break;
+            }
+            match p.recv_or_closed().await {
+                None | Some(Pkt::Disconnect { .. }) => alive = false,
+                Some(Pkt::Ack {
+                    kind: wire::PUBREC,
+                    pkid,
+                    reason,
+                }) => {
+                    assert_eq!(reason, 0, "PUBREC {pkid}");
+                    state[usize::from(pkid)] = Out::Released;
+                    events += 1;
+                    alive = p.send(&wire::ack(wire::PUBREL, pkid)).await.is_ok();
+                }
+                Some(Pkt::Ack {
+                    kind: wire::PUBCOMP,
+                    pkid,
+                    ..
+                }) => {
+                    state[usize::from(pkid)] = Out::Done;
+                    events += 1;
+                    open -= 1;
+                    if let Some(i) = todo.pop_front() {
+                        open += 1;
+                        alive = p.send(&send_next(&mut state, i)).await.is_ok();
+                    }
+                }
+                Some(other) => panic!("P: unexpected {other:?}"),
+            }
+        }
+        let done = state.iter().skip(1).all(|s| *s == Out::Done);
+        if kill_after.is_some() && !done {
+            broker.kill();
+            kills += 1;
+        } else if done {
+            break;
+        }
+        // Otherwise the connection ended (MQTT 5 over the window): reconnect to the same
+        // broker process's successor without a kill.
+    }
+    assert!(kills >= 1, "the stream finished before any kill");
+    let mut s = Receiver::default();
+    drain_to_marker(&w, &mut s).await;
+    let missing: Vec<u32> = (1..=u32::from(TOTAL))
+        .filter(|n| !s.got.contains_key(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "completed but never delivered: {missing:?}"
+    );
+    let twice: Vec<_> = s.got.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_qos2_beyond_the_window_across_kill_9_v311() {
+    pipelined_qos2_beyond_the_window_across_kill_9(false, 0x3111_0e2a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_qos2_beyond_the_window_across_kill_9_v5() {
+    pipelined_qos2_beyond_the_window_across_kill_9(true, 0x0005_0e2a).await;
+}

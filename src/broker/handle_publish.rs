@@ -57,6 +57,15 @@ impl PendingAck {
     }
 }
 
+/// What the synchronous part of an inbound PUBLISH decided.
+enum Next {
+    Duplicate,
+    OverLimit,
+    Denied,
+    /// Routed; and whether it carried a retained payload.
+    Routed(Published, bool),
+}
+
 /// A routed message some of whose sessions had no room yet (SPEC 9 flow control), and what
 /// its acknowledgement needs once they do.
 pub(super) struct Paced {
@@ -120,35 +129,59 @@ impl Conn<'_> {
         }
         let pkid = p.pkid;
         let qos = p.qos;
-        if qos == QoS::ExactlyOnce {
+        let denied = (!allowed).then(|| format!("not authorized to publish to {canonical}"));
+        // One store group (committed whole or not at all) for the inbound QoS 2 id and the
+        // message's deliveries: synchronous, so the guard is gone before any await.
+        let next = {
+            let _group = self.broker.store().map(|s| s.group());
             // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
             // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
             let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
-            match self.session.inbound_qos2_begin(pkid, limit) {
-                InboundQos2::New => {}
-                InboundQos2::Duplicate => {
-                    // A duplicate of a PUBLISH already routed: acknowledge only.
-                    let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
-                    return self
-                        .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
-                        .await;
+            let begin = match qos {
+                QoS::ExactlyOnce => self.session.inbound_qos2_begin(pkid, limit),
+                _ => InboundQos2::New,
+            };
+            match begin {
+                InboundQos2::Duplicate => Next::Duplicate,
+                InboundQos2::OverLimit => Next::OverLimit,
+                InboundQos2::New if !allowed => {
+                    if qos == QoS::ExactlyOnce {
+                        self.session.inbound_qos2_persist(pkid);
+                    }
+                    Next::Denied
                 }
-                InboundQos2::OverLimit => {
-                    return Err(protocol_error(
-                        D::ReceiveMaximumExceeded,
-                        "more QoS 2 messages in flight than the Receive Maximum",
-                    ));
+                InboundQos2::New => {
+                    let retained = p.retain && !p.payload.is_empty();
+                    let published = self.route(canonical, p);
+                    if qos == QoS::ExactlyOnce && published.waiting.is_empty() {
+                        self.session.inbound_qos2_persist(pkid);
+                    }
+                    Next::Routed(published, retained)
                 }
             }
-        }
-        if !allowed {
-            let text = format!("not authorized to publish to {canonical}");
-            return self
-                .acknowledge(qos, pkid, AckReason::NotAuthorized, None, Some(&text))
-                .await;
-        }
-        let retained = p.retain && !p.payload.is_empty();
-        let mut published = self.route(canonical, p).await;
+        };
+        let (mut published, retained) = match next {
+            Next::Duplicate => {
+                // A duplicate of a PUBLISH already routed: acknowledge only.
+                let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
+                return self
+                    .queue_ack(PendingAck::new(None, QoS::ExactlyOnce, pkid, ack))
+                    .await;
+            }
+            Next::OverLimit => {
+                return Err(protocol_error(
+                    D::ReceiveMaximumExceeded,
+                    "more QoS 2 messages in flight than the Receive Maximum",
+                ));
+            }
+            Next::Denied => {
+                let text = denied.unwrap_or_default();
+                return self
+                    .acknowledge(qos, pkid, AckReason::NotAuthorized, None, Some(&text))
+                    .await;
+            }
+            Next::Routed(published, retained) => (published, retained),
+        };
         let waiting = std::mem::take(&mut published.waiting);
         let paced = Paced {
             published,
@@ -173,13 +206,22 @@ impl Conn<'_> {
         let Some(mut paced) = self.paced.take() else {
             return Ok(());
         };
-        let mut still = Vec::new();
-        for (session, delivery) in std::mem::take(&mut paced.waiting) {
-            if let Err(delivery) = self.broker.offer(&mut paced.published, &session, delivery) {
-                still.push((session, delivery));
+        {
+            // The last deliveries and the inbound QoS 2 id in one store group. A crash
+            // while the message was paced leaves the deliveries queued before without the
+            // id: the client's resend is then routed again (a duplicate, never a loss).
+            let _group = self.broker.store().map(|s| s.group());
+            let mut still = Vec::new();
+            for (session, delivery) in std::mem::take(&mut paced.waiting) {
+                if let Err(delivery) = self.broker.offer(&mut paced.published, &session, delivery) {
+                    still.push((session, delivery));
+                }
+            }
+            paced.waiting = still;
+            if paced.waiting.is_empty() && paced.qos == QoS::ExactlyOnce {
+                self.session.inbound_qos2_persist(paced.pkid);
             }
         }
-        paced.waiting = still;
         if paced.waiting.is_empty() {
             self.finish_publish(paced).await
         } else {
@@ -302,7 +344,7 @@ impl Conn<'_> {
 
     /// Routes the message. A publisher feeding a subscriber that falls behind yields its
     /// thread (see [`Published::congested`]).
-    async fn route(&self, topic: TopicName, p: InPublish) -> Published {
+    fn route(&self, topic: TopicName, p: InPublish) -> Published {
         let message = Message {
             topic,
             payload: p.payload,

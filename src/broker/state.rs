@@ -663,11 +663,18 @@ impl Session {
             return InboundQos2::OverLimit;
         }
         inner.inbound_qos2.insert(pkid);
+        InboundQos2::New
+    }
+
+    /// Makes a recorded inbound QoS 2 id durable (persistent sessions). Submitted by the
+    /// publisher in the same store group as the message's deliveries once they are all
+    /// queued, never before them: an id committed without its message would make the
+    /// client's resend after a crash look like a duplicate, completed and never delivered.
+    pub fn inbound_qos2_persist(&self, pkid: u16) {
         self.submit(Op::InboundBegin {
             key: self.key.clone(),
             pkid,
         });
-        InboundQos2::New
     }
 
     /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.

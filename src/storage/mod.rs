@@ -146,11 +146,40 @@ pub enum Op {
     /// A write that changes nothing durable: it tests whether commits work again after
     /// they failed (disk full), since only a real write can tell.
     Probe,
+    /// Ops that must be committed in the same transaction (see [`Store::group`]).
+    Group(Vec<Op>),
     /// Completes when everything submitted before it is committed.
     Barrier(oneshot::Sender<Result<(), StoreError>>),
     /// A barrier that then checkpoints the write-ahead log into the database file and
     /// truncates the log, so that the `.db` file alone is the whole store (graceful stop).
     Checkpoint(oneshot::Sender<Result<(), StoreError>>),
+}
+
+thread_local! {
+    /// The ops of the [`Group`] open on this thread, if any.
+    static GROUP: std::cell::RefCell<Option<Vec<Op>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// An open group of ops (see [`Store::group`]); submits them as one when dropped.
+pub struct Group<'a> {
+    store: &'a Store,
+    /// Only the outermost guard of nested groups submits.
+    outer: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        if !self.outer {
+            return;
+        }
+        let ops = GROUP.with(|g| g.borrow_mut().take()).unwrap_or_default();
+        match ops.len() {
+            0 => {}
+            1 => self.store.submit(ops.into_iter().next().expect("one op")),
+            _ => self.store.submit(Op::Group(ops)),
+        }
+    }
 }
 
 /// Handle to the store; cheap to clone.
@@ -209,10 +238,44 @@ impl Store {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Submits an op (applied in order, committed with the next batch).
+    /// Submits an op (applied in order, committed with the next batch). While a
+    /// [`Group`] is open on this thread, the op joins the group instead.
     pub fn submit(&self, op: Op) {
-        // The writer only stops when the store is dropped; an op sent after that is moot.
-        let _ = self.inner.tx.send(op);
+        let op = GROUP.with(|g| match g.borrow_mut().as_mut() {
+            Some(ops) => {
+                ops.push(op);
+                None
+            }
+            None => Some(op),
+        });
+        if let Some(op) = op {
+            // The writer only stops when the store is dropped; an op sent after that is moot.
+            let _ = self.inner.tx.send(op);
+        }
+    }
+
+    /// Opens a group: every op submitted on this thread until the returned guard drops is
+    /// committed in one transaction, or not at all (SPEC 7). What needs it: an inbound
+    /// QoS 2 packet id must never be durable without the message it stands for (a crash
+    /// between two batches would otherwise leave the id, make the client's resend look
+    /// like a duplicate, and complete it without delivery), and a message's deliveries
+    /// to many sessions go together. The guard is not `Send`: it cannot be held across an
+    /// await, so a group is a synchronous stretch of one thread.
+    pub fn group(&self) -> Group<'_> {
+        let outer = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            if g.is_none() {
+                *g = Some(Vec::new());
+                true
+            } else {
+                false
+            }
+        });
+        Group {
+            store: self,
+            outer,
+            _not_send: std::marker::PhantomData,
+        }
     }
 
     /// Waits until everything submitted so far is committed.

@@ -84,13 +84,22 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
         let mut barriers = Vec::new();
         let mut checkpoints = Vec::new();
         let mut work = Vec::with_capacity(ops.len());
+        // A group is committed in this batch as a whole: flattened in place.
+        let mut flat = Vec::with_capacity(ops.len());
         for op in ops {
+            match op {
+                Op::Group(inner) => flat.extend(inner),
+                other => flat.push(other),
+            }
+        }
+        for op in flat {
             match op {
                 Op::Barrier(b) => barriers.push(b),
                 Op::Checkpoint(c) => checkpoints.push(c),
                 other => work.push(other),
             }
         }
+        let work = updates_after_their_enqueue(work);
         let gathered = work.len();
         let work = coalesce(work);
         if !work.is_empty() {
@@ -142,6 +151,67 @@ fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// A delivery's group (its Enqueue) is submitted when the publisher's routing ends, so the
+/// subscriber's connection can send it and submit `Sent` (even `Released`/`Delivered`)
+/// a moment before. Within a batch, such updates are moved right after their Enqueue, so
+/// they apply to the row instead of to nothing.
+fn updates_after_their_enqueue(work: Vec<Op>) -> Vec<Op> {
+    use std::collections::{HashMap, HashSet};
+    let update_id = |op: &Op| match op {
+        Op::Sent { id, .. } | Op::Released { id } | Op::Delivered { id } => Some(*id),
+        _ => None,
+    };
+    // Ids updated before their Enqueue in this batch.
+    let mut seen_enqueue = HashSet::new();
+    let mut early = HashSet::new();
+    for op in &work {
+        match op {
+            Op::Enqueue { id, .. } => {
+                seen_enqueue.insert(*id);
+            }
+            other => {
+                if let Some(id) = update_id(other) {
+                    if !seen_enqueue.contains(&id) {
+                        early.insert(id);
+                    }
+                }
+            }
+        }
+    }
+    let enqueued_later: HashSet<i64> = work
+        .iter()
+        .filter_map(|op| match op {
+            Op::Enqueue { id, .. } if early.contains(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    if enqueued_later.is_empty() {
+        return work;
+    }
+    let mut held: HashMap<i64, Vec<Op>> = HashMap::new();
+    let mut out = Vec::with_capacity(work.len());
+    let mut enqueued = HashSet::new();
+    for op in work {
+        match update_id(&op) {
+            Some(id) if enqueued_later.contains(&id) && !enqueued.contains(&id) => {
+                held.entry(id).or_default().push(op);
+            }
+            _ => {
+                let after = match &op {
+                    Op::Enqueue { id, .. } => {
+                        enqueued.insert(*id);
+                        held.remove(id)
+                    }
+                    _ => None,
+                };
+                out.push(op);
+                out.extend(after.into_iter().flatten());
+            }
+        }
+    }
+    out
 }
 
 /// Drops the ops of deliveries that were queued AND acknowledged within this batch: a
@@ -342,6 +412,12 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         Op::Barrier(_) | Op::Checkpoint(_) => {}
+        // Flattened into the batch before this point; applied in order if one gets here.
+        Op::Group(inner) => {
+            for op in inner {
+                apply_one(tx, op, ids)?;
+            }
+        }
     }
     Ok(())
 }
