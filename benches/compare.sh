@@ -413,11 +413,12 @@ jq -rs "$JQ_DEFS"'
 echo
 echo "fan-in, every round (acked_lost: PUBACK 0x00 received, never delivered; load: 1-min load average)"
 jq -rs "$JQ_DEFS"'
-  (["workload", "round", "broker", "delivered/s", "acked_lost", "lost", "p99_ms", "load"] | @tsv),
-  (.[] | select(.workload | test("^fan-in-qos[01](-cli)?$"))
-   | [.workload, (.round // 1 | tostring), .broker, (.figures.delivered_per_s | fmt),
-      (.figures.acked_lost | fmt), (.figures.lost | fmt), (.figures.latency_p99_ms | fmt),
-      (.load | fmt)]
+  (["workload", "round", "broker", "sent", "acked", "delivered", "delivered/s", "acked_lost",
+    "p99_ms", "load"] | @tsv),
+  (map(select(.workload | test("^fan-in-qos[01](-cli)?$"))) | sort_by(.workload, .round) | .[]
+   | [.workload, (.round // 1 | tostring), .broker, (.figures.sent | fmt), (.figures.acked | fmt),
+      (.figures.delivered | fmt), (.figures.delivered_per_s | fmt), (.figures.acked_lost | fmt),
+      (.figures.latency_p99_ms | fmt), (.load | fmt)]
    | @tsv)
 ' "$RESULTS" | column -t -s $'\t'
 say "raw results: $RESULTS"
