@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Side-by-side comparison of certmq and Mosquitto (SPEC 11) on this machine.
+# Side-by-side comparison of certmq, Mosquitto and rumqttd (SPEC 11) on this machine.
 #
-#   benches/compare.sh            # default sizes, about 3-5 minutes after the build
+#   benches/compare.sh                          # default sizes, about 8-10 minutes of workloads
+#   ONLY='^fan-in-qos' benches/compare.sh       # only the workloads whose name matches
 #
-# What it does: builds certmq and the load generator in release, writes a demo PKI
-# (`certmq demo-pki`), configures both brokers with the same mutual-TLS setup on
-# 127.0.0.1, starts them, runs every workload against each in turn with the same
-# generator, and prints one table: figure, certmq, mosquitto, ratio (certmq/mosquitto).
+# What it does: builds certmq and the load generator in release, builds rumqttd 0.20 once
+# into a cache folder outside the repository (about 10 minutes on 2 cores, skipped when
+# already built), writes a demo PKI (`certmq demo-pki`), configures the three brokers with
+# the same mutual-TLS setup on 127.0.0.1, starts them, runs every workload against each in
+# turn with the same generator, and prints one table: figure, certmq, mosquitto, rumqttd,
+# and certmq's ratio to each peer. The unpaced fan-in rows run FAN_IN_ROUNDS times (every
+# round is listed in a second table: delivered/s, acknowledged-then-lost, p99 latency),
+# and so does `fan-in-qos1-cli`, driven by Mosquitto's own command-line clients: FAN_IN_P
+# `mosquitto_pub -l` streams of CLI_MSGS QoS 1 messages each into one `mosquitto_sub`.
 # Raw results (one JSON object per line) are kept in $RESULTS
 # (default $CARGO_TARGET_DIR/compare-results.jsonl).
 #
 # Sizes (environment): CONNECT_N=2000 CONNECT_C=16 FAN_IN_P=8 FAN_OUT_S=8 FLOW_SECS=5
-# IDLE_N=10000; paced flows: PACED_RATE=1000 messages/s per publisher. Ports: CERTMQ_PORT=18883 MOSQ_PORT=18884. KEEP=1 keeps the work folder.
+# IDLE_N=10000 FAN_IN_ROUNDS=2 CLI_MSGS=20000; paced flows: PACED_RATE=1000 messages/s per
+# publisher. Ports: CERTMQ_PORT=18883 MOSQ_PORT=18884 RUMQTTD_PORT=18885. rumqttd:
+# RUMQTTD_CACHE (default ~/.cache/certmq-bench/rumqttd-0.20.0), or RUMQTTD=/path/to/rumqttd.
+# KEEP=1 keeps the work folder.
 #
 # File descriptors: every idle connection costs one descriptor in the generator and one in
 # the broker. The script raises the soft RLIMIT_NOFILE of this shell, which both brokers
@@ -22,7 +31,11 @@
 # certmq the intermediate; neither checks a CRL; both log warnings and errors only;
 # Mosquitto has `set_tcp_nodelay true` (NOTES.md: ~40 ms per connection without it) and
 # keeps its default queue limits (max_inflight_messages 20, max_queued_messages 1000;
-# certmq: max_inflight 64, max_queued_messages 1000).
+# certmq: max_inflight 64, max_queued_messages 1000). rumqttd trusts the root (it reads
+# only the first certificate of its `capath`; clients send their intermediate), has
+# `next_connection_delay_ms = 0` (its default 1 ms caps connects at 1,000/s), keeps its
+# example config's limits (max_inflight_count 100, a commit log of 10 segments of 100 MB,
+# max_outgoing_packet_count 200) and logs warnings only; it has no persistence.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +49,12 @@ IDLE_N="${IDLE_N:-10000}"
 PACED_RATE="${PACED_RATE:-1000}"
 CERTMQ_PORT="${CERTMQ_PORT:-18883}"
 MOSQ_PORT="${MOSQ_PORT:-18884}"
+RUMQTTD_PORT="${RUMQTTD_PORT:-18885}"
+FAN_IN_ROUNDS="${FAN_IN_ROUNDS:-2}"
+CLI_MSGS="${CLI_MSGS:-20000}"
+ONLY="${ONLY:-.}"
+RUMQTTD_VERSION=0.20.0
+RUMQTTD_CACHE="${RUMQTTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/certmq-bench/rumqttd-$RUMQTTD_VERSION}"
 
 say() { echo "[compare] $*" >&2; }
 
@@ -58,19 +77,32 @@ LOAD="$(cargo bench --bench load --no-run --message-format=json \
 CERTMQ="$CARGO_TARGET_DIR/release/certmq"
 [ -x "$LOAD" ] || { say "could not find the load generator binary"; exit 1; }
 
-if ! command -v mosquitto >/dev/null; then
-    say "installing mosquitto"
-    apt-get install -y mosquitto || { apt-get update && apt-get install -y mosquitto; }
+if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; then
+    say "installing mosquitto and mosquitto-clients"
+    apt-get install -y mosquitto mosquitto-clients \
+        || { apt-get update && apt-get install -y mosquitto mosquitto-clients; }
 fi
 MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+
+# rumqttd: built once, outside the repository, in its own target folder (an interrupted
+# build resumes). Not --locked: its lock file pins metrics 0.22.1, which current rustc
+# refuses (E0521); 0.22.4 builds.
+RUMQTTD="${RUMQTTD:-$RUMQTTD_CACHE/bin/rumqttd}"
+if [ ! -x "$RUMQTTD" ]; then
+    say "building rumqttd $RUMQTTD_VERSION into $RUMQTTD_CACHE (once; about 10 minutes)"
+    CARGO_TARGET_DIR="$RUMQTTD_CACHE/target" cargo install rumqttd \
+        --version "$RUMQTTD_VERSION" --features verify-client-cert --root "$RUMQTTD_CACHE"
+    rm -rf "$RUMQTTD_CACHE/target"
+fi
 
 # --- PKI and configs --------------------------------------------------------------------
 WORK="$(mktemp -d)"
 RESULTS="${RESULTS:-$CARGO_TARGET_DIR/compare-results.jsonl}"
 CERTMQ_PID=""
 MOSQ_PID=""
+RUMQTTD_PID=""
 cleanup() {
-    for pid in $CERTMQ_PID $MOSQ_PID; do
+    for pid in $CERTMQ_PID $MOSQ_PID $RUMQTTD_PID; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -129,21 +161,59 @@ use_identity_as_username true
 set_tcp_nodelay true
 EOF
 
+cat >"$WORK/rumqttd.toml" <<EOF
+id = 0
+
+[router]
+max_connections = 20000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:$RUMQTTD_PORT"
+next_connection_delay_ms = 0
+    [v4.1.tls]
+    capath = "$PKI/root.pem"
+    certpath = "$PKI/server.pem"
+    keypath = "$PKI/server.key"
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 100
+    dynamic_filters = true
+EOF
+
 # --- brokers ----------------------------------------------------------------------------
+# wait_port PORT PID: until PORT accepts, as long as PID (the broker started for it) lives.
 wait_port() {
     for _ in $(seq 100); do
+        kill -0 "$2" 2>/dev/null || { say "the broker for port $1 exited (see $WORK)"; return 1; }
         if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
         sleep 0.1
     done
     say "nothing listens on port $1"; return 1
 }
+# A port something else already listens on would measure that process instead (the
+# machine is shared): refuse, naming the variable to change.
+for var in CERTMQ_PORT MOSQ_PORT RUMQTTD_PORT; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/${!var}") 2>/dev/null; then
+        say "port ${!var} is already in use: set $var to a free port"
+        exit 1
+    fi
+done
 RUST_LOG=warn "$CERTMQ" serve --config "$WORK/certmq.toml" 2>"$WORK/certmq.log" &
 CERTMQ_PID=$!
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" &
 MOSQ_PID=$!
-wait_port "$CERTMQ_PORT"
-wait_port "$MOSQ_PORT"
-say "certmq pid $CERTMQ_PID on $CERTMQ_PORT, mosquitto pid $MOSQ_PID on $MOSQ_PORT ($("$MOSQUITTO" -h | head -n 1))"
+"$RUMQTTD" -q -c "$WORK/rumqttd.toml" >"$WORK/rumqttd.log" 2>&1 &
+RUMQTTD_PID=$!
+wait_port "$CERTMQ_PORT" "$CERTMQ_PID"
+wait_port "$MOSQ_PORT" "$MOSQ_PID"
+wait_port "$RUMQTTD_PORT" "$RUMQTTD_PID"
+say "certmq pid $CERTMQ_PID on $CERTMQ_PORT, mosquitto pid $MOSQ_PID on $MOSQ_PORT ($("$MOSQUITTO" -h | head -n 1)), rumqttd $RUMQTTD_VERSION pid $RUMQTTD_PID on $RUMQTTD_PORT"
+say "load average before the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- workloads --------------------------------------------------------------------------
 : >"$RESULTS"
@@ -152,15 +222,119 @@ COMMON=(--host 127.0.0.1 --ca "$PKI/root.pem"
     --devices-dir "$WORK/devices"
     --sub-cert "$PKI/backend.pem" --sub-key "$PKI/backend.key" --json)
 
-# run NAME WORKLOAD [OPTIONS...]: runs it against certmq, then against mosquitto.
+BROKERS=(certmq mosquitto rumqttd)
+port_of() {
+    case "$1" in
+        certmq) echo "$CERTMQ_PORT" ;;
+        mosquitto) echo "$MOSQ_PORT" ;;
+        rumqttd) echo "$RUMQTTD_PORT" ;;
+    esac
+}
+pid_of() {
+    case "$1" in
+        certmq) echo "$CERTMQ_PID" ;;
+        mosquitto) echo "$MOSQ_PID" ;;
+        rumqttd) echo "$RUMQTTD_PID" ;;
+    esac
+}
+load1() { cut -d' ' -f1 /proc/loadavg; }
+# cpu_ticks PID: utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ROUND=1
+
+# run NAME WORKLOAD [OPTIONS...]: runs it against each broker in turn, when NAME matches
+# $ONLY. The round and the 1-minute load average are recorded with each result.
 run() {
     local name="$1"
     shift
-    for broker in certmq mosquitto; do
-        local port="$CERTMQ_PORT" pid="$CERTMQ_PID"
-        if [ "$broker" = mosquitto ]; then port="$MOSQ_PORT" pid="$MOSQ_PID"; fi
-        "$LOAD" "$@" "${COMMON[@]}" --port "$port" --pid "$pid" --label "$broker" \
-            | jq -c --arg name "$name" '.workload = $name' >>"$RESULTS"
+    [[ "$name" =~ $ONLY ]] || return 0
+    for broker in "${BROKERS[@]}"; do
+        say "$name round $ROUND: $broker (load $(load1))"
+        "$LOAD" "$@" "${COMMON[@]}" --port "$(port_of "$broker")" --pid "$(pid_of "$broker")" \
+            --label "$broker" \
+            | jq -c --arg name "$name" --argjson round "$ROUND" --arg load "$(load1)" \
+                '.workload = $name | .round = $round | .load = ($load | tonumber)' >>"$RESULTS"
+    done
+}
+
+# cli_fan_in: FAN_IN_P `mosquitto_pub -l` streams of CLI_MSGS QoS 1 messages each (devices
+# bench-0.. from the generator's devices folder, each on its own topic) into one
+# `mosquitto_sub` (the backend identity) on devices/+/bench, against each broker in turn.
+# Payload "p<publisher>-<n>": mosquitto_pub numbers message ids from 1 in line order, so
+# "received PUBACK (Mid: n, RC:0)" in its debug output (-d) acknowledges line n as a
+# success (3.1.1 has no reason code; mosquitto_pub prints RC:0). acked_lost: lines acknowledged and never printed by the subscriber;
+# delivered_per_s: messages received over first publish to the last arrival (%U stamps).
+cli_fan_in() {
+    local name=fan-in-qos1-cli
+    [[ "$name" =~ $ONLY ]] || return 0
+    # The devices' certificates, issued by the generator on its first fan-in run.
+    if [ ! -e "$WORK/devices/bench-$((FAN_IN_P - 1)).pem" ]; then
+        "$LOAD" fan-in --publishers "$FAN_IN_P" --duration 0.1 --rate 10 "${COMMON[@]}" \
+            --port "$CERTMQ_PORT" --label certmq >/dev/null
+    fi
+    local total=$((FAN_IN_P * CLI_MSGS))
+    for broker in "${BROKERS[@]}"; do
+        say "$name round $ROUND: $broker (load $(load1))"
+        local dir="$WORK/cli-$broker-$ROUND" port pid
+        port="$(port_of "$broker")"
+        pid="$(pid_of "$broker")"
+        mkdir -p "$dir"
+        local tls=(-h localhost -p "$port" --cafile "$PKI/root.pem")
+        mosquitto_sub "${tls[@]}" --cert "$PKI/backend.pem" --key "$PKI/backend.key" \
+            -i "cli-sub-$broker-$ROUND" -q 1 -t 'devices/+/bench' -F '%U %p' \
+            >"$dir/sub.out" 2>"$dir/sub.err" &
+        local sub=$!
+        sleep 1 # for its SUBACK: mosquitto_sub prints nothing before the first message
+        local cpu0 start pubs=()
+        cpu0="$(cpu_ticks "$pid")"
+        start="$(date +%s.%N)"
+        for i in $(seq 0 $((FAN_IN_P - 1))); do
+            seq -f "p$i-%.0f" 1 "$CLI_MSGS" \
+                | mosquitto_pub "${tls[@]}" --cert "$WORK/devices/bench-$i.pem" \
+                    --key "$WORK/devices/bench-$i.key" -i "cli-pub-$i-$broker-$ROUND" -q 1 \
+                    -t "devices/bench-$i/bench" -l -d >"$dir/pub-$i.out" 2>&1 &
+            pubs+=($!)
+        done
+        local failed=0
+        for p in "${pubs[@]}"; do wait "$p" || failed=$((failed + 1)); done
+        # Drain: until every message arrived or arrivals stopped for 2 s (60 s at most).
+        local last=-1 same=0 now
+        for _ in $(seq 600); do
+            now="$(wc -l <"$dir/sub.out")"
+            if [ "$now" -ge "$total" ]; then break; fi
+            if [ "$now" = "$last" ]; then same=$((same + 1)); else same=0 last="$now"; fi
+            if [ "$same" -ge 20 ]; then break; fi
+            sleep 0.1
+        done
+        local cpu1
+        cpu1="$(cpu_ticks "$pid")"
+        kill "$sub" 2>/dev/null || true
+        wait "$sub" 2>/dev/null || true
+        for i in $(seq 0 $((FAN_IN_P - 1))); do
+            sed -n "s/.* received PUBACK (Mid: \([0-9]*\), RC:0).*/p$i-\1/p" "$dir/pub-$i.out"
+        done | sort -u >"$dir/acked"
+        cut -d' ' -f2 "$dir/sub.out" | sort -u >"$dir/received"
+        local delivered unique acked acked_lost last_s
+        delivered="$(wc -l <"$dir/sub.out")"
+        unique="$(wc -l <"$dir/received")"
+        acked="$(wc -l <"$dir/acked")"
+        acked_lost="$(comm -23 "$dir/acked" "$dir/received" | wc -l)"
+        last_s="$(cut -d' ' -f1 "$dir/sub.out" | sort -n | tail -n 1)"
+        jq -nc --arg broker "$broker" --arg name "$name" --argjson round "$ROUND" \
+            --arg load "$(load1)" --argjson sent "$total" --argjson failed "$failed" \
+            --argjson acked "$acked" --argjson delivered "$delivered" \
+            --argjson unique "$unique" --argjson acked_lost "$acked_lost" \
+            --arg start "$start" --arg last "${last_s:-0}" \
+            --argjson cpu "$((cpu1 - cpu0))" --argjson hz "$(getconf CLK_TCK)" '
+            { workload: $name, broker: $broker, round: $round, load: ($load | tonumber),
+              figures: { publishers_failed: $failed, sent: $sent, acked: $acked,
+                delivered: $delivered, duplicates: ($delivered - $unique),
+                lost: ($sent - $unique), acked_lost: $acked_lost,
+                delivered_per_s: (if $delivered == 0 then 0
+                    else $delivered / (($last | tonumber) - ($start | tonumber)) end),
+                server_cpu_s: ($cpu / $hz),
+                server_cpu_us_per_delivered: ($cpu / $hz * 1e6 / ([$delivered, 1] | max)) } }' \
+            >>"$RESULTS"
     done
 }
 
@@ -177,44 +351,74 @@ for qos in 0 1; do
     run "fan-in-qos$qos" fan-in --publishers "$FAN_IN_P" --qos "$qos" --duration "$FLOW_SECS"
     run "fan-out-qos$qos" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" --duration "$FLOW_SECS"
 done
+cli_fan_in
 for qos in 0 1; do
     run "fan-in-qos$qos-paced" fan-in --publishers "$FAN_IN_P" --qos "$qos" \
         --duration "$FLOW_SECS" --rate "$PACED_RATE"
     run "fan-out-qos$qos-paced" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" \
         --duration "$FLOW_SECS" --rate "$PACED_RATE"
 done
+# The unpaced fan-in rows again (rounds 2..FAN_IN_ROUNDS): the machine is shared.
+for ROUND in $(seq 2 "$FAN_IN_ROUNDS"); do
+    for qos in 0 1; do
+        run "fan-in-qos$qos" fan-in --publishers "$FAN_IN_P" --qos "$qos" --duration "$FLOW_SECS"
+    done
+    cli_fan_in
+done
+ROUND=1
 # Durability (issue 4): QoS 1 fan-in to a persistent subscriber (clean session 0), so every
 # message must be kept for it. certmq commits each one (group commit, fsync) before its
 # PUBACK; Mosquitto restarts with `persistence true`, which keeps messages in memory and
 # writes them to disk on its autosave interval (and at exit), losing what came since on a
-# crash: the stronger guarantee is certmq's.
-kill "$MOSQ_PID" 2>/dev/null || true
-wait "$MOSQ_PID" 2>/dev/null || true
-sed -i 's/^persistence false$/persistence true/' "$WORK/mosquitto.conf"
-echo "persistence_location $WORK/" >>"$WORK/mosquitto.conf"
-"$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>>"$WORK/mosquitto.log" &
-MOSQ_PID=$!
-wait_port "$MOSQ_PORT"
-run "fan-in-qos1-durable" fan-in --publishers "$FAN_IN_P" --qos 1 --duration "$FLOW_SECS" \
-    --persistent-subscribers
+# crash: the stronger guarantee is certmq's. rumqttd keeps them in memory only.
+if [[ fan-in-qos1-durable =~ $ONLY ]]; then
+    kill "$MOSQ_PID" 2>/dev/null || true
+    wait "$MOSQ_PID" 2>/dev/null || true
+    sed -i 's/^persistence false$/persistence true/' "$WORK/mosquitto.conf"
+    echo "persistence_location $WORK/" >>"$WORK/mosquitto.conf"
+    "$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>>"$WORK/mosquitto.log" &
+    MOSQ_PID=$!
+    wait_port "$MOSQ_PORT" "$MOSQ_PID"
+    run "fan-in-qos1-durable" fan-in --publishers "$FAN_IN_P" --qos 1 --duration "$FLOW_SECS" \
+        --persistent-subscribers
+fi
 say "workloads took $((SECONDS - START)) s"
+say "load average after the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- table ------------------------------------------------------------------------------
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "sizes: connect N=$CONNECT_N C=$CONNECT_C; fan-in P=$FAN_IN_P, fan-out S=$FAN_OUT_S, ${FLOW_SECS} s each (paced: $PACED_RATE msg/s per publisher); idle N=$IDLE_N"
-jq -rs '
+echo "sizes: connect N=$CONNECT_N C=$CONNECT_C; fan-in P=$FAN_IN_P, fan-out S=$FAN_OUT_S, ${FLOW_SECS} s each (paced: $PACED_RATE msg/s per publisher); idle N=$IDLE_N; cli fan-in $FAN_IN_P x $CLI_MSGS"
+echo "brokers: certmq $(git describe --always --dirty 2>/dev/null || echo '?'), $("$MOSQUITTO" -h | head -n 1 | sed 's/^mosquitto version/mosquitto/'), rumqttd $RUMQTTD_VERSION"
+JQ_DEFS='
   def fmt: if . == null then "-" elif (. | fabs) >= 100 then (. * 10 | round / 10 | tostring)
            else (. * 1000 | round / 1000 | tostring) end;
+  def ratio($a; $b): if $b == null or $b == 0 or $a == null then "-"
+                     else ($a / $b * 100 | round / 100 | tostring) + "x" end;'
+# Round 1 of every workload: each of certmq's figures beside both peers'.
+jq -rs "$JQ_DEFS"'
   ["connections", "concurrency", "publishers", "subscribers", "payload_bytes", "server_cpu_s"] as $skip
-  | (map(select(.broker == "mosquitto")) | map({key: .workload, value: .figures}) | from_entries) as $m
-  | (["figure", "certmq", "mosquitto", "ratio"] | @tsv),
-    (.[] | select(.broker == "certmq") | .workload as $w | .figures | to_entries[]
+  | map(select((.round // 1) == 1)) as $r1
+  | ($r1 | map(select(.broker == "mosquitto")) | map({key: .workload, value: .figures}) | from_entries) as $m
+  | ($r1 | map(select(.broker == "rumqttd")) | map({key: .workload, value: .figures}) | from_entries) as $q
+  | (["figure", "certmq", "mosquitto", "rumqttd", "vs mosquitto", "vs rumqttd"] | @tsv),
+    ($r1[] | select(.broker == "certmq") | .workload as $w | .figures | to_entries[]
      | select(.key as $k | $skip | index($k) | not)
-     | ($m[$w][.key]) as $mv
-     | [($w + " " + .key), (.value | fmt), ($mv | fmt),
-        (if $mv == null or $mv == 0 or .value == null then "-"
-         else (.value / $mv * 100 | round / 100 | tostring) + "x" end)]
+     | ($m[$w][.key]) as $mv | ($q[$w][.key]) as $qv
+     | [($w + " " + .key), (.value | fmt), ($mv | fmt), ($qv | fmt),
+        ratio(.value; $mv), ratio(.value; $qv)]
      | @tsv)
+' "$RESULTS" | column -t -s $'\t'
+# Every round of the unpaced fan-in rows: the figures the flow-control targets are about.
+echo
+echo "fan-in, every round (acked_lost: PUBACK 0x00 received, never delivered; load: 1-min load average)"
+jq -rs "$JQ_DEFS"'
+  (["workload", "round", "broker", "sent", "acked", "delivered", "delivered/s", "acked_lost",
+    "p99_ms", "load"] | @tsv),
+  (map(select(.workload | test("^fan-in-qos[01](-cli)?$"))) | sort_by(.workload, .round) | .[]
+   | [.workload, (.round // 1 | tostring), .broker, (.figures.sent | fmt), (.figures.acked | fmt),
+      (.figures.delivered | fmt), (.figures.delivered_per_s | fmt), (.figures.acked_lost | fmt),
+      (.figures.latency_p99_ms | fmt), (.load | fmt)]
+   | @tsv)
 ' "$RESULTS" | column -t -s $'\t'
 say "raw results: $RESULTS"

@@ -158,6 +158,10 @@ async fn fan_in_delivers_every_acknowledged_qos1_message() {
     assert!(sent > 0.0, "{r:?}");
     assert_eq!(figure(&r, "delivered"), sent, "{r:?}");
     assert_eq!(figure(&r, "lost"), 0.0);
+    assert_eq!(figure(&r, "acked"), sent, "{r:?}");
+    assert_eq!(figure(&r, "rejected"), 0.0);
+    assert_eq!(figure(&r, "acked_lost"), 0.0);
+    assert_eq!(figure(&r, "duplicates"), 0.0);
     assert!(figure(&r, "latency_p50_ms") > 0.0);
     let q0 = bench
         .run(
@@ -321,6 +325,23 @@ mod codec {
     }
 
     #[test]
+    fn puback_reads_an_mqtt5_reason_code_and_none_as_success() {
+        assert_eq!(
+            decode_all(&[0x40, 2, 0, 7, 0x40, 4, 0, 8, 0x97, 0]),
+            [
+                Packet::PubAck {
+                    packet_id: 7,
+                    reason: 0
+                },
+                Packet::PubAck {
+                    packet_id: 8,
+                    reason: 0x97
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn hostile_frames_are_errors() {
         let mut d = Decoder::new();
         d.buffer()
@@ -332,6 +353,37 @@ mod codec {
         let mut d = Decoder::new();
         d.buffer().extend_from_slice(&[0x36, 2, 0, 0]);
         assert!(matches!(d.next(), Err(MqttError::InvalidQos { .. })));
+    }
+}
+
+mod delivery_accounting {
+    use crate::load::flow::{read_header, Seen};
+
+    #[test]
+    fn seen_counts_duplicates_and_what_another_set_misses() {
+        let mut acked = Seen::default();
+        let mut received = Seen::default();
+        for seq in [0, 1, 63, 64, 200] {
+            assert!(acked.insert(seq));
+        }
+        for seq in [1, 64, 500] {
+            assert!(received.insert(seq));
+        }
+        assert!(!received.insert(64), "a duplicate");
+        assert_eq!(acked.count(), 5);
+        assert_eq!(received.count(), 3);
+        assert_eq!(acked.missing_from(&received), 3); // 0, 63 and 200
+        assert_eq!(received.missing_from(&acked), 1); // 500, never acknowledged
+    }
+
+    #[test]
+    fn a_payload_shorter_than_the_header_is_not_ours() {
+        assert_eq!(read_header(&[0; 19]), None);
+        let mut p = vec![0u8; 64];
+        p[..8].copy_from_slice(&5u64.to_le_bytes());
+        p[8..12].copy_from_slice(&3u32.to_le_bytes());
+        p[12..20].copy_from_slice(&9u64.to_le_bytes());
+        assert_eq!(read_header(&p), Some((5, 3, 9)));
     }
 }
 

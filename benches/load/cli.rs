@@ -117,8 +117,9 @@ pub struct Args {
     /// Unacknowledged QoS 1 PUBLISHes allowed per publisher.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub window: u16,
-    /// Payload bytes; the first 8 carry the send time.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(8..))]
+    /// Payload bytes; the first 20 carry the send time, the publisher and a sequence
+    /// number.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(20..))]
     pub payload: u16,
     /// Messages per second per publisher; 0 = as fast as the broker takes them.
     #[arg(long, default_value_t = 0.0)]

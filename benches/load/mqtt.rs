@@ -35,8 +35,11 @@ pub enum Packet {
         packet_id: u16,
         payload: Bytes,
     },
+    /// `reason` is the MQTT 5 reason code (0x00 success; 0x80 and above a refusal such as
+    /// 0x97 quota exceeded); a 3.1.1 PUBACK has none and reads as 0x00.
     PubAck {
         packet_id: u16,
+        reason: u8,
     },
     SubAck {
         packet_id: u16,
@@ -215,6 +218,7 @@ fn parse(first: u8, mut body: Bytes) -> Result<Packet, MqttError> {
             need("PUBACK", &body, 2)?;
             Ok(Packet::PubAck {
                 packet_id: u16::from_be_bytes([body[0], body[1]]),
+                reason: body.get(2).copied().unwrap_or(0),
             })
         }
         9 => {
