@@ -797,6 +797,12 @@ impl Inner {
                 }
                 return Ok(Enqueued::DroppedStalled);
             }
+            // An offline session's queue holds no QoS 0 (dropped at detach, never queued
+            // offline): no scan per message for a full offline queue (it cost a fan-in
+            // with a forgotten persistent subscriber 11% of the broker's CPU).
+            if self.attached.is_none() {
+                return Ok(Enqueued::DroppedFull);
+            }
             match self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
                 Some(i) => {
                     self.queue.remove(i);
