@@ -10,6 +10,7 @@
 //! connection takes a snapshot at accept for its handshake and another at CONNECT for the
 //! admission, so a reload takes effect for every new decision at once.
 
+mod admit;
 mod connection;
 pub mod control;
 pub mod live;

@@ -1,0 +1,344 @@
+//! CONNECT admission (SPEC 3, 4), from the CONNECT packet to a session the broker may
+//! open: the decision (first as a dry run), the authentication method, the client id, the
+//! will, the session quota, then the registry commit and what it implies (a new entry
+//! forgets the name's old sessions; a rotation cuts the superseded certificate). A refusal
+//! writes nothing to the registry and is logged and counted here; the caller only sends
+//! the CONNACK it gets back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use super::live::Scope;
+use super::Shared;
+use crate::acl::DeviceAcl;
+use crate::auth::{self, Admission, Decision, Presenter};
+use crate::broker::connect::{self, ClientId, ConnectRequest};
+use crate::broker::expiry::{self, Granted};
+use crate::broker::message::Message;
+use crate::broker::state::{Expiry, SessionKey};
+use crate::broker::{OpenRefused, Will, WillGate};
+use crate::cert::now_secs;
+use crate::config::{Config, Limits};
+use crate::identity::DeviceName;
+use crate::mqtt::codec::{Connect, Packet, Protocol};
+use crate::registry::{Admitted, Mode};
+
+/// An admitted CONNECT: everything opening its session needs.
+pub(super) struct Accepted {
+    pub req: ConnectRequest,
+    pub admission: Admission,
+    pub client_id: ClientId,
+    pub key: SessionKey,
+    pub acl: Arc<DeviceAcl>,
+    pub will: Option<Will>,
+    pub granted: Granted,
+    /// The config it was decided under (a reload meanwhile means deciding once more).
+    pub config: Arc<Config>,
+    pub chain: Arc<Vec<CertificateDer<'static>>>,
+    pub line: DecisionLine,
+}
+
+/// Why a CONNECT was not admitted: the CONNACK to send, if any (None when the decision
+/// itself failed to run). Already logged and counted.
+pub(super) type Refusal = Option<Packet>;
+
+/// Decides a CONNECT (SPEC 3 step 8 and the checks of SPEC 4-6), committing to the
+/// registry only once it is accepted.
+pub(super) async fn admit(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    packet: Connect,
+    chain: Vec<CertificateDer<'static>>,
+    limits: &Limits,
+) -> Result<Accepted, Refusal> {
+    let metrics = &shared.metrics;
+    let req = ConnectRequest::from_packet(&packet);
+    let config = shared.snapshot().config.clone();
+    let chain = Arc::new(chain);
+    // A dry run first: every other reason to refuse is known before anything is written.
+    let dry = decide(shared, &config, &chain, Mode::DryRun, peer)
+        .await
+        .ok_or(None)?;
+    let line = DecisionLine::new(peer, &req, &dry, &config);
+    let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
+        line.refused(label, why);
+        metrics.auth_refused(label);
+        Some(ack)
+    };
+    let admission = match dry.result {
+        Ok(a) => a,
+        Err(r) => {
+            return Err(refuse(
+                r.label(),
+                &r,
+                connect::connack_refused(req.protocol, &r),
+            ))
+        }
+    };
+    let device = admission.device.clone();
+    if let Some(method) = &req.authentication_method {
+        let why = format!("enhanced authentication {method:?} is not supported");
+        let ack = connect::connack_bad_auth_method(method);
+        return Err(refuse("bad_authentication_method", &why, ack));
+    }
+    // Client identifier (SPEC 4) and will (SPEC 5, 6).
+    let client_id = match connect::client_id(&req) {
+        Ok(id) => id,
+        Err(why) => {
+            let ack = connect::connack_bad_client_id(req.protocol, &why);
+            return Err(refuse("bad_client_id", &why, ack));
+        }
+    };
+    let acl = Arc::new(admission.profile.for_device(device.as_str()));
+    let mut will = match connect::will(&packet, device.as_str(), &acl) {
+        Ok(w) => w,
+        Err(why) => {
+            let ack = connect::connack_bad_will(req.protocol, &why);
+            return Err(refuse("will_not_authorized", &why, ack));
+        }
+    };
+    drop(packet);
+    // SPEC 2: every persistent session expires within `max_session_expiry`.
+    let granted = expiry::granted(
+        req.protocol,
+        req.clean_start,
+        req.session_expiry,
+        limits.max_session_expiry,
+    );
+    let key = SessionKey {
+        device: device.clone(),
+        client_id: client_id.id.clone(),
+    };
+    let quota = limits.max_sessions_per_device;
+    let persistent = granted.expiry != Expiry::OnDisconnect;
+    if !shared
+        .broker
+        .may_open(&key, req.clean_start, persistent, quota)
+    {
+        let why = OpenRefused::Quota { max: quota };
+        return Err(refuse(
+            "quota_exceeded",
+            &why,
+            connect::connack_quota(req.protocol, &why),
+        ));
+    }
+    // Everything else passed: commit what the dry run would write, deciding again in one
+    // registry transaction (the registry may have changed meanwhile).
+    let admission = if admission.registry == Admitted::Known {
+        admission
+    } else {
+        let decision = decide(shared, &config, &chain, Mode::Commit, peer)
+            .await
+            .ok_or(None)?;
+        match decision.result {
+            // The same chain under the same config names the same device.
+            Ok(a) => a,
+            Err(r) => {
+                return Err(refuse(
+                    r.label(),
+                    &r,
+                    connect::connack_refused(req.protocol, &r),
+                ))
+            }
+        }
+    };
+    line.accepted(&admission.registry);
+    registry_written(shared, &config, &admission).await;
+    shared.registry.touch(device.as_str(), now_secs());
+    if let Some(w) = will.as_mut() {
+        w.gate = Some(will_gate(shared, &admission, &chain));
+    }
+    Ok(Accepted {
+        req,
+        admission,
+        client_id,
+        key,
+        acl,
+        will,
+        granted,
+        config,
+        chain,
+        line,
+    })
+}
+
+/// What the broker's own registry write implies for sessions (SPEC 4).
+async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission: &Admission) {
+    let device = admission.device.clone();
+    match admission.registry {
+        Admitted::Known => {}
+        // A new registry entry: whatever was held under this name belonged to a deleted
+        // one, connections and sessions alike.
+        Admitted::Provisioned => {
+            shared
+                .metrics
+                .devices_provisioned
+                .fetch_add(1, Ordering::Relaxed);
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.forget_entry(&device)).await;
+        }
+        // Connections still using the superseded certificate are cut now, not at the next
+        // registry poll.
+        Admitted::Rotated { .. } => {
+            let (s, c) = (shared.clone(), config.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                s.live
+                    .recheck(&c, &s.registry, &s.broker, Scope::Device(&device))
+            })
+            .await;
+        }
+    }
+}
+
+/// The refusal of one persistent session over `max_sessions_per_device` (SPEC 4), when
+/// the broker finds it only while opening the session (a race with another CONNECT).
+pub(super) fn refuse_quota(
+    line: &DecisionLine,
+    shared: &Shared,
+    protocol: Protocol,
+    max: usize,
+) -> Packet {
+    let why = OpenRefused::Quota { max };
+    line.refused("quota_exceeded", &why);
+    shared.metrics.auth_refused("quota_exceeded");
+    connect::connack_quota(protocol, &why)
+}
+
+/// Runs the admission decision off the async workers (it may commit and fsync); None when
+/// the task failed (logged).
+async fn decide(
+    shared: &Arc<Shared>,
+    config: &Arc<Config>,
+    chain: &Arc<Vec<CertificateDer<'static>>>,
+    mode: Mode,
+    peer: SocketAddr,
+) -> Option<Decision> {
+    let (config, registry, chain) = (config.clone(), shared.registry.clone(), chain.clone());
+    let decided = tokio::task::spawn_blocking(move || {
+        auth::decide(&config, &registry, &chain, UnixTime::now(), mode)
+    })
+    .await;
+    match decided {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "admission task failed");
+            None
+        }
+    }
+}
+
+/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
+/// decided again, and the will's topic under the current profile.
+fn will_gate(
+    shared: &Arc<Shared>,
+    admission: &auth::Admission,
+    chain: &Arc<Vec<CertificateDer<'static>>>,
+) -> WillGate {
+    let shared = shared.clone();
+    let chain = chain.clone();
+    let device = admission.device.clone();
+    let source = admission.source.clone();
+    let fingerprint = admission.fingerprint;
+    Arc::new(move |message: &Message| {
+        let config = shared.snapshot().config.clone();
+        let row = shared
+            .registry
+            .get(device.as_str())
+            .map_err(|e| format!("the registry cannot answer: {e}"))?;
+        let presenter = Presenter {
+            source: &source,
+            fingerprint,
+            chain: &chain,
+        };
+        let profile = auth::standing(
+            &config,
+            row.as_ref(),
+            &device,
+            Some(presenter),
+            true,
+            UnixTime::now(),
+        )
+        .map_err(|r| r.to_string())?;
+        if profile
+            .for_device(device.as_str())
+            .can_publish(&message.topic)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "topic {:?} is no longer allowed",
+                message.topic.as_str()
+            ))
+        }
+    })
+}
+
+/// The fields of the one structured line per CONNECT decision (SPEC 3): every value that
+/// comes from the peer (device name, client id, reason) is quoted and escaped.
+pub(super) struct DecisionLine {
+    peer: SocketAddr,
+    fingerprint: String,
+    rule: String,
+    device: Option<DeviceName>,
+    client_id: String,
+}
+
+impl DecisionLine {
+    fn new(peer: SocketAddr, req: &ConnectRequest, d: &Decision, config: &Config) -> DecisionLine {
+        DecisionLine {
+            peer,
+            fingerprint: d
+                .report
+                .leaf
+                .as_ref()
+                .map(|l| l.fingerprint.to_hex())
+                .unwrap_or_else(|| "-".to_owned()),
+            rule: d.rule_label(config).unwrap_or_else(|| "-".to_owned()),
+            device: d.device.clone(),
+            client_id: req.client_id.clone(),
+        }
+    }
+
+    fn device(&self) -> String {
+        self.device
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |d| d.as_str().to_owned())
+    }
+
+    pub(super) fn accepted(&self, admitted: &Admitted) {
+        tracing::info!(
+            target: "certmq::auth",
+            peer = %self.peer,
+            fingerprint = %self.fingerprint,
+            rule = ?self.rule,
+            device = ?self.device(),
+            client_id = ?self.client_id,
+            result = "accepted",
+            reason = ?admitted,
+            "accepted at CONNECT"
+        );
+    }
+
+    pub(super) fn refused(&self, label: &str, why: &dyn std::fmt::Display) {
+        let Some(suppressed) = crate::logline::refusal_allowed(self.peer.ip()) else {
+            return;
+        };
+        tracing::warn!(
+            target: "certmq::auth",
+            peer = %self.peer,
+            fingerprint = %self.fingerprint,
+            rule = ?self.rule,
+            device = ?self.device(),
+            client_id = ?self.client_id,
+            result = "refused",
+            stage = "connect",
+            reason = label,
+            detail = ?why.to_string(),
+            suppressed,
+            "refused at CONNECT"
+        );
+    }
+}
