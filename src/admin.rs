@@ -77,12 +77,11 @@ async fn respond(
             }
         }
         "/metrics" => {
-            let mut body = shared.metrics.render();
-            body.push_str("# TYPE certmq_sessions gauge\n");
-            body.push_str(&format!(
-                "certmq_sessions {}\n",
-                shared.broker.session_count()
-            ));
+            let body = shared.metrics.render_with(&[(
+                "certmq_sessions",
+                "sessions held, connected or not",
+                shared.broker.session_count() as f64,
+            )]);
             let mut r = text(StatusCode::OK, body);
             if let Ok(v) = "text/plain; version=0.0.4".parse() {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);

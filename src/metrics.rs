@@ -32,6 +32,12 @@ pub struct Metrics {
     last_reload_ok: AtomicI64,
     /// Each anchor's certificate notAfter, so expiring anchors can be alerted on.
     anchors: Mutex<Vec<(String, i64)>>,
+    /// Each anchor's CRL nextUpdate (anchors with a CRL that has one).
+    crls: Mutex<Vec<(String, i64)>>,
+    /// The server certificate's notAfter (0 until a config is in force).
+    server_not_after: AtomicI64,
+    /// When this process started, seconds since the epoch.
+    started_at: AtomicI64,
     /// Messages a device's sessions could not take since the last flush into the registry
     /// (`devices show`). Per device, not a metric label: devices are unbounded.
     device_drops: Mutex<std::collections::HashMap<String, u64>>,
@@ -111,16 +117,41 @@ impl Metrics {
         self.last_reload_ok.store(i64::from(ok), Ordering::Relaxed);
     }
 
-    /// Publishes the anchors of the config in force.
-    pub fn set_anchor_expiry(&self, config: &crate::config::Config) {
-        let list = config
+    /// A successful start counts as a successful load of the config: without it the
+    /// usual alert on `certmq_last_reload_success == 0` would fire on every fresh start.
+    pub fn started(&self) {
+        let now = crate::cert::now_secs();
+        self.started_at.store(now, Ordering::Relaxed);
+        self.last_reload_at.store(now, Ordering::Relaxed);
+        self.last_reload_ok.store(1, Ordering::Relaxed);
+    }
+
+    /// Publishes the expiry gauges of the config in force (SPEC 10): each anchor's
+    /// notAfter, each anchor CRL's nextUpdate, the server certificate's notAfter.
+    pub fn set_config_gauges(&self, config: &crate::config::Config) {
+        let anchors = config
             .anchors
             .iter()
             .map(|a| (a.name.clone(), a.info.validity.not_after))
             .collect();
         if let Ok(mut a) = self.anchors.lock() {
-            *a = list;
+            *a = anchors;
         }
+        let crls = config
+            .anchors
+            .iter()
+            .filter_map(|a| Some((a.name.clone(), a.crl.as_ref()?.next_update?)))
+            .collect();
+        if let Ok(mut c) = self.crls.lock() {
+            *c = crls;
+        }
+        let server = config
+            .server
+            .cert_chain
+            .first()
+            .and_then(|leaf| crate::cert::CertInfo::from_der(leaf).ok())
+            .map_or(0, |info| info.validity.not_after);
+        self.server_not_after.store(server, Ordering::Relaxed);
     }
 
     /// Refusal counts so far (tests and the admin endpoint).
@@ -128,10 +159,57 @@ impl Metrics {
         self.refusals.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition: every metric with its HELP and TYPE lines.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        // Each family's TYPE line gets its HELP line before it, from one table (`help`).
+        for line in self.render_body().lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                let _ = writeln!(out, "# HELP {name} {}", help(name));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+
+    /// [`Metrics::render`] plus gauges that live elsewhere (name, HELP, value).
+    pub fn render_with(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = self.render();
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+
+    fn render_body(&self) -> String {
+        let mut out = String::new();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# TYPE certmq_build_info gauge");
+        let _ = writeln!(
+            out,
+            "certmq_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE certmq_server_certificate_not_after_timestamp_seconds gauge"
+        );
+        let _ = writeln!(
+            out,
+            "certmq_server_certificate_not_after_timestamp_seconds {}",
+            self.server_not_after.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE certmq_crl_next_update_timestamp_seconds gauge");
+        for (name, next) in self.crls.lock().map(|c| c.clone()).unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "certmq_crl_next_update_timestamp_seconds{{anchor=\"{name}\"}} {next}"
+            );
+        }
+        process_metrics(&mut out, self.started_at.load(Ordering::Relaxed));
         let _ = writeln!(out, "# TYPE certmq_connections gauge");
         let _ = writeln!(
             out,
@@ -224,5 +302,78 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// The HELP text of each metric family.
+fn help(name: &str) -> &'static str {
+    match name {
+        "certmq_build_info" => "certmq's version; always 1",
+        "certmq_server_certificate_not_after_timestamp_seconds" => {
+            "notAfter of the server certificate in force, seconds since the epoch"
+        }
+        "certmq_crl_next_update_timestamp_seconds" => {
+            "nextUpdate of each anchor's CRL, seconds since the epoch"
+        }
+        "certmq_anchor_not_after_timestamp_seconds" => {
+            "notAfter of each trust anchor's certificate, seconds since the epoch"
+        }
+        "certmq_connections" => "open device connections (TCP accepted, not yet closed)",
+        "certmq_handshakes_total" => "TLS handshakes by result",
+        "certmq_auth_refusals_total" => "connections refused, at TLS or at CONNECT, by reason",
+        "certmq_devices_provisioned_total" => "devices created on their first connection",
+        "certmq_messages_received_total" => "PUBLISH packets accepted from clients",
+        "certmq_messages_sent_total" => "PUBLISH packets sent to clients",
+        "certmq_messages_dropped_total" => {
+            "messages a session could not take or may not receive, by reason"
+        }
+        "certmq_reloads_total" => "configuration reloads by result",
+        "certmq_last_reload_timestamp_seconds" => {
+            "when the configuration was last loaded (start or reload), seconds since the epoch"
+        }
+        "certmq_last_reload_success" => {
+            "1 when the last load of the configuration (start or reload) applied, else 0"
+        }
+        "process_cpu_seconds_total" => "user and system CPU time of the broker process",
+        "process_resident_memory_bytes" => "resident memory of the broker process",
+        "process_open_fds" => "open file descriptors of the broker process",
+        "process_start_time_seconds" => "when the broker process started, seconds since the epoch",
+        _ => "certmq metric",
+    }
+}
+
+/// The standard process metrics, read from /proc (Linux); a family whose source cannot be
+/// read is left out.
+fn process_metrics(out: &mut String, started_at: i64) {
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // After the command name in parentheses: field 14 utime, 15 stime (clock ticks).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
+            // Linux's USER_HZ is 100 on every architecture certmq is built for.
+            let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+            let _ = writeln!(out, "process_cpu_seconds_total {}", (u + s) as f64 / 100.0);
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+        if let Some(kib) = rss {
+            let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+            let _ = writeln!(out, "process_resident_memory_bytes {}", kib * 1024);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(out, "# TYPE process_open_fds gauge");
+        let _ = writeln!(out, "process_open_fds {}", fds.count());
+    }
+    if started_at > 0 {
+        let _ = writeln!(out, "# TYPE process_start_time_seconds gauge");
+        let _ = writeln!(out, "process_start_time_seconds {started_at}");
     }
 }

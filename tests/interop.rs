@@ -439,7 +439,7 @@ fn readme_examples(readme: &str) -> Vec<String> {
         .collect()
 }
 
-/// The shipped config with only `bind` and `data_dir` changed, written to
+/// The shipped config with only `bind`, `admin_bind` and `data_dir` changed, written to
 /// `dir/config/certmq.toml` next to a `dir/certs-example` link, so its relative paths
 /// (`../certs-example/...`) resolve as they do in the repository.
 fn shipped_config_copy(dir: &Path) -> PathBuf {
@@ -452,6 +452,8 @@ fn shipped_config_copy(dir: &Path) -> PathBuf {
             if line.starts_with("bind =") {
                 bind += 1;
                 "bind = \"127.0.0.1:0\"".to_owned()
+            } else if line.starts_with("admin_bind =") {
+                "admin_bind = \"127.0.0.1:0\"".to_owned()
             } else if line.starts_with("data_dir =") {
                 data_dir += 1;
                 format!("data_dir = {:?}", data.to_str().expect("UTF-8 tempdir"))

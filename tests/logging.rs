@@ -133,3 +133,58 @@ fn an_invalid_level_is_a_config_problem() {
     assert_eq!(run.code, Some(1));
     assert!(run.stderr.contains("log.level"), "{}", run.stderr);
 }
+
+/// SPEC 10: `/metrics` has HELP and TYPE lines for every family, before its samples; the
+/// expiry gauges, build info and process metrics are there; a fresh start counts as a
+/// successful load of the configuration.
+#[tokio::test]
+async fn metrics_are_complete_and_well_formed() {
+    let fx = Fixture::new();
+    let crl = fx
+        .fleet
+        .crl(&[], certmq::pki::Validity::days(-1, 7))
+        .expect("CRL");
+    fx.write("fleet.crl", &crl);
+    let path = config(
+        &fx,
+        &format!("{}crl = \"fleet.crl\"\n", Fixture::fleet_anchor(true)),
+    );
+    let broker = Proc::start(&fx, &path).await;
+    let (status, body) = broker.get("/metrics").await;
+    assert_eq!(status, 200);
+    let mut helped = std::collections::HashSet::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().expect("name");
+            assert!(rest.len() > name.len() + 1, "empty HELP: {line}");
+            helped.insert(name.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().expect("name");
+            assert!(helped.contains(name), "TYPE before HELP: {line}");
+            typed.insert(name.to_owned());
+        } else {
+            let name = line.split(['{', ' ']).next().expect("name");
+            assert!(typed.contains(name), "a sample without TYPE: {line}");
+        }
+    }
+    for series in [
+        "certmq_build_info{version=\"0.1.0\"}",
+        "certmq_last_reload_success",
+        "certmq_server_certificate_not_after_timestamp_seconds",
+        "certmq_anchor_not_after_timestamp_seconds{anchor=\"fleet\"}",
+        "certmq_crl_next_update_timestamp_seconds{anchor=\"fleet\"}",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        let v = common::ops::metric(&body, series).unwrap_or_else(|| panic!("{series}: {body}"));
+        assert!(v > 0.0, "{series} = {v}");
+    }
+    assert_eq!(
+        common::ops::metric(&body, "certmq_last_reload_success"),
+        Some(1.0)
+    );
+    // Counted in 10 ms ticks: a fresh broker may not have used one yet.
+    assert!(common::ops::metric(&body, "process_cpu_seconds_total").is_some());
+}
