@@ -4,7 +4,6 @@
 //! duplicate is acknowledged but not routed again, also across a reconnect).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::message::Message;
 use super::session::{protocol_error, Conn, End};
@@ -351,7 +350,7 @@ impl Conn<'_> {
             qos: p.qos,
             retain: p.retain,
             props: p.props,
-            expires_at: Message::deadline(p.message_expiry, Instant::now()),
+            expires_at: Message::deadline_from_now(p.message_expiry),
             store_id: Default::default(),
         };
         self.broker

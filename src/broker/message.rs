@@ -94,4 +94,9 @@ impl Message {
     pub fn deadline(interval: Option<u32>, now: Instant) -> Option<Instant> {
         interval.map(|s| now + Duration::from_secs(u64::from(s)))
     }
+
+    /// [`Message::deadline`] from now, reading the clock only when there is an interval.
+    pub fn deadline_from_now(interval: Option<u32>) -> Option<Instant> {
+        interval.map(|s| Instant::now() + Duration::from_secs(u64::from(s)))
+    }
 }
