@@ -411,13 +411,7 @@ async fn refused_connect_neither_provisions_nor_rotates() {
     );
 
     // A will the profile does not allow, from a new device (3.1.1).
-    let mut will = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
-    for s in ["d8", "devices/other/will", "x"] {
-        will.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
-        will.extend_from_slice(s.as_bytes());
-    }
-    let mut packet = vec![0x10, u8::try_from(will.len()).expect("short")];
-    packet.extend_from_slice(&will);
+    let packet = common::connect_v311_with_will("d8", "devices/other/will");
     let d8 = fx.client(&fx.device("d8.devices.example.com"));
     let ack = d8.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5], "will refused with 5");
@@ -456,13 +450,7 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
     // A refused CONNECT (its will is not allowed) whose client id carries a line break and
     // fields of the decision line.
     let id = "evil\nresult=\"accepted\" device=\"backend\"";
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
-    for s in [id, "devices/other/will", "x"] {
-        body.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
-        body.extend_from_slice(s.as_bytes());
-    }
-    let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
-    packet.extend_from_slice(&body);
+    let packet = common::connect_v311_with_will(id, "devices/other/will");
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     let ack = dev.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5]);

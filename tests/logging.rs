@@ -21,13 +21,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
     let mut broker = Proc::start(&fx, &path).await;
     // A refused CONNECT whose client id tries to break the line and the object.
     let id = "x\"}\n{\"result\":\"accepted\"";
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
-    for s in [id, "devices/other/will", "x"] {
-        body.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
-        body.extend_from_slice(s.as_bytes());
-    }
-    let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
-    packet.extend_from_slice(&body);
+    let packet = common::connect_v311_with_will(id, "devices/other/will");
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     assert_eq!(
         dev.raw(broker.mqtt, &packet).await.expect("CONNACK"),

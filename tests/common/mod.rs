@@ -442,3 +442,16 @@ pub fn connect_v5_bytes(client_id: &str) -> Vec<u8> {
     p.extend(body);
     p
 }
+
+/// An MQTT 3.1.1 CONNECT (clean session) with a QoS 0 will on `will_topic`: with a topic the
+/// device may not publish to, a CONNECT refused after the admission (code 5).
+pub fn connect_v311_with_will(client_id: &str, will_topic: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 30];
+    for s in [client_id, will_topic, "x"] {
+        body.extend_from_slice(&u16::try_from(s.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
+    packet.extend_from_slice(&body);
+    packet
+}
