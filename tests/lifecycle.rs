@@ -466,3 +466,30 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
         "a forged field or line: {log}"
     );
 }
+
+/// SPEC 3 "Names people can read": a CN whose name part holds a zero-width space (or a
+/// bidi override) is refused at CONNECT and provisions nothing, so `devices list` can never
+/// show two identical-looking `pump-1` rows.
+#[tokio::test]
+async fn invisible_characters_in_a_name_are_refused_and_not_provisioned() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let broker = Proc::start(&fx, &path).await;
+    let real = fx.client(&fx.device("pump-1.devices.example.com"));
+    assert_eq!(real.connect_v5(broker.mqtt, "p").await, Outcome::Accepted);
+    for cn in [
+        "pump\u{200b}-1.devices.example.com",
+        "pump-1\u{202e}.devices.example.com",
+        " pump-1.devices.example.com",
+    ] {
+        let lookalike = fx.client(&fx.device(cn));
+        assert_eq!(
+            lookalike.connect_v5(broker.mqtt, "p").await,
+            Outcome::Refused(NOT_AUTHORIZED_V5),
+            "{cn:?}"
+        );
+    }
+    let list = devices(&fx, &path, &["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{list}");
+}
