@@ -622,6 +622,7 @@ impl Broker {
         let msg = delivery.msg.clone();
         let qos = delivery.qos;
         let (outcome, _) = session.deliver(delivery, Some(self.stall_timeout()))?;
+        session.pass_room();
         self.account(out, session, outcome, &msg, qos);
         Ok(())
     }

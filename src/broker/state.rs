@@ -351,6 +351,14 @@ impl Session {
         Ok((outcome, congested))
     }
 
+    /// After a paced publisher's delivery was taken: wakes the next waiting publisher if
+    /// room is left (see `next_batch`), so that no publisher waits while there is room.
+    pub fn pass_room(&self) {
+        if self.has_room() {
+            self.room.notify_one();
+        }
+    }
+
     /// Whether the queue has room for one more delivery.
     pub fn has_room(&self) -> bool {
         let inner = self.lock();
@@ -494,6 +502,7 @@ impl Session {
         if !inner.holds(conn_id) {
             return Vec::new();
         }
+        let was_full = inner.queue.len() >= inner.max_queued;
         let mut out = Vec::new();
         while out.len() < max {
             let Some(front) = inner.queue.front() else {
@@ -528,12 +537,16 @@ impl Session {
         }
         if !out.is_empty() {
             inner.progressed();
-            // Paced publishers are woken once the queue is half empty (not at every
-            // message: each wake-up costs every waiting publisher a retry).
-            let wake = inner.queue.len() <= inner.max_queued / 2;
+            // Paced publishers wait only while the queue is full. Half empty: all of them
+            // are woken at once. Room after being full: one is (not every waiting
+            // publisher at every message a slow subscriber takes), and a publisher whose
+            // retry still finds room passes the wake-up on (`Session::pass_room`).
+            let all = inner.queue.len() <= inner.max_queued / 2;
             drop(inner);
-            if wake {
+            if all {
                 self.room.notify_waiters();
+            } else if was_full {
+                self.room.notify_one();
             }
         }
         out

@@ -255,18 +255,18 @@ async fn a_full_connected_session_paces_until_it_stalls() {
 /// pace nobody) and when the queue drains to half.
 #[tokio::test(start_paused = true)]
 async fn paced_publishers_are_woken_by_room_and_by_detach() {
-    let s = session(4);
+    let s = session(8);
     s.attach(1, CancellationToken::new());
-    for n in 0..4 {
+    for n in 0..7 {
         s.enqueue(delivery(QoS::AtLeastOnce, n));
     }
     let room = s.room();
     tokio::pin!(room);
     room.as_mut().enable();
-    // One taken: 3 of 4 left, not yet half: no wake-up.
+    // Not full: taking one (6 of 8 left, above half) wakes nobody; nobody waits then.
     s.next_batch(1, 1, 1);
     assert!(futures_poll(room.as_mut()).is_pending());
-    s.next_batch(1, 10, 1);
+    s.next_batch(1, 10, 2);
     assert!(futures_poll(room.as_mut()).is_ready(), "woken at half");
     let gone = s.room();
     tokio::pin!(gone);
@@ -319,4 +319,27 @@ fn the_retained_backlog_refills_the_queue_within_its_bound() {
     s.add_retained(&f, vec![delivery(QoS::AtLeastOnce, 9)]);
     s.drop_retained(&f);
     assert_eq!(s.retained_backlog_len(), 0);
+}
+
+/// A publisher waits only while the queue is full: the first delivery a subscriber takes
+/// from a full queue wakes one waiting publisher, even when the queue stays above half
+/// (a subscriber whose window then fills takes no more; without this wake-up the
+/// publisher waited until the stall deadline although there was room).
+#[tokio::test(start_paused = true)]
+async fn the_first_room_in_a_full_queue_wakes_a_paced_publisher() {
+    let s = session(5);
+    s.attach(1, CancellationToken::new());
+    for n in 0..5 {
+        s.enqueue(delivery(QoS::AtLeastOnce, n));
+    }
+    assert!(!s.has_room());
+    let room = s.room();
+    tokio::pin!(room);
+    room.as_mut().enable();
+    // The subscriber's window admits one more: 4 of 5 left, above half.
+    assert_eq!(payloads(&s.next_batch(1, 1, 10)), [0]);
+    assert!(
+        futures_poll(room.as_mut()).is_ready(),
+        "woken by the first room"
+    );
 }
