@@ -36,6 +36,71 @@ pub enum CliError {
     Output(#[from] std::io::Error),
 }
 
+/// What `serve` would meet after the config (for `check`, SPEC 1 "exactly as serve
+/// would"): its listening addresses free, unless the broker of this data_dir runs (then
+/// they are its own: `check` before `reload` must pass), and its data_dir writable. Changes
+/// nothing: a probe file is created and removed, no database is opened.
+pub fn serve_preflight(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let data_dir = &config.server.data_dir;
+    if !crate::server::control::broker_running(data_dir) {
+        let listeners = [
+            ("server.bind", Some(config.server.bind)),
+            ("server.admin_bind", config.server.admin_bind),
+        ];
+        for (field, addr) in listeners {
+            let Some(addr) = addr else { continue };
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                problems.push(format!("{field}: cannot listen on {addr}: {e}"));
+            }
+        }
+    }
+    if let Err(e) = writable(data_dir) {
+        problems.push(format!(
+            "server.data_dir: {} is not writable: {e}",
+            data_dir.display()
+        ));
+    }
+    problems
+}
+
+/// Whether files can be created in `dir`, or (when it does not exist yet, as `serve`
+/// creates it) in its nearest existing ancestor. The error names the owner and mode.
+fn writable(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => break,
+        }
+    }
+    let probe = at.join(format!(".certmq-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => {
+            use std::os::unix::fs::MetadataExt;
+            let who = std::fs::metadata(at)
+                .map(|m| {
+                    format!(
+                        " ({} is owned by uid {}, mode {:o})",
+                        at.display(),
+                        m.uid(),
+                        m.mode() & 0o7777
+                    )
+                })
+                .unwrap_or_default();
+            Err(format!("{e}{who}"))
+        }
+    }
+}
+
 /// `certmq check`: the summary of a loaded config, warnings included.
 pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "config {} is valid", config.path.display())?;

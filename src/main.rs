@@ -229,6 +229,19 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     if let Err(ServerError::Config(e)) = server::check_pinned(&config, &registry, Mode::DryRun) {
         return Ok(report(&e));
     }
+    // What `serve` would meet next: its listeners and its data_dir.
+    let problems = cli::serve_preflight(&config);
+    if !problems.is_empty() {
+        eprintln!(
+            "certmq: {} problem(s) with {}:",
+            problems.len(),
+            config.path.display()
+        );
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+        return Ok(ExitCode::from(1));
+    }
     cli::check_summary(&config, &mut std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -198,3 +198,60 @@ async fn a_backup_of_a_running_broker_restores_into_another() {
     assert_eq!(r.subscribe("devices/d1/state", 1).await, 1);
     assert_eq!(r.recv().await.payload, b"retained");
 }
+
+/// `check` meets what `serve` would (SPEC 1): a listening address in use, a data_dir that
+/// cannot be written; yet it passes while this data_dir's own broker holds the ports.
+#[tokio::test]
+async fn check_finds_a_port_in_use_and_an_unwritable_data_dir() {
+    let fx = Fixture::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let text = std::fs::read_to_string(config(&fx, &Fixture::fleet_anchor(true))).expect("read");
+    let path = fx.write(
+        "busy.toml",
+        &text.replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{addr}\"")),
+    );
+    let run = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("server.bind: cannot listen on"),
+        "{}",
+        run.stderr
+    );
+    drop(taken);
+
+    // data_dir below a regular file: nothing can be created there.
+    fx.write("not-a-dir", "");
+    let path = fx.write(
+        "nodir.toml",
+        &text.replace("data_dir = \"data\"", "data_dir = \"not-a-dir/data\""),
+    );
+    let run = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    assert!(run.stderr.contains("server.data_dir:"), "{}", run.stderr);
+    assert!(run.stderr.contains("not writable"), "{}", run.stderr);
+
+    // With the broker of this data_dir running on fixed ports, its ports are its own.
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let mut broker = Proc::start(&fx, &path).await;
+    let text = std::fs::read_to_string(&path).expect("read");
+    let fixed = text
+        .replace(
+            "bind = \"127.0.0.1:0\"\n",
+            &format!("bind = \"{}\"\n", broker.mqtt),
+        )
+        .replace(
+            "admin_bind = \"127.0.0.1:0\"",
+            &format!("admin_bind = \"{}\"", broker.admin),
+        );
+    std::fs::write(&path, fixed).expect("write");
+    let run = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    broker.signal("TERM");
+    assert!(broker.wait_exit(common::WAIT).await.success());
+    assert!(
+        !broker.stderr().contains("control request failed"),
+        "{}",
+        broker.stderr()
+    );
+}

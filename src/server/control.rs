@@ -180,6 +180,8 @@ async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
         Err(_) => return Ok(()),
     }
     let reply = match line.trim() {
+        // A probe (`certmq check` asking whether a broker runs here): nothing to answer.
+        "" => return Ok(()),
         "reload" => {
             let s = shared.clone();
             let outcome = tokio::task::spawn_blocking(move || s.reload()).await;
@@ -238,6 +240,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Whether a broker runs on `data_dir`: its control socket accepts a connection (closed
+/// at once without a request, which the broker answers and forgets).
+pub fn broker_running(data_dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(data_dir.join(SOCKET_FILE)).is_ok()
 }
 
 /// `certmq reload`: asks the broker of `data_dir` to reload and returns its answer.
