@@ -173,11 +173,12 @@ impl Drop for Group<'_> {
         if !self.outer {
             return;
         }
-        let ops = GROUP.with(|g| g.borrow_mut().take()).unwrap_or_default();
-        match ops.len() {
-            0 => {}
-            1 => self.store.submit(ops.into_iter().next().expect("one op")),
-            _ => self.store.submit(Op::Group(ops)),
+        let mut ops = GROUP.with(|g| g.borrow_mut().take()).unwrap_or_default();
+        // A lone op needs no group around it.
+        if ops.len() > 1 {
+            self.store.submit(Op::Group(ops));
+        } else if let Some(op) = ops.pop() {
+            self.store.submit(op);
         }
     }
 }
