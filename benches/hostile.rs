@@ -3,7 +3,7 @@
 //! intermediates under it, the shape that multiplies webpki's path search):
 //!
 //! 1. `policy::match_chain` alone (the verifier's work), thread CPU per call, for a
-//!    legitimate device chain and for hostile chains from `tests/common/hostile.rs`;
+//!    legitimate device chain and for hostile chains from `tests/it/common/hostile.rs`;
 //! 2. a whole in-memory TLS 1.3 handshake against certmq's own server config, server side
 //!    only, thread CPU, for the same chains;
 //! 3. a real broker on loopback (2 worker threads): established clients send PINGREQ every
@@ -14,7 +14,7 @@
 //! CPU time is the thread's own (`/proc/thread-self/schedstat`, a mean over many calls), so
 //! other load on the machine changes it little. A benchmark, never a timed test (SPEC 11).
 
-#[path = "../tests/common/hostile.rs"]
+#[path = "../tests/it/common/hostile.rs"]
 #[allow(dead_code)]
 mod hostile;
 

@@ -9,12 +9,12 @@
 //!   -> CONNECT               mqtt::codec reads it under connect_timeout
 //!   -> admission             auth::decide: steps 2-7 again against the *current* config
 //!                            (resumed sessions too), identity (CN -> DeviceName), registry
-//!   -> CONNACK               broker::connect maps the decision to return/reason codes
-//!   -> session               broker::session: one task reads, handles (keep alive, QoS
+//!   -> CONNACK               broker::conn::connect maps the decision to return/reason codes
+//!   -> session               broker::conn: one task reads, handles (keep alive, QoS
 //!                            flows, SUBSCRIBE...) and writes, from one select!
 //!
 //! PUBLISH -> ACL (acl) -> Broker::publish -> router (subscription trie) -> each target
-//! session's bounded queue (broker::state; when a connected subscriber's queue is full the
+//! session's bounded queue (broker::session; when a connected subscriber's queue is full the
 //! publisher's connection stops reading until it has room, or the subscriber stalls)
 //! -> that session's task wakes, takes what its in-flight window allows, writes.
 //! QoS 1/2 for persistent sessions and retained messages -> storage (SQLite, one writer
@@ -36,13 +36,12 @@
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
 //! - [`logline`]: refusal log lines rate-limited per peer address.
 //! - [`backup`]: `certmq backup`, a consistent copy of both databases of a running broker.
-//! - [`metrics`]: counters for `/metrics`; [`admin`]: the `/healthz` and `/metrics` endpoint.
+//! - [`metrics`]: counters for `/metrics`, served with `/healthz` by `server::admin`.
 //!
 //! Shared state is immutable and swapped whole: a [`server::Shared`] holds the current
 //! `Arc<Config>` and `Arc<rustls::ServerConfig>`; a connection takes a snapshot.
 
 pub mod acl;
-pub mod admin;
 pub mod auth;
 pub mod backup;
 pub mod broker;

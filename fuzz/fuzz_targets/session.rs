@@ -1,5 +1,5 @@
 //! Arbitrary sequences of MQTT packets from one client whose CONNECT was already accepted,
-//! fed to that connection's session loop (`certmq::broker::session::serve`) over an
+//! fed to that connection's session loop (`certmq::broker::conn::serve`) over an
 //! in-memory duplex stream: PUBLISH at every QoS with DUP, RETAIN and MQTT 5 topic aliases,
 //! PUBACK / PUBREC / PUBREL / PUBCOMP with any packet id, SUBSCRIBE / UNSUBSCRIBE (the
 //! session's own publishes come back to it), PINGREQ, DISCONNECT and raw bytes, in any
@@ -23,9 +23,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use certmq::acl::Profile;
 use certmq::broker::message::Message;
-use certmq::broker::session::{serve, End, Params, Revoke, Signals};
-use certmq::broker::state::{Expiry, SessionKey};
-use certmq::broker::{connect, Broker, SessionRequest, Will};
+use certmq::broker::conn::{serve, End, Params, Revoke, Signals};
+use certmq::broker::session::{Expiry, SessionKey};
+use certmq::broker::conn::connect;
+use certmq::broker::{Broker, SessionRequest, Will};
 use certmq::identity::DeviceName;
 use certmq::metrics::Metrics;
 use certmq::mqtt::codec::{PacketReader, Protocol, QoS};

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::{Expiry, SessionRef};
+use super::session::{Expiry, SessionRef};
 use super::Broker;
 use crate::mqtt::codec::Protocol;
 use crate::storage::{Op, Recovered};
@@ -133,7 +133,7 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::acl::DeviceAcl;
-    use crate::broker::state::SessionKey;
+    use crate::broker::session::SessionKey;
     use crate::broker::SessionRequest;
     use crate::identity::DeviceName;
     use crate::metrics::Metrics;

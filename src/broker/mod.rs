@@ -1,16 +1,16 @@
 //! The MQTT broker core: sessions, routing, retained messages, wills.
 //!
-//! - [`connect`]: CONNECT -> admission -> CONNACK, client identifier rules (SPEC 3, 4).
-//! - [`session`]: one connection's loop (keep alive, QoS flows, delivery), with
-//!   `handle_publish` and `handle_subscribe` for the inbound packets.
-//! - [`state`]: one session's queue and in-flight state (the durability interface).
+//! - [`conn`]: one connection after CONNACK: its loop (keep alive, QoS flows, delivery),
+//!   with `conn::publish` and `conn::subscribe` for the inbound packets, and
+//!   [`conn::connect`]: CONNECT -> CONNACK codes, client identifier rules (SPEC 3, 4).
+//! - [`session`]: one session's queue and in-flight state (the durability interface).
 //! - [`router`]: the subscription table; [`retain`]: retained messages and their owners;
 //!   `retained`: the per-device retained quota and the paced retained backlog checks.
 //! - [`expiry`]: `max_session_expiry` and the timers that end offline sessions.
 //! - [`wire`]: protocol-neutral packets, so the logic is written once for 3.1.1 and 5.
 //!
 //! Data flow of a PUBLISH: session -> ACL -> [`Broker::publish`] -> router -> each
-//! subscriber's bounded queue ([`state::Session::deliver`]; a full queue of a connected
+//! subscriber's bounded queue ([`session::Session::deliver`]; a full queue of a connected
 //! subscriber hands the delivery back and the publisher stops reading until it has room)
 //! -> that subscriber's connection wakes and writes.
 //!
@@ -18,16 +18,13 @@
 //! only, never across an await. Order: router, then a session's own lock; the sessions
 //! table is never held while taking the router.
 
-pub mod connect;
+pub mod conn;
 pub mod expiry;
-mod handle_publish;
-mod handle_subscribe;
 pub mod message;
 pub mod retain;
 mod retained;
 pub mod router;
 pub mod session;
-pub mod state;
 mod trie;
 pub mod wire;
 
@@ -49,7 +46,7 @@ use crate::storage::{Op, Recovered, Store};
 use message::Message;
 use retain::Owned;
 use router::{Router, SubOptions};
-use state::{Delivery, Enqueued, Expiry, Session, SessionKey, SessionRef};
+use session::{Delivery, Enqueued, Expiry, Session, SessionKey, SessionRef};
 
 /// Why writing to a client failed.
 #[derive(Debug, thiserror::Error)]

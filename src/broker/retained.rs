@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::message::Message;
 use super::retain::QuotaExceeded;
-use super::state::SessionRef;
+use super::session::SessionRef;
 use super::Broker;
 use crate::storage::Op;
 

@@ -1,676 +1,872 @@
-//! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
+//! The state of one MQTT session (SPEC 4): what it waits to send, what is in flight each
+//! way, which connection holds it. This is the interface the durability issue backs with
+//! SQLite: every change to a session's durable state goes through a method here.
 //!
-//! One task per connection reads packets, enforces keep alive, moves deliveries from the
-//! session's queue into an out buffer within the in-flight window, and writes that buffer
-//! to TLS, all from one `select!`: a delivery costs no hop to another task, and reading goes
-//! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
-//! it writes deadlocks with a client that does the same). A client that does not read stops
-//! our writes: deliveries pile up in its bounded session queue (its publishers are paced
-//! until it stalls, SPEC 9), reading stops at `OUT_MAX`, and a write without progress for
-//! `write_limit` ends the connection. A message of this client's that waits for room in a
-//! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
+//! A session is keyed by (device, client id), so two devices never share one. It lives in a
+//! [`SessionRef`] (an `Arc` compared by a unique id), which is also the router's subscriber
+//! key: fan-out reaches the session without a map lookup. The state sits behind a std
+//! Mutex held only for queue operations, never across an await; the connection is woken by
+//! a `Notify` when something is queued.
 
-use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Outgoing, SessionRef};
-use super::wire::{self, Inbound};
-use super::{Broker, Will, WriteError};
-use crate::acl;
+use super::message::Message;
+use crate::acl::DeviceAcl;
 use crate::identity::DeviceName;
-use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, QoS};
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic::{TopicFilter, TopicName};
+use crate::storage::{Op, Store, StoredQueued};
 
-/// Deliveries are encoded into the out buffer only while it holds less than this: the
-/// session queue is where messages wait, the buffer only feeds the socket.
-const OUT_HIGH: usize = 64 * 1024;
-/// Buffered packets handled after one that came through `select!`, before selecting again
-/// (bounded so that deliveries and signals are still looked at regularly).
-const BURST: usize = 64;
-/// Deliveries taken from the session queue per pump step.
-const PUMP_BATCH: usize = 256;
-/// Reading pauses while the out buffer holds more than this (acknowledgements of a client
-/// that sends but does not read cannot grow it without bound).
-const OUT_MAX: usize = 1024 * 1024;
+/// (device, client id): the identity of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub device: DeviceName,
+    pub client_id: String,
+}
 
-/// What a connection negotiated at CONNECT.
+/// When a session ends after its connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// MQTT 3.1.1 clean session, or MQTT 5 session expiry 0.
+    OnDisconnect,
+    /// Seconds: the MQTT 5 session expiry interval, or `max_session_expiry` for MQTT 3.1.1
+    /// clean session 0 (see `broker::expiry`).
+    After(u32),
+    /// MQTT 5 0xFFFFFFFF, only when `max_session_expiry` allows it.
+    Never,
+}
+
+impl Expiry {
+    /// From an MQTT 5 Session Expiry Interval.
+    pub fn from_v5(interval: u32) -> Expiry {
+        match interval {
+            0 => Expiry::OnDisconnect,
+            u32::MAX => Expiry::Never,
+            s => Expiry::After(s),
+        }
+    }
+}
+
+/// A message on its way to one subscriber.
 #[derive(Debug, Clone)]
-pub struct Params {
-    pub protocol: Protocol,
-    /// Effective keep alive, seconds (never 0: see `connect::effective_keep_alive`).
-    pub keep_alive: u16,
-    /// Outbound QoS 1/2 in flight: min(max_inflight, the client's Receive Maximum).
-    pub window: usize,
-    /// Inbound QoS 2 in flight we accept (our Receive Maximum, = max_inflight).
-    pub receive_max: usize,
-    /// Topic aliases the client may use (our Topic Alias Maximum).
-    pub topic_alias_max: u16,
-    /// The client's Maximum Packet Size (MQTT 5).
-    pub client_max_packet: Option<usize>,
-    /// Bound on one write to the client.
-    pub write_limit: Duration,
-    /// MQTT 5: the session expiry was 0 at CONNECT (DISCONNECT may not raise it).
-    pub expiry_was_zero: bool,
-    /// `max_session_expiry`: a DISCONNECT may not raise the expiry above it either.
-    pub max_session_expiry: u32,
-    /// MQTT 5 Request Problem Information: when false, no reason strings on acknowledgements
-    /// (MQTT 5 §3.1.2.11.7; CONNACK, DISCONNECT and PUBLISH may still carry them).
-    pub problem_info: bool,
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// min(published QoS, granted QoS).
+    pub qos: QoS,
+    /// The RETAIN flag to send: set for retained messages sent on SUBSCRIBE, and for
+    /// live messages on subscriptions with Retain As Published.
+    pub retain: bool,
+    /// MQTT 5 subscription identifiers of the matching subscriptions.
+    pub sub_ids: Vec<u32>,
+    /// The row in the message store, for QoS 1/2 deliveries to persistent sessions.
+    pub store_id: Option<i64>,
 }
 
-/// Why a session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum End {
-    #[error("client sent DISCONNECT")]
-    Disconnect { with_will: bool },
-    #[error("keep alive expired: no packet for {0:?}")]
-    KeepAlive(Duration),
-    #[error("broker shutting down")]
-    Shutdown,
-    #[error("session taken over by a new connection")]
-    TakenOver,
-    /// The device is no longer admitted (reload, CRL, registry change).
-    #[error("revoked: {0}")]
-    Revoked(String),
-    #[error("connection closed")]
-    Closed(#[source] CodecError),
-    #[error("protocol error: {text}")]
-    Protocol {
-        code: v5::DisconnectReasonCode,
-        text: String,
+/// An outbound QoS 1/2 exchange not yet completed.
+#[derive(Debug, Clone)]
+enum Flight {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Publish(Delivery),
+    /// PUBREL sent, waiting for PUBCOMP (with the store row, if persistent).
+    Released(Option<i64>),
+}
+
+/// What the connection must write next.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// `pkid` is 0 for QoS 0.
+    Publish {
+        pkid: u16,
+        delivery: Delivery,
+        dup: bool,
     },
-    #[error("write failed")]
-    Write(#[source] WriteError),
+    PubRel {
+        pkid: u16,
+    },
 }
 
-impl End {
-    /// The MQTT 5 DISCONNECT the broker sends before closing, if any.
-    fn disconnect_packet(&self) -> Option<Packet> {
-        use v5::DisconnectReasonCode as D;
-        let (code, text) = match self {
-            End::KeepAlive(_) => (D::KeepAliveTimeout, "keep alive timeout".to_owned()),
-            End::Shutdown => (D::ServerShuttingDown, "server shutting down".to_owned()),
-            End::TakenOver => (D::SessionTakenOver, "session taken over".to_owned()),
-            End::Revoked(reason) => (D::NotAuthorized, reason.clone()),
-            End::Protocol { code, text } => (*code, text.clone()),
-            End::Closed(e)
-                if !matches!(
-                    e,
-                    CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket
-                ) =>
-            {
-                (disconnect_code(e.v5_reason_code()), e.to_string())
-            }
-            _ => return None,
-        };
-        Some(disconnect_v5(code, &text))
-    }
-
-    /// Whether the will is published (SPEC 6: not on DISCONNECT; MQTT 5 0x04 asks for it;
-    /// not when the broker itself shuts down).
-    fn publishes_will(&self) -> bool {
-        match self {
-            End::Disconnect { with_will } => *with_will,
-            // A device that is no longer trusted does not get to speak once more.
-            End::Shutdown | End::Revoked(_) => false,
-            _ => true,
-        }
-    }
+/// What [`Session::enqueue`] did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// QoS 0 for a session with no connection is not kept (as Mosquitto by default).
+    DroppedOffline,
+    /// The queue was full: its oldest QoS 0 message was dropped to make room.
+    QueuedDroppedOldQos0,
+    /// The queue was full of QoS 1/2 messages: this one was dropped (an offline session,
+    /// or a delivery that may not wait; SPEC 7).
+    DroppedFull,
+    /// The queue of a connected session is full and it made no progress for
+    /// `stall_timeout`: dropped, and the session paces nobody (SPEC 9).
+    DroppedStalled,
+    /// The session's ACL denies the topic (`deny_subscribe` of a broad subscription).
+    Denied,
 }
 
-/// Tells one connection to close because its device is no longer admitted.
-#[derive(Debug, Default)]
-pub struct Revoke {
-    token: CancellationToken,
-    reason: Mutex<Option<String>>,
+/// What [`Session::inbound_qos2_begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundQos2 {
+    /// A new exchange, recorded: route the message.
+    New,
+    /// A PUBLISH with an id already open: acknowledge again, do not route again.
+    Duplicate,
+    /// A new id beyond the limit: nothing was recorded.
+    OverLimit,
 }
 
-impl Revoke {
-    /// Revokes with a reason (first reason wins).
-    pub fn revoke(&self, reason: String) {
-        if let Ok(mut r) = self.reason.lock() {
-            r.get_or_insert(reason);
-        }
-        self.token.cancel();
-    }
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-
-    /// The reason, once revoked.
-    pub fn reason(&self) -> String {
-        self.reason
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
-            .unwrap_or_else(|| "revoked".to_owned())
-    }
+/// One session.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    pub key: SessionKey,
+    inner: Mutex<Inner>,
+    notify: Notify,
+    /// Wakes publishers paced by this session's full queue when it has room again, or when
+    /// it goes offline (SPEC 9 flow control).
+    room: Notify,
+    /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
+    online: AtomicBool,
+    /// Set for persistent sessions: every durable change is submitted here, under the
+    /// session lock, so the store sees changes in the order they happened.
+    store: Option<Store>,
 }
 
-/// What can end a session from outside the connection.
-pub struct Signals<'a> {
-    /// The broker is shutting down.
-    pub shutdown: &'a CancellationToken,
-    /// Another connection took the session over.
-    pub kick: &'a CancellationToken,
-    /// The device is no longer admitted.
-    pub revoke: &'a Revoke,
-}
-
-/// Runs a session on a connection until it ends, then publishes the will if due and
-/// detaches (or ends) the session.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve<R, W>(
-    broker: &Arc<Broker>,
-    session: &SessionRef,
-    conn_id: u64,
-    device: &DeviceName,
-    reader: &mut PacketReader<R>,
-    writer: W,
-    params: Params,
-    will: Option<Will>,
+#[derive(Debug)]
+struct Inner {
+    /// Waiting to be sent, in order.
+    queue: VecDeque<Delivery>,
+    max_queued: usize,
+    /// Outbound exchanges in the order their PUBLISH was first sent.
+    inflight: VecDeque<(u16, Flight)>,
+    next_pkid: u16,
+    /// Inbound QoS 2 packet ids between PUBLISH and PUBREL: a duplicate PUBLISH with one of
+    /// these ids is acknowledged again but not routed again (exactly once).
+    inbound_qos2: HashSet<u16>,
+    /// The connection holding the session, and how to close it on takeover.
+    attached: Option<(u64, CancellationToken)>,
+    /// Bumped on every attach; a will delay or expiry timer fires only for its generation.
     generation: u64,
-    signals: Signals<'_>,
-) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + Sync + 'static,
-{
-    let write_limit = params.write_limit;
-    let mut conn = Conn {
-        broker,
-        session,
-        conn_id,
-        device,
-        p: params,
-        wr: Box::pin(writer),
-        out: BytesMut::new(),
-        unflushed: false,
-        aliases: HashMap::new(),
-        pending: std::collections::VecDeque::new(),
-        paced: None,
-    };
-    let end = conn.run(reader, &signals).await;
-    if conn.p.protocol == Protocol::V5 {
-        if let Some(bye) = end.disconnect_packet() {
-            let _ = codec::encode(&bye, &mut conn.out);
+    expiry: Expiry,
+    acl: Arc<DeviceAcl>,
+    /// Subscriptions made through `v1/devices/me/...`, in canonical form: deliveries that
+    /// match one are sent back under the `me` topic (SPEC 5).
+    aliased: Vec<TopicFilter>,
+    /// When the connection last made progress: took deliveries from the queue, or had one
+    /// acknowledged (or attached). A full queue with no progress for `stall_timeout` is a
+    /// stalled subscriber, which paces nobody (SPEC 9). tokio's clock, so paused-time tests
+    /// can drive it.
+    progress: tokio::time::Instant,
+    /// The stall of this session was logged (once per stall, not per dropped message).
+    stall_logged: bool,
+    /// Retained messages matching new subscriptions, not yet in `queue` (SPEC 7: all are
+    /// delivered, however many, without growing `queue` past `max_queued`). One entry per
+    /// subscription filter, in SUBSCRIBE order; the connection moves them into `queue` as
+    /// it drains ([`Session::take_retained`]). `Arc` references to the retained store's
+    /// messages, so a large backlog costs a few words per message. In memory only: a
+    /// restart forgets it (the retained messages themselves are durable; re-subscribing
+    /// delivers them again).
+    retained_backlog: VecDeque<(TopicFilter, VecDeque<Delivery>)>,
+}
+
+/// A shared session, compared and hashed by its unique id (the router's key).
+#[derive(Debug, Clone)]
+pub struct SessionRef(pub Arc<Session>);
+
+impl PartialEq for SessionRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+impl Eq for SessionRef {}
+impl Hash for SessionRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state);
+    }
+}
+impl PartialOrd for SessionRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for SessionRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+impl std::ops::Deref for SessionRef {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.0
+    }
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn create(
+        key: SessionKey,
+        acl: Arc<DeviceAcl>,
+        expiry: Expiry,
+        max_queued: usize,
+        store: Option<Store>,
+    ) -> SessionRef {
+        SessionRef(Arc::new(Session {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            key,
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                max_queued,
+                inflight: VecDeque::new(),
+                next_pkid: 1,
+                inbound_qos2: HashSet::new(),
+                attached: None,
+                generation: 0,
+                expiry,
+                acl,
+                aliased: Vec::new(),
+                progress: tokio::time::Instant::now(),
+                stall_logged: false,
+                retained_backlog: VecDeque::new(),
+            }),
+            notify: Notify::new(),
+            room: Notify::new(),
+            online: AtomicBool::new(false),
+            store,
+        }))
+    }
+
+    /// The store, when the session is persistent.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    fn submit(&self, op: Op) {
+        if let Some(s) = &self.store {
+            s.submit(op);
         }
     }
-    // What is still buffered (the final DISCONNECT included) goes out, then TLS closes;
-    // all of it bounded, as every wait on a peer.
-    if !matches!(end, End::Write(_)) {
-        let Conn { mut wr, out, .. } = conn;
-        let _ = tokio::time::timeout(write_limit, async {
-            wr.write_all(&out).await?;
-            wr.flush().await?;
-            wr.shutdown().await
-        })
-        .await;
-    }
-    if end.publishes_will() {
-        if let Some(w) = will {
-            broker.publish_will(session, w, generation);
+
+    fn delivered(&self, id: Option<i64>) {
+        if let Some(id) = id {
+            self.submit(Op::Delivered { id });
         }
     }
-    broker.close_session(session, conn_id);
-    end
-}
 
-/// What woke the loop. Short-lived, one at a time: its size does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Event {
-    Packet(Packet),
-    Wake,
-    /// A session the paced message waits for has room (or went offline, or stalled).
-    Room,
-    /// Bytes went to the TLS layer (count), or the write failed.
-    Wrote(std::io::Result<usize>),
-    /// The TLS layer flushed to the socket.
-    Flushed(std::io::Result<()>),
-    /// The commit the front acknowledgement waited for finished.
-    Committed(Result<(), crate::storage::StoreError>),
-    End(End),
-}
-
-/// One step of output: a write of what is buffered, or, once all is written, a flush.
-/// Cancellation safe: a write either happened (and is reported) or did not.
-async fn write_or_flush(mut wr: Pin<&mut (dyn AsyncWrite + Send + Sync)>, out: &[u8]) -> Event {
-    if out.is_empty() {
-        Event::Flushed(wr.flush().await)
-    } else {
-        Event::Wrote(wr.write(out).await)
-    }
-}
-
-/// Completes when the front pending acknowledgement's commit is done; never when there is
-/// none or it waits for nothing (those are sent as soon as they reach the front).
-/// Cancellation safe: polling a borrowed receiver does not consume its value.
-async fn front_ack(
-    pending: &mut std::collections::VecDeque<super::handle_publish::PendingAck>,
-) -> Result<(), crate::storage::StoreError> {
-    match pending.front_mut().and_then(|p| p.wait.as_mut()) {
-        Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
-        None => std::future::pending().await,
-    }
-}
-
-/// The connection's state inside the loop.
-pub(super) struct Conn<'a> {
-    pub(super) broker: &'a Arc<Broker>,
-    pub(super) session: &'a SessionRef,
-    pub(super) conn_id: u64,
-    pub(super) device: &'a DeviceName,
-    pub(super) p: Params,
-    /// The connection's write half. Written from this task itself, from the select! loop,
-    /// so a delivery costs no hop to another task, and reading goes on while a write
-    /// waits (PUBACKs keep freeing the window).
-    wr: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    /// Encoded packets not yet handed to TLS. Bounded: deliveries stop at `OUT_HIGH`,
-    /// reading stops at `OUT_MAX`, and a write that makes no progress for `write_limit`
-    /// ends the connection (SPEC 9: a client that does not read).
-    out: BytesMut,
-    /// Handed to TLS but not yet flushed to the socket.
-    unflushed: bool,
-    /// MQTT 5 topic aliases set by the client on this connection.
-    pub(super) aliases: HashMap<u16, String>,
-    /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
-    pub(super) pending: std::collections::VecDeque<super::handle_publish::PendingAck>,
-    /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
-    /// while it waits nothing more is read from this client (TCP back-pressure; its
-    /// acknowledgement waits too), everything else goes on.
-    pub(super) paced: Option<super::handle_publish::Paced>,
-}
-
-impl Conn<'_> {
-    async fn run<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut PacketReader<R>,
-        signals: &Signals<'_>,
-    ) -> End {
-        // A resumed session first gets what was in flight (DUP), then its queue.
-        for o in self.session.resend_inflight(self.conn_id) {
-            if let Some(p) = self.outgoing_packet(o) {
-                if let Err(end) = self.send(&p).await {
-                    return end;
-                }
-            }
-        }
-        let idle_limit = Duration::from_millis(u64::from(self.p.keep_alive) * 1500);
-        let idle = tokio::time::sleep(idle_limit);
-        tokio::pin!(idle);
-        // Reset whenever a write makes progress (and when writing starts): fires only
-        // after `write_limit` without any.
-        let stall = tokio::time::sleep(self.p.write_limit);
-        tokio::pin!(stall);
-        let mut was_writing = false;
-        loop {
-            let backlogged = match self.pump().await {
-                Ok(b) => b,
-                Err(end) => return end,
+    /// Puts back what the store held for this session (at start, before any connection).
+    pub fn restore(&self, queued: Vec<StoredQueued>, inbound: Vec<u16>) {
+        let mut inner = self.lock();
+        for q in queued {
+            let d = Delivery {
+                msg: q.msg,
+                qos: q.qos,
+                retain: q.retain,
+                sub_ids: q.sub_ids,
+                store_id: Some(q.id),
             };
-            let writing = !self.out.is_empty();
-            if writing && !was_writing {
-                stall
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + self.p.write_limit);
+            match q.pkid {
+                Some(pkid) if q.released => inner
+                    .inflight
+                    .push_back((pkid, Flight::Released(d.store_id))),
+                Some(pkid) => inner.inflight.push_back((pkid, Flight::Publish(d))),
+                None => inner.queue.push_back(d),
             }
-            was_writing = writing || self.unflushed;
-            let paced = self.paced.is_some();
-            let room = self.room_wait();
-            let event = tokio::select! {
-                biased;
-                _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
-                _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
-                _ = signals.kick.cancelled() => Event::End(End::TakenOver),
-                e = write_or_flush(self.wr.as_mut(), &self.out), if writing || self.unflushed => e,
-                _ = &mut stall, if writing || self.unflushed => {
-                    Event::End(End::Write(WriteError::Timeout(self.p.write_limit)))
-                }
-                // Stop reading while as many acknowledgements wait as the client may have
-                // in flight, or while the client does not read what we write: neither a
-                // client ignoring our Receive Maximum nor one that never reads can grow
-                // memory without bound.
-                // ... or while a message waits for room in its subscribers' queues (SPEC 9).
-                r = reader.read_packet(), if !paced && self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
-                    Ok(packet) => Event::Packet(packet),
-                    Err(e) => Event::End(End::Closed(e)),
-                },
-                r = front_ack(&mut self.pending) => Event::Committed(r),
-                () = room, if paced => Event::Room,
-                // Not while paced: the client's PINGREQ waits unread behind its message.
-                _ = &mut idle, if !paced => Event::End(End::KeepAlive(idle_limit)),
-                _ = self.session.notified(), if !backlogged => Event::Wake,
-            };
-            match event {
-                Event::End(end) => return end,
-                Event::Wake => {}
-                Event::Room => {
-                    if let Err(end) = self.retry_paced().await {
-                        return end;
-                    }
-                    if self.paced.is_none() {
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + idle_limit);
-                    }
-                }
-                Event::Wrote(Ok(0)) => {
-                    return End::Write(WriteError::Io(std::io::ErrorKind::WriteZero.into()));
-                }
-                Event::Wrote(Ok(n)) => {
-                    self.out.advance(n);
-                    self.unflushed = true;
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.p.write_limit);
-                    if self.out.is_empty() && self.out.capacity() > 2 * OUT_HIGH {
-                        self.out = BytesMut::new();
-                    }
-                }
-                Event::Flushed(Ok(())) => {
-                    self.unflushed = false;
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.p.write_limit);
-                }
-                Event::Wrote(Err(e)) | Event::Flushed(Err(e)) => {
-                    return End::Write(WriteError::Io(e));
-                }
-                Event::Committed(outcome) => {
-                    if let Some(front) = self.pending.pop_front() {
-                        let sent = match self.finish_ack(front, outcome).await {
-                            Ok(()) => self.send_ready_acks().await,
-                            Err(end) => Err(end),
-                        };
-                        if let Err(end) = sent {
-                            return end;
-                        }
-                    }
-                }
-                Event::Packet(packet) => {
-                    idle.as_mut()
-                        .reset(tokio::time::Instant::now() + idle_limit);
-                    if let Some(end) = self.dispatch(wire::inbound(packet)).await {
-                        return end;
-                    }
-                    // Packets the client pipelined behind it are handled now, without a
-                    // round through `select!` (and its timer, waiter and token checks) each.
-                    for _ in 0..BURST {
-                        if self.paced.is_some() || self.pending.len() > self.p.receive_max {
-                            break;
-                        }
-                        match reader.buffered_packet() {
-                            Ok(Some(packet)) => {
-                                if let Some(end) = self.dispatch(wire::inbound(packet)).await {
-                                    return end;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return End::Closed(e),
-                        }
-                    }
-                }
-            }
+        }
+        if let Some(max) = inner.inflight.iter().map(|(p, _)| *p).max() {
+            inner.next_pkid = if max == u16::MAX { 1 } else { max + 1 };
+        }
+        inner.inbound_qos2.extend(inbound);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain data (queues), still consistent
+        // enough to keep serving; recover rather than take every publisher down.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The unique id of this session object.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether a connection holds the session.
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Wakes the connection when something was queued.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
+    /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
+    /// before acknowledging the publisher). Never waits.
+    pub fn enqueue(&self, d: Delivery) -> Enqueued {
+        match self.deliver(d, None) {
+            Ok((outcome, _)) => outcome,
+            Err(_) => Enqueued::DroppedFull,
         }
     }
 
-    /// Completes when the first session the paced message waits for may take it: it has
-    /// room, went offline, or reached its stall deadline. Pending when nothing is paced.
-    /// Owns what it needs, so the loop can poll it beside borrowing `self`.
-    fn room_wait(&self) -> impl std::future::Future<Output = ()> + 'static {
-        let first = self
-            .paced
+    /// [`Session::enqueue`] for fan-out, under one lock: the ACL's per-message check, the
+    /// queue, and whether the queue is now more than half full (the subscriber lags).
+    ///
+    /// `pace` is the `stall_timeout` of a publisher that may wait (SPEC 9 flow control):
+    /// when this session is connected, its queue full and it made progress within that
+    /// time, the delivery is handed back (`Err`) for the publisher to offer again once
+    /// [`Session::room`] says there is room. A session that made no progress for longer is
+    /// stalled: the delivery is dropped ([`Enqueued::DroppedStalled`]).
+    pub fn deliver(
+        &self,
+        d: Delivery,
+        pace: Option<std::time::Duration>,
+    ) -> Result<(Enqueued, bool), Delivery> {
+        let mut inner = self.lock();
+        if inner.acl.filters_deliveries() && !inner.acl.can_receive(&d.msg.topic) {
+            return Ok((Enqueued::Denied, false));
+        }
+        let outcome = inner.push(d, &self.key, self.store.as_ref(), pace)?;
+        let congested = inner.queue.len() * 2 > inner.max_queued;
+        let log_stall = outcome == Enqueued::DroppedStalled && !inner.stall_logged;
+        inner.stall_logged |= log_stall;
+        drop(inner);
+        if log_stall {
+            tracing::warn!(
+                device = ?self.key.device,
+                client_id = ?self.key.client_id,
+                "subscriber stalled: its queue is full and it made no progress for stall_timeout; its messages are dropped and it paces no publisher"
+            );
+        }
+        if matches!(outcome, Enqueued::Queued | Enqueued::QueuedDroppedOldQos0) {
+            self.notify.notify_one();
+        }
+        Ok((outcome, congested))
+    }
+
+    /// After a paced publisher's delivery was taken: wakes the next waiting publisher if
+    /// room is left (see `next_batch`), so that no publisher waits while there is room.
+    pub fn pass_room(&self) {
+        if self.has_room() {
+            self.room.notify_one();
+        }
+    }
+
+    /// Whether the queue has room for one more delivery.
+    pub fn has_room(&self) -> bool {
+        let inner = self.lock();
+        inner.queue.len() < inner.max_queued
+    }
+
+    /// When a paced publisher should look again even without a wake-up: the moment this
+    /// session would count as stalled.
+    pub fn stall_deadline(&self, stall: std::time::Duration) -> tokio::time::Instant {
+        self.lock().progress + stall
+    }
+
+    /// Woken when the queue has room again or the session goes offline. Enable it
+    /// (`Notified::enable`) before checking [`Session::has_room`], so that no wake-up is
+    /// missed in between.
+    pub fn room(&self) -> tokio::sync::futures::Notified<'_> {
+        self.room.notified()
+    }
+
+    /// Attaches a connection; returns the token of the connection it takes over, if any,
+    /// and the attach generation of this connection (a later attach changes it: a delayed
+    /// will of this connection is then cancelled).
+    pub fn attach(
+        &self,
+        conn_id: u64,
+        kick: CancellationToken,
+    ) -> (Option<CancellationToken>, u64) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.progress = tokio::time::Instant::now();
+        inner.stall_logged = false;
+        let previous = inner.attached.replace((conn_id, kick)).map(|(_, k)| k);
+        self.online.store(true, Ordering::Release);
+        (previous, inner.generation)
+    }
+
+    /// Detaches whatever connection holds the session and returns its token, so the
+    /// caller can tell it to close (clean-start takeover of a discarded session).
+    pub fn kick_out(&self) -> Option<CancellationToken> {
+        let mut inner = self.lock();
+        self.online.store(false, Ordering::Release);
+        let kicked = inner.attached.take().map(|(_, k)| k);
+        drop(inner);
+        self.room.notify_waiters();
+        kicked
+    }
+
+    /// Detaches `conn_id` if it still holds the session; true if it did. Returns the
+    /// generation at detach time (timers compare it).
+    pub fn detach(&self, conn_id: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        if inner
+            .attached
             .as_ref()
-            .and_then(|p| p.waiting.first())
-            .map(|(s, _)| s.clone());
-        let stall = self.broker.stall_timeout();
-        async move {
-            let Some(session) = first else {
-                return std::future::pending().await;
+            .is_some_and(|(id, _)| *id == conn_id)
+        {
+            inner.attached = None;
+            self.online.store(false, Ordering::Release);
+            // Queued QoS 0 messages are not kept for an offline session.
+            inner.queue.retain(|d| d.qos != QoS::AtMostOnce);
+            let generation = inner.generation;
+            drop(inner);
+            // Publishers paced by this session stop waiting: offline sessions pace nobody.
+            self.room.notify_waiters();
+            Some(generation)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `conn_id` holds the session.
+    pub fn is_attached(&self, conn_id: u64) -> bool {
+        self.lock()
+            .attached
+            .as_ref()
+            .is_some_and(|(id, _)| *id == conn_id)
+    }
+
+    /// The current attach generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    pub fn expiry(&self) -> Expiry {
+        self.lock().expiry
+    }
+
+    pub fn set_expiry(&self, e: Expiry) {
+        self.lock().expiry = e;
+    }
+
+    /// The session's ACL (replaced on reload).
+    pub fn acl(&self) -> Arc<DeviceAcl> {
+        self.lock().acl.clone()
+    }
+
+    pub fn set_acl(&self, acl: Arc<DeviceAcl>) {
+        self.lock().acl = acl;
+    }
+
+    /// Records (or forgets) a subscription made through the `me` alias.
+    pub fn set_aliased(&self, filter: &TopicFilter, aliased: bool) {
+        let mut inner = self.lock();
+        inner.aliased.retain(|f| f != filter);
+        if aliased {
+            inner.aliased.push(filter.clone());
+        }
+    }
+
+    /// Whether a delivery on `topic` goes back under the `me` alias.
+    pub fn delivers_aliased(&self, topic: &TopicName) -> bool {
+        let inner = self.lock();
+        !inner.aliased.is_empty() && inner.aliased.iter().any(|f| f.matches(topic))
+    }
+
+    /// Everything in flight, to send again after a reconnect (PUBLISH with DUP, PUBREL).
+    pub fn resend_inflight(&self, conn_id: u64) -> Vec<Outgoing> {
+        let inner = self.lock();
+        if !inner.holds(conn_id) {
+            return Vec::new();
+        }
+        inner
+            .inflight
+            .iter()
+            .map(|(pkid, f)| match f {
+                Flight::Publish(d) => Outgoing::Publish {
+                    pkid: *pkid,
+                    delivery: d.clone(),
+                    dup: true,
+                },
+                Flight::Released(_) => Outgoing::PubRel { pkid: *pkid },
+            })
+            .collect()
+    }
+
+    /// Takes up to `max` queued deliveries that may be sent now: QoS 0 always, QoS 1/2
+    /// while fewer than `window` exchanges are in flight (assigning packet ids). Order is
+    /// kept: a QoS 1 message that does not fit blocks those behind it.
+    pub fn next_batch(&self, conn_id: u64, window: usize, max: usize) -> Vec<Outgoing> {
+        let mut inner = self.lock();
+        if !inner.holds(conn_id) {
+            return Vec::new();
+        }
+        let was_full = inner.queue.len() >= inner.max_queued;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(front) = inner.queue.front() else {
+                break;
             };
-            let room = session.room();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            if session.has_room() || !session.online() {
-                return;
-            }
-            let deadline = session.stall_deadline(stall);
-            tokio::select! {
-                () = room => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-        }
-    }
-
-    /// Handles one packet: PUBLISH, the hot path, inline; every other packet through a boxed
-    /// [`Conn::handle`], whose state (every handler's) then stays out of the connection's
-    /// task allocation while it idles (SPEC 11 idle memory) at the price of one small
-    /// allocation per non-PUBLISH packet.
-    async fn dispatch(&mut self, inbound: Inbound) -> Option<End> {
-        match inbound {
-            Inbound::Publish(p) => self.on_publish(p).await.err(),
-            // A subscriber's acknowledgements are its hot path (one per QoS 1 delivery):
-            // handled inline, without the boxed future of the rarer packets.
-            Inbound::PubAck(pkid) => {
-                self.session.puback(pkid);
-                None
-            }
-            Inbound::PubComp(pkid) => {
-                self.session.pubcomp(pkid);
-                None
-            }
-            other => Box::pin(self.handle(other)).await,
-        }
-    }
-
-    /// Handles one inbound packet; Some(end) ends the session.
-    async fn handle(&mut self, inbound: Inbound) -> Option<End> {
-        let r = match inbound {
-            Inbound::Publish(p) => self.on_publish(p).await,
-            Inbound::PubAck(pkid) => {
-                self.session.puback(pkid);
-                Ok(())
-            }
-            Inbound::PubRec { pkid, accepted } => {
-                if self.session.pubrec(pkid, accepted) {
-                    // The release is committed before PUBREL leaves: the client forgets the
-                    // id on PUBREL, so after a restart the broker must resend PUBREL, never
-                    // the PUBLISH (which the client would take for a new message).
-                    if self.session.store().is_some() {
-                        self.commit().await;
-                    }
-                    self.send(&wire::pubrel(self.p.protocol, pkid)).await
-                } else {
-                    Ok(())
+            if front.qos == QoS::AtMostOnce {
+                if let Some(d) = inner.queue.pop_front() {
+                    out.push(Outgoing::Publish {
+                        pkid: 0,
+                        delivery: d,
+                        dup: false,
+                    });
                 }
+                continue;
             }
-            Inbound::PubRel(pkid) => {
-                let found = self.session.inbound_qos2_release(pkid);
-                // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
-                // restart would take the client's next message with this id for a
-                // duplicate, acknowledge it, and drop it.
-                if found && self.session.store().is_some() {
-                    self.commit().await;
-                }
-                self.send(&wire::pubcomp(self.p.protocol, pkid, found))
-                    .await
+            if inner.inflight.len() >= window {
+                break;
             }
-            Inbound::PubComp(pkid) => {
-                self.session.pubcomp(pkid);
-                Ok(())
+            let Some(d) = inner.queue.pop_front() else {
+                break;
+            };
+            let pkid = inner.allocate_pkid();
+            if let Some(id) = d.store_id {
+                self.submit(Op::Sent { id, pkid });
             }
-            Inbound::Subscribe {
+            inner.inflight.push_back((pkid, Flight::Publish(d.clone())));
+            out.push(Outgoing::Publish {
                 pkid,
-                filters,
-                subscription_id,
-            } => self.on_subscribe(pkid, filters, subscription_id).await,
-            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters).await,
-            Inbound::PingReq => self.send(&wire::pingresp(self.p.protocol)).await,
-            Inbound::Disconnect {
-                with_will,
-                session_expiry,
-            } => {
-                if let Some(secs) = session_expiry {
-                    if self.p.expiry_was_zero && secs != 0 {
-                        return Some(protocol_error(
-                            v5::DisconnectReasonCode::ProtocolError,
-                            "DISCONNECT may not set a session expiry when CONNECT had 0",
-                        ));
-                    }
-                    let capped = super::expiry::on_disconnect(secs, self.p.max_session_expiry);
-                    self.session.set_expiry(capped);
-                }
-                return Some(End::Disconnect { with_will });
-            }
-            Inbound::Unexpected(what) => Err(protocol_error(
-                v5::DisconnectReasonCode::ProtocolError,
-                &format!("a client may not send {what}"),
-            )),
-        };
-        r.err()
-    }
-
-    /// Moves sendable deliveries from the session queue into the out buffer while it holds
-    /// less than `OUT_HIGH`. Returns true when deliveries wait for the buffer to drain.
-    async fn pump(&mut self) -> Result<bool, End> {
-        loop {
-            if self.out.len() >= OUT_HIGH {
-                return Ok(self.session.has_queued());
-            }
-            self.refill_retained();
-            let batch = self
-                .session
-                .next_batch(self.conn_id, self.p.window, PUMP_BATCH);
-            if batch.is_empty() {
-                return Ok(false);
-            }
-            // A QoS 2 packet id is committed before the PUBLISH leaves: after a restart the
-            // message is resent with the same id and DUP, which the client deduplicates.
-            let qos2_stored = batch.iter().any(|o| {
-                matches!(o, Outgoing::Publish { delivery, .. }
-                    if delivery.qos == QoS::ExactlyOnce && delivery.store_id.is_some())
+                delivery: d,
+                dup: false,
             });
-            if qos2_stored {
-                self.commit().await;
+        }
+        if !out.is_empty() {
+            inner.progressed();
+            // Paced publishers wait only while the queue is full. Half empty: all of them
+            // are woken at once. Room after being full: one is (not every waiting
+            // publisher at every message a slow subscriber takes), and a publisher whose
+            // retry still finds room passes the wake-up on (`Session::pass_room`).
+            let all = inner.queue.len() <= inner.max_queued / 2;
+            drop(inner);
+            if all {
+                self.room.notify_waiters();
+            } else if was_full {
+                self.room.notify_one();
             }
-            let mut sent = 0u64;
-            for o in batch {
-                let Some(packet) = self.outgoing_packet(o) else {
-                    continue;
-                };
-                codec::encode(&packet, &mut self.out)
-                    .map_err(|e| End::Write(WriteError::Encode(e)))?;
-                sent += 1;
+        }
+        out
+    }
+
+    /// Whether anything waits in the queue.
+    pub fn has_queued(&self) -> bool {
+        !self.lock().queue.is_empty()
+    }
+
+    /// Number of queued deliveries (tests, metrics).
+    pub fn queued_len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// PUBACK for an outbound QoS 1 message; false if unknown.
+    pub fn puback(&self, pkid: u16) -> bool {
+        let mut inner = self.lock();
+        match inner.position(pkid) {
+            Some(i) if matches!(&inner.inflight[i].1, Flight::Publish(d) if d.qos == QoS::AtLeastOnce) =>
+            {
+                if let Some((_, Flight::Publish(d))) = inner.inflight.remove(i) {
+                    self.delivered(d.store_id);
+                }
+                inner.progressed();
+                true
             }
-            self.broker
-                .metrics
-                .messages_sent
-                .fetch_add(sent, Ordering::Relaxed);
+            _ => false,
         }
     }
 
-    /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
-    /// large for the client), in which case its exchange is abandoned.
-    fn outgoing_packet(&self, o: Outgoing) -> Option<Packet> {
-        let (pkid, d, dup) = match o {
-            Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
-            Outgoing::Publish {
-                pkid,
-                delivery,
-                dup,
-            } => (pkid, delivery, dup),
+    /// PUBREC for an outbound QoS 2 message. `accepted` is false when an MQTT 5 client
+    /// answers with an error reason: the exchange ends there. Returns whether a PUBREL is
+    /// due (also for a duplicate PUBREC of an already released id).
+    pub fn pubrec(&self, pkid: u16, accepted: bool) -> bool {
+        let mut inner = self.lock();
+        let Some(i) = inner.position(pkid) else {
+            return false;
         };
-        // The clock is read only for a message that can expire (most cannot): one
-        // clock_gettime per delivery showed in fan-in profiles.
-        let now = d.msg.expires_at.map(|_| Instant::now());
-        if now.is_some_and(|now| d.msg.expired(now)) {
-            self.abandon(pkid, "expired");
+        let id = match &inner.inflight[i].1 {
+            Flight::Publish(d) => d.store_id,
+            Flight::Released(id) => *id,
+        };
+        if !accepted {
+            inner.inflight.remove(i);
+            self.delivered(id);
+            return false;
+        }
+        if let (Some(id), Flight::Publish(_)) = (id, &inner.inflight[i].1) {
+            self.submit(Op::Released { id });
+        }
+        inner.inflight[i].1 = Flight::Released(id);
+        true
+    }
+
+    /// PUBCOMP ends an outbound QoS 2 exchange; false if unknown.
+    pub fn pubcomp(&self, pkid: u16) -> bool {
+        let mut inner = self.lock();
+        match inner.position(pkid) {
+            Some(i) if matches!(inner.inflight[i].1, Flight::Released(_)) => {
+                if let Some((_, Flight::Released(id))) = inner.inflight.remove(i) {
+                    self.delivered(id);
+                }
+                inner.progressed();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops an outbound exchange that could not be sent (e.g. larger than the client's
+    /// maximum packet size).
+    pub fn abandon(&self, pkid: u16) {
+        let mut inner = self.lock();
+        if let Some(i) = inner.position(pkid) {
+            match inner.inflight.remove(i) {
+                Some((_, Flight::Publish(d))) => self.delivered(d.store_id),
+                Some((_, Flight::Released(id))) => self.delivered(id),
+                None => {}
+            }
+        }
+    }
+
+    /// Discards the queued deliveries, and the in-flight ones not yet acknowledged by a
+    /// PUBREC, whose topic `keep` refuses (SPEC 4: what a session may no longer receive);
+    /// their store rows go too. Returns how many were discarded.
+    pub fn purge(&self, keep: impl Fn(&TopicName) -> bool) -> usize {
+        let mut inner = self.lock();
+        let mut gone = Vec::new();
+        inner.queue.retain(|d| {
+            let kept = keep(&d.msg.topic);
+            if !kept {
+                gone.push(d.store_id);
+            }
+            kept
+        });
+        inner.inflight.retain(|(_, f)| match f {
+            Flight::Publish(d) if !keep(&d.msg.topic) => {
+                gone.push(d.store_id);
+                false
+            }
+            _ => true,
+        });
+        drop(inner);
+        for id in &gone {
+            self.delivered(*id);
+        }
+        gone.len()
+    }
+
+    /// Number of outbound exchanges in flight.
+    pub fn inflight_len(&self) -> usize {
+        self.lock().inflight.len()
+    }
+
+    /// An inbound QoS 2 PUBLISH arrived. A new id is recorded only when fewer than `limit`
+    /// exchanges are open (SPEC 7: an id recorded for a message that is then refused would
+    /// make its resend look like a duplicate, acknowledged and never delivered); `None`
+    /// records without a limit (MQTT 3.1.1 cannot be told one: the packet id space bounds
+    /// the set to 65,535 ids).
+    pub fn inbound_qos2_begin(&self, pkid: u16, limit: Option<usize>) -> InboundQos2 {
+        let mut inner = self.lock();
+        if inner.inbound_qos2.contains(&pkid) {
+            return InboundQos2::Duplicate;
+        }
+        if limit.is_some_and(|max| inner.inbound_qos2.len() >= max) {
+            return InboundQos2::OverLimit;
+        }
+        inner.inbound_qos2.insert(pkid);
+        InboundQos2::New
+    }
+
+    /// Makes a recorded inbound QoS 2 id durable (persistent sessions). Submitted by the
+    /// publisher in the same store group as the message's deliveries once they are all
+    /// queued, never before them: an id committed without its message would make the
+    /// client's resend after a crash look like a duplicate, completed and never delivered.
+    pub fn inbound_qos2_persist(&self, pkid: u16) {
+        self.submit(Op::InboundBegin {
+            key: self.key.clone(),
+            pkid,
+        });
+    }
+
+    /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.
+    pub fn inbound_qos2_release(&self, pkid: u16) -> bool {
+        let mut inner = self.lock();
+        let found = inner.inbound_qos2.remove(&pkid);
+        if found {
+            self.submit(Op::InboundRelease {
+                key: self.key.clone(),
+                pkid,
+            });
+        }
+        found
+    }
+
+    /// Inbound QoS 2 exchanges awaiting PUBREL (MQTT 5 Receive Maximum).
+    pub fn inbound_qos2_len(&self) -> usize {
+        self.lock().inbound_qos2.len()
+    }
+}
+
+/// The retained backlog (see `Inner::retained_backlog`): kept apart from the queue methods
+/// above so that it stays a self-contained addition.
+impl Session {
+    /// Puts the retained messages matching a new subscription `filter` behind those already
+    /// waiting; those an earlier subscription with the same filter left are replaced (a
+    /// client re-subscribing in a loop cannot grow the backlog).
+    pub fn add_retained(&self, filter: &TopicFilter, deliveries: Vec<Delivery>) {
+        let mut inner = self.lock();
+        inner.retained_backlog.retain(|(f, _)| f != filter);
+        if !deliveries.is_empty() {
+            inner
+                .retained_backlog
+                .push_back((filter.clone(), deliveries.into()));
+        }
+    }
+
+    /// Forgets the retained messages still waiting for `filter` (UNSUBSCRIBE: no new
+    /// messages for it, MQTT-3.10.4-2).
+    pub fn drop_retained(&self, filter: &TopicFilter) {
+        self.lock().retained_backlog.retain(|(f, _)| f != filter);
+    }
+
+    /// Takes, for connection `conn_id`, as many deliveries of the first backlog entry as
+    /// fit while the queue holds fewer than `low` (never more than half of `max_queued`, so
+    /// that live messages still find room and publishers are not paced by retained
+    /// traffic), with the entry's filter. The caller checks they are still due, enqueues
+    /// them, and gives back what the queue could not take ([`Session::untake_retained`]).
+    pub fn take_retained(&self, conn_id: u64, low: usize) -> Option<(TopicFilter, Vec<Delivery>)> {
+        let mut inner = self.lock();
+        if inner.retained_backlog.is_empty() || !inner.holds(conn_id) {
             return None;
         }
-        let topic = if self.session.delivers_aliased(&d.msg.topic) {
-            acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str())
-                .unwrap_or_else(|| d.msg.topic.as_str().to_owned())
-        } else {
-            d.msg.topic.as_str().to_owned()
-        };
-        let packet = wire::publish(
-            self.p.protocol,
-            &topic,
-            d.msg.payload.clone(),
-            d.qos,
-            d.retain,
-            dup,
-            pkid,
-            &d.msg.props,
-            now.and_then(|now| d.msg.remaining_expiry(now)),
-            &d.sub_ids,
-        );
-        if let Some(max) = self.p.client_max_packet {
-            let mut probe = BytesMut::new();
-            if codec::encode(&packet, &mut probe).map_or(true, |n| n > max) {
-                // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
-                self.abandon(pkid, "too_large_for_client");
-                return None;
+        let low = low.min(inner.max_queued / 2).max(1);
+        let room = low.saturating_sub(inner.queue.len());
+        if room == 0 {
+            return None;
+        }
+        let (filter, front) = inner.retained_backlog.front_mut()?;
+        let filter = filter.clone();
+        let n = room.min(front.len());
+        let batch: Vec<Delivery> = front.drain(..n).collect();
+        if front.is_empty() {
+            inner.retained_backlog.pop_front();
+        }
+        Some((filter, batch))
+    }
+
+    /// Puts deliveries taken by [`Session::take_retained`] back at the front, in order.
+    pub fn untake_retained(&self, filter: TopicFilter, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        match inner.retained_backlog.front_mut() {
+            Some((f, front)) if *f == filter => {
+                for d in deliveries.into_iter().rev() {
+                    front.push_front(d);
+                }
+            }
+            _ => inner
+                .retained_backlog
+                .push_front((filter, deliveries.into())),
+        }
+    }
+
+    /// Retained deliveries waiting in the backlog (tests, metrics).
+    pub fn retained_backlog_len(&self) -> usize {
+        self.lock()
+            .retained_backlog
+            .iter()
+            .map(|(_, d)| d.len())
+            .sum()
+    }
+}
+
+impl Inner {
+    /// Queues a delivery by the bounded-queue policy (SPEC 6, 9): QoS 0 is not kept offline;
+    /// a full queue gives up its oldest QoS 0 message, else refuses. A QoS 1/2 delivery of a
+    /// persistent session is submitted to the store here, under the session lock, so the
+    /// store sees deliveries in queue order.
+    ///
+    /// With `pace` (see [`Session::deliver`]), a full queue of a connected session hands
+    /// the delivery back while the session makes progress, and drops it once stalled.
+    fn push(
+        &mut self,
+        mut d: Delivery,
+        key: &SessionKey,
+        store: Option<&Store>,
+        pace: Option<std::time::Duration>,
+    ) -> Result<Enqueued, Delivery> {
+        if self.attached.is_none() && d.qos == QoS::AtMostOnce {
+            return Ok(Enqueued::DroppedOffline);
+        }
+        let mut outcome = Enqueued::Queued;
+        if self.queue.len() >= self.max_queued {
+            if let (Some(stall), true) = (pace, self.attached.is_some()) {
+                if self.progress.elapsed() < stall {
+                    return Err(d);
+                }
+                return Ok(Enqueued::DroppedStalled);
+            }
+            // An offline session's queue holds no QoS 0 (dropped at detach, never queued
+            // offline): no scan per message for a full offline queue (it cost a fan-in
+            // with a forgotten persistent subscriber 11% of the broker's CPU).
+            if self.attached.is_none() {
+                return Ok(Enqueued::DroppedFull);
+            }
+            match self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+                Some(i) => {
+                    self.queue.remove(i);
+                    outcome = Enqueued::QueuedDroppedOldQos0;
+                }
+                None => return Ok(Enqueued::DroppedFull),
             }
         }
-        Some(packet)
-    }
-
-    fn abandon(&self, pkid: u16, reason: &'static str) {
-        if pkid != 0 {
-            self.session.abandon(pkid);
+        if let (Some(store), false) = (store, d.qos == QoS::AtMostOnce) {
+            let id = store.next_id();
+            d.store_id = Some(id);
+            store.submit(Op::Enqueue {
+                id,
+                key: key.clone(),
+                msg: d.msg.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                sub_ids: d.sub_ids.clone(),
+            });
         }
-        self.broker.metrics.dropped(reason, 1);
+        self.queue.push_back(d);
+        Ok(outcome)
     }
 
-    /// A reason string for an acknowledgement, if the client asked for problem information.
-    pub(super) fn reason<'t>(&self, text: Option<&'t str>) -> Option<&'t str> {
-        text.filter(|_| self.p.problem_info)
+    /// The connection made progress: it is not stalled, and a later stall is logged again.
+    fn progressed(&mut self) {
+        self.progress = tokio::time::Instant::now();
+        self.stall_logged = false;
     }
 
-    /// Queues a packet for the writer, waiting for room.
-    /// Queues a packet for the socket (written by the loop's write branch).
-    pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), End> {
-        codec::encode(packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
-        Ok(())
+    /// Whether connection `conn_id` holds the session.
+    fn holds(&self, conn_id: u64) -> bool {
+        self.attached.as_ref().is_some_and(|(id, _)| *id == conn_id)
     }
-}
 
-/// A protocol violation that ends the connection.
-pub(super) fn protocol_error(code: v5::DisconnectReasonCode, text: &str) -> End {
-    End::Protocol {
-        code,
-        text: text.to_owned(),
+    fn position(&self, pkid: u16) -> Option<usize> {
+        self.inflight.iter().position(|(p, _)| *p == pkid)
     }
-}
 
-/// An MQTT 5 DISCONNECT with a reason string.
-pub fn disconnect_v5(code: v5::DisconnectReasonCode, reason: &str) -> Packet {
-    Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
-        reason_code: code,
-        properties: Some(v5::DisconnectProperties {
-            session_expiry_interval: None,
-            reason_string: Some(reason.to_owned()),
-            user_properties: Vec::new(),
-            server_reference: None,
-        }),
-    }))
-}
-
-/// The DISCONNECT reason for a codec error's numeric code.
-fn disconnect_code(code: u8) -> v5::DisconnectReasonCode {
-    use v5::DisconnectReasonCode as D;
-    match code {
-        0x81 => D::MalformedPacket,
-        0x82 => D::ProtocolError,
-        0x95 => D::PacketTooLarge,
-        0x83 => D::ImplementationSpecificError,
-        _ => D::UnspecifiedError,
+    /// The next packet id not in flight (1..=65535). The window is far below 65535, so
+    /// this terminates quickly.
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|(p, _)| *p == id) {
+                return id;
+            }
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::admit::{self, Accepted};
 use super::live::{LiveConn, LiveGuard, Scope};
 use super::{Shared, Snapshot};
-use crate::broker::session::{self, Revoke};
-use crate::broker::state::SessionRef;
-use crate::broker::{connect, send, SessionRequest};
+use crate::broker::conn::{self, connect, Revoke};
+use crate::broker::session::SessionRef;
+use crate::broker::{send, SessionRequest};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{Connect, PacketReader, Protocol};
@@ -77,7 +77,7 @@ pub async fn handle(
     let Some(open) = open(&shared, accepted, &mut wr, &limits, peer).await else {
         return;
     };
-    let end = session::serve(
+    let end = conn::serve(
         &shared.broker,
         &open.session,
         open.conn_id,
@@ -87,7 +87,7 @@ pub async fn handle(
         open.params,
         open.will,
         open.generation,
-        session::Signals {
+        conn::Signals {
             shutdown: &shutdown,
             kick: &open.kick,
             revoke: &open.revoke,
@@ -177,7 +177,7 @@ struct Open<'a> {
     generation: u64,
     device: crate::identity::DeviceName,
     client_id: String,
-    params: session::Params,
+    params: conn::Params,
     will: Option<crate::broker::Will>,
     kick: CancellationToken,
     revoke: Arc<Revoke>,
@@ -230,7 +230,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         broker.close_session(&opened.session, conn_id);
         return None;
     }
-    let params = session::Params {
+    let params = conn::Params {
         protocol: a.req.protocol,
         keep_alive,
         window: usize::from(

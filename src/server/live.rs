@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::auth::{self, Presenter, Revoked};
-use crate::broker::session::Revoke;
-use crate::broker::state::SessionRef;
+use crate::broker::conn::Revoke;
+use crate::broker::session::SessionRef;
 use crate::broker::Broker;
 use crate::cert::Fingerprint;
 use crate::config::Config;

@@ -10,6 +10,7 @@
 //! connection takes a snapshot at accept for its handshake and another at CONNECT for the
 //! admission, so a reload takes effect for every new decision at once.
 
+mod admin;
 mod admit;
 mod connection;
 pub mod control;
@@ -95,7 +96,7 @@ impl Shared {
 pub struct Server {
     shared: Arc<Shared>,
     /// Restored offline sessions with an expiry deadline, timed from `run`.
-    deadlines: Mutex<Vec<(crate::broker::state::SessionRef, i64)>>,
+    deadlines: Mutex<Vec<(crate::broker::session::SessionRef, i64)>>,
 }
 
 impl Server {
@@ -236,7 +237,7 @@ impl Server {
             std::mem::take(&mut *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()));
         shared.broker.schedule_expiry(deadlines);
         let admin_task =
-            admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.clone(), shutdown.clone())));
+            admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone())));
         let max = shared.snapshot().config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();

@@ -33,7 +33,7 @@ pub(crate) use schema::quick_check;
 
 use crate::broker::message::Message;
 use crate::broker::router::SubOptions;
-use crate::broker::state::SessionKey;
+use crate::broker::session::SessionKey;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 

@@ -18,7 +18,7 @@ use super::writer::{key, parse_props};
 use super::StoreError;
 use crate::broker::message::{Message, StoreId};
 use crate::broker::router::{RetainHandling, SubOptions};
-use crate::broker::state::SessionKey;
+use crate::broker::session::SessionKey;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;

@@ -11,7 +11,7 @@ use rusqlite::Connection;
 
 use super::{Op, Store, DB_FILE};
 use crate::broker::message::{Forwarded, Message};
-use crate::broker::state::SessionKey;
+use crate::broker::session::SessionKey;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, Transaction};
 
 use super::{Op, StoreError, SCHEMA_VERSION};
 use crate::broker::message::Message;
-use crate::broker::state::SessionKey;
+use crate::broker::session::SessionKey;
 
 /// The most ops applied in one transaction; more wait for the next one, so one commit
 /// never grows without bound.

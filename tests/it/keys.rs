@@ -1,18 +1,16 @@
 //! SPEC 2: the server key may be PKCS#8, SEC1 or PKCS#1 PEM. rcgen writes PKCS#8 only, so
 //! the other two forms are fixed files (tests/fixtures/keys, made with openssl).
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{Broker, Fixture, Outcome};
+use crate::common::{Broker, Fixture, Outcome};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys");
 
 /// A client that trusts the fixture's key-format root and presents a fleet device.
-fn client(fx: &Fixture) -> common::Client {
+fn client(fx: &Fixture) -> crate::common::Client {
     let dev = fx.device("dev-1.devices.example.com");
     let root = CertificateDer::from_pem_file(format!("{FIXTURES}/root.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -30,7 +28,7 @@ fn client(fx: &Fixture) -> common::Client {
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .unwrap();
-    common::Client { tls: Arc::new(tls) }
+    crate::common::Client { tls: Arc::new(tls) }
 }
 
 async fn serves_with_key(form: &str, header: &str) {

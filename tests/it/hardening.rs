@@ -6,10 +6,8 @@
 //! without keyCertSign, name constraints, a leaf without digitalSignature, bogus issuers)
 //! are made with rcgen directly, signed by the fixture's CAs.
 
-mod common;
-
+use crate::common::{hostile, registry, Broker, Client, Fixture, Outcome};
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
-use common::{hostile, registry, Broker, Client, Fixture, Outcome};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SerialNumber,

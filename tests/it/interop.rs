@@ -8,18 +8,16 @@
 //! delivered") is shown by a later marker on the same subscription arriving first.
 //!
 //! Without the clients the tests print "skipped" and pass, unless CI sets
-//! `CERTMQ_REQUIRE_MOSQUITTO` / `CERTMQ_REQUIRE_PAHO` (see `common::interop`).
-
-mod common;
+//! `CERTMQ_REQUIRE_MOSQUITTO` / `CERTMQ_REQUIRE_PAHO` (see `crate::common::interop`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::interop::{
+use crate::common::interop::{
     mosquitto, mosquitto_available, paho_available, run, shell_words, Creds, Finished, Spawned,
     Version,
 };
-use common::{self_signed, Broker, Fixture};
+use crate::common::{self_signed, Broker, Fixture};
 use tokio::process::Command;
 
 /// The repository root: the README, `config/` and `certs-example/` live there.

@@ -2,14 +2,12 @@
 //! broker of one `data_dir` and no other, two brokers never share a `data_dir`, and the
 //! config file is found without `--config` the documented way.
 
-mod common;
-
 use std::process::Command;
 
-use common::durability::serve_expecting_exit;
-use common::ops::{config, Proc};
-use common::run::{arg, certmq};
-use common::Fixture;
+use crate::common::durability::serve_expecting_exit;
+use crate::common::ops::{config, Proc};
+use crate::common::run::{arg, certmq};
+use crate::common::Fixture;
 
 #[tokio::test]
 async fn reload_reaches_the_broker_of_its_data_dir_only() {
@@ -41,7 +39,7 @@ async fn reload_reaches_the_broker_of_its_data_dir_only() {
 
     // The other broker heard nothing.
     broker_b.signal("TERM");
-    broker_b.wait_exit(common::WAIT).await;
+    broker_b.wait_exit(crate::common::WAIT).await;
     assert!(
         !broker_b.stderr().contains("reload"),
         "{}",
@@ -134,9 +132,9 @@ fn the_config_is_found_the_documented_way() {
 /// device, a persistent session with its queued message, and a retained message are there.
 #[tokio::test]
 async fn a_backup_of_a_running_broker_restores_into_another() {
-    use common::coretests::{Opts, Peer, V};
-    use common::ops::{pinned, BACKEND_PROFILE};
-    use common::{self_signed, Client};
+    use crate::common::coretests::{Opts, Peer, V};
+    use crate::common::ops::{pinned, BACKEND_PROFILE};
+    use crate::common::{self_signed, Client};
 
     let fx = Fixture::new();
     let cert = self_signed("backend");
@@ -248,7 +246,7 @@ async fn check_finds_a_port_in_use_and_an_unwritable_data_dir() {
     let run = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     broker.signal("TERM");
-    assert!(broker.wait_exit(common::WAIT).await.success());
+    assert!(broker.wait_exit(crate::common::WAIT).await.success());
     assert!(
         !broker.stderr().contains("control request failed"),
         "{}",

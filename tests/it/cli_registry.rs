@@ -4,14 +4,12 @@
 //! on 127.0.0.1:0) provisions devices from real TLS connections, and is stopped before the
 //! binary runs, so every outcome here is the binary's alone.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::run::{arg, certmq, Run};
+use crate::common::{self_signed, Broker, Fixture, Outcome};
 use certmq::cert::Fingerprint;
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
-use common::run::{arg, certmq, Run};
-use common::{self_signed, Broker, Fixture, Outcome};
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

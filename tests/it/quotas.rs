@@ -5,17 +5,15 @@
 //! delivered in full however many there are, beyond `max_queued_messages`. Real brokers
 //! (in-process, or `certmq serve` where a log line is the event to wait for), real TLS.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::coretests::raw::{raw_publish, Raw, RawConnect, PUBACK};
-use common::coretests::{Opts, Peer, MARKER, V};
-use common::ops::{metric, Proc};
-use common::v5tests::{
+use crate::common::coretests::raw::{raw_publish, Raw, RawConnect, PUBACK};
+use crate::common::coretests::{Opts, Peer, MARKER, V};
+use crate::common::ops::{metric, Proc};
+use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, with_expiry, Raw5, BACKEND_FLEET,
 };
-use common::{Broker, Fixture};
+use crate::common::{Broker, Fixture};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 
@@ -68,7 +66,7 @@ async fn v5_session_expiry_is_capped_and_announced() {
 #[tokio::test]
 async fn v311_persistent_session_expires_after_max_session_expiry() {
     let fx = Fixture::new();
-    let cfg = common::ops::config_with_limits(
+    let cfg = crate::common::ops::config_with_limits(
         &fx,
         "handshake_timeout = 5\nconnect_timeout = 5\nmax_session_expiry = 2",
         BACKEND_FLEET,

@@ -4,17 +4,15 @@
 //! real TLS clients. Every wait is bounded and waits for an event (a log line, a packet,
 //! the child's exit), never for a fixed time.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use certmq::pki::{Issued, Validity};
-use common::ops::{
+use crate::common::ops::{
     config, config_with_limits, expect_disconnect, next_publish_v5, open_v5, ping, pinned,
     publish_v5, subscribe_v5, Proc, BACKEND_PROFILE,
 };
-use common::run::{arg, certmq};
-use common::{connect_v311_bytes, self_signed, Fixture, Outcome, WAIT};
+use crate::common::run::{arg, certmq};
+use crate::common::{connect_v311_bytes, self_signed, Fixture, Outcome, WAIT};
+use certmq::pki::{Issued, Validity};
 
 const NOT_AUTHORIZED_V5: u8 = 0x87;
 const SERVER_SHUTTING_DOWN: u8 = 0x8B;
@@ -131,7 +129,7 @@ async fn sighup_replaces_the_server_certificate_for_new_connections() {
 }
 
 /// The certificate the broker presented on this connection.
-fn server_leaf(tls: &common::ops::Tls) -> Vec<u8> {
+fn server_leaf(tls: &crate::common::ops::Tls) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
@@ -398,7 +396,7 @@ fn provision(fx: &Fixture, leaf: &Issued, name: &str) {
         create: true,
         reserved: false,
     };
-    let outcome = common::registry(fx)
+    let outcome = crate::common::registry(fx)
         .admit(&presented, Mode::Commit)
         .unwrap();
     assert_eq!(outcome, Ok(Admitted::Provisioned));

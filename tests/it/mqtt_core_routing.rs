@@ -2,11 +2,9 @@
 //! and subscribe ACLs with deny lists, the ThingsBoard `v1/devices/me/` alias both ways,
 //! and shared subscriptions.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::coretests::{Msg, Peer, Setup, BACKEND_PROFILE, MARKER, V};
+use crate::common::coretests::{Msg, Peer, Setup, BACKEND_PROFILE, MARKER, V};
 
 fn msg(topic: &str, payload: &[u8], qos: u8, retain: bool) -> Msg {
     Msg {

@@ -4,16 +4,14 @@
 //! not reach a full session is never slowed. A real broker in this process, real TLS, a
 //! raw subscriber that reads at its own pace, rumqttc publishers.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::coretests::raw::{parse_publish, raw_ack, raw_subscribe, Raw, RawConnect};
-use common::coretests::raw::{PUBACK, PUBCOMP, PUBREC};
-use common::coretests::{Opts, Peer, V};
-use common::ops::{config_with_limits, pinned, BACKEND_PROFILE};
-use common::{self_signed, Broker, Client, Fixture, WAIT};
+use crate::common::coretests::raw::{parse_publish, raw_ack, raw_subscribe, Raw, RawConnect};
+use crate::common::coretests::raw::{PUBACK, PUBCOMP, PUBREC};
+use crate::common::coretests::{Opts, Peer, V};
+use crate::common::ops::{config_with_limits, pinned, BACKEND_PROFILE};
+use crate::common::{self_signed, Broker, Client, Fixture, WAIT};
 
 /// A broker whose sessions queue at most `max_queued` messages, with a fleet anchor and a
 /// pinned `backend` that may publish and subscribe anywhere.
@@ -211,7 +209,7 @@ async fn a_stalled_subscriber_stops_pacing_after_stall_timeout() {
         codes.push(p.publish("devices/p/t", 1, false, &[i]).await);
     }
     assert!(codes.iter().all(|c| *c == 0 || *c == 0x97), "{codes:?}");
-    let dropped = common::ops::metric(
+    let dropped = crate::common::ops::metric(
         &broker.metrics.render(),
         "certmq_messages_dropped_total{reason=\"stalled\"}",
     );

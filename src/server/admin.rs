@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
+use super::Shared;
 
 /// A request that takes longer than this (headers included) is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,12 +1,10 @@
 //! SPEC 4 and 6, black-box: persistent sessions catching up, clean sessions, session
 //! takeover keyed by (device, client id), keep alive at 1.5x, and will messages.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::coretests::raw::{Raw, RawConnect, DISCONNECT, PINGREQ};
-use common::coretests::{Msg, Opts, Peer, Setup, WillMsg, MARKER, V};
+use crate::common::coretests::raw::{Raw, RawConnect, DISCONNECT, PINGREQ};
+use crate::common::coretests::{Msg, Opts, Peer, Setup, WillMsg, MARKER, V};
 
 fn msg(topic: &str, payload: &[u8], qos: u8, retain: bool) -> Msg {
     Msg {

@@ -4,13 +4,11 @@
 //! `mqtt_core_sessions.rs`; retained messages, wildcards, ACLs, the `me` alias and shared
 //! subscriptions in `mqtt_core_routing.rs`.
 
-mod common;
-
-use common::coretests::raw::{
+use crate::common::coretests::raw::{
     parse_publish, raw_ack, raw_publish, raw_subscribe, Raw, RawConnect, PUBACK, PUBCOMP, PUBREC,
     PUBREL,
 };
-use common::coretests::{Msg, Peer, Setup, MARKER, V};
+use crate::common::coretests::{Msg, Peer, Setup, MARKER, V};
 
 /// Asserts a two-byte-id acknowledgement (`first` = its first byte) for `pkid`; an MQTT 5
 /// reason code, when present, must be Success.

@@ -7,17 +7,15 @@
 //!
 //! Replay a failing run with `CERTMQ_DURABILITY_SEED=<seed printed by the test>`.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::durability::flows::{payload, publish_numbers, Receiver, MARKER};
-use common::durability::wire::{self, Pkt};
-use common::durability::world::{
+use crate::common::durability::flows::{payload, publish_numbers, Receiver, MARKER};
+use crate::common::durability::wire::{self, Pkt};
+use crate::common::durability::world::{
     create_offline_subscriber, drain_to_marker, seed, stream_then_kill, topic, World,
 };
-use common::durability::{fill, serve_expecting_exit, BrokerProc, Raw, Rng, Tmpfs};
-use common::Fixture;
+use crate::common::durability::{fill, serve_expecting_exit, BrokerProc, Raw, Rng, Tmpfs};
+use crate::common::Fixture;
 use tokio::sync::mpsc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,11 +2,9 @@
 //! values escaped; the level from the file, overridden by `RUST_LOG`; an invalid level is a
 //! config problem.
 
-mod common;
-
-use common::ops::{config, Proc};
-use common::run::{arg, certmq};
-use common::Fixture;
+use crate::common::ops::{config, Proc};
+use crate::common::run::{arg, certmq};
+use crate::common::Fixture;
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
@@ -21,7 +19,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
     let mut broker = Proc::start(&fx, &path).await;
     // A refused CONNECT whose client id tries to break the line and the object.
     let id = "x\"}\n{\"result\":\"accepted\"";
-    let packet = common::connect_v311_with_will(id, "devices/other/will");
+    let packet = crate::common::connect_v311_with_will(id, "devices/other/will");
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     assert_eq!(
         dev.raw(broker.mqtt, &packet).await.expect("CONNACK"),
@@ -29,7 +27,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
     );
     broker.wait_line("refused at CONNECT").await;
     broker.signal("TERM");
-    assert!(broker.wait_exit(common::WAIT).await.success());
+    assert!(broker.wait_exit(crate::common::WAIT).await.success());
     let mut refusal = None;
     for line in broker.stderr().lines() {
         let v: serde_json::Value = serde_json::from_str(line)
@@ -49,7 +47,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
 async fn the_level_comes_from_the_file() {
     let fx = Fixture::new();
     // The server and admin announcements only, then warnings and errors.
-    let level = "warn,certmq::server=info,certmq::admin=info";
+    let level = "warn,certmq::server=info,certmq::server::admin=info";
     let path = config(
         &fx,
         &format!(
@@ -61,9 +59,9 @@ async fn the_level_comes_from_the_file() {
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     assert_eq!(
         dev.connect_v5(broker.mqtt, "d1").await,
-        common::Outcome::Accepted
+        crate::common::Outcome::Accepted
     );
-    let stranger = fx.client(&common::self_signed("stranger"));
+    let stranger = fx.client(&crate::common::self_signed("stranger"));
     let _ = stranger.connect_v5(broker.mqtt, "s").await;
     broker.wait_line("refused at TLS").await;
     assert!(
@@ -102,7 +100,7 @@ fn rust_log_overrides_the_file() {
         }
     });
     let announced = loop {
-        match rx.recv_timeout(common::WAIT) {
+        match rx.recv_timeout(crate::common::WAIT) {
             Ok(line) if line.contains("listening for MQTT over TLS") => break true,
             Ok(_) => continue,
             Err(_) => break false,
@@ -172,13 +170,14 @@ async fn metrics_are_complete_and_well_formed() {
         "process_open_fds",
         "process_start_time_seconds",
     ] {
-        let v = common::ops::metric(&body, series).unwrap_or_else(|| panic!("{series}: {body}"));
+        let v =
+            crate::common::ops::metric(&body, series).unwrap_or_else(|| panic!("{series}: {body}"));
         assert!(v > 0.0, "{series} = {v}");
     }
     assert_eq!(
-        common::ops::metric(&body, "certmq_last_reload_success"),
+        crate::common::ops::metric(&body, "certmq_last_reload_success"),
         Some(1.0)
     );
     // Counted in 10 ms ticks: a fresh broker may not have used one yet.
-    assert!(common::ops::metric(&body, "process_cpu_seconds_total").is_some());
+    assert!(crate::common::ops::metric(&body, "process_cpu_seconds_total").is_some());
 }

@@ -2,14 +2,12 @@
 //! real broker. Each case shows the offender is closed (MQTT 5: with the matching
 //! DISCONNECT first) and that the broker keeps serving everyone else.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::v5tests::{
+use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, tls_stream, Raw5, BACKEND_FLEET,
 };
-use common::{connect_v311_bytes, connect_v5_bytes, Broker, Client, Fixture, WAIT};
+use crate::common::{connect_v311_bytes, connect_v5_bytes, Broker, Client, Fixture, WAIT};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,16 +5,16 @@
 //! serve` as a real subprocess, driven as an operator drives it (edit the TOML and SIGHUP,
 //! `certmq devices ...`, restart), with real TLS clients. Every wait is for an event.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::coretests::{Opts, Peer, WillMsg, MARKER, V};
+use crate::common::ops::{
+    config, config_with_limits, expect_disconnect, open_v5, pinned, subscribe_v5,
+};
+use crate::common::ops::{Proc, BACKEND_PROFILE};
+use crate::common::run::{arg, certmq};
+use crate::common::{self_signed, Client, Fixture, Outcome, WAIT};
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
-use common::coretests::{Opts, Peer, WillMsg, MARKER, V};
-use common::ops::{config, config_with_limits, expect_disconnect, open_v5, pinned, subscribe_v5};
-use common::ops::{Proc, BACKEND_PROFILE};
-use common::run::{arg, certmq};
-use common::{self_signed, Client, Fixture, Outcome, WAIT};
 
 const NOT_AUTHORIZED_V5: u8 = 0x87;
 const QUOTA_EXCEEDED_V5: u8 = 0x97;
@@ -411,7 +411,7 @@ async fn refused_connect_neither_provisions_nor_rotates() {
     );
 
     // A will the profile does not allow, from a new device (3.1.1).
-    let packet = common::connect_v311_with_will("d8", "devices/other/will");
+    let packet = crate::common::connect_v311_with_will("d8", "devices/other/will");
     let d8 = fx.client(&fx.device("d8.devices.example.com"));
     let ack = d8.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5], "will refused with 5");
@@ -450,7 +450,7 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
     // A refused CONNECT (its will is not allowed) whose client id carries a line break and
     // fields of the decision line.
     let id = "evil\nresult=\"accepted\" device=\"backend\"";
-    let packet = common::connect_v311_with_will(id, "devices/other/will");
+    let packet = crate::common::connect_v311_with_will(id, "devices/other/will");
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     let ack = dev.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5]);

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::time::Instant;
 
-use super::message::{Forwarded, Message};
-use super::Will;
 use crate::acl::{self, DeviceAcl};
 use crate::auth::Refused;
+use crate::broker::message::{Forwarded, Message};
+use crate::broker::Will;
 use crate::mqtt::codec::{self, v4, v5, CodecError, Connect, Packet, Protocol};
 use crate::mqtt::topic::TopicName;
 
@@ -295,7 +295,7 @@ pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packe
 
 /// The CONNACK refusing one persistent session more than `max_sessions_per_device`
 /// (SPEC 4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
-pub fn connack_quota(protocol: Protocol, why: &super::OpenRefused) -> Packet {
+pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Packet {
     match protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::ServiceUnavailable,

@@ -7,15 +7,13 @@
 //! The broker runs as a real `certmq serve` child process ([`Proc`]): restart memory is
 //! the child's own RSS, and a restart is a real one.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::durability::wire::{self, Pkt};
-use common::durability::{fill, serve_expecting_exit, Raw, Tmpfs};
-use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
-use common::{self_signed, Client, Fixture, WAIT};
+use crate::common::durability::wire::{self, Pkt};
+use crate::common::durability::{fill, serve_expecting_exit, Raw, Tmpfs};
+use crate::common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+use crate::common::{self_signed, Client, Fixture, WAIT};
 
 /// How long a graceful stop may take (SPEC 1: within the grace period).
 const STOP: Duration = Duration::from_secs(15);

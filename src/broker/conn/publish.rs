@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use super::message::Message;
-use super::session::{protocol_error, Conn, End};
-use super::state::InboundQos2;
-use super::wire::{self, AckReason, InPublish};
-use super::Published;
+use super::{protocol_error, Conn, End};
 use crate::acl;
+use crate::broker::message::Message;
+use crate::broker::session::InboundQos2;
+use crate::broker::wire::{self, AckReason, InPublish};
+use crate::broker::Published;
 use crate::mqtt::codec::{v5, Protocol, QoS};
 use crate::mqtt::topic::TopicName;
 
@@ -71,7 +71,10 @@ pub(super) struct Paced {
     /// What routing did so far.
     published: Published,
     /// Deliveries still to offer, each to its session.
-    pub(super) waiting: Vec<(super::state::SessionRef, super::state::Delivery)>,
+    pub(super) waiting: Vec<(
+        crate::broker::session::SessionRef,
+        crate::broker::session::Delivery,
+    )>,
     qos: QoS,
     pkid: u16,
     /// A retained message (with a payload): the retained store took it.
@@ -248,7 +251,7 @@ impl Conn<'_> {
                 Protocol::V5 => AckReason::QuotaExceeded,
                 Protocol::V311 => AckReason::Success,
             };
-            let text = Some(super::retained::QUOTA_TEXT);
+            let text = Some(crate::broker::retained::QUOTA_TEXT);
             return self.acknowledge(qos, pkid, reason, None, text).await;
         }
         if qos == QoS::AtMostOnce {

@@ -1,10 +1,10 @@
 //! Message integrity (SPEC 7 "No silent loss"): an inbound QoS 2 packet id is recorded only
 //! for a message the broker accepts, so a client over its Receive Maximum loses nothing.
 
-mod common;
-
-use common::coretests::raw::{raw_ack, raw_publish, Raw, RawConnect, PUBCOMP, PUBREC, PUBREL};
-use common::coretests::{Setup, V};
+use crate::common::coretests::raw::{
+    raw_ack, raw_publish, Raw, RawConnect, PUBCOMP, PUBREC, PUBREL,
+};
+use crate::common::coretests::{Setup, V};
 use std::collections::BTreeSet;
 
 const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
@@ -136,10 +136,10 @@ async fn qos2_over_the_window_v311_is_accepted() {
 /// (metric per reason, `devices show` per device), for 3.1.1 publishers too.
 #[tokio::test]
 async fn a_full_offline_queue_is_never_acknowledged_as_success() {
-    use common::coretests::{Opts, Peer};
-    use common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
-    use common::run::{arg, certmq};
-    use common::{self_signed, Client, Fixture};
+    use crate::common::coretests::{Opts, Peer};
+    use crate::common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+    use crate::common::run::{arg, certmq};
+    use crate::common::{self_signed, Client, Fixture};
 
     let fx = Fixture::new();
     let cert = self_signed("backend");
@@ -172,7 +172,7 @@ async fn a_full_offline_queue_is_never_acknowledged_as_success() {
     broker
         .wait_metric("certmq_messages_dropped_total{reason=\"queue_full\"}", 3.0)
         .await;
-    let shown = tokio::time::timeout(common::WAIT, async {
+    let shown = tokio::time::timeout(crate::common::WAIT, async {
         loop {
             let run = certmq(
                 fx.dir.path(),

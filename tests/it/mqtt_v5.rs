@@ -1,19 +1,17 @@
 //! SPEC 6, MQTT 5 features end to end: a real broker on 127.0.0.1:0 over mutual TLS, a
-//! scripted MQTT 5 client (rumqttc's codec, `common::v5tests`) where a test must control
+//! scripted MQTT 5 client (rumqttc's codec, `crate::common::v5tests`) where a test must control
 //! every packet, and rumqttc's own event loop where a plain client is enough. Subscription
 //! options, shared subscriptions and retain handling are in `mqtt_v5_subscriptions.rs`.
 //!
 //! Negatives ("never delivered") are shown with a marker: a later message on the same
 //! ordered connection whose arrival proves the unwanted one would have come before it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::v5tests::{
+use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, with_expiry, Raw5, BACKEND_FLEET,
 };
-use common::{Broker, Client, Fixture, WAIT};
+use crate::common::{Broker, Client, Fixture, WAIT};
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, Filter, LastWill, LastWillProperties, Packet, PubAckReason,
     PublishProperties, SubscribeReasonCode, UnsubAckReason,
@@ -482,8 +480,9 @@ fn connect_v5_with_props(client_id: &str, props: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn enhanced_authentication_is_refused_with_0x8c() {
-    let fx = common::Fixture::new();
-    let broker = common::Broker::start(&fx.config(&common::Fixture::fleet_anchor(true))).await;
+    let fx = crate::common::Fixture::new();
+    let broker =
+        crate::common::Broker::start(&fx.config(&crate::common::Fixture::fleet_anchor(true))).await;
     let dev = fx.device("dev-1.devices.example.com");
     // Property 0x15 Authentication Method = "SCRAM-SHA-1".
     let mut props = vec![0x15, 0, 11];
@@ -506,8 +505,9 @@ async fn enhanced_authentication_is_refused_with_0x8c() {
 
 #[tokio::test]
 async fn request_problem_information_0_suppresses_reason_strings_on_acks() {
-    let fx = common::Fixture::new();
-    let broker = common::Broker::start(&fx.config(&common::Fixture::fleet_anchor(true))).await;
+    let fx = crate::common::Fixture::new();
+    let broker =
+        crate::common::Broker::start(&fx.config(&crate::common::Fixture::fleet_anchor(true))).await;
     let dev = fx.device("dev-1.devices.example.com");
     let client = fx.client(&dev);
     // A QoS 1 PUBLISH to a topic the device may not use, pkid 1.
@@ -528,7 +528,7 @@ async fn request_problem_information_0_suppresses_reason_strings_on_acks() {
         assert_eq!(ack[3], 0, "connected: {ack:02x?}");
         use tokio::io::AsyncWriteExt;
         tls.write_all(&publish("devices/other/t")).await.unwrap();
-        let puback = common::read_packet(&mut tls).await.unwrap();
+        let puback = crate::common::read_packet(&mut tls).await.unwrap();
         assert_eq!(
             (puback[0], puback[4]),
             (0x40, 0x87),

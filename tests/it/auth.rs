@@ -2,12 +2,10 @@
 //! mutual TLS, one test per acceptance path and per refusal reason, each with its own
 //! fixture certificates.
 
-mod common;
-
-use certmq::pki::{LeafSpec, Validity};
-use common::{
+use crate::common::{
     connect_v311_bytes, connect_v5_bytes, registry, self_signed, Broker, Client, Fixture, Outcome,
 };
+use certmq::pki::{LeafSpec, Validity};
 use rcgen::ExtendedKeyUsagePurpose;
 
 const NOT_AUTHORIZED_V4: u8 = 5;

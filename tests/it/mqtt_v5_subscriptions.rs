@@ -1,16 +1,14 @@
 //! SPEC 6, MQTT 5 delivery end to end: subscription identifiers, no local, retain as
 //! published, retain handling, shared subscriptions with options, and the client's own
 //! limits (Receive Maximum, Maximum Packet Size) as the broker must honour them. A real
-//! broker over mutual TLS, a scripted MQTT 5 client (`common::v5tests`).
+//! broker over mutual TLS, a scripted MQTT 5 client (`crate::common::v5tests`).
 //!
 //! Negatives are shown with a marker published after the unwanted message (same ordered
 //! connection), or, for the in-flight window, with PINGREQ round trips: everything the
 //! broker had decided to send comes before the PINGRESP.
 
-mod common;
-
-use common::v5tests::{connect_packet, device_client, Raw5, BACKEND_FLEET};
-use common::{Broker, Fixture};
+use crate::common::v5tests::{connect_packet, device_client, Raw5, BACKEND_FLEET};
+use crate::common::{Broker, Fixture};
 use rumqttc::v5::mqttbytes::v5::{
     ConnectProperties, Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode,
 };

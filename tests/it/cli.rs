@@ -3,11 +3,9 @@
 //! gets one test per config problem, because each message is what an operator reads to fix
 //! that one mistake. The `explain` and `devices` commands are in `tests/cli_registry.rs`.
 
-mod common;
-
+use crate::common::run::{arg, certmq, Run};
+use crate::common::{self_signed, Fixture};
 use certmq::pki::Validity;
-use common::run::{arg, certmq, Run};
-use common::{self_signed, Fixture};
 
 /// `certmq check --config <fixture>/certmq.toml`.
 fn check(fx: &Fixture) -> Run {

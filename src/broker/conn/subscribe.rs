@@ -5,12 +5,12 @@
 
 use std::time::Instant;
 
-use super::min_qos;
-use super::router::{RetainHandling, SubOptions};
-use super::session::{protocol_error, Conn, End};
-use super::state::{Delivery, Enqueued};
-use super::wire::{self, RequestedFilter, SubResult};
+use super::{protocol_error, Conn, End};
 use crate::acl;
+use crate::broker::min_qos;
+use crate::broker::router::{RetainHandling, SubOptions};
+use crate::broker::session::{Delivery, Enqueued};
+use crate::broker::wire::{self, RequestedFilter, SubResult};
 use crate::mqtt::codec::v5;
 use crate::mqtt::topic::{Subscription, TopicFilter};
 

@@ -3,15 +3,14 @@
 //! percentile and /proc readers. Counts are asserted (every connection accepted, every
 //! acknowledged QoS 1 message delivered), never timings: the machine is shared.
 
-mod common;
-#[path = "../benches/load/mod.rs"]
+#[path = "../../benches/load/mod.rs"]
 mod load;
 
 use std::path::PathBuf;
 
+use crate::common::{Broker, Fixture};
 use certmq::pki::LeafSpec;
 use clap::Parser;
-use common::{Broker, Fixture};
 use load::report::Report;
 use load::LoadError;
 
@@ -109,7 +108,7 @@ async fn connect_opens_one_distinct_device_per_connection() {
     assert!(figure(&r, "connect_p99_ms") >= figure(&r, "connect_p50_ms"));
     assert!(figure(&r, "server_cpu_ms_per_connect") >= 0.0);
     // Six devices were provisioned, each under its own name.
-    let names: Vec<String> = common::registry(&bench.fx)
+    let names: Vec<String> = crate::common::registry(&bench.fx)
         .list()
         .unwrap()
         .into_iter()
@@ -263,7 +262,7 @@ fn cli_accepts_what_cargo_bench_appends_and_needs_an_identity() {
 }
 
 mod codec {
-    use crate::load::mqtt::*;
+    use crate::bench_smoke::load::mqtt::*;
     use bytes::Bytes;
 
     fn decode_all(bytes: &[u8]) -> Vec<Packet> {
@@ -357,7 +356,7 @@ mod codec {
 }
 
 mod delivery_accounting {
-    use crate::load::flow::{read_header, Seen};
+    use crate::bench_smoke::load::flow::{read_header, Seen};
 
     #[test]
     fn seen_counts_duplicates_and_what_another_set_misses() {
@@ -388,7 +387,7 @@ mod delivery_accounting {
 }
 
 mod procfs_readers {
-    use crate::load::procfs::*;
+    use crate::bench_smoke::load::procfs::*;
 
     #[test]
     fn reads_this_process() {
@@ -401,7 +400,7 @@ mod procfs_readers {
 }
 
 mod report_format {
-    use crate::load::report::*;
+    use crate::bench_smoke::load::report::*;
 
     #[test]
     fn percentiles_use_nearest_rank() {

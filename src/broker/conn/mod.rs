@@ -1,0 +1,681 @@
+//! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
+//!
+//! One task per connection reads packets, enforces keep alive, moves deliveries from the
+//! session's queue into an out buffer within the in-flight window, and writes that buffer
+//! to TLS, all from one `select!`: a delivery costs no hop to another task, and reading goes
+//! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
+//! it writes deadlocks with a client that does the same). A client that does not read stops
+//! our writes: deliveries pile up in its bounded session queue (its publishers are paced
+//! until it stalls, SPEC 9), reading stops at `OUT_MAX`, and a write without progress for
+//! `write_limit` ends the connection. A message of this client's that waits for room in a
+//! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub mod connect;
+mod publish;
+mod subscribe;
+
+use crate::acl;
+use crate::broker::session::{Outgoing, SessionRef};
+use crate::broker::wire::{self, Inbound};
+use crate::broker::{Broker, Will, WriteError};
+use crate::identity::DeviceName;
+use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, QoS};
+
+/// Deliveries are encoded into the out buffer only while it holds less than this: the
+/// session queue is where messages wait, the buffer only feeds the socket.
+const OUT_HIGH: usize = 64 * 1024;
+/// Buffered packets handled after one that came through `select!`, before selecting again
+/// (bounded so that deliveries and signals are still looked at regularly).
+const BURST: usize = 64;
+/// Deliveries taken from the session queue per pump step.
+const PUMP_BATCH: usize = 256;
+/// Reading pauses while the out buffer holds more than this (acknowledgements of a client
+/// that sends but does not read cannot grow it without bound).
+const OUT_MAX: usize = 1024 * 1024;
+
+/// What a connection negotiated at CONNECT.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub protocol: Protocol,
+    /// Effective keep alive, seconds (never 0: see `connect::effective_keep_alive`).
+    pub keep_alive: u16,
+    /// Outbound QoS 1/2 in flight: min(max_inflight, the client's Receive Maximum).
+    pub window: usize,
+    /// Inbound QoS 2 in flight we accept (our Receive Maximum, = max_inflight).
+    pub receive_max: usize,
+    /// Topic aliases the client may use (our Topic Alias Maximum).
+    pub topic_alias_max: u16,
+    /// The client's Maximum Packet Size (MQTT 5).
+    pub client_max_packet: Option<usize>,
+    /// Bound on one write to the client.
+    pub write_limit: Duration,
+    /// MQTT 5: the session expiry was 0 at CONNECT (DISCONNECT may not raise it).
+    pub expiry_was_zero: bool,
+    /// `max_session_expiry`: a DISCONNECT may not raise the expiry above it either.
+    pub max_session_expiry: u32,
+    /// MQTT 5 Request Problem Information: when false, no reason strings on acknowledgements
+    /// (MQTT 5 §3.1.2.11.7; CONNACK, DISCONNECT and PUBLISH may still carry them).
+    pub problem_info: bool,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum End {
+    #[error("client sent DISCONNECT")]
+    Disconnect { with_will: bool },
+    #[error("keep alive expired: no packet for {0:?}")]
+    KeepAlive(Duration),
+    #[error("broker shutting down")]
+    Shutdown,
+    #[error("session taken over by a new connection")]
+    TakenOver,
+    /// The device is no longer admitted (reload, CRL, registry change).
+    #[error("revoked: {0}")]
+    Revoked(String),
+    #[error("connection closed")]
+    Closed(#[source] CodecError),
+    #[error("protocol error: {text}")]
+    Protocol {
+        code: v5::DisconnectReasonCode,
+        text: String,
+    },
+    #[error("write failed")]
+    Write(#[source] WriteError),
+}
+
+impl End {
+    /// The MQTT 5 DISCONNECT the broker sends before closing, if any.
+    fn disconnect_packet(&self) -> Option<Packet> {
+        use v5::DisconnectReasonCode as D;
+        let (code, text) = match self {
+            End::KeepAlive(_) => (D::KeepAliveTimeout, "keep alive timeout".to_owned()),
+            End::Shutdown => (D::ServerShuttingDown, "server shutting down".to_owned()),
+            End::TakenOver => (D::SessionTakenOver, "session taken over".to_owned()),
+            End::Revoked(reason) => (D::NotAuthorized, reason.clone()),
+            End::Protocol { code, text } => (*code, text.clone()),
+            End::Closed(e)
+                if !matches!(
+                    e,
+                    CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket
+                ) =>
+            {
+                (disconnect_code(e.v5_reason_code()), e.to_string())
+            }
+            _ => return None,
+        };
+        Some(disconnect_v5(code, &text))
+    }
+
+    /// Whether the will is published (SPEC 6: not on DISCONNECT; MQTT 5 0x04 asks for it;
+    /// not when the broker itself shuts down).
+    fn publishes_will(&self) -> bool {
+        match self {
+            End::Disconnect { with_will } => *with_will,
+            // A device that is no longer trusted does not get to speak once more.
+            End::Shutdown | End::Revoked(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Tells one connection to close because its device is no longer admitted.
+#[derive(Debug, Default)]
+pub struct Revoke {
+    token: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl Revoke {
+    /// Revokes with a reason (first reason wins).
+    pub fn revoke(&self, reason: String) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The reason, once revoked.
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "revoked".to_owned())
+    }
+}
+
+/// What can end a session from outside the connection.
+pub struct Signals<'a> {
+    /// The broker is shutting down.
+    pub shutdown: &'a CancellationToken,
+    /// Another connection took the session over.
+    pub kick: &'a CancellationToken,
+    /// The device is no longer admitted.
+    pub revoke: &'a Revoke,
+}
+
+/// Runs a session on a connection until it ends, then publishes the will if due and
+/// detaches (or ends) the session.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<R, W>(
+    broker: &Arc<Broker>,
+    session: &SessionRef,
+    conn_id: u64,
+    device: &DeviceName,
+    reader: &mut PacketReader<R>,
+    writer: W,
+    params: Params,
+    will: Option<Will>,
+    generation: u64,
+    signals: Signals<'_>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let write_limit = params.write_limit;
+    let mut conn = Conn {
+        broker,
+        session,
+        conn_id,
+        device,
+        p: params,
+        wr: Box::pin(writer),
+        out: BytesMut::new(),
+        unflushed: false,
+        aliases: HashMap::new(),
+        pending: std::collections::VecDeque::new(),
+        paced: None,
+    };
+    let end = conn.run(reader, &signals).await;
+    if conn.p.protocol == Protocol::V5 {
+        if let Some(bye) = end.disconnect_packet() {
+            let _ = codec::encode(&bye, &mut conn.out);
+        }
+    }
+    // What is still buffered (the final DISCONNECT included) goes out, then TLS closes;
+    // all of it bounded, as every wait on a peer.
+    if !matches!(end, End::Write(_)) {
+        let Conn { mut wr, out, .. } = conn;
+        let _ = tokio::time::timeout(write_limit, async {
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        })
+        .await;
+    }
+    if end.publishes_will() {
+        if let Some(w) = will {
+            broker.publish_will(session, w, generation);
+        }
+    }
+    broker.close_session(session, conn_id);
+    end
+}
+
+/// What woke the loop. Short-lived, one at a time: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Packet(Packet),
+    Wake,
+    /// A session the paced message waits for has room (or went offline, or stalled).
+    Room,
+    /// Bytes went to the TLS layer (count), or the write failed.
+    Wrote(std::io::Result<usize>),
+    /// The TLS layer flushed to the socket.
+    Flushed(std::io::Result<()>),
+    /// The commit the front acknowledgement waited for finished.
+    Committed(Result<(), crate::storage::StoreError>),
+    End(End),
+}
+
+/// One step of output: a write of what is buffered, or, once all is written, a flush.
+/// Cancellation safe: a write either happened (and is reported) or did not.
+async fn write_or_flush(mut wr: Pin<&mut (dyn AsyncWrite + Send + Sync)>, out: &[u8]) -> Event {
+    if out.is_empty() {
+        Event::Flushed(wr.flush().await)
+    } else {
+        Event::Wrote(wr.write(out).await)
+    }
+}
+
+/// Completes when the front pending acknowledgement's commit is done; never when there is
+/// none or it waits for nothing (those are sent as soon as they reach the front).
+/// Cancellation safe: polling a borrowed receiver does not consume its value.
+async fn front_ack(
+    pending: &mut std::collections::VecDeque<publish::PendingAck>,
+) -> Result<(), crate::storage::StoreError> {
+    match pending.front_mut().and_then(|p| p.wait.as_mut()) {
+        Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
+        None => std::future::pending().await,
+    }
+}
+
+/// The connection's state inside the loop.
+struct Conn<'a> {
+    broker: &'a Arc<Broker>,
+    session: &'a SessionRef,
+    conn_id: u64,
+    device: &'a DeviceName,
+    p: Params,
+    /// The connection's write half. Written from this task itself, from the select! loop,
+    /// so a delivery costs no hop to another task, and reading goes on while a write
+    /// waits (PUBACKs keep freeing the window).
+    wr: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    /// Encoded packets not yet handed to TLS. Bounded: deliveries stop at `OUT_HIGH`,
+    /// reading stops at `OUT_MAX`, and a write that makes no progress for `write_limit`
+    /// ends the connection (SPEC 9: a client that does not read).
+    out: BytesMut,
+    /// Handed to TLS but not yet flushed to the socket.
+    unflushed: bool,
+    /// MQTT 5 topic aliases set by the client on this connection.
+    aliases: HashMap<u16, String>,
+    /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
+    pending: std::collections::VecDeque<publish::PendingAck>,
+    /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
+    /// while it waits nothing more is read from this client (TCP back-pressure; its
+    /// acknowledgement waits too), everything else goes on.
+    paced: Option<publish::Paced>,
+}
+
+impl Conn<'_> {
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PacketReader<R>,
+        signals: &Signals<'_>,
+    ) -> End {
+        // A resumed session first gets what was in flight (DUP), then its queue.
+        for o in self.session.resend_inflight(self.conn_id) {
+            if let Some(p) = self.outgoing_packet(o) {
+                if let Err(end) = self.send(&p).await {
+                    return end;
+                }
+            }
+        }
+        let idle_limit = Duration::from_millis(u64::from(self.p.keep_alive) * 1500);
+        let idle = tokio::time::sleep(idle_limit);
+        tokio::pin!(idle);
+        // Reset whenever a write makes progress (and when writing starts): fires only
+        // after `write_limit` without any.
+        let stall = tokio::time::sleep(self.p.write_limit);
+        tokio::pin!(stall);
+        let mut was_writing = false;
+        loop {
+            let backlogged = match self.pump().await {
+                Ok(b) => b,
+                Err(end) => return end,
+            };
+            let writing = !self.out.is_empty();
+            if writing && !was_writing {
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.p.write_limit);
+            }
+            was_writing = writing || self.unflushed;
+            let paced = self.paced.is_some();
+            let room = self.room_wait();
+            let event = tokio::select! {
+                biased;
+                _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
+                _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
+                _ = signals.kick.cancelled() => Event::End(End::TakenOver),
+                e = write_or_flush(self.wr.as_mut(), &self.out), if writing || self.unflushed => e,
+                _ = &mut stall, if writing || self.unflushed => {
+                    Event::End(End::Write(WriteError::Timeout(self.p.write_limit)))
+                }
+                // Stop reading while as many acknowledgements wait as the client may have
+                // in flight, or while the client does not read what we write: neither a
+                // client ignoring our Receive Maximum nor one that never reads can grow
+                // memory without bound.
+                // ... or while a message waits for room in its subscribers' queues (SPEC 9).
+                r = reader.read_packet(), if !paced && self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
+                    Ok(packet) => Event::Packet(packet),
+                    Err(e) => Event::End(End::Closed(e)),
+                },
+                r = front_ack(&mut self.pending) => Event::Committed(r),
+                () = room, if paced => Event::Room,
+                // Not while paced: the client's PINGREQ waits unread behind its message.
+                _ = &mut idle, if !paced => Event::End(End::KeepAlive(idle_limit)),
+                _ = self.session.notified(), if !backlogged => Event::Wake,
+            };
+            match event {
+                Event::End(end) => return end,
+                Event::Wake => {}
+                Event::Room => {
+                    if let Err(end) = self.retry_paced().await {
+                        return end;
+                    }
+                    if self.paced.is_none() {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + idle_limit);
+                    }
+                }
+                Event::Wrote(Ok(0)) => {
+                    return End::Write(WriteError::Io(std::io::ErrorKind::WriteZero.into()));
+                }
+                Event::Wrote(Ok(n)) => {
+                    self.out.advance(n);
+                    self.unflushed = true;
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.p.write_limit);
+                    if self.out.is_empty() && self.out.capacity() > 2 * OUT_HIGH {
+                        self.out = BytesMut::new();
+                    }
+                }
+                Event::Flushed(Ok(())) => {
+                    self.unflushed = false;
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.p.write_limit);
+                }
+                Event::Wrote(Err(e)) | Event::Flushed(Err(e)) => {
+                    return End::Write(WriteError::Io(e));
+                }
+                Event::Committed(outcome) => {
+                    if let Some(front) = self.pending.pop_front() {
+                        let sent = match self.finish_ack(front, outcome).await {
+                            Ok(()) => self.send_ready_acks().await,
+                            Err(end) => Err(end),
+                        };
+                        if let Err(end) = sent {
+                            return end;
+                        }
+                    }
+                }
+                Event::Packet(packet) => {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_limit);
+                    if let Some(end) = self.dispatch(wire::inbound(packet)).await {
+                        return end;
+                    }
+                    // Packets the client pipelined behind it are handled now, without a
+                    // round through `select!` (and its timer, waiter and token checks) each.
+                    for _ in 0..BURST {
+                        if self.paced.is_some() || self.pending.len() > self.p.receive_max {
+                            break;
+                        }
+                        match reader.buffered_packet() {
+                            Ok(Some(packet)) => {
+                                if let Some(end) = self.dispatch(wire::inbound(packet)).await {
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return End::Closed(e),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes when the first session the paced message waits for may take it: it has
+    /// room, went offline, or reached its stall deadline. Pending when nothing is paced.
+    /// Owns what it needs, so the loop can poll it beside borrowing `self`.
+    fn room_wait(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let first = self
+            .paced
+            .as_ref()
+            .and_then(|p| p.waiting.first())
+            .map(|(s, _)| s.clone());
+        let stall = self.broker.stall_timeout();
+        async move {
+            let Some(session) = first else {
+                return std::future::pending().await;
+            };
+            let room = session.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if session.has_room() || !session.online() {
+                return;
+            }
+            let deadline = session.stall_deadline(stall);
+            tokio::select! {
+                () = room => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Handles one packet: PUBLISH, the hot path, inline; every other packet through a boxed
+    /// [`Conn::handle`], whose state (every handler's) then stays out of the connection's
+    /// task allocation while it idles (SPEC 11 idle memory) at the price of one small
+    /// allocation per non-PUBLISH packet.
+    async fn dispatch(&mut self, inbound: Inbound) -> Option<End> {
+        match inbound {
+            Inbound::Publish(p) => self.on_publish(p).await.err(),
+            // A subscriber's acknowledgements are its hot path (one per QoS 1 delivery):
+            // handled inline, without the boxed future of the rarer packets.
+            Inbound::PubAck(pkid) => {
+                self.session.puback(pkid);
+                None
+            }
+            Inbound::PubComp(pkid) => {
+                self.session.pubcomp(pkid);
+                None
+            }
+            other => Box::pin(self.handle(other)).await,
+        }
+    }
+
+    /// Handles one inbound packet; Some(end) ends the session.
+    async fn handle(&mut self, inbound: Inbound) -> Option<End> {
+        let r = match inbound {
+            Inbound::Publish(p) => self.on_publish(p).await,
+            Inbound::PubAck(pkid) => {
+                self.session.puback(pkid);
+                Ok(())
+            }
+            Inbound::PubRec { pkid, accepted } => {
+                if self.session.pubrec(pkid, accepted) {
+                    // The release is committed before PUBREL leaves: the client forgets the
+                    // id on PUBREL, so after a restart the broker must resend PUBREL, never
+                    // the PUBLISH (which the client would take for a new message).
+                    if self.session.store().is_some() {
+                        self.commit().await;
+                    }
+                    self.send(&wire::pubrel(self.p.protocol, pkid)).await
+                } else {
+                    Ok(())
+                }
+            }
+            Inbound::PubRel(pkid) => {
+                let found = self.session.inbound_qos2_release(pkid);
+                // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
+                // restart would take the client's next message with this id for a
+                // duplicate, acknowledge it, and drop it.
+                if found && self.session.store().is_some() {
+                    self.commit().await;
+                }
+                self.send(&wire::pubcomp(self.p.protocol, pkid, found))
+                    .await
+            }
+            Inbound::PubComp(pkid) => {
+                self.session.pubcomp(pkid);
+                Ok(())
+            }
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => self.on_subscribe(pkid, filters, subscription_id).await,
+            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters).await,
+            Inbound::PingReq => self.send(&wire::pingresp(self.p.protocol)).await,
+            Inbound::Disconnect {
+                with_will,
+                session_expiry,
+            } => {
+                if let Some(secs) = session_expiry {
+                    if self.p.expiry_was_zero && secs != 0 {
+                        return Some(protocol_error(
+                            v5::DisconnectReasonCode::ProtocolError,
+                            "DISCONNECT may not set a session expiry when CONNECT had 0",
+                        ));
+                    }
+                    let capped =
+                        crate::broker::expiry::on_disconnect(secs, self.p.max_session_expiry);
+                    self.session.set_expiry(capped);
+                }
+                return Some(End::Disconnect { with_will });
+            }
+            Inbound::Unexpected(what) => Err(protocol_error(
+                v5::DisconnectReasonCode::ProtocolError,
+                &format!("a client may not send {what}"),
+            )),
+        };
+        r.err()
+    }
+
+    /// Moves sendable deliveries from the session queue into the out buffer while it holds
+    /// less than `OUT_HIGH`. Returns true when deliveries wait for the buffer to drain.
+    async fn pump(&mut self) -> Result<bool, End> {
+        loop {
+            if self.out.len() >= OUT_HIGH {
+                return Ok(self.session.has_queued());
+            }
+            self.refill_retained();
+            let batch = self
+                .session
+                .next_batch(self.conn_id, self.p.window, PUMP_BATCH);
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            // A QoS 2 packet id is committed before the PUBLISH leaves: after a restart the
+            // message is resent with the same id and DUP, which the client deduplicates.
+            let qos2_stored = batch.iter().any(|o| {
+                matches!(o, Outgoing::Publish { delivery, .. }
+                    if delivery.qos == QoS::ExactlyOnce && delivery.store_id.is_some())
+            });
+            if qos2_stored {
+                self.commit().await;
+            }
+            let mut sent = 0u64;
+            for o in batch {
+                let Some(packet) = self.outgoing_packet(o) else {
+                    continue;
+                };
+                codec::encode(&packet, &mut self.out)
+                    .map_err(|e| End::Write(WriteError::Encode(e)))?;
+                sent += 1;
+            }
+            self.broker
+                .metrics
+                .messages_sent
+                .fetch_add(sent, Ordering::Relaxed);
+        }
+    }
+
+    /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
+    /// large for the client), in which case its exchange is abandoned.
+    fn outgoing_packet(&self, o: Outgoing) -> Option<Packet> {
+        let (pkid, d, dup) = match o {
+            Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
+            Outgoing::Publish {
+                pkid,
+                delivery,
+                dup,
+            } => (pkid, delivery, dup),
+        };
+        // The clock is read only for a message that can expire (most cannot): one
+        // clock_gettime per delivery showed in fan-in profiles.
+        let now = d.msg.expires_at.map(|_| Instant::now());
+        if now.is_some_and(|now| d.msg.expired(now)) {
+            self.abandon(pkid, "expired");
+            return None;
+        }
+        let topic = if self.session.delivers_aliased(&d.msg.topic) {
+            acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str())
+                .unwrap_or_else(|| d.msg.topic.as_str().to_owned())
+        } else {
+            d.msg.topic.as_str().to_owned()
+        };
+        let packet = wire::publish(
+            self.p.protocol,
+            &topic,
+            d.msg.payload.clone(),
+            d.qos,
+            d.retain,
+            dup,
+            pkid,
+            &d.msg.props,
+            now.and_then(|now| d.msg.remaining_expiry(now)),
+            &d.sub_ids,
+        );
+        if let Some(max) = self.p.client_max_packet {
+            let mut probe = BytesMut::new();
+            if codec::encode(&packet, &mut probe).map_or(true, |n| n > max) {
+                // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
+                self.abandon(pkid, "too_large_for_client");
+                return None;
+            }
+        }
+        Some(packet)
+    }
+
+    fn abandon(&self, pkid: u16, reason: &'static str) {
+        if pkid != 0 {
+            self.session.abandon(pkid);
+        }
+        self.broker.metrics.dropped(reason, 1);
+    }
+
+    /// A reason string for an acknowledgement, if the client asked for problem information.
+    fn reason<'t>(&self, text: Option<&'t str>) -> Option<&'t str> {
+        text.filter(|_| self.p.problem_info)
+    }
+
+    /// Queues a packet for the writer, waiting for room.
+    /// Queues a packet for the socket (written by the loop's write branch).
+    async fn send(&mut self, packet: &Packet) -> Result<(), End> {
+        codec::encode(packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        Ok(())
+    }
+}
+
+/// A protocol violation that ends the connection.
+fn protocol_error(code: v5::DisconnectReasonCode, text: &str) -> End {
+    End::Protocol {
+        code,
+        text: text.to_owned(),
+    }
+}
+
+/// An MQTT 5 DISCONNECT with a reason string.
+pub fn disconnect_v5(code: v5::DisconnectReasonCode, reason: &str) -> Packet {
+    Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: code,
+        properties: Some(v5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(reason.to_owned()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    }))
+}
+
+/// The DISCONNECT reason for a codec error's numeric code.
+fn disconnect_code(code: u8) -> v5::DisconnectReasonCode {
+    use v5::DisconnectReasonCode as D;
+    match code {
+        0x81 => D::MalformedPacket,
+        0x82 => D::ProtocolError,
+        0x95 => D::PacketTooLarge,
+        0x83 => D::ImplementationSpecificError,
+        _ => D::UnspecifiedError,
+    }
+}
