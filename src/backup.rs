@@ -76,10 +76,7 @@ fn copy(from: &Path, to: &Path) -> Result<(), BackupError> {
     let target = to.to_string_lossy().into_owned();
     conn.execute("VACUUM INTO ?1", [target]).map_err(err)?;
     let copy = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
-    let found: String = copy
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(err)?;
-    if found != "ok" {
+    if let Some(found) = crate::sqlite::quick_check(&copy).map_err(err)? {
         return Err(BackupError::Damaged {
             path: to.to_path_buf(),
             found,

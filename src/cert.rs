@@ -5,11 +5,22 @@
 //! Path validation itself is webpki's job (see `tls::policy`); this module only reads.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use ring::digest;
+use rustls::crypto::CryptoProvider;
 use rustls_pki_types::UnixTime;
 use x509_parser::extensions::{GeneralName, GeneralSubtree, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The process's crypto provider (ring): the TLS server, the verifier and the config's
+/// key check all use this one.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
 
 /// Why a certificate could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -295,6 +295,29 @@ pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
 }
 
 impl Config {
+    /// The expiry dates `/metrics` shows for this config (SPEC 10): each anchor's
+    /// notAfter, each anchor CRL's nextUpdate, the server certificate's notAfter.
+    pub fn gauges(&self) -> crate::metrics::ConfigGauges {
+        crate::metrics::ConfigGauges {
+            anchors: self
+                .anchors
+                .iter()
+                .map(|a| (a.name.clone(), a.info.validity.not_after))
+                .collect(),
+            crls: self
+                .anchors
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), a.crl.as_ref()?.next_update?)))
+                .collect(),
+            server_not_after: self
+                .server
+                .cert_chain
+                .first()
+                .and_then(|leaf| crate::cert::CertInfo::from_der(leaf).ok())
+                .map_or(0, |info| info.validity.not_after),
+        }
+    }
+
     /// The anchor with this name.
     pub fn anchor(&self, name: &str) -> Option<&Anchor> {
         self.anchors.iter().find(|a| a.name == name)
@@ -578,7 +601,7 @@ impl Loader {
         chain: &[CertificateDer<'static>],
         key: &PrivateKeyDer<'static>,
     ) -> Option<()> {
-        let provider = crate::tls::provider();
+        let provider = crate::cert::provider();
         let signing_key = match provider.key_provider.load_private_key(key.clone_key()) {
             Ok(k) => k,
             Err(e) => {

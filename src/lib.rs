@@ -34,6 +34,7 @@
 //! - [`storage`]: the durable message store (group commit, recovery after `kill -9`).
 //! - [`server`]: the accept loop, connection limit, reload and revocation, shutdown.
 //! - [`pki`]: certificate generation for `certmq demo-pki` and test fixtures.
+//! - [`sqlite`]: the integrity check both SQLite files share.
 //! - [`logline`]: refusal log lines rate-limited per peer address.
 //! - [`backup`]: `certmq backup`, a consistent copy of both databases of a running broker.
 //! - [`metrics`]: counters for `/metrics`, served with `/healthz` by `server::admin`.
@@ -55,5 +56,6 @@ pub mod mqtt;
 pub mod pki;
 pub mod registry;
 pub mod server;
+pub mod sqlite;
 pub mod storage;
 pub mod tls;

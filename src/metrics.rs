@@ -7,6 +7,18 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// The expiry dates of a config, as `/metrics` shows them (built by
+/// `Config::gauges`, so that metrics need not know the config).
+#[derive(Debug, Default, Clone)]
+pub struct ConfigGauges {
+    /// Each anchor's certificate notAfter (unix seconds), by anchor name.
+    pub anchors: Vec<(String, i64)>,
+    /// Each anchor CRL's nextUpdate, for anchors whose CRL has one.
+    pub crls: Vec<(String, i64)>,
+    /// The server certificate's notAfter; 0 when unreadable.
+    pub server_not_after: i64,
+}
+
 /// The broker's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -126,32 +138,16 @@ impl Metrics {
         self.last_reload_ok.store(1, Ordering::Relaxed);
     }
 
-    /// Publishes the expiry gauges of the config in force (SPEC 10): each anchor's
-    /// notAfter, each anchor CRL's nextUpdate, the server certificate's notAfter.
-    pub fn set_config_gauges(&self, config: &crate::config::Config) {
-        let anchors = config
-            .anchors
-            .iter()
-            .map(|a| (a.name.clone(), a.info.validity.not_after))
-            .collect();
+    /// Publishes the expiry gauges of the config in force (SPEC 10).
+    pub fn set_config_gauges(&self, gauges: ConfigGauges) {
         if let Ok(mut a) = self.anchors.lock() {
-            *a = anchors;
+            *a = gauges.anchors;
         }
-        let crls = config
-            .anchors
-            .iter()
-            .filter_map(|a| Some((a.name.clone(), a.crl.as_ref()?.next_update?)))
-            .collect();
         if let Ok(mut c) = self.crls.lock() {
-            *c = crls;
+            *c = gauges.crls;
         }
-        let server = config
-            .server
-            .cert_chain
-            .first()
-            .and_then(|leaf| crate::cert::CertInfo::from_der(leaf).ok())
-            .map_or(0, |info| info.validity.not_after);
-        self.server_not_after.store(server, Ordering::Relaxed);
+        self.server_not_after
+            .store(gauges.server_not_after, Ordering::Relaxed);
     }
 
     /// Refusal counts so far (tests and the admin endpoint).

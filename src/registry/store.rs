@@ -353,7 +353,7 @@ impl Registry {
     /// damaged registry is refused, naming the file, never used silently.
     pub fn quick_check(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;
-        match crate::storage::quick_check(&conn) {
+        match crate::sqlite::quick_check(&conn) {
             Ok(None) => Ok(()),
             Ok(Some(report)) => Err(RegistryError::Damaged {
                 path: self.path.clone(),

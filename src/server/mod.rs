@@ -157,7 +157,7 @@ impl Server {
             crate::auth::standing(&config, rows.get(device.as_str()), device, None, false, now)
                 .map(|p| Arc::new(p.for_device(device.as_str())))
         });
-        metrics.set_config_gauges(&config);
+        metrics.set_config_gauges(config.gauges());
         metrics.started();
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), metrics.clone())?;
@@ -474,7 +474,7 @@ impl Shared {
             Ok(mut cur) => *cur = snapshot,
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
-        self.metrics.set_config_gauges(&config);
+        self.metrics.set_config_gauges(config.gauges());
         self.broker.set_stall_timeout(config.limits.stall_timeout);
         self.broker
             .set_retained_quota(config.limits.max_retained_per_device);

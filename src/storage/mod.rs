@@ -29,7 +29,6 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub use recover::{Recovered, StoredQueued, StoredRetained, StoredSession};
-pub(crate) use schema::quick_check;
 
 use crate::broker::message::Message;
 use crate::broker::router::SubOptions;

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::{StoreError, APPLICATION_ID, SCHEMA_VERSION};
 
@@ -120,7 +120,7 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     }
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // Before anything is written: a damaged file is refused, never used (SPEC 7).
-    if let Some(report) = quick_check(&conn).map_err(open_err)? {
+    if let Some(report) = crate::sqlite::quick_check(&conn).map_err(open_err)? {
         return Err(StoreError::Damaged {
             path: path.to_path_buf(),
             report,
@@ -164,18 +164,4 @@ fn migrate_1_to_2(conn: &mut Connection) -> Result<(), StoreError> {
     tx.pragma_update(None, "user_version", 2)?;
     tx.commit()?;
     Ok(())
-}
-
-/// SQLite's `PRAGMA quick_check`: the b-tree structure, page accounting and constraints of
-/// the whole file (not index contents, which `integrity_check` adds at several times the
-/// cost). It reads every page once, so starting on a large store takes a little longer.
-/// `Some(report)` (one problem per `; `) when the file is damaged. Shared with the registry.
-pub(crate) fn quick_check(conn: &Connection) -> Result<Option<String>, rusqlite::Error> {
-    // At most this many problems are listed: the first few say enough.
-    let mut stmt = conn.prepare("PRAGMA quick_check(10)")?;
-    let lines = stmt
-        .query_map(params![], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    // SQLite's report spans lines ("*** in database main ***", then one per problem).
-    Ok((lines != ["ok"]).then(|| lines.join("; ").replace('\n', "; ")))
 }

@@ -10,9 +10,8 @@ pub mod policy;
 mod rules;
 pub mod verifier;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::ServerConfig;
 
 use crate::config::Config;
@@ -28,13 +27,7 @@ pub enum TlsError {
     Build(#[source] rustls::Error),
 }
 
-/// The process's crypto provider (ring).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
+pub use crate::cert::provider;
 
 /// Builds the server config for a loaded [`Config`]: TLS 1.3 and 1.2, a client
 /// certificate required and checked by [`DeviceVerifier`].
