@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::journal::{Op, Recovered};
 use super::session::{Expiry, SessionRef};
 use super::Broker;
 use crate::mqtt::codec::Protocol;
-use crate::storage::{Op, Recovered};
 
 /// What a CONNECT gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +90,8 @@ impl Broker {
             }
             s.expiry = expiry;
             s.expires_at = expires_at;
-            if let Some(store) = self.store() {
-                store.submit(Op::Session {
+            if let Some(journal) = self.journal() {
+                journal.submit(Op::Session {
                     key: s.key.clone(),
                     expiry,
                     expires_at,
@@ -133,11 +133,11 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::acl::DeviceAcl;
+    use crate::broker::journal::StoredSession;
     use crate::broker::session::SessionKey;
     use crate::broker::SessionRequest;
     use crate::identity::DeviceName;
     use crate::metrics::Metrics;
-    use crate::storage::StoredSession;
     use tokio_util::sync::CancellationToken;
 
     const WEEK: u32 = 604_800;

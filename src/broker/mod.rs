@@ -20,6 +20,7 @@
 
 pub mod conn;
 pub mod expiry;
+pub mod journal;
 pub mod message;
 pub mod retain;
 mod retained;
@@ -42,7 +43,7 @@ use crate::identity::DeviceName;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{self, CodecError, Packet, QoS};
 use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
-use crate::storage::{Op, Recovered, Store};
+use journal::{Journal, Op, Recovered};
 use message::Message;
 use retain::Owned;
 use router::{Router, SubOptions};
@@ -118,7 +119,7 @@ impl Sessions {
     }
 
     fn insert(&mut self, session: SessionRef) -> Option<SessionRef> {
-        if session.store().is_some() {
+        if session.journal().is_some() {
             *self
                 .persistent
                 .entry(session.key.device.clone())
@@ -140,7 +141,7 @@ impl Sessions {
     }
 
     fn uncount(&mut self, session: &SessionRef) {
-        if session.store().is_none() {
+        if session.journal().is_none() {
             return;
         }
         if let Some(n) = self.persistent.get_mut(&session.key.device) {
@@ -155,7 +156,7 @@ impl Sessions {
     /// or resumed, never added).
     fn persistent_besides(&self, key: &SessionKey) -> usize {
         let held = self.persistent.get(&key.device).copied().unwrap_or(0);
-        let own = self.map.get(key).is_some_and(|s| s.store().is_some());
+        let own = self.map.get(key).is_some_and(|s| s.journal().is_some());
         held - usize::from(own && held > 0)
     }
 
@@ -189,7 +190,7 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
     /// The message store; None only for brokers built without durability (unit tests).
-    store: Option<Store>,
+    journal: Option<Journal>,
     /// `[limits] stall_timeout`, seconds (SPEC 9).
     stall_timeout: AtomicU64,
 }
@@ -200,7 +201,7 @@ pub struct Published {
     /// Sessions the message was queued for.
     pub queued: usize,
     /// Whether it was submitted to the store (persistent subscribers or retained): the
-    /// publisher is acknowledged only after [`Store::barrier`] (SPEC 7).
+    /// publisher is acknowledged only after [`Journal::barrier`] (SPEC 7).
     pub durable: bool,
     /// Sessions that could not take it (a full queue of QoS 1/2 messages): counted and
     /// logged; an MQTT 5 publisher whose message no session took gets 0x97 (SPEC 7).
@@ -241,7 +242,7 @@ pub struct Opened {
 }
 
 impl Broker {
-    pub fn new(metrics: Arc<Metrics>, store: Option<Store>) -> Arc<Broker> {
+    pub fn new(metrics: Arc<Metrics>, journal: Option<Journal>) -> Arc<Broker> {
         Arc::new(Broker {
             sessions: Mutex::new(Sessions::default()),
             router: RwLock::new(Router::new()),
@@ -250,14 +251,14 @@ impl Broker {
             )),
             metrics,
             next_connection: AtomicU64::new(1),
-            store,
+            journal,
             stall_timeout: AtomicU64::new(crate::config::Limits::default().stall_timeout),
         })
     }
 
     /// The message store.
-    pub fn store(&self) -> Option<&Store> {
-        self.store.as_ref()
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     /// Puts back what the store held (SPEC 7 recovery): sessions offline with their
@@ -287,7 +288,7 @@ impl Broker {
                 acl_for(&stored.key.device),
                 expiry,
                 max_queued,
-                self.store.clone(),
+                self.journal.clone(),
             );
             session.restore(stored.queue, stored.inbound);
             {
@@ -354,11 +355,11 @@ impl Broker {
         persistent: bool,
         max: usize,
     ) -> bool {
-        if !persistent || self.store.is_none() {
+        if !persistent || self.journal.is_none() {
             return true;
         }
         let sessions = self.sessions();
-        let resumed = !clean_start && sessions.get(key).is_some_and(|s| s.store().is_some());
+        let resumed = !clean_start && sessions.get(key).is_some_and(|s| s.journal().is_some());
         resumed || sessions.persistent_besides(key) < max
     }
 
@@ -381,20 +382,24 @@ impl Broker {
             max_queued,
             max_sessions,
         } = req;
-        let persistent = expiry != Expiry::OnDisconnect && self.store.is_some();
+        let persistent = expiry != Expiry::OnDisconnect && self.journal.is_some();
         let (session, present, discarded) = {
             let mut sessions = self.sessions();
             match sessions.get(&key).cloned() {
                 // A session is resumed as it is; one kept in memory only cannot become
                 // persistent in place (it was never written), so it starts over.
-                Some(existing) if !clean_start && (existing.store().is_some() || !persistent) => {
+                Some(existing) if !clean_start && (existing.journal().is_some() || !persistent) => {
                     (existing, true, None)
                 }
                 existing => {
                     if persistent && sessions.persistent_besides(&key) >= max_sessions {
                         return Err(OpenRefused::Quota { max: max_sessions });
                     }
-                    let store = if persistent { self.store.clone() } else { None };
+                    let store = if persistent {
+                        self.journal.clone()
+                    } else {
+                        None
+                    };
                     let fresh =
                         Session::create(key.clone(), acl.clone(), expiry, max_queued, store);
                     sessions.insert(fresh.clone());
@@ -408,8 +413,8 @@ impl Broker {
                 k.cancel();
             }
             self.router_mut().remove_all(&old);
-            if let Some(store) = old.store() {
-                store.submit(Op::DropSession { key: key.clone() });
+            if let Some(journal) = old.journal() {
+                journal.submit(Op::DropSession { key: key.clone() });
             }
         }
         if present {
@@ -418,8 +423,8 @@ impl Broker {
             session.set_acl(acl);
         }
         session.set_expiry(expiry);
-        if let Some(store) = session.store() {
-            store.submit(Op::Session {
+        if let Some(journal) = session.journal() {
+            journal.submit(Op::Session {
                 key,
                 expiry: Self::stored_expiry(expiry),
                 expires_at: None,
@@ -513,8 +518,8 @@ impl Broker {
             Expiry::OnDisconnect => self.end_session(session),
             Expiry::Never => {}
             Expiry::After(secs) => {
-                if let Some(store) = session.store() {
-                    store.submit(Op::Session {
+                if let Some(journal) = session.journal() {
+                    journal.submit(Op::Session {
                         key: session.key.clone(),
                         expiry: Some(secs),
                         expires_at: Some(crate::cert::now_secs() + i64::from(secs)),
@@ -540,8 +545,8 @@ impl Broker {
             }
         }
         self.router_mut().remove_all(session);
-        if let (true, Some(store)) = (current, session.store()) {
-            store.submit(Op::DropSession {
+        if let (true, Some(journal)) = (current, session.journal()) {
+            journal.submit(Op::DropSession {
                 key: session.key.clone(),
             });
         }
@@ -633,7 +638,7 @@ impl Broker {
         msg: &Message,
         qos: QoS,
     ) {
-        let persisted = session.store().is_some() && qos != QoS::AtMostOnce;
+        let persisted = session.journal().is_some() && qos != QoS::AtMostOnce;
         let reason = match outcome {
             Enqueued::Queued => {
                 out.queued += 1;
@@ -689,8 +694,8 @@ impl Broker {
         aliased: bool,
     ) -> bool {
         let mut router = self.router_mut();
-        if let Some(store) = session.store() {
-            store.submit(Op::Subscribe {
+        if let Some(journal) = session.journal() {
+            journal.submit(Op::Subscribe {
                 key: session.key.clone(),
                 filter: subscription_text(sub),
                 opts: opts.clone(),
@@ -704,8 +709,8 @@ impl Broker {
     /// Removes a subscription; true if it existed.
     pub fn unsubscribe(&self, session: &SessionRef, sub: &Subscription) -> bool {
         let mut router = self.router_mut();
-        if let Some(store) = session.store() {
-            store.submit(Op::Unsubscribe {
+        if let Some(journal) = session.journal() {
+            journal.submit(Op::Unsubscribe {
                 key: session.key.clone(),
                 filter: subscription_text(sub),
             });
@@ -730,8 +735,8 @@ impl Broker {
         for (sub, _) in router.subscriptions_of(session) {
             if !acl.can_subscribe(sub.filter()) {
                 router.unsubscribe(session, &sub);
-                if let Some(store) = session.store() {
-                    store.submit(Op::Unsubscribe {
+                if let Some(journal) = session.journal() {
+                    journal.submit(Op::Unsubscribe {
                         key: session.key.clone(),
                         filter: subscription_text(&sub),
                     });

@@ -13,11 +13,11 @@
 
 use std::sync::Arc;
 
+use super::journal::Op;
 use super::message::Message;
 use super::retain::QuotaExceeded;
 use super::session::SessionRef;
 use super::Broker;
-use crate::storage::Op;
 
 /// The reason string of the 0x97 acknowledgement of a retained message over the quota.
 pub const QUOTA_TEXT: &str = "retained message quota exceeded: the device already holds \
@@ -42,11 +42,11 @@ impl Broker {
             self.retained_refused(msg, publisher, refused);
             return Err(refused);
         }
-        let Some(store) = &self.store else {
+        let Some(journal) = &self.journal else {
             return Ok(false);
         };
         // Submitted under the retained lock: store order = memory order per topic.
-        store.submit(Op::Retain {
+        journal.submit(Op::Retain {
             topic: msg.topic.as_str().to_owned(),
             owner: kept.as_ref().and(owner.cloned()),
             msg: kept,

@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::journal::{Journal, Op, StoredQueued};
 use super::message::Message;
 use crate::acl::DeviceAcl;
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{TopicFilter, TopicName};
-use crate::storage::{Op, Store, StoredQueued};
 
 /// (device, client id): the identity of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,7 +136,7 @@ pub struct Session {
     online: AtomicBool,
     /// Set for persistent sessions: every durable change is submitted here, under the
     /// session lock, so the store sees changes in the order they happened.
-    store: Option<Store>,
+    journal: Option<Journal>,
 }
 
 #[derive(Debug)]
@@ -216,7 +216,7 @@ impl Session {
         acl: Arc<DeviceAcl>,
         expiry: Expiry,
         max_queued: usize,
-        store: Option<Store>,
+        journal: Option<Journal>,
     ) -> SessionRef {
         SessionRef(Arc::new(Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
@@ -239,17 +239,17 @@ impl Session {
             notify: Notify::new(),
             room: Notify::new(),
             online: AtomicBool::new(false),
-            store,
+            journal,
         }))
     }
 
     /// The store, when the session is persistent.
-    pub fn store(&self) -> Option<&Store> {
-        self.store.as_ref()
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     fn submit(&self, op: Op) {
-        if let Some(s) = &self.store {
+        if let Some(s) = &self.journal {
             s.submit(op);
         }
     }
@@ -333,7 +333,7 @@ impl Session {
         if inner.acl.filters_deliveries() && !inner.acl.can_receive(&d.msg.topic) {
             return Ok((Enqueued::Denied, false));
         }
-        let outcome = inner.push(d, &self.key, self.store.as_ref(), pace)?;
+        let outcome = inner.push(d, &self.key, self.journal.as_ref(), pace)?;
         let congested = inner.queue.len() * 2 > inner.max_queued;
         let log_stall = outcome == Enqueued::DroppedStalled && !inner.stall_logged;
         inner.stall_logged |= log_stall;
@@ -796,7 +796,7 @@ impl Inner {
         &mut self,
         mut d: Delivery,
         key: &SessionKey,
-        store: Option<&Store>,
+        journal: Option<&Journal>,
         pace: Option<std::time::Duration>,
     ) -> Result<Enqueued, Delivery> {
         if self.attached.is_none() && d.qos == QoS::AtMostOnce {
@@ -824,10 +824,10 @@ impl Inner {
                 None => return Ok(Enqueued::DroppedFull),
             }
         }
-        if let (Some(store), false) = (store, d.qos == QoS::AtMostOnce) {
-            let id = store.next_id();
+        if let (Some(journal), false) = (journal, d.qos == QoS::AtMostOnce) {
+            let id = journal.next_id();
             d.store_id = Some(id);
-            store.submit(Op::Enqueue {
+            journal.submit(Op::Enqueue {
                 id,
                 key: key.clone(),
                 msg: d.msg.clone(),

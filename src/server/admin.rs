@@ -106,11 +106,11 @@ async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
         }
         Err(e) => return Err(format!("health check failed: {e}")),
     }
-    let Some(store) = shared.broker.store() else {
+    let Some(journal) = shared.broker.journal() else {
         return Ok(());
     };
-    let path = store.path().display();
-    match tokio::time::timeout(PROBE_TIMEOUT, store.probe()).await {
+    let path = journal.describe();
+    match tokio::time::timeout(PROBE_TIMEOUT, journal.probe()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("{path} cannot commit: {e}")),
         Err(_) => Err(format!("{path} did not commit within {PROBE_TIMEOUT:?}")),

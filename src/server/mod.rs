@@ -121,7 +121,8 @@ impl Server {
         })?;
         let (store, mut recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
-        let broker = Broker::new(metrics.clone(), Some(store));
+        let journal = crate::broker::journal::Journal::new(Arc::new(store));
+        let broker = Broker::new(metrics.clone(), Some(journal));
         broker.set_stall_timeout(config.limits.stall_timeout);
         broker.cap_restored_expiry(&mut recovered, config.limits.max_session_expiry);
         broker.set_retained_quota(config.limits.max_retained_per_device);
@@ -314,9 +315,9 @@ impl Server {
         // Everything the sessions submitted on their way out is committed before exit, and
         // both write-ahead logs are checkpointed: each .db file alone is then the whole
         // store, for a copy or a backup (SPEC 7).
-        if let Some(store) = shared.broker.store() {
-            match store.checkpoint().await {
-                Err(e @ crate::storage::StoreError::Checkpoint(_)) => {
+        if let Some(journal) = shared.broker.journal() {
+            match journal.checkpoint().await {
+                Err(e @ crate::broker::journal::CommitError::Checkpoint(_)) => {
                     tracing::warn!(error = %e, "message store not checkpointed at stop")
                 }
                 Err(e) => tracing::error!(error = %e, "final store flush failed"),

@@ -16,58 +16,13 @@ use rusqlite::{params, Connection};
 
 use super::writer::{key, parse_props};
 use super::StoreError;
-use crate::broker::message::{Message, StoreId};
-use crate::broker::router::{RetainHandling, SubOptions};
-use crate::broker::session::SessionKey;
+use crate::broker::journal::{
+    Message, Recovered, RetainHandling, StoreId, StoredQueued, StoredRetained, StoredSession,
+    SubOptions,
+};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;
-
-/// A delivery read back from the queue; `msg` is shared with every other delivery (and the
-/// retained entry) of the same message.
-#[derive(Debug, Clone)]
-pub struct StoredQueued {
-    pub id: i64,
-    pub msg: Arc<Message>,
-    pub qos: QoS,
-    pub retain: bool,
-    pub sub_ids: Vec<u32>,
-    /// Set once sent: redelivered with DUP and this id.
-    pub pkid: Option<u16>,
-    /// PUBREC was received: only PUBREL remains.
-    pub released: bool,
-}
-
-/// A persistent session read back.
-#[derive(Debug, Clone)]
-pub struct StoredSession {
-    pub key: SessionKey,
-    /// MQTT 5 session expiry seconds; None = never.
-    pub expiry: Option<u32>,
-    /// When the session ends if nobody reconnects (seconds since the epoch).
-    pub expires_at: Option<i64>,
-    /// (filter as subscribed after the alias, options, whether made through `me`).
-    pub subscriptions: Vec<(String, SubOptions, bool)>,
-    pub queue: Vec<StoredQueued>,
-    pub inbound: Vec<u16>,
-}
-
-/// A retained message read back, with the device whose quota it counts against (None:
-/// unknown, e.g. migrated from schema 1).
-#[derive(Debug, Clone)]
-pub struct StoredRetained {
-    pub msg: Arc<Message>,
-    pub owner: Option<DeviceName>,
-}
-
-/// Everything the store held.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub sessions: Vec<StoredSession>,
-    pub retained: Vec<StoredRetained>,
-    /// The largest queue id in use (new ids continue after it).
-    pub max_queue_id: i64,
-}
 
 fn qos(v: u8) -> Result<QoS, StoreError> {
     match v {

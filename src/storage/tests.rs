@@ -9,9 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rusqlite::Connection;
 
-use super::{Op, Store, DB_FILE};
-use crate::broker::message::{Forwarded, Message};
-use crate::broker::session::SessionKey;
+use super::{Store, DB_FILE};
+use crate::broker::journal::{Backend, Forwarded, Message, Op, SessionKey};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;
@@ -36,6 +35,15 @@ fn message(topic: &str, payload: &[u8], retain: bool) -> Arc<Message> {
 }
 
 /// Creates sessions `names` (no expiry).
+/// Waits until everything submitted to `store` so far is committed, and asserts it was.
+fn barrier(store: &Store) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.submit(Op::Barrier(tx));
+    rx.blocking_recv()
+        .expect("writer alive")
+        .expect("committed");
+}
+
 fn sessions(store: &Store, names: &[&str]) {
     for n in names {
         store.submit(Op::Session {
@@ -83,7 +91,7 @@ fn a_fanned_out_message_is_stored_once_and_recovered_as_one_arc() {
         msg: Some(m.clone()),
         owner: None,
     });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1, "one row for four references");
     assert_eq!(count(dir.path(), "SELECT count(*) FROM queue"), 3);
     drop(store);
@@ -126,7 +134,7 @@ fn a_retained_message_keeps_its_owner() {
         msg: Some(message("t/3", b"v", true)),
         owner: None,
     });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     drop(store);
     let (_store, recovered) = Store::open(dir.path()).unwrap();
     let mut got: Vec<_> = recovered
@@ -160,12 +168,12 @@ fn a_message_row_goes_with_its_last_reference() {
         msg: Some(m.clone()),
         owner: None,
     });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     store.submit(Op::Delivered { id: qa });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1, "b and the retained entry hold it");
     store.submit(Op::Delivered { id: qb });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1, "the retained entry holds it");
     // A new retained message replaces it; clearing the topic drops that one too.
     let m2 = message("t/1", b"two", true);
@@ -174,14 +182,14 @@ fn a_message_row_goes_with_its_last_reference() {
         msg: Some(m2),
         owner: None,
     });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1, "only the new retained message");
     store.submit(Op::Retain {
         topic: "t/1".into(),
         msg: None,
         owner: None,
     });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 0);
 
     // A session that ends takes its messages with it, unless another still holds them.
@@ -190,18 +198,18 @@ fn a_message_row_goes_with_its_last_reference() {
     enqueue(&store, "a", &shared);
     enqueue(&store, "a", &own);
     let qb = enqueue(&store, "b", &shared);
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 2);
     store.submit(Op::DropSession { key: key("a") });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1, "b still holds the shared one");
     // A message acknowledged by one session before another's row was even written is
     // written again by that row.
     store.submit(Op::Delivered { id: qb });
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 0);
     enqueue(&store, "b", &shared);
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 1);
     drop(store);
     let (_store, recovered) = Store::open(dir.path()).unwrap();
@@ -222,7 +230,7 @@ fn expired_messages_go_at_recovery_with_their_rows() {
     m.expires_at = Some(std::time::Instant::now());
     enqueue(&store, "a", &Arc::new(m));
     enqueue(&store, "a", &message("t/1", b"kept", false));
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert_eq!(messages(dir.path()), 2);
     drop(store);
     let later = crate::cert::now_secs() + 2;
@@ -240,12 +248,12 @@ fn message_ids_continue_after_a_restart() {
     sessions(&store, &["a"]);
     let first = message("t/1", b"first", false);
     enqueue(&store, "a", &first);
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     drop(store);
     let (store, recovered) = Store::open(dir.path()).unwrap();
     let second = message("t/1", b"second", false);
     enqueue(&store, "a", &second);
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     let kept = &recovered.sessions[0].queue[0].msg;
     assert!(second.store_id.get() > kept.store_id.get());
     assert_eq!(
@@ -378,7 +386,7 @@ fn a_schema_1_store_is_migrated_in_place_keeping_everything() {
     // New messages and queue rows never collide with migrated ones.
     let new = message("t/1", b"new", false);
     let id = enqueue(&store, "b", &new);
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     assert!(id > 6);
     assert_eq!(
         messages(dir.path()),
@@ -399,13 +407,12 @@ fn a_checkpoint_leaves_the_database_file_self_contained() {
     let (store, _) = Store::open(dir.path()).unwrap();
     sessions(&store, &["a"]);
     enqueue(&store, "a", &message("t/1", &[1; 8192], false));
-    store.barrier_blocking().unwrap();
+    barrier(&store);
     let wal = dir.path().join(format!("{DB_FILE}-wal"));
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    rt.block_on(store.checkpoint()).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.submit(Op::Checkpoint(tx));
+    rx.blocking_recv().unwrap().unwrap();
     assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
     // The .db file alone holds the queued message.
     let copy = tempfile::tempdir().unwrap();

@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, Transaction};
 
-use super::{Op, StoreError, SCHEMA_VERSION};
-use crate::broker::message::Message;
-use crate::broker::session::SessionKey;
+use super::{StoreError, SCHEMA_VERSION};
+use crate::broker::journal::{CommitError, Forwarded, Message, Op, RetainHandling, SessionKey};
 
 /// The most ops applied in one transaction; more wait for the next one, so one commit
 /// never grows without bound.
@@ -37,7 +36,7 @@ pub(super) fn spawn(
 /// it writes a message; the id then stays with the message's `Arc` ([`StoreId`]), so every
 /// later op for the same message references the same row.
 ///
-/// [`StoreId`]: crate::broker::message::StoreId
+/// [`StoreId`]: crate::broker::journal::StoreId
 struct MessageIds {
     next: i64,
 }
@@ -125,12 +124,12 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
             }
         }
         for b in barriers {
-            let _ = b.send(last.clone().map_err(StoreError::CommitFailed));
+            let _ = b.send(last.clone().map_err(CommitError::Failed));
         }
         for c in checkpoints {
             let outcome = match &last {
                 Ok(()) => checkpoint(&conn),
-                Err(e) => Err(StoreError::CommitFailed(e.clone())),
+                Err(e) => Err(CommitError::Failed(e.clone())),
             };
             let _ = c.send(outcome);
         }
@@ -140,13 +139,14 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
 /// `PRAGMA wal_checkpoint(TRUNCATE)`: copies every committed page from the log into the
 /// database file, syncs it, and empties the log. Busy (another process reading the file
 /// holds an old snapshot) leaves part of the log in place: reported, nothing is lost.
-fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
-    let (busy, log, done): (i64, i64, i64) =
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+fn checkpoint(conn: &Connection) -> Result<(), CommitError> {
+    let (busy, log, done): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
+        })
+        .map_err(|e| CommitError::Checkpoint(e.to_string()))?;
     if busy != 0 {
-        return Err(StoreError::Checkpoint(format!(
+        return Err(CommitError::Checkpoint(format!(
             "{done} of {log} log pages copied; a reader kept the rest"
         )));
     }
@@ -422,8 +422,8 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
     Ok(())
 }
 
-fn retain_handling_code(r: &crate::broker::router::RetainHandling) -> u8 {
-    use crate::broker::router::RetainHandling as R;
+fn retain_handling_code(r: &RetainHandling) -> u8 {
+    use RetainHandling as R;
     match r {
         R::SendAlways => 0,
         R::SendIfNew => 1,
@@ -465,7 +465,7 @@ fn props_json(msg: &Message) -> Option<String> {
 }
 
 /// Used by recovery to parse what [`props_json`] wrote.
-pub(super) fn parse_props(text: &str) -> Result<crate::broker::message::Forwarded, StoreError> {
+pub(super) fn parse_props(text: &str) -> Result<Forwarded, StoreError> {
     #[derive(serde::Deserialize)]
     struct P {
         pfi: Option<u8>,
@@ -476,7 +476,7 @@ pub(super) fn parse_props(text: &str) -> Result<crate::broker::message::Forwarde
     }
     let p: P =
         serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("properties: {e}")))?;
-    Ok(crate::broker::message::Forwarded {
+    Ok(Forwarded {
         payload_format_indicator: p.pfi,
         response_topic: p.rt,
         correlation_data: p.cd.map(bytes::Bytes::from),

@@ -239,7 +239,7 @@ enum Event {
     /// The TLS layer flushed to the socket.
     Flushed(std::io::Result<()>),
     /// The commit the front acknowledgement waited for finished.
-    Committed(Result<(), crate::storage::StoreError>),
+    Committed(crate::broker::journal::Commit),
     End(End),
 }
 
@@ -258,9 +258,11 @@ async fn write_or_flush(mut wr: Pin<&mut (dyn AsyncWrite + Send + Sync)>, out: &
 /// Cancellation safe: polling a borrowed receiver does not consume its value.
 async fn front_ack(
     pending: &mut std::collections::VecDeque<publish::PendingAck>,
-) -> Result<(), crate::storage::StoreError> {
+) -> crate::broker::journal::Commit {
     match pending.front_mut().and_then(|p| p.wait.as_mut()) {
-        Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
+        Some(rx) => rx
+            .await
+            .unwrap_or(Err(crate::broker::journal::CommitError::Stopped)),
         None => std::future::pending().await,
     }
 }
@@ -486,7 +488,7 @@ impl Conn<'_> {
                     // The release is committed before PUBREL leaves: the client forgets the
                     // id on PUBREL, so after a restart the broker must resend PUBREL, never
                     // the PUBLISH (which the client would take for a new message).
-                    if self.session.store().is_some() {
+                    if self.session.journal().is_some() {
                         self.commit().await;
                     }
                     self.send(&wire::pubrel(self.p.protocol, pkid)).await
@@ -499,7 +501,7 @@ impl Conn<'_> {
                 // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
                 // restart would take the client's next message with this id for a
                 // duplicate, acknowledge it, and drop it.
-                if found && self.session.store().is_some() {
+                if found && self.session.journal().is_some() {
                     self.commit().await;
                 }
                 self.send(&wire::pubcomp(self.p.protocol, pkid, found))

@@ -15,7 +15,7 @@ use crate::mqtt::codec::{v5, Protocol, QoS};
 use crate::mqtt::topic::TopicName;
 
 /// A store barrier an acknowledgement waits for.
-pub(super) type Barrier = tokio::sync::oneshot::Receiver<Result<(), crate::storage::StoreError>>;
+pub(super) type Barrier = tokio::sync::oneshot::Receiver<crate::broker::journal::Commit>;
 
 /// A PUBACK or PUBREC waiting for its message's commit (SPEC 7: acknowledged means
 /// stored). The loop keeps reading meanwhile; acknowledgements leave in PUBLISH order.
@@ -110,9 +110,9 @@ impl Conn<'_> {
         // SPEC 7: a store that cannot commit refuses new QoS 1/2 messages up front, once a
         // probe write confirms it still cannot (so it recovers when space comes back).
         if p.qos != QoS::AtMostOnce {
-            if let Some(store) = self.broker.store().filter(|s| s.failing()) {
+            if let Some(journal) = self.broker.journal().filter(|s| s.failing()) {
                 // Boxed: a rare path whose state need not live in every connection's task.
-                if Box::pin(store.probe()).await.is_err() {
+                if Box::pin(journal.probe()).await.is_err() {
                     // In order: everything acknowledged before this refusal goes first.
                     Box::pin(self.drain_acks()).await?;
                     return Box::pin(self.refuse_unstored(p.qos, p.pkid)).await;
@@ -135,7 +135,7 @@ impl Conn<'_> {
         // One store group (committed whole or not at all) for the inbound QoS 2 id and the
         // message's deliveries: synchronous, so the guard is gone before any await.
         let next = {
-            let _group = self.broker.store().map(|s| s.group());
+            let _group = self.broker.journal().map(|s| s.group());
             // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
             // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
             let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
@@ -212,7 +212,7 @@ impl Conn<'_> {
             // The last deliveries and the inbound QoS 2 id in one store group. A crash
             // while the message was paced leaves the deliveries queued before without the
             // id: the client's resend is then routed again (a duplicate, never a loss).
-            let _group = self.broker.store().map(|s| s.group());
+            let _group = self.broker.journal().map(|s| s.group());
             let mut still = Vec::new();
             for (session, delivery) in std::mem::take(&mut paced.waiting) {
                 if let Err(delivery) = self.broker.offer(&mut paced.published, &session, delivery) {
@@ -262,19 +262,19 @@ impl Conn<'_> {
                 // pauses while more than `receive_max` wait: a retained QoS 0 flood has
                 // back-pressure, at most that many uncommitted messages per connection. A
                 // failed commit is logged when it completes.
-                let wait = self.broker.store().map(|s| s.barrier_rx());
+                let wait = self.broker.journal().map(|s| s.barrier_rx());
                 return self.queue_ack(PendingAck::commit_only(wait)).await;
             }
             return Ok(());
         }
         let mut wait = if published.durable {
-            self.broker.store().map(|s| s.barrier_rx())
+            self.broker.journal().map(|s| s.barrier_rx())
         } else {
             None
         };
-        if qos == QoS::ExactlyOnce && wait.is_none() && self.session.store().is_some() {
+        if qos == QoS::ExactlyOnce && wait.is_none() && self.session.journal().is_some() {
             // The inbound id is committed with the message (a restart keeps it).
-            wait = self.broker.store().map(|s| s.barrier_rx());
+            wait = self.broker.journal().map(|s| s.barrier_rx());
         }
         // A retained message was taken: by the retained store.
         let nobody = published.queued == 0 && published.refused > 0 && !retained;
@@ -376,7 +376,7 @@ impl Conn<'_> {
                     Ok(r) => r,
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                        Err(crate::storage::StoreError::Stopped)
+                        Err(crate::broker::journal::CommitError::Stopped)
                     }
                 },
             };
@@ -392,7 +392,7 @@ impl Conn<'_> {
     pub(super) async fn finish_ack(
         &mut self,
         ack: PendingAck,
-        outcome: Result<(), crate::storage::StoreError>,
+        outcome: crate::broker::journal::Commit,
     ) -> Result<(), End> {
         let Some(packet) = &ack.ack else {
             // QoS 0: nobody to tell. The message was routed; only its durability failed.
@@ -418,7 +418,9 @@ impl Conn<'_> {
         while let Some(mut front) = self.pending.pop_front() {
             let outcome = match front.wait.take() {
                 None => Ok(()),
-                Some(rx) => rx.await.unwrap_or(Err(crate::storage::StoreError::Stopped)),
+                Some(rx) => rx
+                    .await
+                    .unwrap_or(Err(crate::broker::journal::CommitError::Stopped)),
             };
             self.finish_ack(front, outcome).await?;
         }
@@ -427,10 +429,10 @@ impl Conn<'_> {
 
     /// Waits for the group commit of what this connection submitted; false if it failed.
     pub(super) async fn commit(&self) -> bool {
-        let Some(store) = self.broker.store() else {
+        let Some(journal) = self.broker.journal() else {
             return true;
         };
-        match store.barrier().await {
+        match journal.barrier().await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(device = ?self.device, error = %e, "message not durable");

@@ -174,7 +174,7 @@ impl Conn<'_> {
     /// committed, or a `kill -9` right after it would silently undo what was acknowledged.
     /// A store that cannot commit ends the connection unacknowledged (the client retries).
     async fn commit_session_change(&self) -> Result<(), End> {
-        if self.session.store().is_some() && !self.commit().await {
+        if self.session.journal().is_some() && !self.commit().await {
             return Err(protocol_error(
                 v5::DisconnectReasonCode::QuotaExceeded,
                 "the message store cannot record the subscription now",
