@@ -124,7 +124,45 @@ pub(super) fn load(conn: &Connection, now: i64) -> Result<(Recovered, i64), Stor
 }
 
 fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreError> {
-    // Sessions whose expiry passed while the broker was down end now.
+    purge_expired(conn, now)?;
+    let messages = load_messages(conn, now)?;
+    let max_message_id = messages.keys().copied().max().unwrap_or(0);
+    let mut out = Recovered::default();
+    let mut stmt = conn.prepare(
+        "SELECT device, client_id, expiry, expires_at FROM sessions ORDER BY device, client_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<u32>>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (device, client_id, expiry, expires_at) = row?;
+        let queue = load_queue(conn, &messages, &device, &client_id)?;
+        if let Some(last) = queue.last() {
+            out.max_queue_id = out.max_queue_id.max(last.id);
+        }
+        out.sessions.push(StoredSession {
+            subscriptions: load_subscriptions(conn, &device, &client_id)?,
+            queue,
+            inbound: load_inbound(conn, &device, &client_id)?,
+            key: key(device, client_id)?,
+            expiry,
+            expires_at,
+        });
+    }
+    let max: Option<i64> = conn.query_row("SELECT max(id) FROM queue", [], |r| r.get(0))?;
+    out.max_queue_id = out.max_queue_id.max(max.unwrap_or(0));
+    out.retained = load_retained(conn, &messages)?;
+    Ok((out, max_message_id))
+}
+
+/// Sessions whose expiry passed while the broker was down end now, and expired messages
+/// lose their references (the triggers then take the messages with them).
+fn purge_expired(conn: &Connection, now: i64) -> Result<(), StoreError> {
     let mut expired = Vec::new();
     {
         let mut stmt = conn.prepare("SELECT device, client_id FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?1")?;
@@ -143,7 +181,6 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
             )?;
         }
     }
-    // Expired messages: their references go, and the triggers take the messages with them.
     for table in ["queue", "retained"] {
         conn.execute(
             &format!(
@@ -153,107 +190,108 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
             params![now],
         )?;
     }
+    Ok(())
+}
 
-    let messages = load_messages(conn, now)?;
-    let max_message_id = messages.keys().copied().max().unwrap_or(0);
-    let mut out = Recovered::default();
-    let mut stmt = conn.prepare(
-        "SELECT device, client_id, expiry, expires_at FROM sessions ORDER BY device, client_id",
+/// One session's subscriptions: (filter as subscribed after the alias, options, aliased).
+fn load_subscriptions(
+    conn: &Connection,
+    device: &str,
+    client_id: &str,
+) -> Result<Vec<(String, SubOptions, bool)>, StoreError> {
+    let mut subs = conn.prepare_cached(
+        "SELECT filter, qos, no_local, retain_as_published, retain_handling, sub_id, aliased
+         FROM subscriptions WHERE device = ?1 AND client_id = ?2",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let rows = subs.query_map(params![device, client_id], |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<u32>>(2)?,
-            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, u8>(1)?,
+            r.get::<_, bool>(2)?,
+            r.get::<_, bool>(3)?,
+            r.get::<_, u8>(4)?,
+            r.get::<_, Option<u32>>(5)?,
+            r.get::<_, bool>(6)?,
         ))
     })?;
-    for row in rows {
-        let (device, client_id, expiry, expires_at) = row?;
-        let mut session = StoredSession {
-            key: key(device.clone(), client_id.clone())?,
-            expiry,
-            expires_at,
-            subscriptions: Vec::new(),
-            queue: Vec::new(),
-            inbound: Vec::new(),
+    let mut out = Vec::new();
+    for r in rows {
+        let (filter, q, no_local, rap, rh, sub_id, aliased) = r?;
+        let opts = SubOptions {
+            qos: qos(q)?,
+            no_local,
+            retain_as_published: rap,
+            retain_handling: match rh {
+                0 => RetainHandling::SendAlways,
+                1 => RetainHandling::SendIfNew,
+                _ => RetainHandling::Never,
+            },
+            subscription_id: sub_id,
         };
-        let mut subs = conn.prepare_cached(
-            "SELECT filter, qos, no_local, retain_as_published, retain_handling, sub_id, aliased
-             FROM subscriptions WHERE device = ?1 AND client_id = ?2",
-        )?;
-        let rows = subs.query_map(params![device, client_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u8>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, u8>(4)?,
-                r.get::<_, Option<u32>>(5)?,
-                r.get::<_, bool>(6)?,
-            ))
-        })?;
-        for r in rows {
-            let (filter, q, no_local, rap, rh, sub_id, aliased) = r?;
-            let opts = SubOptions {
-                qos: qos(q)?,
-                no_local,
-                retain_as_published: rap,
-                retain_handling: match rh {
-                    0 => RetainHandling::SendAlways,
-                    1 => RetainHandling::SendIfNew,
-                    _ => RetainHandling::Never,
-                },
-                subscription_id: sub_id,
-            };
-            session.subscriptions.push((filter, opts, aliased));
-        }
-        let mut queue = conn.prepare_cached(
-            "SELECT id, message_id, qos, retain, sub_ids, pkid, released
-             FROM queue WHERE device = ?1 AND client_id = ?2 ORDER BY id",
-        )?;
-        let rows = queue.query_map(params![device, client_id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, u8>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<u16>>(5)?,
-                r.get::<_, bool>(6)?,
-            ))
-        })?;
-        for r in rows {
-            let (id, message_id, q, retain, sub_ids, pkid, released) = r?;
-            out.max_queue_id = out.max_queue_id.max(id);
-            let sub_ids = sub_ids
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    s.parse::<u32>()
-                        .map_err(|e| StoreError::Corrupt(format!("subscription id {s:?}: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            session.queue.push(StoredQueued {
-                id,
-                msg: referenced(&messages, message_id, &format!("queue row {id}"))?,
-                qos: qos(q)?,
-                retain,
-                sub_ids,
-                pkid,
-                released,
-            });
-        }
-        let mut inbound =
-            conn.prepare_cached("SELECT pkid FROM inbound WHERE device = ?1 AND client_id = ?2")?;
-        let rows = inbound.query_map(params![device, client_id], |r| r.get::<_, u16>(0))?;
-        for r in rows {
-            session.inbound.push(r?);
-        }
-        out.sessions.push(session);
+        out.push((filter, opts, aliased));
     }
-    let max: Option<i64> = conn.query_row("SELECT max(id) FROM queue", [], |r| r.get(0))?;
-    out.max_queue_id = out.max_queue_id.max(max.unwrap_or(0));
+    Ok(out)
+}
+
+/// One session's queued and in-flight deliveries, in queue order.
+fn load_queue(
+    conn: &Connection,
+    messages: &HashMap<i64, Arc<Message>>,
+    device: &str,
+    client_id: &str,
+) -> Result<Vec<StoredQueued>, StoreError> {
+    let mut queue = conn.prepare_cached(
+        "SELECT id, message_id, qos, retain, sub_ids, pkid, released
+         FROM queue WHERE device = ?1 AND client_id = ?2 ORDER BY id",
+    )?;
+    let rows = queue.query_map(params![device, client_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, u8>(2)?,
+            r.get::<_, bool>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<u16>>(5)?,
+            r.get::<_, bool>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, message_id, q, retain, sub_ids, pkid, released) = r?;
+        let sub_ids = sub_ids
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<u32>()
+                    .map_err(|e| StoreError::Corrupt(format!("subscription id {s:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(StoredQueued {
+            id,
+            msg: referenced(messages, message_id, &format!("queue row {id}"))?,
+            qos: qos(q)?,
+            retain,
+            sub_ids,
+            pkid,
+            released,
+        });
+    }
+    Ok(out)
+}
+
+/// One session's inbound QoS 2 packet ids between PUBLISH and PUBREL.
+fn load_inbound(conn: &Connection, device: &str, client_id: &str) -> Result<Vec<u16>, StoreError> {
+    let mut inbound =
+        conn.prepare_cached("SELECT pkid FROM inbound WHERE device = ?1 AND client_id = ?2")?;
+    let rows = inbound.query_map(params![device, client_id], |r| r.get::<_, u16>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Every retained message with the device whose quota it counts against.
+fn load_retained(
+    conn: &Connection,
+    messages: &HashMap<i64, Arc<Message>>,
+) -> Result<Vec<StoredRetained>, StoreError> {
     let mut stmt = conn.prepare("SELECT topic, message_id, owner FROM retained")?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -262,6 +300,7 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
             r.get::<_, Option<String>>(2)?,
         ))
     })?;
+    let mut out = Vec::new();
     for r in rows {
         let (topic, message_id, owner) = r?;
         let owner = owner
@@ -270,10 +309,10 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
                     .map_err(|e| StoreError::Corrupt(format!("owner {o:?} of {topic:?}: {e}")))
             })
             .transpose()?;
-        out.retained.push(StoredRetained {
-            msg: referenced(&messages, message_id, &format!("retained {topic:?}"))?,
+        out.push(StoredRetained {
+            msg: referenced(messages, message_id, &format!("retained {topic:?}"))?,
             owner,
         });
     }
-    Ok((out, max_message_id))
+    Ok(out)
 }

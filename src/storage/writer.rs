@@ -8,7 +8,11 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, Transaction};
 
 use super::{StoreError, SCHEMA_VERSION};
-use crate::broker::journal::{CommitError, Forwarded, Message, Op, RetainHandling, SessionKey};
+use crate::broker::journal::{
+    CommitError, Forwarded, Message, Op, RetainHandling, SessionKey, SubOptions,
+};
+use crate::identity::DeviceName;
+use crate::mqtt::codec::QoS;
 
 /// The most ops applied in one transaction; more wait for the next one, so one commit
 /// never grows without bound.
@@ -251,6 +255,74 @@ fn coalesce(work: Vec<Op>) -> Vec<Op> {
         .collect()
 }
 
+fn subscribe(
+    tx: &Transaction<'_>,
+    key: &SessionKey,
+    filter: &str,
+    opts: &SubOptions,
+    aliased: bool,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO subscriptions (device, client_id, filter, qos, no_local,
+             retain_as_published, retain_handling, sub_id, aliased)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        key.device.as_str(),
+        key.client_id,
+        filter,
+        opts.qos as u8,
+        opts.no_local,
+        opts.retain_as_published,
+        retain_handling_code(&opts.retain_handling),
+        opts.subscription_id,
+        aliased
+    ])?;
+    Ok(())
+}
+
+fn enqueue(
+    tx: &Transaction<'_>,
+    id: i64,
+    key: &SessionKey,
+    message_id: i64,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO queue (id, device, client_id, message_id, qos, retain, sub_ids)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        id,
+        key.device.as_str(),
+        key.client_id,
+        message_id,
+        qos as u8,
+        retain,
+        sub_ids_text(sub_ids),
+    ])?;
+    Ok(())
+}
+
+fn retain(
+    tx: &Transaction<'_>,
+    topic: &str,
+    message_id: i64,
+    owner: Option<&DeviceName>,
+) -> Result<(), rusqlite::Error> {
+    // An upsert, not INSERT OR REPLACE: REPLACE's implicit delete would not fire the
+    // trigger that drops the message it replaces.
+    tx.prepare_cached(
+        "INSERT INTO retained (topic, message_id, owner) VALUES (?1, ?2, ?3)
+         ON CONFLICT (topic) DO UPDATE
+         SET message_id = excluded.message_id, owner = excluded.owner",
+    )?
+    .execute(params![topic, message_id, owner.map(|o| o.as_str())])?;
+    Ok(())
+}
+
 fn apply(conn: &mut Connection, ops: &[Op], ids: &mut MessageIds) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in ops {
@@ -311,24 +383,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             filter,
             opts,
             aliased,
-        } => {
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO subscriptions (device, client_id, filter, qos, no_local,
-                     retain_as_published, retain_handling, sub_id, aliased)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                key.device.as_str(),
-                key.client_id,
-                filter,
-                opts.qos as u8,
-                opts.no_local,
-                opts.retain_as_published,
-                retain_handling_code(&opts.retain_handling),
-                opts.subscription_id,
-                aliased
-            ])?;
-        }
+        } => subscribe(tx, key, filter, opts, *aliased)?,
         Op::Unsubscribe { key, filter } => {
             tx.prepare_cached(
                 "DELETE FROM subscriptions WHERE device = ?1 AND client_id = ?2 AND filter = ?3",
@@ -344,19 +399,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             sub_ids,
         } => {
             let message_id = store_message(tx, msg, ids, now)?;
-            tx.prepare_cached(
-                "INSERT INTO queue (id, device, client_id, message_id, qos, retain, sub_ids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                id,
-                key.device.as_str(),
-                key.client_id,
-                message_id,
-                *qos as u8,
-                retain,
-                sub_ids_text(sub_ids),
-            ])?;
+            enqueue(tx, *id, key, message_id, *qos, *retain, sub_ids)?;
         }
         Op::Sent { id, pkid } => {
             tx.prepare_cached("UPDATE queue SET pkid = ?2 WHERE id = ?1")?
@@ -382,18 +425,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             owner,
         } => {
             let message_id = store_message(tx, msg, ids, now)?;
-            // An upsert, not INSERT OR REPLACE: REPLACE's implicit delete would not fire
-            // the trigger that drops the message it replaces.
-            tx.prepare_cached(
-                "INSERT INTO retained (topic, message_id, owner) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (topic) DO UPDATE
-                 SET message_id = excluded.message_id, owner = excluded.owner",
-            )?
-            .execute(params![
-                topic,
-                message_id,
-                owner.as_ref().map(|o| o.as_str())
-            ])?;
+            retain(tx, topic, message_id, owner.as_ref())?;
         }
         Op::InboundBegin { key, pkid } => {
             tx.prepare_cached(

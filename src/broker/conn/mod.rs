@@ -294,6 +294,40 @@ struct Conn<'a> {
     paced: Option<publish::Paced>,
 }
 
+/// The loop's two deadlines: keep alive (reset by every packet read) and write progress
+/// (reset whenever a write or flush makes progress, and when writing starts).
+struct Timers {
+    idle_limit: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    write_limit: Duration,
+    stall: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Timers {
+    fn new(keep_alive: u16, write_limit: Duration) -> Timers {
+        // MQTT: one and a half keep-alive periods without a packet end the connection.
+        let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
+        Timers {
+            idle_limit,
+            idle: Box::pin(tokio::time::sleep(idle_limit)),
+            write_limit,
+            stall: Box::pin(tokio::time::sleep(write_limit)),
+        }
+    }
+
+    /// The client sent something (or may again): keep alive starts over.
+    fn heard(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle_limit;
+        self.idle.as_mut().reset(at);
+    }
+
+    /// A write made progress: the write deadline starts over.
+    fn progressed(&mut self) {
+        let at = tokio::time::Instant::now() + self.write_limit;
+        self.stall.as_mut().reset(at);
+    }
+}
+
 impl Conn<'_> {
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
@@ -308,13 +342,7 @@ impl Conn<'_> {
                 }
             }
         }
-        let idle_limit = Duration::from_millis(u64::from(self.p.keep_alive) * 1500);
-        let idle = tokio::time::sleep(idle_limit);
-        tokio::pin!(idle);
-        // Reset whenever a write makes progress (and when writing starts): fires only
-        // after `write_limit` without any.
-        let stall = tokio::time::sleep(self.p.write_limit);
-        tokio::pin!(stall);
+        let mut timers = Timers::new(self.p.keep_alive, self.p.write_limit);
         let mut was_writing = false;
         loop {
             let backlogged = match self.pump().await {
@@ -323,107 +351,131 @@ impl Conn<'_> {
             };
             let writing = !self.out.is_empty();
             if writing && !was_writing {
-                stall
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + self.p.write_limit);
+                timers.progressed();
             }
             was_writing = writing || self.unflushed;
-            let paced = self.paced.is_some();
-            let room = self.room_wait();
-            let event = tokio::select! {
-                biased;
-                _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
-                _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
-                _ = signals.kick.cancelled() => Event::End(End::TakenOver),
-                e = write_or_flush(self.wr.as_mut(), &self.out), if writing || self.unflushed => e,
-                _ = &mut stall, if writing || self.unflushed => {
-                    Event::End(End::Write(WriteError::Timeout(self.p.write_limit)))
-                }
-                // Stop reading while as many acknowledgements wait as the client may have
-                // in flight, or while the client does not read what we write: neither a
-                // client ignoring our Receive Maximum nor one that never reads can grow
-                // memory without bound.
-                // ... or while a message waits for room in its subscribers' queues (SPEC 9).
-                r = reader.read_packet(), if !paced && self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX => match r {
-                    Ok(packet) => Event::Packet(packet),
-                    Err(e) => Event::End(End::Closed(e)),
-                },
-                r = front_ack(&mut self.pending) => Event::Committed(r),
-                () = room, if paced => Event::Room,
-                // Not while paced: the client's PINGREQ waits unread behind its message.
-                _ = &mut idle, if !paced => Event::End(End::KeepAlive(idle_limit)),
-                _ = self.session.notified(), if !backlogged => Event::Wake,
-            };
-            match event {
-                Event::End(end) => return end,
-                Event::Wake => {}
-                Event::Room => {
-                    if let Err(end) = self.retry_paced().await {
-                        return end;
-                    }
-                    if self.paced.is_none() {
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + idle_limit);
-                    }
-                }
-                Event::Wrote(Ok(0)) => {
-                    return End::Write(WriteError::Io(std::io::ErrorKind::WriteZero.into()));
-                }
-                Event::Wrote(Ok(n)) => {
-                    self.out.advance(n);
-                    self.unflushed = true;
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.p.write_limit);
-                    if self.out.is_empty() && self.out.capacity() > 2 * OUT_HIGH {
-                        self.out = BytesMut::new();
-                    }
-                }
-                Event::Flushed(Ok(())) => {
-                    self.unflushed = false;
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.p.write_limit);
-                }
-                Event::Wrote(Err(e)) | Event::Flushed(Err(e)) => {
-                    return End::Write(WriteError::Io(e));
-                }
-                Event::Committed(outcome) => {
-                    if let Some(front) = self.pending.pop_front() {
-                        let sent = match self.finish_ack(front, outcome).await {
-                            Ok(()) => self.send_ready_acks().await,
-                            Err(end) => Err(end),
-                        };
-                        if let Err(end) = sent {
-                            return end;
-                        }
-                    }
-                }
-                Event::Packet(packet) => {
-                    idle.as_mut()
-                        .reset(tokio::time::Instant::now() + idle_limit);
-                    if let Some(end) = self.dispatch(wire::inbound(packet)).await {
-                        return end;
-                    }
-                    // Packets the client pipelined behind it are handled now, without a
-                    // round through `select!` (and its timer, waiter and token checks) each.
-                    for _ in 0..BURST {
-                        if self.paced.is_some() || self.pending.len() > self.p.receive_max {
-                            break;
-                        }
-                        match reader.buffered_packet() {
-                            Ok(Some(packet)) => {
-                                if let Some(end) = self.dispatch(wire::inbound(packet)).await {
-                                    return end;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return End::Closed(e),
-                        }
-                    }
-                }
+            let event = self
+                .next_event(reader, signals, &mut timers, backlogged)
+                .await;
+            if let Err(end) = self.on_event(event, reader, &mut timers).await {
+                return end;
             }
         }
+    }
+
+    /// Waits for whatever happens first; in priority order (`biased`): the connection's
+    /// end signals, output progress, input, a commit, room for a paced message, timers,
+    /// new deliveries.
+    async fn next_event<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PacketReader<R>,
+        signals: &Signals<'_>,
+        timers: &mut Timers,
+        backlogged: bool,
+    ) -> Event {
+        let writing = !self.out.is_empty() || self.unflushed;
+        let paced = self.paced.is_some();
+        let room = self.room_wait();
+        // Stop reading while as many acknowledgements wait as the client may have in
+        // flight, or while the client does not read what we write: neither a client
+        // ignoring our Receive Maximum nor one that never reads can grow memory without
+        // bound; and while a message waits for room in its subscribers' queues.
+        let read = !paced && self.pending.len() <= self.p.receive_max && self.out.len() < OUT_MAX;
+        tokio::select! {
+            biased;
+            _ = signals.shutdown.cancelled() => Event::End(End::Shutdown),
+            _ = signals.revoke.token().cancelled() => Event::End(End::Revoked(signals.revoke.reason())),
+            _ = signals.kick.cancelled() => Event::End(End::TakenOver),
+            e = write_or_flush(self.wr.as_mut(), &self.out), if writing => e,
+            _ = timers.stall.as_mut(), if writing => {
+                Event::End(End::Write(WriteError::Timeout(self.p.write_limit)))
+            }
+            r = reader.read_packet(), if read => match r {
+                Ok(packet) => Event::Packet(packet),
+                Err(e) => Event::End(End::Closed(e)),
+            },
+            r = front_ack(&mut self.pending) => Event::Committed(r),
+            () = room, if paced => Event::Room,
+            // Not while paced: the client's PINGREQ waits unread behind its message.
+            _ = timers.idle.as_mut(), if !paced => Event::End(End::KeepAlive(timers.idle_limit)),
+            _ = self.session.notified(), if !backlogged => Event::Wake,
+        }
+    }
+
+    async fn on_event<R: AsyncRead + Unpin>(
+        &mut self,
+        event: Event,
+        reader: &mut PacketReader<R>,
+        timers: &mut Timers,
+    ) -> Result<(), End> {
+        match event {
+            Event::End(end) => return Err(end),
+            Event::Wake => {}
+            Event::Room => {
+                self.retry_paced().await?;
+                if self.paced.is_none() {
+                    timers.heard();
+                }
+            }
+            Event::Wrote(Ok(0)) => {
+                return Err(End::Write(WriteError::Io(
+                    std::io::ErrorKind::WriteZero.into(),
+                )));
+            }
+            Event::Wrote(Ok(n)) => {
+                self.out.advance(n);
+                self.unflushed = true;
+                timers.progressed();
+                if self.out.is_empty() && self.out.capacity() > 2 * OUT_HIGH {
+                    self.out = BytesMut::new();
+                }
+            }
+            Event::Flushed(Ok(())) => {
+                self.unflushed = false;
+                timers.progressed();
+            }
+            Event::Wrote(Err(e)) | Event::Flushed(Err(e)) => {
+                return Err(End::Write(WriteError::Io(e)));
+            }
+            Event::Committed(outcome) => {
+                if let Some(front) = self.pending.pop_front() {
+                    self.finish_ack(front, outcome).await?;
+                    self.send_ready_acks().await?;
+                }
+            }
+            Event::Packet(packet) => {
+                timers.heard();
+                self.on_packets(packet, reader).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a packet, then the packets the client pipelined behind it, without a round
+    /// through `select!` (and its timer, waiter and token checks) each.
+    async fn on_packets<R: AsyncRead + Unpin>(
+        &mut self,
+        packet: Packet,
+        reader: &mut PacketReader<R>,
+    ) -> Result<(), End> {
+        if let Some(end) = self.dispatch(wire::inbound(packet)).await {
+            return Err(end);
+        }
+        for _ in 0..BURST {
+            if self.paced.is_some() || self.pending.len() > self.p.receive_max {
+                break;
+            }
+            match reader.buffered_packet() {
+                Ok(Some(packet)) => {
+                    if let Some(end) = self.dispatch(wire::inbound(packet)).await {
+                        return Err(end);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(End::Closed(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Completes when the first session the paced message waits for may take it: it has
