@@ -226,7 +226,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     };
     // The registry, when it exists, must not hold a pinned name for an anchor.
     let registry = cli::registry_for_reading(&config)?;
-    if let Err(ServerError::Config(e)) = server::check_pinned(&config, &registry, Mode::DryRun) {
+    if let Err(ServerError::Config(e)) = server::sync_pinned(&config, &registry, Mode::DryRun) {
         return Ok(report(&e));
     }
     // What `serve` would meet next: its listeners and its data_dir.
@@ -367,7 +367,7 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         };
         // Installed before the listeners are announced: until then SIGHUP and SIGTERM
         // keep their default action, and a reload sent right after start killed the broker.
-        let handlers = Signals::install().context("cannot install signal handlers")?;
+        let handlers = UnixSignals::install().context("cannot install signal handlers")?;
         let listener = server.bind().await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(handlers, shutdown.clone(), server.shared()));
@@ -379,17 +379,17 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
 
 /// The signals `serve` handles. Creating a tokio signal stream installs the process's
 /// handler at once, so holding these means no signal can take its default action any more.
-struct Signals {
+struct UnixSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
-impl Signals {
+impl UnixSignals {
     /// Installs the handlers; must run inside the runtime.
-    fn install() -> std::io::Result<Signals> {
+    fn install() -> std::io::Result<UnixSignals> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
+        Ok(UnixSignals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
@@ -400,11 +400,11 @@ impl Signals {
 /// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (SPEC 8);
 /// an invalid file is logged problem by problem and the old config stays in force.
 async fn signals(
-    handlers: Signals,
+    handlers: UnixSignals,
     shutdown: CancellationToken,
     shared: std::sync::Arc<server::Shared>,
 ) {
-    let Signals {
+    let UnixSignals {
         mut int,
         mut term,
         mut hup,

@@ -110,7 +110,7 @@ impl Server {
         // its own file as it opens).
         registry.quick_check()?;
         // The first write happens here: a read-only or full store fails now, naming its file.
-        let recreated = check_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
+        let recreated = sync_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
             ServerError::Registry(RegistryError::Sqlite(source)) => {
                 ServerError::Registry(RegistryError::Open {
                     path: registry.path().to_path_buf(),
@@ -341,7 +341,7 @@ impl Server {
 /// With `Mode::Commit` the pinned devices are entered when there is no conflict. Returns
 /// the pinned names whose registry row was missing and is now created (SPEC 4: a deleted
 /// pinned row is recreated at start and on reload, as a new entry).
-pub fn check_pinned(
+pub fn sync_pinned(
     config: &Config,
     registry: &Registry,
     mode: Mode,
@@ -464,7 +464,7 @@ impl Shared {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let recreated = check_pinned(&config, &self.registry, Mode::Commit)?;
+        let recreated = sync_pinned(&config, &self.registry, Mode::Commit)?;
         let config = Arc::new(config);
         let tls = tls::server_config(config.clone(), self.metrics.clone())?;
         let snapshot = Arc::new(Snapshot {

@@ -60,7 +60,8 @@ impl PendingAck {
 enum Next {
     Duplicate,
     OverLimit,
-    Denied,
+    /// Not allowed by the ACL (the topic, for the reason string).
+    Denied(TopicName),
     /// Routed; and whether it carried a retained payload.
     Routed(Published, bool),
 }
@@ -82,87 +83,26 @@ pub(super) struct Paced {
 }
 
 impl Conn<'_> {
+    /// A PUBLISH from the client, top-down: topic (alias, `me`), store health, ACL, the
+    /// inbound QoS 2 id and routing (one store group), then acknowledge or wait for room.
     pub(super) async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
-        use v5::DisconnectReasonCode as D;
         if p.has_subscription_ids {
             return Err(protocol_error(
-                D::ProtocolError,
+                v5::DisconnectReasonCode::ProtocolError,
                 "a PUBLISH from a client may not carry subscription identifiers",
             ));
         }
-        let topic = self.resolve_alias(&p)?;
-        let name = TopicName::parse(&topic).map_err(|e| {
-            protocol_error(
-                D::TopicNameInvalid,
-                &format!("invalid topic name {topic:?}: {e}"),
-            )
-        })?;
-        // SPEC 5: v1/devices/me/... is v1/devices/<name>/...; ACLs see the canonical topic.
-        let canonical = match acl::alias_inbound(name.as_str(), self.device.as_str()) {
-            Some(t) => TopicName::parse(&t).map_err(|e| {
-                protocol_error(
-                    D::TopicNameInvalid,
-                    &format!("invalid topic name {t:?}: {e}"),
-                )
-            })?,
-            None => name,
-        };
-        // SPEC 7: a store that cannot commit refuses new QoS 1/2 messages up front, once a
-        // probe write confirms it still cannot (so it recovers when space comes back).
-        if p.qos != QoS::AtMostOnce {
-            if let Some(journal) = self.broker.journal().filter(|s| s.failing()) {
-                // Boxed: a rare path whose state need not live in every connection's task.
-                if Box::pin(journal.probe()).await.is_err() {
-                    // In order: everything acknowledged before this refusal goes first.
-                    Box::pin(self.drain_acks()).await?;
-                    return Box::pin(self.refuse_unstored(p.qos, p.pkid)).await;
-                }
-            }
+        let topic = self.canonical_topic(&p)?;
+        // A store that cannot commit refuses new QoS 1/2 messages up front, once a probe
+        // write confirms it still cannot (so it recovers when space comes back).
+        if p.qos != QoS::AtMostOnce && self.store_refuses().await {
+            // In order: everything acknowledged before this refusal goes first.
+            Box::pin(self.drain_acks()).await?;
+            return Box::pin(self.refuse_unstored(p.qos, p.pkid)).await;
         }
-        let allowed = self.session.acl().can_publish(&canonical);
-        if !allowed {
-            self.broker.metrics.dropped("acl", 1);
-            tracing::info!(
-                device = ?self.device,
-                client_id = ?self.session.key.client_id,
-                topic = ?canonical.as_str(),
-                "publish denied by ACL"
-            );
-        }
-        let pkid = p.pkid;
-        let qos = p.qos;
-        let denied = (!allowed).then(|| format!("not authorized to publish to {canonical}"));
-        // One store group (committed whole or not at all) for the inbound QoS 2 id and the
-        // message's deliveries: synchronous, so the guard is gone before any await.
-        let next = {
-            let _group = self.broker.journal().map(|s| s.group());
-            // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and
-            // lose nothing to it (SPEC 7): their reads pause while acknowledgements wait.
-            let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
-            let begin = match qos {
-                QoS::ExactlyOnce => self.session.inbound_qos2_begin(pkid, limit),
-                _ => InboundQos2::New,
-            };
-            match begin {
-                InboundQos2::Duplicate => Next::Duplicate,
-                InboundQos2::OverLimit => Next::OverLimit,
-                InboundQos2::New if !allowed => {
-                    if qos == QoS::ExactlyOnce {
-                        self.session.inbound_qos2_persist(pkid);
-                    }
-                    Next::Denied
-                }
-                InboundQos2::New => {
-                    let retained = p.retain && !p.payload.is_empty();
-                    let published = self.route(canonical, p);
-                    if qos == QoS::ExactlyOnce && published.waiting.is_empty() {
-                        self.session.inbound_qos2_persist(pkid);
-                    }
-                    Next::Routed(published, retained)
-                }
-            }
-        };
-        let (mut published, retained) = match next {
+        let allowed = self.may_publish(&topic);
+        let (qos, pkid) = (p.qos, p.pkid);
+        let (mut published, retained) = match self.take(topic, p, allowed) {
             Next::Duplicate => {
                 // A duplicate of a PUBLISH already routed: acknowledge only.
                 let ack = wire::pubrec(self.p.protocol, pkid, AckReason::Success, None);
@@ -172,12 +112,12 @@ impl Conn<'_> {
             }
             Next::OverLimit => {
                 return Err(protocol_error(
-                    D::ReceiveMaximumExceeded,
+                    v5::DisconnectReasonCode::ReceiveMaximumExceeded,
                     "more QoS 2 messages in flight than the Receive Maximum",
                 ));
             }
-            Next::Denied => {
-                let text = denied.unwrap_or_default();
+            Next::Denied(topic) => {
+                let text = format!("not authorized to publish to {topic}");
                 return self
                     .acknowledge(qos, pkid, AckReason::NotAuthorized, None, Some(&text))
                     .await;
@@ -195,10 +135,84 @@ impl Conn<'_> {
         if paced.waiting.is_empty() {
             self.finish_publish(paced).await
         } else {
-            // SPEC 9 flow control: nothing more is read from this client until every
-            // session the message must reach has room for it (see `Conn::run`).
+            // Flow control: nothing more is read from this client until every session the
+            // message must reach has room for it (see `Conn::next_event`).
             self.paced = Some(paced);
             Ok(())
+        }
+    }
+
+    /// The topic the ACL and the router see: the client's alias resolved, then
+    /// `v1/devices/me/...` rewritten to `v1/devices/<name>/...`.
+    fn canonical_topic(&mut self, p: &InPublish) -> Result<TopicName, End> {
+        let invalid = |t: &str, e: &dyn std::fmt::Display| {
+            protocol_error(
+                v5::DisconnectReasonCode::TopicNameInvalid,
+                &format!("invalid topic name {t:?}: {e}"),
+            )
+        };
+        let topic = self.resolve_alias(p)?;
+        let name = TopicName::parse(&topic).map_err(|e| invalid(&topic, &e))?;
+        match acl::alias_inbound(name.as_str(), self.device.as_str()) {
+            Some(t) => TopicName::parse(&t).map_err(|e| invalid(&t, &e)),
+            None => Ok(name),
+        }
+    }
+
+    /// Whether the message store is failing and a probe write confirms it.
+    async fn store_refuses(&self) -> bool {
+        match self.broker.journal().filter(|s| s.failing()) {
+            // Boxed: a rare path whose state need not live in every connection's task.
+            Some(journal) => Box::pin(journal.probe()).await.is_err(),
+            None => false,
+        }
+    }
+
+    /// The session's ACL on this topic; a denial is counted and logged.
+    fn may_publish(&self, topic: &TopicName) -> bool {
+        let allowed = self.session.acl().can_publish(topic);
+        if !allowed {
+            self.broker.metrics.dropped("acl", 1);
+            tracing::info!(
+                device = ?self.device,
+                client_id = ?self.session.key.client_id,
+                topic = ?topic.as_str(),
+                "publish denied by ACL"
+            );
+        }
+        allowed
+    }
+
+    /// Records the inbound QoS 2 id (only when the message is accepted) and routes the
+    /// message, in one store group (committed whole or not at all): synchronous, so the
+    /// group's guard is gone before any await.
+    fn take(&mut self, topic: TopicName, p: InPublish, allowed: bool) -> Next {
+        let _group = self.broker.journal().map(|s| s.group());
+        let (qos, pkid) = (p.qos, p.pkid);
+        // MQTT 5 clients were told our Receive Maximum; 3.1.1 clients cannot be, and lose
+        // nothing to it: their reads pause while acknowledgements wait.
+        let limit = (self.p.protocol == Protocol::V5).then_some(self.p.receive_max);
+        let begin = match qos {
+            QoS::ExactlyOnce => self.session.inbound_qos2_begin(pkid, limit),
+            _ => InboundQos2::New,
+        };
+        match begin {
+            InboundQos2::Duplicate => Next::Duplicate,
+            InboundQos2::OverLimit => Next::OverLimit,
+            InboundQos2::New if !allowed => {
+                if qos == QoS::ExactlyOnce {
+                    self.session.inbound_qos2_persist(pkid);
+                }
+                Next::Denied(topic)
+            }
+            InboundQos2::New => {
+                let retained = p.retain && !p.payload.is_empty();
+                let published = self.route(topic, p);
+                if qos == QoS::ExactlyOnce && published.waiting.is_empty() {
+                    self.session.inbound_qos2_persist(pkid);
+                }
+                Next::Routed(published, retained)
+            }
         }
     }
 
