@@ -24,6 +24,9 @@ use crate::acl::{AclError, Profile};
 use crate::cert::{now_secs, CertError, CertInfo, Fingerprint, Validity};
 use crate::identity::{DeviceName, NameError};
 
+mod cluster;
+pub use cluster::Cluster;
+
 /// The default config path, relative to the working directory (SPEC 1).
 pub const DEFAULT_PATH: &str = "config/certmq.toml";
 /// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], SPEC 1).
@@ -161,6 +164,14 @@ pub enum ProblemKind {
     PinnedNameTaken { name: String, source_name: String },
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{value:?} must be 1-32 ASCII letters, digits, '-' or '_'")]
+    ClusterName { value: String },
+    #[error("at least one NATS server URL is needed")]
+    NoNatsServer,
+    #[error("{value:?} is not a NATS URL (nats://host:port or tls://host:port)")]
+    NatsUrl { value: String },
+    #[error("{value} replicas: JetStream allows 1 to {max}")]
+    Replicas { value: usize, max: usize },
 }
 
 /// A config that did not load; the list holds every problem found.
@@ -183,6 +194,9 @@ pub struct Server {
     pub private_key: PrivateKeyDer<'static>,
     pub data_dir: PathBuf,
     pub admin_bind: Option<SocketAddr>,
+    /// Accept a PROXY protocol v1/v2 header from an L4 balancer before TLS (contract §12),
+    /// so logs and refusals name the device's address, not the balancer's.
+    pub proxy_protocol: bool,
 }
 
 /// `[limits]`, with SPEC 2 defaults. Durations are whole seconds.
@@ -278,6 +292,8 @@ pub struct Config {
     pub devices: Vec<PinnedDevice>,
     /// ACL profiles by name, the built-in `device` included.
     pub acl: BTreeMap<String, Arc<Profile>>,
+    /// `[cluster]`: shared state in NATS JetStream; None = standalone (SQLite).
+    pub cluster: Option<Cluster>,
     /// Problems that do not stop the broker (expired anchors while others are usable,
     /// stale CRLs); `check` prints them.
     pub warnings: Vec<Problem>,
@@ -420,6 +436,7 @@ struct RawConfig {
     device: Vec<RawDevice>,
     #[serde(default)]
     acl: BTreeMap<String, RawProfile>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 #[derive(Deserialize)]
@@ -430,6 +447,8 @@ struct RawServer {
     private_key: PathBuf,
     data_dir: PathBuf,
     admin_bind: Option<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -527,6 +546,7 @@ impl Loader {
         let anchors = self.anchors(raw.anchor, &acl);
         let devices = self.devices(raw.device, &acl);
         self.usable_rules(&anchors, &devices);
+        let cluster = self.cluster(raw.cluster);
         match server {
             Some(server) if self.problems.is_empty() => Ok(Config {
                 path: self.file,
@@ -536,6 +556,7 @@ impl Loader {
                 anchors,
                 devices,
                 acl,
+                cluster,
                 warnings: self.warnings,
             }),
             _ => Err(self.into_error()),
@@ -593,6 +614,7 @@ impl Loader {
             private_key,
             data_dir: self.resolve(&raw.data_dir),
             admin_bind,
+            proxy_protocol: raw.proxy_protocol,
         })
     }
 

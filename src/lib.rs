@@ -48,6 +48,7 @@ pub mod backup;
 pub mod broker;
 pub mod cert;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod identity;
 pub mod logline;

@@ -368,6 +368,7 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         // Installed before the listeners are announced: until then SIGHUP and SIGTERM
         // keep their default action, and a reload sent right after start killed the broker.
         let handlers = UnixSignals::install().context("cannot install signal handlers")?;
+        server.join_cluster().await?;
         let listener = server.bind().await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(handlers, shutdown.clone(), server.shared()));

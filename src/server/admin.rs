@@ -97,6 +97,17 @@ async fn respond(
 /// commit a probe write through its writer: while commits fail (a full disk) only a real
 /// commit can tell whether they work again, and the probe shares the next group commit.
 async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
+    // Cluster mode: without NATS no QoS 1/2 message, provisioning or persistent session
+    // can be accepted (contract §12), so the node is not healthy.
+    if let Some(cluster) = shared.cluster.get() {
+        if !cluster.connected() {
+            return Err(format!(
+                "node {} is not connected to NATS ({})",
+                cluster.node(),
+                cluster.settings.nats.join(", ")
+            ));
+        }
+    }
     let s = shared.clone();
     match tokio::task::spawn_blocking(move || s.registry.writable()).await {
         Ok(Ok(())) => {}

@@ -47,6 +47,8 @@ pub enum ServerError {
     Registry(#[from] RegistryError),
     #[error("cannot open the message store")]
     Store(#[from] crate::storage::StoreError),
+    #[error("cannot join the cluster")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -76,6 +78,9 @@ pub struct Shared {
     pub broker: Arc<Broker>,
     /// Admitted connections, re-checked on reload and on registry changes.
     pub live: live::Live,
+    /// Cluster mode: this node's NATS connection, set once by [`Server::join_cluster`]
+    /// before anything is accepted; unset when standalone.
+    pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     /// Serialises reloads (a SIGHUP storm runs them one after the other).
     reloading: Mutex<()>,
     /// This broker's exclusive claim on `data_dir`, held as long as anything runs.
@@ -174,10 +179,30 @@ impl Server {
                 broker,
                 metrics,
                 live: live::Live::default(),
+                cluster: std::sync::OnceLock::new(),
                 reloading: Mutex::new(()),
                 _lock: lock,
             }),
         })
+    }
+
+    /// Cluster mode (`[cluster]` in the config): connects to NATS and sets up this node's
+    /// part of the shared state. Does nothing when standalone. Called once, before `run`.
+    pub async fn join_cluster(&self) -> Result<(), ServerError> {
+        let config = self.config();
+        let Some(settings) = &config.cluster else {
+            return Ok(());
+        };
+        let cluster = crate::cluster::Cluster::connect(settings).await?;
+        tracing::info!(
+            node = %cluster.node(),
+            nats = %settings.nats.join(","),
+            prefix = %cluster.names.prefix(),
+            replicas = cluster.replicas(),
+            "joined the cluster"
+        );
+        let _ = self.shared.cluster.set(cluster);
+        Ok(())
     }
 
     /// The broker's counters.

@@ -7,6 +7,7 @@ mod auth;
 mod bench_smoke;
 mod cli;
 mod cli_registry;
+mod cluster;
 mod common;
 mod durability;
 mod flow_control;

@@ -4,10 +4,12 @@
 //! in parallel.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod coretests;
 pub mod durability;
 pub mod hostile;
 pub mod interop;
+pub mod nats;
 pub mod ops;
 pub mod run;
 pub mod v5tests;
