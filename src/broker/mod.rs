@@ -22,6 +22,7 @@ pub mod conn;
 pub mod expiry;
 pub mod journal;
 pub mod message;
+pub mod remote;
 pub mod retain;
 mod retained;
 pub mod router;
@@ -193,6 +194,37 @@ pub struct Broker {
     journal: Option<Journal>,
     /// `[limits] stall_timeout`, seconds (SPEC 9).
     stall_timeout: AtomicU64,
+    /// Cluster mode: the other nodes (set once, before anything is accepted).
+    remote: std::sync::OnceLock<Arc<dyn remote::Remote>>,
+}
+
+/// The router's write guard; see [`Broker::router_mut`].
+struct RouterGuard<'a> {
+    guard: std::sync::RwLockWriteGuard<'a, Router<SessionRef>>,
+    remote: Option<&'a Arc<dyn remote::Remote>>,
+}
+
+impl std::ops::Deref for RouterGuard<'_> {
+    type Target = Router<SessionRef>;
+    fn deref(&self) -> &Router<SessionRef> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for RouterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Router<SessionRef> {
+        &mut self.guard
+    }
+}
+
+impl Drop for RouterGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(remote) = self.remote {
+            for (sub, added) in self.guard.take_interest_changes() {
+                remote.interest(&sub, added);
+            }
+        }
+    }
 }
 
 /// What [`Broker::publish`] did.
@@ -217,6 +249,9 @@ pub struct Published {
     /// A retained message over its device's `max_retained_per_device`: not retained, not
     /// routed (counted and logged); an MQTT 5 QoS 1/2 publisher gets 0x97 (SPEC 4).
     pub retained_refused: bool,
+    /// Cluster mode: completes once the message is stored for the other nodes; the
+    /// publisher's acknowledgement waits for it too.
+    pub remote: Option<remote::Stored>,
 }
 
 /// What a CONNECT asks of its session.
@@ -253,7 +288,22 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             journal,
             stall_timeout: AtomicU64::new(crate::config::Limits::default().stall_timeout),
+            remote: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: attaches the other nodes. From now on every accepted message is
+    /// forwarded and subscription interest is reported, starting with what the router
+    /// already holds (restored sessions). Only the first call has an effect.
+    pub fn attach_remote(&self, remote: Arc<dyn remote::Remote>) {
+        let mut router = self.router.write().unwrap_or_else(|p| p.into_inner());
+        if self.remote.set(remote.clone()).is_err() {
+            return;
+        }
+        router.track_interest();
+        for (sub, added) in router.take_interest_changes() {
+            remote.interest(&sub, added);
+        }
     }
 
     /// The message store.
@@ -336,8 +386,14 @@ impl Broker {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn router_mut(&self) -> std::sync::RwLockWriteGuard<'_, Router<SessionRef>> {
-        self.router.write().unwrap_or_else(|p| p.into_inner())
+    /// The router for writing. When the guard drops, filters that gained their first or
+    /// lost their last subscriber are reported to the remote side (cluster mode), in the
+    /// order they changed, still under the lock.
+    fn router_mut(&self) -> RouterGuard<'_> {
+        RouterGuard {
+            guard: self.router.write().unwrap_or_else(|p| p.into_inner()),
+            remote: self.remote.get(),
+        }
     }
 
     /// A process-unique connection id.
@@ -581,6 +637,38 @@ impl Broker {
                 }
             }
         }
+        let mut out = self.route_local(&msg, publisher, pace);
+        out.durable |= durable;
+        if let Some(remote) = self.remote.get() {
+            out.remote = remote.forward(&msg, publisher.map(|p| &p.key.device));
+        }
+        out
+    }
+
+    /// Cluster mode: a message another node accepted, for this node's sessions only (it
+    /// is not forwarded again, and the retained store learns of it separately, through
+    /// [`Broker::retain_remote`]). `pace`: as for [`Broker::publish`].
+    pub fn publish_remote(&self, msg: Arc<Message>, pace: bool) -> Published {
+        self.metrics
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.route_local(&msg, None, pace)
+    }
+
+    /// Cluster mode: the retained message (or, with an empty payload, the clearing) of a
+    /// topic as another node accepted it; `owner` is the device whose quota it counts
+    /// against (checked by that node).
+    pub fn retain_remote(&self, msg: Arc<Message>, owner: Option<&DeviceName>) {
+        self.keep_retained_from(&msg, owner);
+    }
+
+    /// Routes a message to this node's matching sessions (see [`Broker::publish`]).
+    fn route_local(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<&SessionRef>,
+        pace: bool,
+    ) -> Published {
         // A shared group's message goes to a connected member with room (SPEC 9: the group
         // paces as a whole); when none has room, to the next one in rotation.
         let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
@@ -589,10 +677,7 @@ impl Broker {
             |s| s.online() && s.has_room(),
         );
         let pace = pace.then(|| self.stall_timeout());
-        let mut out = Published {
-            durable,
-            ..Published::default()
-        };
+        let mut out = Published::default();
         for t in targets {
             let delivery = Delivery {
                 qos: min_qos(msg.qos, t.qos),
@@ -605,7 +690,7 @@ impl Broker {
             match t.key.deliver(delivery, pace) {
                 Ok((outcome, lagging)) => {
                     out.congested |= lagging && t.key.online();
-                    self.account(&mut out, &t.key, outcome, &msg, qos);
+                    self.account(&mut out, &t.key, outcome, msg, qos);
                 }
                 Err(delivery) => out.waiting.push((t.key, delivery)),
             }

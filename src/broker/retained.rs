@@ -18,6 +18,7 @@ use super::message::Message;
 use super::retain::QuotaExceeded;
 use super::session::SessionRef;
 use super::Broker;
+use crate::identity::DeviceName;
 
 /// The reason string of the 0x97 acknowledgement of a retained message over the quota.
 pub const QUOTA_TEXT: &str = "retained message quota exceeded: the device already holds \
@@ -52,6 +53,34 @@ impl Broker {
             msg: kept,
         });
         Ok(true)
+    }
+
+    /// Cluster mode: the retained message another node accepted (its quota was checked
+    /// there). Returns whether it was submitted to the local store.
+    pub(super) fn keep_retained_from(
+        &self,
+        msg: &Arc<Message>,
+        owner: Option<&DeviceName>,
+    ) -> bool {
+        let kept = (!msg.payload.is_empty()).then(|| msg.clone());
+        // Never refused here: the origin node checked the quota, and the nodes' views of a
+        // device's count can differ for a moment; the origin's decision stands.
+        let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        match &kept {
+            Some(m) => retained.restore(&msg.topic, m.clone(), owner.cloned()),
+            None => {
+                let _ = retained.set(&msg.topic, None, None);
+            }
+        }
+        let Some(journal) = &self.journal else {
+            return false;
+        };
+        journal.submit(Op::Retain {
+            topic: msg.topic.as_str().to_owned(),
+            owner: kept.as_ref().and(owner.cloned()),
+            msg: kept,
+        });
+        true
     }
 
     /// Counts a retained message refused over the quota; logged at powers of two of the

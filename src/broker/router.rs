@@ -125,6 +125,37 @@ pub struct Router<K> {
     by_key: HashMap<K, HashSet<Subscription>>,
     /// Number of subscriptions, i.e. the sum of the `by_key` set sizes.
     len: usize,
+    /// Cluster mode: how many sessions hold each subscription (filter, with its shared
+    /// group), and the changes from none to some and back since the last
+    /// [`Router::take_interest_changes`]. None while nobody asks (standalone).
+    interest: Option<Interest>,
+}
+
+/// See [`Router::track_interest`].
+#[derive(Debug, Default)]
+struct Interest {
+    counts: HashMap<Subscription, usize>,
+    changes: Vec<(Subscription, bool)>,
+}
+
+impl Interest {
+    fn add(&mut self, sub: &Subscription) {
+        let n = self.counts.entry(sub.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.changes.push((sub.clone(), true));
+        }
+    }
+
+    fn remove(&mut self, sub: &Subscription) {
+        if let Some(n) = self.counts.get_mut(sub) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(sub);
+                self.changes.push((sub.clone(), false));
+            }
+        }
+    }
 }
 
 impl<K: Clone + Eq + Hash> Default for Router<K> {
@@ -176,6 +207,28 @@ impl<K: Clone + Eq + Hash> Router<K> {
             root: Node::default(),
             by_key: HashMap::new(),
             len: 0,
+            interest: None,
+        }
+    }
+
+    /// Starts counting subscribers per subscription (cluster mode): every subscription
+    /// held now is reported as a change, and from now on each first subscriber and each
+    /// last one leaving.
+    pub fn track_interest(&mut self) {
+        let mut interest = Interest::default();
+        for subs in self.by_key.values() {
+            for sub in subs {
+                interest.add(sub);
+            }
+        }
+        self.interest = Some(interest);
+    }
+
+    /// The interest changes since the last call, in order (empty when not tracking).
+    pub fn take_interest_changes(&mut self) -> Vec<(Subscription, bool)> {
+        match &mut self.interest {
+            Some(i) if !i.changes.is_empty() => std::mem::take(&mut i.changes),
+            _ => Vec::new(),
         }
     }
 
@@ -197,6 +250,9 @@ impl<K: Clone + Eq + Hash> Router<K> {
                 .or_default()
                 .insert(sub.clone());
             self.len += 1;
+            if let Some(i) = &mut self.interest {
+                i.add(sub);
+            }
         }
         replaced
     }
@@ -214,6 +270,9 @@ impl<K: Clone + Eq + Hash> Router<K> {
         }
         self.len -= 1;
         self.remove_from_trie(key, sub);
+        if let Some(i) = &mut self.interest {
+            i.remove(sub);
+        }
         true
     }
 
@@ -225,6 +284,9 @@ impl<K: Clone + Eq + Hash> Router<K> {
         self.len -= subs.len();
         for sub in &subs {
             self.remove_from_trie(key, sub);
+            if let Some(i) = &mut self.interest {
+                i.remove(sub);
+            }
         }
     }
 

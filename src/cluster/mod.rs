@@ -6,6 +6,7 @@
 //! - [`Names`]: every subject, stream, bucket and consumer name, derived from `prefix`.
 //! - [`Cluster`]: the connection, its JetStream context and its health.
 
+pub mod route;
 pub mod subject;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -194,6 +194,7 @@ impl Server {
             return Ok(());
         };
         let cluster = crate::cluster::Cluster::connect(settings).await?;
+        crate::cluster::route::Fabric::start(cluster.clone(), self.shared.broker.clone()).await?;
         tracing::info!(
             node = %cluster.node(),
             nats = %settings.nats.join(","),

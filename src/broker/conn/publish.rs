@@ -14,6 +14,23 @@ use crate::broker::Published;
 use crate::mqtt::codec::{v5, Protocol, QoS};
 use crate::mqtt::topic::TopicName;
 
+/// One barrier for two: completes when both have, with the first failure if any.
+fn both(a: Option<Barrier>, b: Option<Barrier>) -> Option<Barrier> {
+    use crate::broker::journal::CommitError;
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let a = a.await.unwrap_or(Err(CommitError::Stopped));
+                let b = b.await.unwrap_or(Err(CommitError::Stopped));
+                let _ = tx.send(a.and(b));
+            });
+            Some(rx)
+        }
+        (a, b) => a.or(b),
+    }
+}
+
 /// A store barrier an acknowledgement waits for.
 pub(super) type Barrier = tokio::sync::oneshot::Receiver<crate::broker::journal::Commit>;
 
@@ -252,12 +269,14 @@ impl Conn<'_> {
     /// device in `devices show`).
     async fn finish_publish(&mut self, paced: Paced) -> Result<(), End> {
         let Paced {
-            published,
+            mut published,
             qos,
             pkid,
             retained,
             ..
         } = paced;
+        // Cluster mode: stored for the other nodes too before it is acknowledged.
+        let remote = published.remote.take();
         if published.retained_refused {
             // SPEC 4: over the device's max_retained_per_device, neither retained nor
             // routed; an MQTT 5 QoS 1/2 publisher is told (3.1.1 cannot be).
@@ -277,7 +296,12 @@ impl Conn<'_> {
                 // back-pressure, at most that many uncommitted messages per connection. A
                 // failed commit is logged when it completes.
                 let wait = self.broker.journal().map(|s| s.barrier_rx());
-                return self.queue_ack(PendingAck::commit_only(wait)).await;
+                return self
+                    .queue_ack(PendingAck::commit_only(both(wait, remote)))
+                    .await;
+            }
+            if remote.is_some() {
+                return self.queue_ack(PendingAck::commit_only(remote)).await;
             }
             return Ok(());
         }
@@ -299,7 +323,8 @@ impl Conn<'_> {
         };
         let text = (reason == AckReason::QuotaExceeded)
             .then_some("no subscriber could take the message: their queues are full");
-        self.acknowledge(qos, pkid, reason, wait, text).await
+        self.acknowledge(qos, pkid, reason, both(wait, remote), text)
+            .await
     }
 
     /// Queues the PUBACK (QoS 1) or PUBREC (QoS 2) of a message; nothing for QoS 0. A

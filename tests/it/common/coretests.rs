@@ -264,6 +264,12 @@ impl Peer {
             .expect("event loop still running")
     }
 
+    /// The next PUBLISH, waiting without a bound (wrap it in a timeout); None once the
+    /// event loop ended.
+    pub async fn try_recv(&mut self) -> Option<Msg> {
+        self.msgs.recv().await
+    }
+
     /// Everything received before the next message whose payload is [`MARKER`].
     pub async fn recv_until_marker(&mut self) -> Vec<Msg> {
         let mut before = Vec::new();
