@@ -292,6 +292,12 @@ impl Broker {
         })
     }
 
+    /// Cluster mode: whether the other nodes can take messages that must be stored now
+    /// (true when standalone).
+    pub fn remote_accepting(&self) -> bool {
+        self.remote.get().is_none_or(|r| r.accepting())
+    }
+
     /// Cluster mode: attaches the other nodes. From now on every accepted message is
     /// forwarded and subscription interest is reported, starting with what the router
     /// already holds (restored sessions). Only the first call has an effect.
@@ -587,6 +593,19 @@ impl Broker {
                     Duration::from_secs(u64::from(secs)),
                 );
             }
+        }
+    }
+
+    /// Cluster mode: the session was claimed by a connection on another node. Ends the
+    /// connection holding it here (as a takeover: MQTT 5 DISCONNECT 0x8E); true if one did.
+    pub fn kick(&self, key: &SessionKey) -> bool {
+        let session = self.sessions().get(key).cloned();
+        match session.and_then(|s| s.attached_token()) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
         }
     }
 

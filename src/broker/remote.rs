@@ -25,6 +25,10 @@ pub trait Remote: Send + Sync + std::fmt::Debug + 'static {
     /// stored for the other nodes; None for QoS 0.
     fn forward(&self, msg: &Arc<Message>, device: Option<&DeviceName>) -> Option<Stored>;
 
+    /// Whether messages to be stored can be taken now. When false (NATS unreachable), a
+    /// QoS 1/2 PUBLISH is refused before it is routed, as when the local store fails.
+    fn accepting(&self) -> bool;
+
     /// The first local subscription on `sub` appeared (`added`), or the last one went.
     /// Called in the order the router changed, under the router's lock: implementations
     /// only queue the change.

@@ -395,6 +395,13 @@ impl Session {
         (previous, inner.generation)
     }
 
+    /// The token of the connection attached now, if any: cancelling it ends that
+    /// connection as taken over, and it then closes the session as any disconnect does
+    /// (cluster mode: the session was claimed on another node).
+    pub fn attached_token(&self) -> Option<CancellationToken> {
+        self.lock().attached.as_ref().map(|(_, k)| k.clone())
+    }
+
     /// Detaches whatever connection holds the session and returns its token, so the
     /// caller can tell it to close (clean-start takeover of a discarded session).
     pub fn kick_out(&self) -> Option<CancellationToken> {

@@ -6,6 +6,7 @@
 //! - [`Names`]: every subject, stream, bucket and consumer name, derived from `prefix`.
 //! - [`Cluster`]: the connection, its JetStream context and its health.
 
+pub mod claims;
 pub mod route;
 pub mod subject;
 
@@ -98,6 +99,61 @@ impl Names {
     }
 }
 
+/// A random id for a run of this process (16 hex digits).
+fn run_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    // The system's random source failing is no reason to refuse to start: fall back on
+    // the clock, which still differs between runs.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        bytes = nanos.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Opens the key-value bucket `<prefix>_<what>`, creating it (with `history` values per
+/// key and the configured replicas) when no node has yet.
+///
+/// Created as the stream a key-value bucket is (`KV_<bucket>` on `$KV.<bucket>.>`, the
+/// layout every NATS client shares) rather than through `create_key_value`: async-nats
+/// 0.51 asks the account's limits first and cannot parse nats-server 2.9's answer.
+pub async fn bucket(
+    cluster: &Cluster,
+    what: &str,
+    history: i64,
+) -> Result<jetstream::kv::Store, ClusterError> {
+    let name = cluster.names.bucket(what);
+    if let Ok(store) = cluster.js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let config = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: history.max(1),
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: cluster.replicas(),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    cluster
+        .js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| ClusterError::jetstream(format!("creating bucket {name}"), e))?;
+    cluster
+        .js
+        .get_key_value(&name)
+        .await
+        .map_err(|e| ClusterError::jetstream(format!("opening bucket {name}"), e))
+}
+
 /// One node's handle on the cluster: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -107,6 +163,30 @@ pub struct Cluster {
     pub js: jetstream::Context,
     /// Whether the NATS connection is up (kept by the client's event callback).
     connected: Arc<AtomicBool>,
+    /// This process's run of the node: tells its messages and claims from those of an
+    /// earlier run of the same node (random, 16 hex digits).
+    pub run: String,
+}
+
+/// A node in the cluster: the connection and the parts that use it.
+#[derive(Debug)]
+pub struct Node {
+    pub cluster: Cluster,
+    pub claims: Arc<claims::Claims>,
+}
+
+impl Node {
+    /// Joins: connects, creates what is missing in JetStream, loads the retained
+    /// messages, starts routing and the claims watch, attaches to the broker.
+    pub async fn join(
+        settings: &Settings,
+        broker: Arc<crate::broker::Broker>,
+    ) -> Result<Node, ClusterError> {
+        let cluster = Cluster::connect(settings).await?;
+        route::Fabric::start(cluster.clone(), broker.clone()).await?;
+        let claims = claims::Claims::start(&cluster, broker).await?;
+        Ok(Node { cluster, claims })
+    }
 }
 
 impl Cluster {
@@ -162,6 +242,7 @@ impl Cluster {
             client,
             js,
             connected,
+            run: run_id(),
         })
     }
 

@@ -117,7 +117,7 @@ impl Fabric {
         ensure_streams(&cluster).await?;
         // Before anything is accepted: a message stored from now on reaches this node.
         node_consumer(&cluster).await?;
-        let run = run_id();
+        let run = cluster.run.clone();
         let (outbox, out_rx) = mpsc::channel(OUTBOX);
         let (interest, interest_rx) = mpsc::unbounded_channel();
         let fabric = Arc::new(Fabric {
@@ -207,6 +207,10 @@ impl Remote for Fabric {
         Some(rx)
     }
 
+    fn accepting(&self) -> bool {
+        self.cluster.connected()
+    }
+
     fn interest(&self, sub: &Subscription, added: bool) {
         let _ = self.interest.send((sub.clone(), added));
     }
@@ -286,22 +290,6 @@ fn envelope(
         h.insert(header::USER_PROPERTIES, json.as_str());
     }
     h
-}
-
-/// A random id for this process's run (16 hex digits).
-fn run_id() -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 8];
-    // The system's random source failing is no reason to refuse to start: fall back on
-    // the clock, which still differs between runs.
-    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or_default();
-        bytes = nanos.to_be_bytes();
-    }
-    hex(&bytes)
 }
 
 /// A string as JSON, so that no peer-supplied value can break a header line.

@@ -99,7 +99,8 @@ async fn respond(
 async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
     // Cluster mode: without NATS no QoS 1/2 message, provisioning or persistent session
     // can be accepted (contract §12), so the node is not healthy.
-    if let Some(cluster) = shared.cluster.get() {
+    if let Some(node) = shared.cluster.get() {
+        let cluster = &node.cluster;
         if !cluster.connected() {
             return Err(format!(
                 "node {} is not connected to NATS ({})",

@@ -207,6 +207,31 @@ pub(super) fn refuse_quota(
     connect::connack_quota(protocol, &why)
 }
 
+/// Cluster mode: claims the session for this node, so that a connection holding it on
+/// another node is closed there. A persistent session that cannot be claimed (NATS
+/// unreachable) is refused with the CONNACK returned; a clean one stays local to this
+/// node (logged). None: go on.
+pub(super) async fn claim(
+    shared: &Shared,
+    line: &DecisionLine,
+    session: &crate::broker::session::SessionRef,
+    persistent: bool,
+    protocol: Protocol,
+) -> Option<Packet> {
+    let node = shared.cluster.get()?;
+    let Err(e) = node.claims.claim(&session.key).await else {
+        return None;
+    };
+    if !persistent {
+        tracing::warn!(device = ?session.key.device, client_id = ?session.key.client_id, error = %e, "session not claimed in the cluster: it is local to this node");
+        return None;
+    }
+    let why = format!("the cluster is unavailable for a persistent session: {e}");
+    line.refused("cluster_unavailable", &why);
+    shared.metrics.auth_refused("cluster_unavailable");
+    Some(connect::connack_unavailable(protocol, &why))
+}
+
 /// Runs the admission decision off the async workers (it may commit and fsync); None when
 /// the task failed (logged).
 async fn decide(

@@ -18,7 +18,7 @@ use super::admit::{self, Accepted};
 use super::live::{LiveConn, LiveGuard, Scope};
 use super::{Shared, Snapshot};
 use crate::broker::conn::{self, connect, Revoke};
-use crate::broker::session::SessionRef;
+use crate::broker::session::{Expiry, SessionRef};
 use crate::broker::{send, SessionRequest};
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -206,6 +206,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         max_queued: limits.max_queued_messages,
         max_sessions: limits.max_sessions_per_device,
     };
+    let persistent = request.expiry != Expiry::OnDisconnect;
     let opened = match broker.open_session(request, conn_id, kick.clone()) {
         Ok(o) => o,
         Err(_) => {
@@ -215,6 +216,13 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             return None;
         }
     };
+    if let Some(ack) =
+        admit::claim(shared, &a.line, &opened.session, persistent, a.req.protocol).await
+    {
+        let _ = send(wr, &ack, write_limit).await;
+        broker.close_session(&opened.session, conn_id);
+        return None;
+    }
     let keep_alive = connect::effective_keep_alive(a.req.keep_alive, limits.max_keep_alive);
     let ack = connect::connack_success(
         &a.req,

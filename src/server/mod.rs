@@ -80,7 +80,7 @@ pub struct Shared {
     pub live: live::Live,
     /// Cluster mode: this node's NATS connection, set once by [`Server::join_cluster`]
     /// before anything is accepted; unset when standalone.
-    pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    pub cluster: std::sync::OnceLock<crate::cluster::Node>,
     /// Serialises reloads (a SIGHUP storm runs them one after the other).
     reloading: Mutex<()>,
     /// This broker's exclusive claim on `data_dir`, held as long as anything runs.
@@ -193,8 +193,8 @@ impl Server {
         let Some(settings) = &config.cluster else {
             return Ok(());
         };
-        let cluster = crate::cluster::Cluster::connect(settings).await?;
-        crate::cluster::route::Fabric::start(cluster.clone(), self.shared.broker.clone()).await?;
+        let node = crate::cluster::Node::join(settings, self.shared.broker.clone()).await?;
+        let cluster = &node.cluster;
         tracing::info!(
             node = %cluster.node(),
             nats = %settings.nats.join(","),
@@ -202,7 +202,7 @@ impl Server {
             replicas = cluster.replicas(),
             "joined the cluster"
         );
-        let _ = self.shared.cluster.set(cluster);
+        let _ = self.shared.cluster.set(node);
         Ok(())
     }
 

@@ -324,6 +324,18 @@ pub fn connack_for_codec_error(e: &CodecError) -> Option<Packet> {
     }
 }
 
+/// The CONNACK for a CONNECT that needs something unavailable right now (cluster mode:
+/// NATS for a persistent session): code 3 / 0x88 with the reason.
+pub fn connack_unavailable(protocol: Protocol, reason: &str) -> Packet {
+    match protocol {
+        Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::ServiceUnavailable,
+            false,
+        ))),
+        Protocol::V5 => v5_refusal(v5::ConnectReturnCode::ServerUnavailable, reason.to_owned()),
+    }
+}
+
 fn v5_refusal(code: v5::ConnectReturnCode, reason: String) -> Packet {
     Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
         session_present: false,

@@ -176,8 +176,12 @@ impl Conn<'_> {
         }
     }
 
-    /// Whether the message store is failing and a probe write confirms it.
+    /// Whether the message store is failing and a probe write confirms it, or (cluster
+    /// mode) the other nodes cannot store messages now.
     async fn store_refuses(&self) -> bool {
+        if !self.broker.remote_accepting() {
+            return true;
+        }
         match self.broker.journal().filter(|s| s.failing()) {
             // Boxed: a rare path whose state need not live in every connection's task.
             Some(journal) => Box::pin(journal.probe()).await.is_err(),

@@ -1,0 +1,154 @@
+//! One session, one node (docs/cluster.md, "Sessions"): a node that opens a session
+//! claims it in the `<prefix>_claims` key-value bucket; every node watches the bucket, and
+//! a node holding a session whose claim moved to another node closes its connection
+//! there (MQTT 5: DISCONNECT 0x8E "session taken over"), as a second connection on one
+//! node takes the session over. The newest claim wins: the bucket orders all claims, and
+//! a node only yields to a claim newer than its own.
+//!
+//! Keys are the SHA-256 of the session key (device, client id) in hex: KV keys allow only
+//! a few ASCII characters, and client ids may be any UTF-8.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+
+use super::{Cluster, ClusterError};
+use crate::broker::session::SessionKey;
+use crate::broker::Broker;
+
+/// How long a claim write may take before the CONNECT is refused.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This node's claims and the watch that enforces other nodes' claims.
+#[derive(Debug)]
+pub struct Claims {
+    store: kv::Store,
+    node: String,
+    run: String,
+    /// Sessions this node claimed: claim key -> (session key, revision of our claim).
+    held: Mutex<HashMap<String, (SessionKey, u64)>>,
+}
+
+/// A claim's value.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Claim {
+    node: String,
+    run: String,
+}
+
+/// The bucket key of a session.
+pub fn claim_key(key: &SessionKey) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(key.device.as_str().as_bytes());
+    ctx.update(&[0]);
+    ctx.update(key.client_id.as_bytes());
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Claims {
+    /// Opens (creating) the bucket and starts watching it; `run` tells this process's
+    /// claims from those of an earlier run of the same node.
+    pub async fn start(
+        cluster: &Cluster,
+        broker: Arc<Broker>,
+    ) -> Result<Arc<Claims>, ClusterError> {
+        let store = super::bucket(cluster, "claims", 1).await?;
+        let claims = Arc::new(Claims {
+            store,
+            node: cluster.node().to_owned(),
+            run: cluster.run.clone(),
+            held: Mutex::new(HashMap::new()),
+        });
+        let watcher = claims.clone();
+        let watch = claims
+            .store
+            .watch_all()
+            .await
+            .map_err(|e| ClusterError::jetstream("watching the claims bucket", e))?;
+        tokio::spawn(async move { watcher.enforce(watch, broker).await });
+        Ok(claims)
+    }
+
+    /// Claims a session for this node; another node holding it closes it. Err when the
+    /// claim could not be written (NATS unreachable or slow).
+    pub async fn claim(&self, key: &SessionKey) -> Result<(), ClusterError> {
+        let name = claim_key(key);
+        let value = serde_json::to_vec(&Claim {
+            node: self.node.clone(),
+            run: self.run.clone(),
+        })
+        .unwrap_or_default();
+        let put = self.store.put(&name, value.into());
+        let revision = match tokio::time::timeout(CLAIM_TIMEOUT, put).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(ClusterError::jetstream("claiming a session", e)),
+            Err(_) => {
+                return Err(ClusterError::jetstream(
+                    "claiming a session",
+                    format!("no answer within {CLAIM_TIMEOUT:?}"),
+                ))
+            }
+        };
+        self.lock().insert(name, (key.clone(), revision));
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (SessionKey, u64)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows the bucket: a newer claim by another node (or an earlier run of this
+    /// one) on a session held here takes it away. Re-watches after a NATS outage.
+    async fn enforce(self: Arc<Self>, mut watch: kv::Watch, broker: Arc<Broker>) {
+        loop {
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else { break };
+                self.on_claim(&entry, &broker);
+            }
+            tracing::warn!("claims watch ended; watching again");
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(w) = self.store.watch_all().await {
+                    watch = w;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_claim(&self, entry: &kv::Entry, broker: &Broker) {
+        if entry.operation != kv::Operation::Put {
+            return;
+        }
+        let Ok(claim) = serde_json::from_slice::<Claim>(&entry.value) else {
+            return;
+        };
+        if claim.run == self.run {
+            return;
+        }
+        let taken = {
+            let mut held = self.lock();
+            match held.get(&entry.key) {
+                Some((_, ours)) if entry.revision > *ours => held.remove(&entry.key),
+                _ => None,
+            }
+        };
+        if let Some((key, _)) = taken {
+            if broker.kick(&key) {
+                tracing::info!(
+                    device = ?key.device,
+                    client_id = ?key.client_id,
+                    by = %claim.node,
+                    "session taken over by a connection on another node"
+                );
+            }
+        }
+    }
+}
