@@ -336,3 +336,91 @@ async fn next_publish_v5_any(tls: &mut Tls) -> String {
     }
     topic
 }
+
+/// kill -9 of the publisher's node in the middle of a QoS 1 stream: every message it
+/// acknowledged reaches the subscriber on the other node (JetStream held it).
+#[tokio::test]
+async fn kill_9_of_a_node_loses_nothing_it_acknowledged() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(t) = Two::start().await else { return };
+    let mut sub = Peer::connect(&t.backend, t.b.mqtt, V::V5, "sub", &Opts::default()).await;
+    assert_eq!(sub.subscribe("stream/#", 1).await, 1);
+    let mut probe = Peer::connect(&t.backend, t.a.mqtt, V::V5, "probe", &Opts::default()).await;
+    until_routed(&mut probe, &mut sub, "stream/probe").await;
+    probe.disconnect().await;
+
+    // Pipelined: PUBLISHes keep going out while PUBACKs come back, so the node is killed
+    // with messages in every stage (read, routed, being stored, acknowledged).
+    let publisher = open_v5(&t.backend, t.a.mqtt, "pub").await;
+    let (mut rd, mut wr) = tokio::io::split(publisher);
+    let writer = tokio::spawn(async move {
+        for i in 1..=60_000u16 {
+            let topic = format!("stream/{i}");
+            let mut body = Vec::new();
+            body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(&i.to_be_bytes());
+            body.push(0);
+            body.extend_from_slice(b"payload");
+            let mut p = vec![0x32, body.len() as u8];
+            p.extend(body);
+            if wr.write_all(&p).await.is_err() {
+                return;
+            }
+        }
+    });
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let (acks, n) = (acked.clone(), count.clone());
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4];
+        // PUBACK: 0x40, length 2 (or 3/4 with a reason), packet id.
+        while rd.read_exact(&mut buf[..2]).await.is_ok() {
+            let len = usize::from(buf[1]);
+            let mut rest = vec![0u8; len];
+            if rd.read_exact(&mut rest).await.is_err() {
+                return;
+            }
+            if buf[0] == 0x40 && rest.get(2).copied().unwrap_or(0) == 0 {
+                acks.lock()
+                    .unwrap()
+                    .push(usize::from(u16::from_be_bytes([rest[0], rest[1]])));
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    while count.load(Ordering::SeqCst) < 500 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    t.a.signal("KILL");
+    let _ = reader.await;
+    writer.abort();
+    let acked: Vec<usize> = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 500);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < acked.len() {
+        let got = tokio::time::timeout(WAIT, sub.try_recv()).await;
+        let Ok(Some(m)) = got else { break };
+        if let Some(n) = m
+            .topic
+            .strip_prefix("stream/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            seen.insert(n);
+        }
+    }
+    let missing: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|n| !seen.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(20)]
+    );
+}
