@@ -681,20 +681,47 @@ impl Broker {
         self.keep_retained_from(&msg, owner);
     }
 
-    /// Routes a message to this node's matching sessions (see [`Broker::publish`]).
+    /// Cluster mode: a message for one member, on this node, of the shared subscription
+    /// `sub` (NATS chose this node among those with members).
+    pub fn publish_shared(&self, msg: Arc<Message>, sub: &Subscription, pace: bool) -> Published {
+        self.metrics
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        let target = self
+            .router
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pick_shared(sub, |s| s.online() && s.has_room());
+        self.deliver_to(&msg, target.into_iter().collect(), pace)
+    }
+
+    /// Routes a message to this node's matching sessions (see [`Broker::publish`]). In
+    /// cluster mode shared groups are left out: their member is chosen cluster-wide.
     fn route_local(
         &self,
         msg: &Arc<Message>,
         publisher: Option<&SessionRef>,
         pace: bool,
     ) -> Published {
-        // A shared group's message goes to a connected member with room (SPEC 9: the group
-        // paces as a whole); when none has room, to the next one in rotation.
-        let targets = self.router.read().unwrap_or_else(|p| p.into_inner()).route(
-            &msg.topic,
-            publisher,
-            |s| s.online() && s.has_room(),
-        );
+        let router = self.router.read().unwrap_or_else(|p| p.into_inner());
+        let targets = if self.remote.get().is_some() {
+            router.route_plain(&msg.topic, publisher)
+        } else {
+            // A shared group's message goes to a connected member with room (SPEC 9: the
+            // group paces as a whole); when none has room, to the next one in rotation.
+            router.route(&msg.topic, publisher, |s| s.online() && s.has_room())
+        };
+        drop(router);
+        self.deliver_to(msg, targets, pace)
+    }
+
+    /// Delivers a message to routed targets, each at min(message QoS, granted QoS).
+    fn deliver_to(
+        &self,
+        msg: &Arc<Message>,
+        targets: Vec<router::Target<SessionRef>>,
+        pace: bool,
+    ) -> Published {
         let pace = pace.then(|| self.stall_timeout());
         let mut out = Published::default();
         for t in targets {

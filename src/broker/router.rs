@@ -325,6 +325,42 @@ impl<K: Clone + Eq + Hash> Router<K> {
         publisher: Option<&K>,
         eligible: impl Fn(&K) -> bool,
     ) -> Vec<Target<K>> {
+        self.route_with(topic, publisher, eligible, true)
+    }
+
+    /// [`Router::route`] without the shared groups (cluster mode: a group's member is
+    /// chosen cluster-wide, and its deliveries come through [`Router::pick_shared`]).
+    pub fn route_plain(&self, topic: &TopicName, publisher: Option<&K>) -> Vec<Target<K>> {
+        self.route_with(topic, publisher, |_| true, false)
+    }
+
+    /// One member of the shared subscription `sub` (`$share/G/f`), chosen as
+    /// [`Router::route`] chooses (round-robin among the eligible, else the next one).
+    /// None when this router holds no member of it.
+    pub fn pick_shared(
+        &self,
+        sub: &Subscription,
+        eligible: impl Fn(&K) -> bool,
+    ) -> Option<Target<K>> {
+        let path = FilterPath::of(sub);
+        let group = path.group?;
+        let entry = self.root.find(path.iter())?.value();
+        let subs = if path.multi {
+            entry.rest.as_deref()?
+        } else {
+            &entry.exact
+        };
+        let (key, opts) = subs.shared.get(group)?.pick(None, &eligible)?;
+        Some(Target::new(key.clone(), opts))
+    }
+
+    fn route_with(
+        &self,
+        topic: &TopicName,
+        publisher: Option<&K>,
+        eligible: impl Fn(&K) -> bool,
+        shared: bool,
+    ) -> Vec<Target<K>> {
         let matched = self.matching_subs(topic);
         let plain_nodes = matched.iter().filter(|s| !s.plain.is_empty()).count();
         let capacity = matched.iter().map(|s| s.plain.len() + s.shared.len()).sum();
@@ -356,7 +392,7 @@ impl<K: Clone + Eq + Hash> Router<K> {
                 }
             }
         }
-        for subs in &matched {
+        for subs in matched.iter().filter(|_| shared) {
             for group in subs.shared.values() {
                 if let Some((key, opts)) = group.pick(publisher, &eligible) {
                     targets.push(Target::new(key.clone(), opts));

@@ -500,17 +500,33 @@ async fn core_interest(
         };
         let mut tasks = Vec::new();
         for subject in subjects {
-            let subject = cluster.names.message(false, &subject);
-            match cluster.client.subscribe(subject.clone()).await {
+            let core = cluster.names.message(false, &subject);
+            let subscribed_core = match &sub {
+                Subscription::Plain(_) => cluster.client.subscribe(core.clone()).await,
+                Subscription::Shared { group, .. } => {
+                    // The group's QoS 1/2 messages: one consumer for the group, pulled by
+                    // every node with members, so each goes to one node.
+                    tasks.push(tokio::spawn(shared_durable(
+                        cluster.clone(),
+                        broker.clone(),
+                        sub.clone(),
+                        subject.clone(),
+                    )));
+                    let queue = share_name(group, &subject);
+                    cluster.client.queue_subscribe(core.clone(), queue).await
+                }
+            };
+            match subscribed_core {
                 Ok(s) => tasks.push(tokio::spawn(core_reader(
                     cluster.names.prefix().to_owned(),
                     s,
                     broker.clone(),
                     run.clone(),
                     recent.clone(),
+                    sub.clone(),
                 ))),
                 Err(e) => {
-                    tracing::error!(subject = %subject, error = %e, "cannot subscribe on NATS")
+                    tracing::error!(subject = %core, error = %e, "cannot subscribe on NATS")
                 }
             }
         }
@@ -520,15 +536,22 @@ async fn core_interest(
 
 async fn core_reader(
     prefix: String,
-    mut sub: async_nats::Subscriber,
+    mut nats: async_nats::Subscriber,
     broker: Arc<Broker>,
     run: String,
     recent: Arc<Mutex<Recent>>,
+    sub: Subscription,
 ) {
-    while let Some(m) = sub.next().await {
+    while let Some(m) = nats.next().await {
         let Some(env) = open(&prefix, m.subject.as_str(), m.headers.as_ref(), m.payload) else {
             continue;
         };
+        if let Subscription::Shared { .. } = &sub {
+            // A queue group: NATS chose this node, for this node's messages too (local
+            // routing leaves shared groups out).
+            let _ = broker.publish_shared(Arc::new(env.msg), &sub, false);
+            continue;
+        }
         if env.run == run {
             continue;
         }
@@ -554,6 +577,78 @@ async fn durable_inbound(cluster: Cluster, broker: Arc<Broker>, run: String) {
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "stored-message consumer failed; retrying")
             }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The NATS queue group / consumer name of a shared subscription on one subject: group
+/// names may hold characters NATS names cannot, so a digest.
+fn share_name(group: &str, subject: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(group.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(subject.as_bytes());
+    let digest = ctx.finish();
+    format!("share-{}", hex(&digest.as_ref()[..12]))
+}
+
+/// A shared subscription's stored messages: one durable consumer per (group, subject)
+/// pulled by every node that has members, so each message reaches one member in the
+/// cluster. Runs while this node has members (aborted when the last one leaves).
+async fn shared_durable(cluster: Cluster, broker: Arc<Broker>, sub: Subscription, subject: String) {
+    let Subscription::Shared { group, .. } = &sub else {
+        return;
+    };
+    let name = share_name(group, &subject);
+    loop {
+        let consumer = async {
+            let stream = cluster
+                .js
+                .get_stream(cluster.names.messages_stream())
+                .await
+                .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+            stream
+                .get_or_create_consumer(
+                    &name,
+                    consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: cluster.names.message(true, &subject),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: ACK_WAIT,
+                        max_ack_pending: MAX_ACK_PENDING,
+                        deliver_policy: consumer::DeliverPolicy::New,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| ClusterError::jetstream(format!("creating consumer {name}"), e))
+        };
+        let outcome: Result<(), ClusterError> = async {
+            let consumer: consumer::PullConsumer = consumer.await?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| ClusterError::jetstream(format!("reading consumer {name}"), e))?;
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|e| ClusterError::jetstream(format!("consumer {name}"), e))?;
+                if let Some(env) = open(
+                    cluster.names.prefix(),
+                    m.subject.as_str(),
+                    m.headers.as_ref(),
+                    m.payload.clone(),
+                ) {
+                    take_durable(&broker, env, Some(&sub)).await;
+                }
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(error = %e, "shared message not acknowledged to JetStream; it will come again");
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            tracing::warn!(consumer = %name, error = %e, "shared-subscription consumer failed; retrying");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -605,7 +700,7 @@ async fn consume(
             m.payload.clone(),
         );
         if let Some(env) = env.filter(|e| e.run != run) {
-            take_durable(broker, env).await;
+            take_durable(broker, env, None).await;
         }
         if let Err(e) = m.ack().await {
             tracing::warn!(error = %e, "stored message not acknowledged to JetStream; it will come again");
@@ -617,9 +712,13 @@ async fn consume(
 /// Delivers a stored message to this node's sessions: waits (up to each subscriber's
 /// stall deadline) for room in full queues, and for the local commit of what persistent
 /// sessions queued, before the caller acknowledges it to JetStream.
-async fn take_durable(broker: &Arc<Broker>, env: Envelope) {
+async fn take_durable(broker: &Arc<Broker>, env: Envelope, shared: Option<&Subscription>) {
     tracing::trace!(from = %env.node, id = %env.id, topic = ?env.msg.topic.as_str(), "stored message from another node");
-    let mut published = broker.publish_remote(Arc::new(env.msg), true);
+    let msg = Arc::new(env.msg);
+    let mut published = match shared {
+        Some(sub) => broker.publish_shared(msg, sub, true),
+        None => broker.publish_remote(msg, true),
+    };
     let mut waiting = std::mem::take(&mut published.waiting);
     let stall = broker.stall_timeout();
     while let Some((session, delivery)) = waiting.pop() {

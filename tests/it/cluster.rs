@@ -424,3 +424,70 @@ async fn kill_9_of_a_node_loses_nothing_it_acknowledged() {
         &missing[..missing.len().min(20)]
     );
 }
+
+/// A shared subscription with members on two nodes: each message reaches exactly one
+/// member in the cluster, at QoS 0 and 1.
+#[tokio::test]
+async fn a_shared_subscription_spans_nodes_and_delivers_each_message_once() {
+    let Some(t) = Two::start().await else { return };
+    let mut on_a = Peer::connect(&t.backend, t.a.mqtt, V::V5, "member-a", &Opts::default()).await;
+    let mut on_b = Peer::connect(&t.backend, t.b.mqtt, V::V5, "member-b", &Opts::default()).await;
+    assert_eq!(on_a.subscribe("$share/workers/jobs/#", 1).await, 1);
+    assert_eq!(on_b.subscribe("$share/workers/jobs/#", 1).await, 1);
+    let mut publisher = Peer::connect(&t.backend, t.a.mqtt, V::V5, "pub", &Opts::default()).await;
+    // Both paths (queue group, shared consumer) are set up after SUBACK: probe until a
+    // probe of each QoS reaches a member.
+    for qos in [0u8, 1] {
+        let crossed = tokio::time::timeout(WAIT, async {
+            loop {
+                publisher.publish("jobs/probe", qos, false, b"probe").await;
+                tokio::select! {
+                    Some(_) = on_a.try_recv() => return,
+                    Some(_) = on_b.try_recv() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(crossed.is_ok(), "no QoS {qos} probe reached a member");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), on_a.try_recv()).await
+    {
+    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), on_b.try_recv()).await
+    {
+    }
+
+    const N: usize = 40;
+    for qos in [0u8, 1] {
+        for i in 0..N {
+            publisher
+                .publish(&format!("jobs/{qos}/{i}"), qos, false, b"job")
+                .await;
+        }
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let (mut got_a, mut got_b) = (0, 0);
+    while seen.len() < 2 * N {
+        tokio::select! {
+            Some(m) = on_a.try_recv() => { got_a += 1; seen.push(m.topic); }
+            Some(m) = on_b.try_recv() => { got_b += 1; seen.push(m.topic); }
+            () = tokio::time::sleep(WAIT) => break,
+        }
+    }
+    // Anything more would be a second copy.
+    tokio::select! {
+        Some(m) = on_a.try_recv() => seen.push(m.topic),
+        Some(m) = on_b.try_recv() => seen.push(m.topic),
+        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+    eprintln!("shared group across nodes: {got_a} on a, {got_b} on b");
+    seen.sort();
+    let mut want: Vec<String> = [0u8, 1]
+        .iter()
+        .flat_map(|q| (0..N).map(move |i| format!("jobs/{q}/{i}")))
+        .collect();
+    want.sort();
+    assert_eq!(seen, want, "every message to exactly one member");
+}
