@@ -54,6 +54,14 @@ pub async fn handle(
     let snap = shared.snapshot();
     let limits = snap.config.limits.clone();
     let write_limit = Duration::from_secs(limits.connect_timeout);
+    let mut tcp = tcp;
+    let peer = match snap.config.server.proxy_protocol {
+        true => match proxied_peer(&mut tcp, peer, limits.handshake_timeout).await {
+            Some(p) => p,
+            None => return,
+        },
+        false => peer,
+    };
     let Some(tls) = handshake(tcp, peer, &snap, &shared.metrics).await else {
         return;
     };
@@ -107,6 +115,23 @@ pub async fn handle(
 /// counts its own refusals). Boxed: the handshake's state (a whole rustls connection
 /// mid-handshake) would otherwise be part of this task's allocation for the connection's
 /// lifetime (SPEC 11 idle memory).
+/// The device's address from the balancer's PROXY header (`proxy_protocol`), read
+/// within the handshake timeout; None (logged) when the header is missing or malformed.
+async fn proxied_peer(tcp: &mut TcpStream, socket: SocketAddr, limit_s: u64) -> Option<SocketAddr> {
+    let limit = Duration::from_secs(limit_s);
+    match tokio::time::timeout(limit, super::proxy::read_header(tcp, socket)).await {
+        Ok(Ok(peer)) => Some(peer),
+        Ok(Err(e)) => {
+            tracing::info!(peer = %socket, error = %e, "connection closed before TLS");
+            None
+        }
+        Err(_) => {
+            tracing::info!(peer = %socket, timeout_s = limit_s, "no PROXY protocol header in time");
+            None
+        }
+    }
+}
+
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
