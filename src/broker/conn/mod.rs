@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 pub mod connect;
 mod publish;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use crate::acl;
 use crate::broker::session::{Outgoing, SessionRef};
