@@ -16,6 +16,11 @@ use tokio::net::TcpStream;
 /// The CONNACK (success, no session) an MQTT 3.1.1 client gets.
 const CONNACK_V311: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
+/// The upper bound on every timing here, a smoke check that holds on a loaded machine: 10 x
+/// the 1 s timeouts, and far below the 60 s ones that "at once" is told apart from. The
+/// lower bounds stay exact enough to catch "too early".
+const SMOKE_BOUND: Duration = Duration::from_secs(10);
+
 async fn broker_with(fx: &Fixture, limits: &str) -> Broker {
     Broker::start(&config_with_limits(fx, limits, BACKEND_FLEET)).await
 }
@@ -113,7 +118,9 @@ async fn packets_over_max_packet_size_close_the_connection() {
 #[tokio::test]
 async fn a_256_mb_length_before_connect_is_closed_at_once() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "connect_timeout = 10").await;
+    // A broker that waited for the body would hold the connection for the whole
+    // connect_timeout: far longer than the generous bound below.
+    let broker = broker_with(&fx, "connect_timeout = 60").await;
     let c = device_client(&fx, "dev-1");
     let start = Instant::now();
     // CONNECT, remaining length 268,435,455 (the largest four-byte length).
@@ -123,7 +130,7 @@ async fn a_256_mb_length_before_connect_is_closed_at_once() {
         .unwrap_or_default();
     assert!(answer.is_empty(), "no CONNACK expected, got {answer:02x?}");
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        start.elapsed() < SMOKE_BOUND,
         "closed after {:?}: the broker waited for the body",
         start.elapsed()
     );
@@ -177,14 +184,14 @@ async fn malformed_packets_after_connect_close_the_connection() {
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_closed() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "handshake_timeout = 10").await;
+    let broker = broker_with(&fx, "handshake_timeout = 60").await;
     let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     assert!(
-        closed_within(&mut tcp, Duration::from_secs(5)).await,
-        "not closed before the 10 s handshake timeout"
+        closed_within(&mut tcp, SMOKE_BOUND).await,
+        "not closed long before the 60 s handshake timeout"
     );
     assert_still_serving(&fx, &broker).await;
 }
@@ -197,9 +204,8 @@ async fn a_silent_tcp_client_is_closed_after_the_handshake_timeout() {
     let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
     assert!(closed_within(&mut tcp, WAIT).await, "never closed");
     let took = start.elapsed();
-    eprintln!("{BUSY_MESSAGES} messages in {took:?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < SMOKE_BOUND,
         "closed after {took:?}, handshake_timeout is 1 s"
     );
     assert_still_serving(&fx, &broker).await;
@@ -215,11 +221,10 @@ async fn a_tls_client_without_connect_is_closed_after_the_connect_timeout() {
     let mut sink = Vec::new();
     let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut sink)).await;
     let took = start.elapsed();
-    eprintln!("{BUSY_MESSAGES} messages in {took:?}");
     assert!(read.is_ok(), "never closed");
     assert!(sink.is_empty(), "no CONNACK without CONNECT: {sink:02x?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < SMOKE_BOUND,
         "closed after {took:?}, connect_timeout is 1 s"
     );
     assert_still_serving(&fx, &broker).await;
@@ -242,22 +247,18 @@ async fn try_connect(c: &Client, broker: &Broker) -> bool {
 #[tokio::test]
 async fn connections_over_max_connections_are_refused_at_once() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "max_connections = 3").await;
+    // An accepted 4th connection would wait for its ClientHello for the whole
+    // handshake_timeout: far longer than the generous bound below.
+    let broker = broker_with(&fx, "max_connections = 3\nhandshake_timeout = 60").await;
     let c = device_client(&fx, "dev-1");
     let mut held = Vec::new();
     for i in 0..3 {
         held.push(Raw5::open(&c, broker.addr, &format!("c{i}")).await);
     }
-    let start = Instant::now();
     let mut fourth = TcpStream::connect(broker.addr).await.unwrap();
     assert!(
-        closed_within(&mut fourth, Duration::from_secs(3)).await,
-        "the 4th connection was not closed"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
+        closed_within(&mut fourth, SMOKE_BOUND).await,
+        "the 4th connection was not closed long before the 60 s handshake timeout"
     );
     assert!(
         !try_connect(&c, &broker).await,

@@ -200,7 +200,8 @@ fn keep_alive_1s(v: V) -> Vec<u8> {
 }
 
 /// A silent client is closed after 1.5 x keep alive (v5: DISCONNECT 0x8D first) and its
-/// will is published.
+/// will is published. The bound on when is a smoke check (not before 1.3 s, within 10 x):
+/// the exact deadline is proven on a paused clock in src/broker/conn/tests.rs.
 async fn keep_alive_expires(v: V) {
     let s = Setup::new().await;
     let mut sub = s.peer(&s.pinned("backend"), v, "sub").await;
@@ -210,7 +211,7 @@ async fn keep_alive_expires(v: V) {
     let packets = raw.until_closed().await;
     let elapsed = start.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_millis(3500),
+        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(15),
         "closed after {elapsed:?}, expected about 1.5 s"
     );
     match v {
