@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::coretests::raw::{raw_publish, RawConnect};
+use crate::common::coretests::V;
 use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, tls_stream, Raw5, BACKEND_FLEET,
 };
-use crate::common::{connect_v311_bytes, connect_v5_bytes, Broker, Client, Fixture, WAIT};
+use crate::common::{Broker, Client, Fixture, WAIT};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,28 +56,6 @@ impl Bystanders {
     }
 }
 
-/// An MQTT 3.1.1 PUBLISH (QoS 0) with a proper variable-length remaining length.
-fn v311_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(payload);
-    let mut out = vec![0x30];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend(body);
-    out
-}
-
 /// Reads a plain TCP stream until the peer closes it; true if it did within `limit`.
 async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
     let mut sink = Vec::new();
@@ -100,8 +80,8 @@ async fn packets_over_max_packet_size_close_the_connection() {
     assert_eq!(v5.expect_disconnect().await, 0x95);
 
     let bytes = [
-        connect_v311_bytes("big4", true),
-        v311_publish("big/t", &[b'x'; 2000]),
+        RawConnect::new(V::V4, "big4").bytes(),
+        raw_publish(V::V4, "big/t", &[b'x'; 2000], 0, 0, false),
     ]
     .concat();
     let answer = c.raw(broker.addr, &bytes).await.expect("closed");
@@ -170,7 +150,7 @@ async fn malformed_packets_after_connect_close_the_connection() {
         let answer = c
             .raw(
                 broker.addr,
-                &[&connect_v311_bytes("bad4", true), bytes].concat(),
+                &[&RawConnect::new(V::V4, "bad4").bytes(), bytes].concat(),
             )
             .await
             .expect("closed");
@@ -235,7 +215,7 @@ async fn a_tls_client_without_connect_is_closed_after_the_connect_timeout() {
 /// TCP, TLS, CONNECT; true when a CONNACK success came back.
 async fn try_connect(c: &Client, broker: &Broker) -> bool {
     match c
-        .raw_first_packet(broker.addr, &connect_v5_bytes("late"))
+        .raw_first_packet(broker.addr, &RawConnect::new(V::V5, "late").bytes())
         .await
     {
         // CONNACK, a one-byte remaining length, flags, reason code 0.
@@ -292,7 +272,11 @@ async fn wildcard_publish_and_second_connect_are_protocol_errors() {
         let mut v5 = Raw5::open(&c, broker.addr, "w5").await;
         v5.publish(topic, QoS::AtMostOnce, false, "x", None).await;
         assert_eq!(v5.expect_disconnect().await, 0x90, "v5 PUBLISH to {topic}");
-        let bytes = [connect_v311_bytes("w4", true), v311_publish(topic, b"x")].concat();
+        let bytes = [
+            RawConnect::new(V::V4, "w4").bytes(),
+            raw_publish(V::V4, topic, b"x", 0, 0, false),
+        ]
+        .concat();
         let answer = c.raw(broker.addr, &bytes).await.expect("closed");
         assert_eq!(answer, CONNACK_V311, "3.1.1 PUBLISH to {topic}");
     }
@@ -302,8 +286,8 @@ async fn wildcard_publish_and_second_connect_are_protocol_errors() {
         .await;
     assert_eq!(v5.expect_disconnect().await, 0x82, "v5 second CONNECT");
     let bytes = [
-        connect_v311_bytes("twice4", true),
-        connect_v311_bytes("twice4", true),
+        RawConnect::new(V::V4, "twice4").bytes(),
+        RawConnect::new(V::V4, "twice4").bytes(),
     ]
     .concat();
     let answer = c.raw(broker.addr, &bytes).await.expect("closed");

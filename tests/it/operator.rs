@@ -4,8 +4,7 @@
 
 use std::process::Command;
 
-use crate::common::durability::serve_expecting_exit;
-use crate::common::ops::{config, Proc};
+use crate::common::ops::{config, serve_expecting_exit, Proc};
 use crate::common::run::{arg, certmq};
 use crate::common::Fixture;
 
