@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{
     raw_ack, raw_publish, raw_publish_flags, Pkt, Raw, RawConnect, PUBACK, PUBCOMP, PUBREC, PUBREL,
 };
@@ -770,12 +771,14 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v: V, seed_default: u64)
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_qos2_beyond_the_window_across_kill_9_v311() {
-    pipelined_qos2_beyond_the_window_across_kill_9(V::V4, 0x3111_0e2a).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_qos2_beyond_the_window_across_kill_9_v5() {
-    pipelined_qos2_beyond_the_window_across_kill_9(V::V5, 0x0005_0e2a).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    pipelined_qos2_beyond_the_window_across_kill_9_v311,
+    pipelined_qos2_beyond_the_window_across_kill_9_v5 => |v| {
+        let seed = match v {
+            V::V4 => 0x3111_0e2a,
+            V::V5 => 0x0005_0e2a,
+        };
+        pipelined_qos2_beyond_the_window_across_kill_9(v, seed)
+    };
 }

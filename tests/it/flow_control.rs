@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{parse_publish, raw_ack, raw_subscribe, Raw, RawConnect};
 use crate::common::coretests::raw::{PUBACK, PUBCOMP, PUBREC};
 use crate::common::coretests::{Opts, Peer, V};
@@ -121,24 +122,16 @@ async fn slow_reader_gets_everything(v: V, qos: u8) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos1_message_v5() {
-    slow_reader_gets_everything(V::V5, 1).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    slow_subscriber_gets_every_qos1_message_v311,
+    slow_subscriber_gets_every_qos1_message_v5 => |v| slow_reader_gets_everything(v, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos2_message_v5() {
-    slow_reader_gets_everything(V::V5, 2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos1_message_v311() {
-    slow_reader_gets_everything(V::V4, 1).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos2_message_v311() {
-    slow_reader_gets_everything(V::V4, 2).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    slow_subscriber_gets_every_qos2_message_v311,
+    slow_subscriber_gets_every_qos2_message_v5 => |v| slow_reader_gets_everything(v, 2);
 }
 
 /// A subscriber that never reads fills its queue and paces its publisher; a publisher to

@@ -1,6 +1,7 @@
 //! Message integrity (SPEC 7 "No silent loss"): an inbound QoS 2 packet id is recorded only
 //! for a message the broker accepts, so a client over its Receive Maximum loses nothing.
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{
     raw_ack, raw_publish, Raw, RawConnect, PUBCOMP, PUBREC, PUBREL,
 };
@@ -121,14 +122,11 @@ async fn qos2_over_the_window_loses_nothing(v: V) {
     assert_eq!(got, (1..=PIPELINED).collect::<BTreeSet<_>>());
 }
 
-#[tokio::test]
-async fn qos2_over_the_receive_maximum_v5_is_refused_then_delivered() {
-    qos2_over_the_window_loses_nothing(V::V5).await;
-}
-
-#[tokio::test]
-async fn qos2_over_the_window_v311_is_accepted() {
-    qos2_over_the_window_loses_nothing(V::V4).await;
+both_versions! {
+    #[tokio::test]
+    qos2_over_the_window_v311_is_accepted,
+    qos2_over_the_receive_maximum_v5_is_refused_then_delivered
+        => qos2_over_the_window_loses_nothing;
 }
 
 /// SPEC 7, no silent loss: a message an offline persistent session cannot queue is not

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::RawConnect;
 use crate::common::coretests::{Opts, Peer, WillMsg, MARKER, V};
 use crate::common::ops::{config, config_with_limits, open_v5, pinned, Proc, BACKEND_PROFILE};
@@ -113,14 +114,11 @@ async fn narrowed_profile_prunes_the_offline_session(v: V, restart_broker: bool)
     assert!(got.is_empty(), "delivered outside the profile: {got:?}");
 }
 
-#[tokio::test]
-async fn sighup_narrowing_prunes_offline_session_v5() {
-    narrowed_profile_prunes_the_offline_session(V::V5, false).await;
-}
-
-#[tokio::test]
-async fn sighup_narrowing_prunes_offline_session_v311() {
-    narrowed_profile_prunes_the_offline_session(V::V4, false).await;
+both_versions! {
+    #[tokio::test]
+    sighup_narrowing_prunes_offline_session_v311,
+    sighup_narrowing_prunes_offline_session_v5
+        => |v| narrowed_profile_prunes_the_offline_session(v, false);
 }
 
 #[tokio::test]
