@@ -401,12 +401,7 @@ async fn refused_connect_neither_provisions_nor_rotates() {
     );
 
     // A will the profile does not allow, from a new device (3.1.1).
-    let packet = RawConnect {
-        keep_alive: 30,
-        will: Some(("devices/other/will", b"x", 0, false)),
-        ..RawConnect::new(V::V4, "d8")
-    }
-    .bytes();
+    let packet = RawConnect::with_will(V::V4, "d8", "devices/other/will").bytes();
     let d8 = fx.client(&fx.device("d8.devices.example.com"));
     let ack = d8.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5], "will refused with 5");
@@ -445,12 +440,7 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
     // A refused CONNECT (its will is not allowed) whose client id carries a line break and
     // fields of the decision line.
     let id = "evil\nresult=\"accepted\" device=\"backend\"";
-    let packet = RawConnect {
-        keep_alive: 30,
-        will: Some(("devices/other/will", b"x", 0, false)),
-        ..RawConnect::new(V::V4, id)
-    }
-    .bytes();
+    let packet = RawConnect::with_will(V::V4, id, "devices/other/will").bytes();
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     let ack = dev.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5]);

@@ -21,12 +21,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
     let mut broker = Proc::start(&fx, &path).await;
     // A refused CONNECT whose client id tries to break the line and the object.
     let id = "x\"}\n{\"result\":\"accepted\"";
-    let packet = RawConnect {
-        keep_alive: 30,
-        will: Some(("devices/other/will", b"x", 0, false)),
-        ..RawConnect::new(V::V4, id)
-    }
-    .bytes();
+    let packet = RawConnect::with_will(V::V4, id, "devices/other/will").bytes();
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     assert_eq!(
         dev.raw(broker.mqtt, &packet).await.expect("CONNACK"),

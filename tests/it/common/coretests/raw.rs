@@ -315,6 +315,16 @@ impl<'a> RawConnect<'a> {
         }
     }
 
+    /// [`RawConnect::new`] with a QoS 0 will on `will_topic` (payload "x"): with a topic
+    /// the device may not publish to, a CONNECT refused after the admission (3.1.1 code 5,
+    /// MQTT 5 0x87).
+    pub fn with_will(v: V, client_id: &'a str, will_topic: &'a str) -> RawConnect<'a> {
+        RawConnect {
+            will: Some((will_topic, b"x", 0, false)),
+            ..RawConnect::new(v, client_id)
+        }
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         self.bytes_with_properties(&[])
     }
