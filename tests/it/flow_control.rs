@@ -11,21 +11,15 @@ use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{parse_publish, raw_ack, raw_subscribe, Raw, RawConnect};
 use crate::common::coretests::raw::{PUBACK, PUBCOMP, PUBREC};
 use crate::common::coretests::{Opts, Peer, V};
-use crate::common::ops::{config_with_limits, pinned, BACKEND_PROFILE};
-use crate::common::{self_signed, Broker, Client, Fixture, WAIT};
+use crate::common::ops::{config_with_limits, pinned_backend};
+use crate::common::{Broker, Client, Fixture, WAIT};
 
 /// A broker whose sessions queue at most `max_queued` messages, with a fleet anchor and a
 /// pinned `backend` that may publish and subscribe anywhere.
 async fn broker(max_queued: usize, stall_timeout: u64) -> (Fixture, Broker, Client) {
     let fx = Fixture::new();
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
-    let body = format!(
-        "{}\n{}\n{BACKEND_PROFILE}",
-        Fixture::fleet_anchor(true),
-        pinned("backend", "backend.pem", "backend")
-    );
+    let (section, backend) = pinned_backend(&fx);
+    let body = format!("{}\n{section}", Fixture::fleet_anchor(true));
     let limits = format!(
         "handshake_timeout = 5\nconnect_timeout = 5\nmax_queued_messages = {max_queued}\nstall_timeout = {stall_timeout}"
     );

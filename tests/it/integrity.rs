@@ -135,19 +135,13 @@ both_versions! {
 #[tokio::test]
 async fn a_full_offline_queue_is_never_acknowledged_as_success() {
     use crate::common::coretests::{Opts, Peer};
-    use crate::common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+    use crate::common::ops::{config_with_limits, pinned_backend, Proc};
     use crate::common::run::{arg, certmq};
-    use crate::common::{self_signed, Client, Fixture};
+    use crate::common::Fixture;
 
     let fx = Fixture::new();
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
-    let body = format!(
-        "{}\n{}\n{BACKEND_PROFILE}",
-        Fixture::fleet_anchor(true),
-        pinned("backend", "backend.pem", "backend")
-    );
+    let (section, backend) = pinned_backend(&fx);
+    let body = format!("{}\n{section}", Fixture::fleet_anchor(true));
     let path = config_with_limits(&fx, "max_queued_messages = 3", &body);
     let broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));

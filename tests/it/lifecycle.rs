@@ -10,26 +10,15 @@ use std::path::Path;
 use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::RawConnect;
 use crate::common::coretests::{Opts, Peer, WillMsg, MARKER, V};
-use crate::common::ops::{config, config_with_limits, open_v5, pinned, Proc, BACKEND_PROFILE};
+use crate::common::ops::{config, config_with_limits, open_v5, pinned_backend, Proc};
 use crate::common::run::{arg, certmq};
-use crate::common::{self_signed, Client, Fixture, Outcome, WAIT};
+use crate::common::{Fixture, Outcome, WAIT};
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
 
 const NOT_AUTHORIZED_V5: u8 = 0x87;
 const QUOTA_EXCEEDED_V5: u8 = 0x97;
 const BAD_AUTH_METHOD_V5: u8 = 0x8C;
 const SERVER_UNAVAILABLE_V311: u8 = 3;
-
-/// A pinned backend that may do everything, and its client.
-fn backend(fx: &Fixture) -> (String, Client) {
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let section = format!(
-        "{}\n{BACKEND_PROFILE}",
-        pinned("backend", "backend.pem", "backend")
-    );
-    (section, Client::new(fx, &cert.cert_pem, &cert.key_pem))
-}
 
 /// The fleet anchor bound to the profile `wide`, whose subscribe patterns are `subscribe`.
 fn fleet_wide(subscribe: &str) -> String {
@@ -74,7 +63,7 @@ async fn restart(fx: &Fixture, path: &Path, broker: &mut Proc) -> Proc {
 /// get neither the queued message nor anything new on `fleet/...`.
 async fn narrowed_profile_prunes_the_offline_session(v: V, restart_broker: bool) {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(&fx, &format!("{}\n{backend_section}", fleet_wide(WIDE)));
     let mut broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));
@@ -141,7 +130,7 @@ fn other_anchor(fx: &Fixture) -> (Ca, String) {
 
 async fn delete_removes_sessions(restart_broker: bool) {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let (other, other_section) = other_anchor(&fx);
     let path = config(
         &fx,
@@ -220,7 +209,7 @@ async fn devices_delete_disconnects_and_forgets_the_live_session() {
 #[tokio::test]
 async fn deleted_pinned_name_cannot_be_squatted() {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(
         &fx,
         &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
@@ -289,7 +278,7 @@ async fn rotation_disconnects_connections_using_the_old_certificate() {
 #[tokio::test]
 async fn delayed_will_of_a_disabled_device_is_dropped() {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(
         &fx,
         &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),

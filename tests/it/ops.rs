@@ -8,25 +8,13 @@ use std::time::{Duration, Instant};
 
 use crate::common::coretests::raw::{raw_publish, Raw, RawConnect};
 use crate::common::coretests::V;
-use crate::common::ops::{config, config_with_limits, open_v5, pinned, Proc, BACKEND_PROFILE};
+use crate::common::ops::{config, config_with_limits, open_v5, pinned, pinned_backend, Proc};
 use crate::common::run::{arg, certmq};
 use crate::common::{self_signed, Fixture, Outcome, WAIT};
 use certmq::pki::{Issued, Validity};
 
 const NOT_AUTHORIZED_V5: u8 = 0x87;
 const SERVER_SHUTTING_DOWN: u8 = 0x8B;
-
-/// A pinned backend device (`backend.pem`, profile `backend`): the section and its
-/// certificate.
-fn backend(fx: &Fixture) -> (String, Issued) {
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let section = format!(
-        "{}\n{BACKEND_PROFILE}",
-        pinned("backend", "backend.pem", "backend")
-    );
-    (section, cert)
-}
 
 /// Asserts the reconnection of a device the broker no longer admits was refused, at TLS
 /// or at CONNECT (3.1.1 return code 5): `raw` is what `Client::raw` returned.
@@ -43,7 +31,7 @@ fn assert_refused(raw: &Result<Vec<u8>, String>) {
 #[tokio::test]
 async fn sighup_adds_an_anchor() {
     let fx = Fixture::new();
-    let (backend, _) = backend(&fx);
+    let (backend, _) = pinned_backend(&fx);
     let path = config(&fx, &backend);
     let mut broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("dev-1.devices.example.com"));
@@ -72,12 +60,12 @@ async fn sighup_adds_an_anchor() {
 #[tokio::test]
 async fn sighup_removing_an_anchor_disconnects_its_devices_only() {
     let fx = Fixture::new();
-    let (backend, backend_cert) = backend(&fx);
+    let (backend, backend_client) = pinned_backend(&fx);
     let path = config(&fx, &format!("{}\n{backend}", Fixture::fleet_anchor(true)));
     let mut broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("dev-1.devices.example.com"));
     let mut d = open_v5(&dev, broker.mqtt, "d").await;
-    let mut b = open_v5(&fx.client(&backend_cert), broker.mqtt, "b").await;
+    let mut b = open_v5(&backend_client, broker.mqtt, "b").await;
 
     config(&fx, &backend);
     let line = broker.reload().await.expect("reload accepted");

@@ -15,8 +15,8 @@ use crate::common::coretests::raw::{
 };
 use crate::common::coretests::V;
 use crate::common::durability::{fill, Tmpfs};
-use crate::common::ops::{config_with_limits, pinned, serve_expecting_exit, Proc, BACKEND_PROFILE};
-use crate::common::{self_signed, Client, Fixture, WAIT};
+use crate::common::ops::{config_with_limits, pinned_backend, serve_expecting_exit, Proc};
+use crate::common::{Client, Fixture, WAIT};
 
 /// How long a graceful stop may take (SPEC 1: within the grace period).
 const STOP: Duration = Duration::from_secs(15);
@@ -32,18 +32,12 @@ struct Site {
 impl Site {
     fn new(limits: &str) -> Site {
         let fx = Fixture::new();
-        let backend = self_signed("backend");
-        fx.write("backend.pem", &backend.cert_pem);
+        let (section, backend) = pinned_backend(&fx);
         let config = config_with_limits(
             &fx,
             &format!("handshake_timeout = 5\nconnect_timeout = 5\n{limits}"),
-            &format!(
-                "{}\n{}\n{BACKEND_PROFILE}",
-                Fixture::fleet_anchor(true),
-                pinned("backend", "backend.pem", "backend")
-            ),
+            &format!("{}\n{section}", Fixture::fleet_anchor(true)),
         );
-        let backend = fx.client(&backend);
         Site {
             fx,
             config,

@@ -39,6 +39,19 @@ pub fn pinned(name: &str, file: &str, acl: &str) -> String {
 /// A profile that may publish and subscribe everywhere.
 pub const BACKEND_PROFILE: &str = "[acl.backend]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n";
 
+/// A pinned device `backend` that may publish and subscribe everywhere: writes its
+/// self-signed certificate as `backend.pem` and returns its config section (the
+/// `[[device]]` entry and [`BACKEND_PROFILE`]) and its client.
+pub fn pinned_backend(fx: &Fixture) -> (String, Client) {
+    let cert = super::self_signed("backend");
+    fx.write("backend.pem", &cert.cert_pem);
+    let section = format!(
+        "{}\n{BACKEND_PROFILE}",
+        pinned("backend", "backend.pem", "backend")
+    );
+    (section, Client::new(fx, &cert.cert_pem, &cert.key_pem))
+}
+
 /// `certmq serve` running as a child process, SIGKILLed when dropped (or by
 /// [`Proc::kill`]): a kill cuts it off with no destructor, no final flush and no chance
 /// to finish a commit, exactly as a crash does.

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 
 use super::flows::{publish_numbers, Receiver, MARKER};
 use crate::common::coretests::raw::Raw;
-use crate::common::ops::Proc;
-use crate::common::{self_signed, Client, Fixture, WAIT};
+use crate::common::ops::{pinned_backend, Proc};
+use crate::common::{Client, Fixture, WAIT};
 
 /// The topic every numbered stream goes to; `S` subscribes to `devices/+/t`.
 pub fn topic(device: &str) -> String {
@@ -29,13 +29,11 @@ impl World {
     /// `limits` are extra `[limits]` lines (e.g. `max_inflight = 1`).
     pub fn new(limits: &str) -> World {
         let fx = Fixture::new();
-        let backend = self_signed("backend");
-        fx.write("backend.pem", &backend.cert_pem);
+        let (section, backend) = pinned_backend(&fx);
         let config = fx.config(&format!(
-            "{limits}\n\n{}\n[[device]]\nname = \"backend\"\ncertificate = \"backend.pem\"\nacl = \"backend\"\n\n[acl.backend]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n",
+            "{limits}\n\n{}\n{section}",
             Fixture::fleet_anchor(true)
         ));
-        let backend = fx.client(&backend);
         World {
             fx,
             config,
