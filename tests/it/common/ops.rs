@@ -367,9 +367,13 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Opens TLS with `client`, sends an MQTT 5 CONNECT (clean start, keep alive 60 s) and
-/// asserts CONNACK success.
+/// Opens TLS with `client`, sends an MQTT 5 CONNECT (clean start, keep alive 60 s),
+/// asserts CONNACK success, then waits for the answer to a PINGREQ: the broker registers a
+/// connection for the re-checks of a reload only after its CONNACK, and a reload's counts
+/// (`kept=`, `revoked=`) include the connection only once it is served.
 pub async fn open_v5(client: &Client, addr: SocketAddr, client_id: &str) -> Raw {
     let connect = RawConnect::new(V::V5, client_id).bytes();
-    Raw::connect_ok(client, addr, &connect).await.0
+    let mut raw = Raw::connect_ok(client, addr, &connect).await.0;
+    raw.ping().await;
+    raw
 }
