@@ -97,6 +97,13 @@ impl Message {
 
     /// [`Message::deadline`] from now, reading the clock only when there is an interval.
     pub fn deadline_from_now(interval: Option<u32>) -> Option<Instant> {
-        interval.map(|s| Instant::now() + Duration::from_secs(u64::from(s)))
+        interval.map(|s| Message::now() + Duration::from_secs(u64::from(s)))
+    }
+
+    /// The clock message expiry is measured on. Tokio's: outside a test runtime whose
+    /// clock is paused it is `Instant::now()`; inside one, expiry follows virtual time as
+    /// keep alive and will delays do (the paused-time tests in `broker/conn/tests.rs`).
+    pub fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
     }
 }

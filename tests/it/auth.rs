@@ -2,9 +2,9 @@
 //! mutual TLS, one test per acceptance path and per refusal reason, each with its own
 //! fixture certificates.
 
-use crate::common::{
-    connect_v311_bytes, connect_v5_bytes, registry, self_signed, Broker, Client, Fixture, Outcome,
-};
+use crate::common::coretests::raw::RawConnect;
+use crate::common::coretests::V;
+use crate::common::{registry, self_signed, Broker, Client, Fixture, Outcome};
 use certmq::pki::{LeafSpec, Validity};
 use rcgen::ExtendedKeyUsagePurpose;
 
@@ -571,7 +571,14 @@ async fn empty_client_id_with_persistent_session_gets_code_2_in_v311() {
     // rumqttc will not even send this CONNECT, so it goes out as raw bytes.
     let answer = fx
         .client(&dev)
-        .raw(broker.addr, &connect_v311_bytes("", false))
+        .raw(
+            broker.addr,
+            &RawConnect {
+                clean: false,
+                ..RawConnect::new(V::V4, "")
+            }
+            .bytes(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -592,7 +599,7 @@ async fn v5_refusal_carries_reason_0x87_and_a_reason_string() {
     let dev = fx.device("dev-001.devices.example.com");
     let answer = fx
         .client(&dev)
-        .raw(broker.addr, &connect_v5_bytes("c1"))
+        .raw(broker.addr, &RawConnect::new(V::V5, "c1").bytes())
         .await
         .unwrap();
     assert_eq!(&answer[..1], &[0x20], "a CONNACK: {answer:02x?}");
@@ -615,7 +622,7 @@ async fn v5_empty_client_id_is_assigned_one() {
     let dev = fx.device("dev-001.devices.example.com");
     let (ack, _conn) = fx
         .client(&dev)
-        .raw_first_packet(broker.addr, &connect_v5_bytes(""))
+        .raw_first_packet(broker.addr, &RawConnect::new(V::V5, "").bytes())
         .await
         .unwrap();
     assert_eq!(

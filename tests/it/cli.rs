@@ -123,195 +123,82 @@ fn check_refuses_an_unknown_key() {
     );
 }
 
-#[test]
-fn check_refuses_a_missing_certificate_file() {
-    let fx = Fixture::new();
-    fx.config(&anchor("fleet", "missing.pem"));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"fleet\".certificate",
-        &format!("cannot read {}", arg(&fx.path("missing.pem"))),
-    );
+/// One test per config problem: `name: |fx| CONFIG => FIELD, MESSAGE;` runs the closure
+/// (which writes what the config needs into the fixture and returns the config, a `String`
+/// or `&str`), writes the config file, runs `certmq check`, and asserts exit 1 and a line
+/// that names the file, FIELD and MESSAGE.
+macro_rules! config_problem {
+    ($($name:ident: |$fx:ident| $config:expr => $field:expr, $message:expr;)+) => {
+        $(
+            #[test]
+            fn $name() {
+                let $fx = Fixture::new();
+                let config = $config;
+                $fx.config(config.as_ref());
+                let run = check(&$fx);
+                assert_problem(&run, &$fx, $field, $message.as_ref());
+            }
+        )+
+    };
 }
 
-#[test]
-fn check_refuses_a_server_key_that_does_not_match_the_certificate() {
-    let fx = Fixture::new();
-    fx.write("server.key", &fx.device("someone-else").key_pem);
-    fx.config(&fleet(false));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "server.private_key",
-        "does not match the server certificate",
-    );
-}
+config_problem! {
+    check_refuses_a_missing_certificate_file: |fx| anchor("fleet", "missing.pem")
+        => "anchor[0] \"fleet\".certificate",
+        format!("cannot read {}", arg(&fx.path("missing.pem")));
 
-#[test]
-fn check_refuses_an_anchor_that_is_not_a_ca() {
-    let fx = Fixture::new();
-    fx.write("leaf.pem", &fx.device("leaf.devices.example.com").cert_pem);
-    fx.config(&anchor("fleet", "leaf.pem"));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"fleet\".certificate",
-        "is not a CA certificate",
-    );
-}
+    check_refuses_a_server_key_that_does_not_match_the_certificate: |fx| {
+        fx.write("server.key", &fx.device("someone-else").key_pem);
+        fleet(false)
+    } => "server.private_key", "does not match the server certificate";
 
-#[test]
-fn check_refuses_duplicate_anchor_names() {
-    let fx = Fixture::new();
-    fx.config(&format!(
-        "{}\n{}",
-        anchor("fleet", "fleet.pem"),
-        anchor("fleet", "root.pem")
-    ));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[1] \"fleet\".name",
-        "\"fleet\" is used more than once",
-    );
-}
+    check_refuses_an_anchor_that_is_not_a_ca: |fx| {
+        fx.write("leaf.pem", &fx.device("leaf.devices.example.com").cert_pem);
+        anchor("fleet", "leaf.pem")
+    } => "anchor[0] \"fleet\".certificate", "is not a CA certificate";
 
-#[test]
-fn check_refuses_duplicate_pinned_names() {
-    let fx = Fixture::new();
-    fx.write("a.pem", &self_signed("meter-7").cert_pem);
-    fx.write("b.pem", &self_signed("meter-7").cert_pem);
-    fx.config(&format!(
-        "{}\n{}",
-        pinned("meter-7", "a.pem"),
-        pinned("meter-7", "b.pem")
-    ));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "device[1] \"meter-7\".name",
-        "\"meter-7\" is used more than once",
-    );
-}
+    check_refuses_duplicate_anchor_names: |fx| {
+        format!("{}\n{}", anchor("fleet", "fleet.pem"), anchor("fleet", "root.pem"))
+    } => "anchor[1] \"fleet\".name", "\"fleet\" is used more than once";
 
-#[test]
-fn check_refuses_two_anchors_with_the_same_certificate() {
-    let fx = Fixture::new();
-    fx.config(&format!(
-        "{}\n{}",
-        anchor("fleet", "fleet.pem"),
-        anchor("fleet2", "fleet.pem")
-    ));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[1] \"fleet2\".certificate",
-        "same certificate as anchor \"fleet\"",
-    );
-}
+    check_refuses_duplicate_pinned_names: |fx| {
+        fx.write("a.pem", &self_signed("meter-7").cert_pem);
+        fx.write("b.pem", &self_signed("meter-7").cert_pem);
+        format!("{}\n{}", pinned("meter-7", "a.pem"), pinned("meter-7", "b.pem"))
+    } => "device[1] \"meter-7\".name", "\"meter-7\" is used more than once";
 
-#[test]
-fn check_refuses_two_pinned_devices_with_the_same_certificate() {
-    let fx = Fixture::new();
-    fx.write("meter.pem", &self_signed("meter").cert_pem);
-    // A copy under another file name is still the same certificate.
-    fx.write(
-        "copy.pem",
-        &std::fs::read_to_string(fx.path("meter.pem")).unwrap(),
-    );
-    fx.config(&format!(
-        "{}\n{}",
-        pinned("meter-7", "meter.pem"),
-        pinned("meter-8", "copy.pem")
-    ));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "device[1] \"meter-8\".certificate",
-        "same certificate as device \"meter-7\"",
-    );
-}
+    check_refuses_two_anchors_with_the_same_certificate: |fx| {
+        format!("{}\n{}", anchor("fleet", "fleet.pem"), anchor("fleet2", "fleet.pem"))
+    } => "anchor[1] \"fleet2\".certificate", "same certificate as anchor \"fleet\"";
 
-#[test]
-fn check_refuses_a_regex_that_does_not_compile() {
-    let fx = Fixture::new();
-    fx.config(
-        "[[anchor]]\nname = \"fleet\"\ncertificate = \"fleet.pem\"\ncn_regex = '^(.+\\.example$'\n",
-    );
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"fleet\".cn_regex",
-        "invalid regular expression",
-    );
-}
+    check_refuses_two_pinned_devices_with_the_same_certificate: |fx| {
+        fx.write("meter.pem", &self_signed("meter").cert_pem);
+        // A copy under another file name is still the same certificate.
+        fx.write("copy.pem", &std::fs::read_to_string(fx.path("meter.pem")).unwrap());
+        format!("{}\n{}", pinned("meter-7", "meter.pem"), pinned("meter-8", "copy.pem"))
+    } => "device[1] \"meter-8\".certificate", "same certificate as device \"meter-7\"";
 
-#[test]
-fn check_refuses_an_undefined_acl_profile() {
-    let fx = Fixture::new();
-    fx.config(&format!("{}acl = \"sensors\"\n", fleet(true)));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"fleet\".acl",
-        "ACL profile \"sensors\" is not defined",
-    );
-}
+    check_refuses_a_regex_that_does_not_compile: |fx| {
+        "[[anchor]]\nname = \"fleet\"\ncertificate = \"fleet.pem\"\ncn_regex = '^(.+\\.example$'\n"
+    } => "anchor[0] \"fleet\".cn_regex", "invalid regular expression";
 
-#[test]
-fn check_refuses_device_placeholder_inside_a_topic_level() {
-    let fx = Fixture::new();
-    fx.config(&format!(
-        "{}acl = \"custom\"\n\n[acl.custom]\npublish = [\"devices/dev-{{device}}/#\"]\n",
-        fleet(true)
-    ));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "acl.custom",
-        "\"devices/dev-{device}/#\" uses {device} inside a topic level",
-    );
-}
+    check_refuses_an_undefined_acl_profile: |fx| format!("{}acl = \"sensors\"\n", fleet(true))
+        => "anchor[0] \"fleet\".acl", "ACL profile \"sensors\" is not defined";
 
-#[test]
-fn check_refuses_a_crl_issued_by_another_ca() {
-    let fx = Fixture::new();
-    fx.write(
-        "root.crl",
-        &fx.root.crl(&[], Validity::days(-1, 30)).unwrap(),
-    );
-    fx.config(&format!("{}crl = \"root.crl\"\n", fleet(true)));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"fleet\".crl",
-        "was not issued by this anchor (CRL issuer CN=Test Root CA)",
-    );
-}
+    check_refuses_device_placeholder_inside_a_topic_level: |fx| {
+        format!(
+            "{}acl = \"custom\"\n\n[acl.custom]\npublish = [\"devices/dev-{{device}}/#\"]\n",
+            fleet(true)
+        )
+    } => "acl.custom", "\"devices/dev-{device}/#\" uses {device} inside a topic level";
 
-#[test]
-fn check_refuses_an_anchor_named_pinned() {
-    let fx = Fixture::new();
-    fx.config(&anchor("pinned", "fleet.pem"));
-    let run = check(&fx);
-    assert_problem(
-        &run,
-        &fx,
-        "anchor[0] \"pinned\".name",
-        "not \"pinned\": \"pinned\"",
-    );
+    check_refuses_a_crl_issued_by_another_ca: |fx| {
+        fx.write("root.crl", &fx.root.crl(&[], Validity::days(-1, 30)).unwrap());
+        format!("{}crl = \"root.crl\"\n", fleet(true))
+    } => "anchor[0] \"fleet\".crl", "was not issued by this anchor (CRL issuer CN=Test Root CA)";
+
+    check_refuses_an_anchor_named_pinned: |fx| anchor("pinned", "fleet.pem")
+        => "anchor[0] \"pinned\".name", "not \"pinned\": \"pinned\"";
 }
 
 #[test]

@@ -9,12 +9,17 @@
 
 use std::collections::BTreeSet;
 
+use crate::common::coretests::both_versions;
+use crate::common::coretests::raw::{
+    raw_ack, raw_publish, raw_publish_flags, Pkt, Raw, RawConnect, PUBACK, PUBCOMP, PUBREC, PUBREL,
+};
+use crate::common::coretests::V;
 use crate::common::durability::flows::{payload, publish_numbers, Receiver, MARKER};
-use crate::common::durability::wire::{self, Pkt};
 use crate::common::durability::world::{
     create_offline_subscriber, drain_to_marker, seed, stream_then_kill, topic, World,
 };
-use crate::common::durability::{fill, serve_expecting_exit, BrokerProc, Raw, Rng, Tmpfs};
+use crate::common::durability::{fill, Rng, Tmpfs};
+use crate::common::ops::{serve_expecting_exit, Proc};
 use crate::common::Fixture;
 use tokio::sync::mpsc;
 
@@ -26,7 +31,7 @@ async fn qos1_every_acknowledged_message_survives_repeated_kill_9() {
     let mut acked = BTreeSet::new();
     let mut next = 0u32;
     for cycle in 0..CYCLES {
-        let broker = BrokerProc::start(&w.config);
+        let broker = Proc::start(&w.fx, &w.config).await;
         if cycle == 0 {
             create_offline_subscriber(&w, &broker, 1).await;
         }
@@ -67,7 +72,7 @@ async fn qos2_every_acknowledged_message_arrives_exactly_once_across_kill_9() {
     let mut next = 0u32;
     let mut killed_while_draining = 0;
     for cycle in 0..CYCLES {
-        let broker = BrokerProc::start(&w.config);
+        let broker = Proc::start(&w.fx, &w.config).await;
         if cycle == 0 {
             create_offline_subscriber(&w, &broker, 2).await;
         }
@@ -78,10 +83,11 @@ async fn qos2_every_acknowledged_message_arrives_exactly_once_across_kill_9() {
         } else {
             // S drains while fresh messages arrive; the kill lands in the middle of its
             // PUBLISH / PUBREC / PUBREL / PUBCOMP exchanges.
-            let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+            let (mut s, present) =
+                Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
             assert!(present);
             let stop = rng.range(1, 2 * per);
-            let addr = broker.addr;
+            let addr = broker.mqtt;
             let (tx, mut acks) = mpsc::unbounded_channel();
             let publisher = tokio::spawn(publish_numbers(
                 w.device("dev-1"),
@@ -93,7 +99,7 @@ async fn qos2_every_acknowledged_message_arrives_exactly_once_across_kill_9() {
                 tx,
             ));
             let reached = rx.run(&mut s, Some(stop)).await;
-            assert_eq!(reached, Ok(false), "S draining:\n{}", broker.log());
+            assert_eq!(reached, Ok(false), "S draining:\n{}", broker.stderr());
             broker.kill();
             killed_while_draining += 1;
             while let Some(n) = acks.recv().await {
@@ -130,23 +136,27 @@ async fn retained_messages_and_provisioned_devices_survive_kill_9() {
     let config = fx.config(&Fixture::fleet_anchor(true));
     let dev_r = fx.client(&fx.device("dev-r.devices.example.com"));
     let dev_new = fx.client(&fx.device("dev-new.devices.example.com"));
-    let broker = BrokerProc::start(&config);
-    let (mut r, _) = Raw::connect(&dev_r, broker.addr, "r", true, None).await;
+    let broker = Proc::start(&fx, &config).await;
+    let (mut r, _) = Raw::connect_session(&dev_r, broker.mqtt, "r", true, None).await;
     let reason = r
         .publish_acked(1, true, 1, "devices/dev-r/status", b"online")
         .await;
     assert_eq!(reason, 0);
     // Provisioned: the CONNACK came, so the registry row is committed.
-    let (_n, _) = Raw::connect(&dev_new, broker.addr, "n", true, None).await;
+    let (_n, _) = Raw::connect_session(&dev_new, broker.mqtt, "n", true, None).await;
     broker.kill();
 
     // No more provisioning: dev-new must be known from before the kill.
     let config = fx.config(&Fixture::fleet_anchor(false));
-    let broker = BrokerProc::start(&config);
-    let (_n, _) = Raw::connect(&dev_new, broker.addr, "n", true, None).await;
+    let broker = Proc::start(&fx, &config).await;
+    let (_n, _) = Raw::connect_session(&dev_new, broker.mqtt, "n", true, None).await;
     let stranger = fx.client(&fx.device("dev-stranger.devices.example.com"));
-    let connect = wire::connect("x", true, None);
-    let (_x, ack) = Raw::open(&stranger, broker.addr, &connect, false)
+    let connect = RawConnect {
+        clean: true,
+        ..RawConnect::new(V::V4, "x")
+    }
+    .bytes();
+    let (_x, ack) = Raw::try_connect(&stranger, broker.mqtt, &connect)
         .await
         .expect("connect");
     assert_eq!(
@@ -157,9 +167,9 @@ async fn retained_messages_and_provisioned_devices_survive_kill_9() {
         },
         "create_devices = false is in force"
     );
-    let (mut s, _) = Raw::connect(&dev_r, broker.addr, "fresh", true, Some(0)).await;
+    let (mut s, _) = Raw::connect_session(&dev_r, broker.mqtt, "fresh", true, Some(0)).await;
     assert_eq!(s.subscribe("devices/dev-r/#", 1).await, 1);
-    match s.recv().await.expect("the retained message") {
+    match s.try_recv().await.expect("the retained message") {
         Pkt::Publish {
             retain: true,
             topic,
@@ -176,20 +186,20 @@ async fn retained_messages_and_provisioned_devices_survive_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_survive_kill_9_right_after_suback() {
     let w = World::new("");
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
     broker.kill();
     drop(s);
-    let broker = BrokerProc::start(&w.config);
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "p", true, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
     assert_eq!(
         p.publish_acked(1, false, 1, &topic("dev-1"), &payload(1))
             .await,
         0
     );
     // S never subscribes again.
-    let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert!(
         present,
         "the session acknowledged by CONNACK and SUBACK is gone"
@@ -209,13 +219,13 @@ async fn subscriptions_survive_kill_9_right_after_suback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inflight_qos1_is_redelivered_with_dup_and_qos0_is_not_kept() {
     let w = World::new("max_inflight = 1");
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "p", true, None).await;
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
     let t = topic("dev-1");
     assert_eq!(p.publish_acked(1, false, 1, &t, &payload(1)).await, 0);
-    let first_pkid = match s.recv().await.expect("message 1") {
+    let first_pkid = match s.try_recv().await.expect("message 1") {
         Pkt::Publish {
             dup: false,
             qos: 1,
@@ -227,7 +237,7 @@ async fn inflight_qos1_is_redelivered_with_dup_and_qos0_is_not_kept() {
     };
     // Not acknowledged. Behind it, in S's queue: 2 (QoS 1), "qos0" (QoS 0), 3 (QoS 1).
     assert_eq!(p.publish_acked(1, false, 2, &t, &payload(2)).await, 0);
-    p.send(&wire::publish(false, 0, false, 0, &t, b"qos0"))
+    p.try_send(&raw_publish_flags(V::V4, &t, b"qos0", 0, 0, false, false))
         .await
         .unwrap();
     // PUBACK 3 also says "qos0" was routed and everything before 3 is committed.
@@ -235,10 +245,10 @@ async fn inflight_qos1_is_redelivered_with_dup_and_qos0_is_not_kept() {
     broker.kill();
     drop(s);
 
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert!(present);
-    match s.recv().await.expect("message 1 again") {
+    match s.try_recv().await.expect("message 1 again") {
         Pkt::Publish {
             dup,
             pkid,
@@ -251,18 +261,18 @@ async fn inflight_qos1_is_redelivered_with_dup_and_qos0_is_not_kept() {
         }
         other => panic!("expected message 1 again, got {other:?}"),
     }
-    s.send(&wire::ack(wire::PUBACK, first_pkid)).await.unwrap();
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "p", true, None).await;
+    s.try_send(&raw_ack(PUBACK, first_pkid)).await.unwrap();
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
     assert_eq!(p.publish_acked(1, false, 1, &t, MARKER).await, 0);
     let mut order = Vec::new();
     loop {
-        match s.recv().await.expect("the rest of S's queue") {
+        match s.try_recv().await.expect("the rest of S's queue") {
             Pkt::Publish {
                 pkid,
                 payload: body,
                 ..
             } => {
-                s.send(&wire::ack(wire::PUBACK, pkid)).await.unwrap();
+                s.try_send(&raw_ack(PUBACK, pkid)).await.unwrap();
                 if body == MARKER {
                     break;
                 }
@@ -279,18 +289,26 @@ async fn inflight_qos1_is_redelivered_with_dup_and_qos0_is_not_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_qos2_id_survives_kill_9_and_is_not_routed_twice() {
     let w = World::new("");
-    let broker = BrokerProc::start(&w.config);
+    let broker = Proc::start(&w.fx, &w.config).await;
     create_offline_subscriber(&w, &broker, 2).await;
     let dev = w.device("dev-1");
     let t = topic("dev-1");
-    let (mut p, _) = Raw::connect(&dev, broker.addr, "p", false, None).await;
-    p.send(&wire::publish(false, 2, false, 7, &t, &payload(7)))
-        .await
-        .unwrap();
+    let (mut p, _) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
+    p.try_send(&raw_publish_flags(
+        V::V4,
+        &t,
+        &payload(7),
+        2,
+        7,
+        false,
+        false,
+    ))
+    .await
+    .unwrap();
     assert_eq!(
-        p.recv().await.expect("PUBREC"),
+        p.try_recv().await.expect("PUBREC"),
         Pkt::Ack {
-            kind: wire::PUBREC,
+            kind: PUBREC,
             pkid: 7,
             reason: 0
         }
@@ -298,31 +316,31 @@ async fn inbound_qos2_id_survives_kill_9_and_is_not_routed_twice() {
     broker.kill();
     drop(p);
 
-    let broker = BrokerProc::start(&w.config);
-    let (mut p, present) = Raw::connect(&dev, broker.addr, "p", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut p, present) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
     assert!(present);
-    p.send(&wire::publish_dup(false, 2, 7, &t, &payload(7)))
+    p.try_send(&raw_publish(V::V4, &t, &payload(7), 2, 7, true))
         .await
         .unwrap();
     assert!(matches!(
-        p.recv().await.expect("PUBREC again"),
+        p.try_recv().await.expect("PUBREC again"),
         Pkt::Ack {
-            kind: wire::PUBREC,
+            kind: PUBREC,
             pkid: 7,
             ..
         }
     ));
-    p.send(&wire::ack(wire::PUBREL, 7)).await.unwrap();
+    p.try_send(&raw_ack(PUBREL, 7)).await.unwrap();
     assert_eq!(
-        p.recv().await.expect("PUBCOMP"),
+        p.try_recv().await.expect("PUBCOMP"),
         Pkt::Ack {
-            kind: wire::PUBCOMP,
+            kind: PUBCOMP,
             pkid: 7,
             reason: 0
         }
     );
     assert_eq!(p.publish_acked(1, false, 8, &t, MARKER).await, 0);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     let mut rx = Receiver::default();
     assert_eq!(rx.run(&mut s, None).await, Ok(true));
     assert_eq!(rx.got.get(&7), Some(&1), "{:?}", rx.got);
@@ -336,18 +354,18 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
     let Some(_mount) = mount_or_skip(&w, "2m") else {
         return;
     };
-    let broker = BrokerProc::start(&w.config);
-    let addr = broker.addr;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let addr = broker.mqtt;
     // A persistent MQTT 5 subscriber (session expiry 1 h), offline.
-    let (mut s, _) = Raw::connect(&w.backend, addr, "S", false, Some(3600)).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, addr, "S", false, Some(3600)).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
     s.disconnect().await;
     // An online QoS 0 subscriber, and two publishers of a device provisioned before.
-    let (mut live, _) = Raw::connect(&w.backend, addr, "live", true, None).await;
+    let (mut live, _) = Raw::connect_session(&w.backend, addr, "live", true, None).await;
     assert_eq!(live.subscribe("devices/+/q0", 0).await, 0);
     let dev = w.device("dev-1");
-    let (mut p5, _) = Raw::connect(&dev, addr, "p5", true, Some(0)).await;
-    let (mut p3, _) = Raw::connect(&dev, addr, "p3", true, None).await;
+    let (mut p5, _) = Raw::connect_session(&dev, addr, "p5", true, Some(0)).await;
+    let (mut p3, _) = Raw::connect_session(&dev, addr, "p3", true, None).await;
 
     let filler = w.fx.data_dir().join("filler");
     fill(&filler);
@@ -357,34 +375,51 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
         p5.publish_acked(1, false, 1, &t, &payload(1001)).await,
         0x97,
         "MQTT 5 QoS 1 on a full disk: PUBACK 0x97\n{}",
-        broker.log()
+        broker.stderr()
     );
-    p5.send(&wire::publish(
-        true,
-        0,
-        false,
-        0,
+    p5.try_send(&raw_publish_flags(
+        V::V5,
         "devices/dev-1/q0",
         b"still flows",
+        0,
+        0,
+        false,
+        false,
     ))
     .await
     .unwrap();
-    match live.recv().await.expect("QoS 0 delivery") {
+    match live.try_recv().await.expect("QoS 0 delivery") {
         Pkt::Publish { payload, .. } => assert_eq!(payload, b"still flows"),
         other => panic!("expected the QoS 0 message, got {other:?}"),
     }
-    p3.send(&wire::publish(false, 1, false, 1, &t, &payload(1002)))
-        .await
-        .unwrap();
+    p3.try_send(&raw_publish_flags(
+        V::V4,
+        &t,
+        &payload(1002),
+        1,
+        1,
+        false,
+        false,
+    ))
+    .await
+    .unwrap();
     assert_eq!(
         p3.recv_or_closed().await,
         None,
         "MQTT 3.1.1 QoS 1 on a full disk: no PUBACK, connection closed"
     );
     let new_v4 = w.device("dev-2");
-    let (_c, ack) = Raw::open(&new_v4, addr, &wire::connect("n", true, None), false)
-        .await
-        .expect("connect");
+    let (_c, ack) = Raw::try_connect(
+        &new_v4,
+        addr,
+        &RawConnect {
+            clean: true,
+            ..RawConnect::new(V::V4, "n")
+        }
+        .bytes(),
+    )
+    .await
+    .expect("connect");
     assert_eq!(
         ack,
         Pkt::ConnAck {
@@ -394,9 +429,18 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
         "provisioning refused (3.1.1)"
     );
     let new_v5 = w.device("dev-3");
-    let (_c, ack) = Raw::open(&new_v5, addr, &wire::connect("n", true, Some(0)), true)
-        .await
-        .expect("connect");
+    let (_c, ack) = Raw::try_connect(
+        &new_v5,
+        addr,
+        &RawConnect {
+            clean: true,
+            session_expiry: Some(0),
+            ..RawConnect::new(V::V5, "n")
+        }
+        .bytes(),
+    )
+    .await
+    .expect("connect");
     assert_eq!(
         ack,
         Pkt::ConnAck {
@@ -411,11 +455,11 @@ async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
         p5.publish_acked(1, false, 2, &t, &payload(42)).await,
         0,
         "the store must recover once space is back\n{}",
-        broker.log()
+        broker.stderr()
     );
-    let (_c, _) = Raw::connect(&new_v4, addr, "n", true, None).await;
+    let (_c, _) = Raw::connect_session(&new_v4, addr, "n", true, None).await;
     assert_eq!(p5.publish_acked(1, false, 3, &t, MARKER).await, 0);
-    let (mut s, present) = Raw::connect(&w.backend, addr, "S", false, Some(3600)).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, addr, "S", false, Some(3600)).await;
     assert!(present);
     let mut rx = Receiver::default();
     assert_eq!(rx.run(&mut s, None).await, Ok(true));
@@ -436,9 +480,9 @@ async fn read_only_store_is_a_clear_startup_error() {
         return;
     };
     {
-        let broker = BrokerProc::start(&w.config);
+        let broker = Proc::start(&w.fx, &w.config).await;
         let dev = w.device("dev-1");
-        let (mut p, _) = Raw::connect(&dev, broker.addr, "p", true, Some(0)).await;
+        let (mut p, _) = Raw::connect_session(&dev, broker.mqtt, "p", true, Some(0)).await;
         assert_eq!(
             p.publish_acked(1, true, 1, &topic("dev-1"), &payload(7))
                 .await,
@@ -454,10 +498,10 @@ async fn read_only_store_is_a_clear_startup_error() {
         "the error names the database file: {stderr}"
     );
     mount.remount("rw");
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "s", true, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "s", true, None).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
-    match s.recv().await.expect("the retained message") {
+    match s.try_recv().await.expect("the retained message") {
         Pkt::Publish { payload: got, .. } => assert_eq!(got, payload(7)),
         other => panic!("expected the retained message, got {other:?}"),
     }
@@ -534,21 +578,21 @@ async fn corrupt_or_foreign_database_is_a_clear_startup_error_and_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_delivery_released_before_kill_9_is_not_delivered_again() {
     let w = World::new("");
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert_eq!(s.subscribe("devices/+/t", 2).await, 2);
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "p", true, None).await;
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
     let t = topic("dev-1");
     assert_eq!(p.publish_acked(2, false, 1, &t, &payload(1)).await, 0);
-    let pkid = match s.recv().await.expect("the QoS 2 delivery") {
+    let pkid = match s.try_recv().await.expect("the QoS 2 delivery") {
         Pkt::Publish { qos: 2, pkid, .. } => pkid,
         other => panic!("expected the QoS 2 delivery, got {other:?}"),
     };
-    s.send(&wire::ack(wire::PUBREC, pkid)).await.unwrap();
+    s.try_send(&raw_ack(PUBREC, pkid)).await.unwrap();
     assert_eq!(
-        s.recv().await.expect("PUBREL"),
+        s.try_recv().await.expect("PUBREL"),
         Pkt::Ack {
-            kind: wire::PUBREL,
+            kind: PUBREL,
             pkid,
             reason: 0
         }
@@ -557,10 +601,10 @@ async fn qos2_delivery_released_before_kill_9_is_not_delivered_again() {
     broker.kill();
     drop(s);
 
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert!(present);
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "p", true, None).await;
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
     assert_eq!(p.publish_acked(1, false, 1, &t, MARKER).await, 0);
     let mut rx = Receiver::default();
     rx.got.insert(1, 1);
@@ -573,22 +617,22 @@ async fn qos2_delivery_released_before_kill_9_is_not_delivered_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_qos2_id_completed_before_kill_9_can_be_reused() {
     let w = World::new("");
-    let broker = BrokerProc::start(&w.config);
+    let broker = Proc::start(&w.fx, &w.config).await;
     create_offline_subscriber(&w, &broker, 2).await;
     let dev = w.device("dev-1");
     let t = topic("dev-1");
-    let (mut p, _) = Raw::connect(&dev, broker.addr, "p", false, None).await;
+    let (mut p, _) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
     // PUBLISH, PUBREC, PUBREL, PUBCOMP: the id is free again.
     assert_eq!(p.publish_acked(2, false, 1, &t, &payload(1)).await, 0);
     broker.kill();
     drop(p);
 
-    let broker = BrokerProc::start(&w.config);
-    let (mut p, present) = Raw::connect(&dev, broker.addr, "p", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut p, present) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
     assert!(present);
     assert_eq!(p.publish_acked(2, false, 1, &t, &payload(2)).await, 0);
     assert_eq!(p.publish_acked(1, false, 2, &t, MARKER).await, 0);
-    let (mut s, _) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     let mut rx = Receiver::default();
     assert_eq!(rx.run(&mut s, None).await, Ok(true));
     assert_eq!(
@@ -616,23 +660,24 @@ enum Out {
 /// in-flight window (64) — all at once over MQTT 3.1.1, which cannot be told a limit; over
 /// MQTT 5 once beyond the Receive Maximum (DISCONNECT 0x93), then within it — and after
 /// every kill -9 resends its unfinished backlog. Every message arrives exactly once.
-async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: u64) {
+async fn pipelined_qos2_beyond_the_window_across_kill_9(v: V, seed_default: u64) {
     const TOTAL: u16 = 150;
     const WINDOW: usize = 64;
     const KILLS: usize = 4;
     let w = World::new("max_queued_messages = 100000");
     let mut rng = Rng::new(seed(seed_default));
     let mut state = vec![Out::New; usize::from(TOTAL) + 1];
+    let v5 = v == V::V5;
     let expiry = v5.then_some(3600);
     let dev = w.device("dev-1");
     let mut kills = 0;
     let mut first = true;
     loop {
-        let broker = BrokerProc::start(&w.config);
+        let broker = Proc::start(&w.fx, &w.config).await;
         if first {
             create_offline_subscriber(&w, &broker, 2).await;
         }
-        let (mut p, _) = Raw::connect(&dev, broker.addr, "P", false, expiry).await;
+        let (mut p, _) = Raw::connect_session(&dev, broker.mqtt, "P", false, expiry).await;
         // What this connection sends first: every unfinished exchange, in order; over
         // MQTT 5 within the window except on the very first connection.
         let limit = if v5 && !first { WINDOW } else { usize::MAX };
@@ -644,9 +689,17 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: 
         let send_next = |state: &mut Vec<Out>, i: u16| -> Vec<u8> {
             let s = &mut state[usize::from(i)];
             let bytes = match *s {
-                Out::Released => wire::ack(wire::PUBREL, i),
-                Out::Sent => wire::publish_dup(v5, 2, i, &topic("dev-1"), &payload(u32::from(i))),
-                _ => wire::publish(v5, 2, false, i, &topic("dev-1"), &payload(u32::from(i))),
+                Out::Released => raw_ack(PUBREL, i),
+                Out::Sent => raw_publish(v, &topic("dev-1"), &payload(u32::from(i)), 2, i, true),
+                _ => raw_publish_flags(
+                    v,
+                    &topic("dev-1"),
+                    &payload(u32::from(i)),
+                    2,
+                    i,
+                    false,
+                    false,
+                ),
             };
             if *s == Out::New {
                 *s = Out::Sent;
@@ -661,7 +714,7 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: 
         }
         let kill_after = (kills < KILLS).then(|| rng.range(1, 120));
         let mut events = 0;
-        let mut alive = p.send(&burst).await.is_ok();
+        let mut alive = p.try_send(&burst).await.is_ok();
         while alive && open > 0 {
             if kill_after.is_some_and(|k| events >= k) {
                 break;
@@ -669,17 +722,17 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: 
             match p.recv_or_closed().await {
                 None | Some(Pkt::Disconnect { .. }) => alive = false,
                 Some(Pkt::Ack {
-                    kind: wire::PUBREC,
+                    kind: PUBREC,
                     pkid,
                     reason,
                 }) => {
                     assert_eq!(reason, 0, "PUBREC {pkid}");
                     state[usize::from(pkid)] = Out::Released;
                     events += 1;
-                    alive = p.send(&wire::ack(wire::PUBREL, pkid)).await.is_ok();
+                    alive = p.try_send(&raw_ack(PUBREL, pkid)).await.is_ok();
                 }
                 Some(Pkt::Ack {
-                    kind: wire::PUBCOMP,
+                    kind: PUBCOMP,
                     pkid,
                     ..
                 }) => {
@@ -688,7 +741,7 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: 
                     open -= 1;
                     if let Some(i) = todo.pop_front() {
                         open += 1;
-                        alive = p.send(&send_next(&mut state, i)).await.is_ok();
+                        alive = p.try_send(&send_next(&mut state, i)).await.is_ok();
                     }
                 }
                 Some(other) => panic!("P: unexpected {other:?}"),
@@ -718,12 +771,14 @@ async fn pipelined_qos2_beyond_the_window_across_kill_9(v5: bool, seed_default: 
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_qos2_beyond_the_window_across_kill_9_v311() {
-    pipelined_qos2_beyond_the_window_across_kill_9(false, 0x3111_0e2a).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_qos2_beyond_the_window_across_kill_9_v5() {
-    pipelined_qos2_beyond_the_window_across_kill_9(true, 0x0005_0e2a).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    pipelined_qos2_beyond_the_window_across_kill_9_v311,
+    pipelined_qos2_beyond_the_window_across_kill_9_v5 => |v| {
+        let seed = match v {
+            V::V4 => 0x3111_0e2a,
+            V::V5 => 0x0005_0e2a,
+        };
+        pipelined_qos2_beyond_the_window_across_kill_9(v, seed)
+    };
 }

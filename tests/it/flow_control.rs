@@ -7,24 +7,19 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{parse_publish, raw_ack, raw_subscribe, Raw, RawConnect};
 use crate::common::coretests::raw::{PUBACK, PUBCOMP, PUBREC};
 use crate::common::coretests::{Opts, Peer, V};
-use crate::common::ops::{config_with_limits, pinned, BACKEND_PROFILE};
-use crate::common::{self_signed, Broker, Client, Fixture, WAIT};
+use crate::common::ops::{config_with_limits, pinned_backend};
+use crate::common::{Broker, Client, Fixture, WAIT};
 
 /// A broker whose sessions queue at most `max_queued` messages, with a fleet anchor and a
 /// pinned `backend` that may publish and subscribe anywhere.
 async fn broker(max_queued: usize, stall_timeout: u64) -> (Fixture, Broker, Client) {
     let fx = Fixture::new();
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
-    let body = format!(
-        "{}\n{}\n{BACKEND_PROFILE}",
-        Fixture::fleet_anchor(true),
-        pinned("backend", "backend.pem", "backend")
-    );
+    let (section, backend) = pinned_backend(&fx);
+    let body = format!("{}\n{section}", Fixture::fleet_anchor(true));
     let limits = format!(
         "handshake_timeout = 5\nconnect_timeout = 5\nmax_queued_messages = {max_queued}\nstall_timeout = {stall_timeout}"
     );
@@ -121,24 +116,16 @@ async fn slow_reader_gets_everything(v: V, qos: u8) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos1_message_v5() {
-    slow_reader_gets_everything(V::V5, 1).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    slow_subscriber_gets_every_qos1_message_v311,
+    slow_subscriber_gets_every_qos1_message_v5 => |v| slow_reader_gets_everything(v, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos2_message_v5() {
-    slow_reader_gets_everything(V::V5, 2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos1_message_v311() {
-    slow_reader_gets_everything(V::V4, 1).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_gets_every_qos2_message_v311() {
-    slow_reader_gets_everything(V::V4, 2).await;
+both_versions! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    slow_subscriber_gets_every_qos2_message_v311,
+    slow_subscriber_gets_every_qos2_message_v5 => |v| slow_reader_gets_everything(v, 2);
 }
 
 /// A subscriber that never reads fills its queue and paces its publisher; a publisher to

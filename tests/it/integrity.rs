@@ -1,6 +1,7 @@
 //! Message integrity (SPEC 7 "No silent loss"): an inbound QoS 2 packet id is recorded only
 //! for a message the broker accepts, so a client over its Receive Maximum loses nothing.
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{
     raw_ack, raw_publish, Raw, RawConnect, PUBCOMP, PUBREC, PUBREL,
 };
@@ -121,14 +122,11 @@ async fn qos2_over_the_window_loses_nothing(v: V) {
     assert_eq!(got, (1..=PIPELINED).collect::<BTreeSet<_>>());
 }
 
-#[tokio::test]
-async fn qos2_over_the_receive_maximum_v5_is_refused_then_delivered() {
-    qos2_over_the_window_loses_nothing(V::V5).await;
-}
-
-#[tokio::test]
-async fn qos2_over_the_window_v311_is_accepted() {
-    qos2_over_the_window_loses_nothing(V::V4).await;
+both_versions! {
+    #[tokio::test]
+    qos2_over_the_window_v311_is_accepted,
+    qos2_over_the_receive_maximum_v5_is_refused_then_delivered
+        => qos2_over_the_window_loses_nothing;
 }
 
 /// SPEC 7, no silent loss: a message an offline persistent session cannot queue is not
@@ -137,19 +135,13 @@ async fn qos2_over_the_window_v311_is_accepted() {
 #[tokio::test]
 async fn a_full_offline_queue_is_never_acknowledged_as_success() {
     use crate::common::coretests::{Opts, Peer};
-    use crate::common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
+    use crate::common::ops::{config_with_limits, pinned_backend, Proc};
     use crate::common::run::{arg, certmq};
-    use crate::common::{self_signed, Client, Fixture};
+    use crate::common::Fixture;
 
     let fx = Fixture::new();
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
-    let body = format!(
-        "{}\n{}\n{BACKEND_PROFILE}",
-        Fixture::fleet_anchor(true),
-        pinned("backend", "backend.pem", "backend")
-    );
+    let (section, backend) = pinned_backend(&fx);
+    let body = format!("{}\n{section}", Fixture::fleet_anchor(true));
     let path = config_with_limits(&fx, "max_queued_messages = 3", &body);
     let broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));

@@ -7,30 +7,18 @@
 
 use std::path::Path;
 
+use crate::common::coretests::both_versions;
+use crate::common::coretests::raw::RawConnect;
 use crate::common::coretests::{Opts, Peer, WillMsg, MARKER, V};
-use crate::common::ops::{
-    config, config_with_limits, expect_disconnect, open_v5, pinned, subscribe_v5,
-};
-use crate::common::ops::{Proc, BACKEND_PROFILE};
+use crate::common::ops::{config, config_with_limits, open_v5, pinned_backend, Proc};
 use crate::common::run::{arg, certmq};
-use crate::common::{self_signed, Client, Fixture, Outcome, WAIT};
+use crate::common::{Fixture, Outcome, WAIT};
 use certmq::pki::{Ca, Issued, LeafSpec, Validity};
 
 const NOT_AUTHORIZED_V5: u8 = 0x87;
 const QUOTA_EXCEEDED_V5: u8 = 0x97;
 const BAD_AUTH_METHOD_V5: u8 = 0x8C;
 const SERVER_UNAVAILABLE_V311: u8 = 3;
-
-/// A pinned backend that may do everything, and its client.
-fn backend(fx: &Fixture) -> (String, Client) {
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let section = format!(
-        "{}\n{BACKEND_PROFILE}",
-        pinned("backend", "backend.pem", "backend")
-    );
-    (section, Client::new(fx, &cert.cert_pem, &cert.key_pem))
-}
 
 /// The fleet anchor bound to the profile `wide`, whose subscribe patterns are `subscribe`.
 fn fleet_wide(subscribe: &str) -> String {
@@ -75,7 +63,7 @@ async fn restart(fx: &Fixture, path: &Path, broker: &mut Proc) -> Proc {
 /// get neither the queued message nor anything new on `fleet/...`.
 async fn narrowed_profile_prunes_the_offline_session(v: V, restart_broker: bool) {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(&fx, &format!("{}\n{backend_section}", fleet_wide(WIDE)));
     let mut broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));
@@ -115,14 +103,11 @@ async fn narrowed_profile_prunes_the_offline_session(v: V, restart_broker: bool)
     assert!(got.is_empty(), "delivered outside the profile: {got:?}");
 }
 
-#[tokio::test]
-async fn sighup_narrowing_prunes_offline_session_v5() {
-    narrowed_profile_prunes_the_offline_session(V::V5, false).await;
-}
-
-#[tokio::test]
-async fn sighup_narrowing_prunes_offline_session_v311() {
-    narrowed_profile_prunes_the_offline_session(V::V4, false).await;
+both_versions! {
+    #[tokio::test]
+    sighup_narrowing_prunes_offline_session_v311,
+    sighup_narrowing_prunes_offline_session_v5
+        => |v| narrowed_profile_prunes_the_offline_session(v, false);
 }
 
 #[tokio::test]
@@ -145,7 +130,7 @@ fn other_anchor(fx: &Fixture) -> (Ca, String) {
 
 async fn delete_removes_sessions(restart_broker: bool) {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let (other, other_section) = other_anchor(&fx);
     let path = config(
         &fx,
@@ -210,9 +195,9 @@ async fn devices_delete_disconnects_and_forgets_the_live_session() {
     let broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     let mut tls = open_v5(&dev, broker.mqtt, "d1").await;
-    assert_eq!(subscribe_v5(&mut tls, 1, &["devices/d1/#"]).await, [0]);
+    assert_eq!(tls.subscribe_many(1, &[("devices/d1/#", 0)]).await, [0]);
     devices(&fx, &path, &["delete", "d1"]);
-    let bye = expect_disconnect(&mut tls, WAIT).await;
+    let bye = tls.expect_disconnect(WAIT).await;
     assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");
     let again = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &persistent()).await;
     assert!(!again.session_present);
@@ -224,7 +209,7 @@ async fn devices_delete_disconnects_and_forgets_the_live_session() {
 #[tokio::test]
 async fn deleted_pinned_name_cannot_be_squatted() {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(
         &fx,
         &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
@@ -273,13 +258,13 @@ async fn rotation_disconnects_connections_using_the_old_certificate() {
     let old = fx.client(&leaf(&fx.fleet, "d1.devices.example.com", 5));
     let new = fx.client(&leaf(&fx.fleet, "d1.devices.example.com", 1));
     let mut leaked = open_v5(&old, broker.mqtt, "leaked").await;
-    assert_eq!(subscribe_v5(&mut leaked, 1, &["devices/d1/#"]).await, [0]);
+    assert_eq!(leaked.subscribe_many(1, &[("devices/d1/#", 0)]).await, [0]);
 
     assert_eq!(
         new.connect_v5(broker.mqtt, "rotated").await,
         Outcome::Accepted
     );
-    let bye = expect_disconnect(&mut leaked, WAIT).await;
+    let bye = leaked.expect_disconnect(WAIT).await;
     assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");
     assert!(bye.reason.contains("superseded"), "{bye:?}");
     assert_eq!(
@@ -293,7 +278,7 @@ async fn rotation_disconnects_connections_using_the_old_certificate() {
 #[tokio::test]
 async fn delayed_will_of_a_disabled_device_is_dropped() {
     let fx = Fixture::new();
-    let (backend_section, backend) = backend(&fx);
+    let (backend_section, backend) = pinned_backend(&fx);
     let path = config(
         &fx,
         &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
@@ -324,25 +309,15 @@ async fn delayed_will_of_a_disabled_device_is_dropped() {
 
 // ------------------------------------------- 6. persistent sessions per device
 
+/// An MQTT 5 CONNECT, keep alive 30 s, Session Expiry Interval 600 s, clean start 0.
 fn connect_v5_persistent(client_id: &str) -> Vec<u8> {
-    // Session Expiry Interval 600 s, clean start 0.
-    connect_v5_with(client_id, &[0x11, 0, 0, 0x02, 0x58], 0x00)
-}
-
-/// An MQTT 5 CONNECT with these properties and connect flags (no will, no credentials).
-fn connect_v5_with(client_id: &str, props: &[u8], flags: u8) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 30];
-    body.push(u8::try_from(props.len()).expect("short properties"));
-    body.extend_from_slice(props);
-    body.extend_from_slice(
-        &u16::try_from(client_id.len())
-            .expect("short id")
-            .to_be_bytes(),
-    );
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10, u8::try_from(body.len()).expect("short packet")];
-    p.extend_from_slice(&body);
-    p
+    RawConnect {
+        clean: false,
+        keep_alive: 30,
+        session_expiry: Some(600),
+        ..RawConnect::new(V::V5, client_id)
+    }
+    .bytes()
 }
 
 /// The reason code of the CONNACK in `bytes` (MQTT 5 or 3.1.1: the byte after the flags).
@@ -396,7 +371,11 @@ async fn refused_connect_neither_provisions_nor_rotates() {
 
     // Enhanced authentication (Authentication Method "SCRAM") from a new device.
     let newcomer = fx.client(&fx.device("d9.devices.example.com"));
-    let auth = connect_v5_with("d9", &[0x15, 0, 5, b'S', b'C', b'R', b'A', b'M'], 0x02);
+    let auth = RawConnect {
+        keep_alive: 30,
+        ..RawConnect::new(V::V5, "d9")
+    }
+    .bytes_with_properties(&[0x15, 0, 5, b'S', b'C', b'R', b'A', b'M']);
     let ack = newcomer.raw(broker.mqtt, &auth).await.expect("CONNACK");
     assert_eq!(connack_code(&ack), BAD_AUTH_METHOD_V5, "{ack:02x?}");
     let run = certmq(
@@ -411,7 +390,7 @@ async fn refused_connect_neither_provisions_nor_rotates() {
     );
 
     // A will the profile does not allow, from a new device (3.1.1).
-    let packet = crate::common::connect_v311_with_will("d8", "devices/other/will");
+    let packet = RawConnect::with_will(V::V4, "d8", "devices/other/will").bytes();
     let d8 = fx.client(&fx.device("d8.devices.example.com"));
     let ack = d8.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5], "will refused with 5");
@@ -450,7 +429,7 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
     // A refused CONNECT (its will is not allowed) whose client id carries a line break and
     // fields of the decision line.
     let id = "evil\nresult=\"accepted\" device=\"backend\"";
-    let packet = crate::common::connect_v311_with_will(id, "devices/other/will");
+    let packet = RawConnect::with_will(V::V4, id, "devices/other/will").bytes();
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     let ack = dev.raw(broker.mqtt, &packet).await.expect("CONNACK");
     assert_eq!(ack, [0x20, 2, 0, 5]);

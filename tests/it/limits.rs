@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::coretests::raw::{raw_publish, RawConnect};
+use crate::common::coretests::V;
 use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, tls_stream, Raw5, BACKEND_FLEET,
 };
-use crate::common::{connect_v311_bytes, connect_v5_bytes, Broker, Client, Fixture, WAIT};
+use crate::common::{Broker, Client, Fixture, WAIT};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +17,11 @@ use tokio::net::TcpStream;
 
 /// The CONNACK (success, no session) an MQTT 3.1.1 client gets.
 const CONNACK_V311: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+/// The upper bound on every timing here, a smoke check that holds on a loaded machine: 10 x
+/// the 1 s timeouts, and far below the 60 s ones that "at once" is told apart from. The
+/// lower bounds stay exact enough to catch "too early".
+const SMOKE_BOUND: Duration = Duration::from_secs(10);
 
 async fn broker_with(fx: &Fixture, limits: &str) -> Broker {
     Broker::start(&config_with_limits(fx, limits, BACKEND_FLEET)).await
@@ -49,28 +56,6 @@ impl Bystanders {
     }
 }
 
-/// An MQTT 3.1.1 PUBLISH (QoS 0) with a proper variable-length remaining length.
-fn v311_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(payload);
-    let mut out = vec![0x30];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend(body);
-    out
-}
-
 /// Reads a plain TCP stream until the peer closes it; true if it did within `limit`.
 async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
     let mut sink = Vec::new();
@@ -95,8 +80,8 @@ async fn packets_over_max_packet_size_close_the_connection() {
     assert_eq!(v5.expect_disconnect().await, 0x95);
 
     let bytes = [
-        connect_v311_bytes("big4", true),
-        v311_publish("big/t", &[b'x'; 2000]),
+        RawConnect::new(V::V4, "big4").bytes(),
+        raw_publish(V::V4, "big/t", &[b'x'; 2000], 0, 0, false),
     ]
     .concat();
     let answer = c.raw(broker.addr, &bytes).await.expect("closed");
@@ -113,7 +98,9 @@ async fn packets_over_max_packet_size_close_the_connection() {
 #[tokio::test]
 async fn a_256_mb_length_before_connect_is_closed_at_once() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "connect_timeout = 10").await;
+    // A broker that waited for the body would hold the connection for the whole
+    // connect_timeout: far longer than the generous bound below.
+    let broker = broker_with(&fx, "connect_timeout = 60").await;
     let c = device_client(&fx, "dev-1");
     let start = Instant::now();
     // CONNECT, remaining length 268,435,455 (the largest four-byte length).
@@ -123,7 +110,7 @@ async fn a_256_mb_length_before_connect_is_closed_at_once() {
         .unwrap_or_default();
     assert!(answer.is_empty(), "no CONNACK expected, got {answer:02x?}");
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        start.elapsed() < SMOKE_BOUND,
         "closed after {:?}: the broker waited for the body",
         start.elapsed()
     );
@@ -163,7 +150,7 @@ async fn malformed_packets_after_connect_close_the_connection() {
         let answer = c
             .raw(
                 broker.addr,
-                &[&connect_v311_bytes("bad4", true), bytes].concat(),
+                &[&RawConnect::new(V::V4, "bad4").bytes(), bytes].concat(),
             )
             .await
             .expect("closed");
@@ -177,14 +164,14 @@ async fn malformed_packets_after_connect_close_the_connection() {
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_closed() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "handshake_timeout = 10").await;
+    let broker = broker_with(&fx, "handshake_timeout = 60").await;
     let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     assert!(
-        closed_within(&mut tcp, Duration::from_secs(5)).await,
-        "not closed before the 10 s handshake timeout"
+        closed_within(&mut tcp, SMOKE_BOUND).await,
+        "not closed long before the 60 s handshake timeout"
     );
     assert_still_serving(&fx, &broker).await;
 }
@@ -197,9 +184,8 @@ async fn a_silent_tcp_client_is_closed_after_the_handshake_timeout() {
     let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
     assert!(closed_within(&mut tcp, WAIT).await, "never closed");
     let took = start.elapsed();
-    eprintln!("{BUSY_MESSAGES} messages in {took:?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < SMOKE_BOUND,
         "closed after {took:?}, handshake_timeout is 1 s"
     );
     assert_still_serving(&fx, &broker).await;
@@ -215,11 +201,10 @@ async fn a_tls_client_without_connect_is_closed_after_the_connect_timeout() {
     let mut sink = Vec::new();
     let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut sink)).await;
     let took = start.elapsed();
-    eprintln!("{BUSY_MESSAGES} messages in {took:?}");
     assert!(read.is_ok(), "never closed");
     assert!(sink.is_empty(), "no CONNACK without CONNECT: {sink:02x?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < SMOKE_BOUND,
         "closed after {took:?}, connect_timeout is 1 s"
     );
     assert_still_serving(&fx, &broker).await;
@@ -230,7 +215,7 @@ async fn a_tls_client_without_connect_is_closed_after_the_connect_timeout() {
 /// TCP, TLS, CONNECT; true when a CONNACK success came back.
 async fn try_connect(c: &Client, broker: &Broker) -> bool {
     match c
-        .raw_first_packet(broker.addr, &connect_v5_bytes("late"))
+        .raw_first_packet(broker.addr, &RawConnect::new(V::V5, "late").bytes())
         .await
     {
         // CONNACK, a one-byte remaining length, flags, reason code 0.
@@ -242,22 +227,18 @@ async fn try_connect(c: &Client, broker: &Broker) -> bool {
 #[tokio::test]
 async fn connections_over_max_connections_are_refused_at_once() {
     let fx = Fixture::new();
-    let broker = broker_with(&fx, "max_connections = 3").await;
+    // An accepted 4th connection would wait for its ClientHello for the whole
+    // handshake_timeout: far longer than the generous bound below.
+    let broker = broker_with(&fx, "max_connections = 3\nhandshake_timeout = 60").await;
     let c = device_client(&fx, "dev-1");
     let mut held = Vec::new();
     for i in 0..3 {
         held.push(Raw5::open(&c, broker.addr, &format!("c{i}")).await);
     }
-    let start = Instant::now();
     let mut fourth = TcpStream::connect(broker.addr).await.unwrap();
     assert!(
-        closed_within(&mut fourth, Duration::from_secs(3)).await,
-        "the 4th connection was not closed"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
+        closed_within(&mut fourth, SMOKE_BOUND).await,
+        "the 4th connection was not closed long before the 60 s handshake timeout"
     );
     assert!(
         !try_connect(&c, &broker).await,
@@ -291,7 +272,11 @@ async fn wildcard_publish_and_second_connect_are_protocol_errors() {
         let mut v5 = Raw5::open(&c, broker.addr, "w5").await;
         v5.publish(topic, QoS::AtMostOnce, false, "x", None).await;
         assert_eq!(v5.expect_disconnect().await, 0x90, "v5 PUBLISH to {topic}");
-        let bytes = [connect_v311_bytes("w4", true), v311_publish(topic, b"x")].concat();
+        let bytes = [
+            RawConnect::new(V::V4, "w4").bytes(),
+            raw_publish(V::V4, topic, b"x", 0, 0, false),
+        ]
+        .concat();
         let answer = c.raw(broker.addr, &bytes).await.expect("closed");
         assert_eq!(answer, CONNACK_V311, "3.1.1 PUBLISH to {topic}");
     }
@@ -301,8 +286,8 @@ async fn wildcard_publish_and_second_connect_are_protocol_errors() {
         .await;
     assert_eq!(v5.expect_disconnect().await, 0x82, "v5 second CONNECT");
     let bytes = [
-        connect_v311_bytes("twice4", true),
-        connect_v311_bytes("twice4", true),
+        RawConnect::new(V::V4, "twice4").bytes(),
+        RawConnect::new(V::V4, "twice4").bytes(),
     ]
     .concat();
     let answer = c.raw(broker.addr, &bytes).await.expect("closed");

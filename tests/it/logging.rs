@@ -2,6 +2,8 @@
 //! values escaped; the level from the file, overridden by `RUST_LOG`; an invalid level is a
 //! config problem.
 
+use crate::common::coretests::raw::RawConnect;
+use crate::common::coretests::V;
 use crate::common::ops::{config, Proc};
 use crate::common::run::{arg, certmq};
 use crate::common::Fixture;
@@ -19,7 +21,7 @@ async fn json_logs_are_one_object_per_line_with_peer_values_escaped() {
     let mut broker = Proc::start(&fx, &path).await;
     // A refused CONNECT whose client id tries to break the line and the object.
     let id = "x\"}\n{\"result\":\"accepted\"";
-    let packet = crate::common::connect_v311_with_will(id, "devices/other/will");
+    let packet = RawConnect::with_will(V::V4, id, "devices/other/will").bytes();
     let dev = fx.client(&fx.device("d1.devices.example.com"));
     assert_eq!(
         dev.raw(broker.mqtt, &packet).await.expect("CONNACK"),

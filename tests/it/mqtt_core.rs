@@ -4,6 +4,7 @@
 //! `mqtt_core_sessions.rs`; retained messages, wildcards, ACLs, the `me` alias and shared
 //! subscriptions in `mqtt_core_routing.rs`.
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{
     parse_publish, raw_ack, raw_publish, raw_subscribe, Raw, RawConnect, PUBACK, PUBCOMP, PUBREC,
     PUBREL,
@@ -59,14 +60,9 @@ async fn qos_end_to_end(v: V) {
     assert_eq!(sub.recv_until_marker().await, expected);
 }
 
-#[tokio::test]
-async fn qos_0_1_2_end_to_end_v311() {
-    qos_end_to_end(V::V4).await;
-}
-
-#[tokio::test]
-async fn qos_0_1_2_end_to_end_v5() {
-    qos_end_to_end(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    qos_0_1_2_end_to_end_v311, qos_0_1_2_end_to_end_v5 => qos_end_to_end;
 }
 
 /// A message is never upgraded: QoS 2 subscription, QoS 1 publish -> QoS 1; QoS 2 publish
@@ -105,14 +101,10 @@ async fn overlapping_once(v: V) {
     );
 }
 
-#[tokio::test]
-async fn overlapping_subscriptions_deliver_once_at_highest_qos_v311() {
-    overlapping_once(V::V4).await;
-}
-
-#[tokio::test]
-async fn overlapping_subscriptions_deliver_once_at_highest_qos_v5() {
-    overlapping_once(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    overlapping_subscriptions_deliver_once_at_highest_qos_v311,
+    overlapping_subscriptions_deliver_once_at_highest_qos_v5 => overlapping_once;
 }
 
 // ---------------------------------------------------------------- QoS 2 across a reconnect
@@ -162,14 +154,10 @@ async fn inbound_qos2_reconnect(v: V) {
     );
 }
 
-#[tokio::test]
-async fn qos2_inbound_exactly_once_across_reconnect_v311() {
-    inbound_qos2_reconnect(V::V4).await;
-}
-
-#[tokio::test]
-async fn qos2_inbound_exactly_once_across_reconnect_v5() {
-    inbound_qos2_reconnect(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    qos2_inbound_exactly_once_across_reconnect_v311,
+    qos2_inbound_exactly_once_across_reconnect_v5 => inbound_qos2_reconnect;
 }
 
 /// A raw persistent subscriber (dev-1, client id "sub") to `devices/dev-1/t` at QoS 2.
@@ -229,14 +217,10 @@ async fn outbound_resend_publish(v: V) {
     marker_is_next(&mut raw, v, &mut backend).await;
 }
 
-#[tokio::test]
-async fn qos2_outbound_publish_resent_with_dup_after_reconnect_v311() {
-    outbound_resend_publish(V::V4).await;
-}
-
-#[tokio::test]
-async fn qos2_outbound_publish_resent_with_dup_after_reconnect_v5() {
-    outbound_resend_publish(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    qos2_outbound_publish_resent_with_dup_after_reconnect_v311,
+    qos2_outbound_publish_resent_with_dup_after_reconnect_v5 => outbound_resend_publish;
 }
 
 /// Outbound: the subscriber sent PUBREC and got PUBREL, then dropped the connection before
@@ -257,14 +241,10 @@ async fn outbound_resend_pubrel(v: V) {
     marker_is_next(&mut raw, v, &mut backend).await;
 }
 
-#[tokio::test]
-async fn qos2_outbound_pubrel_resent_after_reconnect_v311() {
-    outbound_resend_pubrel(V::V4).await;
-}
-
-#[tokio::test]
-async fn qos2_outbound_pubrel_resent_after_reconnect_v5() {
-    outbound_resend_pubrel(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    qos2_outbound_pubrel_resent_after_reconnect_v311,
+    qos2_outbound_pubrel_resent_after_reconnect_v5 => outbound_resend_pubrel;
 }
 
 /// Outbound QoS 1: no PUBACK before the connection dropped, so the PUBLISH comes again

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::{Msg, Peer, Setup, BACKEND_PROFILE, MARKER, V};
 
 fn msg(topic: &str, payload: &[u8], qos: u8, retain: bool) -> Msg {
@@ -47,14 +48,10 @@ async fn retained_on_subscribe(v: V) {
     assert_eq!(dev.recv().await, msg("devices/dev-1/state", b"on", 1, true));
 }
 
-#[tokio::test]
-async fn retained_delivered_on_subscribe_with_retain_flag_v311() {
-    retained_on_subscribe(V::V4).await;
-}
-
-#[tokio::test]
-async fn retained_delivered_on_subscribe_with_retain_flag_v5() {
-    retained_on_subscribe(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    retained_delivered_on_subscribe_with_retain_flag_v311,
+    retained_delivered_on_subscribe_with_retain_flag_v5 => retained_on_subscribe;
 }
 
 /// A retained PUBLISH forwarded live to an existing subscriber has retain = 0 (MQTT 3.1.1
@@ -71,14 +68,10 @@ async fn live_retained_has_retain_0(v: V) {
     );
 }
 
-#[tokio::test]
-async fn live_forwarded_retained_publish_has_retain_0_v311() {
-    live_retained_has_retain_0(V::V4).await;
-}
-
-#[tokio::test]
-async fn live_forwarded_retained_publish_has_retain_0_v5() {
-    live_retained_has_retain_0(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    live_forwarded_retained_publish_has_retain_0_v311,
+    live_forwarded_retained_publish_has_retain_0_v5 => live_retained_has_retain_0;
 }
 
 /// An empty retained payload clears the retained message. The later subscriber subscribes
@@ -96,14 +89,9 @@ async fn empty_payload_clears(v: V) {
     assert_eq!(dev.recv_until_marker().await, vec![]);
 }
 
-#[tokio::test]
-async fn empty_retained_payload_clears_v311() {
-    empty_payload_clears(V::V4).await;
-}
-
-#[tokio::test]
-async fn empty_retained_payload_clears_v5() {
-    empty_payload_clears(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    empty_retained_payload_clears_v311, empty_retained_payload_clears_v5 => empty_payload_clears;
 }
 
 // ---------------------------------------------------------------- wildcards
@@ -182,14 +170,10 @@ async fn dollar_topics(v: V) {
     );
 }
 
-#[tokio::test]
-async fn dollar_topics_not_matched_by_hash_and_sys_publish_denied_v311() {
-    dollar_topics(V::V4).await;
-}
-
-#[tokio::test]
-async fn dollar_topics_not_matched_by_hash_and_sys_publish_denied_v5() {
-    dollar_topics(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    dollar_topics_not_matched_by_hash_and_sys_publish_denied_v311,
+    dollar_topics_not_matched_by_hash_and_sys_publish_denied_v5 => dollar_topics;
 }
 
 // ---------------------------------------------------------------- ACL
@@ -217,14 +201,10 @@ async fn publish_outside_tree(v: V) {
     assert_eq!(backend.recv_until_marker().await, vec![]);
 }
 
-#[tokio::test]
-async fn device_publish_outside_its_tree_is_dropped_v311() {
-    publish_outside_tree(V::V4).await;
-}
-
-#[tokio::test]
-async fn device_publish_outside_its_tree_is_dropped_v5() {
-    publish_outside_tree(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    device_publish_outside_its_tree_is_dropped_v311,
+    device_publish_outside_its_tree_is_dropped_v5 => publish_outside_tree;
 }
 
 /// `devices/#` is refused to dev-1 (0x80 / 0x87) while `devices/dev-1/#` is granted; a
@@ -243,14 +223,10 @@ async fn subscribe_outside_tree(v: V) {
     assert_eq!(dev.recv_until_marker().await, vec![]);
 }
 
-#[tokio::test]
-async fn device_subscribe_outside_its_tree_is_refused_v311() {
-    subscribe_outside_tree(V::V4).await;
-}
-
-#[tokio::test]
-async fn device_subscribe_outside_its_tree_is_refused_v5() {
-    subscribe_outside_tree(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    device_subscribe_outside_its_tree_is_refused_v311,
+    device_subscribe_outside_its_tree_is_refused_v5 => subscribe_outside_tree;
 }
 
 /// `subscribe = ["#"]`, `deny_subscribe = ["admin/#"]`: `#` is granted but `admin/x` is
@@ -274,14 +250,10 @@ async fn deny_subscribe(v: V) {
     );
 }
 
-#[tokio::test]
-async fn deny_subscribe_grants_broad_filter_but_filters_messages_v311() {
-    deny_subscribe(V::V4).await;
-}
-
-#[tokio::test]
-async fn deny_subscribe_grants_broad_filter_but_filters_messages_v5() {
-    deny_subscribe(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    deny_subscribe_grants_broad_filter_but_filters_messages_v311,
+    deny_subscribe_grants_broad_filter_but_filters_messages_v5 => deny_subscribe;
 }
 
 // ---------------------------------------------------------------- v1/devices/me alias
@@ -305,14 +277,10 @@ async fn alias_inbound(v: V) {
     assert_eq!(by_kind.recv().await, expected);
 }
 
-#[tokio::test]
-async fn me_alias_device_publish_reaches_backend_v311() {
-    alias_inbound(V::V4).await;
-}
-
-#[tokio::test]
-async fn me_alias_device_publish_reaches_backend_v5() {
-    alias_inbound(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    me_alias_device_publish_reaches_backend_v311,
+    me_alias_device_publish_reaches_backend_v5 => alias_inbound;
 }
 
 /// A backend publishes `v1/devices/dev-1/rpc/request/1`; dev-1, subscribed through the
@@ -347,14 +315,10 @@ async fn alias_outbound(v: V) {
     );
 }
 
-#[tokio::test]
-async fn me_alias_backend_publish_reaches_device_v311() {
-    alias_outbound(V::V4).await;
-}
-
-#[tokio::test]
-async fn me_alias_backend_publish_reaches_device_v5() {
-    alias_outbound(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    me_alias_backend_publish_reaches_device_v311,
+    me_alias_backend_publish_reaches_device_v5 => alias_outbound;
 }
 
 // ---------------------------------------------------------------- shared subscriptions

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::coretests::both_versions;
 use crate::common::coretests::raw::{Raw, RawConnect, DISCONNECT, PINGREQ};
 use crate::common::coretests::{Msg, Opts, Peer, Setup, WillMsg, MARKER, V};
 
@@ -55,14 +56,9 @@ async fn persistent_catches_up(v: V) {
     );
 }
 
-#[tokio::test]
-async fn persistent_session_catches_up_v311() {
-    persistent_catches_up(V::V4).await;
-}
-
-#[tokio::test]
-async fn persistent_session_catches_up_v5() {
-    persistent_catches_up(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    persistent_session_catches_up_v311, persistent_session_catches_up_v5 => persistent_catches_up;
 }
 
 /// Reconnecting with clean session 1 discards the old session: session present 0, its
@@ -89,14 +85,10 @@ async fn clean_reconnect_discards(v: V) {
     assert_eq!(sub.recv_until_marker().await, vec![]);
 }
 
-#[tokio::test]
-async fn clean_session_reconnect_discards_old_session_v311() {
-    clean_reconnect_discards(V::V4).await;
-}
-
-#[tokio::test]
-async fn clean_start_reconnect_discards_old_session_v5() {
-    clean_reconnect_discards(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    clean_session_reconnect_discards_old_session_v311,
+    clean_start_reconnect_discards_old_session_v5 => clean_reconnect_discards;
 }
 
 // ---------------------------------------------------------------- takeover
@@ -174,14 +166,10 @@ async fn two_devices_same_client_id(v: V) {
     );
 }
 
-#[tokio::test]
-async fn two_devices_with_one_client_id_do_not_interfere_v311() {
-    two_devices_same_client_id(V::V4).await;
-}
-
-#[tokio::test]
-async fn two_devices_with_one_client_id_do_not_interfere_v5() {
-    two_devices_same_client_id(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    two_devices_with_one_client_id_do_not_interfere_v311,
+    two_devices_with_one_client_id_do_not_interfere_v5 => two_devices_same_client_id;
 }
 
 // ---------------------------------------------------------------- keep alive
@@ -200,7 +188,8 @@ fn keep_alive_1s(v: V) -> Vec<u8> {
 }
 
 /// A silent client is closed after 1.5 x keep alive (v5: DISCONNECT 0x8D first) and its
-/// will is published.
+/// will is published. The bound on when is a smoke check (not before 1.3 s, within 10 x):
+/// the exact deadline is proven on a paused clock in src/broker/conn/tests.rs.
 async fn keep_alive_expires(v: V) {
     let s = Setup::new().await;
     let mut sub = s.peer(&s.pinned("backend"), v, "sub").await;
@@ -210,7 +199,7 @@ async fn keep_alive_expires(v: V) {
     let packets = raw.until_closed().await;
     let elapsed = start.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_millis(3500),
+        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(15),
         "closed after {elapsed:?}, expected about 1.5 s"
     );
     match v {
@@ -226,14 +215,10 @@ async fn keep_alive_expires(v: V) {
     );
 }
 
-#[tokio::test]
-async fn keep_alive_timeout_closes_and_publishes_will_v311() {
-    keep_alive_expires(V::V4).await;
-}
-
-#[tokio::test]
-async fn keep_alive_timeout_sends_disconnect_0x8d_and_publishes_will_v5() {
-    keep_alive_expires(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    keep_alive_timeout_closes_and_publishes_will_v311,
+    keep_alive_timeout_sends_disconnect_0x8d_and_publishes_will_v5 => keep_alive_expires;
 }
 
 /// PINGREQ every 400 ms keeps a 1 s keep-alive connection open well past 1.5 s; a normal
@@ -288,14 +273,9 @@ async fn will_on_tcp_drop(v: V) {
     );
 }
 
-#[tokio::test]
-async fn will_published_on_tcp_drop_v311() {
-    will_on_tcp_drop(V::V4).await;
-}
-
-#[tokio::test]
-async fn will_published_on_tcp_drop_v5() {
-    will_on_tcp_drop(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    will_published_on_tcp_drop_v311, will_published_on_tcp_drop_v5 => will_on_tcp_drop;
 }
 
 /// A normal DISCONNECT discards the will.
@@ -311,14 +291,10 @@ async fn no_will_on_disconnect(v: V) {
     assert_eq!(sub.recv_until_marker().await, vec![]);
 }
 
-#[tokio::test]
-async fn will_not_published_on_normal_disconnect_v311() {
-    no_will_on_disconnect(V::V4).await;
-}
-
-#[tokio::test]
-async fn will_not_published_on_normal_disconnect_v5() {
-    no_will_on_disconnect(V::V5).await;
+both_versions! {
+    #[tokio::test]
+    will_not_published_on_normal_disconnect_v311,
+    will_not_published_on_normal_disconnect_v5 => no_will_on_disconnect;
 }
 
 /// A will with the retain flag is forwarded live with retain 0 (3.1.1) and kept as the
@@ -359,12 +335,14 @@ async fn forbidden_will_refused(v: V, code: u8) {
     assert_eq!((ack[0], ack[3]), (0x20, code), "CONNACK, got {ack:02x?}");
 }
 
-#[tokio::test]
-async fn will_on_forbidden_topic_refused_at_connect_v311() {
-    forbidden_will_refused(V::V4, 5).await;
-}
-
-#[tokio::test]
-async fn will_on_forbidden_topic_refused_at_connect_v5() {
-    forbidden_will_refused(V::V5, 0x87).await;
+both_versions! {
+    #[tokio::test]
+    will_on_forbidden_topic_refused_at_connect_v311,
+    will_on_forbidden_topic_refused_at_connect_v5 => |v| {
+        let code = match v {
+            V::V4 => 5,
+            V::V5 => 0x87,
+        };
+        forbidden_will_refused(v, code)
+    };
 }

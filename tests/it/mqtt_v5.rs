@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::coretests::raw::{raw_publish, RawConnect};
+use crate::common::coretests::V;
 use crate::common::v5tests::{
     config_with_limits, connect_packet, device_client, with_expiry, Raw5, BACKEND_FLEET,
 };
@@ -427,6 +429,8 @@ async fn delayed_will_is_published_after_the_delay() {
     let dropped = Instant::now();
     let got = s.next_publish().await;
     assert_eq!(got.payload, "gone");
+    // A smoke check (not before 1.5 s, within `next_publish`'s bound): the exact delay is
+    // proven on a paused clock in src/broker/conn/tests.rs.
     assert!(
         dropped.elapsed() >= Duration::from_millis(1500),
         "will published after {:?}, before its 2 s delay",
@@ -455,27 +459,10 @@ async fn delayed_will_is_cancelled_by_a_reconnect_within_the_delay() {
     assert_eq!(got.len(), 1, "the will was published: {got:?}");
 }
 
-/// An MQTT 5 CONNECT with extra CONNECT properties (already encoded).
+/// An MQTT 5 CONNECT (clean start, keep alive 60 s) with these CONNECT properties
+/// (already encoded).
 fn connect_v5_with_props(client_id: &str, props: &[u8]) -> Vec<u8> {
-    let mut body = vec![
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        0x02,
-        0,
-        60,
-        props.len() as u8,
-    ];
-    body.extend_from_slice(props);
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10, body.len() as u8];
-    p.extend(body);
-    p
+    RawConnect::new(V::V5, client_id).bytes_with_properties(props)
 }
 
 #[tokio::test]
@@ -510,16 +497,6 @@ async fn request_problem_information_0_suppresses_reason_strings_on_acks() {
         crate::common::Broker::start(&fx.config(&crate::common::Fixture::fleet_anchor(true))).await;
     let dev = fx.device("dev-1.devices.example.com");
     let client = fx.client(&dev);
-    // A QoS 1 PUBLISH to a topic the device may not use, pkid 1.
-    let publish = |topic: &str| {
-        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-        body.extend_from_slice(topic.as_bytes());
-        body.extend_from_slice(&[0, 1, 0]);
-        body.extend_from_slice(b"x");
-        let mut p = vec![0x32, body.len() as u8];
-        p.extend(body);
-        p
-    };
     for (props, expect_string) in [(vec![0x17, 0], false), (vec![], true)] {
         let (ack, mut tls) = client
             .raw_first_packet(broker.addr, &connect_v5_with_props("c", &props))
@@ -527,7 +504,9 @@ async fn request_problem_information_0_suppresses_reason_strings_on_acks() {
             .unwrap();
         assert_eq!(ack[3], 0, "connected: {ack:02x?}");
         use tokio::io::AsyncWriteExt;
-        tls.write_all(&publish("devices/other/t")).await.unwrap();
+        // A QoS 1 PUBLISH to a topic the device may not use, pkid 1.
+        let publish = raw_publish(V::V5, "devices/other/t", b"x", 1, 1, false);
+        tls.write_all(&publish).await.unwrap();
         let puback = crate::common::read_packet(&mut tls).await.unwrap();
         assert_eq!(
             (puback[0], puback[4]),

@@ -4,8 +4,7 @@
 
 use std::process::Command;
 
-use crate::common::durability::serve_expecting_exit;
-use crate::common::ops::{config, Proc};
+use crate::common::ops::{config, serve_expecting_exit, Proc};
 use crate::common::run::{arg, certmq};
 use crate::common::Fixture;
 
@@ -133,18 +132,11 @@ fn the_config_is_found_the_documented_way() {
 #[tokio::test]
 async fn a_backup_of_a_running_broker_restores_into_another() {
     use crate::common::coretests::{Opts, Peer, V};
-    use crate::common::ops::{pinned, BACKEND_PROFILE};
-    use crate::common::{self_signed, Client};
+    use crate::common::ops::pinned_backend;
 
     let fx = Fixture::new();
-    let cert = self_signed("backend");
-    fx.write("backend.pem", &cert.cert_pem);
-    let backend = Client::new(&fx, &cert.cert_pem, &cert.key_pem);
-    let body = format!(
-        "{}\n{}\n{BACKEND_PROFILE}",
-        Fixture::fleet_anchor(true),
-        pinned("backend", "backend.pem", "backend")
-    );
+    let (section, backend) = pinned_backend(&fx);
+    let body = format!("{}\n{section}", Fixture::fleet_anchor(true));
     let path = config(&fx, &body);
     let broker = Proc::start(&fx, &path).await;
     let dev = fx.client(&fx.device("d1.devices.example.com"));

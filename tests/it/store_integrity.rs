@@ -10,10 +10,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::durability::wire::{self, Pkt};
-use crate::common::durability::{fill, serve_expecting_exit, Raw, Tmpfs};
-use crate::common::ops::{config_with_limits, pinned, Proc, BACKEND_PROFILE};
-use crate::common::{self_signed, Client, Fixture, WAIT};
+use crate::common::coretests::raw::{
+    raw_ack, raw_publish, Pkt, Raw, PUBACK, PUBCOMP, PUBREC, PUBREL,
+};
+use crate::common::coretests::V;
+use crate::common::durability::{fill, Tmpfs};
+use crate::common::ops::{config_with_limits, pinned_backend, serve_expecting_exit, Proc};
+use crate::common::{Client, Fixture, WAIT};
 
 /// How long a graceful stop may take (SPEC 1: within the grace period).
 const STOP: Duration = Duration::from_secs(15);
@@ -29,18 +32,12 @@ struct Site {
 impl Site {
     fn new(limits: &str) -> Site {
         let fx = Fixture::new();
-        let backend = self_signed("backend");
-        fx.write("backend.pem", &backend.cert_pem);
+        let (section, backend) = pinned_backend(&fx);
         let config = config_with_limits(
             &fx,
             &format!("handshake_timeout = 5\nconnect_timeout = 5\n{limits}"),
-            &format!(
-                "{}\n{}\n{BACKEND_PROFILE}",
-                Fixture::fleet_anchor(true),
-                pinned("backend", "backend.pem", "backend")
-            ),
+            &format!("{}\n{section}", Fixture::fleet_anchor(true)),
         );
-        let backend = fx.client(&backend);
         Site {
             fx,
             config,
@@ -107,7 +104,7 @@ fn big_payload(n: usize, size: usize) -> Vec<u8> {
 /// are the numbered payloads `0..count` of `size` bytes.
 async fn drain_numbered(s: &mut Raw, who: &str, count: usize, size: usize) {
     for n in 0..count {
-        match s.recv().await {
+        match s.try_recv().await {
             Ok(Pkt::Publish {
                 qos: 1,
                 pkid,
@@ -119,9 +116,7 @@ async fn drain_numbered(s: &mut Raw, who: &str, count: usize, size: usize) {
                     "{who}: message {n} expected, got {:?}",
                     String::from_utf8_lossy(&payload[..payload.len().min(9)])
                 );
-                s.send(&wire::ack(wire::PUBACK, pkid))
-                    .await
-                    .expect("PUBACK");
+                s.try_send(&raw_ack(PUBACK, pkid)).await.expect("PUBACK");
             }
             other => panic!("{who}: message {n} of {count} expected, got {other:?}"),
         }
@@ -148,11 +143,11 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
     let broker = site.start().await;
     for i in 0..SESSIONS {
         let (mut s, _) =
-            Raw::connect(&site.backend, broker.mqtt, &format!("S{i}"), false, None).await;
+            Raw::connect_session(&site.backend, broker.mqtt, &format!("S{i}"), false, None).await;
         assert_eq!(s.subscribe("fan/t", 1).await, 1);
         s.disconnect().await;
     }
-    let (mut p, _) = Raw::connect(&site.backend, broker.mqtt, "pub", true, None).await;
+    let (mut p, _) = Raw::connect_session(&site.backend, broker.mqtt, "pub", true, None).await;
     for n in 0..MESSAGES {
         let pkid = n as u16 + 1;
         let code = p
@@ -184,7 +179,8 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
     );
     for i in 0..SESSIONS {
         let who = format!("S{i}");
-        let (mut s, present) = Raw::connect(&site.backend, broker.mqtt, &who, false, None).await;
+        let (mut s, present) =
+            Raw::connect_session(&site.backend, broker.mqtt, &who, false, None).await;
         assert!(present, "{who}: session kept");
         drain_numbered(&mut s, &who, MESSAGES, SIZE).await;
         s.disconnect().await;
@@ -205,7 +201,8 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
 /// rightly start empty. A first run enters the pinned backend and provisions dev-2.
 async fn install_v1_fixture(site: &Site) {
     let mut broker = site.start().await;
-    let (d2, _) = Raw::connect(&site.device("dev-2"), broker.mqtt, "provision", true, None).await;
+    let (d2, _) =
+        Raw::connect_session(&site.device("dev-2"), broker.mqtt, "provision", true, None).await;
     d2.disconnect().await;
     broker.signal("TERM");
     assert!(broker.wait_exit(WAIT).await.success());
@@ -228,12 +225,13 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
 
     // S (MQTT 5, QoS 2): m1 and m3..m5 were sent and not acknowledged (resent with DUP and
     // their packet ids), m2 was PUBRECed (only PUBREL 2 remains), q2-in never sent.
-    let (mut s, present) = Raw::connect(&site.backend, addr, "S", false, Some(u32::MAX)).await;
+    let (mut s, present) =
+        Raw::connect_session(&site.backend, addr, "S", false, Some(u32::MAX)).await;
     assert!(present, "S kept");
     let mut publishes = Vec::new();
     let mut released = Vec::new();
     while publishes.len() < 5 || released.is_empty() {
-        match s.recv().await.expect("S's redeliveries") {
+        match s.try_recv().await.expect("S's redeliveries") {
             Pkt::Publish {
                 dup,
                 qos: 2,
@@ -242,9 +240,7 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
                 ..
             } => publishes.push((String::from_utf8(payload).expect("text"), dup, pkid)),
             Pkt::Ack {
-                kind: wire::PUBREL,
-                pkid,
-                ..
+                kind: PUBREL, pkid, ..
             } => released.push(pkid),
             other => panic!("S: unexpected {other:?}"),
         }
@@ -264,20 +260,18 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     assert_eq!((publishes[4].0.as_str(), publishes[4].1), ("q2-in", false));
 
     // S2 (3.1.1, QoS 1): everything queued, in order.
-    let (mut s2, present) = Raw::connect(&site.backend, addr, "S2", false, None).await;
+    let (mut s2, present) = Raw::connect_session(&site.backend, addr, "S2", false, None).await;
     assert!(present, "S2 kept");
     let mut got = Vec::new();
     while got.len() < 6 {
-        match s2.recv().await.expect("S2's queue") {
+        match s2.try_recv().await.expect("S2's queue") {
             Pkt::Publish {
                 qos: 1,
                 pkid,
                 payload,
                 ..
             } => {
-                s2.send(&wire::ack(wire::PUBACK, pkid))
-                    .await
-                    .expect("PUBACK");
+                s2.try_send(&raw_ack(PUBACK, pkid)).await.expect("PUBACK");
                 got.push(String::from_utf8(payload).expect("text"));
             }
             other => panic!("S2: unexpected {other:?}"),
@@ -286,9 +280,9 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     assert_eq!(got, ["m1", "m2", "m3", "m4", "m5", "q2-in"]);
 
     // The retained message.
-    let (mut r, _) = Raw::connect(&site.backend, addr, "r", true, None).await;
+    let (mut r, _) = Raw::connect_session(&site.backend, addr, "r", true, None).await;
     assert_eq!(r.subscribe("devices/+/r", 1).await, 1);
-    match r.recv().await.expect("the retained message") {
+    match r.try_recv().await.expect("the retained message") {
         Pkt::Publish {
             retain: true,
             topic,
@@ -302,36 +296,37 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     }
 
     // dev-2's inbound QoS 2 id 7: its resent PUBLISH is a duplicate, not routed again.
-    let (mut d2, present) = Raw::connect(&site.device("dev-2"), addr, "d2", false, None).await;
+    let (mut d2, present) =
+        Raw::connect_session(&site.device("dev-2"), addr, "d2", false, None).await;
     assert!(present, "d2 kept");
-    d2.send(&wire::publish_dup(false, 2, 7, "devices/dev-2/t", b"q2-in"))
+    d2.try_send(&raw_publish(V::V4, "devices/dev-2/t", b"q2-in", 2, 7, true))
         .await
         .expect("resend");
     assert_eq!(
-        d2.recv().await.expect("PUBREC"),
+        d2.try_recv().await.expect("PUBREC"),
         Pkt::Ack {
-            kind: wire::PUBREC,
+            kind: PUBREC,
             pkid: 7,
             reason: 0
         }
     );
-    d2.send(&wire::ack(wire::PUBREL, 7)).await.expect("PUBREL");
+    d2.try_send(&raw_ack(PUBREL, 7)).await.expect("PUBREL");
     assert_eq!(
-        d2.recv().await.expect("PUBCOMP"),
+        d2.try_recv().await.expect("PUBCOMP"),
         Pkt::Ack {
-            kind: wire::PUBCOMP,
+            kind: PUBCOMP,
             pkid: 7,
             reason: 0
         }
     );
     d2.disconnect().await;
-    let (mut p, _) = Raw::connect(&site.backend, addr, "p", true, None).await;
+    let (mut p, _) = Raw::connect_session(&site.backend, addr, "p", true, None).await;
     assert_eq!(
         p.publish_acked(1, false, 1, "devices/dev-1/t", b"end")
             .await,
         0
     );
-    match s2.recv().await.expect("the end marker") {
+    match s2.try_recv().await.expect("the end marker") {
         Pkt::Publish { payload, .. } => assert_eq!(payload, b"end", "q2-in routed twice?"),
         other => panic!("S2: unexpected {other:?}"),
     }
@@ -347,10 +342,10 @@ async fn graceful_stop_leaves_self_contained_database_files() {
     let site = Site::new("");
     let broker = site.start().await;
     let addr = broker.mqtt;
-    let (mut s, _) = Raw::connect(&site.backend, addr, "S", false, None).await;
+    let (mut s, _) = Raw::connect_session(&site.backend, addr, "S", false, None).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
     s.disconnect().await;
-    let (mut p, _) = Raw::connect(&site.device("dev-1"), addr, "p", true, None).await;
+    let (mut p, _) = Raw::connect_session(&site.device("dev-1"), addr, "p", true, None).await;
     for n in 1..=3u16 {
         let payload = format!("q{n}");
         assert_eq!(
@@ -385,22 +380,20 @@ async fn graceful_stop_leaves_self_contained_database_files() {
         std::fs::copy(copy.join(file), data.join(file)).expect("copy the .db file alone");
     }
     let broker = site.start().await;
-    let (mut s, present) = Raw::connect(&site.backend, broker.mqtt, "S", false, None).await;
+    let (mut s, present) = Raw::connect_session(&site.backend, broker.mqtt, "S", false, None).await;
     assert!(present, "the session is in the copied messages.db");
     for n in 1..=3 {
-        match s.recv().await.expect("a queued message") {
+        match s.try_recv().await.expect("a queued message") {
             Pkt::Publish { pkid, payload, .. } => {
                 assert_eq!(payload, format!("q{n}").as_bytes());
-                s.send(&wire::ack(wire::PUBACK, pkid))
-                    .await
-                    .expect("PUBACK");
+                s.try_send(&raw_ack(PUBACK, pkid)).await.expect("PUBACK");
             }
             other => panic!("unexpected {other:?}"),
         }
     }
-    let (mut r, _) = Raw::connect(&site.backend, broker.mqtt, "r", true, None).await;
+    let (mut r, _) = Raw::connect_session(&site.backend, broker.mqtt, "r", true, None).await;
     assert_eq!(r.subscribe("devices/+/r", 1).await, 1);
-    match r.recv().await.expect("the retained message") {
+    match r.try_recv().await.expect("the retained message") {
         Pkt::Publish { payload, .. } => assert_eq!(payload, b"kept"),
         other => panic!("unexpected {other:?}"),
     }
@@ -441,7 +434,8 @@ async fn damaged_database_is_refused_at_start_naming_the_file() {
     for file in ["messages.db", "certmq.db"] {
         let site = Site::new("");
         let broker = site.start().await;
-        let (mut p, _) = Raw::connect(&site.device("dev-1"), broker.mqtt, "p", true, None).await;
+        let (mut p, _) =
+            Raw::connect_session(&site.device("dev-1"), broker.mqtt, "p", true, None).await;
         assert_eq!(
             p.publish_acked(1, true, 1, "devices/dev-1/r", b"kept")
                 .await,
@@ -476,10 +470,10 @@ async fn healthz_is_unhealthy_while_the_message_store_cannot_commit() {
     };
     let broker = site.start().await;
     let addr = broker.mqtt;
-    let (mut s, _) = Raw::connect(&site.backend, addr, "S", false, Some(3600)).await;
+    let (mut s, _) = Raw::connect_session(&site.backend, addr, "S", false, Some(3600)).await;
     assert_eq!(s.subscribe("devices/+/t", 1).await, 1);
     s.disconnect().await;
-    let (mut p, _) = Raw::connect(&site.device("dev-1"), addr, "p", true, Some(0)).await;
+    let (mut p, _) = Raw::connect_session(&site.device("dev-1"), addr, "p", true, Some(0)).await;
     assert_eq!(broker.get("/healthz").await.0, 200);
 
     let filler = site.fx.data_dir().join("filler");

@@ -3,8 +3,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use std::time::Instant;
-
 use crate::acl::{self, DeviceAcl};
 use crate::auth::Refused;
 use crate::broker::message::{Forwarded, Message};
@@ -81,7 +79,7 @@ pub enum WillRefusal {
 /// The will of a CONNECT, with the `me` alias applied and the publish ACL checked
 /// (SPEC 5, 6): a device learns at CONNECT that its will could never be published.
 pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<Will>, WillRefusal> {
-    let now = Instant::now();
+    let now = Message::now();
     let (topic, payload, qos, retain, delay, expiry, props) = match connect {
         Connect::V311(c) => match &c.last_will {
             None => return Ok(None),

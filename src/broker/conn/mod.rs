@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -23,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 pub mod connect;
 mod publish;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use crate::acl;
 use crate::broker::session::{Outgoing, SessionRef};
 use crate::broker::wire::{self, Inbound};
-use crate::broker::{Broker, Will, WriteError};
+use crate::broker::{message::Message, Broker, Will, WriteError};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::{self, v5, CodecError, Packet, PacketReader, Protocol, QoS};
 
@@ -647,7 +649,7 @@ impl Conn<'_> {
         };
         // The clock is read only for a message that can expire (most cannot): one
         // clock_gettime per delivery showed in fan-in profiles.
-        let now = d.msg.expires_at.map(|_| Instant::now());
+        let now = d.msg.expires_at.map(|_| Message::now());
         if now.is_some_and(|now| d.msg.expired(now)) {
             self.abandon(pkid, "expired");
             return None;

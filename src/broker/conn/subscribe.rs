@@ -3,8 +3,6 @@
 //! subscriptions, and the retained messages a new subscription receives (all of them,
 //! through the session's retained backlog, paced by its queue).
 
-use std::time::Instant;
-
 use super::{protocol_error, Conn, End};
 use crate::acl;
 use crate::broker::min_qos;
@@ -81,7 +79,7 @@ impl Conn<'_> {
                     RetainHandling::Never => false,
                 };
             if send_retained {
-                let now = Instant::now();
+                let now = crate::broker::message::Message::now();
                 let mut matched = Vec::new();
                 for (topic, msg) in self.broker.retained_matching(sub.filter()) {
                     if msg.expired(now) || !device_acl.can_receive(&topic) {

@@ -87,6 +87,37 @@ pub enum V {
     V5,
 }
 
+/// Two tests of one body, for MQTT 3.1.1 and for MQTT 5:
+///
+/// ```ignore
+/// both_versions! {
+///     #[tokio::test]
+///     retained_on_subscribe_v311, retained_on_subscribe_v5 => retained_on_subscribe;
+/// }
+/// ```
+///
+/// makes `async fn retained_on_subscribe_v311()`, which awaits `retained_on_subscribe(V::V4)`,
+/// and `retained_on_subscribe_v5()` with `V::V5`, both with the attributes given. The body
+/// is a function of a [`V`] that returns a future, or a closure for more arguments
+/// (`|v| slow_reader(v, 1)`). Both names are written out: a test is found by grepping for
+/// its name, the name users and CI filter by.
+macro_rules! both_versions {
+    ($($(#[$attr:meta])+ $v311:ident, $v5:ident => $body:expr;)+) => {
+        $(
+            $(#[$attr])+
+            async fn $v311() {
+                ($body)($crate::common::coretests::V::V4).await;
+            }
+
+            $(#[$attr])+
+            async fn $v5() {
+                ($body)($crate::common::coretests::V::V5).await;
+            }
+        )+
+    };
+}
+pub(crate) use both_versions;
+
 /// A will message for [`Opts`].
 #[derive(Debug, Clone)]
 pub struct WillMsg {

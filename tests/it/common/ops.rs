@@ -1,20 +1,21 @@
-//! The broker as a real subprocess for the operations tests (SPEC 1, 8, 10): `certmq serve`
-//! started from the built binary, its ports learnt from its own log lines, signals sent
-//! with `kill`, the admin endpoint read over plain HTTP/1.1, and raw MQTT 5 over TLS where
-//! a test must see the exact DISCONNECT reason code the broker sends.
+//! The broker as a real subprocess ([`Proc`]), for the operations tests (SPEC 1, 8, 10)
+//! and the kill -9 durability tests (SPEC 7): `certmq serve` started from the built binary,
+//! its ports learnt from its own log lines, signals sent with kill(2), SIGKILL on drop, and
+//! the admin endpoint read over plain HTTP/1.1. MQTT goes through the raw client
+//! ([`crate::common::coretests::raw`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::{connect_v5_bytes, read_packet, Client, Fixture, WAIT};
-
-/// A TLS connection opened by the raw helpers.
-pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+use super::coretests::raw::{Raw, RawConnect};
+use super::coretests::V;
+use super::{Client, Fixture, WAIT};
 
 /// Writes `certmq.toml` with both listeners on port 0 (the admin endpoint too), so every
 /// test has its own ports; `limits` is the body of `[limits]`.
@@ -38,23 +39,53 @@ pub fn pinned(name: &str, file: &str, acl: &str) -> String {
 /// A profile that may publish and subscribe everywhere.
 pub const BACKEND_PROFILE: &str = "[acl.backend]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n";
 
-/// `certmq serve` running as a child process; killed when dropped.
+/// A pinned device `backend` that may publish and subscribe everywhere: writes its
+/// self-signed certificate as `backend.pem` and returns its config section (the
+/// `[[device]]` entry and [`BACKEND_PROFILE`]) and its client.
+pub fn pinned_backend(fx: &Fixture) -> (String, Client) {
+    let cert = super::self_signed("backend");
+    fx.write("backend.pem", &cert.cert_pem);
+    let section = format!(
+        "{}\n{BACKEND_PROFILE}",
+        pinned("backend", "backend.pem", "backend")
+    );
+    (section, Client::new(fx, &cert.cert_pem, &cert.key_pem))
+}
+
+/// `certmq serve` running as a child process, SIGKILLed when dropped (or by
+/// [`Proc::kill`]): a kill cuts it off with no destructor, no final flush and no chance
+/// to finish a commit, exactly as a crash does.
 pub struct Proc {
     child: Child,
-    /// Lines of the child's stderr, sent by a reader thread; closed at the child's EOF.
-    lines: UnboundedReceiver<String>,
-    /// Every line received so far, for failure messages and later searches.
-    seen: Vec<String>,
-    /// `seen[..cursor]` was consumed by earlier waits: a wait never matches an old line.
+    /// The child's stderr, appended line by line by a reader thread.
+    log: Arc<Log>,
+    /// Lines before this one were consumed by earlier waits: a wait never matches an old
+    /// line.
     cursor: usize,
     pub mqtt: SocketAddr,
+    /// The admin endpoint; `0.0.0.0:0` when the config sets no `admin_bind`.
     pub admin: SocketAddr,
 }
 
+/// What the reader thread shares with the test.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    /// Set at the child's EOF, after its last line.
+    closed: AtomicBool,
+    /// Woken at every line and at EOF.
+    changed: tokio::sync::Notify,
+}
+
 impl Proc {
-    /// Starts `certmq serve --config PATH` in the fixture's folder and waits until both
-    /// listeners are announced.
+    /// Starts `certmq serve --config PATH` in the fixture's folder and waits until its
+    /// listeners are announced (the admin endpoint's too when the config sets
+    /// `admin_bind`).
     pub async fn start(fx: &Fixture, config: &Path) -> Proc {
+        let admin_bind = certmq::config::Config::load(config)
+            .ok()
+            .and_then(|c| c.server.admin_bind)
+            .is_some();
         let mut child = Command::new(env!("CARGO_BIN_EXE_certmq"))
             .args(["serve", "--config"])
             .arg(config)
@@ -66,35 +97,46 @@ impl Proc {
             .spawn()
             .expect("spawn certmq serve");
         let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = unbounded_channel();
+        let log = Arc::new(Log::default());
+        let shared = log.clone();
+        // Reads stderr to its end, so the broker never blocks on a full pipe.
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+                shared.lines.lock().unwrap().push(line);
+                shared.changed.notify_waiters();
             }
+            shared.closed.store(true, Ordering::SeqCst);
+            shared.changed.notify_waiters();
         });
         let mut p = Proc {
             child,
-            lines,
-            seen: Vec::new(),
+            log,
             cursor: 0,
             mqtt: "0.0.0.0:0".parse().expect("addr"),
             admin: "0.0.0.0:0".parse().expect("addr"),
         };
+        const MQTT: &str = "listening for MQTT over TLS";
+        const ADMIN: &str = "admin endpoint listening";
         // The two announcements come from different tasks: take them in either order.
-        let first = p.wait_line_any(&["listening for MQTT over TLS", "admin endpoint listening"]);
-        let first = first.await;
-        let second = if first.contains("admin endpoint") {
-            p.wait_line("listening for MQTT over TLS").await
+        let first = if admin_bind {
+            p.wait_line_any(&[MQTT, ADMIN]).await
         } else {
-            p.wait_line("admin endpoint listening").await
+            p.wait_line(MQTT).await
         };
-        for line in [first, second] {
+        let mut lines = vec![first];
+        if admin_bind {
+            let second = if lines[0].contains(ADMIN) {
+                MQTT
+            } else {
+                ADMIN
+            };
+            lines.push(p.wait_line(second).await);
+        }
+        for line in lines {
             let addr = addr_field(&line);
-            if line.contains("admin endpoint") {
+            if line.contains(ADMIN) {
                 p.admin = addr;
             } else {
                 p.mqtt = addr;
@@ -107,14 +149,31 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends a signal (`HUP`, `TERM`, `INT`) with `kill`, as an operator or systemd does.
+    /// Sends a signal (`HUP`, `TERM`, `INT`) with kill(2), as an operator's `kill` or
+    /// systemd does: it has been sent when this returns.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed: {status}");
+        use rustix::process::{kill_process, Pid, Signal};
+        let signal = match sig {
+            "HUP" => Signal::HUP,
+            "TERM" => Signal::TERM,
+            "INT" => Signal::INT,
+            other => panic!("no signal {other} in these tests"),
+        };
+        let pid = i32::try_from(self.pid())
+            .ok()
+            .and_then(Pid::from_raw)
+            .expect("a child's pid");
+        kill_process(pid, signal).unwrap_or_else(|e| panic!("kill -{sig} {pid:?}: {e}"));
+    }
+
+    /// SIGKILL, then reap: the broker gets no chance to flush anything.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGHUP, then the outcome line: `Ok(line)` when the configuration was reloaded,
@@ -138,42 +197,58 @@ impl Proc {
 
     /// Waits (bounded) for the next stderr line containing any of `needles`.
     pub async fn wait_line_any(&mut self, needles: &[&str]) -> String {
-        let matches = |l: &str| needles.iter().any(|n| l.contains(n));
+        let matches = |l: &String| needles.iter().any(|n| l.contains(n));
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(i) = self.seen[self.cursor..].iter().position(|l| matches(l)) {
-                let i = self.cursor + i;
-                self.cursor = i + 1;
-                return self.seen[i].clone();
+            let changed = self.log.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            // Read before the lines: once set, every line is in.
+            let closed = self.log.closed.load(Ordering::SeqCst);
+            {
+                let lines = self.log.lines.lock().unwrap();
+                if let Some(i) = lines[self.cursor..].iter().position(matches) {
+                    let i = self.cursor + i;
+                    self.cursor = i + 1;
+                    return lines[i].clone();
+                }
             }
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.seen.push(line),
-                Ok(None) => panic!(
+            if closed {
+                panic!(
                     "certmq exited before logging {needles:?}; stderr:\n{}",
                     self.stderr()
-                ),
+                );
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 // CARGO_TARGET_DIR may be shared between worktrees: a binary built from
                 // another branch logs other lines, so name the binary that ran.
-                Err(_) => panic!(
+                panic!(
                     "no log line with {needles:?} within {WAIT:?} from {}; stderr:\n{}",
                     env!("CARGO_BIN_EXE_certmq"),
                     self.stderr()
-                ),
+                );
             }
         }
     }
 
-    /// Everything the child wrote to stderr so far (as received).
+    /// Everything the child wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.seen.join("\n")
+        self.log.lines.lock().unwrap().join("\n")
     }
 
     /// Waits up to `limit` for the child to exit (its stderr reaching EOF) and returns its
-    /// status; the rest of its stderr is kept in [`Proc::stderr`].
+    /// status; all of its stderr is then in [`Proc::stderr`].
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let drained = tokio::time::timeout(limit, async {
-            while let Some(line) = self.lines.recv().await {
-                self.seen.push(line);
+        let log = self.log.clone();
+        let drained = tokio::time::timeout(limit, async move {
+            loop {
+                let changed = log.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if log.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                changed.await;
             }
         })
         .await;
@@ -220,9 +295,32 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_now();
     }
+}
+
+/// Runs `certmq serve --config PATH` expecting it to exit on its own (bounded by `WAIT`;
+/// killed if it does not). Returns the exit code and stderr.
+pub async fn serve_expecting_exit(config: &Path) -> (Option<i32>, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_certmq"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn certmq serve");
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("certmq serve should exit at start")
+        .expect("wait for certmq serve");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The `addr=HOST:PORT` field of a tracing line.
@@ -269,157 +367,13 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-// ---------------------------------------------------------------- raw MQTT 5
-
-/// Appends an MQTT variable byte integer.
-fn put_len(out: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    put_len(&mut p, body.len());
-    p.extend_from_slice(body);
-    p
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Where the variable header starts: after the type byte and the remaining length.
-fn body_start(p: &[u8]) -> usize {
-    1 + p[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1
-}
-
-/// Reads an MQTT variable byte integer at `*i`.
-fn get_len(p: &[u8], i: &mut usize) -> usize {
-    let mut len = 0;
-    for shift in 0..4 {
-        let b = p[*i];
-        *i += 1;
-        len |= usize::from(b & 0x7f) << (7 * shift);
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    len
-}
-
-/// Reads the next packet within [`WAIT`].
-pub async fn next_packet(tls: &mut Tls) -> Vec<u8> {
-    tokio::time::timeout(WAIT, read_packet(tls))
-        .await
-        .expect("a packet in time")
-        .expect("a packet")
-}
-
-/// Opens TLS with `client`, sends an MQTT 5 CONNECT, and asserts CONNACK success.
-pub async fn open_v5(client: &Client, addr: SocketAddr, client_id: &str) -> Tls {
-    let (ack, tls) = client
-        .raw_first_packet(addr, &connect_v5_bytes(client_id))
-        .await
-        .expect("TLS and CONNACK");
-    assert_eq!(ack[0], 0x20, "CONNACK expected: {ack:02x?}");
-    assert_eq!(ack[body_start(&ack) + 1], 0, "CONNACK refused: {ack:02x?}");
-    tls
-}
-
-/// A DISCONNECT sent by the broker: reason code and reason string (empty when absent).
-#[derive(Debug)]
-pub struct Disconnect {
-    pub code: u8,
-    pub reason: String,
-}
-
-/// Parses a DISCONNECT packet (MQTT 5).
-pub fn parse_disconnect(p: &[u8]) -> Disconnect {
-    assert_eq!(p[0], 0xE0, "DISCONNECT expected: {p:02x?}");
-    let mut i = body_start(p);
-    let code = p.get(i).copied().unwrap_or(0);
-    i += 1;
-    let mut reason = String::new();
-    if i < p.len() {
-        let props_len = get_len(p, &mut i);
-        let end = i + props_len;
-        while i < end {
-            let id = p[i];
-            i += 1;
-            match id {
-                0x1F => {
-                    let n = usize::from(u16::from_be_bytes([p[i], p[i + 1]]));
-                    reason = String::from_utf8_lossy(&p[i + 2..i + 2 + n]).into_owned();
-                    i += 2 + n;
-                }
-                other => panic!("unexpected DISCONNECT property {other:#x}: {p:02x?}"),
-            }
-        }
-    }
-    Disconnect { code, reason }
-}
-
-/// Waits (within `limit`) for the DISCONNECT the broker sends on this connection.
-pub async fn expect_disconnect(tls: &mut Tls, limit: Duration) -> Disconnect {
-    let p = tokio::time::timeout(limit, read_packet(tls))
-        .await
-        .unwrap_or_else(|_| panic!("no DISCONNECT within {limit:?}"))
-        .expect("a DISCONNECT packet");
-    parse_disconnect(&p)
-}
-
-/// PINGREQ, and asserts the next packet is PINGRESP: the connection is alive and served.
-pub async fn ping(tls: &mut Tls) {
-    tls.write_all(&[0xC0, 0]).await.expect("write PINGREQ");
-    tls.flush().await.expect("flush");
-    assert_eq!(next_packet(tls).await, [0xD0, 0], "PINGRESP expected");
-}
-
-/// SUBSCRIBE (MQTT 5, QoS 0) and the SUBACK reason codes.
-pub async fn subscribe_v5(tls: &mut Tls, packet_id: u16, filters: &[&str]) -> Vec<u8> {
-    let mut body = packet_id.to_be_bytes().to_vec();
-    body.push(0);
-    for f in filters {
-        put_str(&mut body, f);
-        body.push(0);
-    }
-    tls.write_all(&packet(0x82, &body)).await.expect("write");
-    tls.flush().await.expect("flush");
-    let ack = next_packet(tls).await;
-    assert_eq!(ack[0], 0x90, "SUBACK expected: {ack:02x?}");
-    let mut i = body_start(&ack) + 2;
-    let props = get_len(&ack, &mut i);
-    ack[i + props..].to_vec()
-}
-
-/// PUBLISH (MQTT 5, QoS 0, no properties).
-pub async fn publish_v5(tls: &mut Tls, topic: &str, payload: &[u8]) {
-    let mut body = Vec::new();
-    put_str(&mut body, topic);
-    body.push(0);
-    body.extend_from_slice(payload);
-    tls.write_all(&packet(0x30, &body)).await.expect("write");
-    tls.flush().await.expect("flush");
-}
-
-/// Reads the next packet, asserts it is a QoS 0 PUBLISH, and returns topic and payload.
-pub async fn next_publish_v5(tls: &mut Tls) -> (String, Vec<u8>) {
-    let p = next_packet(tls).await;
-    assert_eq!(p[0] & 0xF6, 0x30, "QoS 0 PUBLISH expected: {p:02x?}");
-    let mut i = body_start(&p);
-    let n = usize::from(u16::from_be_bytes([p[i], p[i + 1]]));
-    let topic = String::from_utf8_lossy(&p[i + 2..i + 2 + n]).into_owned();
-    i += 2 + n;
-    let props = get_len(&p, &mut i);
-    (topic, p[i + props..].to_vec())
+/// Opens TLS with `client`, sends an MQTT 5 CONNECT (clean start, keep alive 60 s),
+/// asserts CONNACK success, then waits for the answer to a PINGREQ: the broker registers a
+/// connection for the re-checks of a reload only after its CONNACK, and a reload's counts
+/// (`kept=`, `revoked=`) include the connection only once it is served.
+pub async fn open_v5(client: &Client, addr: SocketAddr, client_id: &str) -> Raw {
+    let connect = RawConnect::new(V::V5, client_id).bytes();
+    let mut raw = Raw::connect_ok(client, addr, &connect).await.0;
+    raw.ping().await;
+    raw
 }

@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
-use super::wire::{self, Pkt};
-use super::Raw;
+use crate::common::coretests::raw::{
+    raw_ack, raw_publish_flags, Pkt, Raw, RawConnect, PUBACK, PUBCOMP, PUBREC, PUBREL,
+};
+use crate::common::coretests::V;
 use crate::common::Client;
 
 /// The payload that ends a drain: published after everything else on the same topic, so
@@ -33,24 +35,29 @@ pub async fn publish_numbers(
     numbers: Vec<u32>,
     acked: mpsc::UnboundedSender<u32>,
 ) {
-    let connect = wire::connect(&client_id, true, None);
-    let mut raw = match Raw::open(&client, addr, &connect, false).await {
+    let connect = RawConnect {
+        clean: true,
+        ..RawConnect::new(V::V4, &client_id)
+    }
+    .bytes();
+    let mut raw = match Raw::try_connect(&client, addr, &connect).await {
         Ok((raw, Pkt::ConnAck { code: 0, .. })) => raw,
         Ok((_, other)) => panic!("{client_id}: expected CONNACK success, got {other:?}"),
         Err(_) => return,
     };
     let mut burst = Vec::new();
     for (i, n) in numbers.iter().enumerate() {
-        burst.extend(wire::publish(
-            false,
-            qos,
-            false,
-            i as u16 + 1,
+        burst.extend(raw_publish_flags(
+            V::V4,
             &topic,
             &payload(*n),
+            qos,
+            i as u16 + 1,
+            false,
+            false,
         ));
     }
-    if raw.send(&burst).await.is_err() {
+    if raw.try_send(&burst).await.is_err() {
         return;
     }
     let number = |pkid: u16| numbers[usize::from(pkid) - 1];
@@ -61,7 +68,7 @@ pub async fn publish_numbers(
         };
         match p {
             Pkt::Ack {
-                kind: wire::PUBACK,
+                kind: PUBACK,
                 pkid,
                 reason: 0,
             } if qos == 1 => {
@@ -69,19 +76,16 @@ pub async fn publish_numbers(
                 open -= 1;
             }
             Pkt::Ack {
-                kind: wire::PUBREC,
+                kind: PUBREC,
                 pkid,
                 reason: 0,
             } if qos == 2 => {
                 let _ = acked.send(number(pkid));
-                if raw.send(&wire::ack(wire::PUBREL, pkid)).await.is_err() {
+                if raw.try_send(&raw_ack(PUBREL, pkid)).await.is_err() {
                     return;
                 }
             }
-            Pkt::Ack {
-                kind: wire::PUBCOMP,
-                ..
-            } if qos == 2 => open -= 1,
+            Pkt::Ack { kind: PUBCOMP, .. } if qos == 2 => open -= 1,
             other => panic!("{client_id}: unexpected {other:?}"),
         }
     }
@@ -108,7 +112,7 @@ impl Receiver {
             if stop_after.is_some_and(|m| new >= m) {
                 return Ok(false);
             }
-            match s.recv().await? {
+            match s.try_recv().await? {
                 Pkt::Publish {
                     qos,
                     pkid,
@@ -119,7 +123,7 @@ impl Receiver {
                     let fresh = match qos {
                         0 => true,
                         1 => {
-                            s.send(&wire::ack(wire::PUBACK, pkid)).await?;
+                            s.try_send(&raw_ack(PUBACK, pkid)).await?;
                             true
                         }
                         _ => {
@@ -132,7 +136,7 @@ impl Receiver {
                                 }
                                 self.duplicates_recognised += 1;
                             }
-                            s.send(&wire::ack(wire::PUBREC, pkid)).await?;
+                            s.try_send(&raw_ack(PUBREC, pkid)).await?;
                             fresh
                         }
                     };
@@ -150,12 +154,10 @@ impl Receiver {
                     new += 1;
                 }
                 Pkt::Ack {
-                    kind: wire::PUBREL,
-                    pkid,
-                    ..
+                    kind: PUBREL, pkid, ..
                 } => {
                     self.pending.remove(&pkid);
-                    s.send(&wire::ack(wire::PUBCOMP, pkid)).await?;
+                    s.try_send(&raw_ack(PUBCOMP, pkid)).await?;
                 }
                 other => return Err(format!("unexpected {other:?}")),
             }

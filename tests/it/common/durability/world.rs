@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 
 use super::flows::{publish_numbers, Receiver, MARKER};
-use super::{BrokerProc, Raw};
-use crate::common::{self_signed, Client, Fixture, WAIT};
+use crate::common::coretests::raw::Raw;
+use crate::common::ops::{pinned_backend, Proc};
+use crate::common::{Client, Fixture, WAIT};
 
 /// The topic every numbered stream goes to; `S` subscribes to `devices/+/t`.
 pub fn topic(device: &str) -> String {
@@ -28,13 +29,11 @@ impl World {
     /// `limits` are extra `[limits]` lines (e.g. `max_inflight = 1`).
     pub fn new(limits: &str) -> World {
         let fx = Fixture::new();
-        let backend = self_signed("backend");
-        fx.write("backend.pem", &backend.cert_pem);
+        let (section, backend) = pinned_backend(&fx);
         let config = fx.config(&format!(
-            "{limits}\n\n{}\n[[device]]\nname = \"backend\"\ncertificate = \"backend.pem\"\nacl = \"backend\"\n\n[acl.backend]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n",
+            "{limits}\n\n{}\n{section}",
             Fixture::fleet_anchor(true)
         ));
-        let backend = fx.client(&backend);
         World {
             fx,
             config,
@@ -60,8 +59,8 @@ pub fn seed(default: u64) -> u64 {
 
 /// The persistent subscriber `S` (MQTT 3.1.1, clean session 0) subscribes to
 /// `devices/+/t` and goes offline, so everything after this must be queued durably.
-pub async fn create_offline_subscriber(w: &World, broker: &BrokerProc, qos: u8) {
-    let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+pub async fn create_offline_subscriber(w: &World, broker: &Proc, qos: u8) {
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert!(!present);
     assert_eq!(s.subscribe("devices/+/t", qos).await, qos);
     s.disconnect().await;
@@ -71,7 +70,7 @@ pub async fn create_offline_subscriber(w: &World, broker: &BrokerProc, qos: u8) 
 /// is SIGKILLed after the `kill_at`-th acknowledgement. Returns what was acknowledged.
 pub async fn stream_then_kill(
     w: &World,
-    broker: BrokerProc,
+    broker: Proc,
     qos: u8,
     first: u32,
     per_publisher: usize,
@@ -84,7 +83,7 @@ pub async fn stream_then_kill(
         let numbers: Vec<u32> = (start..start + per_publisher as u32).collect();
         tasks.push(tokio::spawn(publish_numbers(
             w.device(dev),
-            broker.addr,
+            broker.mqtt,
             format!("pub-{dev}"),
             topic(dev),
             qos,
@@ -100,7 +99,7 @@ pub async fn stream_then_kill(
                 acked.insert(n);
             }
             Ok(None) => break,
-            Err(_) => panic!("no acknowledgement within {WAIT:?}:\n{}", broker.log()),
+            Err(_) => panic!("no acknowledgement within {WAIT:?}:\n{}", broker.stderr()),
         }
     }
     broker.kill();
@@ -115,8 +114,9 @@ pub async fn stream_then_kill(
 }
 
 /// Publishes the marker from dev-1 (QoS 1, acknowledged).
-pub async fn publish_marker(w: &World, broker: &BrokerProc) {
-    let (mut p, _) = Raw::connect(&w.device("dev-1"), broker.addr, "marker", true, None).await;
+pub async fn publish_marker(w: &World, broker: &Proc) {
+    let (mut p, _) =
+        Raw::connect_session(&w.device("dev-1"), broker.mqtt, "marker", true, None).await;
     assert_eq!(
         p.publish_acked(1, false, 1, &topic("dev-1"), MARKER).await,
         0
@@ -125,10 +125,10 @@ pub async fn publish_marker(w: &World, broker: &BrokerProc) {
 
 /// Reconnects `S` and drains its session up to the marker.
 pub async fn drain_to_marker(w: &World, rx: &mut Receiver) {
-    let broker = BrokerProc::start(&w.config);
-    let (mut s, present) = Raw::connect(&w.backend, broker.addr, "S", false, None).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
     assert!(present, "S's session must survive every restart");
     publish_marker(w, &broker).await;
     let marked = rx.run(&mut s, None).await;
-    assert_eq!(marked, Ok(true), "draining S:\n{}", broker.log());
+    assert_eq!(marked, Ok(true), "draining S:\n{}", broker.stderr());
 }
