@@ -6,14 +6,12 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::common::cluster::{node_config, start_node};
+use crate::common::coretests::raw::{raw_ack, raw_publish, Raw, RawConnect, PUBACK};
 use crate::common::coretests::{Opts, Peer, V};
 use crate::common::nats::Nats;
-use crate::common::ops::{
-    expect_disconnect, next_packet, open_v5, ping, pinned, publish_v5, subscribe_v5, Proc, Tls,
-    BACKEND_PROFILE,
-};
+use crate::common::ops::{open_v5, pinned, Proc, BACKEND_PROFILE};
 use crate::common::run::{arg, certmq};
-use crate::common::{connect_v311_bytes, self_signed, Fixture, WAIT};
+use crate::common::{self_signed, Fixture, WAIT};
 
 /// Polls `/healthz` until its status is `want`.
 async fn wait_health(node: &Proc, want: u16) -> String {
@@ -253,34 +251,14 @@ async fn a_retained_message_is_seen_from_every_node() {
 async fn a_session_taken_over_on_another_node_is_closed_within_a_second() {
     let Some(t) = Two::start().await else { return };
     let mut first = open_v5(&t.backend, t.a.mqtt, "same").await;
-    ping(&mut first).await;
     let started = Instant::now();
     let mut second = open_v5(&t.backend, t.b.mqtt, "same").await;
-    let gone = expect_disconnect(&mut first, WAIT).await;
+    let gone = first.expect_disconnect(WAIT).await;
     let took = started.elapsed();
     eprintln!("cross-node takeover closed the first connection after {took:?}");
     assert_eq!(gone.code, 0x8E, "{gone:?}");
     assert!(took < Duration::from_secs(1), "taken over after {took:?}");
-    ping(&mut second).await;
-}
-
-/// PUBLISH QoS 1 (MQTT 5, no properties) and the PUBACK reason code.
-async fn publish_qos1_v5(tls: &mut Tls, topic: &str, pkid: u16) -> u8 {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.push(0);
-    body.extend_from_slice(b"payload");
-    let mut p = vec![0x32, body.len() as u8];
-    p.extend(body);
-    tls.write_all(&p).await.expect("write");
-    tls.flush().await.expect("flush");
-    let ack = next_packet(tls).await;
-    assert_eq!(ack[0], 0x40, "PUBACK expected: {ack:02x?}");
-    assert_eq!(u16::from_be_bytes([ack[2], ack[3]]), pkid, "{ack:02x?}");
-    // A success PUBACK may omit the reason code.
-    ack.get(4).copied().unwrap_or(0)
+    second.ping().await;
 }
 
 /// Without NATS a node keeps its connections and QoS 0 traffic, refuses what it could not
@@ -291,50 +269,54 @@ async fn without_nats_a_node_serves_qos0_locally_and_refuses_what_it_cannot_stor
         return;
     };
     let mut sub = open_v5(&t.backend, t.a.mqtt, "sub").await;
-    subscribe_v5(&mut sub, 1, &["local/#"]).await;
+    assert_eq!(sub.subscribe("local/#", 1).await, 1);
     let mut publisher = open_v5(&t.backend, t.a.mqtt, "pub").await;
-    assert_eq!(publish_qos1_v5(&mut publisher, "local/before", 1).await, 0);
-    assert_eq!(next_publish_v5_any(&mut sub).await, "local/before");
+    assert_eq!(
+        publisher
+            .publish_acked(1, false, 1, "local/before", b"x")
+            .await,
+        0
+    );
+    assert_eq!(next_topic(&mut sub).await, "local/before");
 
     t._nats.stop();
     wait_health(&t.a, 503).await;
-    publish_v5(&mut publisher, "local/zero", b"q0").await;
-    assert_eq!(next_publish_v5_any(&mut sub).await, "local/zero");
-    assert_eq!(publish_qos1_v5(&mut publisher, "local/one", 2).await, 0x97);
-    let (ack, _) = t
-        .backend
-        .raw_first_packet(t.a.mqtt, &connect_v311_bytes("persistent", false))
-        .await
-        .expect("CONNACK");
+    publisher
+        .send(&raw_publish(V::V5, "local/zero", b"q0", 0, 0, false))
+        .await;
+    assert_eq!(next_topic(&mut sub).await, "local/zero");
+    assert_eq!(
+        publisher
+            .publish_acked(1, false, 2, "local/one", b"x")
+            .await,
+        0x97
+    );
+    let persistent = RawConnect {
+        clean: false,
+        ..RawConnect::new(V::V4, "persistent")
+    };
+    let (_, ack) = Raw::connect(&t.backend, t.a.mqtt, &persistent.bytes()).await;
     assert_eq!(ack, [0x20, 2, 0, 3], "a new persistent session is refused");
 
     t._nats.restart();
     wait_health(&t.a, 200).await;
-    assert_eq!(publish_qos1_v5(&mut publisher, "local/after", 3).await, 0);
-    assert_eq!(next_publish_v5_any(&mut sub).await, "local/after");
+    assert_eq!(
+        publisher
+            .publish_acked(1, false, 3, "local/after", b"x")
+            .await,
+        0
+    );
+    assert_eq!(next_topic(&mut sub).await, "local/after");
     drop(t.b);
 }
 
 /// The topic of the next PUBLISH at any QoS (acknowledging QoS 1).
-async fn next_publish_v5_any(tls: &mut Tls) -> String {
-    let p = next_packet(tls).await;
-    assert_eq!(p[0] & 0xF0, 0x30, "PUBLISH expected: {p:02x?}");
-    let qos = (p[0] >> 1) & 3;
-    let mut i = 1;
-    while p[i] & 0x80 != 0 {
-        i += 1;
+async fn next_topic(raw: &mut Raw) -> String {
+    let p = raw.next_publish().await;
+    if p.qos == 1 {
+        raw.send(&raw_ack(PUBACK, p.pkid)).await;
     }
-    i += 1;
-    let n = usize::from(u16::from_be_bytes([p[i], p[i + 1]]));
-    let topic = String::from_utf8_lossy(&p[i + 2..i + 2 + n]).into_owned();
-    if qos > 0 {
-        let id = [p[i + 2 + n], p[i + 3 + n]];
-        tls.write_all(&[0x40, 2, id[0], id[1]])
-            .await
-            .expect("PUBACK");
-        tls.flush().await.expect("flush");
-    }
-    topic
+    p.topic
 }
 
 /// kill -9 of the publisher's node in the middle of a QoS 1 stream: every message it
@@ -352,7 +334,12 @@ async fn kill_9_of_a_node_loses_nothing_it_acknowledged() {
 
     // Pipelined: PUBLISHes keep going out while PUBACKs come back, so the node is killed
     // with messages in every stage (read, routed, being stored, acknowledged).
-    let publisher = open_v5(&t.backend, t.a.mqtt, "pub").await;
+    let (first, publisher) = t
+        .backend
+        .raw_first_packet(t.a.mqtt, &RawConnect::new(V::V5, "pub").bytes())
+        .await
+        .expect("CONNACK");
+    assert_eq!(first[3], 0, "CONNACK {first:02x?}");
     let (mut rd, mut wr) = tokio::io::split(publisher);
     let writer = tokio::spawn(async move {
         for i in 1..=60_000u16 {
@@ -394,7 +381,7 @@ async fn kill_9_of_a_node_loses_nothing_it_acknowledged() {
     while count.load(Ordering::SeqCst) < 500 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    t.a.signal("KILL");
+    t.a.kill();
     let _ = reader.await;
     writer.abort();
     let acked: Vec<usize> = acked.lock().unwrap().clone();
