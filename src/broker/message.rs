@@ -83,10 +83,13 @@ impl Message {
     }
 
     /// The remaining expiry interval in whole seconds, for the outgoing PUBLISH.
+    /// Rounded up: a 10 s message forwarded a millisecond after it arrived still says 10
+    /// (rounding down told subscribers 9), and a message about to expire says 1, never 0.
     pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
         self.expires_at.map(|t| {
             let left = t.saturating_duration_since(now);
-            u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX)
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
         })
     }
 
@@ -105,5 +108,35 @@ impl Message {
     /// keep alive and will delays do (the paused-time tests in `broker/conn/tests.rs`).
     pub fn now() -> Instant {
         tokio::time::Instant::now().into_std()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_remaining_expiry_rounds_up() {
+        let now = Instant::now();
+        let msg = |left: Duration| Message {
+            topic: TopicName::parse("t").unwrap(),
+            payload: Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            props: Forwarded::default(),
+            expires_at: Some(now + left),
+            store_id: StoreId::default(),
+        };
+        assert_eq!(
+            msg(Duration::from_millis(9_999)).remaining_expiry(now),
+            Some(10)
+        );
+        assert_eq!(msg(Duration::from_secs(10)).remaining_expiry(now), Some(10));
+        assert_eq!(
+            msg(Duration::from_millis(10_001)).remaining_expiry(now),
+            Some(11)
+        );
+        assert_eq!(msg(Duration::from_millis(1)).remaining_expiry(now), Some(1));
+        assert_eq!(msg(Duration::ZERO).remaining_expiry(now), Some(1));
     }
 }

@@ -25,5 +25,6 @@ mod mqtt_v5;
 mod mqtt_v5_subscriptions;
 mod operator;
 mod ops;
+mod proxy_protocol;
 mod quotas;
 mod store_integrity;
