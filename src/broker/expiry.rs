@@ -124,6 +124,7 @@ impl Broker {
                 after_s = wait.as_secs(),
                 "session expired"
             );
+            session.mark_expired();
             broker.end_session(&session);
         });
     }
@@ -268,6 +269,57 @@ mod tests {
         assert_eq!(broker.session_count(), 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(broker.session_count(), 0);
+    }
+
+    /// A will whose delay equals the session expiry is due when the session ends: it is
+    /// published even when the expiry timer runs first (it was dropped as "the session
+    /// ended" before; the connection's own order of calls only hid the race).
+    #[tokio::test(start_paused = true)]
+    async fn a_will_due_at_the_session_expiry_is_published_whichever_timer_runs_first() {
+        use crate::broker::message::Message;
+        use crate::broker::Will;
+        use crate::mqtt::codec::QoS;
+        use crate::mqtt::topic::TopicName;
+        let broker = broker();
+        let req = SessionRequest {
+            key: key("c"),
+            clean_start: false,
+            expiry: Expiry::After(10),
+            acl: Arc::new(crate::acl::Profile::builtin_device().for_device("dev-1")),
+            max_queued: 10,
+            max_sessions: 16,
+        };
+        let session = broker
+            .open_session(req, 1, CancellationToken::new())
+            .expect("opened")
+            .session;
+        // The expiry timer is registered first, so it fires first at the shared deadline.
+        broker.close_session(&session, 1);
+        let will = Will {
+            message: Message {
+                topic: TopicName::parse("devices/dev-1/status").unwrap(),
+                payload: bytes::Bytes::from_static(b"gone"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                props: Default::default(),
+                expires_at: None,
+                store_id: Default::default(),
+            },
+            delay: 10,
+            gate: None,
+        };
+        broker.publish_will(&session, will, session.generation());
+        let received = || {
+            broker
+                .metrics
+                .messages_received
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        tokio::time::sleep(Duration::from_millis(9_999)).await;
+        assert_eq!(received(), 0, "not before the delay");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(broker.session_count(), 0, "the session expired");
+        assert_eq!(received(), 1, "the will was published");
     }
 
     #[tokio::test(start_paused = true)]

@@ -922,7 +922,10 @@ impl Broker {
             if session.generation() != generation {
                 return; // a connection resumed the session: the will is cancelled
             }
-            if !broker.is_current(&session) {
+            // Ended by a new connection for the client id (clean start) or by forgetting
+            // the device: no will (MQTT 5 §3.1.2.5). Ended by its expiry, at the same
+            // moment the delay ran out (delay >= expiry): the session's end is a trigger.
+            if !broker.is_current(&session) && !session.expired() {
                 tracing::info!(device = ?session.key.device, "will dropped: the session ended");
                 return;
             }

@@ -134,6 +134,9 @@ pub struct Session {
     room: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
+    /// Set when the session ended because its expiry passed: a will due at that same
+    /// moment is still published (the session's end is one of its triggers).
+    expired: AtomicBool,
     /// Set for persistent sessions: every durable change is submitted here, under the
     /// session lock, so the store sees changes in the order they happened.
     journal: Option<Journal>,
@@ -239,6 +242,7 @@ impl Session {
             notify: Notify::new(),
             room: Notify::new(),
             online: AtomicBool::new(false),
+            expired: AtomicBool::new(false),
             journal,
         }))
     }
@@ -294,6 +298,16 @@ impl Session {
     /// The unique id of this session object.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Records that the session ends because its expiry passed.
+    pub fn mark_expired(&self) {
+        self.expired.store(true, Ordering::Release);
+    }
+
+    /// Whether the session ended because its expiry passed.
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
     }
 
     /// Whether a connection holds the session.
