@@ -5,7 +5,9 @@
 //! - [`subject`]: MQTT topics and filters as NATS subjects (nats-server's own mapping).
 //! - [`Names`]: every subject, stream, bucket and consumer name, derived from `prefix`.
 //! - [`Cluster`]: the connection, its JetStream context and its health.
+//! - [`registry`]: the device registry in the `<prefix>_registry` key-value bucket.
 
+pub mod registry;
 pub mod subject;
 
 use std::sync::atomic::{AtomicBool, Ordering};
