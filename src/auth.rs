@@ -12,7 +12,7 @@ use crate::cert::Fingerprint;
 use crate::config::Config;
 use crate::identity::{self, DeviceName, IdentityError};
 use crate::registry::{
-    self, Admitted, Device, Mode, Presented, Refusal, Registry, RegistryError, Source,
+    self, Admitted, Backend, Device, Mode, Presented, Refusal, RegistryError, Source,
 };
 use crate::tls::policy::{self, ChainRefusal, ChainReport, Rule};
 
@@ -48,7 +48,7 @@ pub enum Refused {
     #[error("device {device:?}: {refusal}")]
     Registry { device: String, refusal: Refusal },
     /// The registry could not answer or could not commit (disk full, read-only store).
-    #[error("the device registry is unavailable")]
+    #[error("the device registry is unavailable: {0}")]
     Store(#[source] RegistryError),
 }
 
@@ -176,9 +176,10 @@ fn identify<'c>(
 
 /// SPEC 3 steps 2 to 7 for `chain` (leaf first). With `Mode::Commit`, provisioning and
 /// rotation are committed before this returns; with `Mode::DryRun` nothing is written.
+/// `registry` is either backend (SQLite, or the cluster's bucket): step 7 is the same.
 pub fn decide(
     config: &Config,
-    registry: &Registry,
+    registry: &dyn Backend,
     chain: &[CertificateDer<'_>],
     now: UnixTime,
     mode: Mode,

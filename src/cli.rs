@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::auth::{self, Decision};
 use crate::cert::rfc3339;
 use crate::config::Config;
-use crate::registry::{Device, Mode, Registry, RegistryError};
+use crate::registry::{transfer, Backend, Device, Imported, Mode, Registry, RegistryError};
 use crate::tls::policy::{AnchorFailure, ChainRefusal, Rule};
 
 /// Failures of the CLI commands, each one sentence naming the file or device.
@@ -34,6 +34,85 @@ pub enum CliError {
     Pki(#[from] crate::pki::PkiError),
     #[error("cannot write to standard output")]
     Output(#[from] std::io::Error),
+    #[error("cannot write the export file {path}")]
+    ExportFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the import file {path}")]
+    ImportFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} cannot be imported")]
+    Transfer {
+        path: std::path::PathBuf,
+        #[source]
+        source: transfer::TransferError,
+    },
+}
+
+/// `certmq devices export --out FILE`: every device of `registry` as JSON; returns how many.
+pub fn export(registry: &dyn Backend, out: &Path) -> Result<usize, CliError> {
+    let devices = registry.list()?;
+    let text = transfer::export(&devices, crate::cert::now_secs());
+    std::fs::write(out, text).map_err(|source| CliError::ExportFile {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(devices.len())
+}
+
+/// `certmq devices import FILE`: the devices of an export entered into `registry`.
+pub fn import(registry: &dyn Backend, file: &Path) -> Result<Imported, CliError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CliError::ImportFile {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let devices = transfer::parse(&text).map_err(|source| CliError::Transfer {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    Ok(registry.import(&devices)?)
+}
+
+/// What an import did, in words: a summary on `out`; each conflict on `err`, naming the
+/// device and what the registry holds. False when there was a conflict.
+pub fn import_report(
+    file: &Path,
+    registry: &dyn Backend,
+    imported: &Imported,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<bool> {
+    if !imported.conflicts.is_empty() {
+        let what = if imported.added.is_empty() {
+            "nothing was imported".to_owned()
+        } else {
+            format!("the {} others were imported", imported.added.len())
+        };
+        writeln!(
+            err,
+            "certmq: {} device(s) of {} conflict with {}; {what}:",
+            imported.conflicts.len(),
+            file.display(),
+            registry.describe()
+        )?;
+        for (name, held) in &imported.conflicts {
+            writeln!(err, "  device {name:?}: the registry holds it {held}")?;
+        }
+        return Ok(false);
+    }
+    writeln!(
+        out,
+        "imported {} devices into {} ({} already present)",
+        imported.added.len(),
+        registry.describe(),
+        imported.present.len()
+    )?;
+    Ok(true)
 }
 
 /// What `serve` would meet after the config (for `check`, SPEC 1 "exactly as serve
@@ -200,7 +279,7 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CliError>
 }
 
 /// `certmq explain`: the decision for a chain, without changing anything.
-pub fn explain(config: &Config, registry: &Registry, chain: &[CertificateDer<'_>]) -> Decision {
+pub fn explain(config: &Config, registry: &dyn Backend, chain: &[CertificateDer<'_>]) -> Decision {
     auth::decide(config, registry, chain, UnixTime::now(), Mode::DryRun)
 }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use certmq::cli;
 use certmq::config::{Config, ConfigError};
-use certmq::registry::{Mode, Registry};
+use certmq::registry::{Backend, Mode, Registry};
 use certmq::server::{self, Server, ServerError};
 
 #[derive(Parser)]
@@ -86,6 +86,20 @@ enum DevicesCommand {
     Enable { name: String },
     /// Remove the device (it may be provisioned again by its anchor).
     Delete { name: String },
+    /// Write every device to a JSON file, e.g. to move a standalone registry into a
+    /// cluster (docs/cluster.md). Changes nothing.
+    Export {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Enter the devices of an export into the registry this config selects (SQLite, or
+    /// the cluster's bucket with `[cluster]`). Refuses, naming each, devices whose name the
+    /// registry holds with another rule or certificate.
+    Import {
+        /// A file written by `certmq devices export`.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -225,8 +239,10 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     // The registry, when it exists, must not hold a pinned name for an anchor.
-    let registry = cli::registry_for_reading(&config)?;
-    if let Err(ServerError::Config(e)) = server::sync_pinned(&config, &registry, Mode::DryRun) {
+    let registry = registry_to_read(&config)?;
+    if let Err(ServerError::Config(e)) =
+        server::sync_pinned(&config, registry.as_ref(), Mode::DryRun)
+    {
         return Ok(report(&e));
     }
     // What `serve` would meet next: its listeners and its data_dir.
@@ -275,8 +291,8 @@ fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let chain = cli::read_chain(cert)?;
-    let registry = cli::registry_for_reading(&config)?;
-    let decision = cli::explain(&config, &registry, &chain);
+    let registry = registry_to_read(&config)?;
+    let decision = cli::explain(&config, registry.as_ref(), &chain);
     if json {
         writeln!(
             std::io::stdout(),
@@ -309,7 +325,56 @@ fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if let Some(settings) = &config.cluster {
+        return cluster_devices(&config, settings, command);
+    }
+    if let DevicesCommand::Export { out } = &command {
+        // Read-only: an absent registry exports as empty and is not created.
+        return export(&cli::registry_for_reading(&config)?, out);
+    }
     let registry = Registry::open(&config.server.data_dir)?;
+    manage(&registry, command)
+}
+
+/// `certmq devices ...` with a `[cluster]` config: the same commands against the cluster's
+/// bucket, read through NATS (docs/cluster.md, "Registry").
+fn cluster_devices(
+    config: &Config,
+    settings: &certmq::config::Cluster,
+    command: DevicesCommand,
+) -> anyhow::Result<ExitCode> {
+    manage(&cluster_registry(config, settings)?, command)
+}
+
+/// The cluster's registry bucket, read through NATS (exit 1 naming the servers when they
+/// cannot be reached).
+fn cluster_registry(
+    config: &Config,
+    settings: &certmq::config::Cluster,
+) -> anyhow::Result<certmq::cluster::registry::KvRegistry> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    certmq::cluster::registry::KvRegistry::open_blocking(runtime, settings).with_context(|| {
+        format!(
+            "cannot read the cluster registry of {} (the config has [cluster])",
+            config.path.display()
+        )
+    })
+}
+
+/// The registry `check` and `explain` consult: the cluster's bucket with `[cluster]`,
+/// else SQLite in `data_dir` when it exists (else an empty one; nothing is created).
+fn registry_to_read(config: &Config) -> anyhow::Result<Box<dyn Backend>> {
+    Ok(match &config.cluster {
+        Some(settings) => Box::new(cluster_registry(config, settings)?),
+        None => Box::new(cli::registry_for_reading(config)?),
+    })
+}
+
+/// `certmq devices ...` against either registry.
+fn manage(registry: &dyn Backend, command: DevicesCommand) -> anyhow::Result<ExitCode> {
     match command {
         DevicesCommand::List { json } => {
             let all = registry.list()?;
@@ -346,7 +411,33 @@ fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
             registry.delete(&name)?;
             writeln!(std::io::stdout(), "device {name} deleted")?;
         }
+        DevicesCommand::Export { out } => return export(registry, &out),
+        DevicesCommand::Import { file } => {
+            let imported = cli::import(registry, &file)?;
+            let ok = cli::import_report(
+                &file,
+                registry,
+                &imported,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )?;
+            if !ok {
+                return Ok(ExitCode::from(1));
+            }
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `certmq devices export --out FILE`.
+fn export(registry: &dyn Backend, out: &Path) -> anyhow::Result<ExitCode> {
+    let n = cli::export(registry, out)?;
+    writeln!(
+        std::io::stdout(),
+        "exported {n} devices from {} to {}",
+        registry.describe(),
+        out.display()
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

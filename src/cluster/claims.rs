@@ -59,7 +59,13 @@ impl Claims {
         cluster: &Cluster,
         broker: Arc<Broker>,
     ) -> Result<Arc<Claims>, ClusterError> {
-        let store = super::bucket(cluster, "claims", 1).await?;
+        let store = super::bucket(
+            cluster,
+            "claims",
+            1,
+            "certmq session claims (docs/cluster.md)",
+        )
+        .await?;
         let claims = Arc::new(Claims {
             store,
             node: cluster.node().to_owned(),

@@ -5,8 +5,10 @@
 //! - [`subject`]: MQTT topics and filters as NATS subjects (nats-server's own mapping).
 //! - [`Names`]: every subject, stream, bucket and consumer name, derived from `prefix`.
 //! - [`Cluster`]: the connection, its JetStream context and its health.
+//! - [`registry`]: the device registry in the `<prefix>_registry` key-value bucket.
 
 pub mod claims;
+pub mod registry;
 pub mod route;
 pub mod subject;
 
@@ -117,41 +119,57 @@ fn run_id() -> String {
 
 /// Opens the key-value bucket `<prefix>_<what>`, creating it (with `history` values per
 /// key and the configured replicas) when no node has yet.
-///
-/// Created as the stream a key-value bucket is (`KV_<bucket>` on `$KV.<bucket>.>`, the
-/// layout every NATS client shares) rather than through `create_key_value`: async-nats
-/// 0.51 asks the account's limits first and cannot parse nats-server 2.9's answer.
 pub async fn bucket(
     cluster: &Cluster,
     what: &str,
     history: i64,
+    description: &str,
 ) -> Result<jetstream::kv::Store, ClusterError> {
     let name = cluster.names.bucket(what);
-    if let Ok(store) = cluster.js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    let config = jetstream::stream::Config {
+    kv_bucket(cluster, &name, cluster.replicas(), history, description).await
+}
+
+/// Opens the key-value bucket `name`, creating it if missing.
+///
+/// Created as the stream a key-value bucket is (`KV_<bucket>` on `$KV.<bucket>.>`, the
+/// settings `nats kv add` uses) rather than through `create_key_value`: async-nats 0.51
+/// first reads the account's JetStream info, which nats-server 2.9 answers without
+/// fields that client requires. Every node asks with the same settings, so concurrent
+/// creations agree; a bucket created earlier with other settings (replicas changed
+/// since) is used as it is, with a warning.
+pub async fn kv_bucket(
+    cluster: &Cluster,
+    name: &str,
+    replicas: usize,
+    history: i64,
+    description: &str,
+) -> Result<jetstream::kv::Store, ClusterError> {
+    use jetstream::stream;
+    let config = stream::Config {
         name: format!("KV_{name}"),
+        description: Some(description.to_owned()),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: history.max(1),
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: cluster.replicas(),
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
+    let what = || format!("opening bucket {name}");
+    if let Err(created) = cluster.js.create_stream(config).await {
+        if let Err(e) = cluster.js.get_stream(format!("KV_{name}")).await {
+            return Err(ClusterError::jetstream(what(), format!("{created}; {e}")));
+        }
+        tracing::debug!(bucket = %name, error = %created, "using the existing bucket as it is");
+    }
     cluster
         .js
-        .get_or_create_stream(config)
+        .get_key_value(name)
         .await
-        .map_err(|e| ClusterError::jetstream(format!("creating bucket {name}"), e))?;
-    cluster
-        .js
-        .get_key_value(&name)
-        .await
-        .map_err(|e| ClusterError::jetstream(format!("opening bucket {name}"), e))
+        .map_err(|e| ClusterError::jetstream(what(), e))
 }
 
 /// One node's handle on the cluster: cheap to clone.

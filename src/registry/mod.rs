@@ -4,10 +4,14 @@
 //! The rules live here, as one transaction per admission ([`Registry::admit`]), so that
 //! two connections of the same new device cannot both provision it, a certificate from one
 //! anchor can never take over a device of another, and rotation is accepted only forwards
-//! in time (rollback protection on notBefore). The storage is SQLite (`store.rs`), shared
-//! with the `certmq devices` CLI running in another process (WAL mode, busy timeout).
+//! in time (rollback protection on notBefore). The standalone storage is SQLite
+//! (`store.rs`), shared with the `certmq devices` CLI running in another process (WAL mode,
+//! busy timeout). Cluster mode stores the same rows in a NATS key-value bucket
+//! (`cluster::registry`); both sit behind the [`Backend`] port (`backend.rs`).
 
+mod backend;
 mod store;
+pub mod transfer;
 
 use std::fmt;
 
@@ -15,6 +19,7 @@ use crate::cert::{Fingerprint, Validity};
 use crate::config::PINNED_SOURCE;
 use crate::identity::DeviceName;
 
+pub use backend::{Backend, ChangeFeed, Changes, Feed, Imported};
 pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
@@ -36,7 +41,8 @@ impl Source {
         }
     }
 
-    fn from_stored(s: String) -> Source {
+    /// From the stored form (see [`Source::as_str`]).
+    pub fn from_stored(s: String) -> Source {
         if s == PINNED_SOURCE {
             Source::Pinned
         } else {
@@ -68,6 +74,16 @@ pub struct Device {
     pub last_seen_at: Option<i64>,
     /// Messages its sessions could not take (SPEC 7: a full queue), counted since created.
     pub dropped_messages: u64,
+}
+
+/// What the registry holds for a device, in words (an import conflict names it).
+pub fn held_text(d: &Device) -> String {
+    format!(
+        "bound to {}, certificate {}{}",
+        d.source,
+        d.fingerprint,
+        if d.enabled { "" } else { ", disabled" }
+    )
 }
 
 /// What a connecting device presents to the registry.

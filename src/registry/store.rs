@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{decide, Admitted, Device, Mode, Presented, Refusal, Source};
+use super::{decide, Admitted, Device, Imported, Mode, Presented, Refusal, Source};
 use crate::cert::{now_secs, Fingerprint, Validity};
 use crate::config::PinnedDevice;
 
@@ -57,6 +57,16 @@ pub enum RegistryError {
     UnknownDevice(String),
     #[error("the registry lock was poisoned by a panic")]
     Poisoned,
+    /// Cluster mode: the bucket cannot be read or written now (NATS unreachable, a
+    /// timeout, JetStream refusing). Provisioning and rotation are then refused.
+    #[error("NATS bucket {bucket}: {reason}")]
+    Unavailable { bucket: String, reason: String },
+    /// Cluster mode: a value in the bucket that is not a certmq registry record.
+    #[error("the registry record of {name:?} cannot be read: {reason}")]
+    BadRecord { name: String, reason: String },
+    /// Cluster mode: the device's entry changed under every compare-and-set attempt.
+    #[error("device {name:?}: the registry entry changed during {attempts} attempts to write it")]
+    Contention { name: String, attempts: usize },
 }
 
 /// What [`Registry::sync_pinned`] found.
@@ -287,6 +297,53 @@ impl Registry {
                     p.info.validity.not_before,
                     p.info.validity.not_after,
                     now
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// `devices import`: every device missing here is inserted as it is, in one
+    /// transaction; nothing is written when one conflicts (same name, another rule or
+    /// certificate). A device already held with the same rule and certificate is left.
+    pub fn import(&self, devices: &[Device]) -> Result<Imported, RegistryError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Imported::default();
+        for d in devices {
+            match get(&tx, &d.name)? {
+                None => out.added.push(d.name.clone()),
+                Some(held) if held.source == d.source && held.fingerprint == d.fingerprint => {
+                    out.present.push(d.name.clone())
+                }
+                Some(held) => out
+                    .conflicts
+                    .push((d.name.clone(), super::held_text(&held))),
+            }
+        }
+        if !out.conflicts.is_empty() {
+            out.added.clear();
+            return Ok(out);
+        }
+        let now = now_secs();
+        let added: std::collections::HashSet<&str> = out.added.iter().map(String::as_str).collect();
+        for d in devices.iter().filter(|d| added.contains(d.name.as_str())) {
+            tx.execute(
+                "INSERT INTO devices (name, source, fingerprint, not_before, not_after,
+                     enabled, created_at, updated_at, last_seen_at, dropped_messages)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    d.name,
+                    d.source.as_str(),
+                    d.fingerprint.to_hex(),
+                    d.validity.not_before,
+                    d.validity.not_after,
+                    d.enabled,
+                    d.created_at,
+                    now,
+                    d.last_seen_at,
+                    i64::try_from(d.dropped_messages).unwrap_or(i64::MAX)
                 ],
             )?;
         }

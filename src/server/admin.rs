@@ -113,7 +113,7 @@ async fn healthy(shared: &Arc<Shared>) -> Result<(), String> {
     match tokio::task::spawn_blocking(move || s.registry.writable()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let path = shared.registry.path().display();
+            let path = shared.registry.describe();
             return Err(format!("{path} not writable: {e}"));
         }
         Err(e) => return Err(format!("health check failed: {e}")),

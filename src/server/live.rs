@@ -6,9 +6,15 @@
 //! first), the others keep their connection with the current ACL profile, minus the
 //! subscriptions it no longer allows. Sessions not connected now are judged by the same
 //! function through [`Broker::reauthorize`].
+//!
+//! Registry changes reach [`Live::recheck`] two ways, with the same semantics: SQLite's
+//! `data_version` polled by the server (standalone), or the changes the cluster's KV watch
+//! pushes ([`follow`], docs/cluster.md "Registry").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
 
 use rustls_pki_types::{CertificateDer, UnixTime};
 
@@ -19,7 +25,7 @@ use crate::broker::Broker;
 use crate::cert::Fingerprint;
 use crate::config::Config;
 use crate::identity::DeviceName;
-use crate::registry::{Device, Registry, RegistryError, Source};
+use crate::registry::{Backend, ChangeFeed, Changes, Device, RegistryError, Source};
 
 /// One admitted connection, as the re-check needs it.
 #[derive(Debug, Clone)]
@@ -125,7 +131,7 @@ impl Live {
     pub fn recheck(
         &self,
         config: &Config,
-        registry: &Registry,
+        registry: &dyn Backend,
         broker: &Broker,
         scope: Scope<'_>,
     ) -> Result<Recheck, RegistryError> {
@@ -172,7 +178,7 @@ enum Rows {
 }
 
 impl Rows {
-    fn read(registry: &Registry, scope: Scope<'_>) -> Result<Rows, RegistryError> {
+    fn read(registry: &dyn Backend, scope: Scope<'_>) -> Result<Rows, RegistryError> {
         Ok(match scope {
             Scope::All { .. } => Rows::All(
                 registry
@@ -191,4 +197,71 @@ impl Rows {
             Rows::One(row) => row.as_ref().filter(|r| r.name == device.as_str()),
         }
     }
+}
+
+/// Past this many devices changed at once, one re-check of everything is cheaper than one
+/// per device.
+const MANY_CHANGES: usize = 64;
+
+/// Re-checks sessions as the registry backend pushes changes made by others (cluster mode:
+/// another node or `certmq devices` wrote the bucket), until shutdown. Each change is
+/// applied like the standalone registry poll applies one: [`Live::recheck`] of the devices
+/// concerned; an entry replaced under the same name first forgets the old entry's sessions.
+pub async fn follow(
+    shared: Arc<super::Shared>,
+    feed: Arc<ChangeFeed>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let changes = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = feed.next() => c,
+        };
+        let s = shared.clone();
+        let result = tokio::task::spawn_blocking(move || apply(&s, &changes)).await;
+        match result {
+            Ok(Ok(r)) if r.revoked + r.sessions_forgotten > 0 => tracing::info!(
+                revoked = r.revoked,
+                kept = r.kept,
+                forgotten = r.sessions_forgotten,
+                "registry changed: sessions re-checked"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "registry re-check failed; keeping sessions")
+            }
+            Err(e) => tracing::warn!(error = %e, "registry re-check task failed"),
+        }
+    }
+}
+
+/// One batch of pushed changes. Blocking: call from `spawn_blocking`.
+fn apply(shared: &super::Shared, changes: &Changes) -> Result<Recheck, RegistryError> {
+    let config = shared.snapshot().config.clone();
+    let registry = shared.registry.as_ref();
+    for name in &changes.replaced {
+        if let Ok(device) = DeviceName::parse(name) {
+            shared.forget_entry(&device);
+        }
+    }
+    let mut total = Recheck::default();
+    if changes.devices.len() + changes.replaced.len() > MANY_CHANGES {
+        let scope = Scope::All { revalidate: false };
+        return shared
+            .live
+            .recheck(&config, registry, &shared.broker, scope);
+    }
+    for name in changes.devices.iter().chain(&changes.replaced) {
+        let Ok(device) = DeviceName::parse(name) else {
+            continue;
+        };
+        let r = shared
+            .live
+            .recheck(&config, registry, &shared.broker, Scope::Device(&device))?;
+        total.kept += r.kept;
+        total.revoked += r.revoked;
+        total.subscriptions_removed += r.subscriptions_removed;
+        total.sessions_forgotten += r.sessions_forgotten;
+    }
+    Ok(total)
 }

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, Problem, ProblemKind};
 use crate::metrics::Metrics;
-use crate::registry::{Mode, Registry, RegistryError};
+use crate::registry::{Backend, Feed, Mode, Registry, RegistryError};
 use crate::storage::Store;
 use crate::tls::{self, TlsError};
 
@@ -73,7 +73,8 @@ pub struct Shared {
     /// The current snapshot. std RwLock: read for an Arc clone per connection, written only
     /// by a reload; never held across an await.
     current: RwLock<Arc<Snapshot>>,
-    pub registry: Arc<Registry>,
+    /// The device registry: SQLite in `data_dir`, or the cluster's bucket (docs/cluster.md).
+    pub registry: Arc<dyn Backend>,
     pub metrics: Arc<Metrics>,
     /// Sessions, subscriptions, retained messages.
     pub broker: Arc<Broker>,
@@ -101,30 +102,29 @@ impl Shared {
 /// A broker ready to run.
 pub struct Server {
     shared: Arc<Shared>,
+    /// Cluster mode: the registry bucket, read by [`Server::join_cluster`].
+    kv: Option<Arc<crate::cluster::registry::KvRegistry>>,
     /// Restored offline sessions with an expiry deadline, timed from `run`.
     deadlines: Mutex<Vec<(crate::broker::session::SessionRef, i64)>>,
 }
 
 impl Server {
     /// Opens the registry in `data_dir`, enters the pinned devices (a pinned name the
-    /// registry holds for an anchor is a config error), and builds the TLS config.
+    /// registry holds for an anchor is a config error), and builds the TLS config. In
+    /// cluster mode the registry is the cluster's bucket, read by [`Server::join_cluster`].
     pub fn new(config: Config) -> Result<Server, ServerError> {
         // Before any database is opened: two brokers never share a data_dir (SPEC 1).
         let lock = control::DataDirLock::acquire(&config.server.data_dir)?;
-        let registry = Arc::new(Registry::open(&config.server.data_dir)?);
-        // Before the first write: a damaged registry is refused (the message store checks
-        // its own file as it opens).
-        registry.quick_check()?;
-        // The first write happens here: a read-only or full store fails now, naming its file.
-        let recreated = sync_pinned(&config, &registry, Mode::Commit).map_err(|e| match e {
-            ServerError::Registry(RegistryError::Sqlite(source)) => {
-                ServerError::Registry(RegistryError::Open {
-                    path: registry.path().to_path_buf(),
-                    source,
-                })
+        let (registry, kv, recreated): (Arc<dyn Backend>, _, _) = match &config.cluster {
+            None => {
+                let (registry, recreated) = open_registry(&config)?;
+                (registry, None, recreated)
             }
-            other => other,
-        })?;
+            Some(settings) => {
+                let kv = Arc::new(crate::cluster::registry::KvRegistry::new(settings));
+                (kv.clone(), Some(kv), Vec::new())
+            }
+        };
         let (store, mut recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let journal = crate::broker::journal::Journal::new(Arc::new(store));
@@ -146,24 +146,10 @@ impl Server {
                 "restored from the message store"
             );
         }
-        // SPEC 4: restored sessions answer to the current config and registry like any
-        // other. A pinned row recreated just now is a new entry: what was left under its
-        // name belonged to the deleted one.
-        for name in &recreated {
-            if let Ok(device) = crate::identity::DeviceName::parse(name) {
-                broker.forget_device(&device);
-            }
+        // The cluster's registry is read once the node joined (join_cluster).
+        if kv.is_none() {
+            reauthorize_restored(&broker, &config, registry.as_ref(), &recreated)?;
         }
-        let rows: std::collections::HashMap<String, crate::registry::Device> = registry
-            .list()?
-            .into_iter()
-            .map(|d| (d.name.clone(), d))
-            .collect();
-        let now = rustls_pki_types::UnixTime::now();
-        broker.reauthorize(None, |device| {
-            crate::auth::standing(&config, rows.get(device.as_str()), device, None, false, now)
-                .map(|p| Arc::new(p.for_device(device.as_str())))
-        });
         metrics.set_config_gauges(config.gauges());
         metrics.started();
         let config = Arc::new(config);
@@ -173,6 +159,7 @@ impl Server {
             acceptor: TlsAcceptor::from(tls),
         };
         Ok(Server {
+            kv,
             deadlines: Mutex::new(deadlines),
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(snapshot)),
@@ -195,6 +182,9 @@ impl Server {
             return Ok(());
         };
         let node = crate::cluster::Node::join(settings, self.shared.broker.clone()).await?;
+        if let Some(kv) = &self.kv {
+            self.join_registry(kv, &node.cluster).await?;
+        }
         let cluster = &node.cluster;
         tracing::info!(
             node = %cluster.node(),
@@ -205,6 +195,33 @@ impl Server {
         );
         let _ = self.shared.cluster.set(node);
         Ok(())
+    }
+
+    /// Cluster mode: reads the registry bucket into this node's mirror, enters the pinned
+    /// devices, and holds the restored sessions to it (as [`Server::new`] does standalone).
+    async fn join_registry(
+        &self,
+        kv: &crate::cluster::registry::KvRegistry,
+        cluster: &crate::cluster::Cluster,
+    ) -> Result<(), ServerError> {
+        kv.attach(cluster).await?;
+        let (config, shared) = (self.config(), self.shared.clone());
+        tokio::task::spawn_blocking(move || {
+            let recreated = sync_pinned(&config, shared.registry.as_ref(), Mode::Commit)?;
+            reauthorize_restored(
+                &shared.broker,
+                &config,
+                shared.registry.as_ref(),
+                &recreated,
+            )
+        })
+        .await
+        .map_err(|e| {
+            ServerError::Cluster(crate::cluster::ClusterError::jetstream(
+                "entering the pinned devices",
+                e,
+            ))
+        })?
     }
 
     /// The broker's counters.
@@ -370,7 +387,7 @@ impl Server {
 /// pinned row is recreated at start and on reload, as a new entry).
 pub fn sync_pinned(
     config: &Config,
-    registry: &Registry,
+    registry: &dyn Backend,
     mode: Mode,
 ) -> Result<Vec<String>, ServerError> {
     let sync = registry.sync_pinned(&config.devices, mode)?;
@@ -395,7 +412,7 @@ pub fn sync_pinned(
 /// Writes `last_seen_at` and the per-device drop counts every second, and once more at
 /// shutdown.
 async fn flush_last_seen(
-    registry: Arc<Registry>,
+    registry: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -424,8 +441,12 @@ async fn flush_last_seen(
 /// asks for disconnection within 2 seconds; SQLite's `data_version` makes a poll cheap.
 const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Re-checks live sessions when another process changed the registry.
+/// Re-checks live sessions when another process changed the registry: polled (SQLite),
+/// or as the backend pushes changes (the cluster's KV watch, `live::follow`).
 async fn watch_registry(shared: Arc<Shared>, shutdown: CancellationToken) {
+    if let Feed::Push(feed) = shared.registry.feed() {
+        return live::follow(shared, feed, shutdown).await;
+    }
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     let mut seen: Option<i64> = None;
     loop {
@@ -466,6 +487,52 @@ async fn watch_registry(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         seen = Some(version);
     }
+}
+
+/// Standalone: opens the SQLite registry in `data_dir`, checks it, and enters the pinned
+/// devices (the first write: a read-only or full store fails now, naming its file).
+fn open_registry(config: &Config) -> Result<(Arc<dyn Backend>, Vec<String>), ServerError> {
+    let registry = Arc::new(Registry::open(&config.server.data_dir)?);
+    // Before the first write: a damaged registry is refused (the message store checks its
+    // own file as it opens).
+    registry.quick_check()?;
+    let recreated = sync_pinned(config, registry.as_ref(), Mode::Commit).map_err(|e| match e {
+        ServerError::Registry(RegistryError::Sqlite(source)) => {
+            ServerError::Registry(RegistryError::Open {
+                path: registry.path().to_path_buf(),
+                source,
+            })
+        }
+        other => other,
+    })?;
+    Ok((registry, recreated))
+}
+
+/// Contract §4: restored sessions answer to the current config and registry like any other. A
+/// pinned row recreated just now is a new entry: what was left under its name belonged to
+/// the deleted one.
+fn reauthorize_restored(
+    broker: &Broker,
+    config: &Config,
+    registry: &dyn Backend,
+    recreated: &[String],
+) -> Result<(), ServerError> {
+    for name in recreated {
+        if let Ok(device) = crate::identity::DeviceName::parse(name) {
+            broker.forget_device(&device);
+        }
+    }
+    let rows: std::collections::HashMap<String, crate::registry::Device> = registry
+        .list()?
+        .into_iter()
+        .map(|d| (d.name.clone(), d))
+        .collect();
+    let now = rustls_pki_types::UnixTime::now();
+    broker.reauthorize(None, |device| {
+        crate::auth::standing(config, rows.get(device.as_str()), device, None, false, now)
+            .map(|p| Arc::new(p.for_device(device.as_str())))
+    });
+    Ok(())
 }
 
 /// What a reload did, for logs and metrics.

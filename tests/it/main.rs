@@ -8,6 +8,7 @@ mod bench_smoke;
 mod cli;
 mod cli_registry;
 mod cluster;
+mod cluster_registry;
 mod common;
 mod durability;
 mod flow_control;
