@@ -295,8 +295,8 @@ mod tests {
             .session;
         // The expiry timer is registered first, so it fires first at the shared deadline.
         broker.close_session(&session, 1);
-        let will = Will {
-            message: Message {
+        let will = Will::new(
+            Message {
                 topic: TopicName::parse("devices/dev-1/status").unwrap(),
                 payload: bytes::Bytes::from_static(b"gone"),
                 qos: QoS::AtMostOnce,
@@ -305,9 +305,8 @@ mod tests {
                 expires_at: None,
                 store_id: Default::default(),
             },
-            delay: 10,
-            gate: None,
-        };
+            10,
+        );
         broker.publish_will(&session, will, session.generation());
         let received = || {
             broker

@@ -28,6 +28,7 @@ mod retained;
 pub mod router;
 pub mod session;
 mod trie;
+mod wills;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -91,6 +92,30 @@ pub struct Will {
     /// allowed); Err carries the reason for the log. Blocking: it reads the registry and
     /// validates the chain. None: no check beyond the session's ACL (tests).
     pub gate: Option<WillGate>,
+    /// The certificate the connection was admitted with: cluster mode records it with the
+    /// will, for the node that publishes it should this one die. None: tests.
+    pub presenter: Option<remote::WillPresenter>,
+    /// This connection's will among the session's, given by [`Broker::hold_will`] (0: not
+    /// held yet). Only the broker sets it.
+    ticket: u64,
+}
+
+impl Will {
+    /// A will as CONNECT carries it: no gate, no presenter, not held yet.
+    pub fn new(message: Message, delay: u32) -> Will {
+        Will {
+            message,
+            delay,
+            gate: None,
+            presenter: None,
+            ticket: 0,
+        }
+    }
+
+    /// See [`Will::ticket`](field@Will::ticket).
+    pub fn ticket(&self) -> u64 {
+        self.ticket
+    }
 }
 
 /// See [`Will::gate`].
@@ -102,6 +127,8 @@ impl std::fmt::Debug for Will {
             .field("message", &self.message)
             .field("delay", &self.delay)
             .field("gate", &self.gate.is_some())
+            .field("presenter", &self.presenter.is_some())
+            .field("ticket", &self.ticket)
             .finish()
     }
 }
@@ -196,6 +223,11 @@ pub struct Broker {
     stall_timeout: AtomicU64,
     /// Cluster mode: the other nodes (set once, before anything is accepted).
     remote: std::sync::OnceLock<Arc<dyn remote::Remote>>,
+    /// Cluster mode: where wills are kept for the other nodes (set once, before anything
+    /// is accepted).
+    wills: std::sync::OnceLock<Arc<dyn remote::WillKeeper>>,
+    /// The next [`Will::ticket`](field@Will::ticket).
+    next_will: AtomicU64,
 }
 
 /// The router's write guard; see [`Broker::router_mut`].
@@ -289,6 +321,8 @@ impl Broker {
             journal,
             stall_timeout: AtomicU64::new(crate::config::Limits::default().stall_timeout),
             remote: std::sync::OnceLock::new(),
+            wills: std::sync::OnceLock::new(),
+            next_will: AtomicU64::new(1),
         })
     }
 
@@ -310,6 +344,11 @@ impl Broker {
         for (sub, added) in router.take_interest_changes() {
             remote.interest(&sub, added);
         }
+    }
+
+    /// Cluster mode: attaches the keeper of wills. Only the first call has an effect.
+    pub fn attach_wills(&self, keeper: Arc<dyn remote::WillKeeper>) {
+        let _ = self.wills.set(keeper);
     }
 
     /// The message store.
@@ -640,12 +679,33 @@ impl Broker {
         publisher: Option<&SessionRef>,
         pace: bool,
     ) -> Published {
+        let owner = publisher.map(|p| &p.key.device);
+        self.publish_owned(msg, owner, publisher, pace)
+    }
+
+    /// Cluster mode: the will of a session `device` held on a node that died, published by
+    /// this node for it (docs/cluster.md, "Wills of a node that dies") once the caller
+    /// decided the device's standing again. Routed and forwarded as any accepted message; a
+    /// retained will counts against the device's retained quota. Nobody waits for it.
+    pub fn publish_orphan_will(&self, device: &DeviceName, msg: Arc<Message>) -> Published {
+        self.publish_owned(msg, Some(device), None, false)
+    }
+
+    /// [`Broker::publish`] of a message whose retained copy, if any, counts against
+    /// `owner`'s quota.
+    fn publish_owned(
+        &self,
+        msg: Arc<Message>,
+        owner: Option<&DeviceName>,
+        publisher: Option<&SessionRef>,
+        pace: bool,
+    ) -> Published {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
         let mut durable = false;
         if msg.retain {
-            match self.keep_retained(&msg, publisher) {
+            match self.keep_retained(&msg, owner, publisher) {
                 Ok(stored) => durable = stored,
                 // SPEC 4: over the device's quota it is neither retained nor routed.
                 Err(_) => {
@@ -659,7 +719,7 @@ impl Broker {
         let mut out = self.route_local(&msg, publisher, pace);
         out.durable |= durable;
         if let Some(remote) = self.remote.get() {
-            out.remote = remote.forward(&msg, publisher.map(|p| &p.key.device));
+            out.remote = remote.forward(&msg, owner);
         }
         out
     }
@@ -890,13 +950,11 @@ impl Broker {
     /// Publishes a will, now or after its delay unless a connection attaches to the session
     /// first (MQTT 5 §3.1.3.2.2). `generation` is the ending connection's attach generation.
     /// Its topic was checked against the publish ACL at CONNECT; it is checked again here,
-    /// since a reload may have narrowed the profile.
+    /// since a reload may have narrowed the profile. In cluster mode the will's record is
+    /// kept until it is published or cancelled here (`wills.rs`).
     pub fn publish_will(self: &Arc<Self>, session: &SessionRef, will: Will, generation: u64) {
-        let delay = match session.expiry() {
-            Expiry::OnDisconnect => 0,
-            Expiry::After(s) => will.delay.min(s),
-            Expiry::Never => will.delay,
-        };
+        let delay = Self::will_delay(session, &will);
+        let ticket = will.ticket;
         let fire = {
             let broker = self.clone();
             let session = session.clone();
@@ -912,38 +970,61 @@ impl Broker {
             }
         };
         if delay == 0 {
-            fire(will.message);
+            if self.will_ours(session, ticket, false) {
+                fire(will.message);
+            }
+            self.will_settled(session, ticket);
             return;
         }
+        self.will_waits(session, ticket, delay);
         let broker = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            if session.generation() != generation {
-                return; // a connection resumed the session: the will is cancelled
-            }
-            // Ended by a new connection for the client id (clean start) or by forgetting
-            // the device: no will (MQTT 5 §3.1.2.5). Ended by its expiry, at the same
-            // moment the delay ran out (delay >= expiry): the session's end is a trigger.
-            if !broker.is_current(&session) && !session.expired() {
-                tracing::info!(device = ?session.key.device, "will dropped: the session ended");
-                return;
-            }
-            let Will { message, gate, .. } = will;
-            let verdict = match gate {
-                None => Ok(message),
-                Some(gate) => tokio::task::spawn_blocking(move || gate(&message).map(|()| message))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the will check failed: {e}"))),
-            };
-            match verdict {
-                Ok(message) => fire(message),
-                Err(reason) => {
-                    tracing::warn!(device = ?session.key.device, reason = ?reason, "will dropped");
-                    broker.metrics.dropped("revoked", 1);
-                }
-            }
+            broker
+                .fire_delayed_will(&session, will, generation, fire)
+                .await;
+            broker.will_settled(&session, ticket);
         });
+    }
+
+    /// The end of a will's delay: published unless a connection resumed the session, the
+    /// session ended otherwise, another node took it over, or its device may no longer
+    /// publish it.
+    async fn fire_delayed_will(
+        &self,
+        session: &SessionRef,
+        will: Will,
+        generation: u64,
+        fire: impl FnOnce(Message),
+    ) {
+        if session.generation() != generation {
+            return; // a connection resumed the session: the will is cancelled
+        }
+        // Ended by a new connection for the client id (clean start) or by forgetting
+        // the device: no will (MQTT 5 §3.1.2.5). Ended by its expiry, at the same
+        // moment the delay ran out (delay >= expiry): the session's end is a trigger.
+        if !self.is_current(session) && !session.expired() {
+            tracing::info!(device = ?session.key.device, "will dropped: the session ended");
+            return;
+        }
+        if !self.will_ours(session, will.ticket, true) {
+            return;
+        }
+        let Will { message, gate, .. } = will;
+        let verdict = match gate {
+            None => Ok(message),
+            Some(gate) => tokio::task::spawn_blocking(move || gate(&message).map(|()| message))
+                .await
+                .unwrap_or_else(|e| Err(format!("the will check failed: {e}"))),
+        };
+        match verdict {
+            Ok(message) => fire(message),
+            Err(reason) => {
+                tracing::warn!(device = ?session.key.device, reason = ?reason, "will dropped");
+                self.metrics.dropped("revoked", 1);
+            }
+        }
     }
 
     /// Number of sessions (tests, metrics).

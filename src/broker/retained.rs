@@ -29,18 +29,19 @@ impl Broker {
     /// owned by the publishing device, unless that device already holds its quota of
     /// retained topics: then nothing changes, and the refusal is counted and logged.
     /// Ok(true) when the change went to the store (the publisher's acknowledgement waits
-    /// for its commit).
+    /// for its commit). `owner` is the publishing device (a will published for a node that
+    /// died has no publishing session); `publisher` its session, for the log.
     pub(super) fn keep_retained(
         &self,
         msg: &Arc<Message>,
+        owner: Option<&DeviceName>,
         publisher: Option<&SessionRef>,
     ) -> Result<bool, QuotaExceeded> {
-        let owner = publisher.map(|p| &p.key.device);
         let kept = (!msg.payload.is_empty()).then(|| msg.clone());
         let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
         if let Err(refused) = retained.set(&msg.topic, kept.clone(), owner) {
             drop(retained);
-            self.retained_refused(msg, publisher, refused);
+            self.retained_refused(msg, owner, publisher, refused);
             return Err(refused);
         }
         let Some(journal) = &self.journal else {
@@ -85,11 +86,17 @@ impl Broker {
 
     /// Counts a retained message refused over the quota; logged at powers of two of the
     /// running total, so a device retrying in a loop does not flood the log.
-    fn retained_refused(&self, msg: &Message, publisher: Option<&SessionRef>, why: QuotaExceeded) {
+    fn retained_refused(
+        &self,
+        msg: &Message,
+        owner: Option<&DeviceName>,
+        publisher: Option<&SessionRef>,
+        why: QuotaExceeded,
+    ) {
         let total = self.metrics.count_drop("retained_quota");
         if total.is_power_of_two() {
             tracing::warn!(
-                device = ?publisher.map(|p| p.key.device.as_str()),
+                device = ?owner.map(|d| d.as_str()),
                 client_id = ?publisher.map(|p| p.key.client_id.as_str()),
                 topic = ?msg.topic.as_str(),
                 qos = msg.qos as u8,

@@ -18,6 +18,7 @@ use crate::auth::{self, Admission, Decision, Presenter};
 use crate::broker::conn::connect::{self, ClientId, ConnectRequest};
 use crate::broker::expiry::{self, Granted};
 use crate::broker::message::Message;
+use crate::broker::remote::WillPresenter;
 use crate::broker::session::{Expiry, SessionKey};
 use crate::broker::{OpenRefused, Will, WillGate};
 use crate::cert::now_secs;
@@ -149,7 +150,7 @@ pub(super) async fn admit(
     registry_written(shared, &config, &admission).await;
     shared.registry.touch(device.as_str(), now_secs());
     if let Some(w) = will.as_mut() {
-        w.gate = Some(will_gate(shared, &admission, &chain));
+        arm_will(shared, w, &admission, &chain);
     }
     Ok(Accepted {
         req,
@@ -255,34 +256,50 @@ async fn decide(
     }
 }
 
-/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
-/// decided again, and the will's topic under the current profile.
-fn will_gate(
+/// Gives an admitted connection's will its check and the certificate it speaks with.
+fn arm_will(
     shared: &Arc<Shared>,
-    admission: &auth::Admission,
+    will: &mut Will,
+    admission: &Admission,
     chain: &Arc<Vec<CertificateDer<'static>>>,
+) {
+    let presenter = WillPresenter {
+        source: admission.source.clone(),
+        fingerprint: admission.fingerprint,
+        chain: chain.clone(),
+    };
+    will.gate = Some(will_gate(shared, &admission.device, Some(&presenter)));
+    will.presenter = Some(presenter);
+}
+
+/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
+/// decided again, and the will's topic under the current profile. Also the check a node
+/// makes before publishing the will of a node that died (cluster mode), with the
+/// certificate recorded with the will; without one, the device's entry and profile only.
+pub(super) fn will_gate(
+    shared: &Arc<Shared>,
+    device: &DeviceName,
+    presenter: Option<&WillPresenter>,
 ) -> WillGate {
     let shared = shared.clone();
-    let chain = chain.clone();
-    let device = admission.device.clone();
-    let source = admission.source.clone();
-    let fingerprint = admission.fingerprint;
+    let device = device.clone();
+    let presenter = presenter.cloned();
     Arc::new(move |message: &Message| {
         let config = shared.snapshot().config.clone();
         let row = shared
             .registry
             .get(device.as_str())
             .map_err(|e| format!("the registry cannot answer: {e}"))?;
-        let presenter = Presenter {
-            source: &source,
-            fingerprint,
-            chain: &chain,
-        };
+        let presenter = presenter.as_ref().map(|p| Presenter {
+            source: &p.source,
+            fingerprint: p.fingerprint,
+            chain: &p.chain,
+        });
         let profile = auth::standing(
             &config,
             row.as_ref(),
             &device,
-            Some(presenter),
+            presenter,
             true,
             UnixTime::now(),
         )

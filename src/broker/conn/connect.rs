@@ -122,19 +122,16 @@ pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<W
     if !acl.can_publish(&name) {
         return Err(WillRefusal::NotAuthorized(canonical));
     }
-    Ok(Some(Will {
-        message: Message {
-            topic: name,
-            payload,
-            qos,
-            retain,
-            props,
-            expires_at: Message::deadline(expiry, now),
-            store_id: Default::default(),
-        },
-        delay,
-        gate: None,
-    }))
+    let message = Message {
+        topic: name,
+        payload,
+        qos,
+        retain,
+        props,
+        expires_at: Message::deadline(expiry, now),
+        store_id: Default::default(),
+    };
+    Ok(Some(Will::new(message, delay)))
 }
 
 /// The CONNACK refusing a will (code 5 / 0x87 for ACL; 0x90 for an invalid topic in v5).

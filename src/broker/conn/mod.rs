@@ -189,6 +189,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + Sync + 'static,
 {
+    let mut will = will;
+    if let Some(w) = will.as_mut() {
+        broker.hold_will(session, w);
+    }
     let write_limit = params.write_limit;
     let mut conn = Conn {
         broker,
@@ -220,9 +224,11 @@ where
         })
         .await;
     }
-    if end.publishes_will() {
-        if let Some(w) = will {
+    if let Some(w) = will {
+        if end.publishes_will() {
             broker.publish_will(session, w, generation);
+        } else {
+            broker.drop_will(session, &w);
         }
     }
     broker.close_session(session, conn_id);
