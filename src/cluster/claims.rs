@@ -8,7 +8,7 @@
 //! Keys are the SHA-256 of the session key (device, client id) in hex: KV keys allow only
 //! a few ASCII characters, and client ids may be any UTF-8.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ pub struct Claims {
     run: String,
     /// Sessions this node claimed: claim key -> (session key, revision of our claim).
     held: Mutex<HashMap<String, (SessionKey, u64)>>,
+    /// Sessions this node held until a connection on another node claimed them (their
+    /// delayed wills are cancelled here); a new claim here takes the key out again.
+    lost: Mutex<HashSet<String>>,
 }
 
 /// A claim's value.
@@ -71,6 +74,7 @@ impl Claims {
             node: cluster.node().to_owned(),
             run: cluster.run.clone(),
             held: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashSet::new()),
         });
         let watcher = claims.clone();
         let watch = claims
@@ -102,8 +106,47 @@ impl Claims {
                 ))
             }
         };
+        self.lost_keys().remove(&name);
         self.lock().insert(name, (key.clone(), revision));
         Ok(())
+    }
+
+    /// The revision of this node's claim on a session, if it holds one.
+    pub fn revision(&self, key: &SessionKey) -> Option<u64> {
+        self.lock().get(&claim_key(key)).map(|(_, r)| *r)
+    }
+
+    /// Whether a connection on another node claimed a session this node held, since.
+    pub fn lost(&self, key: &SessionKey) -> bool {
+        self.lost_keys().contains(&claim_key(key))
+    }
+
+    /// The current claim on a session (by its claim key): its revision and the run of the
+    /// node that made it; None when nobody claimed it.
+    pub async fn current(&self, claim: &str) -> Result<Option<(u64, String)>, ClusterError> {
+        let read = self.store.entry(claim);
+        let entry = match tokio::time::timeout(CLAIM_TIMEOUT, read).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => return Err(ClusterError::jetstream("reading a session claim", e)),
+            Err(_) => {
+                return Err(ClusterError::jetstream(
+                    "reading a session claim",
+                    format!("no answer within {CLAIM_TIMEOUT:?}"),
+                ))
+            }
+        };
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| {
+                let run = serde_json::from_slice::<Claim>(&e.value)
+                    .map(|c| c.run)
+                    .unwrap_or_default();
+                (e.revision, run)
+            }))
+    }
+
+    fn lost_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (SessionKey, u64)>> {
@@ -147,6 +190,7 @@ impl Claims {
             }
         };
         if let Some((key, _)) = taken {
+            self.lost_keys().insert(entry.key.clone());
             if broker.kick(&key) {
                 tracing::info!(
                     device = ?key.device,

@@ -6,11 +6,15 @@
 //! - [`Names`]: every subject, stream, bucket and consumer name, derived from `prefix`.
 //! - [`Cluster`]: the connection, its JetStream context and its health.
 //! - [`registry`]: the device registry in the `<prefix>_registry` key-value bucket.
+//! - [`claims`]: one session, one node; [`nodes`]: which nodes are alive; [`wills`]: the
+//!   wills of a node that dies, published by another.
 
 pub mod claims;
+pub mod nodes;
 pub mod registry;
 pub mod route;
 pub mod subject;
+pub mod wills;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -144,6 +148,54 @@ pub async fn kv_bucket(
     history: i64,
     description: &str,
 ) -> Result<jetstream::kv::Store, ClusterError> {
+    open_kv(cluster, name, replicas, history, description, true).await
+}
+
+/// The bucket `<prefix>_<what>` (one value per key) whose keys are removed by erasing
+/// their message ([`erase`]) rather than by a delete marker, which a bucket keeps forever:
+/// for keys that are never written again once removed (they name a run of a node), so the
+/// bucket holds what is live and nothing else.
+pub async fn erasable_bucket(
+    cluster: &Cluster,
+    what: &str,
+    description: &str,
+) -> Result<jetstream::kv::Store, ClusterError> {
+    let name = cluster.names.bucket(what);
+    open_kv(cluster, &name, cluster.replicas(), 1, description, false).await
+}
+
+/// Removes the message `revision` of the erasable bucket whose stream is `stream` (see
+/// [`erasable_bucket`]): Ok(true) when this call removed it, Ok(false) when it was no
+/// longer there (replaced, or removed by another node first). This is the compare-and-set
+/// that gives a key to exactly one of several nodes racing for it.
+pub async fn erase(cluster: &Cluster, stream: &str, revision: u64) -> Result<bool, ClusterError> {
+    /// The JetStream API's answer (`success`, or an `error`).
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        success: bool,
+        error: Option<serde_json::Value>,
+    }
+    // `no_erase`: the message is removed, not overwritten on disk first.
+    let request = serde_json::json!({ "seq": revision, "no_erase": true });
+    let answer: Answer = cluster
+        .js
+        .request(format!("STREAM.MSG.DELETE.{stream}"), &request)
+        .await
+        .map_err(|e| ClusterError::jetstream(format!("removing a value from {stream}"), e))?;
+    Ok(answer.error.is_none() && answer.success)
+}
+
+/// Opens (creating) a bucket; `deny_delete` as the stream setting (false for
+/// [`erasable_bucket`]).
+async fn open_kv(
+    cluster: &Cluster,
+    name: &str,
+    replicas: usize,
+    history: i64,
+    description: &str,
+    deny_delete: bool,
+) -> Result<jetstream::kv::Store, ClusterError> {
     use jetstream::stream;
     let config = stream::Config {
         name: format!("KV_{name}"),
@@ -153,7 +205,7 @@ pub async fn kv_bucket(
         storage: stream::StorageType::File,
         num_replicas: replicas,
         allow_rollup: true,
-        deny_delete: true,
+        deny_delete,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
@@ -191,19 +243,27 @@ pub struct Cluster {
 pub struct Node {
     pub cluster: Cluster,
     pub claims: Arc<claims::Claims>,
+    pub wills: Arc<wills::Wills>,
 }
 
 impl Node {
     /// Joins: connects, creates what is missing in JetStream, loads the retained
-    /// messages, starts routing and the claims watch, attaches to the broker.
+    /// messages, starts routing, the claims watch and the heartbeat, attaches to the
+    /// broker. Taking over dead nodes' wills starts later ([`wills::Wills::inherit`]),
+    /// once the registry answers.
     pub async fn join(
         settings: &Settings,
         broker: Arc<crate::broker::Broker>,
     ) -> Result<Node, ClusterError> {
         let cluster = Cluster::connect(settings).await?;
         route::Fabric::start(cluster.clone(), broker.clone()).await?;
-        let claims = claims::Claims::start(&cluster, broker).await?;
-        Ok(Node { cluster, claims })
+        let claims = claims::Claims::start(&cluster, broker.clone()).await?;
+        let wills = wills::Wills::start(&cluster, claims.clone(), &broker).await?;
+        Ok(Node {
+            cluster,
+            claims,
+            wills,
+        })
     }
 }
 

@@ -185,6 +185,8 @@ impl Server {
         if let Some(kv) = &self.kv {
             self.join_registry(kv, &node.cluster).await?;
         }
+        node.wills
+            .inherit(self.shared.broker.clone(), will_gates(&self.shared));
         let cluster = &node.cluster;
         tracing::info!(
             node = %cluster.node(),
@@ -350,6 +352,10 @@ impl Server {
                 "grace period over; closing the rest"
             );
         }
+        // Cluster mode: the wills still waiting out their delay go to the other nodes.
+        if let Some(node) = shared.cluster.get() {
+            node.wills.stop(SHUTDOWN_GRACE).await;
+        }
         let _ = flusher.await;
         let _ = watcher.await;
         if let Some(t) = control_task {
@@ -440,6 +446,17 @@ async fn flush_last_seen(
 /// How often the registry is polled for changes made by the `certmq devices` CLI. SPEC 1
 /// asks for disconnection within 2 seconds; SQLite's `data_version` makes a poll cheap.
 const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Cluster mode: the check a will of a node that died passes before this node publishes
+/// it (the same as its own delayed wills pass, `admit::will_gate`). Holds the server
+/// weakly: the cluster side lives inside it.
+fn will_gates(shared: &Arc<Shared>) -> crate::broker::remote::WillGates {
+    let weak = Arc::downgrade(shared);
+    Arc::new(move |device, presenter| match weak.upgrade() {
+        Some(shared) => admit::will_gate(&shared, device, presenter),
+        None => Arc::new(|_| Err("the server stopped".to_owned())),
+    })
+}
 
 /// Re-checks live sessions when another process changed the registry: polled (SQLite),
 /// or as the backend pushes changes (the cluster's KV watch, `live::follow`).

@@ -1,0 +1,295 @@
+//! The records of this node's wills, written in the background: the broker's calls only
+//! queue a change ([`Op`]); this task keeps, per key, what the bucket should hold and
+//! writes it, several keys at a time but one write per key at a time, so a key's writes
+//! land in the order they were asked. Changes to a key that arrive while it is being
+//! written are folded into its next write (a connection that comes and goes within one
+//! write costs one more write, not two). A write that fails (NATS away) is retried every
+//! [`RETRY`] until it succeeds or is no longer wanted: memory holds at most one pending
+//! value per connection with a will.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::Record;
+use crate::cluster::Cluster;
+
+/// How often failed writes are tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// Writes in flight at once.
+const IN_FLIGHT: usize = 64;
+/// How long one write may take.
+const WRITE_LIMIT: Duration = Duration::from_secs(5);
+
+/// A change to one of this node's records (keys are `<claim key>.<this run>`).
+#[derive(Debug)]
+pub(super) enum Op {
+    /// A connection with a will attached.
+    Set { key: String, record: Box<Record> },
+    /// The connection of `ticket` ended at `ended` (unix ms); its will waits `delay` s.
+    Pending {
+        key: String,
+        ticket: u64,
+        delay: u32,
+        ended: i64,
+    },
+    /// The will of `ticket` was published or cancelled here.
+    Clear { key: String, ticket: u64 },
+    /// Answer once every change asked so far is written (graceful stop).
+    Flush(oneshot::Sender<()>),
+}
+
+/// What the writer needs.
+pub(super) struct Writer {
+    pub cluster: Cluster,
+    pub store: kv::Store,
+    /// Tickets another node took over (shared with `Wills::will_ours`).
+    pub taken: Arc<Mutex<HashSet<u64>>>,
+}
+
+/// One key's state.
+#[derive(Debug, Default)]
+struct Slot {
+    /// What the bucket should hold: this record, or nothing.
+    want: Option<Box<Record>>,
+    /// The revision of this node's value in the bucket, when known.
+    written: Option<u64>,
+    /// `want` changed since the last write started.
+    dirty: bool,
+    /// A write is in flight.
+    busy: bool,
+    /// In the queue of keys waiting for a write (once at most).
+    queued: bool,
+}
+
+/// How a write ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The bucket holds the wanted value at this revision (None: nothing).
+    Wrote(Option<u64>),
+    /// The value is no longer this node's: another node took it over.
+    Taken(u64),
+    Failed(String),
+}
+
+/// Runs until the broker side goes away.
+pub(super) async fn run(writer: Writer, mut ops: mpsc::UnboundedReceiver<Op>) {
+    let writer = Arc::new(writer);
+    let mut slots: HashMap<String, Slot> = HashMap::new();
+    let mut waiting: VecDeque<String> = VecDeque::new();
+    let mut tasks: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut retry = tokio::time::interval(RETRY);
+    let mut failing = false;
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        tokio::select! {
+            op = ops.recv() => {
+                match op {
+                    None => return,
+                    Some(Op::Flush(done)) => flushes.push(done),
+                    Some(op) => {
+                        if let Some(key) = apply(&mut slots, op) {
+                            enqueue(&mut slots, &mut waiting, key);
+                        }
+                    }
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok((key, outcome)) = done else { continue };
+                if let Outcome::Failed(why) = &outcome {
+                    if !failing {
+                        tracing::warn!(error = %why, "will records not written to the cluster; retrying");
+                    }
+                    failing = true;
+                } else {
+                    failing = false;
+                }
+                if settle(&writer, &mut slots, &key, outcome) {
+                    enqueue(&mut slots, &mut waiting, key);
+                }
+            }
+            _ = retry.tick() => {
+                let due: Vec<String> = slots
+                    .iter()
+                    .filter(|(_, s)| s.dirty && !s.busy && !s.queued)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in due {
+                    enqueue(&mut slots, &mut waiting, key);
+                }
+            }
+        }
+        while tasks.len() < IN_FLIGHT {
+            let Some(key) = waiting.pop_front() else {
+                break;
+            };
+            let Some(slot) = slots.get_mut(&key) else {
+                continue;
+            };
+            slot.queued = false;
+            if slot.busy {
+                continue;
+            }
+            if !slot.dirty {
+                if slot.want.is_none() && slot.written.is_none() {
+                    slots.remove(&key);
+                }
+                continue;
+            }
+            slot.busy = true;
+            slot.dirty = false;
+            let (want, written, w) = (slot.want.clone(), slot.written, writer.clone());
+            tasks.spawn(async move {
+                let outcome =
+                    match tokio::time::timeout(WRITE_LIMIT, w.write(&key, want, written)).await {
+                        Ok(o) => o,
+                        Err(_) => Outcome::Failed(format!("no answer within {WRITE_LIMIT:?}")),
+                    };
+                (key, outcome)
+            });
+        }
+        if !flushes.is_empty() && slots.values().all(|s| !s.dirty && !s.busy) {
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Queues a key for a write unless it is queued already.
+fn enqueue(slots: &mut HashMap<String, Slot>, waiting: &mut VecDeque<String>, key: String) {
+    if let Some(slot) = slots.get_mut(&key) {
+        if !slot.queued {
+            slot.queued = true;
+            waiting.push_back(key);
+        }
+    }
+}
+
+/// Folds a change into its key's slot; Some(key) when the key needs a write.
+fn apply(slots: &mut HashMap<String, Slot>, op: Op) -> Option<String> {
+    match op {
+        Op::Set { key, record } => {
+            let slot = slots.entry(key.clone()).or_default();
+            slot.want = Some(record);
+            slot.dirty = true;
+            Some(key)
+        }
+        Op::Pending {
+            key,
+            ticket,
+            delay,
+            ended,
+        } => {
+            let slot = slots.get_mut(&key)?;
+            let record = slot.want.as_mut().filter(|r| r.ticket == ticket)?;
+            record.ended = Some(ended);
+            record.delay = delay;
+            slot.dirty = true;
+            Some(key)
+        }
+        Op::Clear { key, ticket } => {
+            let slot = slots.get_mut(&key)?;
+            slot.want.as_ref().filter(|r| r.ticket == ticket)?;
+            slot.want = None;
+            slot.dirty = true;
+            Some(key)
+        }
+        Op::Flush(_) => None,
+    }
+}
+
+/// Applies a finished write to its slot; true when the key needs another write now.
+fn settle(writer: &Writer, slots: &mut HashMap<String, Slot>, key: &str, outcome: Outcome) -> bool {
+    let Some(slot) = slots.get_mut(key) else {
+        return false;
+    };
+    slot.busy = false;
+    match outcome {
+        Outcome::Wrote(revision) => slot.written = revision,
+        Outcome::Taken(ticket) => {
+            tracing::warn!(key, "a will recorded here was taken over by another node (this node was taken for dead): it is not published here");
+            writer
+                .taken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ticket);
+            slot.written = None;
+            if !slot.dirty {
+                slot.want = None;
+            }
+        }
+        // Retried on the next tick.
+        Outcome::Failed(_) => {
+            slot.dirty = true;
+            return false;
+        }
+    }
+    if slot.dirty {
+        return true;
+    }
+    if slot.want.is_none() && !slot.queued {
+        slots.remove(key);
+    }
+    false
+}
+
+impl Writer {
+    /// Makes the bucket hold `want` under `key`, knowing this node's value there is at
+    /// `written`. A record whose connection ended is updated by compare-and-set, which
+    /// fails when another node took the record over; everything else is a plain put.
+    async fn write(&self, key: &str, want: Option<Box<Record>>, written: Option<u64>) -> Outcome {
+        match (want, written) {
+            (Some(record), Some(revision)) if record.ended.is_some() => {
+                self.update(key, &record, revision).await
+            }
+            (Some(record), _) => match self.store.put(key, record.encode()).await {
+                Ok(revision) => Outcome::Wrote(Some(revision)),
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
+            (None, Some(revision)) => {
+                match crate::cluster::erase(&self.cluster, &self.store.stream_name, revision).await
+                {
+                    // Gone either way: removed now, or taken over by another node.
+                    Ok(_) => Outcome::Wrote(None),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            (None, None) => Outcome::Wrote(None),
+        }
+    }
+
+    async fn update(&self, key: &str, record: &Record, revision: u64) -> Outcome {
+        use kv::UpdateErrorKind;
+        let e = match self.store.update(key, record.encode(), revision).await {
+            Ok(revision) => return Outcome::Wrote(Some(revision)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        // The value moved: taken over, unless it is still ours at another revision (the
+        // answer to an earlier write of ours was lost); then once more at that one.
+        match self.store.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                let ours = Record::decode(&entry.value)
+                    .is_ok_and(|r| r.run == self.cluster.run && r.ticket == record.ticket);
+                if !ours {
+                    return Outcome::Taken(record.ticket);
+                }
+                match self
+                    .store
+                    .update(key, record.encode(), entry.revision)
+                    .await
+                {
+                    Ok(revision) => Outcome::Wrote(Some(revision)),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            Ok(_) => Outcome::Taken(record.ticket),
+            Err(read) => Outcome::Failed(format!("{e}; then {read}")),
+        }
+    }
+}
