@@ -478,3 +478,305 @@ async fn a_shared_subscription_spans_nodes_and_delivers_each_message_once() {
     want.sort();
     assert_eq!(seen, want, "every message to exactly one member");
 }
+
+// Wills of a node that dies (docs/cluster.md): kill -9 of the node a device with a will is
+// connected to; a surviving node publishes the will once the dead node's heartbeat is
+// stale (10 s), exactly once, after what remains of its delay, unless the device came
+// back first or said goodbye.
+
+use crate::common::coretests::{Msg, WillMsg};
+
+/// The documented bound on a will's latency after its node died: the heartbeat going
+/// stale (10 s) and the survivors noticing it (up to 3 s), plus the will's delay. Tests
+/// allow twice as much.
+const WILL_BOUND: Duration = Duration::from_secs(15);
+
+/// Fleet device `name` connected to `addr` with a QoS 1 will "gone" on
+/// `devices/NAME/status` (MQTT 5 with `delay`: a persistent session, so that the delay is
+/// not capped by a session ending at once).
+async fn with_will(fx: &Fixture, addr: std::net::SocketAddr, v: V, name: &str, delay: u32) -> Peer {
+    let creds = fx.client(&fx.device(&format!("{name}.devices.example.com")));
+    let opts = Opts {
+        clean: delay == 0,
+        will: Some(WillMsg {
+            topic: format!("devices/{name}/status"),
+            payload: b"gone".to_vec(),
+            qos: 1,
+            retain: false,
+            delay,
+        }),
+    };
+    Peer::connect(&creds, addr, v, name, &opts).await
+}
+
+/// A backend client on `addr` subscribed to every device's status.
+async fn watcher(t: &Two, addr: std::net::SocketAddr, id: &str) -> Peer {
+    let mut w = Peer::connect(&t.backend, addr, V::V5, id, &Opts::default()).await;
+    assert_eq!(w.subscribe("devices/+/status", 1).await, 1);
+    w
+}
+
+/// The next PUBLISH within `limit`, if any.
+async fn within(peer: &mut Peer, limit: Duration) -> Option<Msg> {
+    tokio::time::timeout(limit, peer.try_recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test]
+async fn the_will_of_a_device_on_a_killed_node_is_published_by_the_survivor() {
+    let Some(t) = Two::start().await else { return };
+    let _device = with_will(&t.fx, t.a.mqtt, V::V4, "d1", 0).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    let killed = Instant::now();
+    t.a.kill();
+    let got = within(&mut on_b, 2 * WILL_BOUND)
+        .await
+        .expect("the will arrived on the surviving node");
+    let took = killed.elapsed();
+    eprintln!("will of a killed node published after {took:?}");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.qos),
+        ("devices/d1/status", &b"gone"[..], 1)
+    );
+    // Not before the dead node's heartbeat went stale.
+    assert!(took >= Duration::from_secs(5), "published after {took:?}");
+    assert!(
+        within(&mut on_b, Duration::from_secs(2)).await.is_none(),
+        "one copy"
+    );
+    drop(t.b);
+}
+
+#[tokio::test]
+async fn a_delayed_will_of_a_killed_node_waits_for_its_delay() {
+    let Some(t) = Two::start().await else { return };
+    let delay = 20;
+    let _device = with_will(&t.fx, t.a.mqtt, V::V5, "d2", delay).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    let killed = Instant::now();
+    t.a.kill();
+    let got = within(
+        &mut on_b,
+        Duration::from_secs(delay.into()) + 2 * WILL_BOUND,
+    )
+    .await
+    .expect("the delayed will arrived on the surviving node");
+    let took = killed.elapsed();
+    eprintln!("will with a {delay} s delay published {took:?} after its node was killed");
+    assert_eq!(got.topic, "devices/d2/status");
+    // The delay counts from the node's last heartbeat (at most 2 s before the kill, seen
+    // up to 1 s late).
+    assert!(took >= Duration::from_secs(15), "published after {took:?}");
+    drop(t.b);
+}
+
+#[tokio::test]
+async fn a_device_back_on_another_node_before_the_delay_passed_has_no_will_published() {
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let _device = with_will(&t.fx, t.a.mqtt, V::V5, "d3", 20).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    t.a.kill();
+    // Back at once, on the surviving node, on the same session.
+    let creds = t.fx.client(&t.fx.device("d3.devices.example.com"));
+    let back = Opts {
+        clean: false,
+        will: None,
+    };
+    let _again = Peer::connect(&creds, t.b.mqtt, V::V5, "d3", &back).await;
+    t.b.wait_line("took over the will of a session on a node that died")
+        .await;
+    t.b.wait_line("will cancelled: the session has a new connection")
+        .await;
+    assert!(
+        within(&mut on_b, Duration::from_secs(2)).await.is_none(),
+        "no will once the device is back"
+    );
+}
+
+#[tokio::test]
+async fn a_will_cancelled_by_disconnect_is_not_published_when_its_node_dies() {
+    let Some(t) = Two::start().await else { return };
+    let quiet = with_will(&t.fx, t.a.mqtt, V::V4, "quiet", 0).await;
+    let _kept = with_will(&t.fx, t.a.mqtt, V::V4, "kept", 0).await;
+    quiet.disconnect().await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    t.a.kill();
+    // Both records would be taken in one look at the dead node's wills.
+    let got = within(&mut on_b, 2 * WILL_BOUND)
+        .await
+        .expect("the will of the device still connected arrived");
+    assert_eq!(got.topic, "devices/kept/status");
+    let more = within(&mut on_b, Duration::from_secs(3)).await;
+    assert!(more.is_none(), "no other will: {more:?}");
+    drop(t.b);
+}
+
+#[tokio::test]
+async fn two_survivors_publish_each_will_of_a_dead_node_once() {
+    let Some(t) = Two::start().await else { return };
+    let body = format!(
+        "{}\n{}\n{BACKEND_PROFILE}",
+        Fixture::fleet_anchor(true),
+        pinned("backend", "backend.pem", "backend")
+    );
+    let c = start_node(&t.fx, &t._nats, "c", &body).await;
+    const N: usize = 6;
+    let mut devices = Vec::new();
+    for i in 0..N {
+        devices.push(with_will(&t.fx, t.a.mqtt, V::V4, &format!("m{i}"), 0).await);
+    }
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    let mut on_c = watcher(&t, c.mqtt, "watch-c").await;
+    // Each survivor's copy must be able to reach the other's watcher.
+    let mut probe_b = Peer::connect(&t.backend, t.b.mqtt, V::V5, "probe-b", &Opts::default()).await;
+    let mut probe_c = Peer::connect(&t.backend, c.mqtt, V::V5, "probe-c", &Opts::default()).await;
+    until_routed(&mut probe_b, &mut on_c, "devices/probe/status").await;
+    until_routed(&mut probe_c, &mut on_b, "devices/probe/status").await;
+    t.a.kill();
+    let mut seen_b = Vec::new();
+    let mut seen_c = Vec::new();
+    // Late probes are not wills.
+    let will = |m: Msg| (m.topic != "devices/probe/status").then_some(m.topic);
+    let deadline = tokio::time::Instant::now() + 2 * WILL_BOUND;
+    while seen_b.len() < N || seen_c.len() < N {
+        tokio::select! {
+            Some(m) = on_b.try_recv() => seen_b.extend(will(m)),
+            Some(m) = on_c.try_recv() => seen_c.extend(will(m)),
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    // A second copy from the other survivor would come within moments.
+    let grace = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        tokio::select! {
+            Some(m) = on_b.try_recv() => seen_b.extend(will(m)),
+            Some(m) = on_c.try_recv() => seen_c.extend(will(m)),
+            () = tokio::time::sleep_until(grace) => break,
+        }
+    }
+    let want: Vec<String> = (0..N).map(|i| format!("devices/m{i}/status")).collect();
+    seen_b.sort();
+    seen_c.sort();
+    assert_eq!(seen_b, want, "on b: every will, once");
+    assert_eq!(seen_c, want, "on c: every will, once");
+    let published = |p: &Proc| {
+        p.stderr()
+            .matches("published the will of a session on a node that died")
+            .count()
+    };
+    let (by_b, by_c) = (published(&t.b), published(&c));
+    eprintln!("wills of the dead node published by b: {by_b}, by c: {by_c}");
+    assert_eq!(by_b + by_c, N);
+}
+
+#[tokio::test]
+async fn a_node_restarted_after_a_crash_has_its_old_wills_published_once() {
+    let Some(t) = Two::start().await else { return };
+    let _device = with_will(&t.fx, t.a.mqtt, V::V4, "r1", 0).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    let killed = Instant::now();
+    t.a.kill();
+    // The same node again, a new run: the old run is dead at once, for both nodes.
+    let config = t.fx.path("certmq-a.toml");
+    let again = Proc::start(&t.fx, &config).await;
+    let got = within(&mut on_b, 2 * WILL_BOUND)
+        .await
+        .expect("the old run's will arrived");
+    eprintln!(
+        "will of a crashed node's earlier run published {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(got.topic, "devices/r1/status");
+    let more = within(&mut on_b, Duration::from_secs(3)).await;
+    assert!(more.is_none(), "one copy only: {more:?}");
+    let published = |p: &Proc| {
+        p.stderr()
+            .matches("published the will of a session on a node that died")
+            .count()
+    };
+    assert_eq!(published(&again) + published(&t.b), 1);
+}
+
+/// The compare-and-set survivors race with: of many nodes erasing one revision of a will
+/// record at once, exactly one succeeds, and a revision replaced since is nobody's.
+#[tokio::test]
+async fn erasing_a_will_record_gives_it_to_exactly_one_of_the_racers() {
+    use certmq::cluster::{erasable_bucket, erase, Cluster};
+    let Some(nats) = Nats::start() else { return };
+    let settings = certmq::config::Cluster {
+        node: "racer".into(),
+        nats: vec![nats.url()],
+        prefix: "race".into(),
+        replicas: 1,
+        credentials: None,
+        tls_ca: None,
+    };
+    let cluster = Cluster::connect(&settings).await.expect("connected");
+    let store = erasable_bucket(&cluster, "wills", "test")
+        .await
+        .expect("bucket");
+    for round in 0..20 {
+        let key = format!("k{round}.00");
+        let revision = store.put(&key, "v".into()).await.expect("put");
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let (cluster, stream) = (cluster.clone(), store.stream_name.clone());
+                tokio::spawn(async move { erase(&cluster, &stream, revision).await })
+            })
+            .collect();
+        let mut won = 0;
+        for r in racers {
+            if r.await.expect("joined").expect("an answer") {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+        assert!(
+            store.entry(&key).await.expect("read").is_none(),
+            "no marker left"
+        );
+    }
+    let first = store.put("moved.00", "1".into()).await.expect("put");
+    store.put("moved.00", "2".into()).await.expect("put");
+    assert!(!erase(&cluster, &store.stream_name, first)
+        .await
+        .expect("an answer"));
+    assert!(store.entry("moved.00").await.expect("read").is_some());
+}
+
+/// A node stopped gracefully (SIGTERM) publishes no will for the connections it closes
+/// (as standalone), and hands the wills still waiting out their delay to the others at
+/// once, rather than after its heartbeat goes stale.
+#[tokio::test]
+async fn a_node_stopped_gracefully_hands_over_its_waiting_wills_at_once() {
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let _closed = with_will(&t.fx, t.a.mqtt, V::V4, "closed", 0).await;
+    let waiting = with_will(&t.fx, t.a.mqtt, V::V5, "waiting", 3).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    // Gone without DISCONNECT: its will waits 3 s on node a.
+    waiting.drop_tcp().await;
+    let ended = t.a.wait_line("session ended").await;
+    assert!(ended.contains("waiting"), "{ended}");
+    let stopped = Instant::now();
+    t.a.signal("TERM");
+    t.a.wait_exit(WAIT).await;
+    let got = within(&mut on_b, 2 * WILL_BOUND)
+        .await
+        .expect("the waiting will arrived");
+    let took = stopped.elapsed();
+    eprintln!("waiting will of a stopped node published {took:?} after SIGTERM");
+    assert_eq!(got.topic, "devices/waiting/status");
+    // Not after the 10 s a stale heartbeat takes.
+    assert!(took < Duration::from_secs(8), "published after {took:?}");
+    let more = within(&mut on_b, Duration::from_secs(3)).await;
+    assert!(
+        more.is_none(),
+        "no will for the closed connection: {more:?}"
+    );
+}
