@@ -78,6 +78,9 @@ pub struct Liveness {
     stopped: std::sync::atomic::AtomicBool,
     /// When the bucket was last listed.
     listed: Mutex<Option<Instant>>,
+    /// Told when a heartbeat is written after a gap long enough for the other nodes to
+    /// have taken this run for dead.
+    gap: tokio::sync::Notify,
 }
 
 impl Liveness {
@@ -99,6 +102,7 @@ impl Liveness {
             replaced: Mutex::new(HashMap::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
             listed: Mutex::new(None),
+            gap: tokio::sync::Notify::new(),
         });
         live.beat(false)
             .await
@@ -123,12 +127,22 @@ impl Liveness {
 
     async fn keep_beating(self: Arc<Self>) {
         let mut failing = false;
+        let mut last = Instant::now();
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
             }
-            match self.beat(false).await {
+            let result = self.beat(false).await;
+            if result.is_ok() {
+                // Another node may have seen no change for DEAD_AFTER meanwhile.
+                if last.elapsed() + HEARTBEAT >= DEAD_AFTER {
+                    tracing::warn!(node = %self.node, gap_s = last.elapsed().as_secs(), "no heartbeat for long enough to be taken for dead: checking this node's wills");
+                    self.gap.notify_one();
+                }
+                last = Instant::now();
+            }
+            match result {
                 Ok(_) if failing => {
                     failing = false;
                     tracing::info!(node = %self.node, "heartbeat written again");
@@ -151,6 +165,12 @@ impl Liveness {
         if let Err(e) = self.beat(true).await {
             tracing::warn!(error = %e, dead_after_s = DEAD_AFTER.as_secs(), "this node's stop not written: the other nodes notice it when its heartbeat is stale");
         }
+    }
+
+    /// Completes after a heartbeat written following a gap long enough for the other
+    /// nodes to have taken this run for dead (and possibly its wills over).
+    pub async fn gap_ended(&self) {
+        self.gap.notified().await;
     }
 
     fn seen(&self) -> MutexGuard<'_, HashMap<String, Seen>> {

@@ -780,3 +780,28 @@ async fn a_node_stopped_gracefully_hands_over_its_waiting_wills_at_once() {
         "no will for the closed connection: {more:?}"
     );
 }
+
+/// A node frozen for longer than the dead-node bound is taken for dead: the surviving
+/// node publishes the wills of its devices (they may still be connected to it: nothing
+/// tells a dead node from an unreachable one). Back, the node learns that its records were
+/// taken over and does not publish those wills a second time when the connections end.
+#[tokio::test]
+async fn a_node_taken_for_dead_does_not_publish_the_wills_taken_over_again() {
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let device = with_will(&t.fx, t.a.mqtt, V::V4, "frozen", 0).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    t.a.signal("STOP");
+    t.b.wait_line("published the will of a session on a node that died")
+        .await;
+    t.a.signal("CONT");
+    let got = within(&mut on_b, WAIT).await.expect("the survivor's copy");
+    assert_eq!(got.topic, "devices/frozen/status");
+    t.a.wait_line("taken over by another node").await;
+    // The connection ends now, without DISCONNECT: its will was published already.
+    device.drop_tcp().await;
+    t.a.wait_line("will not published here").await;
+    let more = within(&mut on_b, Duration::from_secs(2)).await;
+    assert!(more.is_none(), "a second copy: {more:?}");
+}

@@ -272,6 +272,15 @@ impl Wills {
             },
             rx,
         ));
+        let (live, audit) = (liveness.clone(), ops.clone());
+        tokio::spawn(async move {
+            loop {
+                live.gap_ended().await;
+                if audit.send(writer::Op::Audit).is_err() {
+                    return;
+                }
+            }
+        });
         let wills = Arc::new(Wills {
             cluster: cluster.clone(),
             store,

@@ -6,6 +6,10 @@
 //! write costs one more write, not two). A write that fails (NATS away) is retried every
 //! [`RETRY`] until it succeeds or is no longer wanted: memory holds at most one pending
 //! value per connection with a will.
+//!
+//! After this node could not write its heartbeat for long enough to be taken for dead
+//! ([`Op::Audit`]), every record it wrote is read back: one that another node took over
+//! is marked, so that its will is not published here as well.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -39,6 +43,8 @@ pub(super) enum Op {
     },
     /// The will of `ticket` was published or cancelled here.
     Clear { key: String, ticket: u64 },
+    /// This node may have been taken for dead: read every record back.
+    Audit,
     /// Answer once every change asked so far is written (graceful stop).
     Flush(oneshot::Sender<()>),
 }
@@ -51,15 +57,24 @@ pub(super) struct Writer {
     pub taken: Arc<Mutex<HashSet<u64>>>,
 }
 
+/// This node's value in the bucket under one key: its revision and its will's ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Written {
+    revision: u64,
+    ticket: u64,
+}
+
 /// One key's state.
 #[derive(Debug, Default)]
 struct Slot {
     /// What the bucket should hold: this record, or nothing.
     want: Option<Box<Record>>,
-    /// The revision of this node's value in the bucket, when known.
-    written: Option<u64>,
+    /// This node's value in the bucket, when known.
+    written: Option<Written>,
     /// `want` changed since the last write started.
     dirty: bool,
+    /// Read `written` back before the next write ([`Op::Audit`]).
+    verify: bool,
     /// A write is in flight.
     busy: bool,
     /// In the queue of keys waiting for a write (once at most).
@@ -69,11 +84,12 @@ struct Slot {
 /// How a write ended.
 #[derive(Debug)]
 enum Outcome {
-    /// The bucket holds the wanted value at this revision (None: nothing).
-    Wrote(Option<u64>),
-    /// The value is no longer this node's: another node took it over.
+    /// The bucket holds the wanted value (None: nothing).
+    Wrote(Option<Written>),
+    /// The value of this ticket is no longer this node's: another node took it over.
     Taken(u64),
-    Failed(String),
+    /// Not written; `verify` still to do if it was asked.
+    Failed { why: String, verify: bool },
 }
 
 /// Runs until the broker side goes away.
@@ -92,7 +108,7 @@ pub(super) async fn run(writer: Writer, mut ops: mpsc::UnboundedReceiver<Op>) {
                     None => return,
                     Some(Op::Flush(done)) => flushes.push(done),
                     Some(op) => {
-                        if let Some(key) = apply(&mut slots, op) {
+                        for key in apply(&mut slots, op) {
                             enqueue(&mut slots, &mut waiting, key);
                         }
                     }
@@ -100,7 +116,7 @@ pub(super) async fn run(writer: Writer, mut ops: mpsc::UnboundedReceiver<Op>) {
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok((key, outcome)) = done else { continue };
-                if let Outcome::Failed(why) = &outcome {
+                if let Outcome::Failed { why, .. } = &outcome {
                     if !failing {
                         tracing::warn!(error = %why, "will records not written to the cluster; retrying");
                     }
@@ -123,40 +139,54 @@ pub(super) async fn run(writer: Writer, mut ops: mpsc::UnboundedReceiver<Op>) {
                 }
             }
         }
-        while tasks.len() < IN_FLIGHT {
-            let Some(key) = waiting.pop_front() else {
-                break;
-            };
-            let Some(slot) = slots.get_mut(&key) else {
-                continue;
-            };
-            slot.queued = false;
-            if slot.busy {
-                continue;
-            }
-            if !slot.dirty {
-                if slot.want.is_none() && slot.written.is_none() {
-                    slots.remove(&key);
-                }
-                continue;
-            }
-            slot.busy = true;
-            slot.dirty = false;
-            let (want, written, w) = (slot.want.clone(), slot.written, writer.clone());
-            tasks.spawn(async move {
-                let outcome =
-                    match tokio::time::timeout(WRITE_LIMIT, w.write(&key, want, written)).await {
-                        Ok(o) => o,
-                        Err(_) => Outcome::Failed(format!("no answer within {WRITE_LIMIT:?}")),
-                    };
-                (key, outcome)
-            });
-        }
+        start(&writer, &mut slots, &mut waiting, &mut tasks);
         if !flushes.is_empty() && slots.values().all(|s| !s.dirty && !s.busy) {
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
         }
+    }
+}
+
+/// Starts writes for queued keys, up to [`IN_FLIGHT`] at once.
+fn start(
+    writer: &Arc<Writer>,
+    slots: &mut HashMap<String, Slot>,
+    waiting: &mut VecDeque<String>,
+    tasks: &mut JoinSet<(String, Outcome)>,
+) {
+    while tasks.len() < IN_FLIGHT {
+        let Some(key) = waiting.pop_front() else {
+            return;
+        };
+        let Some(slot) = slots.get_mut(&key) else {
+            continue;
+        };
+        slot.queued = false;
+        if slot.busy {
+            continue;
+        }
+        if !slot.dirty {
+            if slot.want.is_none() && slot.written.is_none() {
+                slots.remove(&key);
+            }
+            continue;
+        }
+        slot.busy = true;
+        slot.dirty = false;
+        let verify = std::mem::take(&mut slot.verify);
+        let (want, written, w) = (slot.want.clone(), slot.written, writer.clone());
+        tasks.spawn(async move {
+            let write = w.write(&key, want, written, verify);
+            let outcome = match tokio::time::timeout(WRITE_LIMIT, write).await {
+                Ok(o) => o,
+                Err(_) => Outcome::Failed {
+                    why: format!("no answer within {WRITE_LIMIT:?}"),
+                    verify,
+                },
+            };
+            (key, outcome)
+        });
     }
 }
 
@@ -170,14 +200,14 @@ fn enqueue(slots: &mut HashMap<String, Slot>, waiting: &mut VecDeque<String>, ke
     }
 }
 
-/// Folds a change into its key's slot; Some(key) when the key needs a write.
-fn apply(slots: &mut HashMap<String, Slot>, op: Op) -> Option<String> {
+/// Folds a change into its key's slot; the keys that need a write.
+fn apply(slots: &mut HashMap<String, Slot>, op: Op) -> Vec<String> {
     match op {
         Op::Set { key, record } => {
             let slot = slots.entry(key.clone()).or_default();
             slot.want = Some(record);
             slot.dirty = true;
-            Some(key)
+            vec![key]
         }
         Op::Pending {
             key,
@@ -185,21 +215,38 @@ fn apply(slots: &mut HashMap<String, Slot>, op: Op) -> Option<String> {
             delay,
             ended,
         } => {
-            let slot = slots.get_mut(&key)?;
-            let record = slot.want.as_mut().filter(|r| r.ticket == ticket)?;
+            let Some(slot) = slots.get_mut(&key) else {
+                return Vec::new();
+            };
+            let Some(record) = slot.want.as_mut().filter(|r| r.ticket == ticket) else {
+                return Vec::new();
+            };
             record.ended = Some(ended);
             record.delay = delay;
             slot.dirty = true;
-            Some(key)
+            vec![key]
         }
         Op::Clear { key, ticket } => {
-            let slot = slots.get_mut(&key)?;
-            slot.want.as_ref().filter(|r| r.ticket == ticket)?;
+            let Some(slot) = slots.get_mut(&key) else {
+                return Vec::new();
+            };
+            if slot.want.as_ref().is_none_or(|r| r.ticket != ticket) {
+                return Vec::new();
+            }
             slot.want = None;
             slot.dirty = true;
-            Some(key)
+            vec![key]
         }
-        Op::Flush(_) => None,
+        Op::Audit => slots
+            .iter_mut()
+            .filter(|(_, s)| s.written.is_some())
+            .map(|(key, s)| {
+                s.verify = true;
+                s.dirty = true;
+                key.clone()
+            })
+            .collect(),
+        Op::Flush(_) => Vec::new(),
     }
 }
 
@@ -210,7 +257,7 @@ fn settle(writer: &Writer, slots: &mut HashMap<String, Slot>, key: &str, outcome
     };
     slot.busy = false;
     match outcome {
-        Outcome::Wrote(revision) => slot.written = revision,
+        Outcome::Wrote(written) => slot.written = written,
         Outcome::Taken(ticket) => {
             tracing::warn!(key, "a will recorded here was taken over by another node (this node was taken for dead): it is not published here");
             writer
@@ -219,12 +266,14 @@ fn settle(writer: &Writer, slots: &mut HashMap<String, Slot>, key: &str, outcome
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(ticket);
             slot.written = None;
-            if !slot.dirty {
+            // Written again, it would be published twice.
+            if slot.want.as_ref().is_some_and(|r| r.ticket == ticket) {
                 slot.want = None;
             }
         }
         // Retried on the next tick.
-        Outcome::Failed(_) => {
+        Outcome::Failed { verify, .. } => {
+            slot.verify |= verify;
             slot.dirty = true;
             return false;
         }
@@ -239,57 +288,91 @@ fn settle(writer: &Writer, slots: &mut HashMap<String, Slot>, key: &str, outcome
 }
 
 impl Writer {
-    /// Makes the bucket hold `want` under `key`, knowing this node's value there is at
-    /// `written`. A record whose connection ended is updated by compare-and-set, which
-    /// fails when another node took the record over; everything else is a plain put.
-    async fn write(&self, key: &str, want: Option<Box<Record>>, written: Option<u64>) -> Outcome {
-        match (want, written) {
-            (Some(record), Some(revision)) if record.ended.is_some() => {
-                self.update(key, &record, revision).await
-            }
-            (Some(record), _) => match self.store.put(key, record.encode()).await {
-                Ok(revision) => Outcome::Wrote(Some(revision)),
-                Err(e) => Outcome::Failed(e.to_string()),
+    /// Makes the bucket hold `want` under `key`, knowing this node's value there is
+    /// `written` (read back first when `verify`). A record whose connection ended is
+    /// updated by compare-and-set, which fails when another node took the record over;
+    /// everything else is a plain put.
+    async fn write(
+        &self,
+        key: &str,
+        want: Option<Box<Record>>,
+        written: Option<Written>,
+        verify: bool,
+    ) -> Outcome {
+        let failed = |e: &dyn std::fmt::Display| Outcome::Failed {
+            why: e.to_string(),
+            verify,
+        };
+        let written = match (written, verify) {
+            (Some(w), true) => match self.read_back(key, w).await {
+                Ok(Some(w)) => Some(w),
+                Ok(None) => return Outcome::Taken(w.ticket),
+                Err(e) => return failed(&e),
             },
-            (None, Some(revision)) => {
-                match crate::cluster::erase(&self.cluster, &self.store.stream_name, revision).await
-                {
+            (w, _) => w,
+        };
+        match (want, written) {
+            (Some(record), Some(w)) if record.ended.is_some() => self.update(key, &record, w).await,
+            (Some(record), _) => match self.store.put(key, record.encode()).await {
+                Ok(revision) => Outcome::Wrote(Some(Written {
+                    revision,
+                    ticket: record.ticket,
+                })),
+                Err(e) => failed(&e),
+            },
+            (None, Some(w)) => {
+                let stream = &self.store.stream_name;
+                match crate::cluster::erase(&self.cluster, stream, w.revision).await {
                     // Gone either way: removed now, or taken over by another node.
                     Ok(_) => Outcome::Wrote(None),
-                    Err(e) => Outcome::Failed(e.to_string()),
+                    Err(e) => failed(&e),
                 }
             }
             (None, None) => Outcome::Wrote(None),
         }
     }
 
-    async fn update(&self, key: &str, record: &Record, revision: u64) -> Outcome {
+    /// This node's value under `key` as the bucket holds it: `w` (at the revision the
+    /// bucket has, if the answer to a write of it was lost), or None when it is gone or
+    /// another node's.
+    async fn read_back(&self, key: &str, w: Written) -> Result<Option<Written>, String> {
+        let entry = self.store.entry(key).await.map_err(|e| e.to_string())?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .filter(|e| {
+                e.revision == w.revision
+                    || Record::decode(&e.value)
+                        .is_ok_and(|r| r.run == self.cluster.run && r.ticket == w.ticket)
+            })
+            .map(|e| Written {
+                revision: e.revision,
+                ticket: w.ticket,
+            }))
+    }
+
+    async fn update(&self, key: &str, record: &Record, w: Written) -> Outcome {
         use kv::UpdateErrorKind;
-        let e = match self.store.update(key, record.encode(), revision).await {
-            Ok(revision) => return Outcome::Wrote(Some(revision)),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
-            Err(e) => return Outcome::Failed(e.to_string()),
+        let done = |revision| {
+            Outcome::Wrote(Some(Written {
+                revision,
+                ticket: record.ticket,
+            }))
         };
+        let failed = |why: String| Outcome::Failed { why, verify: false };
+        match self.store.update(key, record.encode(), w.revision).await {
+            Ok(revision) => return done(revision),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+            Err(e) => return failed(e.to_string()),
+        }
         // The value moved: taken over, unless it is still ours at another revision (the
         // answer to an earlier write of ours was lost); then once more at that one.
-        match self.store.entry(key).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                let ours = Record::decode(&entry.value)
-                    .is_ok_and(|r| r.run == self.cluster.run && r.ticket == record.ticket);
-                if !ours {
-                    return Outcome::Taken(record.ticket);
-                }
-                match self
-                    .store
-                    .update(key, record.encode(), entry.revision)
-                    .await
-                {
-                    Ok(revision) => Outcome::Wrote(Some(revision)),
-                    Err(e) => Outcome::Failed(e.to_string()),
-                }
-            }
-            Ok(_) => Outcome::Taken(record.ticket),
-            Err(read) => Outcome::Failed(format!("{e}; then {read}")),
+        match self.read_back(key, w).await {
+            Ok(Some(now)) => match self.store.update(key, record.encode(), now.revision).await {
+                Ok(revision) => done(revision),
+                Err(e) => failed(e.to_string()),
+            },
+            Ok(None) => Outcome::Taken(w.ticket),
+            Err(e) => failed(e),
         }
     }
 }

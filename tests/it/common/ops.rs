@@ -149,14 +149,17 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends a signal (`HUP`, `TERM`, `INT`) with kill(2), as an operator's `kill` or
-    /// systemd does: it has been sent when this returns.
+    /// Sends a signal (`HUP`, `TERM`, `INT`; `STOP` and `CONT` freeze and thaw it, as a
+    /// machine that stalls) with kill(2), as an operator's `kill` or systemd does: it has
+    /// been sent when this returns.
     pub fn signal(&self, sig: &str) {
         use rustix::process::{kill_process, Pid, Signal};
         let signal = match sig {
             "HUP" => Signal::HUP,
             "TERM" => Signal::TERM,
             "INT" => Signal::INT,
+            "STOP" => Signal::STOP,
+            "CONT" => Signal::CONT,
             other => panic!("no signal {other} in these tests"),
         };
         let pid = i32::try_from(self.pid())
