@@ -805,3 +805,26 @@ async fn a_node_taken_for_dead_does_not_publish_the_wills_taken_over_again() {
     let more = within(&mut on_b, Duration::from_secs(2)).await;
     assert!(more.is_none(), "a second copy: {more:?}");
 }
+
+/// MQTT 5: a new connection for the session before the will delay passed cancels the
+/// will, also when it opens on another node than the one the will waits on.
+#[tokio::test]
+async fn a_delayed_will_is_cancelled_by_a_connection_on_another_node() {
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let device = with_will(&t.fx, t.a.mqtt, V::V5, "moved", 4).await;
+    let mut on_b = watcher(&t, t.b.mqtt, "watch-b").await;
+    device.drop_tcp().await;
+    let ended = t.a.wait_line("session ended").await;
+    assert!(ended.contains("moved"), "{ended}");
+    let creds = t.fx.client(&t.fx.device("moved.devices.example.com"));
+    let back = Opts {
+        clean: false,
+        will: None,
+    };
+    let _again = Peer::connect(&creds, t.b.mqtt, V::V5, "moved", &back).await;
+    t.a.wait_line("will not published here").await;
+    let more = within(&mut on_b, Duration::from_secs(3)).await;
+    assert!(more.is_none(), "the device is back: {more:?}");
+}
