@@ -560,9 +560,7 @@ impl Broker {
         publisher: Option<&SessionRef>,
         pace: bool,
     ) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         let mut durable = false;
         if msg.retain {
             match self.keep_retained(&msg, publisher) {

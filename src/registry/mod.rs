@@ -18,7 +18,7 @@ use crate::identity::DeviceName;
 pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
     /// A `[[device]]` entry of the config.
     Pinned,

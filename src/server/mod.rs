@@ -15,6 +15,7 @@ mod admit;
 mod connection;
 pub mod control;
 pub mod live;
+mod metered;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
