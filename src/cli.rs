@@ -130,16 +130,25 @@ pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()
             "    create_devices {}, acl {}",
             a.create_devices, a.acl
         )?;
-        if let Some(crl) = &a.crl {
-            writeln!(
+        if let Some(url) = &a.crl_url {
+            writeln!(out, "    crl_url {url} (fetched every {} s)", a.crl_refresh)?;
+        }
+        match &a.crl {
+            Some(crl) => writeln!(
                 out,
-                "    crl {} ({} revoked{})",
+                "    crl {} ({} revoked, this update {}{})",
                 crl.path.display(),
                 crl.revoked_count,
+                rfc3339(crl.this_update),
                 crl.next_update
                     .map(|n| format!(", next update {}", rfc3339(n)))
                     .unwrap_or_default()
-            )?;
+            )?,
+            None if a.crl_url.is_some() => writeln!(
+                out,
+                "    crl: none fetched yet; the anchor accepts no certificate until one is"
+            )?,
+            None => {}
         }
     }
     writeln!(out, "pinned devices: {}", config.devices.len())?;

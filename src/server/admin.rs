@@ -74,7 +74,16 @@ async fn respond(
                 );
             }
             match healthy(shared).await {
-                Ok(()) => text(StatusCode::OK, "ok\n".to_owned()),
+                // Degraded CRLs do not make the broker unhealthy (a restart would not
+                // fix them; other anchors and pinned devices work): they are detail lines.
+                Ok(()) => {
+                    let config = shared.snapshot().config.clone();
+                    let mut body = "ok\n".to_owned();
+                    for line in shared.crls.health(&config) {
+                        body.push_str(&format!("warning: {line}\n"));
+                    }
+                    text(StatusCode::OK, body)
+                }
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
             }
         }

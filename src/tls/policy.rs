@@ -76,6 +76,11 @@ pub enum AnchorFailure {
     IssuerKeyUsage { ca: String },
     #[error("name constraints: the common name {cn:?} is not a DNS name that the name constraints of CA {ca} permit")]
     NameConstraint { cn: String, ca: String },
+    /// An anchor on the path takes its CRL from a `crl_url` and has none yet (never
+    /// fetched, no `crl` file): its certificates cannot be checked for revocation, so they
+    /// are refused until the first good fetch (docs/crl.md).
+    #[error("the CRL of anchor {anchor} has not been fetched yet from {url}; its certificates cannot be checked for revocation")]
+    CrlUnavailable { anchor: String, url: String },
     /// The per-handshake budget ran out before this anchor's paths could be checked.
     #[error("not checked: the chain needs more than the per-handshake budget ({} candidate paths, {} signatures)", path::MAX_CANDIDATE_PATHS, path::SIGNATURE_BUDGET)]
     Budget,
@@ -163,6 +168,7 @@ impl AnchorFailure {
             AnchorFailure::LeafKeyUsage => ("bad_key_usage", C::InvalidPurpose),
             AnchorFailure::IssuerKeyUsage { .. } => ("issuer_key_usage", C::InvalidPurpose),
             AnchorFailure::NameConstraint { .. } => ("name_constraint", C::NotValidForName),
+            AnchorFailure::CrlUnavailable { .. } => ("crl_unavailable", C::UnknownRevocationStatus),
             AnchorFailure::Budget => ("path_budget", C::ApplicationVerificationFailure),
         }
     }
@@ -455,6 +461,15 @@ fn validate(
     cas.push(&anchor.info);
     rules::key_usage(chain.leaf, &cas)?;
     rules::cn_name_constraints(chain.cn.as_deref(), &cas)?;
+    // A valid path is still refused while an anchor on it cannot say what it revoked.
+    if let Some(b) = on_path.iter().find(|b| b.crl.is_none()) {
+        if let Some(url) = &b.crl_url {
+            return Err(AnchorFailure::CrlUnavailable {
+                anchor: b.name.clone(),
+                url: url.url.clone(),
+            });
+        }
+    }
     Ok(depth)
 }
 

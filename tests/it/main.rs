@@ -4,9 +4,11 @@
 
 mod auth;
 mod bench_smoke;
+mod check_problems;
 mod cli;
 mod cli_registry;
 mod common;
+mod crl_url;
 mod durability;
 mod flow_control;
 mod hardening;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod coretests;
+pub mod crl_server;
 pub mod durability;
 pub mod hostile;
 pub mod interop;
