@@ -18,6 +18,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod logging;
+mod metrics;
 mod mqtt_core;
 mod mqtt_core_routing;
 mod mqtt_core_sessions;
