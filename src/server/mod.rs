@@ -124,6 +124,8 @@ impl Server {
             }
             other => other,
         })?;
+        // Refusal lines name the device of a refused certificate (one indexed lookup).
+        registry.index_fingerprints()?;
         let (store, mut recovered) = Store::open(&config.server.data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let broker = Broker::new(metrics.clone(), Some(store));
@@ -165,7 +167,7 @@ impl Server {
         metrics.set_config_gauges(config.gauges());
         metrics.started();
         let config = Arc::new(config);
-        let tls = tls::server_config(config.clone(), metrics.clone())?;
+        let tls = tls::server_config(config.clone(), metrics.clone(), Some(registry.clone()))?;
         let snapshot = Snapshot {
             config,
             acceptor: TlsAcceptor::from(tls),
@@ -513,7 +515,8 @@ impl Shared {
         config: Arc<Config>,
         recreated: &[String],
     ) -> Result<live::Recheck, ServerError> {
-        let tls = tls::server_config(config.clone(), self.metrics.clone())?;
+        let known: Arc<dyn tls::KnownDevices> = self.registry.clone();
+        let tls = tls::server_config(config.clone(), self.metrics.clone(), Some(known))?;
         let snapshot = Arc::new(Snapshot {
             config: config.clone(),
             acceptor: TlsAcceptor::from(tls),

@@ -208,6 +208,30 @@ pub struct ChainReport {
     pub anchors: Vec<Result<usize, AnchorFailure>>,
     pub outcome: Result<Rule, ChainRefusal>,
     pub work: Work,
+    /// When no anchor issued the chain: the CAs, nearest to the leaf first, any of which
+    /// configured as an anchor would have been this chain's trust anchor, as far as the
+    /// chain shows them (the leaf's issuer, then the issuer of each CA certificate the
+    /// client sent above it). Empty otherwise.
+    pub missing_anchor: Vec<CaName>,
+}
+
+/// A CA named by a certificate it issued: its subject and key identifier, as the
+/// issuer and authorityKeyIdentifier of that certificate say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaName {
+    pub subject: String,
+    /// As `openssl x509 -text` prints a key identifier.
+    pub key_id: Option<String>,
+}
+
+impl std::fmt::Display for CaName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.subject)?;
+        if let Some(id) = &self.key_id {
+            write!(f, " (key id {id})")?;
+        }
+        Ok(())
+    }
 }
 
 impl ChainReport {
@@ -218,8 +242,41 @@ impl ChainReport {
             anchors: Vec::new(),
             outcome: Err(refusal),
             work,
+            missing_anchor: Vec::new(),
         }
     }
+}
+
+/// The issuer of `cert` as a [`CaName`].
+fn issuer_of(cert: &CertInfo) -> CaName {
+    CaName {
+        subject: cert.issuer.clone(),
+        key_id: cert.authority_key_id.as_deref().map(crate::cert::key_id),
+    }
+}
+
+/// See [`ChainReport::missing_anchor`]. Bounded by the chain's length (at most
+/// `path::MAX_CHAIN_CERTS`); a root the client sent ends the walk (its issuer is itself).
+fn missing_anchor(leaf: &CertInfo, sent: &[Option<CertInfo>]) -> Vec<CaName> {
+    if leaf.self_issued {
+        return Vec::new();
+    }
+    let mut out = vec![issuer_of(leaf)];
+    let mut current = leaf;
+    for _ in 0..sent.len() {
+        let above = sent
+            .iter()
+            .flatten()
+            .find(|c| c.is_ca && c.subject_der == current.issuer_der);
+        match above {
+            Some(ca) if !ca.self_issued => {
+                out.push(issuer_of(ca));
+                current = ca;
+            }
+            _ => break,
+        }
+    }
+    out
 }
 
 /// Decides SPEC 3 steps 2 to 4 for the chain a client sent (leaf first).
@@ -263,6 +320,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
             anchors: Vec::new(),
             outcome,
             work,
+            missing_anchor: Vec::new(),
         };
     }
     // Step 3: path validation to each anchor; the nearest wins, then the first in the file.
@@ -333,12 +391,19 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         None if work.budget_exhausted => Err(ChainRefusal::Budget),
         None => Err(first_reason(config, &anchors)),
     };
+    let missing_anchor = match outcome {
+        Err(ChainRefusal::UnknownIssuer | ChainRefusal::NoAnchors) => {
+            missing_anchor(&leaf, &presented.infos)
+        }
+        _ => Vec::new(),
+    };
     ChainReport {
         leaf: Some(leaf),
         pinned: None,
         anchors,
         outcome,
         work,
+        missing_anchor,
     }
 }
 

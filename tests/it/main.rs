@@ -27,4 +27,5 @@ mod mqtt_v5_subscriptions;
 mod operator;
 mod ops;
 mod quotas;
+mod refusal_detail;
 mod store_integrity;
