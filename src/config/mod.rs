@@ -454,6 +454,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// rustls's ClientHello parser warns, on every connection, about what the client got
+/// wrong in it: most often an IP address sent as SNI (OpenSSL-based clients such as
+/// `mosquitto_pub -h 127.0.0.1` do it; RFC 6066 forbids it and rustls ignores it), or a
+/// malformed or repeated server name. Any client can cause these lines at will and the
+/// operator can do nothing about them, so that one module is held to errors. A handshake
+/// that fails over it is still logged by certmq; other rustls warnings are untouched.
+const PEER_TRIGGERED: &str = "rustls::msgs::handshake=error";
+
+/// The tracing filter for a `[log] level` (or `RUST_LOG`) value: the value, plus the hold
+/// on rustls's ClientHello remarks unless the value names rustls itself (then it is the
+/// operator's choice: `level = "info,rustls=debug"` shows them) or turns logging off (the
+/// hold would turn that module's errors back on).
+pub fn log_filter(level: &str) -> String {
+    if level.contains("rustls") || level.split(',').any(|d| d.trim() == "off") {
+        level.to_owned()
+    } else if level.trim().is_empty() {
+        PEER_TRIGGERED.to_owned()
+    } else {
+        format!("{level},{PEER_TRIGGERED}")
+    }
+}
+
 /// The `[log]` table of a config file, read without validating anything else: logging is
 /// set up before the config is loaded (so that loading can log). The default when the
 /// file cannot be read or the table is invalid (`check` and `serve` then report it).
@@ -1079,4 +1101,21 @@ fn valid_anchor_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_client_hello_remarks_are_held_unless_rustls_is_named() {
+        assert_eq!(log_filter("info"), "info,rustls::msgs::handshake=error");
+        assert_eq!(
+            log_filter("warn,certmq=debug"),
+            "warn,certmq=debug,rustls::msgs::handshake=error"
+        );
+        assert_eq!(log_filter("info,rustls=debug"), "info,rustls=debug");
+        assert_eq!(log_filter("off"), "off");
+        assert_eq!(log_filter(""), "rustls::msgs::handshake=error");
+    }
 }

@@ -29,3 +29,4 @@ mod ops;
 mod quotas;
 mod refusal_detail;
 mod store_integrity;
+mod tls_log;
