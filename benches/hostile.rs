@@ -61,7 +61,7 @@ fn main() {
     println!("part 2: in-memory TLS 1.3 handshake, certmq server config, server thread CPU");
     let metrics = Arc::new(Metrics::default());
     let server_config =
-        certmq::tls::server_config(config.clone(), metrics.clone()).expect("server config");
+        certmq::tls::server_config(config.clone(), metrics.clone(), None).expect("server config");
     for (label, chain) in &chains {
         let client = client_config(&pki, chain);
         let (mean, max, outcome) = cpu_per_call(|| handshake(&client, &server_config));

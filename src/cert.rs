@@ -122,6 +122,8 @@ pub struct CertInfo {
     pub validity: Validity,
     /// The subject as an RFC 4514-style string, for operators.
     pub subject: String,
+    /// The issuer, the same way (refusal lines and `explain` name it).
+    pub issuer: String,
     /// The raw DER of the subject Name, to compare with issuers byte for byte.
     pub subject_der: Vec<u8>,
     /// The raw DER of the issuer Name.
@@ -233,6 +235,7 @@ impl CertInfo {
                 not_after: cert.validity().not_after.timestamp(),
             },
             subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
             self_issued: subject_der == issuer_der,
             subject_der,
             issuer_der,
@@ -267,6 +270,15 @@ fn dns_constraints(cert: &X509Certificate<'_>) -> Option<DnsConstraints> {
         excluded: dns(&nc.value.excluded_subtrees),
     };
     (!out.permitted.is_empty() || !out.excluded.is_empty()).then_some(out)
+}
+
+/// A key identifier as `openssl x509 -text` prints it (`3A:5F:...`), so that operators can
+/// compare the two.
+pub fn key_id(id: &[u8]) -> String {
+    id.iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Formats seconds since the epoch as RFC 3339 (UTC), as the CLI and JSON print times.

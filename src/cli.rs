@@ -209,16 +209,25 @@ pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()
             "    create_devices {}, acl {}",
             a.create_devices, a.acl
         )?;
-        if let Some(crl) = &a.crl {
-            writeln!(
+        if let Some(url) = &a.crl_url {
+            writeln!(out, "    crl_url {url} (fetched every {} s)", a.crl_refresh)?;
+        }
+        match &a.crl {
+            Some(crl) => writeln!(
                 out,
-                "    crl {} ({} revoked{})",
+                "    crl {} ({} revoked, this update {}{})",
                 crl.path.display(),
                 crl.revoked_count,
+                rfc3339(crl.this_update),
                 crl.next_update
                     .map(|n| format!(", next update {}", rfc3339(n)))
                     .unwrap_or_default()
-            )?;
+            )?,
+            None if a.crl_url.is_some() => writeln!(
+                out,
+                "    crl: none fetched yet; the anchor accepts no certificate until one is"
+            )?,
+            None => {}
         }
     }
     writeln!(out, "pinned devices: {}", config.devices.len())?;
@@ -297,8 +306,9 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         return steps;
     };
     steps.push(format!(
-        "1. certificate: subject {}, fingerprint {}, valid {} .. {}",
+        "1. certificate: subject {}, issuer {}, fingerprint {}, valid {} .. {}",
         leaf.subject,
+        leaf.issuer,
         leaf.fingerprint,
         rfc3339(leaf.validity.not_before),
         rfc3339(leaf.validity.not_after)
@@ -337,6 +347,7 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
                 config.anchors[i].name
             ));
         }
+        steps.extend(unknown_issuer_steps(config, d));
     }
     if let Some(cn) = &d.cn {
         steps.push(format!("5. common name: {cn:?}"));
@@ -353,6 +364,77 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         Err(_) => {}
     }
     steps
+}
+
+/// SPEC 3 step 4 for a chain no anchor issued: who issued it, what is configured
+/// instead, and which anchor would have to be added.
+fn unknown_issuer_steps(config: &Config, d: &Decision) -> Vec<String> {
+    let unknown = matches!(
+        d.report.outcome,
+        Err(ChainRefusal::UnknownIssuer | ChainRefusal::NoAnchors)
+    );
+    let Some(leaf) = d.report.leaf.as_ref().filter(|_| unknown) else {
+        return Vec::new();
+    };
+    let mut steps = Vec::new();
+    if leaf.self_issued {
+        steps.push(format!(
+            "4. no anchor issued this chain: the certificate is self-signed ({})",
+            leaf.subject
+        ));
+        steps.push(format!(
+            "   to accept it, pin it: a [[device]] entry whose certificate is this one (fingerprint {})",
+            leaf.fingerprint
+        ));
+        return steps;
+    }
+    let missing = &d.report.missing_anchor;
+    if let Some(issuer) = missing.first() {
+        steps.push(format!(
+            "4. no anchor issued this chain: the certificate was issued by {issuer}"
+        ));
+    }
+    steps.push(format!(
+        "   configured anchors: {}",
+        configured_anchors(config)
+    ));
+    let mut add = missing.iter().map(ToString::to_string);
+    if let Some(nearest) = add.next() {
+        let above: Vec<String> = add.collect();
+        steps.push(format!(
+            "   to accept it, add an [[anchor]] whose certificate is {nearest}{}",
+            if above.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", or one above it that the chain names: {}",
+                    above.join(", then ")
+                )
+            }
+        ));
+    }
+    steps
+}
+
+/// The anchors as `explain` lists them: `fleet = CN=Fleet CA (key id ..); ...` or `none`.
+fn configured_anchors(config: &Config) -> String {
+    if config.anchors.is_empty() {
+        return "none".to_owned();
+    }
+    config
+        .anchors
+        .iter()
+        .map(|a| {
+            let id = a
+                .info
+                .subject_key_id
+                .as_deref()
+                .map(|id| format!(" (key id {})", crate::cert::key_id(id)))
+                .unwrap_or_default();
+            format!("{} = {}{id}", a.name, a.info.subject)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `explain --json`.
@@ -372,6 +454,17 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
         "reason": reason,
         "reason_code": d.result.as_ref().err().map(|e| e.label()),
         "fingerprint": d.report.leaf.as_ref().map(|l| l.fingerprint.to_hex()),
+        "issuer": d.report.leaf.as_ref().map(|l| l.issuer.as_str()),
+        "anchors": config.anchors.iter().map(|a| json!({
+            "name": a.name,
+            "subject": a.info.subject,
+            "key_id": a.info.subject_key_id.as_deref().map(crate::cert::key_id),
+        })).collect::<Vec<_>>(),
+        // For a chain no anchor issued: the CAs that as an anchor would accept it.
+        "missing_anchor": d.report.missing_anchor.iter().map(|c| json!({
+            "subject": c.subject,
+            "key_id": c.key_id,
+        })).collect::<Vec<_>>(),
         "common_name": d.cn,
         "steps": explain_steps(config, d),
         // What the pre-authentication bounds limit (SPEC 3 hardening).

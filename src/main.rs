@@ -121,12 +121,16 @@ fn main() -> ExitCode {
 
 /// Logging as `[log]` says (SPEC 2, 10): `RUST_LOG`, when set, overrides the level; one line
 /// per event, text (`key=value`) or JSON. An invalid level falls back to `info` here and is
-/// reported by the config loader.
+/// reported by the config loader. `config::log_filter` adds the hold on rustls's
+/// per-connection ClientHello remarks.
 fn init_tracing(log: &certmq::config::Log) {
-    use certmq::config::LogFormat;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use certmq::config::{log_filter, LogFormat};
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = from_env
+        .and_then(|l| EnvFilter::try_new(log_filter(&l)).ok())
+        .or_else(|| EnvFilter::try_new(log_filter(&log.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new(log_filter("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -309,12 +309,7 @@ mod tests {
             gate: None,
         };
         broker.publish_will(&session, will, session.generation());
-        let received = || {
-            broker
-                .metrics
-                .messages_received
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let received = || broker.metrics.messages_received.get();
         tokio::time::sleep(Duration::from_millis(9_999)).await;
         assert_eq!(received(), 0, "not before the delay");
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -640,9 +640,7 @@ impl Broker {
         publisher: Option<&SessionRef>,
         pace: bool,
     ) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         let mut durable = false;
         if msg.retain {
             match self.keep_retained(&msg, publisher) {
@@ -668,9 +666,7 @@ impl Broker {
     /// is not forwarded again, and the retained store learns of it separately, through
     /// [`Broker::retain_remote`]). `pace`: as for [`Broker::publish`].
     pub fn publish_remote(&self, msg: Arc<Message>, pace: bool) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         self.route_local(&msg, None, pace)
     }
 
@@ -684,9 +680,7 @@ impl Broker {
     /// Cluster mode: a message for one member, on this node, of the shared subscription
     /// `sub` (NATS chose this node among those with members).
     pub fn publish_shared(&self, msg: Arc<Message>, sub: &Subscription, pace: bool) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         let target = self
             .router
             .read()

@@ -23,7 +23,7 @@ pub use backend::{Backend, ChangeFeed, Changes, Feed, Imported};
 pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
     /// A `[[device]]` entry of the config.
     Pinned,

@@ -78,6 +78,13 @@ pub struct PinnedSync {
     pub created: Vec<String>,
 }
 
+/// Refused certificates are named by the device they belong to (`tls::KnownDevices`).
+impl crate::tls::KnownDevices for Registry {
+    fn device_with(&self, fingerprint: &Fingerprint) -> Option<String> {
+        self.name_of(fingerprint).ok().flatten()
+    }
+}
+
 /// The registry. The connection sits behind a std Mutex: every operation is a short
 /// synchronous SQLite call, never held across an await; the server calls the writing ones
 /// from `spawn_blocking` because a commit waits for fsync.
@@ -355,6 +362,29 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<Option<Device>, RegistryError> {
         let conn = self.lock()?;
         get(&conn, name)
+    }
+
+    /// The device whose current certificate has `fingerprint`, if any.
+    pub fn name_of(&self, fingerprint: &Fingerprint) -> Result<Option<String>, RegistryError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT name FROM devices WHERE fingerprint = ?1",
+                params![fingerprint.to_hex()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Indexes the registry by fingerprint, so that [`Registry::name_of`] is one lookup
+    /// however many devices there are. Idempotent; a database without the index (opened
+    /// read-only, or by an older certmq) answers the same, by a scan. Called by the broker.
+    pub fn index_fingerprints(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS devices_by_fingerprint ON devices (fingerprint)",
+        )?;
+        Ok(())
     }
 
     /// Every device, by name.

@@ -6,7 +6,6 @@
 //! the CONNACK it gets back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -173,10 +172,7 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
         // A new registry entry: whatever was held under this name belonged to a deleted
         // one, connections and sessions alike.
         Admitted::Provisioned => {
-            shared
-                .metrics
-                .devices_provisioned
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.devices_provisioned.inc();
             let s = shared.clone();
             let _ = tokio::task::spawn_blocking(move || s.forget_entry(&device)).await;
         }

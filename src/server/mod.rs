@@ -14,7 +14,9 @@ mod admin;
 mod admit;
 mod connection;
 pub mod control;
+pub mod crl_refresh;
 pub mod live;
+mod metered;
 mod proxy;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -83,8 +85,11 @@ pub struct Shared {
     /// Cluster mode: this node's NATS connection, set once by [`Server::join_cluster`]
     /// before anything is accepted; unset when standalone.
     pub cluster: std::sync::OnceLock<crate::cluster::Node>,
-    /// Serialises reloads (a SIGHUP storm runs them one after the other).
+    /// Serialises reloads (a SIGHUP storm runs them one after the other) and the CRLs
+    /// fetched from distribution points.
     reloading: Mutex<()>,
+    /// The anchors' CRL distribution points and how their fetches went.
+    pub crls: crl_refresh::CrlWatch,
     /// This broker's exclusive claim on `data_dir`, held as long as anything runs.
     _lock: control::DataDirLock,
 }
@@ -153,7 +158,8 @@ impl Server {
         metrics.set_config_gauges(config.gauges());
         metrics.started();
         let config = Arc::new(config);
-        let tls = tls::server_config(config.clone(), metrics.clone())?;
+        let known: Arc<dyn tls::KnownDevices> = registry.clone();
+        let tls = tls::server_config(config.clone(), metrics.clone(), Some(known))?;
         let snapshot = Snapshot {
             config,
             acceptor: TlsAcceptor::from(tls),
@@ -169,6 +175,7 @@ impl Server {
                 live: live::Live::default(),
                 cluster: std::sync::OnceLock::new(),
                 reloading: Mutex::new(()),
+                crls: crl_refresh::CrlWatch::default(),
                 _lock: lock,
             }),
         })
@@ -306,6 +313,10 @@ impl Server {
             shutdown.clone(),
         ));
         let watcher = tokio::spawn(watch_registry(shared.clone(), shutdown.clone()));
+        // CRLs from distribution points: fetched once before the first connection is
+        // accepted, then every crl_refresh seconds (docs/crl.md).
+        crl_refresh::round(&shared).await;
+        let crl_task = tokio::spawn(crl_refresh::run(shared.clone(), shutdown.clone()));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening for MQTT over TLS");
         }
@@ -352,6 +363,7 @@ impl Server {
         }
         let _ = flusher.await;
         let _ = watcher.await;
+        let _ = crl_task.await;
         if let Some(t) = control_task {
             let _ = t.await;
         }
@@ -505,6 +517,8 @@ fn open_registry(config: &Config) -> Result<(Arc<dyn Backend>, Vec<String>), Ser
         }
         other => other,
     })?;
+    // Refusal lines name the device of a refused certificate (one indexed lookup).
+    registry.index_fingerprints()?;
     Ok((registry, recreated))
 }
 
@@ -558,9 +572,47 @@ impl Shared {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let recreated = sync_pinned(&config, &self.registry, Mode::Commit)?;
-        let config = Arc::new(config);
-        let tls = tls::server_config(config.clone(), self.metrics.clone())?;
+        let recreated = sync_pinned(&config, self.registry.as_ref(), Mode::Commit)?;
+        let recheck = self.put_in_force(Arc::new(config), &recreated)?;
+        // Anchors with a new or changed crl_url are fetched now, not at the next tick.
+        self.crls.wake();
+        Ok(ReloadOutcome { recheck })
+    }
+
+    /// Puts `crl`, fetched from `url`, in force for `anchor` (docs/crl.md): the config in
+    /// force with that CRL, swapped in like a reload, and every live session re-checked
+    /// the way a reload re-checks it. None when the anchor no longer has that URL, or a
+    /// reload meanwhile put a CRL as new in force. Blocking: call from `spawn_blocking`.
+    pub fn apply_crl(
+        &self,
+        anchor: &str,
+        url: &crate::config::CrlUrl,
+        crl: Arc<crate::config::Crl>,
+    ) -> Result<Option<live::Recheck>, ServerError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot().config.clone();
+        let newer = current
+            .anchor(anchor)
+            .and_then(|a| a.crl.as_ref())
+            .is_none_or(|c| crl.this_update > c.this_update);
+        if !newer {
+            return Ok(None);
+        }
+        let Some(config) = current.with_crl(anchor, url, crl) else {
+            return Ok(None);
+        };
+        self.put_in_force(Arc::new(config), &[]).map(Some)
+    }
+
+    /// Swaps `config` in for new connections, then holds every live session to it.
+    /// `recreated`: pinned names whose registry row is new (their old sessions go).
+    fn put_in_force(
+        &self,
+        config: Arc<Config>,
+        recreated: &[String],
+    ) -> Result<live::Recheck, ServerError> {
+        let known: Arc<dyn tls::KnownDevices> = self.registry.clone();
+        let tls = tls::server_config(config.clone(), self.metrics.clone(), Some(known))?;
         let snapshot = Arc::new(Snapshot {
             config: config.clone(),
             acceptor: TlsAcceptor::from(tls),
@@ -573,16 +625,15 @@ impl Shared {
         self.broker.set_stall_timeout(config.limits.stall_timeout);
         self.broker
             .set_retained_quota(config.limits.max_retained_per_device);
-        for name in &recreated {
+        for name in recreated {
             if let Ok(device) = crate::identity::DeviceName::parse(name) {
                 self.forget_entry(&device);
             }
         }
         let scope = live::Scope::All { revalidate: true };
-        let recheck = self
+        Ok(self
             .live
-            .recheck(&config, &self.registry, &self.broker, scope)?;
-        Ok(ReloadOutcome { recheck })
+            .recheck(&config, &self.registry, &self.broker, scope)?)
     }
 
     /// The registry entry of `device` is new (provisioned, or a pinned row recreated):

@@ -240,6 +240,7 @@ mod tests {
                 not_after: i64::MAX,
             },
             subject: subject.to_owned(),
+            issuer: issuer.to_owned(),
             subject_der: subject.as_bytes().to_vec(),
             issuer_der: issuer.as_bytes().to_vec(),
             is_ca: true,

@@ -76,6 +76,11 @@ pub enum AnchorFailure {
     IssuerKeyUsage { ca: String },
     #[error("name constraints: the common name {cn:?} is not a DNS name that the name constraints of CA {ca} permit")]
     NameConstraint { cn: String, ca: String },
+    /// An anchor on the path takes its CRL from a `crl_url` and has none yet (never
+    /// fetched, no `crl` file): its certificates cannot be checked for revocation, so they
+    /// are refused until the first good fetch (docs/crl.md).
+    #[error("the CRL of anchor {anchor} has not been fetched yet from {url}; its certificates cannot be checked for revocation")]
+    CrlUnavailable { anchor: String, url: String },
     /// The per-handshake budget ran out before this anchor's paths could be checked.
     #[error("not checked: the chain needs more than the per-handshake budget ({} candidate paths, {} signatures)", path::MAX_CANDIDATE_PATHS, path::SIGNATURE_BUDGET)]
     Budget,
@@ -163,6 +168,7 @@ impl AnchorFailure {
             AnchorFailure::LeafKeyUsage => ("bad_key_usage", C::InvalidPurpose),
             AnchorFailure::IssuerKeyUsage { .. } => ("issuer_key_usage", C::InvalidPurpose),
             AnchorFailure::NameConstraint { .. } => ("name_constraint", C::NotValidForName),
+            AnchorFailure::CrlUnavailable { .. } => ("crl_unavailable", C::UnknownRevocationStatus),
             AnchorFailure::Budget => ("path_budget", C::ApplicationVerificationFailure),
         }
     }
@@ -202,6 +208,30 @@ pub struct ChainReport {
     pub anchors: Vec<Result<usize, AnchorFailure>>,
     pub outcome: Result<Rule, ChainRefusal>,
     pub work: Work,
+    /// When no anchor issued the chain: the CAs, nearest to the leaf first, any of which
+    /// configured as an anchor would have been this chain's trust anchor, as far as the
+    /// chain shows them (the leaf's issuer, then the issuer of each CA certificate the
+    /// client sent above it). Empty otherwise.
+    pub missing_anchor: Vec<CaName>,
+}
+
+/// A CA named by a certificate it issued: its subject and key identifier, as the
+/// issuer and authorityKeyIdentifier of that certificate say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaName {
+    pub subject: String,
+    /// As `openssl x509 -text` prints a key identifier.
+    pub key_id: Option<String>,
+}
+
+impl std::fmt::Display for CaName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.subject)?;
+        if let Some(id) = &self.key_id {
+            write!(f, " (key id {id})")?;
+        }
+        Ok(())
+    }
 }
 
 impl ChainReport {
@@ -212,8 +242,41 @@ impl ChainReport {
             anchors: Vec::new(),
             outcome: Err(refusal),
             work,
+            missing_anchor: Vec::new(),
         }
     }
+}
+
+/// The issuer of `cert` as a [`CaName`].
+fn issuer_of(cert: &CertInfo) -> CaName {
+    CaName {
+        subject: cert.issuer.clone(),
+        key_id: cert.authority_key_id.as_deref().map(crate::cert::key_id),
+    }
+}
+
+/// See [`ChainReport::missing_anchor`]. Bounded by the chain's length (at most
+/// `path::MAX_CHAIN_CERTS`); a root the client sent ends the walk (its issuer is itself).
+fn missing_anchor(leaf: &CertInfo, sent: &[Option<CertInfo>]) -> Vec<CaName> {
+    if leaf.self_issued {
+        return Vec::new();
+    }
+    let mut out = vec![issuer_of(leaf)];
+    let mut current = leaf;
+    for _ in 0..sent.len() {
+        let above = sent
+            .iter()
+            .flatten()
+            .find(|c| c.is_ca && c.subject_der == current.issuer_der);
+        match above {
+            Some(ca) if !ca.self_issued => {
+                out.push(issuer_of(ca));
+                current = ca;
+            }
+            _ => break,
+        }
+    }
+    out
 }
 
 /// Decides SPEC 3 steps 2 to 4 for the chain a client sent (leaf first).
@@ -257,6 +320,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
             anchors: Vec::new(),
             outcome,
             work,
+            missing_anchor: Vec::new(),
         };
     }
     // Step 3: path validation to each anchor; the nearest wins, then the first in the file.
@@ -327,12 +391,19 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         None if work.budget_exhausted => Err(ChainRefusal::Budget),
         None => Err(first_reason(config, &anchors)),
     };
+    let missing_anchor = match outcome {
+        Err(ChainRefusal::UnknownIssuer | ChainRefusal::NoAnchors) => {
+            missing_anchor(&leaf, &presented.infos)
+        }
+        _ => Vec::new(),
+    };
     ChainReport {
         leaf: Some(leaf),
         pinned: None,
         anchors,
         outcome,
         work,
+        missing_anchor,
     }
 }
 
@@ -455,6 +526,15 @@ fn validate(
     cas.push(&anchor.info);
     rules::key_usage(chain.leaf, &cas)?;
     rules::cn_name_constraints(chain.cn.as_deref(), &cas)?;
+    // A valid path is still refused while an anchor on it cannot say what it revoked.
+    if let Some(b) = on_path.iter().find(|b| b.crl.is_none()) {
+        if let Some(url) = &b.crl_url {
+            return Err(AnchorFailure::CrlUnavailable {
+                anchor: b.name.clone(),
+                url: url.url.clone(),
+            });
+        }
+    }
     Ok(depth)
 }
 

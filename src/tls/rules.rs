@@ -58,6 +58,7 @@ mod tests {
                 not_after: i64::MAX,
             },
             subject: "CN=Site A CA".to_owned(),
+            issuer: "CN=Root".to_owned(),
             subject_der: Vec::new(),
             issuer_der: Vec::new(),
             is_ca: true,

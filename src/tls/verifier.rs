@@ -40,21 +40,50 @@ tokio::task_local! {
     pub static HANDSHAKE_PEER: SocketAddr;
 }
 
+/// Which device, if any, the registry binds to a certificate: a refusal at TLS names it,
+/// so that an operator reading "expired" or "unknown issuer" knows whose device it is.
+pub trait KnownDevices: Send + Sync + std::fmt::Debug {
+    /// The name of the device whose current certificate has `fingerprint`. Blocking (a
+    /// registry read): called off the async workers, for logged refusals only.
+    fn device_with(&self, fingerprint: &Fingerprint) -> Option<String>;
+}
+
 /// Verifies client certificates against one loaded [`Config`]. A reload builds a new one.
 #[derive(Debug)]
 pub struct DeviceVerifier {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    known: Option<Arc<dyn KnownDevices>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl DeviceVerifier {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> DeviceVerifier {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        known: Option<Arc<dyn KnownDevices>>,
+    ) -> DeviceVerifier {
         DeviceVerifier {
             config,
             metrics,
+            known,
             algorithms: super::provider().signature_verification_algorithms,
         }
+    }
+}
+
+impl DeviceVerifier {
+    /// The configured anchors as a refusal line lists them: `fleet,backend`, or `-`.
+    fn anchor_names(&self) -> String {
+        if self.config.anchors.is_empty() {
+            return "-".to_owned();
+        }
+        self.config
+            .anchors
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -84,7 +113,7 @@ impl ClientCertVerifier for DeviceVerifier {
             let _slot = Slot::acquire();
             policy::match_chain(&self.config, &chain, now)
         });
-        match report.outcome {
+        match &report.outcome {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(refusal) => {
                 self.metrics.auth_refused(refusal.label());
@@ -96,16 +125,29 @@ impl ClientCertVerifier for DeviceVerifier {
                 };
                 if let Some(suppressed) = suppressed {
                     let fingerprint = Fingerprint::of(end_entity);
+                    let device = self
+                        .known
+                        .as_ref()
+                        .and_then(|k| off_the_workers(|| k.device_with(&fingerprint)));
+                    let issuer = report.leaf.as_ref().map(|l| l.issuer.as_str());
+                    // For an unknown issuer, what was configured instead.
+                    let anchors = matches!(
+                        refusal,
+                        policy::ChainRefusal::UnknownIssuer | policy::ChainRefusal::NoAnchors
+                    )
+                    .then(|| self.anchor_names());
                     tracing::warn!(
                         target: "certmq::auth",
                         peer = %peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                         %fingerprint,
                         rule = "-",
-                        device = "-",
+                        device = device.as_deref().unwrap_or("-"),
                         result = "refused",
                         stage = "tls",
                         reason = refusal.label(),
-                        // The sentence can quote the certificate's names: escaped.
+                        // Peer-chosen names: recorded as strings, so quoted and escaped.
+                        issuer = issuer.unwrap_or("-"),
+                        anchors = anchors.as_deref(),
                         detail = ?refusal.to_string(),
                         suppressed,
                         "refused at TLS"

@@ -115,11 +115,12 @@ fn check_refuses_an_unknown_key() {
     let fx = Fixture::new();
     fx.config("[[anchor]]\nname = \"fleet\"\ncertificate = \"fleet.pem\"\ncn_regex = '^(.+)$'\ncreate_device = true\n");
     let run = check(&fx);
-    // The TOML error spans lines: the first names the file, the rest the line and the key.
-    assert_problem(&run, &fx, "(file)", "invalid TOML");
-    assert!(
-        run.stderr.contains("unknown field `create_device`"),
-        "{run:#?}"
+    // One line: the file, the key with its line and column, the key it resembles.
+    assert_problem(
+        &run,
+        &fx,
+        "anchor[0].create_device (line 15, column 1)",
+        "unknown key (did you mean `create_devices`?)",
     );
 }
 

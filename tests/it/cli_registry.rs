@@ -166,7 +166,7 @@ fn explain_prints_numbered_steps() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     let fingerprint = Fingerprint::of(&dev.cert_der).to_hex();
     let expected_starts = [
-        "1. certificate: subject CN=dev-001.devices.example.com, fingerprint ",
+        "1. certificate: subject CN=dev-001.devices.example.com, issuer CN=Test Fleet CA, fingerprint ",
         "2. pinned: no [[device]] has this fingerprint",
         "3. anchor fleet: valid path with 0 intermediate(s)",
         "   chosen: anchor fleet",

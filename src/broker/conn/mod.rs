@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -629,10 +628,7 @@ impl Conn<'_> {
                     .map_err(|e| End::Write(WriteError::Encode(e)))?;
                 sent += 1;
             }
-            self.broker
-                .metrics
-                .messages_sent
-                .fetch_add(sent, Ordering::Relaxed);
+            self.broker.metrics.messages_sent.inc_by(sent);
         }
     }
 
