@@ -15,7 +15,7 @@ use crate::cert::{Fingerprint, Validity};
 use crate::config::PINNED_SOURCE;
 use crate::identity::DeviceName;
 
-pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
+pub use store::{Access, PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]

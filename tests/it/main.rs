@@ -5,6 +5,7 @@
 mod auth;
 mod bench_smoke;
 mod cli;
+mod cli_operator;
 mod cli_registry;
 mod common;
 mod durability;
