@@ -438,11 +438,12 @@ fn readme_examples(readme: &str) -> Vec<String> {
 }
 
 /// A fresh `certmq demo-pki` PKI in `dir/certs-example` (what the repository's
-/// `certs-example/` is), its config listening on 127.0.0.1:0 (data_dir is its `data` folder). The README
-/// examples run with `dir` as their working directory, so their `certs-example/...` paths
-/// resolve here: nothing in the working tree is read, and an edited `config/certmq.toml`
-/// (the README's "Add a trust anchor" recipe) or `certs-example/` cannot break this test.
-/// `.ci/run` runs the same examples against the repository's own config and certificates.
+/// `certs-example/` is), its config listening on 127.0.0.1:0 (data_dir is its `data`
+/// folder). The README examples run with `dir` as their working directory, so their
+/// `certs-example/...` paths resolve here: nothing in the working tree is read, and an
+/// edited `config/certmq.toml` (the README's "Add a trust anchor" recipe) or
+/// `certs-example/` cannot break this test. `.ci/run` runs the same examples against the
+/// repository's own config and certificates.
 fn demo_config(dir: &Path) -> PathBuf {
     let certs = dir.join("certs-example");
     let files = certmq::pki::write_demo(&certs, 30).expect("demo-pki");
