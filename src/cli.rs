@@ -340,8 +340,9 @@ impl Online {
     }
 }
 
-/// One registry row as SPEC 1 prints it in JSON, with `online` (true, false, or null when
-/// no broker answered) beyond SPEC 1's fields.
+/// One registry row in JSON (docs/operations.md "Commands"): the contract's fields, and
+/// beyond them `dropped_messages` and `online` (true, false, or null when no broker
+/// answered).
 pub fn device_json(d: &Device, online: &Online) -> serde_json::Value {
     json!({
         "name": d.name,

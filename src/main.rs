@@ -338,8 +338,9 @@ fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `certmq devices ...`: never creates the registry (SPEC 1); `list` and `show` open it
-/// read-only and ask a running broker which devices are online.
+/// `certmq devices ...`: never creates the registry (docs/operations.md, "Files and
+/// permissions"); `list` and `show` open it read-only and ask a running broker which
+/// devices are online.
 fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
     let config = match load(path) {
         Ok(c) => c,

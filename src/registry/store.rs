@@ -150,9 +150,10 @@ impl Registry {
     }
 
     /// Opens `data_dir/certmq.db` for a CLI command if it exists, never creating it nor
-    /// `data_dir` (SPEC 1: `check`, `explain` and `devices list|show` never create or
-    /// modify a database; run as root before the first start they must not leave a
-    /// root-owned file the broker's user cannot open). `Ok(None)`: no registry yet.
+    /// `data_dir` (docs/contract.md, "Operations": `check`, `explain` and `devices
+    /// list|show` never create or modify a database; run as root before the first start
+    /// they must not leave a root-owned file the broker's user cannot open). `Ok(None)`:
+    /// no registry yet.
     ///
     /// [`Access::ReadOnly`] opens the file read-only: no migration, no journal mode
     /// change, no write. As root, SQLite gives the `-wal` and `-shm` files it may create

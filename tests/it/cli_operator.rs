@@ -1,4 +1,4 @@
-//! The operator's side of the CLI (SPEC 1): the read-only commands (`check`, `explain`,
+//! The operator's side of the CLI (docs/operations.md): the read-only commands (`check`, `explain`,
 //! `devices list|show`) never create or modify a database, also when run as root before
 //! the first start; a file the broker's user may not write is named with its owner and
 //! mode; `devices list|show` say which devices are connected to the running broker; the

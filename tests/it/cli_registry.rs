@@ -69,7 +69,7 @@ fn assert_device(v: &Value, name: &str, source: &str, cert_der: &[u8], enabled: 
         "source",
         "fingerprint",
         "enabled",
-        // Beyond SPEC 1's list: connected to the running broker (null: none runs).
+        // Beyond the contract's list: connected to the running broker (null: none runs).
         "online",
         "not_after",
         "created_at",
