@@ -20,7 +20,7 @@ use crate::config::PINNED_SOURCE;
 use crate::identity::DeviceName;
 
 pub use backend::{Backend, ChangeFeed, Changes, Feed, Imported};
-pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
+pub use store::{Access, PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -40,6 +40,29 @@ pub enum RegistryError {
         #[source]
         source: rusqlite::Error,
     },
+    /// Access rights (the file, its folder): the message says what is wrong in words and
+    /// names the owners, modes and the user this process runs as, in place of SQLite's
+    /// `SQLITE_READONLY_DIRECTORY` or `SQLITE_CANTOPEN` (kept in `sqlite` for debugging).
+    #[error("cannot open the registry {path}: {detail}")]
+    Denied {
+        path: PathBuf,
+        detail: String,
+        sqlite: rusqlite::Error,
+    },
+    #[error("cannot read the registry {path} ({detail})")]
+    Unreadable {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the registry {path} ({detail})")]
+    Unwritable {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a certmq database (application_id {found:#x}); refusing to use it")]
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
@@ -67,6 +90,36 @@ pub enum RegistryError {
     /// Cluster mode: the device's entry changed under every compare-and-set attempt.
     #[error("device {name:?}: the registry entry changed during {attempts} attempts to write it")]
     Contention { name: String, attempts: usize },
+}
+
+/// How [`Registry::open_existing`] opens the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// An error opening `path`: for access rights, one that says what is wrong in words and
+/// names owners, modes and this process's user.
+fn open_error(path: &Path, source: rusqlite::Error) -> RegistryError {
+    match crate::sqlite::access_problem(&source) {
+        Some(problem) => RegistryError::Denied {
+            path: path.to_path_buf(),
+            detail: format!("{problem} ({})", crate::sqlite::access_detail(path)),
+            sqlite: source,
+        },
+        None => RegistryError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// SQLite's `-wal` or `-shm` file next to a database file.
+fn wal_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// What [`Registry::sync_pinned`] found.
@@ -107,28 +160,106 @@ impl Registry {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|source| RegistryError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let registry = Registry {
+        let conn = Connection::open(&path).map_err(|source| open_error(&path, source))?;
+        let registry = Registry::with(path, conn);
+        registry.init().map_err(|e| registry.named(e))?;
+        Ok(registry)
+    }
+
+    /// Opens `data_dir/certmq.db` for a CLI command if it exists, never creating it nor
+    /// `data_dir` (docs/contract.md, "Operations": `check`, `explain` and `devices
+    /// list|show` never create or modify a database; run as root before the first start
+    /// they must not leave a root-owned file the broker's user cannot open). `Ok(None)`:
+    /// no registry yet.
+    ///
+    /// [`Access::ReadOnly`] opens the file read-only: no migration, no journal mode
+    /// change, no write. As root, SQLite gives the `-wal` and `-shm` files it may create
+    /// the database file's owner. [`Access::ReadWrite`] (the `devices` commands that
+    /// change a row) opens it as the broker does, without creating it.
+    pub fn open_existing(
+        data_dir: &Path,
+        access: Access,
+    ) -> Result<Option<Registry>, RegistryError> {
+        let path = data_dir.join(DB_FILE);
+        match std::fs::metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(RegistryError::Unreadable {
+                    detail: crate::sqlite::access_detail(&path),
+                    path,
+                    source,
+                })
+            }
+        }
+        if access == Access::ReadWrite {
+            // SQLite would open a file it may not write read-only, and fail at the write.
+            for file in [
+                path.clone(),
+                wal_file(&path, "-wal"),
+                wal_file(&path, "-shm"),
+            ] {
+                crate::sqlite::writable_file(&file).map_err(|source| {
+                    RegistryError::Unwritable {
+                        detail: crate::sqlite::access_detail(&file),
+                        path: file.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        use rusqlite::OpenFlags;
+        let flags = match access {
+            Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+            Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags)
+            .map_err(|source| open_error(&path, source))?;
+        let registry = Registry::with(path, conn);
+        match access {
+            Access::ReadOnly => registry.check_read_only(),
+            Access::ReadWrite => registry.init(),
+        }
+        .map_err(|e| registry.named(e))?;
+        Ok(Some(registry))
+    }
+
+    fn with(path: PathBuf, conn: Connection) -> Registry {
+        Registry {
             path,
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
-        };
-        registry.init().map_err(|e| registry.named(e))?;
-        Ok(registry)
+        }
+    }
+
+    /// What [`Registry::init`] checks, without writing: a certmq registry of this schema.
+    fn check_read_only(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let app_id: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        if app_id != APPLICATION_ID {
+            return Err(RegistryError::Foreign {
+                path: self.path.clone(),
+                found: app_id,
+            });
+        }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(RegistryError::Schema {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
     }
 
     /// Names the file in a database error met while opening (read-only file system,
     /// locked, corrupt...), so the startup error says which file.
     fn named(&self, e: RegistryError) -> RegistryError {
         match e {
-            RegistryError::Sqlite(source) => RegistryError::Open {
-                path: self.path.clone(),
-                source,
-            },
+            RegistryError::Sqlite(source) => open_error(&self.path, source),
+            RegistryError::Open { source, .. } => open_error(&self.path, source),
             other => other,
         }
     }

@@ -149,6 +149,16 @@ impl Live {
         self.len() == 0
     }
 
+    /// The devices with a live connection, and how many each has (`certmq devices list`'s
+    /// online column, through the control socket).
+    pub fn online(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for c in self.lock().by_id.values() {
+            *out.entry(c.device.as_str().to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+
     fn select(&self, scope: Scope<'_>) -> Vec<LiveConn> {
         let conns = self.lock();
         let all = conns.by_id.values();

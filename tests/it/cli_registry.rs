@@ -69,6 +69,8 @@ fn assert_device(v: &Value, name: &str, source: &str, cert_der: &[u8], enabled: 
         "source",
         "fingerprint",
         "enabled",
+        // Beyond the contract's list: connected to the running broker (null: none runs).
+        "online",
         "not_after",
         "created_at",
         "last_seen_at",

@@ -7,6 +7,7 @@ mod auth;
 mod bench_smoke;
 mod check_problems;
 mod cli;
+mod cli_operator;
 mod cli_registry;
 mod cluster;
 mod cluster_registry;
