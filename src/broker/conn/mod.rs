@@ -606,15 +606,18 @@ impl Conn<'_> {
         };
         let packet = wire::publish(
             self.p.protocol,
-            &topic,
-            d.msg.payload.clone(),
-            d.qos,
-            d.retain,
-            dup,
-            pkid,
-            &d.msg.props,
-            now.and_then(|now| d.msg.remaining_expiry(now)),
-            &d.sub_ids,
+            &wire::OutPublish {
+                topic: &topic,
+                topic_ref: wire::TopicRef::Name,
+                payload: d.msg.payload.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                dup,
+                pkid,
+                props: &d.msg.props,
+                message_expiry: now.and_then(|now| d.msg.remaining_expiry(now)),
+                sub_ids: &d.sub_ids,
+            },
         );
         if let Some(max) = self.p.client_max_packet {
             let mut probe = BytesMut::new();
