@@ -7,6 +7,7 @@ mod bench_smoke;
 mod cli;
 mod cli_registry;
 mod common;
+mod conformance;
 mod durability;
 mod flow_control;
 mod hardening;

@@ -1,0 +1,451 @@
+//! Protocol conformance, clause by clause (issue 15): what the MQTT 3.1.1 and 5.0
+//! specifications say MUST happen, checked byte for byte. Each test sends exact bytes over
+//! mutual TLS to a real broker and expects exact bytes back, or the connection closed
+//! with nothing more. A test is named after the clause it checks (`mqtt_1_5_4_2_...` is
+//! [MQTT-1.5.4-2]); a clause that exists in both versions is one check run twice through
+//! [`both!`], `_v311` and `_v5`, since the 3.1.1 number of a clause may differ from its
+//! 5.0 number.
+//!
+//! The bytes are built here by hand rather than with a client library: these are packets
+//! no library will send (a NUL in a string, a property twice, DUP on QoS 0).
+
+use std::net::SocketAddr;
+
+use crate::common::coretests::raw::Raw;
+use crate::common::coretests::V;
+use crate::common::v5tests::{device_client, BACKEND_FLEET};
+use crate::common::{Broker, Client, Fixture};
+
+// ---------------------------------------------------------------- bytes
+
+/// Property identifiers (MQTT 5 §2.2.2.2) the tests use.
+mod prop {
+    pub const MESSAGE_EXPIRY: u8 = 0x02;
+    pub const CONTENT_TYPE: u8 = 0x03;
+    pub const RESPONSE_TOPIC: u8 = 0x08;
+    pub const SUBSCRIPTION_ID: u8 = 0x0B;
+    pub const SESSION_EXPIRY: u8 = 0x11;
+    pub const AUTHENTICATION_METHOD: u8 = 0x15;
+    pub const WILL_DELAY: u8 = 0x18;
+    pub const REASON_STRING: u8 = 0x1F;
+    pub const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub const TOPIC_ALIAS: u8 = 0x23;
+    pub const USER_PROPERTY: u8 = 0x26;
+    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+}
+
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A UTF-8 Encoded String or Binary Data: two-byte length, then the bytes.
+fn string(s: &[u8]) -> Vec<u8> {
+    let mut out = u16::try_from(s.len())
+        .expect("short")
+        .to_be_bytes()
+        .to_vec();
+    out.extend_from_slice(s);
+    out
+}
+
+/// A whole packet: first byte, remaining length, body.
+fn packet(first: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body = parts.concat();
+    let mut out = vec![first];
+    varint(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// One MQTT 5 property: identifier, then its value as given.
+fn p(id: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend_from_slice(value);
+    out
+}
+
+/// A string property (or the key of a user property: pass `key` and `value`).
+fn ps(id: u8, text: &[u8]) -> Vec<u8> {
+    p(id, &string(text))
+}
+
+fn user_property(key: &[u8], value: &[u8]) -> Vec<u8> {
+    p(prop::USER_PROPERTY, &[string(key), string(value)].concat())
+}
+
+/// A property block: Variable Byte Integer length, then the properties.
+fn props(list: &[Vec<u8>]) -> Vec<u8> {
+    let body = list.concat();
+    let mut out = Vec::new();
+    varint(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A CONNECT built field by field; MQTT 5 fields are left out for 3.1.1.
+#[derive(Clone)]
+struct Connect {
+    v: V,
+    /// The protocol level byte (4 or 5, or anything else for item 6).
+    level: u8,
+    client_id: Vec<u8>,
+    props: Vec<Vec<u8>>,
+    /// Will topic and will properties (QoS 0, payload "w").
+    will: Option<(Vec<u8>, Vec<Vec<u8>>)>,
+    user_name: Option<Vec<u8>>,
+}
+
+impl Connect {
+    fn new(v: V, client_id: &[u8]) -> Connect {
+        Connect {
+            v,
+            level: if v == V::V4 { 4 } else { 5 },
+            client_id: client_id.to_vec(),
+            props: Vec::new(),
+            will: None,
+            user_name: None,
+        }
+    }
+
+    fn props(mut self, props: Vec<Vec<u8>>) -> Connect {
+        self.props = props;
+        self
+    }
+
+    fn will(mut self, topic: &[u8], props: Vec<Vec<u8>>) -> Connect {
+        self.will = Some((topic.to_vec(), props));
+        self
+    }
+
+    fn user_name(mut self, name: &[u8]) -> Connect {
+        self.user_name = Some(name.to_vec());
+        self
+    }
+
+    fn level(mut self, level: u8) -> Connect {
+        self.level = level;
+        self
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut flags = 0x02;
+        if self.will.is_some() {
+            flags |= 0x04;
+        }
+        if self.user_name.is_some() {
+            flags |= 0x80;
+        }
+        let mut body = string(b"MQTT");
+        body.extend_from_slice(&[self.level, flags, 0, 60]);
+        if self.v == V::V5 {
+            body.extend(props(&self.props));
+        }
+        body.extend(string(&self.client_id));
+        if let Some((topic, will_props)) = &self.will {
+            if self.v == V::V5 {
+                body.extend(props(will_props));
+            }
+            body.extend(string(topic));
+            body.extend(string(b"w"));
+        }
+        if let Some(name) = &self.user_name {
+            body.extend(string(name));
+        }
+        packet(0x10, &[&body])
+    }
+}
+
+/// A PUBLISH: `flags` is the low nibble (DUP, QoS, RETAIN); the packet id is written for
+/// QoS 1 and 2; `props` only in MQTT 5.
+fn publish(
+    v: V,
+    flags: u8,
+    topic: &[u8],
+    pkid: u16,
+    props_: &[Vec<u8>],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut body = string(topic);
+    if flags & 0x06 != 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if v == V::V5 {
+        body.extend(props(props_));
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | flags, &[&body])
+}
+
+/// A SUBSCRIBE with one filter and its options byte.
+fn subscribe(v: V, pkid: u16, props_: &[Vec<u8>], filter: &[u8], options: u8) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if v == V::V5 {
+        body.extend(props(props_));
+    }
+    body.extend(string(filter));
+    body.push(options);
+    packet(0x82, &[&body])
+}
+
+/// An UNSUBSCRIBE with one filter.
+fn unsubscribe(v: V, pkid: u16, filter: &[u8]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if v == V::V5 {
+        body.push(0);
+    }
+    body.extend(string(filter));
+    packet(0xA2, &[&body])
+}
+
+/// What the broker sends when it refuses a CONNECT in MQTT 5: a CONNACK with only a
+/// reason code, no properties (the client's limits are unknown when its CONNECT is bad).
+fn connack_v5(code: u8) -> Vec<u8> {
+    vec![0x20, 0x03, 0x00, code, 0x00]
+}
+
+/// An MQTT 5 DISCONNECT with a reason string.
+fn disconnect(code: u8, reason: &str) -> Vec<u8> {
+    packet(
+        0xE0,
+        &[
+            &[code],
+            &props(&[ps(prop::REASON_STRING, reason.as_bytes())]),
+        ],
+    )
+}
+
+// ---------------------------------------------------------------- harness
+
+/// A broker whose fleet devices may publish and subscribe everywhere.
+async fn open_broker(fx: &Fixture) -> Broker {
+    Broker::start(&fx.config(BACKEND_FLEET)).await
+}
+
+/// A broker with the built-in `device` profile: a device may use only its own topics.
+async fn device_broker(fx: &Fixture) -> Broker {
+    Broker::start(&fx.config(&Fixture::fleet_anchor(true))).await
+}
+
+/// Sends `bytes` as the first thing on a new connection; returns everything the broker
+/// sent until it closed the connection.
+async fn answer_to_connect(client: &Client, addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    client
+        .raw(addr, bytes)
+        .await
+        .expect("the broker answers and closes")
+}
+
+/// Connects (CONNACK 0x00), sends `bytes`, returns the packets the broker sent before
+/// closing the connection.
+async fn answer_after_connack(
+    client: &Client,
+    addr: SocketAddr,
+    connect: &Connect,
+    bytes: &[u8],
+) -> Vec<Vec<u8>> {
+    let (mut raw, _) = Raw::connect_ok(client, addr, &connect.bytes()).await;
+    raw.send(bytes).await;
+    raw.until_closed().await
+}
+
+/// What a protocol violation after CONNACK gets: a close (3.1.1), or a DISCONNECT with
+/// this code and reason string, then a close (5).
+fn closed_with(v: V, code: u8, reason: &str) -> Vec<Vec<u8>> {
+    match v {
+        V::V4 => Vec::new(),
+        V::V5 => vec![disconnect(code, reason)],
+    }
+}
+
+/// What a bad CONNECT gets: a close (3.1.1), or a CONNACK with this code then a close (5).
+fn refused_with(v: V, code: u8) -> Vec<u8> {
+    match v {
+        V::V4 => Vec::new(),
+        V::V5 => connack_v5(code),
+    }
+}
+
+/// One check, run for MQTT 3.1.1 and for MQTT 5 under the names of each version's clause.
+macro_rules! both {
+    ($v311:ident, $v5:ident, $check:ident) => {
+        #[tokio::test]
+        async fn $v311() {
+            $check(V::V4).await
+        }
+
+        #[tokio::test]
+        async fn $v5() {
+            $check(V::V5).await
+        }
+    };
+}
+
+// ---------------------------------------------------------------- 1. U+0000 in a string
+
+/// A CONNECT whose client id, will topic or user name holds a NUL is refused: 3.1.1
+/// closes, 5 answers CONNACK 0x81 (Malformed Packet) first.
+async fn nul_in_connect(v: V, connect: Connect) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    assert_eq!(got, refused_with(v, 0x81), "{v:?}");
+}
+
+async fn nul_in_client_id(v: V) {
+    nul_in_connect(v, Connect::new(v, b"dev\0one")).await;
+}
+
+async fn nul_in_will_topic(v: V) {
+    nul_in_connect(v, Connect::new(v, b"c").will(b"will/\0", Vec::new())).await;
+}
+
+async fn nul_in_user_name(v: V) {
+    nul_in_connect(v, Connect::new(v, b"c").user_name(b"u\0")).await;
+}
+
+both!(
+    mqtt_1_5_3_2_nul_in_client_id_closes_v311,
+    mqtt_1_5_4_2_nul_in_client_id_closes_v5,
+    nul_in_client_id
+);
+both!(
+    mqtt_1_5_3_2_nul_in_will_topic_closes_v311,
+    mqtt_1_5_4_2_nul_in_will_topic_closes_v5,
+    nul_in_will_topic
+);
+both!(
+    mqtt_1_5_3_2_nul_in_user_name_closes_v311,
+    mqtt_1_5_4_2_nul_in_user_name_closes_v5,
+    nul_in_user_name
+);
+
+#[tokio::test]
+async fn mqtt_1_5_4_2_nul_in_a_connect_user_property_closes_v5() {
+    let connect = Connect::new(V::V5, b"c").props(vec![user_property(b"k", b"v\0")]);
+    nul_in_connect(V::V5, connect).await;
+}
+
+#[tokio::test]
+async fn mqtt_1_5_4_2_nul_in_a_will_content_type_closes_v5() {
+    let connect = Connect::new(V::V5, b"c").will(b"w", vec![ps(prop::CONTENT_TYPE, b"\0")]);
+    nul_in_connect(V::V5, connect).await;
+}
+
+/// A packet after CONNACK with a NUL in one of its strings closes the connection (MQTT 5:
+/// DISCONNECT 0x81 naming the string first).
+async fn nul_after_connack(v: V, bytes: Vec<u8>, what: &str) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let got = answer_after_connack(
+        &device_client(&fx, "dev-1"),
+        broker.addr,
+        &Connect::new(v, b"c"),
+        &bytes,
+    )
+    .await;
+    let reason = format!("malformed packet: {what} contains U+0000");
+    assert_eq!(got, closed_with(v, 0x81, &reason), "{v:?}");
+}
+
+async fn nul_in_topic_name(v: V) {
+    nul_after_connack(v, publish(v, 0, b"a/\0", 0, &[], b"x"), "topic name").await;
+}
+
+async fn nul_in_topic_filter(v: V) {
+    nul_after_connack(v, subscribe(v, 1, &[], b"a/\0", 0), "topic filter").await;
+}
+
+async fn nul_in_unsubscribe_filter(v: V) {
+    nul_after_connack(v, unsubscribe(v, 1, b"\0"), "topic filter").await;
+}
+
+both!(
+    mqtt_1_5_3_2_nul_in_topic_name_closes_v311,
+    mqtt_1_5_4_2_nul_in_topic_name_closes_v5,
+    nul_in_topic_name
+);
+both!(
+    mqtt_1_5_3_2_nul_in_topic_filter_closes_v311,
+    mqtt_1_5_4_2_nul_in_topic_filter_closes_v5,
+    nul_in_topic_filter
+);
+both!(
+    mqtt_1_5_3_2_nul_in_unsubscribe_filter_closes_v311,
+    mqtt_1_5_4_2_nul_in_unsubscribe_filter_closes_v5,
+    nul_in_unsubscribe_filter
+);
+
+#[tokio::test]
+async fn mqtt_1_5_4_2_nul_in_a_user_property_closes_v5() {
+    let bytes = publish(V::V5, 0, b"a", 0, &[user_property(b"\0", b"v")], b"x");
+    nul_after_connack(V::V5, bytes, "user property").await;
+}
+
+#[tokio::test]
+async fn mqtt_1_5_4_2_nul_in_a_response_topic_closes_v5() {
+    let bytes = publish(
+        V::V5,
+        0,
+        b"a",
+        0,
+        &[ps(prop::RESPONSE_TOPIC, b"r/\0")],
+        b"x",
+    );
+    nul_after_connack(V::V5, bytes, "response topic").await;
+}
+
+#[tokio::test]
+async fn mqtt_1_5_4_2_nul_in_a_client_reason_string_closes_v5() {
+    // DISCONNECT 0x00 with a reason string holding a NUL.
+    let bytes = packet(
+        0xE0,
+        &[&[0x00], &props(&[ps(prop::REASON_STRING, b"bye\0")])],
+    );
+    nul_after_connack(V::V5, bytes, "reason string").await;
+}
+
+// ---------------------------------------------------------------- 2. empty topic filters
+
+/// An empty topic filter is a protocol error for the whole packet ([MQTT-4.7.3-1]), not a
+/// refused filter in SUBACK: 3.1.1 closes, 5 sends DISCONNECT 0x82 first.
+async fn empty_filter(v: V, bytes: Vec<u8>) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let got = answer_after_connack(
+        &device_client(&fx, "dev-1"),
+        broker.addr,
+        &Connect::new(v, b"c"),
+        &bytes,
+    )
+    .await;
+    let reason = "protocol error: empty topic filter";
+    assert_eq!(got, closed_with(v, 0x82, reason), "{v:?}");
+}
+
+async fn empty_subscribe_filter(v: V) {
+    empty_filter(v, subscribe(v, 1, &[], b"", 0)).await;
+}
+
+async fn empty_unsubscribe_filter(v: V) {
+    empty_filter(v, unsubscribe(v, 1, b"")).await;
+}
+
+both!(
+    mqtt_4_7_3_1_empty_topic_filter_closes_v311,
+    mqtt_4_7_3_1_empty_topic_filter_closes_v5,
+    empty_subscribe_filter
+);
+both!(
+    mqtt_4_7_3_1_empty_unsubscribe_filter_closes_v311,
+    mqtt_4_7_3_1_empty_unsubscribe_filter_closes_v5,
+    empty_unsubscribe_filter
+);
