@@ -158,7 +158,7 @@ where
         Ok(Ok(p)) => Some(p),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "no valid CONNECT");
-            if let Some(ack) = connect::connack_for_codec_error(&e) {
+            if let Some(ack) = connect::connack_for_codec_error(&e, reader.announced()) {
                 let _ = send(wr, &ack, limit).await;
             }
             None

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use crate::common::coretests::raw::Raw;
 use crate::common::coretests::V;
 use crate::common::v5tests::{device_client, BACKEND_FLEET};
-use crate::common::{Broker, Client, Fixture};
+use crate::common::{Broker, Client, Fixture, WAIT};
 
 // ---------------------------------------------------------------- bytes
 
@@ -236,12 +236,19 @@ async fn device_broker(fx: &Fixture) -> Broker {
 }
 
 /// Sends `bytes` as the first thing on a new connection; returns everything the broker
-/// sent until it closed the connection.
+/// sent until it closed the connection. A close without TLS close_notify counts as a close:
+/// the broker drops a connection it refuses before CONNACK.
 async fn answer_to_connect(client: &Client, addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    client
-        .raw(addr, bytes)
+    use tokio::io::AsyncReadExt;
+    let mut tls = client.send_raw(addr, bytes).await.expect("TLS and write");
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut out))
         .await
-        .expect("the broker answers and closes")
+        .unwrap_or_else(|_| panic!("no close within {WAIT:?}; got {out:02x?}"));
+    if let Err(e) = read {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e:?}");
+    }
+    out
 }
 
 /// Connects (CONNACK 0x00), sends `bytes`, returns the packets the broker sent before

@@ -305,10 +305,13 @@ pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Pa
     }
 }
 
-/// The CONNACK for a CONNECT the codec refused, when one is due: MQTT 3.1 gets 3.1.1
-/// return code 1 (what MQTT 3.1 clients understand); an unknown level of `MQTT` gets 0x84
-/// in MQTT 5 form, as MQTT 5 §3.1.2.2 allows. Other errors just close.
-pub fn connack_for_codec_error(e: &CodecError) -> Option<Packet> {
+/// The CONNACK for a CONNECT the codec refused, when one is due (docs/contract.md, "MQTT
+/// conformance"). MQTT 3.1 gets 3.1.1 return code 1 (what MQTT 3.1 clients understand); an
+/// unknown level of `MQTT` gets 0x84 in MQTT 5 form, as MQTT 5 §3.1.2.2 allows. A CONNECT
+/// that announced MQTT 5 and is malformed or breaks a rule gets 0x81 or 0x82, as MQTT 5
+/// §3.1.4 allows; MQTT 3.1.1 has no return code for those and just closes. None of these
+/// carries a reason string: the client's Maximum Packet Size is not known.
+pub fn connack_for_codec_error(e: &CodecError, announced: Option<Protocol>) -> Option<Packet> {
     match e {
         CodecError::UnsupportedProtocol { name, .. } if name == "MQIsdp" => {
             Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
@@ -316,12 +319,26 @@ pub fn connack_for_codec_error(e: &CodecError) -> Option<Packet> {
                 false,
             ))))
         }
-        CodecError::UnsupportedProtocol { .. } => Some(v5_refusal(
+        CodecError::UnsupportedProtocol { .. } => Some(bare_v5_refusal(
             v5::ConnectReturnCode::UnsupportedProtocolVersion,
-            e.to_string(),
         )),
+        CodecError::Malformed(_) if announced == Some(Protocol::V5) => {
+            Some(bare_v5_refusal(v5::ConnectReturnCode::MalformedPacket))
+        }
+        CodecError::Protocol(_) if announced == Some(Protocol::V5) => {
+            Some(bare_v5_refusal(v5::ConnectReturnCode::ProtocolError))
+        }
         _ => None,
     }
+}
+
+/// An MQTT 5 CONNACK with a reason code and no properties (`20 03 00 CODE 00`).
+fn bare_v5_refusal(code: v5::ConnectReturnCode) -> Packet {
+    Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
+        session_present: false,
+        code,
+        properties: None,
+    }))
 }
 
 fn v5_refusal(code: v5::ConnectReturnCode, reason: String) -> Packet {

@@ -109,7 +109,7 @@ impl End {
                     CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket
                 ) =>
             {
-                (disconnect_code(e.v5_reason_code()), e.to_string())
+                (disconnect_code(e.v5_reason_code()), e.reason_string())
             }
             _ => return None,
         };

@@ -15,6 +15,7 @@ use super::{CodecError, Malformed, Protocol, Unencodable};
 /// them with the high nibble of the first byte before anything is decoded.
 pub(super) const CONNECT: u8 = 1;
 pub(super) const CONNACK: u8 = 2;
+pub(super) const PUBLISH: u8 = 3;
 pub(super) const PUBACK: u8 = 4;
 pub(super) const PUBREC: u8 = 5;
 pub(super) const PUBREL: u8 = 6;
@@ -124,7 +125,7 @@ pub(super) fn check_first_byte(byte1: u8, protocol: Protocol) -> Result<(), Malf
         0 => return Err(Malformed::ReservedPacketType(0)),
         AUTH if protocol == Protocol::V311 => return Err(Malformed::ReservedPacketType(AUTH)),
         // PUBLISH: DUP, QoS, RETAIN; QoS 3 is refused by mqttbytes-ng (InvalidQoS).
-        3 => return Ok(()),
+        PUBLISH => return Ok(()),
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => 0b0010,
         _ => 0,
     };
