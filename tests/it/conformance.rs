@@ -456,3 +456,209 @@ both!(
     mqtt_4_7_3_1_empty_unsubscribe_filter_closes_v5,
     empty_unsubscribe_filter
 );
+
+// ---------------------------------------------------------------- 3. duplicate properties
+
+/// A CONNECT the broker refuses with an MQTT 5 CONNACK carrying only `code`.
+async fn connect_refused_v5(connect: Connect, code: u8) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    assert_eq!(got, connack_v5(code));
+}
+
+/// A packet after CONNACK that ends the connection with this DISCONNECT (MQTT 5) or a
+/// bare close (3.1.1).
+async fn ends_with(v: V, bytes: Vec<u8>, code: u8, reason: &str) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    let got = answer_after_connack(&client, broker.addr, &Connect::new(v, b"c"), &bytes).await;
+    assert_eq!(got, closed_with(v, code, reason), "{v:?}");
+}
+
+fn twice(name: &str) -> String {
+    format!("protocol error: {name} appears more than once")
+}
+
+fn four(n: u32) -> [u8; 4] {
+    n.to_be_bytes()
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_11_duplicate_connect_property_is_a_protocol_error_v5() {
+    let expiry = p(prop::SESSION_EXPIRY, &four(10));
+    let connect = Connect::new(V::V5, b"c").props(vec![expiry.clone(), expiry]);
+    connect_refused_v5(connect, 0x82).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_2_duplicate_will_property_is_a_protocol_error_v5() {
+    let delay = p(prop::WILL_DELAY, &four(1));
+    let connect = Connect::new(V::V5, b"c").will(b"w", vec![delay.clone(), delay]);
+    connect_refused_v5(connect, 0x82).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_3_duplicate_publish_property_is_a_protocol_error_v5() {
+    let expiry = p(prop::MESSAGE_EXPIRY, &four(10));
+    let bytes = publish(V::V5, 0, b"a", 0, &[expiry.clone(), expiry], b"x");
+    ends_with(V::V5, bytes, 0x82, &twice("Message Expiry Interval")).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_8_2_1_2_duplicate_subscription_identifier_is_a_protocol_error_v5() {
+    let id = p(prop::SUBSCRIPTION_ID, &[7]);
+    let bytes = subscribe(V::V5, 1, &[id.clone(), id], b"a", 0);
+    ends_with(V::V5, bytes, 0x82, &twice("Subscription Identifier")).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_4_2_2_duplicate_puback_reason_string_is_a_protocol_error_v5() {
+    let text = ps(prop::REASON_STRING, b"r");
+    let bytes = packet(0x40, &[&[0, 1, 0x00], &props(&[text.clone(), text])]);
+    ends_with(V::V5, bytes, 0x82, &twice("Reason String")).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_14_2_2_duplicate_disconnect_property_is_a_protocol_error_v5() {
+    let expiry = p(prop::SESSION_EXPIRY, &four(0));
+    let bytes = packet(0xE0, &[&[0x00], &props(&[expiry.clone(), expiry])]);
+    ends_with(V::V5, bytes, 0x82, &twice("Session Expiry Interval")).await;
+}
+
+/// User Property is the one property a client may repeat (MQTT 5 §3.1.2.11.8,
+/// §3.3.2.3.7): a CONNECT with two is accepted, and a PUBLISH with two reaches a
+/// subscriber with both, in order (MQTT-3.3.2-18).
+#[tokio::test]
+async fn mqtt_3_3_2_17_user_property_may_repeat_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let pair = [user_property(b"k", b"1"), user_property(b"k", b"2")];
+    let connect = Connect::new(V::V5, b"c").props(pair.to_vec());
+    let (mut raw, _) =
+        Raw::connect_ok(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    raw.send(&subscribe(V::V5, 1, &[], b"up", 0)).await;
+    assert_eq!(raw.recv().await, [0x90, 0x04, 0x00, 0x01, 0x00, 0x00]);
+    raw.send(&publish(V::V5, 0, b"up", 0, &pair, b"x")).await;
+    assert_eq!(raw.recv().await, publish(V::V5, 0, b"up", 0, &pair, b"x"));
+}
+
+// ---------------------------------------------------------------- 5. sender-side MUSTs
+
+async fn dup_on_qos_0(v: V) {
+    let reason = "malformed packet: QoS 0 PUBLISH with DUP set";
+    ends_with(v, publish(v, 0x08, b"a", 0, &[], b"x"), 0x81, reason).await;
+}
+
+both!(
+    mqtt_3_3_1_2_qos_0_with_dup_closes_v311,
+    mqtt_3_3_1_2_qos_0_with_dup_closes_v5,
+    dup_on_qos_0
+);
+
+#[tokio::test]
+async fn mqtt_3_3_2_14_response_topic_with_wildcard_closes_v5() {
+    let reason = "malformed packet: response topic contains a wildcard";
+    for topic in [&b"r/+"[..], b"r/#"] {
+        let bytes = publish(V::V5, 0, b"a", 0, &[ps(prop::RESPONSE_TOPIC, topic)], b"x");
+        ends_with(V::V5, bytes, 0x81, reason).await;
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_2_will_response_topic_with_wildcard_closes_v5() {
+    let will = vec![ps(prop::RESPONSE_TOPIC, b"r/#")];
+    connect_refused_v5(Connect::new(V::V5, b"c").will(b"w", will), 0x81).await;
+}
+
+async fn subscribe_id_0(v: V) {
+    let reason = "protocol error: SUBSCRIBE with packet identifier 0";
+    ends_with(v, subscribe(v, 0, &[], b"a", 0), 0x82, reason).await;
+}
+
+async fn unsubscribe_id_0(v: V) {
+    let reason = "protocol error: UNSUBSCRIBE with packet identifier 0";
+    ends_with(v, unsubscribe(v, 0, b"a"), 0x82, reason).await;
+}
+
+async fn publish_id_0(v: V) {
+    let reason = "protocol error: PUBLISH with packet identifier 0";
+    for qos in [0x02, 0x04] {
+        ends_with(v, publish(v, qos, b"a", 0, &[], b"x"), 0x82, reason).await;
+    }
+}
+
+both!(
+    mqtt_2_3_1_1_subscribe_with_packet_id_0_closes_v311,
+    mqtt_2_2_1_3_subscribe_with_packet_id_0_closes_v5,
+    subscribe_id_0
+);
+both!(
+    mqtt_2_3_1_1_unsubscribe_with_packet_id_0_closes_v311,
+    mqtt_2_2_1_3_unsubscribe_with_packet_id_0_closes_v5,
+    unsubscribe_id_0
+);
+both!(
+    mqtt_2_3_1_1_publish_with_packet_id_0_closes_v311,
+    mqtt_2_2_1_3_publish_with_packet_id_0_closes_v5,
+    publish_id_0
+);
+
+#[tokio::test]
+async fn mqtt_3_1_2_11_3_receive_maximum_0_is_a_protocol_error_v5() {
+    let props = vec![p(prop::RECEIVE_MAXIMUM, &[0, 0])];
+    connect_refused_v5(Connect::new(V::V5, b"c").props(props), 0x82).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_11_4_maximum_packet_size_0_is_a_protocol_error_v5() {
+    let props = vec![p(prop::MAXIMUM_PACKET_SIZE, &four(0))];
+    connect_refused_v5(Connect::new(V::V5, b"c").props(props), 0x82).await;
+}
+
+// ---------------------------------------------------------------- 6. protocol level
+
+/// A CONNECT with a protocol level certmq does not speak is answered in the CONNACK form
+/// its bytes show the client can parse: the 3.1.1 layout gets return code 0x01
+/// ([MQTT-3.1.2-2] of 3.1.1), the MQTT 5 layout (a property block) gets 0x84.
+#[tokio::test]
+async fn mqtt_3_1_2_2_unknown_level_in_v311_form_gets_return_code_1_v311() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    for level in [0, 3, 6, 99, 255] {
+        for connect in [
+            Connect::new(V::V4, b"c").level(level),
+            Connect::new(V::V4, b"c")
+                .level(level)
+                .will(b"w/t", Vec::new()),
+            Connect::new(V::V4, b"").level(level).user_name(b"u"),
+        ] {
+            let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
+            assert_eq!(got, [0x20, 0x02, 0x00, 0x01], "level {level}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_2_unknown_level_in_v5_form_gets_0x84_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    for level in [0, 3, 6, 99, 255] {
+        for connect in [
+            Connect::new(V::V5, b"c").level(level),
+            Connect::new(V::V5, b"client")
+                .level(level)
+                .props(vec![p(prop::SESSION_EXPIRY, &four(60))]),
+            Connect::new(V::V5, b"c")
+                .level(level)
+                .will(b"w/t", Vec::new()),
+            Connect::new(V::V5, b"").level(level).user_name(b"u"),
+        ] {
+            let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
+            assert_eq!(got, connack_v5(0x84), "level {level}");
+        }
+    }
+}
