@@ -21,6 +21,8 @@ mod rules;
 mod tests;
 #[cfg(test)]
 mod tests_reader;
+#[cfg(test)]
+mod tests_rules;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -123,10 +125,15 @@ pub enum CodecError {
     /// A second CONNECT is a protocol violation (MQTT-3.1.0-2).
     #[error("a second CONNECT arrived on the same connection")]
     UnexpectedConnect,
-    /// MQTT 3.1 (`MQIsdp`) or an unknown level of `MQTT`: the caller answers with an MQTT
-    /// 3.1.1 CONNACK, return code 1, then closes.
+    /// MQTT 3.1 (`MQIsdp`) or an unknown level of `MQTT`. `form` is the CONNACK layout the
+    /// client can parse, judged from the layout of its CONNECT: the caller answers in that
+    /// form (3.1.1 return code 1, or MQTT 5 0x84), then closes.
     #[error("unsupported protocol {name:?} level {level}")]
-    UnsupportedProtocol { name: String, level: u8 },
+    UnsupportedProtocol {
+        name: String,
+        level: u8,
+        form: Protocol,
+    },
     /// The caller used the reader out of order: `read_connect` must succeed exactly once,
     /// before any `read_packet`.
     #[error("read_connect must succeed exactly once, before read_packet")]

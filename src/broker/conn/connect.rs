@@ -306,19 +306,21 @@ pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Pa
 }
 
 /// The CONNACK for a CONNECT the codec refused, when one is due (docs/contract.md, "MQTT
-/// conformance"). MQTT 3.1 gets 3.1.1 return code 1 (what MQTT 3.1 clients understand); an
-/// unknown level of `MQTT` gets 0x84 in MQTT 5 form, as MQTT 5 §3.1.2.2 allows. A CONNECT
+/// conformance"). An unsupported protocol level is answered in the CONNACK form the
+/// client's CONNECT layout shows it parses: 3.1.1 return code 1 (3.1.1 [MQTT-3.1.2-2]; what
+/// MQTT 3.1 clients understand too), or 0x84 in MQTT 5 form (MQTT 5 §3.1.2.2). A CONNECT
 /// that announced MQTT 5 and is malformed or breaks a rule gets 0x81 or 0x82, as MQTT 5
 /// §3.1.4 allows; MQTT 3.1.1 has no return code for those and just closes. None of these
 /// carries a reason string: the client's Maximum Packet Size is not known.
 pub fn connack_for_codec_error(e: &CodecError, announced: Option<Protocol>) -> Option<Packet> {
     match e {
-        CodecError::UnsupportedProtocol { name, .. } if name == "MQIsdp" => {
-            Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
-                v4::ConnectReturnCode::RefusedProtocolVersion,
-                false,
-            ))))
-        }
+        CodecError::UnsupportedProtocol {
+            form: Protocol::V311,
+            ..
+        } => Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::RefusedProtocolVersion,
+            false,
+        )))),
         CodecError::UnsupportedProtocol { .. } => Some(bare_v5_refusal(
             v5::ConnectReturnCode::UnsupportedProtocolVersion,
         )),
