@@ -662,3 +662,91 @@ async fn mqtt_3_1_2_2_unknown_level_in_v5_form_gets_0x84_v5() {
         }
     }
 }
+
+// ---------------------------------------------------------------- 4. Maximum Packet Size
+
+/// The client's Maximum Packet Size for the item 4 tests: room for the success CONNACK
+/// and the bare acknowledgements, none for a reason string.
+const SMALL: u32 = 30;
+
+/// CONNECT properties stating a Maximum Packet Size, or none.
+fn max_packet(max: Option<u32>) -> Vec<Vec<u8>> {
+    max.map(|m| p(prop::MAXIMUM_PACKET_SIZE, &four(m)))
+        .into_iter()
+        .collect()
+}
+
+/// `fields` (reason code and the like) then a property block with this reason string,
+/// or an empty block when the client's maximum leaves no room for it.
+fn with_reason(fields: &[u8], reason: &str, max: Option<u32>) -> Vec<u8> {
+    let list = match max {
+        Some(_) => Vec::new(),
+        None => vec![ps(prop::REASON_STRING, reason.as_bytes())],
+    };
+    [fields.to_vec(), props(&list)].concat()
+}
+
+/// [MQTT-3.2.2-19]: the reason string of a refusing CONNACK is left out when it would
+/// make the CONNACK larger than the client's Maximum Packet Size.
+#[tokio::test]
+async fn mqtt_3_2_2_19_connack_reason_string_respects_maximum_packet_size_v5() {
+    let fx = Fixture::new();
+    let broker = device_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    let reason =
+        "authentication method \"x\" is not supported: the client certificate authenticates";
+    for max in [None, Some(SMALL)] {
+        let mut list = max_packet(max);
+        list.push(ps(prop::AUTHENTICATION_METHOD, b"x"));
+        let connect = Connect::new(V::V5, b"c").props(list);
+        let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
+        let expected = packet(0x20, &[&with_reason(&[0x00, 0x8C], reason, max)]);
+        assert_eq!(got, expected, "Maximum Packet Size {max:?}");
+    }
+}
+
+/// [MQTT-3.4.2-2], [MQTT-3.5.2-2], [MQTT-3.9.2-1], [MQTT-3.14.2-3]: the same for PUBACK,
+/// PUBREC, SUBACK and DISCONNECT. (PUBREL, PUBCOMP and UNSUBACK from certmq never carry a
+/// reason string or user properties.)
+#[tokio::test]
+async fn mqtt_3_4_2_2_acknowledgement_reason_strings_respect_maximum_packet_size_v5() {
+    let fx = Fixture::new();
+    let broker = device_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    for max in [None, Some(SMALL)] {
+        let connect = Connect::new(V::V5, b"c").props(max_packet(max));
+        let (mut raw, _) = Raw::connect_ok(&client, broker.addr, &connect.bytes()).await;
+        // A publish the device's ACL denies, at QoS 1 then 2.
+        raw.send(&publish(V::V5, 0x02, b"other/x", 1, &[], b"x"))
+            .await;
+        let reason = "not authorized to publish to other/x";
+        let puback = packet(0x40, &[&with_reason(&[0, 1, 0x87], reason, max)]);
+        assert_eq!(raw.recv().await, puback, "PUBACK, maximum {max:?}");
+        raw.send(&publish(V::V5, 0x04, b"other/x", 2, &[], b"x"))
+            .await;
+        let pubrec = packet(0x50, &[&with_reason(&[0, 2, 0x87], reason, max)]);
+        assert_eq!(raw.recv().await, pubrec, "PUBREC, maximum {max:?}");
+        // A subscription it denies.
+        raw.send(&subscribe(V::V5, 3, &[], b"other/#", 0)).await;
+        let reason = "not authorized to subscribe to other/#";
+        let suback = packet(0x90, &[&[0, 3], &with_reason(&[], reason, max), &[0x87]]);
+        assert_eq!(raw.recv().await, suback, "SUBACK, maximum {max:?}");
+        // A protocol error: topic alias 0.
+        let alias_0 = publish(
+            V::V5,
+            0,
+            b"devices/dev-1/t",
+            0,
+            &[p(prop::TOPIC_ALIAS, &[0, 0])],
+            b"x",
+        );
+        raw.send(&alias_0).await;
+        let reason = "topic alias 0 outside 1..=32";
+        let bye = packet(0xE0, &[&with_reason(&[0x94], reason, max)]);
+        assert_eq!(
+            raw.until_closed().await,
+            [bye],
+            "DISCONNECT, maximum {max:?}"
+        );
+    }
+}
