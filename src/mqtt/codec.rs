@@ -27,7 +27,7 @@ mod tests_rules;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub use encode::encode;
+pub use encode::{encode, encode_within, fit};
 pub use mqttbytes_ng::{v4, v5, QoS};
 
 /// How much the reader asks the stream for at a time. The buffer grows by at most this much
@@ -237,8 +237,8 @@ pub enum Violation {
     EmptyTopicFilter,
 }
 
-/// Why a packet could not be encoded. Only broker bugs reach this: what we send is built by
-/// us, never copied blindly from a peer.
+/// Why a packet could not be encoded: a broker bug (what we send is built by us, never
+/// copied blindly from a peer), or a peer whose Maximum Packet Size leaves no room for it.
 #[derive(Debug, thiserror::Error)]
 pub enum Unencodable {
     #[error("mqttbytes-ng refused the packet")]
@@ -251,6 +251,10 @@ pub enum Unencodable {
     },
     #[error("a length of {len} does not fit a Variable Byte Integer")]
     TooLong { len: usize },
+    /// Even without what MQTT 5 lets a sender leave out, the packet is larger than the
+    /// peer's Maximum Packet Size.
+    #[error("a packet of {size} bytes exceeds the peer's maximum packet size of {max} bytes")]
+    ExceedsPeerMaximum { size: usize, max: usize },
 }
 
 /// Reads packets from one connection. It owns the read buffer, so a read cancelled by

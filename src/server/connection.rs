@@ -211,7 +211,9 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         Err(_) => {
             let max = limits.max_sessions_per_device;
             let ack = admit::refuse_quota(&a.line, shared, a.req.protocol, max);
-            let _ = send(wr, &ack, write_limit).await;
+            if let Some(ack) = connect::within_client_max(ack, &a.req) {
+                let _ = send(wr, &ack, write_limit).await;
+            }
             return None;
         }
     };
@@ -225,6 +227,17 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         limits.max_packet_size,
         a.granted.announce,
     );
+    let ack = match ack {
+        Ok(ack) => ack,
+        Err(refusal) => {
+            tracing::info!(%peer, device = ?device, "CONNACK exceeds the client's Maximum Packet Size");
+            if let Some(refusal) = refusal {
+                let _ = send(wr, &refusal, write_limit).await;
+            }
+            broker.close_session(&opened.session, conn_id);
+            return None;
+        }
+    };
     if let Err(e) = send(wr, &ack, write_limit).await {
         tracing::info!(%peer, device = ?device, error = %e, "CONNACK not delivered");
         broker.close_session(&opened.session, conn_id);

@@ -750,3 +750,16 @@ async fn mqtt_3_4_2_2_acknowledgement_reason_strings_respect_maximum_packet_size
         );
     }
 }
+
+/// [MQTT-3.1.2-24]: nothing larger than the client's Maximum Packet Size is sent, the
+/// CONNACK included. A success CONNACK that cannot fit (here: 10 bytes, and an assigned
+/// client identifier to announce) is replaced by the 5-byte CONNACK 0x95 "Packet too
+/// large", then the connection closes.
+#[tokio::test]
+async fn mqtt_3_1_2_24_a_connack_the_client_cannot_take_is_0x95_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let connect = Connect::new(V::V5, b"").props(max_packet(Some(10)));
+    let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    assert_eq!(got, connack_v5(0x95));
+}

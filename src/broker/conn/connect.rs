@@ -211,8 +211,20 @@ pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
     }
 }
 
+/// A CONNACK (or any packet) within the client's Maximum Packet Size: its reason string
+/// and user properties left out if need be (MQTT-3.2.2-19/20); None when even that does
+/// not fit (a client stating less than 5 bytes), then the connection just closes.
+pub fn within_client_max(ack: Packet, req: &ConnectRequest) -> Option<Packet> {
+    codec::fit(ack, req.max_packet_size.map(|m| m as usize)).ok()
+}
+
 /// A successful CONNACK. `session_expiry`: MQTT 5 Session Expiry Interval to announce
 /// when the broker uses less than the client asked for (`broker::expiry::granted`).
+///
+/// Err when it is larger than the client's Maximum Packet Size (MQTT-3.1.2-24: never sent
+/// then): the CONNACK 0x95 "Packet too large" to send instead, if even that fits.
+// Built once per connection and sent at once: a large Err costs less than a Box would.
+#[allow(clippy::result_large_err)]
 pub fn connack_success(
     req: &ConnectRequest,
     id: &ClientId,
@@ -221,8 +233,8 @@ pub fn connack_success(
     receive_maximum: u16,
     max_packet_size: usize,
     session_expiry: Option<u32>,
-) -> Packet {
-    match req.protocol {
+) -> Result<Packet, Option<Packet>> {
+    let ack = match req.protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::Success,
             session_present,
@@ -243,7 +255,10 @@ pub fn connack_success(
                 properties: Some(properties),
             }))
         }
-    }
+    };
+    within_client_max(ack, req).ok_or_else(|| {
+        within_client_max(bare_v5_refusal(v5::ConnectReturnCode::PacketTooLarge), req)
+    })
 }
 
 /// The CONNACK that refuses an admission (SPEC 3: code 5 / 0x87 with a reason string; a

@@ -204,7 +204,7 @@ where
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
         if let Some(bye) = end.disconnect_packet() {
-            let _ = codec::encode(&bye, &mut conn.out);
+            let _ = codec::encode_within(&bye, conn.p.client_max_packet, &mut conn.out);
         }
     }
     // What is still buffered (the final DISCONNECT included) goes out, then TLS closes;
@@ -642,10 +642,11 @@ impl Conn<'_> {
         text.filter(|_| self.p.problem_info)
     }
 
-    /// Queues a packet for the writer, waiting for room.
-    /// Queues a packet for the socket (written by the loop's write branch).
+    /// Queues a packet for the socket (written by the loop's write branch), within the
+    /// client's Maximum Packet Size (a reason string it has no room for is left out).
     async fn send(&mut self, packet: &Packet) -> Result<(), End> {
-        codec::encode(packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        codec::encode_within(packet, self.p.client_max_packet, &mut self.out)
+            .map_err(|e| End::Write(WriteError::Encode(e)))?;
         Ok(())
     }
 }
