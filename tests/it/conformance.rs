@@ -102,6 +102,8 @@ struct Connect {
     /// Will topic and will properties (QoS 0, payload "w").
     will: Option<(Vec<u8>, Vec<Vec<u8>>)>,
     user_name: Option<Vec<u8>>,
+    /// Clean session (3.1.1) / clean start (5).
+    clean: bool,
 }
 
 impl Connect {
@@ -113,7 +115,14 @@ impl Connect {
             props: Vec::new(),
             will: None,
             user_name: None,
+            clean: true,
         }
+    }
+
+    /// Clean start 0: resume the session the client id names.
+    fn resume(mut self) -> Connect {
+        self.clean = false;
+        self
     }
 
     fn props(mut self, props: Vec<Vec<u8>>) -> Connect {
@@ -137,7 +146,7 @@ impl Connect {
     }
 
     fn bytes(&self) -> Vec<u8> {
-        let mut flags = 0x02;
+        let mut flags = if self.clean { 0x02 } else { 0 };
         if self.will.is_some() {
             flags |= 0x04;
         }
@@ -762,4 +771,136 @@ async fn mqtt_3_1_2_24_a_connack_the_client_cannot_take_is_0x95_v5() {
     let connect = Connect::new(V::V5, b"").props(max_packet(Some(10)));
     let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
     assert_eq!(got, connack_v5(0x95));
+}
+
+// ---------------------------------------------------------------- 7. server topic aliases
+
+fn alias(n: u16) -> Vec<u8> {
+    p(prop::TOPIC_ALIAS, &n.to_be_bytes())
+}
+
+/// A connection subscribed to `t/#` at QoS 0 that states this Topic Alias Maximum
+/// (MQTT 5; None: the property is absent).
+async fn alias_subscriber(fx: &Fixture, broker: &Broker, v: V, max: Option<u16>) -> Raw {
+    let list = max
+        .map(|m| p(prop::TOPIC_ALIAS_MAXIMUM, &m.to_be_bytes()))
+        .into_iter()
+        .collect();
+    let connect = Connect::new(v, b"sub").props(list);
+    let (mut raw, _) =
+        Raw::connect_ok(&device_client(fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    raw.send(&subscribe(v, 1, &[], b"t/#", 0)).await;
+    let suback = match v {
+        V::V4 => vec![0x90, 0x03, 0x00, 0x01, 0x00],
+        V::V5 => vec![0x90, 0x04, 0x00, 0x01, 0x00, 0x00],
+    };
+    assert_eq!(raw.recv().await, suback);
+    raw
+}
+
+/// MQTT 5 §3.3.2.3.4: towards a client that states a Topic Alias Maximum, certmq names
+/// the topics it delivers most often by alias, within that maximum: a topic seen while an
+/// alias is free gets one (sent with the topic, then alone); once all are taken, a topic
+/// that has been delivered more often than the least used aliased one takes its alias
+/// over (sent with the topic again).
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_server_assigns_aliases_to_the_most_frequent_topics_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let mut raw = alias_subscriber(&fx, &broker, V::V5, Some(2)).await;
+    let steps: [(&[u8], &[u8], Option<&[u8]>, Option<u16>); 9] = [
+        // (topic published, payload, topic sent, alias sent)
+        (b"t/a", b"1", Some(b"t/a"), Some(1)),
+        (b"t/a", b"2", None, Some(1)),
+        (b"t/b", b"3", Some(b"t/b"), Some(2)),
+        // Both aliases taken; t/c (once) is not more frequent than t/b (once).
+        (b"t/c", b"4", Some(b"t/c"), None),
+        (b"t/b", b"5", None, Some(2)),
+        // t/c twice, t/a and t/b twice each: still not more.
+        (b"t/c", b"6", Some(b"t/c"), None),
+        // t/c three times: takes over the lowest of the least used aliases.
+        (b"t/c", b"7", Some(b"t/c"), Some(1)),
+        (b"t/c", b"8", None, Some(1)),
+        // t/a (three times now) takes t/b's alias (twice).
+        (b"t/a", b"9", Some(b"t/a"), Some(2)),
+    ];
+    for (topic, payload, sent, alias_sent) in steps {
+        raw.send(&publish(V::V5, 0, topic, 0, &[], payload)).await;
+        let props: Vec<Vec<u8>> = alias_sent.map(alias).into_iter().collect();
+        let expected = publish(V::V5, 0, sent.unwrap_or_default(), 0, &props, payload);
+        assert_eq!(
+            raw.recv().await,
+            expected,
+            "delivery of {:?}",
+            std::str::from_utf8(payload)
+        );
+    }
+}
+
+/// A client that states Topic Alias Maximum 0, or none (0 is the default), and every MQTT
+/// 3.1.1 client, gets every topic in full.
+async fn no_aliases(v: V, max: Option<u16>) {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let mut raw = alias_subscriber(&fx, &broker, v, max).await;
+    for payload in [b"1", b"2", b"3"] {
+        raw.send(&publish(v, 0, b"t/a", 0, &[], payload)).await;
+        assert_eq!(raw.recv().await, publish(v, 0, b"t/a", 0, &[], payload));
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_no_aliases_for_a_client_that_states_0_v5() {
+    no_aliases(V::V5, Some(0)).await;
+    no_aliases(V::V5, None).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_no_aliases_in_mqtt_3_1_1_v311() {
+    no_aliases(V::V4, None).await;
+}
+
+/// MQTT 5 §3.3.2.3.4: alias mappings end with the network connection. QoS 1 messages
+/// delivered by alias and resent after a reconnect carry their topic again.
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_aliases_do_not_outlive_the_connection_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    let connect = Connect::new(V::V5, b"keep").props(vec![
+        p(prop::SESSION_EXPIRY, &four(600)),
+        p(prop::TOPIC_ALIAS_MAXIMUM, &[0, 5]),
+    ]);
+    let (mut raw, _) = Raw::connect_ok(&client, broker.addr, &connect.bytes()).await;
+    raw.send(&subscribe(V::V5, 1, &[], b"t/#", 1)).await;
+    assert_eq!(raw.recv().await, [0x90, 0x04, 0x00, 0x01, 0x00, 0x01]);
+    let publisher = Connect::new(V::V5, b"pub");
+    let (mut publisher, _) = Raw::connect_ok(
+        &device_client(&fx, "dev-2"),
+        broker.addr,
+        &publisher.bytes(),
+    )
+    .await;
+    for (pkid, payload) in [(1, b"1"), (2, b"2")] {
+        publisher
+            .send(&publish(V::V5, 0x02, b"t/q", pkid, &[], payload))
+            .await;
+        assert_eq!(publisher.recv().await, [0x40, 0x02, 0x00, pkid as u8]);
+        let sent: &[u8] = if pkid == 1 { b"t/q" } else { b"" };
+        let expected = publish(V::V5, 0x02, sent, pkid, &[alias(1)], payload);
+        assert_eq!(raw.recv().await, expected);
+    }
+    // Gone without acknowledging either, then back: both resent with DUP, the first with
+    // its topic (a new mapping), the second by the alias that first one set.
+    drop(raw);
+    let (mut raw, present) = Raw::connect_ok(&client, broker.addr, &connect.resume().bytes()).await;
+    assert!(present, "session resumed");
+    assert_eq!(
+        raw.recv().await,
+        publish(V::V5, 0x0A, b"t/q", 1, &[alias(1)], b"1")
+    );
+    assert_eq!(
+        raw.recv().await,
+        publish(V::V5, 0x0A, b"", 2, &[alias(1)], b"2")
+    );
 }
