@@ -30,6 +30,8 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5: how many topic aliases the client accepts from us (absent: 0).
+    pub topic_alias_max: u16,
     /// MQTT 5 Request Problem Information (default 1).
     pub problem_info: bool,
     /// MQTT 5 Authentication Method: enhanced authentication, which certmq does not offer.
@@ -48,6 +50,7 @@ impl ConnectRequest {
                 session_expiry: None,
                 receive_maximum: None,
                 max_packet_size: None,
+                topic_alias_max: 0,
                 problem_info: true,
                 authentication_method: None,
             },
@@ -61,6 +64,7 @@ impl ConnectRequest {
                     session_expiry: p.and_then(|p| p.session_expiry_interval),
                     receive_maximum: p.and_then(|p| p.receive_maximum),
                     max_packet_size: p.and_then(|p| p.max_packet_size),
+                    topic_alias_max: p.and_then(|p| p.topic_alias_max).unwrap_or(0),
                     problem_info: p.and_then(|p| p.request_problem_info) != Some(0),
                     authentication_method: p.and_then(|p| p.authentication_method.clone()),
                 }
@@ -382,6 +386,7 @@ mod tests {
             session_expiry: None,
             receive_maximum: None,
             max_packet_size: None,
+            topic_alias_max: 0,
             problem_info: true,
             authentication_method: None,
         }

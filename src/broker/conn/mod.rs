@@ -10,6 +10,7 @@
 //! `write_limit` ends the connection. A message of this client's that waits for room in a
 //! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+mod alias;
 pub mod connect;
 mod publish;
 mod subscribe;
@@ -55,6 +57,8 @@ pub struct Params {
     pub receive_max: usize,
     /// Topic aliases the client may use (our Topic Alias Maximum).
     pub topic_alias_max: u16,
+    /// Topic aliases we may use towards the client (its Topic Alias Maximum; 0 in 3.1.1).
+    pub client_topic_alias_max: u16,
     /// The client's Maximum Packet Size (MQTT 5).
     pub client_max_packet: Option<usize>,
     /// Bound on one write to the client.
@@ -188,6 +192,7 @@ where
     W: AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let write_limit = params.write_limit;
+    let params_alias_max = params.client_topic_alias_max;
     let mut conn = Conn {
         broker,
         session,
@@ -198,6 +203,7 @@ where
         out: BytesMut::new(),
         unflushed: false,
         aliases: HashMap::new(),
+        out_aliases: alias::OutAliases::new(params_alias_max),
         pending: std::collections::VecDeque::new(),
         paced: None,
     };
@@ -284,6 +290,8 @@ struct Conn<'a> {
     unflushed: bool,
     /// MQTT 5 topic aliases set by the client on this connection.
     aliases: HashMap<u16, String>,
+    /// MQTT 5 topic aliases certmq set towards the client on this connection.
+    out_aliases: alias::OutAliases,
     /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
     pending: std::collections::VecDeque<publish::PendingAck>,
     /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
@@ -582,7 +590,7 @@ impl Conn<'_> {
 
     /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
     /// large for the client), in which case its exchange is abandoned.
-    fn outgoing_packet(&self, o: Outgoing) -> Option<Packet> {
+    fn outgoing_packet(&mut self, o: Outgoing) -> Option<Packet> {
         let (pkid, d, dup) = match o {
             Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
             Outgoing::Publish {
@@ -598,17 +606,17 @@ impl Conn<'_> {
             self.abandon(pkid, "expired");
             return None;
         }
-        let topic = if self.session.delivers_aliased(&d.msg.topic) {
-            acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str())
-                .unwrap_or_else(|| d.msg.topic.as_str().to_owned())
-        } else {
-            d.msg.topic.as_str().to_owned()
-        };
+        let topic = match self.session.delivers_aliased(&d.msg.topic) {
+            true => acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str()).map(Cow::Owned),
+            false => None,
+        }
+        .unwrap_or(Cow::Borrowed(d.msg.topic.as_str()));
+        let choice = self.out_aliases.choose(&topic);
         let packet = wire::publish(
             self.p.protocol,
             &wire::OutPublish {
                 topic: &topic,
-                topic_ref: wire::TopicRef::Name,
+                topic_ref: choice.topic_ref(),
                 payload: d.msg.payload.clone(),
                 qos: d.qos,
                 retain: d.retain,
@@ -619,14 +627,16 @@ impl Conn<'_> {
                 sub_ids: &d.sub_ids,
             },
         );
-        if let Some(max) = self.p.client_max_packet {
-            let mut probe = BytesMut::new();
-            if codec::encode(&packet, &mut probe).map_or(true, |n| n > max) {
-                // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
-                self.abandon(pkid, "too_large_for_client");
-                return None;
-            }
+        if self
+            .p
+            .client_max_packet
+            .is_some_and(|max| codec::encoded_len(&packet) > max)
+        {
+            // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
+            self.abandon(pkid, "too_large_for_client");
+            return None;
         }
+        self.out_aliases.confirm(choice, &topic);
         Some(packet)
     }
 

@@ -70,6 +70,20 @@ fn encode_v5(packet: &v5::Packet, out: &mut BytesMut) -> Result<usize, Unencodab
     }
 }
 
+/// The number of bytes [`encode`] writes for `packet`, without writing it: what a delivery
+/// is checked against the client's Maximum Packet Size with (`usize::MAX` for a packet that
+/// cannot be encoded).
+pub fn encoded_len(packet: &Packet) -> usize {
+    match packet {
+        Packet::V311(packet) => packet.size(),
+        // Encoded here, not by mqttbytes-ng: measured by encoding (rare packets).
+        Packet::V5(v5::Packet::Disconnect(_)) => {
+            encode(packet, &mut BytesMut::new()).unwrap_or(usize::MAX)
+        }
+        Packet::V5(packet) => packet.size(),
+    }
+}
+
 /// Appends `packet` within the peer's Maximum Packet Size `max` (MQTT 5, whole packet),
 /// shrunk by [`fit`] when it would exceed it. Returns the bytes written; on error nothing is.
 pub fn encode_within(

@@ -704,3 +704,35 @@ fn encode_within_writes_the_shrunk_packet_or_nothing() {
     // No limit: as `encode`.
     assert_eq!(encode_within(&full, None, &mut out).unwrap(), 19);
 }
+
+#[test]
+fn encoded_len_is_what_encode_writes() {
+    let mut v311 = v4::Publish::new("a/b", QoS::AtLeastOnce, vec![7u8; 300]);
+    v311.pkid = 1;
+    let mut v5 = v5::Publish::new(
+        "a/b",
+        QoS::AtLeastOnce,
+        vec![7u8; 200],
+        Some(v5::PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![1, 300],
+            ..Default::default()
+        }),
+    );
+    v5.pkid = 2;
+    let packets = [
+        Packet::V311(v4::Packet::Publish(v311)),
+        Packet::V5(v5::Packet::Publish(v5)),
+        puback_with_extras(v5::PubAckReason::NotAuthorized),
+        Packet::V5(v5::Packet::Disconnect(v5::Disconnect::new(
+            v5::DisconnectReasonCode::ProtocolError,
+        ))),
+    ];
+    for packet in packets {
+        assert_eq!(
+            encoded_len(&packet),
+            encoded(packet.clone()).len(),
+            "{packet:?}"
+        );
+    }
+}
