@@ -255,7 +255,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         ),
         receive_max: usize::from(limits.max_inflight),
         topic_alias_max: connect::TOPIC_ALIAS_MAX,
-        client_topic_alias_max: a.req.topic_alias_max,
+        client_topic_alias_max: a.req.topic_alias_max.min(limits.max_server_topic_aliases),
         client_max_packet: a.req.max_packet_size.map(|m| m as usize),
         write_limit,
         expiry_was_zero: a.req.protocol == Protocol::V5 && a.req.session_expiry.unwrap_or(0) == 0,

@@ -13,7 +13,10 @@ use std::net::SocketAddr;
 
 use crate::common::coretests::raw::Raw;
 use crate::common::coretests::V;
-use crate::common::v5tests::{device_client, BACKEND_FLEET};
+use crate::common::interop::{
+    mosquitto, mosquitto_available, paho_available, run, Creds, Spawned, Version,
+};
+use crate::common::v5tests::{config_with_limits, device_client, BACKEND_FLEET};
 use crate::common::{Broker, Client, Fixture, WAIT};
 
 // ---------------------------------------------------------------- bytes
@@ -904,4 +907,139 @@ async fn mqtt_3_3_2_3_4_aliases_do_not_outlive_the_connection_v5() {
         raw.recv().await,
         publish(V::V5, 0x0A, b"", 2, &[alias(1)], b"2")
     );
+}
+
+/// Publishes QoS 1 messages on `topics` (one per payload "0", "1", ...) from a second
+/// device, each acknowledged before the next.
+async fn publish_sequence(fx: &Fixture, broker: &Broker, topics: &[&str]) {
+    let client = device_client(fx, "dev-2");
+    let (mut publisher, _) =
+        Raw::connect_ok(&client, broker.addr, &Connect::new(V::V5, b"p").bytes()).await;
+    for (i, topic) in topics.iter().enumerate() {
+        let pkid = u16::try_from(i + 1).expect("few");
+        let payload = i.to_string();
+        let bytes = publish(V::V5, 0x02, topic.as_bytes(), pkid, &[], payload.as_bytes());
+        publisher.send(&bytes).await;
+        let ack = [[0x40, 0x02].as_slice(), &pkid.to_be_bytes()].concat();
+        assert_eq!(publisher.recv().await, ack);
+    }
+}
+
+/// Runs `mosquitto_sub -V mqttv5 ARGS -t t/# -F "%t %p"` until it has printed the
+/// deliveries of `topics` (after a retained readiness marker), and checks it printed each
+/// under its full topic.
+async fn mosquitto_sub_receives(fx: &Fixture, broker: &Broker, args: &[&str], topics: &[&str]) {
+    let leaf = fx.device("dev-1.devices.example.com");
+    let creds = Creds::write(fx, "dev-1", &leaf.chain_pem(&[&fx.fleet]), &leaf.key_pem);
+    let port = broker.addr.port();
+    let mut retain = mosquitto("mosquitto_pub", port, Version::V5, &creds);
+    retain.args(["-r", "-q", "1", "-t", "t/ready", "-m", "ready"]);
+    run("mosquitto_pub", retain).await.assert_success();
+    let count = (topics.len() + 1).to_string();
+    let mut sub = mosquitto("mosquitto_sub", port, Version::V5, &creds);
+    sub.args(args)
+        .args(["-q", "1", "-t", "t/#", "-C", &count, "-F", "%t %p"]);
+    let mut sub = Spawned::spawn("mosquitto_sub", sub);
+    assert_eq!(sub.next_line().await, "t/ready ready");
+    publish_sequence(fx, broker, topics).await;
+    let done = sub.finish().await;
+    done.assert_success();
+    let expected: Vec<String> = std::iter::once("t/ready ready".to_owned())
+        .chain(topics.iter().enumerate().map(|(i, t)| format!("{t} {i}")))
+        .collect();
+    assert_eq!(done.stdout.lines().collect::<Vec<_>>(), expected, "{done}");
+}
+
+/// The version of libmosquitto behind `mosquitto_sub`, as (major, minor).
+async fn libmosquitto_version() -> Option<(u32, u32)> {
+    let mut help = tokio::process::Command::new("mosquitto_sub");
+    help.arg("--help");
+    let out = run("mosquitto_sub --help", help).await.output();
+    let text = out.split("libmosquitto ").nth(1)?;
+    let mut parts = text.split(['.', ' ']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Mosquitto's `mosquitto_sub -V mqttv5` states no Topic Alias Maximum unless told to, and
+/// then gets every topic in full. With `-D connect topic-alias-maximum`, libmosquitto 2.0
+/// (Debian 12's 2.0.11) takes an alias alone for a protocol error: against such clients
+/// `max_server_topic_aliases = 0` keeps them working; libmosquitto 2.1 and later resolve
+/// the aliases.
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_mosquitto_sub_gets_every_topic_in_full_v5() {
+    if !mosquitto_available() {
+        return;
+    }
+    let topics = ["t/a", "t/a", "t/b", "t/a"];
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    mosquitto_sub_receives(&fx, &broker, &[], &topics).await;
+    let ask = ["-D", "connect", "topic-alias-maximum", "4"];
+    match libmosquitto_version().await {
+        Some(version) if version >= (2, 1) => {
+            mosquitto_sub_receives(&fx, &broker, &ask, &topics).await;
+        }
+        version => eprintln!(
+            "libmosquitto {version:?} cannot resolve server topic aliases: checking it with max_server_topic_aliases = 0"
+        ),
+    }
+    let fx = Fixture::new();
+    let config = config_with_limits(&fx, "max_server_topic_aliases = 0", BACKEND_FLEET);
+    let broker = Broker::start(&config).await;
+    mosquitto_sub_receives(&fx, &broker, &ask, &topics).await;
+}
+
+/// paho-mqtt 2.x for Python decodes the aliases certmq assigns (it leaves resolving them to
+/// the application: the script does it as MQTT 5 defines it), and a paho client stating no
+/// Topic Alias Maximum never gets one.
+#[tokio::test]
+async fn mqtt_3_3_2_3_4_paho_decodes_server_aliases_v5() {
+    if !paho_available().await {
+        return;
+    }
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let leaf = fx.device("dev-1.devices.example.com");
+    let creds = Creds::write(&fx, "dev-1", &leaf.chain_pem(&[&fx.fleet]), &leaf.key_pem);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/paho_topic_alias.py");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(&script)
+        .arg("localhost")
+        .arg(broker.addr.port().to_string())
+        .arg(&creds.cafile)
+        .arg(&creds.cert)
+        .arg(&creds.key)
+        .arg("dev-1");
+    // The script bounds itself at 20 s; this bound only catches a hung interpreter.
+    let out = Spawned::spawn_with_timeout(
+        "paho_topic_alias.py",
+        cmd,
+        std::time::Duration::from_secs(25),
+    )
+    .finish()
+    .await;
+    out.assert_success();
+    assert!(out.stdout.contains("paho_topic_alias: ok"), "{out}");
+}
+
+/// `max_server_topic_aliases` is bounded: each delivery scans the aliases in use.
+#[test]
+fn max_server_topic_aliases_is_at_most_256() {
+    let fx = Fixture::new();
+    for (value, ok) in [(0, true), (256, true), (257, false)] {
+        let limits = format!("max_server_topic_aliases = {value}");
+        let loaded = certmq::config::Config::load(&config_with_limits(&fx, &limits, BACKEND_FLEET));
+        match (loaded, ok) {
+            (Ok(c), true) => assert_eq!(c.limits.max_server_topic_aliases, value),
+            (Err(e), false) => {
+                let text = e.problems[0].to_string();
+                assert!(
+                    text.ends_with("limits.max_server_topic_aliases: must be at most 256"),
+                    "{text}"
+                );
+            }
+            (other, _) => panic!("{value}: {other:?}"),
+        }
+    }
 }

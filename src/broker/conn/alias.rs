@@ -2,9 +2,11 @@
 //! the topics it receives most often travel as a two-byte alias instead of their full name.
 //!
 //! Why this shape:
-//! - Within the client's Topic Alias Maximum, capped at [`MAX_ALIASES`]: a client stating
-//!   0 (the default, and every MQTT 3.1.1 client) never gets an alias, and costs nothing
-//!   here but a branch.
+//! - Within the client's Topic Alias Maximum and `max_server_topic_aliases` (default 64,
+//!   at most [`MAX_SERVER_TOPIC_ALIASES`]): a client stating 0 (the default, and every MQTT
+//!   3.1.1 client) never gets an alias, and costs nothing here but a branch. The setting
+//!   exists for clients that state a maximum but cannot resolve server aliases
+//!   (libmosquitto 2.0 refuses an empty topic name; paho-mqtt for Python hands it on).
 //! - While an alias is free, a new topic gets one at once (most subscribers see few
 //!   topics). Once all are taken, a topic takes over the alias of the least used aliased
 //!   topic when it has been delivered more often ("most frequent"). Counting every topic a
@@ -12,11 +14,11 @@
 //!   by hash in a fixed table with the Space-Saving rule (a new topic replaces the least
 //!   counted one and inherits its count as a possible error): no copy of their names, and
 //!   a topic only takes over an alias on what it was surely delivered, and only after two
-//!   deliveries at least, so a stream of distinct topics never churns the aliases. Counts are halved every [`AGE_EVERY`]
-//!   deliveries, so yesterday's busy topic gives way.
+//!   deliveries at least, so a stream of distinct topics never churns the aliases. Counts
+//!   are halved every [`AGE_EVERY`] deliveries, so yesterday's busy topic gives way.
 //! - A delivery whose topic has an alias (the common case) allocates nothing: a hash, a scan
-//!   of at most [`MAX_ALIASES`] slots, and the PUBLISH then carries no copy of the topic.
-//!   Only taking an alias copies the topic, into the slot (whose buffer is reused).
+//!   of the aliases' hashes (contiguous `u64`s), and the PUBLISH then carries no copy of the
+//!   topic. Only taking an alias copies the topic, into the slot (whose buffer is reused).
 //! - Deciding and recording are two steps ([`OutAliases::choose`], [`OutAliases::confirm`]):
 //!   a PUBLISH that is not sent (too large for the client) must not leave the broker
 //!   believing the client learnt a mapping.
@@ -26,23 +28,20 @@
 use std::hash::{BuildHasher, RandomState};
 
 use crate::broker::wire::TopicRef;
+use crate::config::MAX_SERVER_TOPIC_ALIASES;
 
-/// The most aliases certmq uses towards one client, whatever the client allows: bounds the
-/// scan per delivery and the memory per connection (a few KiB at most, allocated on the
-/// first delivery).
-pub const MAX_ALIASES: u16 = 64;
-
-/// Topics without an alias whose counts are kept.
-const CANDIDATES: usize = MAX_ALIASES as usize;
+/// Topics without an alias whose counts are kept, at least: with few aliases, a table that
+/// small would forget a busy topic between two of its deliveries.
+const MIN_CANDIDATES: usize = 16;
 
 /// Deliveries between two halvings of every count.
 const AGE_EVERY: u32 = 4096;
 
 /// One alias in use: the topic it names and how often it was delivered (since aging).
+/// Its hash is in [`OutAliases::hashes`], at the same index.
 #[derive(Debug)]
 struct Slot {
     topic: String,
-    hash: u64,
     hits: u32,
 }
 
@@ -81,9 +80,11 @@ impl Choice {
 /// The aliases of one connection. See the module documentation.
 #[derive(Debug)]
 pub struct OutAliases {
-    /// min(the client's Topic Alias Maximum, [`MAX_ALIASES`]); 0: no aliases.
+    /// The aliases this connection may use; 0: none.
     limit: u16,
-    /// Alias `n` is `slots[n - 1]`.
+    /// Alias `n` is `slots[n - 1]`, whose topic's hash is `hashes[n - 1]`: the lookup of
+    /// every delivery scans these.
+    hashes: Vec<u64>,
     slots: Vec<Slot>,
     candidates: Vec<Candidate>,
     /// Per connection keys: a client cannot aim its topics at one counter.
@@ -93,10 +94,12 @@ pub struct OutAliases {
 }
 
 impl OutAliases {
+    /// `limit`: the client's Topic Alias Maximum, capped by `max_server_topic_aliases`.
     /// No allocation until the first aliased delivery.
-    pub fn new(client_maximum: u16) -> OutAliases {
+    pub fn new(limit: u16) -> OutAliases {
         OutAliases {
-            limit: client_maximum.min(MAX_ALIASES),
+            limit: limit.min(MAX_SERVER_TOPIC_ALIASES),
+            hashes: Vec::new(),
             slots: Vec::new(),
             candidates: Vec::new(),
             hasher: RandomState::new(),
@@ -111,11 +114,12 @@ impl OutAliases {
         }
         self.age();
         let hash = self.hasher.hash_one(topic);
-        if let Some(i) = self
-            .slots
+        let found = self
+            .hashes
             .iter()
-            .position(|s| s.hash == hash && s.topic == topic)
-        {
+            .enumerate()
+            .position(|(i, h)| *h == hash && self.slots[i].topic == topic);
+        if let Some(i) = found {
             let slot = &mut self.slots[i];
             slot.hits = slot.hits.saturating_add(1);
             return Choice {
@@ -159,27 +163,27 @@ impl OutAliases {
         };
         let i = usize::from(alias - 1);
         if i == self.slots.len() {
+            self.hashes.push(choice.hash);
             self.slots.push(Slot {
                 topic: topic.to_owned(),
-                hash: choice.hash,
                 hits: choice.hits,
             });
             return;
         }
-        let Some(slot) = self.slots.get_mut(i) else {
+        let (Some(slot), Some(hash)) = (self.slots.get_mut(i), self.hashes.get_mut(i)) else {
             return;
         };
         // The topic that loses its alias is counted from now on as the candidate that
         // took it over was.
         let evicted = Candidate {
-            hash: slot.hash,
+            hash: *hash,
             hits: slot.hits,
             error: 0,
         };
         slot.topic.clear();
         slot.topic.push_str(topic);
-        slot.hash = choice.hash;
         slot.hits = choice.hits;
+        *hash = choice.hash;
         match self.candidates.iter_mut().find(|c| c.hash == choice.hash) {
             Some(c) => *c = evicted,
             None => self.candidates.push(evicted),
@@ -192,7 +196,7 @@ impl OutAliases {
             c.hits = c.hits.saturating_add(1);
             return c.hits - c.error;
         }
-        if self.candidates.len() < CANDIDATES {
+        if self.candidates.len() < usize::from(self.limit).max(MIN_CANDIDATES) {
             self.candidates.push(Candidate {
                 hash,
                 hits: 1,
@@ -227,9 +231,9 @@ impl OutAliases {
     }
 }
 
-/// Alias `index + 1`; `index` is below [`MAX_ALIASES`].
+/// Alias `index + 1`; `index` is below the limit, a `u16`.
 fn alias_of(index: usize) -> u16 {
-    u16::try_from(index + 1).unwrap_or(MAX_ALIASES)
+    u16::try_from(index + 1).unwrap_or(u16::MAX)
 }
 
 #[cfg(test)]
@@ -271,17 +275,19 @@ mod tests {
     }
 
     #[test]
-    fn the_client_maximum_is_capped() {
-        let mut a = OutAliases::new(u16::MAX);
-        for i in 0..usize::from(MAX_ALIASES) + 10 {
-            let r = deliver(&mut a, &format!("t/{i}"));
-            if i < usize::from(MAX_ALIASES) {
-                assert_eq!(r, TopicRef::Set(alias_of(i)));
-            } else {
-                assert_eq!(r, TopicRef::Name);
+    fn the_limit_is_kept_and_capped() {
+        for (limit, kept) in [(5, 5), (u16::MAX, MAX_SERVER_TOPIC_ALIASES)] {
+            let mut a = OutAliases::new(limit);
+            for i in 0..usize::from(kept) + 10 {
+                let r = deliver(&mut a, &format!("t/{i}"));
+                if i < usize::from(kept) {
+                    assert_eq!(r, TopicRef::Set(alias_of(i)));
+                } else {
+                    assert_eq!(r, TopicRef::Name);
+                }
             }
+            assert_eq!(a.slots.len(), usize::from(kept));
         }
-        assert_eq!(a.slots.len(), usize::from(MAX_ALIASES));
     }
 
     #[test]
@@ -295,7 +301,7 @@ mod tests {
             assert_eq!(deliver(&mut a, &format!("cold/{i}")), TopicRef::Name, "{i}");
         }
         assert_eq!(deliver(&mut a, "hot/1"), TopicRef::Alias(1));
-        assert!(a.candidates.len() <= CANDIDATES);
+        assert!(a.candidates.len() <= MIN_CANDIDATES);
     }
 
     #[test]

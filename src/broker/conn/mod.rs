@@ -57,7 +57,8 @@ pub struct Params {
     pub receive_max: usize,
     /// Topic aliases the client may use (our Topic Alias Maximum).
     pub topic_alias_max: u16,
-    /// Topic aliases we may use towards the client (its Topic Alias Maximum; 0 in 3.1.1).
+    /// Topic aliases we may use towards the client: its Topic Alias Maximum (0 in 3.1.1),
+    /// capped at `max_server_topic_aliases`.
     pub client_topic_alias_max: u16,
     /// The client's Maximum Packet Size (MQTT 5).
     pub client_max_packet: Option<usize>,
