@@ -1043,3 +1043,60 @@ fn max_server_topic_aliases_is_at_most_256() {
         }
     }
 }
+
+// ---------------------------------------------------------------- 8. subscription ids
+
+/// [MQTT-3.3.4-4]: overlapping subscriptions of one session give one copy (at the highest
+/// QoS granted, which MQTT 5 §3.3.4 allows), and that copy carries the identifier of every
+/// matching subscription that has one (certmq sends them in ascending order).
+#[tokio::test]
+async fn mqtt_3_3_4_4_one_copy_carries_every_matching_subscription_identifier_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let connect = Connect::new(V::V5, b"s");
+    let (mut sub, _) =
+        Raw::connect_ok(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    let id = |n: &[u8]| p(prop::SUBSCRIPTION_ID, n);
+    // (filter, options = QoS, identifier as a Variable Byte Integer; empty: none)
+    let subscriptions = [
+        ("o/#", 0, vec![3]),
+        ("o/+", 2, vec![9]),
+        ("o/x", 1, vec![]),
+        ("+/x", 0, vec![0xC8, 0x01]), // 200
+    ];
+    for (pkid, (filter, qos, ident)) in (1u8..).zip(subscriptions) {
+        let list: Vec<Vec<u8>> = (!ident.is_empty())
+            .then(|| id(&ident))
+            .into_iter()
+            .collect();
+        sub.send(&subscribe(
+            V::V5,
+            u16::from(pkid),
+            &list,
+            filter.as_bytes(),
+            qos,
+        ))
+        .await;
+        assert_eq!(sub.recv().await, [0x90, 0x04, 0x00, pkid, 0x00, qos]);
+    }
+    let connect = Connect::new(V::V5, b"p");
+    let (mut publisher, _) =
+        Raw::connect_ok(&device_client(&fx, "dev-2"), broker.addr, &connect.bytes()).await;
+    publisher
+        .send(&publish(V::V5, 0x04, b"o/x", 1, &[], b"m"))
+        .await;
+    assert_eq!(publisher.recv().await, [0x50, 0x02, 0x00, 0x01]);
+    publisher.send(&[0x62, 0x02, 0x00, 0x01]).await;
+    assert_eq!(publisher.recv().await, [0x70, 0x02, 0x00, 0x01]);
+    let ids = [id(&[3]), id(&[9]), id(&[0xC8, 0x01])];
+    assert_eq!(
+        sub.recv().await,
+        publish(V::V5, 0x04, b"o/x", 1, &ids, b"m")
+    );
+    // A later message on the same connection comes next: no second copy of the first.
+    publisher
+        .send(&publish(V::V5, 0, b"o/y", 0, &[], b"end"))
+        .await;
+    let ids = [id(&[3]), id(&[9])];
+    assert_eq!(sub.recv().await, publish(V::V5, 0, b"o/y", 0, &ids, b"end"));
+}
