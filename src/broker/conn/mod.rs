@@ -607,11 +607,13 @@ impl Conn<'_> {
             self.abandon(pkid, "expired");
             return None;
         }
-        let topic = match self.session.delivers_aliased(&d.msg.topic) {
-            true => acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str()).map(Cow::Owned),
-            false => None,
-        }
-        .unwrap_or(Cow::Borrowed(d.msg.topic.as_str()));
+        // Borrowed from the message unless the v1/devices/me alias rewrites it.
+        let topic = self
+            .session
+            .delivers_aliased(&d.msg.topic)
+            .then(|| acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str()))
+            .flatten()
+            .map_or(Cow::Borrowed(d.msg.topic.as_str()), Cow::Owned);
         let choice = self.out_aliases.choose(&topic);
         let packet = wire::publish(
             self.p.protocol,
