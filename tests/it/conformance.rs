@@ -6,234 +6,22 @@
 //! [`both!`], `_v311` and `_v5`, since the 3.1.1 number of a clause may differ from its
 //! 5.0 number.
 //!
-//! The bytes are built here by hand rather than with a client library: these are packets
-//! no library will send (a NUL in a string, a property twice, DUP on QoS 0).
+//! The bytes are built by hand (`wire.rs`) rather than with a client library: these are
+//! packets no library will send (a NUL in a string, a property twice, DUP on QoS 0). Item 7,
+//! the topic aliases the broker assigns, is in `aliases.rs`, with the paho-mqtt and
+//! `mosquitto_sub` checks.
 
 use std::net::SocketAddr;
 
 use crate::common::coretests::raw::Raw;
 use crate::common::coretests::V;
-use crate::common::interop::{
-    mosquitto, mosquitto_available, paho_available, run, Creds, Spawned, Version,
-};
-use crate::common::v5tests::{config_with_limits, device_client, BACKEND_FLEET};
+use crate::common::v5tests::{device_client, BACKEND_FLEET};
 use crate::common::{Broker, Client, Fixture, WAIT};
 
-// ---------------------------------------------------------------- bytes
+mod aliases;
+mod wire;
 
-/// Property identifiers (MQTT 5 §2.2.2.2) the tests use.
-mod prop {
-    pub const MESSAGE_EXPIRY: u8 = 0x02;
-    pub const CONTENT_TYPE: u8 = 0x03;
-    pub const RESPONSE_TOPIC: u8 = 0x08;
-    pub const SUBSCRIPTION_ID: u8 = 0x0B;
-    pub const SESSION_EXPIRY: u8 = 0x11;
-    pub const AUTHENTICATION_METHOD: u8 = 0x15;
-    pub const WILL_DELAY: u8 = 0x18;
-    pub const REASON_STRING: u8 = 0x1F;
-    pub const RECEIVE_MAXIMUM: u8 = 0x21;
-    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-    pub const TOPIC_ALIAS: u8 = 0x23;
-    pub const USER_PROPERTY: u8 = 0x26;
-    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let byte = (n % 128) as u8;
-        n /= 128;
-        if n == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-/// A UTF-8 Encoded String or Binary Data: two-byte length, then the bytes.
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut out = u16::try_from(s.len())
-        .expect("short")
-        .to_be_bytes()
-        .to_vec();
-    out.extend_from_slice(s);
-    out
-}
-
-/// A whole packet: first byte, remaining length, body.
-fn packet(first: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let body = parts.concat();
-    let mut out = vec![first];
-    varint(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    out
-}
-
-/// One MQTT 5 property: identifier, then its value as given.
-fn p(id: u8, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![id];
-    out.extend_from_slice(value);
-    out
-}
-
-/// A string property (or the key of a user property: pass `key` and `value`).
-fn ps(id: u8, text: &[u8]) -> Vec<u8> {
-    p(id, &string(text))
-}
-
-fn user_property(key: &[u8], value: &[u8]) -> Vec<u8> {
-    p(prop::USER_PROPERTY, &[string(key), string(value)].concat())
-}
-
-/// A property block: Variable Byte Integer length, then the properties.
-fn props(list: &[Vec<u8>]) -> Vec<u8> {
-    let body = list.concat();
-    let mut out = Vec::new();
-    varint(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    out
-}
-
-/// A CONNECT built field by field; MQTT 5 fields are left out for 3.1.1.
-#[derive(Clone)]
-struct Connect {
-    v: V,
-    /// The protocol level byte (4 or 5, or anything else for item 6).
-    level: u8,
-    client_id: Vec<u8>,
-    props: Vec<Vec<u8>>,
-    /// Will topic and will properties (QoS 0, payload "w").
-    will: Option<(Vec<u8>, Vec<Vec<u8>>)>,
-    user_name: Option<Vec<u8>>,
-    /// Clean session (3.1.1) / clean start (5).
-    clean: bool,
-}
-
-impl Connect {
-    fn new(v: V, client_id: &[u8]) -> Connect {
-        Connect {
-            v,
-            level: if v == V::V4 { 4 } else { 5 },
-            client_id: client_id.to_vec(),
-            props: Vec::new(),
-            will: None,
-            user_name: None,
-            clean: true,
-        }
-    }
-
-    /// Clean start 0: resume the session the client id names.
-    fn resume(mut self) -> Connect {
-        self.clean = false;
-        self
-    }
-
-    fn props(mut self, props: Vec<Vec<u8>>) -> Connect {
-        self.props = props;
-        self
-    }
-
-    fn will(mut self, topic: &[u8], props: Vec<Vec<u8>>) -> Connect {
-        self.will = Some((topic.to_vec(), props));
-        self
-    }
-
-    fn user_name(mut self, name: &[u8]) -> Connect {
-        self.user_name = Some(name.to_vec());
-        self
-    }
-
-    fn level(mut self, level: u8) -> Connect {
-        self.level = level;
-        self
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        let mut flags = if self.clean { 0x02 } else { 0 };
-        if self.will.is_some() {
-            flags |= 0x04;
-        }
-        if self.user_name.is_some() {
-            flags |= 0x80;
-        }
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[self.level, flags, 0, 60]);
-        if self.v == V::V5 {
-            body.extend(props(&self.props));
-        }
-        body.extend(string(&self.client_id));
-        if let Some((topic, will_props)) = &self.will {
-            if self.v == V::V5 {
-                body.extend(props(will_props));
-            }
-            body.extend(string(topic));
-            body.extend(string(b"w"));
-        }
-        if let Some(name) = &self.user_name {
-            body.extend(string(name));
-        }
-        packet(0x10, &[&body])
-    }
-}
-
-/// A PUBLISH: `flags` is the low nibble (DUP, QoS, RETAIN); the packet id is written for
-/// QoS 1 and 2; `props` only in MQTT 5.
-fn publish(
-    v: V,
-    flags: u8,
-    topic: &[u8],
-    pkid: u16,
-    props_: &[Vec<u8>],
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut body = string(topic);
-    if flags & 0x06 != 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    if v == V::V5 {
-        body.extend(props(props_));
-    }
-    body.extend_from_slice(payload);
-    packet(0x30 | flags, &[&body])
-}
-
-/// A SUBSCRIBE with one filter and its options byte.
-fn subscribe(v: V, pkid: u16, props_: &[Vec<u8>], filter: &[u8], options: u8) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if v == V::V5 {
-        body.extend(props(props_));
-    }
-    body.extend(string(filter));
-    body.push(options);
-    packet(0x82, &[&body])
-}
-
-/// An UNSUBSCRIBE with one filter.
-fn unsubscribe(v: V, pkid: u16, filter: &[u8]) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if v == V::V5 {
-        body.push(0);
-    }
-    body.extend(string(filter));
-    packet(0xA2, &[&body])
-}
-
-/// What the broker sends when it refuses a CONNECT in MQTT 5: a CONNACK with only a
-/// reason code, no properties (the client's limits are unknown when its CONNECT is bad).
-fn connack_v5(code: u8) -> Vec<u8> {
-    vec![0x20, 0x03, 0x00, code, 0x00]
-}
-
-/// An MQTT 5 DISCONNECT with a reason string.
-fn disconnect(code: u8, reason: &str) -> Vec<u8> {
-    packet(
-        0xE0,
-        &[
-            &[code],
-            &props(&[ps(prop::REASON_STRING, reason.as_bytes())]),
-        ],
-    )
-}
+use wire::*;
 
 // ---------------------------------------------------------------- harness
 
@@ -493,10 +281,6 @@ fn twice(name: &str) -> String {
     format!("protocol error: {name} appears more than once")
 }
 
-fn four(n: u32) -> [u8; 4] {
-    n.to_be_bytes()
-}
-
 #[tokio::test]
 async fn mqtt_3_1_2_11_duplicate_connect_property_is_a_protocol_error_v5() {
     let expiry = p(prop::SESSION_EXPIRY, &four(10));
@@ -554,6 +338,107 @@ async fn mqtt_3_3_2_17_user_property_may_repeat_v5() {
     assert_eq!(raw.recv().await, [0x90, 0x04, 0x00, 0x01, 0x00, 0x00]);
     raw.send(&publish(V::V5, 0, b"up", 0, &pair, b"x")).await;
     assert_eq!(raw.recv().await, publish(V::V5, 0, b"up", 0, &pair, b"x"));
+}
+
+// ---------------------------------------------------------------- 4. Maximum Packet Size
+
+/// The client's Maximum Packet Size for the item 4 tests: room for the success CONNACK
+/// and the bare acknowledgements, none for a reason string.
+const SMALL: u32 = 30;
+
+/// CONNECT properties stating a Maximum Packet Size, or none.
+fn max_packet(max: Option<u32>) -> Vec<Vec<u8>> {
+    max.map(|m| p(prop::MAXIMUM_PACKET_SIZE, &four(m)))
+        .into_iter()
+        .collect()
+}
+
+/// `fields` (reason code and the like) then a property block with this reason string,
+/// or an empty block when the client's maximum leaves no room for it.
+fn with_reason(fields: &[u8], reason: &str, max: Option<u32>) -> Vec<u8> {
+    let list = match max {
+        Some(_) => Vec::new(),
+        None => vec![ps(prop::REASON_STRING, reason.as_bytes())],
+    };
+    [fields.to_vec(), props(&list)].concat()
+}
+
+/// [MQTT-3.2.2-19]: the reason string of a refusing CONNACK is left out when it would
+/// make the CONNACK larger than the client's Maximum Packet Size.
+#[tokio::test]
+async fn mqtt_3_2_2_19_connack_reason_string_respects_maximum_packet_size_v5() {
+    let fx = Fixture::new();
+    let broker = device_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    let reason =
+        "authentication method \"x\" is not supported: the client certificate authenticates";
+    for max in [None, Some(SMALL)] {
+        let mut list = max_packet(max);
+        list.push(ps(prop::AUTHENTICATION_METHOD, b"x"));
+        let connect = Connect::new(V::V5, b"c").props(list);
+        let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
+        let expected = packet(0x20, &[&with_reason(&[0x00, 0x8C], reason, max)]);
+        assert_eq!(got, expected, "Maximum Packet Size {max:?}");
+    }
+}
+
+/// [MQTT-3.4.2-2], [MQTT-3.5.2-2], [MQTT-3.9.2-1], [MQTT-3.14.2-3]: the same for PUBACK,
+/// PUBREC, SUBACK and DISCONNECT. (PUBREL, PUBCOMP and UNSUBACK from certmq never carry a
+/// reason string or user properties.)
+#[tokio::test]
+async fn mqtt_3_4_2_2_acknowledgement_reason_strings_respect_maximum_packet_size_v5() {
+    let fx = Fixture::new();
+    let broker = device_broker(&fx).await;
+    let client = device_client(&fx, "dev-1");
+    for max in [None, Some(SMALL)] {
+        let connect = Connect::new(V::V5, b"c").props(max_packet(max));
+        let (mut raw, _) = Raw::connect_ok(&client, broker.addr, &connect.bytes()).await;
+        // A publish the device's ACL denies, at QoS 1 then 2.
+        raw.send(&publish(V::V5, 0x02, b"other/x", 1, &[], b"x"))
+            .await;
+        let reason = "not authorized to publish to other/x";
+        let puback = packet(0x40, &[&with_reason(&[0, 1, 0x87], reason, max)]);
+        assert_eq!(raw.recv().await, puback, "PUBACK, maximum {max:?}");
+        raw.send(&publish(V::V5, 0x04, b"other/x", 2, &[], b"x"))
+            .await;
+        let pubrec = packet(0x50, &[&with_reason(&[0, 2, 0x87], reason, max)]);
+        assert_eq!(raw.recv().await, pubrec, "PUBREC, maximum {max:?}");
+        // A subscription it denies.
+        raw.send(&subscribe(V::V5, 3, &[], b"other/#", 0)).await;
+        let reason = "not authorized to subscribe to other/#";
+        let suback = packet(0x90, &[&[0, 3], &with_reason(&[], reason, max), &[0x87]]);
+        assert_eq!(raw.recv().await, suback, "SUBACK, maximum {max:?}");
+        // A protocol error: topic alias 0.
+        let alias_0 = publish(
+            V::V5,
+            0,
+            b"devices/dev-1/t",
+            0,
+            &[p(prop::TOPIC_ALIAS, &[0, 0])],
+            b"x",
+        );
+        raw.send(&alias_0).await;
+        let reason = "topic alias 0 outside 1..=32";
+        let bye = packet(0xE0, &[&with_reason(&[0x94], reason, max)]);
+        assert_eq!(
+            raw.until_closed().await,
+            [bye],
+            "DISCONNECT, maximum {max:?}"
+        );
+    }
+}
+
+/// [MQTT-3.1.2-24]: nothing larger than the client's Maximum Packet Size is sent, the
+/// CONNACK included. A success CONNACK that cannot fit (here: 10 bytes, and an assigned
+/// client identifier to announce) is replaced by the 5-byte CONNACK 0x95 "Packet too
+/// large", then the connection closes.
+#[tokio::test]
+async fn mqtt_3_1_2_24_a_connack_the_client_cannot_take_is_0x95_v5() {
+    let fx = Fixture::new();
+    let broker = open_broker(&fx).await;
+    let connect = Connect::new(V::V5, b"").props(max_packet(Some(10)));
+    let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
+    assert_eq!(got, connack_v5(0x95));
 }
 
 // ---------------------------------------------------------------- 5. sender-side MUSTs
@@ -671,375 +556,6 @@ async fn mqtt_3_1_2_2_unknown_level_in_v5_form_gets_0x84_v5() {
         ] {
             let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
             assert_eq!(got, connack_v5(0x84), "level {level}");
-        }
-    }
-}
-
-// ---------------------------------------------------------------- 4. Maximum Packet Size
-
-/// The client's Maximum Packet Size for the item 4 tests: room for the success CONNACK
-/// and the bare acknowledgements, none for a reason string.
-const SMALL: u32 = 30;
-
-/// CONNECT properties stating a Maximum Packet Size, or none.
-fn max_packet(max: Option<u32>) -> Vec<Vec<u8>> {
-    max.map(|m| p(prop::MAXIMUM_PACKET_SIZE, &four(m)))
-        .into_iter()
-        .collect()
-}
-
-/// `fields` (reason code and the like) then a property block with this reason string,
-/// or an empty block when the client's maximum leaves no room for it.
-fn with_reason(fields: &[u8], reason: &str, max: Option<u32>) -> Vec<u8> {
-    let list = match max {
-        Some(_) => Vec::new(),
-        None => vec![ps(prop::REASON_STRING, reason.as_bytes())],
-    };
-    [fields.to_vec(), props(&list)].concat()
-}
-
-/// [MQTT-3.2.2-19]: the reason string of a refusing CONNACK is left out when it would
-/// make the CONNACK larger than the client's Maximum Packet Size.
-#[tokio::test]
-async fn mqtt_3_2_2_19_connack_reason_string_respects_maximum_packet_size_v5() {
-    let fx = Fixture::new();
-    let broker = device_broker(&fx).await;
-    let client = device_client(&fx, "dev-1");
-    let reason =
-        "authentication method \"x\" is not supported: the client certificate authenticates";
-    for max in [None, Some(SMALL)] {
-        let mut list = max_packet(max);
-        list.push(ps(prop::AUTHENTICATION_METHOD, b"x"));
-        let connect = Connect::new(V::V5, b"c").props(list);
-        let got = answer_to_connect(&client, broker.addr, &connect.bytes()).await;
-        let expected = packet(0x20, &[&with_reason(&[0x00, 0x8C], reason, max)]);
-        assert_eq!(got, expected, "Maximum Packet Size {max:?}");
-    }
-}
-
-/// [MQTT-3.4.2-2], [MQTT-3.5.2-2], [MQTT-3.9.2-1], [MQTT-3.14.2-3]: the same for PUBACK,
-/// PUBREC, SUBACK and DISCONNECT. (PUBREL, PUBCOMP and UNSUBACK from certmq never carry a
-/// reason string or user properties.)
-#[tokio::test]
-async fn mqtt_3_4_2_2_acknowledgement_reason_strings_respect_maximum_packet_size_v5() {
-    let fx = Fixture::new();
-    let broker = device_broker(&fx).await;
-    let client = device_client(&fx, "dev-1");
-    for max in [None, Some(SMALL)] {
-        let connect = Connect::new(V::V5, b"c").props(max_packet(max));
-        let (mut raw, _) = Raw::connect_ok(&client, broker.addr, &connect.bytes()).await;
-        // A publish the device's ACL denies, at QoS 1 then 2.
-        raw.send(&publish(V::V5, 0x02, b"other/x", 1, &[], b"x"))
-            .await;
-        let reason = "not authorized to publish to other/x";
-        let puback = packet(0x40, &[&with_reason(&[0, 1, 0x87], reason, max)]);
-        assert_eq!(raw.recv().await, puback, "PUBACK, maximum {max:?}");
-        raw.send(&publish(V::V5, 0x04, b"other/x", 2, &[], b"x"))
-            .await;
-        let pubrec = packet(0x50, &[&with_reason(&[0, 2, 0x87], reason, max)]);
-        assert_eq!(raw.recv().await, pubrec, "PUBREC, maximum {max:?}");
-        // A subscription it denies.
-        raw.send(&subscribe(V::V5, 3, &[], b"other/#", 0)).await;
-        let reason = "not authorized to subscribe to other/#";
-        let suback = packet(0x90, &[&[0, 3], &with_reason(&[], reason, max), &[0x87]]);
-        assert_eq!(raw.recv().await, suback, "SUBACK, maximum {max:?}");
-        // A protocol error: topic alias 0.
-        let alias_0 = publish(
-            V::V5,
-            0,
-            b"devices/dev-1/t",
-            0,
-            &[p(prop::TOPIC_ALIAS, &[0, 0])],
-            b"x",
-        );
-        raw.send(&alias_0).await;
-        let reason = "topic alias 0 outside 1..=32";
-        let bye = packet(0xE0, &[&with_reason(&[0x94], reason, max)]);
-        assert_eq!(
-            raw.until_closed().await,
-            [bye],
-            "DISCONNECT, maximum {max:?}"
-        );
-    }
-}
-
-/// [MQTT-3.1.2-24]: nothing larger than the client's Maximum Packet Size is sent, the
-/// CONNACK included. A success CONNACK that cannot fit (here: 10 bytes, and an assigned
-/// client identifier to announce) is replaced by the 5-byte CONNACK 0x95 "Packet too
-/// large", then the connection closes.
-#[tokio::test]
-async fn mqtt_3_1_2_24_a_connack_the_client_cannot_take_is_0x95_v5() {
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    let connect = Connect::new(V::V5, b"").props(max_packet(Some(10)));
-    let got = answer_to_connect(&device_client(&fx, "dev-1"), broker.addr, &connect.bytes()).await;
-    assert_eq!(got, connack_v5(0x95));
-}
-
-// ---------------------------------------------------------------- 7. server topic aliases
-
-fn alias(n: u16) -> Vec<u8> {
-    p(prop::TOPIC_ALIAS, &n.to_be_bytes())
-}
-
-/// A connection subscribed to `t/#` at QoS 0 that states this Topic Alias Maximum
-/// (MQTT 5; None: the property is absent).
-async fn alias_subscriber(fx: &Fixture, broker: &Broker, v: V, max: Option<u16>) -> Raw {
-    let list = max
-        .map(|m| p(prop::TOPIC_ALIAS_MAXIMUM, &m.to_be_bytes()))
-        .into_iter()
-        .collect();
-    let connect = Connect::new(v, b"sub").props(list);
-    let (mut raw, _) =
-        Raw::connect_ok(&device_client(fx, "dev-1"), broker.addr, &connect.bytes()).await;
-    raw.send(&subscribe(v, 1, &[], b"t/#", 0)).await;
-    let suback = match v {
-        V::V4 => vec![0x90, 0x03, 0x00, 0x01, 0x00],
-        V::V5 => vec![0x90, 0x04, 0x00, 0x01, 0x00, 0x00],
-    };
-    assert_eq!(raw.recv().await, suback);
-    raw
-}
-
-/// MQTT 5 §3.3.2.3.4: towards a client that states a Topic Alias Maximum, certmq names
-/// the topics it delivers most often by alias, within that maximum: a topic seen while an
-/// alias is free gets one (sent with the topic, then alone); once all are taken, a topic
-/// that has been delivered more often than the least used aliased one takes its alias
-/// over (sent with the topic again).
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_server_assigns_aliases_to_the_most_frequent_topics_v5() {
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    let mut raw = alias_subscriber(&fx, &broker, V::V5, Some(2)).await;
-    // (topic published, payload, topic sent ("": none), alias sent)
-    let steps = [
-        ("t/a", "1", "t/a", Some(1)),
-        ("t/a", "2", "", Some(1)),
-        ("t/b", "3", "t/b", Some(2)),
-        // Both aliases taken; t/c (once) is not more frequent than t/b (once).
-        ("t/c", "4", "t/c", None),
-        ("t/b", "5", "", Some(2)),
-        // t/c twice, t/a and t/b twice each: still not more.
-        ("t/c", "6", "t/c", None),
-        // t/c three times: takes over the lowest of the least used aliases.
-        ("t/c", "7", "t/c", Some(1)),
-        ("t/c", "8", "", Some(1)),
-        // t/a (three times now) takes t/b's alias (twice).
-        ("t/a", "9", "t/a", Some(2)),
-    ];
-    for (topic, payload, sent, alias_sent) in steps {
-        let payload = payload.as_bytes();
-        raw.send(&publish(V::V5, 0, topic.as_bytes(), 0, &[], payload))
-            .await;
-        let props: Vec<Vec<u8>> = alias_sent.map(alias).into_iter().collect();
-        let expected = publish(V::V5, 0, sent.as_bytes(), 0, &props, payload);
-        assert_eq!(
-            raw.recv().await,
-            expected,
-            "delivery of {topic} {payload:?}"
-        );
-    }
-}
-
-/// A client that states Topic Alias Maximum 0, or none (0 is the default), and every MQTT
-/// 3.1.1 client, gets every topic in full.
-async fn no_aliases(v: V, max: Option<u16>) {
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    let mut raw = alias_subscriber(&fx, &broker, v, max).await;
-    for payload in [b"1", b"2", b"3"] {
-        raw.send(&publish(v, 0, b"t/a", 0, &[], payload)).await;
-        assert_eq!(raw.recv().await, publish(v, 0, b"t/a", 0, &[], payload));
-    }
-}
-
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_no_aliases_for_a_client_that_states_0_v5() {
-    no_aliases(V::V5, Some(0)).await;
-    no_aliases(V::V5, None).await;
-}
-
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_no_aliases_in_mqtt_3_1_1_v311() {
-    no_aliases(V::V4, None).await;
-}
-
-/// MQTT 5 §3.3.2.3.4: alias mappings end with the network connection. QoS 1 messages
-/// delivered by alias and resent after a reconnect carry their topic again.
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_aliases_do_not_outlive_the_connection_v5() {
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    let client = device_client(&fx, "dev-1");
-    let connect = Connect::new(V::V5, b"keep").props(vec![
-        p(prop::SESSION_EXPIRY, &four(600)),
-        p(prop::TOPIC_ALIAS_MAXIMUM, &[0, 5]),
-    ]);
-    let (mut raw, _) = Raw::connect_ok(&client, broker.addr, &connect.bytes()).await;
-    raw.send(&subscribe(V::V5, 1, &[], b"t/#", 1)).await;
-    assert_eq!(raw.recv().await, [0x90, 0x04, 0x00, 0x01, 0x00, 0x01]);
-    let publisher = Connect::new(V::V5, b"pub");
-    let (mut publisher, _) = Raw::connect_ok(
-        &device_client(&fx, "dev-2"),
-        broker.addr,
-        &publisher.bytes(),
-    )
-    .await;
-    for (pkid, payload) in [(1, b"1"), (2, b"2")] {
-        publisher
-            .send(&publish(V::V5, 0x02, b"t/q", pkid, &[], payload))
-            .await;
-        assert_eq!(publisher.recv().await, [0x40, 0x02, 0x00, pkid as u8]);
-        let sent: &[u8] = if pkid == 1 { b"t/q" } else { b"" };
-        let expected = publish(V::V5, 0x02, sent, pkid, &[alias(1)], payload);
-        assert_eq!(raw.recv().await, expected);
-    }
-    // Gone without acknowledging either, then back: both resent with DUP, the first with
-    // its topic (a new mapping), the second by the alias that first one set.
-    drop(raw);
-    let (mut raw, present) = Raw::connect_ok(&client, broker.addr, &connect.resume().bytes()).await;
-    assert!(present, "session resumed");
-    assert_eq!(
-        raw.recv().await,
-        publish(V::V5, 0x0A, b"t/q", 1, &[alias(1)], b"1")
-    );
-    assert_eq!(
-        raw.recv().await,
-        publish(V::V5, 0x0A, b"", 2, &[alias(1)], b"2")
-    );
-}
-
-/// Publishes QoS 1 messages on `topics` (one per payload "0", "1", ...) from a second
-/// device, each acknowledged before the next.
-async fn publish_sequence(fx: &Fixture, broker: &Broker, topics: &[&str]) {
-    let client = device_client(fx, "dev-2");
-    let (mut publisher, _) =
-        Raw::connect_ok(&client, broker.addr, &Connect::new(V::V5, b"p").bytes()).await;
-    for (i, topic) in topics.iter().enumerate() {
-        let pkid = u16::try_from(i + 1).expect("few");
-        let payload = i.to_string();
-        let bytes = publish(V::V5, 0x02, topic.as_bytes(), pkid, &[], payload.as_bytes());
-        publisher.send(&bytes).await;
-        let ack = [[0x40, 0x02].as_slice(), &pkid.to_be_bytes()].concat();
-        assert_eq!(publisher.recv().await, ack);
-    }
-}
-
-/// Runs `mosquitto_sub -V mqttv5 ARGS -t t/# -F "%t %p"` until it has printed the
-/// deliveries of `topics` (after a retained readiness marker), and checks it printed each
-/// under its full topic.
-async fn mosquitto_sub_receives(fx: &Fixture, broker: &Broker, args: &[&str], topics: &[&str]) {
-    let leaf = fx.device("dev-1.devices.example.com");
-    let creds = Creds::write(fx, "dev-1", &leaf.chain_pem(&[&fx.fleet]), &leaf.key_pem);
-    let port = broker.addr.port();
-    let mut retain = mosquitto("mosquitto_pub", port, Version::V5, &creds);
-    retain.args(["-r", "-q", "1", "-t", "t/ready", "-m", "ready"]);
-    run("mosquitto_pub", retain).await.assert_success();
-    let count = (topics.len() + 1).to_string();
-    let mut sub = mosquitto("mosquitto_sub", port, Version::V5, &creds);
-    sub.args(args)
-        .args(["-q", "1", "-t", "t/#", "-C", &count, "-F", "%t %p"]);
-    let mut sub = Spawned::spawn("mosquitto_sub", sub);
-    assert_eq!(sub.next_line().await, "t/ready ready");
-    publish_sequence(fx, broker, topics).await;
-    let done = sub.finish().await;
-    done.assert_success();
-    let expected: Vec<String> = std::iter::once("t/ready ready".to_owned())
-        .chain(topics.iter().enumerate().map(|(i, t)| format!("{t} {i}")))
-        .collect();
-    assert_eq!(done.stdout.lines().collect::<Vec<_>>(), expected, "{done}");
-}
-
-/// The version of libmosquitto behind `mosquitto_sub`, as (major, minor).
-async fn libmosquitto_version() -> Option<(u32, u32)> {
-    let mut help = tokio::process::Command::new("mosquitto_sub");
-    help.arg("--help");
-    let out = run("mosquitto_sub --help", help).await.output();
-    let text = out.split("libmosquitto ").nth(1)?;
-    let mut parts = text.split(['.', ' ']);
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
-/// Mosquitto's `mosquitto_sub -V mqttv5` states no Topic Alias Maximum unless told to, and
-/// then gets every topic in full. With `-D connect topic-alias-maximum`, libmosquitto 2.0
-/// (Debian 12's 2.0.11) takes an alias alone for a protocol error: against such clients
-/// `max_server_topic_aliases = 0` keeps them working; libmosquitto 2.1 and later resolve
-/// the aliases.
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_mosquitto_sub_gets_every_topic_in_full_v5() {
-    if !mosquitto_available() {
-        return;
-    }
-    let topics = ["t/a", "t/a", "t/b", "t/a"];
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    mosquitto_sub_receives(&fx, &broker, &[], &topics).await;
-    let ask = ["-D", "connect", "topic-alias-maximum", "4"];
-    match libmosquitto_version().await {
-        Some(version) if version >= (2, 1) => {
-            mosquitto_sub_receives(&fx, &broker, &ask, &topics).await;
-        }
-        version => eprintln!(
-            "libmosquitto {version:?} cannot resolve server topic aliases: checking it with max_server_topic_aliases = 0"
-        ),
-    }
-    let fx = Fixture::new();
-    let config = config_with_limits(&fx, "max_server_topic_aliases = 0", BACKEND_FLEET);
-    let broker = Broker::start(&config).await;
-    mosquitto_sub_receives(&fx, &broker, &ask, &topics).await;
-}
-
-/// paho-mqtt 2.x for Python decodes the aliases certmq assigns (it leaves resolving them to
-/// the application: the script does it as MQTT 5 defines it), and a paho client stating no
-/// Topic Alias Maximum never gets one.
-#[tokio::test]
-async fn mqtt_3_3_2_3_4_paho_decodes_server_aliases_v5() {
-    if !paho_available().await {
-        return;
-    }
-    let fx = Fixture::new();
-    let broker = open_broker(&fx).await;
-    let leaf = fx.device("dev-1.devices.example.com");
-    let creds = Creds::write(&fx, "dev-1", &leaf.chain_pem(&[&fx.fleet]), &leaf.key_pem);
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/paho_topic_alias.py");
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(&script)
-        .arg("localhost")
-        .arg(broker.addr.port().to_string())
-        .arg(&creds.cafile)
-        .arg(&creds.cert)
-        .arg(&creds.key)
-        .arg("dev-1");
-    // The script bounds itself at 20 s; this bound only catches a hung interpreter.
-    let out = Spawned::spawn_with_timeout(
-        "paho_topic_alias.py",
-        cmd,
-        std::time::Duration::from_secs(25),
-    )
-    .finish()
-    .await;
-    out.assert_success();
-    assert!(out.stdout.contains("paho_topic_alias: ok"), "{out}");
-}
-
-/// `max_server_topic_aliases` is bounded: each delivery scans the aliases in use.
-#[test]
-fn max_server_topic_aliases_is_at_most_256() {
-    let fx = Fixture::new();
-    for (value, ok) in [(0, true), (256, true), (257, false)] {
-        let limits = format!("max_server_topic_aliases = {value}");
-        let loaded = certmq::config::Config::load(&config_with_limits(&fx, &limits, BACKEND_FLEET));
-        match (loaded, ok) {
-            (Ok(c), true) => assert_eq!(c.limits.max_server_topic_aliases, value),
-            (Err(e), false) => {
-                let text = e.problems[0].to_string();
-                assert!(
-                    text.ends_with("limits.max_server_topic_aliases: must be at most 256"),
-                    "{text}"
-                );
-            }
-            (other, _) => panic!("{value}: {other:?}"),
         }
     }
 }
