@@ -199,6 +199,8 @@ pub enum ProblemKind {
     NatsUrl { value: String },
     #[error("{value} replicas: JetStream allows 1 to {max}")]
     Replicas { value: usize, max: usize },
+    #[error("must be at most {max}")]
+    TooLarge { max: u64 },
 }
 
 /// A config that did not load; the list holds every problem found.
@@ -242,6 +244,10 @@ impl Clone for Server {
     }
 }
 
+/// The largest `max_server_topic_aliases`: each delivery to a client with aliases scans
+/// them (broker/conn/alias.rs), and a few hundred topics cover a device's own traffic.
+pub const MAX_SERVER_TOPIC_ALIASES: u16 = 256;
+
 /// `[limits]`, with SPEC 2 defaults. Durations are whole seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -268,6 +274,10 @@ pub struct Limits {
     /// device that published it last; one more is refused (MQTT 5 QoS 1/2: 0x97) or
     /// dropped and counted. 0: the device may retain nothing.
     pub max_retained_per_device: usize,
+    /// Topic aliases certmq assigns towards one MQTT 5 client, at most, and never more
+    /// than the client's own Topic Alias Maximum (MQTT 5 §3.3.2.3.4). 0: none, for clients
+    /// that state a maximum but cannot resolve server aliases (libmosquitto before 2.1).
+    pub max_server_topic_aliases: u16,
 }
 
 impl Default for Limits {
@@ -284,6 +294,7 @@ impl Default for Limits {
             stall_timeout: 10,
             max_session_expiry: 604_800,
             max_retained_per_device: 1000,
+            max_server_topic_aliases: 64,
         }
     }
 }
@@ -671,6 +682,13 @@ impl Loader {
             if bad {
                 self.problem(field, ProblemKind::Zero(field));
             }
+        }
+        // Each delivery to an aliasing client scans its aliases (broker/conn/alias.rs).
+        let field = "limits.max_server_topic_aliases";
+        let max = MAX_SERVER_TOPIC_ALIASES;
+        if l.max_server_topic_aliases > max {
+            let max = u64::from(max);
+            self.problem(field, ProblemKind::TooLarge { max });
         }
     }
 

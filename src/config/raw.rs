@@ -42,6 +42,7 @@ const LIMITS_KEYS: &[&str] = &[
     "stall_timeout",
     "max_session_expiry",
     "max_retained_per_device",
+    "max_server_topic_aliases",
 ];
 const ANCHOR_KEYS: &[&str] = &[
     "name",

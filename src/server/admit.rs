@@ -65,7 +65,7 @@ pub(super) async fn admit(
     let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
         line.refused(label, why);
         metrics.auth_refused(label);
-        Some(ack)
+        connect::within_client_max(ack, &req)
     };
     let admission = match dry.result {
         Ok(a) => a,

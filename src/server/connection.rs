@@ -184,7 +184,7 @@ where
         Ok(Ok(p)) => Some(p),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "no valid CONNECT");
-            if let Some(ack) = connect::connack_for_codec_error(&e) {
+            if let Some(ack) = connect::connack_for_codec_error(&e, reader.announced()) {
                 let _ = send(wr, &ack, limit).await;
             }
             None
@@ -238,7 +238,9 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         Err(_) => {
             let max = limits.max_sessions_per_device;
             let ack = admit::refuse_quota(&a.line, shared, a.req.protocol, max);
-            let _ = send(wr, &ack, write_limit).await;
+            if let Some(ack) = connect::within_client_max(ack, &a.req) {
+                let _ = send(wr, &ack, write_limit).await;
+            }
             return None;
         }
     };
@@ -259,6 +261,17 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         limits.max_packet_size,
         a.granted.announce,
     );
+    let ack = match ack {
+        Ok(ack) => ack,
+        Err(refusal) => {
+            tracing::info!(%peer, device = ?device, "CONNACK exceeds the client's Maximum Packet Size");
+            if let Some(refusal) = refusal {
+                let _ = send(wr, &refusal, write_limit).await;
+            }
+            broker.close_session(&opened.session, conn_id);
+            return None;
+        }
+    };
     if let Err(e) = send(wr, &ack, write_limit).await {
         tracing::info!(%peer, device = ?device, error = %e, "CONNACK not delivered");
         broker.close_session(&opened.session, conn_id);
@@ -276,6 +289,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         ),
         receive_max: usize::from(limits.max_inflight),
         topic_alias_max: connect::TOPIC_ALIAS_MAX,
+        client_topic_alias_max: a.req.topic_alias_max.min(limits.max_server_topic_aliases),
         client_max_packet: a.req.max_packet_size.map(|m| m as usize),
         write_limit,
         expiry_was_zero: a.req.protocol == Protocol::V5 && a.req.session_expiry.unwrap_or(0) == 0,

@@ -12,6 +12,7 @@ mod cli_registry;
 mod cluster;
 mod cluster_registry;
 mod common;
+mod conformance;
 mod crl_url;
 mod durability;
 mod flow_control;
