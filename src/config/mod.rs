@@ -907,39 +907,11 @@ impl Loader {
                     continue;
                 }
             };
-            let file_crl = match &a.crl {
-                Some(p) => {
-                    let path = self.resolve(p);
-                    self.crl(&format!("{field}.crl"), &path, &der, &info)
-                }
-                None => None,
-            };
-            if a.crl.is_some() && file_crl.is_none() {
-                continue;
-            }
-            let Some((crl_url, crl_refresh)) = self.crl_source(&field, &a) else {
+            let Some((crl, crl_url, crl_refresh)) =
+                self.anchor_crl(&field, &a, &der, &info, data_dir)
+            else {
                 continue;
             };
-            // With crl_url: the copy the broker fetched last, unless the file is newer.
-            let fetched = match (&crl_url, data_dir) {
-                (Some(url), Some(dir)) => {
-                    let path = crl::stored_path(dir, &a.name);
-                    self.stored_crl(&format!("{field}.crl_url"), &path, url, &der, &info)
-                }
-                _ => None,
-            };
-            let crl = match (file_crl, fetched) {
-                (Some(f), Some(u)) if f.this_update > u.this_update => Some(f),
-                (f, u) => u.or(f),
-            };
-            if let (Some(url), None) = (&crl_url, &crl) {
-                self.warning(
-                    format!("{field}.crl_url"),
-                    ProblemKind::CrlNotFetched {
-                        url: url.url.clone(),
-                    },
-                );
-            }
             let Some(cn_regex) = cn_regex else { continue };
             out.push(Anchor {
                 name: a.name,
@@ -959,6 +931,51 @@ impl Loader {
     }
 
     /// Loads a CRL file (PEM or DER) and checks that this anchor issued and signed it.
+    /// An anchor's CRL in force: from its `crl` file or the copy last fetched from its
+    /// `crl_url` (the newer of the two), with the URL and refresh interval. None when the
+    /// anchor is unusable (a problem was reported).
+    fn anchor_crl(
+        &mut self,
+        field: &str,
+        a: &RawAnchor,
+        der: &CertificateDer<'_>,
+        info: &CertInfo,
+        data_dir: Option<&Path>,
+    ) -> Option<(Option<Crl>, Option<CrlUrl>, u64)> {
+        let file_crl = match &a.crl {
+            Some(p) => {
+                let path = self.resolve(p);
+                self.crl(&format!("{field}.crl"), &path, der, info)
+            }
+            None => None,
+        };
+        if a.crl.is_some() && file_crl.is_none() {
+            return None;
+        }
+        let (crl_url, crl_refresh) = self.crl_source(field, a)?;
+        // With crl_url: the copy the broker fetched last, unless the file is newer.
+        let fetched = match (&crl_url, data_dir) {
+            (Some(url), Some(dir)) => {
+                let path = crl::stored_path(dir, &a.name);
+                self.stored_crl(&format!("{field}.crl_url"), &path, url, der, info)
+            }
+            _ => None,
+        };
+        let crl = match (file_crl, fetched) {
+            (Some(f), Some(u)) if f.this_update > u.this_update => Some(f),
+            (f, u) => u.or(f),
+        };
+        if let (Some(url), None) = (&crl_url, &crl) {
+            self.warning(
+                format!("{field}.crl_url"),
+                ProblemKind::CrlNotFetched {
+                    url: url.url.clone(),
+                },
+            );
+        }
+        Some((crl, crl_url, crl_refresh))
+    }
+
     fn crl(
         &mut self,
         field: &str,

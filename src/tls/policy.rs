@@ -279,6 +279,54 @@ fn missing_anchor(leaf: &CertInfo, sent: &[Option<CertInfo>]) -> Vec<CaName> {
     out
 }
 
+/// Step 3 for every candidate path, shortest first, within one signature budget: for each
+/// anchor, the length of a validated path to it, or why none validated.
+fn try_paths(
+    config: &Config,
+    search: &path::Search,
+    presented: &Presented<'_>,
+    now: UnixTime,
+    work: &mut Work,
+) -> Vec<Result<usize, AnchorFailure>> {
+    let budget = SignatureBudget::new(path::SIGNATURE_BUDGET);
+    let metered = path::metered(
+        super::provider().signature_verification_algorithms.all,
+        &budget,
+    );
+    let algorithms: Vec<&dyn SignatureVerificationAlgorithm> = metered
+        .iter()
+        .map(|m| m as &dyn SignatureVerificationAlgorithm)
+        .collect();
+    let mut results: Vec<Option<Result<usize, AnchorFailure>>> = vec![None; config.anchors.len()];
+    for candidate in &search.candidates {
+        let slot = &mut results[candidate.anchor];
+        // One validated path per anchor is enough: candidates come shortest first.
+        if matches!(slot, Some(Ok(_))) {
+            continue;
+        }
+        let result = if budget.exhausted() {
+            Err(AnchorFailure::Budget)
+        } else {
+            work.paths_tried += 1;
+            validate(config, candidate, presented, &algorithms, &budget, now)
+        };
+        if result.is_ok() || slot.is_none() {
+            *slot = Some(result);
+        }
+    }
+    work.signatures = budget.spent();
+    work.budget_exhausted = search.truncated || budget.exhausted();
+    let anchors: Vec<Result<usize, AnchorFailure>> = results
+        .into_iter()
+        .map(|r| match r {
+            Some(r) => r,
+            None if search.truncated => Err(AnchorFailure::Budget),
+            None => Err(AnchorFailure::NotInChain),
+        })
+        .collect();
+    anchors
+}
+
 /// Decides SPEC 3 steps 2 to 4 for the chain a client sent (leaf first).
 pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime) -> ChainReport {
     let mut work = Work {
@@ -344,42 +392,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
     let anchor_infos: Vec<&CertInfo> = config.anchors.iter().map(|a| &a.info).collect();
     let search = path::candidate_paths(&leaf, &presented.infos, &anchor_infos);
     work.candidate_paths = search.candidates.len();
-    let budget = SignatureBudget::new(path::SIGNATURE_BUDGET);
-    let metered = path::metered(
-        super::provider().signature_verification_algorithms.all,
-        &budget,
-    );
-    let algorithms: Vec<&dyn SignatureVerificationAlgorithm> = metered
-        .iter()
-        .map(|m| m as &dyn SignatureVerificationAlgorithm)
-        .collect();
-    let mut results: Vec<Option<Result<usize, AnchorFailure>>> = vec![None; config.anchors.len()];
-    for candidate in &search.candidates {
-        let slot = &mut results[candidate.anchor];
-        // One validated path per anchor is enough: candidates come shortest first.
-        if matches!(slot, Some(Ok(_))) {
-            continue;
-        }
-        let result = if budget.exhausted() {
-            Err(AnchorFailure::Budget)
-        } else {
-            work.paths_tried += 1;
-            validate(config, candidate, &presented, &algorithms, &budget, now)
-        };
-        if result.is_ok() || slot.is_none() {
-            *slot = Some(result);
-        }
-    }
-    work.signatures = budget.spent();
-    work.budget_exhausted = search.truncated || budget.exhausted();
-    let anchors: Vec<Result<usize, AnchorFailure>> = results
-        .into_iter()
-        .map(|r| match r {
-            Some(r) => r,
-            None if search.truncated => Err(AnchorFailure::Budget),
-            None => Err(AnchorFailure::NotInChain),
-        })
-        .collect();
+    let anchors = try_paths(config, &search, &presented, now, &mut work);
     let best = anchors
         .iter()
         .enumerate()
