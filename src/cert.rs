@@ -60,7 +60,7 @@ impl Fingerprint {
         Some(Fingerprint(out))
     }
 
-    /// Lowercase hex, as SPEC 1 prints it.
+    /// Lowercase hex, as contract §1 prints it.
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(64);
         for b in self.0 {
@@ -135,7 +135,7 @@ pub struct CertInfo {
     /// keyUsage, when the extension is present: (keyCertSign, cRLSign).
     pub key_usage: Option<(bool, bool)>,
     /// keyUsage digitalSignature, when the extension is present (a device's TLS key signs
-    /// the handshake, so a leaf whose keyUsage lacks it is refused; SPEC 3 hardening).
+    /// the handshake, so a leaf whose keyUsage lacks it is refused; contract §3 hardening).
     pub digital_signature: Option<bool>,
     /// Whether subject and issuer are the same name (a root or a self-signed leaf).
     pub self_issued: bool,

@@ -1,4 +1,4 @@
-//! What the `certmq` commands print (SPEC 1): `check`, `explain`, `devices`, `demo-pki`.
+//! What the `certmq` commands print (contract §1): `check`, `explain`, `devices`, `demo-pki`.
 //! `main.rs` parses arguments and maps results to exit codes; the work and the wording
 //! are here, in the library, so they are tested like everything else.
 
@@ -120,7 +120,7 @@ pub fn import_report(
     Ok(true)
 }
 
-/// What `serve` would meet after the config (for `check`, SPEC 1 "exactly as serve
+/// What `serve` would meet after the config (for `check`, contract §1 "exactly as serve
 /// would"): its listening addresses free, unless the broker of this data_dir runs (then
 /// they are its own: `check` before `reload` must pass), and its data_dir writable. Changes
 /// nothing: a probe file is created and removed, no database is opened.
@@ -382,7 +382,7 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
     steps
 }
 
-/// SPEC 3 step 4 for a chain no anchor issued: who issued it, what is configured
+/// contract §3 step 4 for a chain no anchor issued: who issued it, what is configured
 /// instead, and which anchor would have to be added.
 fn unknown_issuer_steps(config: &Config, d: &Decision) -> Vec<String> {
     let unknown = matches!(
@@ -483,7 +483,7 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "common_name": d.cn,
         "steps": explain_steps(config, d),
-        // What the pre-authentication bounds limit (SPEC 3 hardening).
+        // What the pre-authentication bounds limit (contract §3 hardening).
         "work": {
             "certificates": w.certificates,
             "bytes": w.bytes,

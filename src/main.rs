@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logging as `[log]` says (SPEC 2, 10): `RUST_LOG`, when set, overrides the level; one line
+/// Logging as `[log]` says (contract §2, 10): `RUST_LOG`, when set, overrides the level; one line
 /// per event, text (`key=value`) or JSON. An invalid level falls back to `info` here and is
 /// reported by the config loader. `config::log_filter` adds the hold on rustls's
 /// per-connection ClientHello remarks.
@@ -219,7 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Where the config file is (SPEC 1): `--config`, else `$CERTMQ_CONFIG`, else
+/// Where the config file is (contract §1): `--config`, else `$CERTMQ_CONFIG`, else
 /// `config/certmq.toml` when it exists, else `/etc/certmq/certmq.toml`. When none is there
 /// the error names every place tried.
 fn config_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -563,7 +563,7 @@ impl UnixSignals {
     }
 }
 
-/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (SPEC 8);
+/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (contract §8);
 /// an invalid file is logged problem by problem and the old config stays in force.
 async fn signals(
     handlers: UnixSignals,

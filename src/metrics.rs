@@ -226,7 +226,7 @@ impl Metrics {
         }
     }
 
-    /// Counts a message a session of `device` could not take (SPEC 7).
+    /// Counts a message a session of `device` could not take (contract §7).
     pub fn device_dropped(&self, device: &str) {
         if let Ok(mut m) = self.device_drops.lock() {
             *m.entry(device.to_owned()).or_default() += 1;
@@ -289,7 +289,7 @@ impl Metrics {
         self.last_reload_ok.set(1);
     }
 
-    /// Publishes the expiry gauges of the config in force (SPEC 10).
+    /// Publishes the expiry gauges of the config in force (contract §10).
     pub fn set_config_gauges(&self, gauges: ConfigGauges) {
         if let Ok(mut s) = self.state.lock() {
             s.config = gauges;

@@ -1,4 +1,4 @@
-//! Session expiry (SPEC 2 `max_session_expiry`, SPEC 4): how long a persistent session
+//! Session expiry (contract §2 `max_session_expiry`, contract §4): how long a persistent session
 //! outlives its connection, and the timers that end it.
 //!
 //! Every persistent session has a finite expiry unless the operator sets

@@ -379,7 +379,7 @@ pub enum SubResult {
     TopicFilterInvalid,
 }
 
-/// SUBACK; `text` is the MQTT 5 reason string, sent when a filter was refused (SPEC 6).
+/// SUBACK; `text` is the MQTT 5 reason string, sent when a filter was refused (contract §6).
 pub fn suback(protocol: Protocol, pkid: u16, results: &[SubResult], text: Option<&str>) -> Packet {
     match protocol {
         Protocol::V311 => Packet::V311(v4::Packet::SubAck(v4::SubAck::new(

@@ -1,4 +1,4 @@
-//! The TOML configuration (SPEC 2), parsed into typed, validated values at the boundary:
+//! The TOML configuration (contract §2), parsed into typed, validated values at the boundary:
 //! PEM files loaded, the server key matched to its certificate, anchors turned into webpki
 //! trust anchors, regexes compiled, CRLs checked against their anchor, ACL profiles
 //! compiled. Everything downstream works with these types and never re-reads a file.
@@ -31,9 +31,9 @@ use raw::{RawAnchor, RawConfig, RawDevice, RawProfile, RawServer};
 mod cluster;
 pub use cluster::Cluster;
 
-/// The default config path, relative to the working directory (SPEC 1).
+/// The default config path, relative to the working directory (contract §1).
 pub const DEFAULT_PATH: &str = "config/certmq.toml";
-/// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], SPEC 1).
+/// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], contract §1).
 pub const SYSTEM_PATH: &str = "/etc/certmq/certmq.toml";
 
 /// The source name the registry uses for pinned devices; an anchor may not take it.
@@ -248,7 +248,7 @@ impl Clone for Server {
 /// them (broker/conn/alias.rs), and a few hundred topics cover a device's own traffic.
 pub const MAX_SERVER_TOPIC_ALIASES: u16 = 256;
 
-/// `[limits]`, with SPEC 2 defaults. Durations are whole seconds.
+/// `[limits]`, with contract §2 defaults. Durations are whole seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -259,10 +259,10 @@ pub struct Limits {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_keep_alive: u16,
-    /// Persistent sessions one device may hold (SPEC 4): one more is refused at CONNECT.
+    /// Persistent sessions one device may hold (contract §4): one more is refused at CONNECT.
     pub max_sessions_per_device: usize,
     /// Seconds a connected subscriber with a full queue may make no progress before it
-    /// stops pacing publishers (SPEC 9 flow control).
+    /// stops pacing publishers (contract §9 flow control).
     pub stall_timeout: u64,
     /// Seconds a persistent session outlives its connection at most: caps the MQTT 5
     /// Session Expiry Interval (0xFFFFFFFF "never" included; CONNACK then announces the
@@ -270,7 +270,7 @@ pub struct Limits {
     /// otherwise hold their subscriptions and queue forever. 0: no session outlives its
     /// connection; 4294967295: sessions may be kept forever.
     pub max_session_expiry: u32,
-    /// Retained topics one device may hold (SPEC 4): a retained message belongs to the
+    /// Retained topics one device may hold (contract §4): a retained message belongs to the
     /// device that published it last; one more is refused (MQTT 5 QoS 1/2: 0x97) or
     /// dropped and counted. 0: the device may retain nothing.
     pub max_retained_per_device: usize,
@@ -360,7 +360,7 @@ pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
 }
 
 impl Config {
-    /// The expiry dates `/metrics` shows for this config (SPEC 10): each anchor's
+    /// The expiry dates `/metrics` shows for this config (contract §10): each anchor's
     /// notAfter, each anchor CRL's nextUpdate, the server certificate's notAfter.
     pub fn gauges(&self) -> crate::metrics::ConfigGauges {
         crate::metrics::ConfigGauges {
@@ -454,7 +454,7 @@ impl Config {
     }
 }
 
-/// `[log]` (SPEC 2): how the broker writes its log. `RUST_LOG`, when set, overrides `level`.
+/// `[log]` (contract §2): how the broker writes its log. `RUST_LOG`, when set, overrides `level`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
@@ -1134,7 +1134,7 @@ impl Loader {
         out
     }
 
-    /// SPEC 2: expired rules are warnings unless no rule at all is usable.
+    /// contract §2: expired rules are warnings unless no rule at all is usable.
     fn usable_rules(&mut self, anchors: &[Anchor], devices: &[PinnedDevice]) {
         let now = UnixTime::now();
         let usable = anchors.iter().any(|a| a.info.validity.check(now).is_ok())

@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 and 5.0 packets over one connection's byte stream (SPEC 6 and 9).
+//! MQTT 3.1.1 and 5.0 packets over one connection's byte stream (contract §6 and 9).
 //!
 //! Why this module exists: `mqttbytes-ng` decodes and encodes packet bodies well, but it has
 //! a single maintainer, counts its size limit without the fixed header, skips several
@@ -265,7 +265,7 @@ pub struct PacketReader<R> {
     /// Bytes read but not yet decoded: at most the current packet (bounded by
     /// `max_packet_size`) plus one `READ_CHUNK`.
     buf: BytesMut,
-    /// Limit on a whole packet (fixed header included), as SPEC 9 and MQTT 5 define it.
+    /// Limit on a whole packet (fixed header included), as contract §9 and MQTT 5 define it.
     max_packet_size: usize,
     /// `None` until `read_connect` succeeds; then every packet is decoded with it.
     protocol: Option<Protocol>,
@@ -297,7 +297,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         let connect = decode_connect(protocol, &header, frame)?;
         self.protocol = Some(protocol);
         // Most connections idle after CONNECT: give the read chunk back now rather than hold
-        // 8 KiB per idle device (SPEC 11 idle memory); the next read allocates again.
+        // 8 KiB per idle device (contract §11 idle memory); the next read allocates again.
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
@@ -404,7 +404,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     async fn fill(&mut self) -> Result<(), CodecError> {
         let result = if self.buf.capacity() == 0 {
             // An idle connection (buffer released after CONNECT) waits with a small array in
-            // its own future instead of an 8 KiB heap chunk (SPEC 11 idle memory); the
+            // its own future instead of an 8 KiB heap chunk (contract §11 idle memory); the
             // copy happens in the same poll that completed the read, so a cancelled read
             // loses nothing.
             let mut small = [0u8; IDLE_READ];

@@ -67,7 +67,7 @@ pub enum RegistryError {
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
-    /// SPEC 7: a damaged file is refused at start, never used silently.
+    /// contract §7: a damaged file is refused at start, never used silently.
     #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
     Damaged { path: PathBuf, report: String },
     #[error("{path}: the write-ahead log was not fully checkpointed ({done} of {log} pages; another process is reading it)")]
@@ -147,7 +147,7 @@ pub struct Registry {
     conn: Mutex<Connection>,
     /// last_seen_at updates waiting for the next flush.
     seen: Mutex<HashMap<String, i64>>,
-    /// Messages dropped for each device's sessions (SPEC 7: a full queue), waiting for the
+    /// Messages dropped for each device's sessions (contract §7: a full queue), waiting for the
     /// next flush into `dropped_messages`.
     dropped: Mutex<HashMap<String, u64>>,
 }
@@ -335,7 +335,7 @@ impl Registry {
         Ok(())
     }
 
-    /// SPEC 3 step 7 in one IMMEDIATE transaction: the lookup and the write (provisioning
+    /// contract §3 step 7 in one IMMEDIATE transaction: the lookup and the write (provisioning
     /// or rotation) cannot interleave with another connection or the CLI.
     pub fn admit(
         &self,
@@ -388,12 +388,12 @@ impl Registry {
         Ok(outcome)
     }
 
-    /// Enters the config's pinned devices (SPEC 3 step 7, at start and on reload).
+    /// Enters the config's pinned devices (contract §3 step 7, at start and on reload).
     /// Conflicts are the names that the registry holds for an anchor: a config error,
     /// reported by the caller; nothing is written then. Otherwise `created` lists the pinned
     /// names whose row was missing (never seen, or deleted by `certmq devices delete`) and
     /// is now (re)created: a new registry entry, so sessions left under that name belong to
-    /// the deleted one (SPEC 4).
+    /// the deleted one (contract §4).
     pub fn sync_pinned(
         &self,
         pinned: &[PinnedDevice],
@@ -567,7 +567,7 @@ impl Registry {
         Ok(())
     }
 
-    /// SQLite's `quick_check` of the whole file, run by the broker at start (SPEC 7): a
+    /// SQLite's `quick_check` of the whole file, run by the broker at start (contract §7): a
     /// damaged registry is refused, naming the file, never used silently.
     pub fn quick_check(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;
@@ -585,7 +585,7 @@ impl Registry {
     }
 
     /// Copies the write-ahead log into `certmq.db` and truncates it, so that the file alone
-    /// is the whole registry (SPEC 7, at a graceful stop). The CLI may be reading at that
+    /// is the whole registry (contract §7, at a graceful stop). The CLI may be reading at that
     /// moment: then part of the log stays, which loses nothing.
     pub fn checkpoint(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;

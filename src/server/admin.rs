@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint (SPEC 10), on `admin_bind` when set: `GET /healthz` and
+//! The admin HTTP endpoint (contract §10), on `admin_bind` when set: `GET /healthz` and
 //! `GET /metrics` (Prometheus text). hyper's HTTP/1 server on its own listener and tasks,
 //! off the device path: a slow scraper costs the brokers nothing but its own task.
 
@@ -129,7 +129,7 @@ fn live_gauges(shared: &Shared) -> LiveGauges {
     }
 }
 
-/// SPEC 7: healthy only while both databases can commit. The registry must give its write
+/// contract §7: healthy only while both databases can commit. The registry must give its write
 /// lock (another process, the `certmq devices` CLI, shares it). The message store must
 /// commit a probe write through its writer: while commits fail (a full disk) only a real
 /// commit can tell whether they work again, and the probe shares the next group commit.

@@ -1,4 +1,4 @@
-//! CONNECT admission (SPEC 3, 4), from the CONNECT packet to a session the broker may
+//! CONNECT admission (contract §3, 4), from the CONNECT packet to a session the broker may
 //! open: the decision (first as a dry run), the authentication method, the client id, the
 //! will, the session quota, then the registry commit and what it implies (a new entry
 //! forgets the name's old sessions; a rotation cuts the superseded certificate). A refusal
@@ -44,7 +44,7 @@ pub(super) struct Accepted {
 /// itself failed to run). Already logged and counted.
 pub(super) type Refusal = Option<Packet>;
 
-/// Decides a CONNECT (SPEC 3 step 8 and the checks of SPEC 4-6), committing to the
+/// Decides a CONNECT (contract §3 step 8 and the checks of contract §4-6), committing to the
 /// registry only once it is accepted.
 pub(super) async fn admit(
     shared: &Arc<Shared>,
@@ -83,7 +83,7 @@ pub(super) async fn admit(
         let ack = connect::connack_bad_auth_method(method);
         return Err(refuse("bad_authentication_method", &why, ack));
     }
-    // Client identifier (SPEC 4) and will (SPEC 5, 6).
+    // Client identifier (contract §4) and will (contract §5, 6).
     let client_id = match connect::client_id(&req) {
         Ok(id) => id,
         Err(why) => {
@@ -100,7 +100,7 @@ pub(super) async fn admit(
         }
     };
     drop(packet);
-    // SPEC 2: every persistent session expires within `max_session_expiry`.
+    // contract §2: every persistent session expires within `max_session_expiry`.
     let granted = expiry::granted(
         req.protocol,
         req.clean_start,
@@ -164,7 +164,7 @@ pub(super) async fn admit(
     })
 }
 
-/// What the broker's own registry write implies for sessions (SPEC 4).
+/// What the broker's own registry write implies for sessions (contract §4).
 async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission: &Admission) {
     let device = admission.device.clone();
     match admission.registry {
@@ -189,7 +189,7 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
     }
 }
 
-/// The refusal of one persistent session over `max_sessions_per_device` (SPEC 4), when
+/// The refusal of one persistent session over `max_sessions_per_device` (contract §4), when
 /// the broker finds it only while opening the session (a race with another CONNECT).
 pub(super) fn refuse_quota(
     line: &DecisionLine,
@@ -251,7 +251,7 @@ async fn decide(
     }
 }
 
-/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
+/// The check a delayed will passes when it fires (contract §4): the one verdict, with the chain
 /// decided again, and the will's topic under the current profile.
 fn will_gate(
     shared: &Arc<Shared>,
@@ -297,7 +297,7 @@ fn will_gate(
     })
 }
 
-/// The fields of the one structured line per CONNECT decision (SPEC 3): every value that
+/// The fields of the one structured line per CONNECT decision (contract §3): every value that
 /// comes from the peer (device name, client id, reason) is quoted and escaped.
 pub(super) struct DecisionLine {
     peer: SocketAddr,

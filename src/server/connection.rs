@@ -129,10 +129,10 @@ async fn proxied_peer(tcp: &mut TcpStream, socket: SocketAddr, limit_s: u64) -> 
     }
 }
 
-/// The TLS handshake under `handshake_timeout` (SPEC 3 steps 1-4: the verifier logs and
+/// The TLS handshake under `handshake_timeout` (contract §3 steps 1-4: the verifier logs and
 /// counts its own refusals). Boxed: the handshake's state (a whole rustls connection
 /// mid-handshake) would otherwise be part of this task's allocation for the connection's
-/// lifetime (SPEC 11 idle memory).
+/// lifetime (contract §11 idle memory).
 async fn handshake(
     tcp: Metered,
     peer: SocketAddr,
@@ -210,7 +210,7 @@ struct Open<'a> {
     _live: LiveGuard<'a>,
 }
 
-/// Opens the session (SPEC 4: keyed by (device, client id); a holder is taken over),
+/// Opens the session (contract §4: keyed by (device, client id); a holder is taken over),
 /// sends the CONNACK and registers the connection for re-checks.
 async fn open<'a, W: AsyncWrite + Unpin>(
     shared: &'a Arc<Shared>,

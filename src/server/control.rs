@@ -1,4 +1,4 @@
-//! What ties a running broker to its `data_dir` (SPEC 1): an exclusive lock, so that two
+//! What ties a running broker to its `data_dir` (contract §1): an exclusive lock, so that two
 //! brokers can never run on one `data_dir`, and a control socket, through which `certmq
 //! reload` asks exactly the broker of that `data_dir` to reload (never "every process named
 //! certmq on the host", as `kill -HUP $(pidof certmq)` does).

@@ -1,5 +1,5 @@
-//! The live connections, and how every session is held to the current decision (SPEC 4
-//! "A session lives only as long as its identity", SPEC 8): after a reload, after a registry
+//! The live connections, and how every session is held to the current decision (contract §4
+//! "A session lives only as long as its identity", contract §8): after a reload, after a registry
 //! change made by the `certmq devices` CLI, and after the broker's own provisioning and
 //! rotation writes. Each connection is judged by the one verdict, [`auth::standing`]; a
 //! connection that would now be refused is revoked (MQTT 5: DISCONNECT 0x87 with the reason

@@ -118,7 +118,7 @@ impl Server {
     /// registry holds for an anchor is a config error), and builds the TLS config. In
     /// cluster mode the registry is the cluster's bucket, read by [`Server::join_cluster`].
     pub fn new(config: Config) -> Result<Server, ServerError> {
-        // Before any database is opened: two brokers never share a data_dir (SPEC 1).
+        // Before any database is opened: two brokers never share a data_dir (contract §1).
         let lock = control::DataDirLock::acquire(&config.server.data_dir)?;
         let (registry, kv, recreated): (Arc<dyn Backend>, _, _) = match &config.cluster {
             None => {
@@ -335,7 +335,7 @@ impl Server {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // SPEC 9: at max_connections new connections are refused at once.
+                // contract §9: at max_connections new connections are refused at once.
                 tracing::warn!(%peer, max, "refused: max_connections reached");
                 drop(tcp);
                 continue;
@@ -370,7 +370,7 @@ impl Server {
         let _ = std::fs::remove_file(data_dir.join(control::SOCKET_FILE));
         // Everything the sessions submitted on their way out is committed before exit, and
         // both write-ahead logs are checkpointed: each .db file alone is then the whole
-        // store, for a copy or a backup (SPEC 7).
+        // store, for a copy or a backup (contract §7).
         if let Some(journal) = shared.broker.journal() {
             match journal.checkpoint().await {
                 Err(e @ crate::broker::journal::CommitError::Checkpoint(_)) => {
@@ -393,9 +393,9 @@ impl Server {
     }
 }
 
-/// SPEC 3 step 7: a pinned name that the registry holds for an anchor is a config error.
+/// contract §3 step 7: a pinned name that the registry holds for an anchor is a config error.
 /// With `Mode::Commit` the pinned devices are entered when there is no conflict. Returns
-/// the pinned names whose registry row was missing and is now created (SPEC 4: a deleted
+/// the pinned names whose registry row was missing and is now created (contract §4: a deleted
 /// pinned row is recreated at start and on reload, as a new entry).
 pub fn sync_pinned(
     config: &Config,
@@ -449,7 +449,7 @@ async fn flush_last_seen(
     }
 }
 
-/// How often the registry is polled for changes made by the `certmq devices` CLI. SPEC 1
+/// How often the registry is polled for changes made by the `certmq devices` CLI. contract §1
 /// asks for disconnection within 2 seconds; SQLite's `data_version` makes a poll cheap.
 const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -556,7 +556,7 @@ pub struct ReloadOutcome {
 }
 
 impl Shared {
-    /// SPEC 8: re-reads the config file; on any problem keeps the old config and returns
+    /// contract §8: re-reads the config file; on any problem keeps the old config and returns
     /// every problem; on success swaps config and TLS atomically for new connections and
     /// re-checks every live session. Blocking: call from `spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadOutcome, ServerError> {
@@ -637,7 +637,7 @@ impl Shared {
     }
 
     /// The registry entry of `device` is new (provisioned, or a pinned row recreated):
-    /// whatever was held under its name belonged to a deleted entry (SPEC 4). Its
+    /// whatever was held under its name belonged to a deleted entry (contract §4). Its
     /// connections are revoked and its sessions, queued messages and wills forgotten.
     pub fn forget_entry(&self, device: &crate::identity::DeviceName) {
         let gone = crate::auth::Revoked::Deleted(device.clone());

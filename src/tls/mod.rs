@@ -34,7 +34,7 @@ pub use crate::cert::provider;
 ///
 /// TLS session resumption stays on (rustls' default in-memory cache): it saves devices a
 /// full handshake, and is safe because the admission at CONNECT re-runs every check
-/// against the current config and registry (SPEC 3 step 8; rustls does not call the
+/// against the current config and registry (contract §3 step 8; rustls does not call the
 /// verifier on resumption).
 ///
 /// `known`, when given, names the device a refused certificate belongs to in the log.

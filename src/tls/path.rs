@@ -1,4 +1,4 @@
-//! Bounded work before authentication (SPEC 3 hardening): the chain limits, the candidate
+//! Bounded work before authentication (contract §3 hardening): the chain limits, the candidate
 //! certification paths, and one signature budget for the whole handshake.
 //!
 //! Why certmq builds paths itself instead of letting webpki search: given a set of

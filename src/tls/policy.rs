@@ -1,4 +1,4 @@
-//! SPEC 3 steps 2 to 4: which rule, if any, accepts a certificate chain.
+//! contract §3 steps 2 to 4: which rule, if any, accepts a certificate chain.
 //!
 //! One function, [`match_chain`], answers the question for the three callers that ask it:
 //! the rustls verifier during the handshake (refusals become TLS alerts), the admission at
@@ -8,7 +8,7 @@
 //!
 //! Path validation is delegated to webpki with ONE linear path and ONE anchor at a time as
 //! the only trust anchor, which is what makes an intermediate anchor trust exactly its own
-//! subtree and not its root's. We add only what webpki leaves out (NOTES.md, SPEC 3
+//! subtree and not its root's. We add only what webpki leaves out (NOTES.md, contract §3
 //! hardening), each where it is done:
 //! - bounded work: the chain limits, candidate paths chosen by names and key identifiers,
 //!   one signature budget per handshake ([`super::path`]);
@@ -61,7 +61,7 @@ pub enum AnchorFailure {
     #[error("{}", classify_webpki(.0).2)]
     Path(webpki::Error),
     /// A certificate on the path is listed by the CRL of one of these anchors, all of which
-    /// appear on the path (SPEC 3 hardening: every CRL on the path).
+    /// appear on the path (contract §3 hardening: every CRL on the path).
     #[error("revoked: listed by the CRL of anchor {}", .by.join(" or "))]
     Revoked { by: Vec<String> },
     #[error("the anchor certificate itself is {0}")]
@@ -86,7 +86,7 @@ pub enum AnchorFailure {
     Budget,
 }
 
-/// Why no rule accepted the chain (SPEC 3 step 4).
+/// Why no rule accepted the chain (contract §3 step 4).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChainRefusal {
     #[error("no client certificate")]
@@ -119,7 +119,7 @@ pub enum ChainRefusal {
 impl ChainRefusal {
     /// The one classification of a refusal: its short, stable label for metrics and
     /// structured logs, and the certificate error whose TLS alert tells the client why
-    /// (SPEC 3 step 4). `Display` is the sentence.
+    /// (contract §3 step 4). `Display` is the sentence.
     pub fn class(&self) -> (&'static str, C) {
         match self {
             ChainRefusal::NoCertificate => ("no_certificate", C::BadEncoding),
@@ -139,7 +139,7 @@ impl ChainRefusal {
         self.class().0
     }
 
-    /// The rustls error whose alert tells the client why (SPEC 3 step 4).
+    /// The rustls error whose alert tells the client why (contract §3 step 4).
     pub fn to_rustls(&self) -> rustls::Error {
         match self {
             ChainRefusal::NoCertificate => rustls::Error::NoCertificatesPresented,
@@ -327,7 +327,7 @@ fn try_paths(
     anchors
 }
 
-/// Decides SPEC 3 steps 2 to 4 for the chain a client sent (leaf first).
+/// Decides contract §3 steps 2 to 4 for the chain a client sent (leaf first).
 pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime) -> ChainReport {
     let mut work = Work {
         certificates: chain.len(),

@@ -1,5 +1,5 @@
 //! Checks certmq adds on a path webpki has validated, because webpki does not make them
-//! (SPEC 3 "Hardening of steps 3-6"). Pure functions over [`CertInfo`].
+//! (contract §3 "Hardening of steps 3-6"). Pure functions over [`CertInfo`].
 
 use rustls_pki_types::DnsName;
 

@@ -1,4 +1,4 @@
-//! The rustls client-certificate verifier: SPEC 3 steps 1 to 4 at handshake time.
+//! The rustls client-certificate verifier: contract §3 steps 1 to 4 at handshake time.
 //!
 //! It composes rather than replaces: the decision is [`policy::match_chain`] (webpki path
 //! validation per anchor plus pinning); TLS 1.2/1.3 handshake signatures are checked by
@@ -13,7 +13,7 @@
 //!
 //! - the work is kept off the tokio workers that serve established sessions
 //!   (`block_in_place` on a multi-thread runtime) and at most [`verification_slots`]
-//!   chains are verified at once in the process (SPEC 3: bounded work before
+//!   chains are verified at once in the process (contract §3: bounded work before
 //!   authentication; the work of one verification is bounded in [`super::path`]).
 //!
 //! A refusal is logged here, once, with the peer address (from the task-local set by the
@@ -118,7 +118,7 @@ impl ClientCertVerifier for DeviceVerifier {
             Err(refusal) => {
                 self.metrics.auth_refused(refusal.label());
                 let peer = HANDSHAKE_PEER.try_with(|p| *p).ok();
-                // Rate-limited per peer address (SPEC 10); the metric counts every one.
+                // Rate-limited per peer address (contract §10); the metric counts every one.
                 let suppressed = match peer {
                     Some(p) => crate::logline::refusal_allowed(p.ip()),
                     None => Some(0),

@@ -1,4 +1,4 @@
-//! SPEC 3 end to end: a real broker on 127.0.0.1:0, real MQTT clients (rumqttc) over
+//! contract §3 end to end: a real broker on 127.0.0.1:0, real MQTT clients (rumqttc) over
 //! mutual TLS, one test per acceptance path and per refusal reason, each with its own
 //! fixture certificates.
 

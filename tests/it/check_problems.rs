@@ -1,4 +1,4 @@
-//! `check` = `serve` for a broken config file (SPEC 1, 2): every problem at once, each on
+//! `check` = `serve` for a broken config file (contract §1, 2): every problem at once, each on
 //! one line naming the file and the field, with line and column for what the TOML layer
 //! finds (syntax errors, unknown keys, values of the wrong type); an unknown key or a
 //! syntax error no longer hides the other problems, and `serve` refuses with the same list.

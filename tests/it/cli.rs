@@ -1,4 +1,4 @@
-//! SPEC 1 and 2 black-box: the real `certmq` binary, run as an operator runs it, checked by
+//! contract §1 and 2 black-box: the real `certmq` binary, run as an operator runs it, checked by
 //! exit code (0 success, 1 refused or failed, 2 usage error), stdout and stderr. `check`
 //! gets one test per config problem, because each message is what an operator reads to fix
 //! that one mistake. The `explain` and `devices` commands are in `tests/cli_registry.rs`.

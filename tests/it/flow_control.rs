@@ -1,4 +1,4 @@
-//! Flow control (SPEC 9): publishers are paced to their consumers, so a subscriber that
+//! Flow control (contract §9): publishers are paced to their consumers, so a subscriber that
 //! keeps reading, however slowly, receives every QoS 1/2 message that was acknowledged; a
 //! stalled subscriber paces nobody after `stall_timeout`; and a publisher whose messages do
 //! not reach a full session is never slowed. A real broker in this process, real TLS, a

@@ -260,7 +260,7 @@ async fn mosquitto_refused_at_connect_says_not_authorised() {
         return;
     }
     let b = Bench::start().await;
-    // Trusted chain, but cn_regex does not match: refused at CONNECT (SPEC 3 step 5).
+    // Trusted chain, but cn_regex does not match: refused at CONNECT (contract §3 step 5).
     let intruder = Bench::device(&b.fx, "intruder", "intruder.example.org");
     let args = ["-q", "1", "-t", "devices/intruder/x", "-m", "x"];
     let v311 = b.publish(&intruder, Version::V311, &args).await;

@@ -1,4 +1,4 @@
-//! Refusals say enough (SPEC 1 `explain`, SPEC 3 step 4, SPEC 10): for a certificate no
+//! Refusals say enough (contract §1 `explain`, contract §3 step 4, contract §10): for a certificate no
 //! anchor issued, `certmq explain` and the auth log line name its issuer and the configured
 //! anchors, and `explain` says which anchor would have to be added (subject and key id, as
 //! `openssl x509 -text` prints them); a certificate refused at TLS is logged with the name

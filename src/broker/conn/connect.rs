@@ -1,5 +1,5 @@
-//! CONNECT handling: the admission decision (SPEC 3) and the client identifier rules
-//! (SPEC 4), mapped to CONNACK return codes (MQTT 3.1.1) and reason codes (MQTT 5).
+//! CONNECT handling: the admission decision (contract §3) and the client identifier rules
+//! (contract §4), mapped to CONNACK return codes (MQTT 3.1.1) and reason codes (MQTT 5).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -37,7 +37,7 @@ pub struct ConnectRequest {
 }
 
 impl ConnectRequest {
-    /// Username and password are ignored (SPEC 3): identity comes from the certificate.
+    /// Username and password are ignored (contract §3): identity comes from the certificate.
     pub fn from_packet(connect: &Connect) -> ConnectRequest {
         match connect {
             Connect::V311(c) => ConnectRequest {
@@ -81,7 +81,7 @@ pub enum WillRefusal {
 }
 
 /// The will of a CONNECT, with the `me` alias applied and the publish ACL checked
-/// (SPEC 5, 6): a device learns at CONNECT that its will could never be published.
+/// (contract §5, 6): a device learns at CONNECT that its will could never be published.
 pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<Will>, WillRefusal> {
     let now = Message::now();
     let (topic, payload, qos, retain, delay, expiry, props) = match connect {
@@ -173,7 +173,7 @@ pub struct ClientId {
     pub assigned: bool,
 }
 
-/// SPEC 4: an empty client id is assigned one; 3.1.1 with clean session 0 is refused.
+/// contract §4: an empty client id is assigned one; 3.1.1 with clean session 0 is refused.
 pub fn client_id(req: &ConnectRequest) -> Result<ClientId, ClientIdRefusal> {
     if !req.client_id.is_empty() {
         return Ok(ClientId {
@@ -202,7 +202,7 @@ fn assign_id() -> String {
     format!("certmq-{t:x}-{n:x}")
 }
 
-/// The keep alive the broker enforces, in seconds (SPEC 6, 9): the client's value capped
+/// The keep alive the broker enforces, in seconds (contract §6, 9): the client's value capped
 /// at `max_keep_alive`. A client asking for none (0) still gets `max_keep_alive`, so that
 /// no wait on a peer is unbounded. MQTT 5 clients are told via Server Keep Alive.
 pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
@@ -263,7 +263,7 @@ pub fn connack_success(
     })
 }
 
-/// The CONNACK that refuses an admission (SPEC 3: code 5 / 0x87 with a reason string; a
+/// The CONNACK that refuses an admission (contract §3: code 5 / 0x87 with a reason string; a
 /// registry that cannot answer is "server unavailable", code 3 / 0x88).
 pub fn connack_refused(protocol: Protocol, refused: &Refused) -> Packet {
     let unavailable = matches!(refused, Refused::Store(_));
@@ -311,7 +311,7 @@ pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packe
 }
 
 /// The CONNACK refusing one persistent session more than `max_sessions_per_device`
-/// (SPEC 4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
+/// (contract §4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
 pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Packet {
     match protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(

@@ -1,4 +1,4 @@
-//! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
+//! One connection after CONNACK: the MQTT session loop (contract §4, 6, 9).
 //!
 //! One task per connection reads packets, enforces keep alive, moves deliveries from the
 //! session's queue into an out buffer within the in-flight window, and writes that buffer
@@ -6,7 +6,7 @@
 //! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
 //! it writes deadlocks with a client that does the same). A client that does not read stops
 //! our writes: deliveries pile up in its bounded session queue (its publishers are paced
-//! until it stalls, SPEC 9), reading stops at `OUT_MAX`, and a write without progress for
+//! until it stalls, contract §9), reading stops at `OUT_MAX`, and a write without progress for
 //! `write_limit` ends the connection. A message of this client's that waits for room in a
 //! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
 
@@ -122,7 +122,7 @@ impl End {
         Some(disconnect_v5(code, &text))
     }
 
-    /// Whether the will is published (SPEC 6: not on DISCONNECT; MQTT 5 0x04 asks for it;
+    /// Whether the will is published (contract §6: not on DISCONNECT; MQTT 5 0x04 asks for it;
     /// not when the broker itself shuts down).
     fn publishes_will(&self) -> bool {
         match self {
@@ -288,7 +288,7 @@ struct Conn<'a> {
     wr: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     /// Encoded packets not yet handed to TLS. Bounded: deliveries stop at `OUT_HIGH`,
     /// reading stops at `OUT_MAX`, and a write that makes no progress for `write_limit`
-    /// ends the connection (SPEC 9: a client that does not read).
+    /// ends the connection (contract §9: a client that does not read).
     out: BytesMut,
     /// Handed to TLS but not yet flushed to the socket.
     unflushed: bool,
@@ -298,7 +298,7 @@ struct Conn<'a> {
     out_aliases: alias::OutAliases,
     /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
     pending: std::collections::VecDeque<publish::PendingAck>,
-    /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
+    /// A message waiting for room in the queues it must reach (contract §9 flow control):
     /// while it waits nothing more is read from this client (TCP back-pressure; its
     /// acknowledgement waits too), everything else goes on.
     paced: Option<publish::Paced>,
@@ -518,7 +518,7 @@ impl Conn<'_> {
 
     /// Handles one packet: PUBLISH, the hot path, inline; every other packet through a boxed
     /// [`Conn::handle`], whose state (every handler's) then stays out of the connection's
-    /// task allocation while it idles (SPEC 11 idle memory) at the price of one small
+    /// task allocation while it idles (contract §11 idle memory) at the price of one small
     /// allocation per non-PUBLISH packet.
     async fn dispatch(&mut self, inbound: Inbound) -> Option<End> {
         match inbound {

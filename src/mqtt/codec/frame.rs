@@ -1,7 +1,7 @@
 //! The fixed header, and the wire rules that `mqttbytes-ng` 0.7.1 does not enforce.
 //!
 //! We frame packets ourselves instead of letting `mqttbytes-ng` do it because its size
-//! limit counts only the remaining length (SPEC 9 means the whole packet) and because we
+//! limit counts only the remaining length (contract §9 means the whole packet) and because we
 //! must refuse a packet from its first byte or its length alone, before buffering its body.
 //! The checks here are the ones the MQTT specifications call "malformed" and the crate skips
 //! (it masks the bits it does not use): reserved flag bits, fixed remaining lengths, reserved

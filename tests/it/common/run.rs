@@ -1,4 +1,4 @@
-//! Runs the real `certmq` binary for the CLI tests (SPEC 1): exit code, stdout and stderr,
+//! Runs the real `certmq` binary for the CLI tests (contract §1): exit code, stdout and stderr,
 //! exactly what an operator's shell or script sees.
 
 use std::path::Path;
