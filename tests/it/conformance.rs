@@ -1,4 +1,4 @@
-//! Protocol conformance, clause by clause (issue 15): what the MQTT 3.1.1 and 5.0
+//! Protocol conformance, clause by clause (docs/contract.md §6): what the MQTT 3.1.1 and 5.0
 //! specifications say MUST happen, checked byte for byte. Each test sends exact bytes over
 //! mutual TLS to a real broker and expects exact bytes back, or the connection closed
 //! with nothing more. A test is named after the clause it checks (`mqtt_1_5_4_2_...` is

@@ -656,7 +656,7 @@ enum Out {
     Done,
 }
 
-/// contract §7 (issue 10's kill -9 loop): a publisher pipelines more QoS 2 messages than the
+/// contract §7 (the kill -9 loop): a publisher pipelines more QoS 2 messages than the
 /// in-flight window (64) — all at once over MQTT 3.1.1, which cannot be told a limit; over
 /// MQTT 5 once beyond the Receive Maximum (DISCONNECT 0x93), then within it — and after
 /// every kill -9 resends its unfinished backlog. Every message arrives exactly once.
