@@ -1,5 +1,5 @@
-//! Server topic aliases (docs/contract.md §6): topic aliases the broker assigns towards MQTT 5 clients (MQTT 5
-//! §3.3.2.3.4), byte for byte with the raw client, and with the field's clients:
+//! Server topic aliases (docs/contract.md §6): topic aliases the broker assigns towards
+//! MQTT 5 clients (MQTT 5 §3.3.2.3.4), byte for byte with the raw client, and with the field's clients:
 //! paho-mqtt for Python and `mosquitto_sub -V mqttv5`.
 
 use super::open_broker;
