@@ -478,3 +478,24 @@ async fn a_shared_subscription_spans_nodes_and_delivers_each_message_once() {
     want.sort();
     assert_eq!(seen, want, "every message to exactly one member");
 }
+
+/// The example node configs in contrib/cluster/ are valid but for the certificate files
+/// an operator puts in /etc/certmq: no unknown key, no bad value.
+#[test]
+fn the_example_cluster_configs_hold_no_problem_but_the_missing_certificates() {
+    let fx = Fixture::new();
+    for node in ["a", "b"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("contrib/cluster/certmq-{node}.toml"));
+        let out = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+        assert_eq!(out.code, Some(1), "{out:?}");
+        let problems: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("  "))
+            .filter(|l| !l.contains("/etc/certmq/"))
+            .collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert!(out.stderr.contains("3 problem(s)"), "{out:?}");
+    }
+}
