@@ -47,6 +47,9 @@ pub struct LiveGauges {
     pub by_anchor: Vec<(String, i64)>,
     /// Admitted connections of pinned devices.
     pub pinned: i64,
+    /// Cluster mode: this node's name and whether it is connected to NATS (1) or not (0);
+    /// empty when standalone (the family is then left out).
+    pub nats_connected: Vec<(String, i64)>,
 }
 
 /// A label set with one label whose value is fixed at compile time (`reason`, `result`).
@@ -530,6 +533,13 @@ impl Collector for StateCollector {
             "certmq_pinned_connections",
             "admitted connections of pinned devices open now.",
             live.pinned,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "certmq_cluster_nats_connected",
+            "cluster mode: 1 while this node is connected to NATS, else 0 (docs/cluster.md).",
+            "node",
+            &live.nats_connected,
         )
     }
 }

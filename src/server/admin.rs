@@ -126,6 +126,17 @@ fn live_gauges(shared: &Shared) -> LiveGauges {
         sessions: i64::try_from(shared.broker.session_count()).unwrap_or(i64::MAX),
         by_anchor,
         pinned,
+        nats_connected: shared
+            .cluster
+            .get()
+            .map(|n| {
+                (
+                    n.cluster.node().to_owned(),
+                    i64::from(n.cluster.connected()),
+                )
+            })
+            .into_iter()
+            .collect(),
     }
 }
 

@@ -45,11 +45,15 @@ async fn a_node_is_unhealthy_without_nats_and_recovers_by_itself() {
     )
     .await;
     wait_health(&node, 200).await;
+    let series = "certmq_cluster_nats_connected{node=\"a\"}";
+    assert_eq!(node.metric(series).await, Some(1.0));
     nats.stop();
     let body = wait_health(&node, 503).await;
     assert!(body.contains("not connected to NATS"), "{body}");
+    assert_eq!(node.metric(series).await, Some(0.0));
     nats.restart();
     wait_health(&node, 200).await;
+    assert_eq!(node.metric(series).await, Some(1.0));
 }
 
 #[tokio::test]
