@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side comparison of certmq, Mosquitto and rumqttd (SPEC 11) on this machine.
+# Side-by-side comparison of certmq, Mosquitto and rumqttd (contract §11) on this machine.
 #
 #   benches/compare.sh                          # default sizes, about 8-10 minutes of workloads
 #   ONLY='^fan-in-qos' benches/compare.sh       # only the workloads whose name matches

@@ -1,4 +1,4 @@
-//! The ceiling for certmq's connect cost (SPEC 11): a bare rustls 0.23 (ring) TLS 1.3
+//! The ceiling for certmq's connect cost (contract §11): a bare rustls 0.23 (ring) TLS 1.3
 //! handshake with client authentication, ECDSA P-256 on both sides, done in memory with
 //! no network and no MQTT. Only the server side is timed: `accept` + processing the
 //! client's flights, including verifying the client certificate with the same webpki

@@ -1,4 +1,4 @@
-//! What a hostile client chain costs the broker before authentication (SPEC 3 "Bounded work
+//! What a hostile client chain costs the broker before authentication (contract §3 "Bounded work
 //! before authentication"). Three parts, all with three anchors configured (a root and two
 //! intermediates under it, the shape that multiplies webpki's path search):
 //!
@@ -12,7 +12,7 @@
 //!
 //! `cargo bench --bench hostile [-- SECONDS]` (part 3 runs SECONDS per chain, default 5).
 //! CPU time is the thread's own (`/proc/thread-self/schedstat`, a mean over many calls), so
-//! other load on the machine changes it little. A benchmark, never a timed test (SPEC 11).
+//! other load on the machine changes it little. A benchmark, never a timed test (contract §11).
 
 #[path = "../tests/it/common/hostile.rs"]
 #[allow(dead_code)]
@@ -61,7 +61,7 @@ fn main() {
     println!("part 2: in-memory TLS 1.3 handshake, certmq server config, server thread CPU");
     let metrics = Arc::new(Metrics::default());
     let server_config =
-        certmq::tls::server_config(config.clone(), metrics.clone()).expect("server config");
+        certmq::tls::server_config(config.clone(), metrics.clone(), None).expect("server config");
     for (label, chain) in &chains {
         let client = client_config(&pki, chain);
         let (mean, max, outcome) = cpu_per_call(|| handshake(&client, &server_config));

@@ -1,4 +1,4 @@
-//! Authorization (SPEC 5): ACL profiles from the config, `{device}` substitution, filter
+//! Authorization (contract §5): ACL profiles from the config, `{device}` substitution, filter
 //! coverage, and the ThingsBoard `v1/devices/me/` alias.
 //!
 //! A [`Profile`] is compiled once when the config is loaded, so a bad pattern is a config
@@ -22,11 +22,11 @@ use crate::mqtt::topic::{filter_matches, TopicError, TopicFilter, TopicName};
 /// expect.
 const DEVICE_PLACEHOLDER: &str = "{device}";
 
-/// Patterns of the built-in `device` profile (SPEC 2): each device owns its own subtree
+/// Patterns of the built-in `device` profile (contract §2): each device owns its own subtree
 /// and its ThingsBoard subtree, nothing else.
 const BUILTIN_DEVICE_PATTERNS: [&str; 2] = ["devices/{device}/#", "v1/devices/{device}/#"];
 
-/// The topic prefix ThingsBoard firmware uses for "this device" (SPEC 5).
+/// The topic prefix ThingsBoard firmware uses for "this device" (contract §5).
 const ALIAS_ME_PREFIX: &str = "v1/devices/me/";
 
 /// The topic prefix under which each device's own ThingsBoard topics live.
@@ -183,7 +183,7 @@ impl Profile {
 
     /// Substitutes the device name: the per-session ACL, built once per CONNECT.
     ///
-    /// `device` must already satisfy the name rules of SPEC 3 step 6. As a second line of
+    /// `device` must already satisfy the name rules of contract §3 step 6. As a second line of
     /// defence, a name that could change the shape of a pattern (empty, or holding `/`,
     /// `+`, `#`, NUL, or starting with `$`) yields an ACL that allows nothing, so a bug
     /// upstream can never turn `devices/{device}/#` into `devices/+/#`.
@@ -228,7 +228,7 @@ pub struct DeviceAcl {
 }
 
 impl DeviceAcl {
-    /// SPEC 5: denied if the topic matches a `deny_publish` pattern; allowed if it matches
+    /// contract §5: denied if the topic matches a `deny_publish` pattern; allowed if it matches
     /// a `publish` pattern. The broker's own `$SYS` topics (`$SYS` and `$SYS/...`) are
     /// always denied, whatever the profile says.
     pub fn can_publish(&self, topic: &TopicName) -> bool {
@@ -240,7 +240,7 @@ impl DeviceAcl {
         !self.deny_publish.iter().any(matches) && self.publish.iter().any(matches)
     }
 
-    /// SPEC 5: a filter is granted when every topic it can match is covered by one
+    /// contract §5: a filter is granted when every topic it can match is covered by one
     /// `subscribe` pattern, and it is not covered by a `deny_subscribe` pattern (a broader
     /// filter that only overlaps a deny pattern is granted; see [`Self::can_receive`]).
     pub fn can_subscribe(&self, filter: &TopicFilter) -> bool {
@@ -254,7 +254,7 @@ impl DeviceAcl {
     ///
     /// It is also false when no `subscribe` pattern matches the topic. For a filter granted
     /// by [`Self::can_subscribe`] that never happens (coverage implies it), but after a
-    /// reload gives a live session a narrower profile (SPEC 8) its old subscriptions stop
+    /// reload gives a live session a narrower profile (contract §8) its old subscriptions stop
     /// delivering what the new profile no longer allows.
     /// Whether [`Self::can_receive`] can refuse a topic of a granted subscription: only
     /// through `deny_subscribe`, since a reload removes the subscriptions a narrower profile
@@ -312,11 +312,11 @@ pub fn covers(pattern: &str, filter: &str) -> bool {
     }
 }
 
-/// ThingsBoard alias, inbound (SPEC 5): `v1/devices/me/REST` becomes
+/// ThingsBoard alias, inbound (contract §5): `v1/devices/me/REST` becomes
 /// `v1/devices/DEVICE/REST`. Apply it to PUBLISH topics and SUBSCRIBE filters (the filter
 /// part of a shared subscription) before the ACL check.
 ///
-/// Only the prefix `v1/devices/me/` is aliased, as SPEC 5 says: `v1/devices/me` itself,
+/// Only the prefix `v1/devices/me/` is aliased, as contract §5 says: `v1/devices/me` itself,
 /// `v1/devices/+/...` and every other topic give `None` and are used as they are. `None`
 /// also for a device name that is not a single literal level (see
 /// [`Profile::for_device`]).
@@ -328,7 +328,7 @@ pub fn alias_inbound(topic: &str, device: &str) -> Option<String> {
     Some(format!("{ALIAS_DEVICES_PREFIX}{device}/{rest}"))
 }
 
-/// ThingsBoard alias, outbound (SPEC 5): `v1/devices/DEVICE/REST` becomes
+/// ThingsBoard alias, outbound (contract §5): `v1/devices/DEVICE/REST` becomes
 /// `v1/devices/me/REST`, for delivering to a session that subscribed through the `me`
 /// alias. Other topics (another device's, or `v1/devices/DEVICE` itself) give `None`.
 pub fn alias_outbound(topic: &str, device: &str) -> Option<String> {

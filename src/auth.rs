@@ -1,4 +1,4 @@
-//! The authentication decision, SPEC 3 steps 2 to 7, as one function over a chain, the
+//! The authentication decision, contract §3 steps 2 to 7, as one function over a chain, the
 //! current config and the registry. The connection calls it at CONNECT for every
 //! connection (step 8: also for resumed TLS sessions, where rustls skipped the verifier)
 //! and `certmq explain` calls it in dry-run mode, so both always agree.
@@ -108,7 +108,7 @@ struct Named<'c> {
     profile: &'c str,
 }
 
-/// SPEC 3 steps 2 to 6 for `chain` (leaf first): which rule accepts it and which device it
+/// contract §3 steps 2 to 6 for `chain` (leaf first): which rule accepts it and which device it
 /// names. No registry: shared by [`decide`] and [`standing`].
 fn identify<'c>(
     config: &'c Config,
@@ -174,7 +174,7 @@ fn identify<'c>(
     (decision, Some(named))
 }
 
-/// SPEC 3 steps 2 to 7 for `chain` (leaf first). With `Mode::Commit`, provisioning and
+/// contract §3 steps 2 to 7 for `chain` (leaf first). With `Mode::Commit`, provisioning and
 /// rotation are committed before this returns; with `Mode::DryRun` nothing is written.
 /// `registry` is either backend (SQLite, or the cluster's bucket): step 7 is the same.
 pub fn decide(
@@ -188,7 +188,7 @@ pub fn decide(
     let (Some(named), Some(leaf)) = (named, decision.report.leaf.as_ref()) else {
         return decision;
     };
-    // Step 7. A pinned name is reserved while its [[device]] entry exists (SPEC 4).
+    // Step 7. A pinned name is reserved while its [[device]] entry exists (contract §4).
     let presented = Presented {
         name: &named.device,
         reserved: config.pinned(named.device.as_str()).is_some(),
@@ -228,7 +228,7 @@ pub fn decide(
     decision
 }
 
-/// Why an admitted session may no longer act (SPEC 4), as [`standing`] finds it.
+/// Why an admitted session may no longer act (contract §4), as [`standing`] finds it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Revoked {
     #[error("device {0:?} was deleted")]
@@ -261,7 +261,7 @@ impl Revoked {
     }
 
     /// Whether the registry entry the session belonged to is gone: its sessions, queued
-    /// messages and wills are then forgotten, not merely suspended (SPEC 4).
+    /// messages and wills are then forgotten, not merely suspended (contract §4).
     pub fn entry_gone(&self) -> bool {
         matches!(self, Revoked::Deleted(_) | Revoked::Rebound { .. })
     }
@@ -276,7 +276,7 @@ pub struct Presenter<'a> {
     pub chain: &'a [CertificateDer<'static>],
 }
 
-/// The one verdict on an admitted session, now (SPEC 4 "A session lives only as long as its
+/// The one verdict on an admitted session, now (contract §4 "A session lives only as long as its
 /// identity"): may `device` still act, and under which ACL profile? Used for every session
 /// at every moment after CONNECT: on resume and restore (no presenter: the session is
 /// offline), on reload (`revalidate`: the chain is decided again against the new config and

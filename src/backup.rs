@@ -1,11 +1,11 @@
-//! `certmq backup --out DIR` (SPEC 1): a consistent copy of the registry and the message
+//! `certmq backup --out DIR` (contract §1): a consistent copy of the registry and the message
 //! store while the broker runs, restorable by pointing `data_dir` at `DIR`.
 //!
 //! Each database is copied with SQLite's `VACUUM INTO` from a read-only connection: one
 //! read transaction, so the copy is that database at one instant (WAL mode lets the broker
 //! go on writing meanwhile), compacted, and self-contained (no `-wal` file). The two files
 //! are two instants a few milliseconds apart; recovery tolerates that (a session whose
-//! device is missing from the registry is forgotten at start, SPEC 4). Each copy is checked
+//! device is missing from the registry is forgotten at start, contract §4). Each copy is checked
 //! with `PRAGMA quick_check` before the command reports success.
 
 use std::path::{Path, PathBuf};

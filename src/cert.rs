@@ -60,7 +60,7 @@ impl Fingerprint {
         Some(Fingerprint(out))
     }
 
-    /// Lowercase hex, as SPEC 1 prints it.
+    /// Lowercase hex, as contract §1 prints it.
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(64);
         for b in self.0 {
@@ -122,6 +122,8 @@ pub struct CertInfo {
     pub validity: Validity,
     /// The subject as an RFC 4514-style string, for operators.
     pub subject: String,
+    /// The issuer, the same way (refusal lines and `explain` name it).
+    pub issuer: String,
     /// The raw DER of the subject Name, to compare with issuers byte for byte.
     pub subject_der: Vec<u8>,
     /// The raw DER of the issuer Name.
@@ -133,7 +135,7 @@ pub struct CertInfo {
     /// keyUsage, when the extension is present: (keyCertSign, cRLSign).
     pub key_usage: Option<(bool, bool)>,
     /// keyUsage digitalSignature, when the extension is present (a device's TLS key signs
-    /// the handshake, so a leaf whose keyUsage lacks it is refused; SPEC 3 hardening).
+    /// the handshake, so a leaf whose keyUsage lacks it is refused; contract §3 hardening).
     pub digital_signature: Option<bool>,
     /// Whether subject and issuer are the same name (a root or a self-signed leaf).
     pub self_issued: bool,
@@ -233,6 +235,7 @@ impl CertInfo {
                 not_after: cert.validity().not_after.timestamp(),
             },
             subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
             self_issued: subject_der == issuer_der,
             subject_der,
             issuer_der,
@@ -267,6 +270,15 @@ fn dns_constraints(cert: &X509Certificate<'_>) -> Option<DnsConstraints> {
         excluded: dns(&nc.value.excluded_subtrees),
     };
     (!out.permitted.is_empty() || !out.excluded.is_empty()).then_some(out)
+}
+
+/// A key identifier as `openssl x509 -text` prints it (`3A:5F:...`), so that operators can
+/// compare the two.
+pub fn key_id(id: &[u8]) -> String {
+    id.iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Formats seconds since the epoch as RFC 3339 (UTC), as the CLI and JSON print times.

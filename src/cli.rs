@@ -1,4 +1,4 @@
-//! What the `certmq` commands print (SPEC 1): `check`, `explain`, `devices`, `demo-pki`.
+//! What the `certmq` commands print (contract §1): `check`, `explain`, `devices`, `demo-pki`.
 //! `main.rs` parses arguments and maps results to exit codes; the work and the wording
 //! are here, in the library, so they are tested like everything else.
 
@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::auth::{self, Decision};
 use crate::cert::rfc3339;
 use crate::config::Config;
-use crate::registry::{transfer, Backend, Device, Imported, Mode, Registry, RegistryError};
+use crate::registry::{transfer, Access, Backend, Device, Imported, Mode, Registry, RegistryError};
 use crate::tls::policy::{AnchorFailure, ChainRefusal, Rule};
 
 /// Failures of the CLI commands, each one sentence naming the file or device.
@@ -30,6 +30,11 @@ pub enum CliError {
     Registry(#[from] RegistryError),
     #[error("no device named {0:?} in the registry")]
     UnknownDevice(String),
+    #[error("no device named {name:?}: the registry {} does not exist yet (the broker creates it when it first starts)", path.display())]
+    NoRegistry {
+        name: String,
+        path: std::path::PathBuf,
+    },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error("cannot write to standard output")]
@@ -115,7 +120,7 @@ pub fn import_report(
     Ok(true)
 }
 
-/// What `serve` would meet after the config (for `check`, SPEC 1 "exactly as serve
+/// What `serve` would meet after the config (for `check`, contract §1 "exactly as serve
 /// would"): its listening addresses free, unless the broker of this data_dir runs (then
 /// they are its own: `check` before `reload` must pass), and its data_dir writable. Changes
 /// nothing: a probe file is created and removed, no database is opened.
@@ -134,11 +139,41 @@ pub fn serve_preflight(config: &Config) -> Vec<String> {
             }
         }
     }
+    problems.extend(data_dir_problems(data_dir));
+    problems
+}
+
+/// The files of `data_dir` that the broker writes (SQLite's `-wal` and `-shm` included).
+const DATA_FILES: [&str; 6] = [
+    "certmq.db",
+    "certmq.db-wal",
+    "certmq.db-shm",
+    "messages.db",
+    "messages.db-wal",
+    "messages.db-shm",
+];
+
+/// Whether `serve` (as this user) can write `data_dir` and every file it holds; each
+/// problem names the owner and mode (a database created by root, by a command run before
+/// the first start, is the usual one). Changes nothing: a probe file is created and
+/// removed, each existing file is opened for writing and closed.
+pub fn data_dir_problems(data_dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
     if let Err(e) = writable(data_dir) {
         problems.push(format!(
             "server.data_dir: {} is not writable: {e}",
             data_dir.display()
         ));
+    }
+    for name in DATA_FILES {
+        let file = data_dir.join(name);
+        if let Err(e) = crate::sqlite::writable_file(&file) {
+            problems.push(format!(
+                "server.data_dir: {} is not writable ({}): {e}",
+                file.display(),
+                crate::sqlite::access_detail(&file)
+            ));
+        }
     }
     problems
 }
@@ -163,20 +198,7 @@ fn writable(dir: &Path) -> Result<(), String> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => {
-            use std::os::unix::fs::MetadataExt;
-            let who = std::fs::metadata(at)
-                .map(|m| {
-                    format!(
-                        " ({} is owned by uid {}, mode {:o})",
-                        at.display(),
-                        m.uid(),
-                        m.mode() & 0o7777
-                    )
-                })
-                .unwrap_or_default();
-            Err(format!("{e}{who}"))
-        }
+        Err(e) => Err(format!("{e} ({})", crate::sqlite::access_detail(at))),
     }
 }
 
@@ -209,16 +231,25 @@ pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()
             "    create_devices {}, acl {}",
             a.create_devices, a.acl
         )?;
-        if let Some(crl) = &a.crl {
-            writeln!(
+        if let Some(url) = &a.crl_url {
+            writeln!(out, "    crl_url {url} (fetched every {} s)", a.crl_refresh)?;
+        }
+        match &a.crl {
+            Some(crl) => writeln!(
                 out,
-                "    crl {} ({} revoked{})",
+                "    crl {} ({} revoked, this update {}{})",
                 crl.path.display(),
                 crl.revoked_count,
+                rfc3339(crl.this_update),
                 crl.next_update
                     .map(|n| format!(", next update {}", rfc3339(n)))
                     .unwrap_or_default()
-            )?;
+            )?,
+            None if a.crl_url.is_some() => writeln!(
+                out,
+                "    crl: none fetched yet; the anchor accepts no certificate until one is"
+            )?,
+            None => {}
         }
     }
     writeln!(out, "pinned devices: {}", config.devices.len())?;
@@ -243,18 +274,12 @@ pub fn check_summary(config: &Config, out: &mut dyn Write) -> std::io::Result<()
     Ok(())
 }
 
-/// Opens the registry in `data_dir` if it exists; else an empty in-memory one, so that
-/// `explain` works before the first start and never creates files.
+/// Opens the registry in `data_dir` read-only if it exists; else an empty in-memory one,
+/// so that `explain` and `check` work before the first start and never create files.
 pub fn registry_for_reading(config: &Config) -> Result<Registry, RegistryError> {
-    if config
-        .server
-        .data_dir
-        .join(crate::registry::DB_FILE)
-        .exists()
-    {
-        Registry::open(&config.server.data_dir)
-    } else {
-        Registry::in_memory()
+    match Registry::open_existing(&config.server.data_dir, Access::ReadOnly)? {
+        Some(r) => Ok(r),
+        None => Registry::in_memory(),
     }
 }
 
@@ -297,8 +322,9 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         return steps;
     };
     steps.push(format!(
-        "1. certificate: subject {}, fingerprint {}, valid {} .. {}",
+        "1. certificate: subject {}, issuer {}, fingerprint {}, valid {} .. {}",
         leaf.subject,
+        leaf.issuer,
         leaf.fingerprint,
         rfc3339(leaf.validity.not_before),
         rfc3339(leaf.validity.not_after)
@@ -337,6 +363,7 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
                 config.anchors[i].name
             ));
         }
+        steps.extend(unknown_issuer_steps(config, d));
     }
     if let Some(cn) = &d.cn {
         steps.push(format!("5. common name: {cn:?}"));
@@ -353,6 +380,77 @@ pub fn explain_steps(config: &Config, d: &Decision) -> Vec<String> {
         Err(_) => {}
     }
     steps
+}
+
+/// contract §3 step 4 for a chain no anchor issued: who issued it, what is configured
+/// instead, and which anchor would have to be added.
+fn unknown_issuer_steps(config: &Config, d: &Decision) -> Vec<String> {
+    let unknown = matches!(
+        d.report.outcome,
+        Err(ChainRefusal::UnknownIssuer | ChainRefusal::NoAnchors)
+    );
+    let Some(leaf) = d.report.leaf.as_ref().filter(|_| unknown) else {
+        return Vec::new();
+    };
+    let mut steps = Vec::new();
+    if leaf.self_issued {
+        steps.push(format!(
+            "4. no anchor issued this chain: the certificate is self-signed ({})",
+            leaf.subject
+        ));
+        steps.push(format!(
+            "   to accept it, pin it: a [[device]] entry whose certificate is this one (fingerprint {})",
+            leaf.fingerprint
+        ));
+        return steps;
+    }
+    let missing = &d.report.missing_anchor;
+    if let Some(issuer) = missing.first() {
+        steps.push(format!(
+            "4. no anchor issued this chain: the certificate was issued by {issuer}"
+        ));
+    }
+    steps.push(format!(
+        "   configured anchors: {}",
+        configured_anchors(config)
+    ));
+    let mut add = missing.iter().map(ToString::to_string);
+    if let Some(nearest) = add.next() {
+        let above: Vec<String> = add.collect();
+        steps.push(format!(
+            "   to accept it, add an [[anchor]] whose certificate is {nearest}{}",
+            if above.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", or one above it that the chain names: {}",
+                    above.join(", then ")
+                )
+            }
+        ));
+    }
+    steps
+}
+
+/// The anchors as `explain` lists them: `fleet = CN=Fleet CA (key id ..); ...` or `none`.
+fn configured_anchors(config: &Config) -> String {
+    if config.anchors.is_empty() {
+        return "none".to_owned();
+    }
+    config
+        .anchors
+        .iter()
+        .map(|a| {
+            let id = a
+                .info
+                .subject_key_id
+                .as_deref()
+                .map(|id| format!(" (key id {})", crate::cert::key_id(id)))
+                .unwrap_or_default();
+            format!("{} = {}{id}", a.name, a.info.subject)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `explain --json`.
@@ -372,9 +470,20 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
         "reason": reason,
         "reason_code": d.result.as_ref().err().map(|e| e.label()),
         "fingerprint": d.report.leaf.as_ref().map(|l| l.fingerprint.to_hex()),
+        "issuer": d.report.leaf.as_ref().map(|l| l.issuer.as_str()),
+        "anchors": config.anchors.iter().map(|a| json!({
+            "name": a.name,
+            "subject": a.info.subject,
+            "key_id": a.info.subject_key_id.as_deref().map(crate::cert::key_id),
+        })).collect::<Vec<_>>(),
+        // For a chain no anchor issued: the CAs that as an anchor would accept it.
+        "missing_anchor": d.report.missing_anchor.iter().map(|c| json!({
+            "subject": c.subject,
+            "key_id": c.key_id,
+        })).collect::<Vec<_>>(),
         "common_name": d.cn,
         "steps": explain_steps(config, d),
-        // What the pre-authentication bounds limit (SPEC 3 hardening).
+        // What the pre-authentication bounds limit (contract §3 hardening).
         "work": {
             "certificates": w.certificates,
             "bytes": w.bytes,
@@ -386,13 +495,38 @@ pub fn explain_json(config: &Config, d: &Decision) -> serde_json::Value {
     })
 }
 
-/// One registry row as SPEC 1 prints it in JSON.
-pub fn device_json(d: &Device) -> serde_json::Value {
+/// Whether each device has a live connection on the broker of this `data_dir`, asked
+/// through its control socket; unknown when no broker answers there.
+#[derive(Debug, Clone, Default)]
+pub struct Online(Option<std::collections::BTreeMap<String, u64>>);
+
+impl Online {
+    /// Nobody to ask (cluster mode: a device may be connected to any node).
+    pub fn unknown() -> Online {
+        Online(None)
+    }
+
+    /// Asks the broker running on `data_dir`, if any.
+    pub fn ask(data_dir: &Path) -> Online {
+        Online(crate::server::control::request_online(data_dir))
+    }
+
+    /// `Some(true)` when `device` has a live connection, `None` when unknown.
+    pub fn of(&self, device: &str) -> Option<bool> {
+        self.0.as_ref().map(|m| m.contains_key(device))
+    }
+}
+
+/// One registry row in JSON (docs/operations.md "Commands"): the contract's fields, and
+/// beyond them `dropped_messages` and `online` (true, false, or null when no broker
+/// answered).
+pub fn device_json(d: &Device, online: &Online) -> serde_json::Value {
     json!({
         "name": d.name,
         "source": d.source.as_str(),
         "fingerprint": d.fingerprint.to_hex(),
         "enabled": d.enabled,
+        "online": online.of(&d.name),
         "not_after": rfc3339(d.validity.not_after),
         "created_at": rfc3339(d.created_at),
         "last_seen_at": d.last_seen_at.map(rfc3339),
@@ -400,13 +534,18 @@ pub fn device_json(d: &Device) -> serde_json::Value {
     })
 }
 
-/// One registry row as text.
-pub fn device_line(d: &Device) -> String {
+/// One registry row as text; ONLINE is `yes`, `no`, or `-` when no broker answered.
+pub fn device_line(d: &Device, online: &Online) -> String {
     format!(
-        "{:<24} {:<12} {:<8} {:<26} {:<26} {:<8} {}",
+        "{:<24} {:<12} {:<8} {:<6} {:<26} {:<26} {:<8} {}",
         d.name,
         d.source.as_str(),
         if d.enabled { "enabled" } else { "DISABLED" },
+        match online.of(&d.name) {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        },
         rfc3339(d.validity.not_after),
         d.last_seen_at
             .map(rfc3339)
@@ -419,8 +558,8 @@ pub fn device_line(d: &Device) -> String {
 /// The header of [`device_line`].
 pub fn device_header() -> String {
     format!(
-        "{:<24} {:<12} {:<8} {:<26} {:<26} {:<8} {}",
-        "NAME", "SOURCE", "STATE", "NOT_AFTER", "LAST_SEEN", "DROPPED", "FINGERPRINT"
+        "{:<24} {:<12} {:<8} {:<6} {:<26} {:<26} {:<8} {}",
+        "NAME", "SOURCE", "STATE", "ONLINE", "NOT_AFTER", "LAST_SEEN", "DROPPED", "FINGERPRINT"
     )
 }
 

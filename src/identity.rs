@@ -1,4 +1,4 @@
-//! Where a certificate becomes a device name (SPEC.md section 3, steps 5 and 6).
+//! Where a certificate becomes a device name (contract §3, steps 5 and 6).
 //!
 //! This module is pure: DER bytes and a compiled regex in, a [`DeviceName`] or a reason out.
 //! No I/O and no async, so every hostile case (no CN, two CNs, non-UTF-8 text, NUL, MQTT
@@ -18,11 +18,11 @@ use x509_parser::error::X509Error;
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::X509Name;
 
-/// Longest device name accepted, counted in Unicode scalar values (SPEC 3 step 6). Counted in
+/// Longest device name accepted, counted in Unicode scalar values (contract §3 step 6). Counted in
 /// characters rather than bytes so that a non-ASCII name is not penalised for its encoding.
 pub const MAX_NAME_CHARS: usize = 128;
 
-/// A device name that obeys SPEC 3 step 6.
+/// A device name that obeys contract §3 step 6.
 ///
 /// A newtype rather than a `String` so that the registry, the ACL `{device}` substitution and
 /// the logs can only ever receive a name that went through [`DeviceName::parse`]: one that
@@ -66,7 +66,7 @@ impl DeviceName {
 /// `+` and `#` would turn a substituted ACL filter into a wildcard, and NUL and the other
 /// control characters are forbidden in MQTT strings and would corrupt log lines. Unicode
 /// format characters (Cf: zero-width spaces and joiners, bidi marks and overrides, the BOM)
-/// and the line and paragraph separators are refused too (SPEC 3, "Names people can read"):
+/// and the line and paragraph separators are refused too (contract §3, "Names people can read"):
 /// they make two different names look the same in `devices list` and in logs.
 fn is_forbidden(ch: char) -> bool {
     if matches!(ch, '/' | '+' | '#') || ch.is_control() {
@@ -103,7 +103,7 @@ impl AsRef<str> for DeviceName {
     }
 }
 
-/// Why a string is not a valid device name (SPEC 3 step 6).
+/// Why a string is not a valid device name (contract §3 step 6).
 ///
 /// Separate from [`IdentityError`] because the same rules also apply to names that do not
 /// come from a certificate (pinned `[[device]]` entries in the configuration).
@@ -135,7 +135,7 @@ pub enum NameError {
     SurroundingSpace,
 }
 
-/// Why no device name could be derived from a leaf certificate (SPEC 3 steps 5 and 6).
+/// Why no device name could be derived from a leaf certificate (contract §3 steps 5 and 6).
 ///
 /// Every variant is a refusal at CONNECT ("not authorized"); the variants exist so that the
 /// decision log line can say which rule failed.
@@ -184,7 +184,7 @@ pub enum IdentityError {
     },
 }
 
-/// The leaf certificate's single subject CN, as UTF-8 (SPEC 3 step 5).
+/// The leaf certificate's single subject CN, as UTF-8 (contract §3 step 5).
 ///
 /// Every commonName attribute of the subject is counted, across all RDNs including
 /// multi-valued ones; exactly one is required. The issuer's CN never counts.
@@ -269,7 +269,7 @@ fn decode_utf32be(data: &[u8]) -> Result<String, IdentityError> {
         .ok_or(IdentityError::CommonNameNotUtf8)
 }
 
-/// Applies `cn_regex` to a CN and checks the result against the name rules (SPEC 3 steps 5
+/// Applies `cn_regex` to a CN and checks the result against the name rules (contract §3 steps 5
 /// and 6).
 ///
 /// The regex is SEARCHED, not matched whole (ThingsBoard semantics): `devices\.example\.com`

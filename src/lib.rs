@@ -26,7 +26,7 @@
 //! - [`cert`]: fingerprints and validity of one certificate.
 //! - [`tls`]: the rustls server config (built once per config) and the verifier.
 //! - [`identity`]: pure CN -> device name with hostile-case tests.
-//! - [`registry`]: the device registry (SPEC 3 step 7) in SQLite.
+//! - [`registry`]: the device registry (contract §3 step 7) in SQLite.
 //! - [`auth`]: the whole decision, shared by CONNECT and `certmq explain`.
 //! - [`acl`], [`mqtt::topic`]: authorization profiles and topic matching.
 //! - [`mqtt::codec`]: MQTT 3.1.1 / 5.0 framing behind our own API.

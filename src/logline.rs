@@ -1,4 +1,4 @@
-//! Log hygiene for lines a peer can cause (SPEC 10): refusal lines are rate-limited per
+//! Log hygiene for lines a peer can cause (contract §10): refusal lines are rate-limited per
 //! peer address, so a client retrying a bad certificate in a loop cannot flood the log or
 //! the disk under it. Every refusal is still counted in the metrics; the first line after
 //! a quiet spell says how many were left out.

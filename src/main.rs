@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use certmq::cli;
 use certmq::config::{Config, ConfigError};
-use certmq::registry::{Backend, Mode, Registry};
+use certmq::registry::{Access, Backend, Mode, Registry};
 use certmq::server::{self, Server, ServerError};
 
 #[derive(Parser)]
@@ -23,7 +23,7 @@ use certmq::server::{self, Server, ServerError};
 struct Cli {
     /// The config file; relative paths inside it resolve against its folder. Default:
     /// $CERTMQ_CONFIG, else config/certmq.toml if it exists, else /etc/certmq/certmq.toml.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -40,15 +40,20 @@ enum Command {
     /// Copy the registry and the message store (also while the broker runs) into a new
     /// directory, restorable by pointing data_dir at it.
     Backup {
-        /// The directory to create (it must not exist, or be empty).
-        #[arg(long)]
+        /// The directory to write certmq.db and messages.db into; it must not exist, or be
+        /// empty.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-    /// Explain what the broker would decide for a client certificate chain.
+    /// Explain what the broker would decide for a client certificate chain, step by step,
+    /// with the current config and registry. Changes nothing; exit 0 accept, 1 reject.
     Explain {
         /// PEM file: the client certificate, optionally followed by its intermediates.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         cert: PathBuf,
+        /// Print one JSON object instead of the steps: decision ("accept" | "reject"),
+        /// device, rule ("pinned:NAME" | "anchor:NAME"), reason, reason_code, fingerprint,
+        /// common_name, steps, work.
         #[arg(long)]
         json: bool,
     },
@@ -57,9 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
-    /// Write a complete example PKI and a config that uses it.
+    /// Write a complete example PKI and a config that uses it (certs-example/ is its
+    /// output). Never replaces a file.
     DemoPki {
-        #[arg(long)]
+        /// The directory to write into (created if missing); none of the files may exist.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Validity of every certificate, in days.
         #[arg(long, default_value_t = 3650)]
@@ -69,23 +76,39 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DevicesCommand {
-    /// Every device.
+    /// Every device: name, source (anchor or "pinned"), state, whether it is connected to
+    /// the running broker ("-" when no broker of this data_dir answers), certificate
+    /// expiry, last seen, dropped messages, fingerprint. Read-only.
     List {
+        /// Print a JSON array of objects: name, source, fingerprint, enabled, online (bool,
+        /// or null when unknown), not_after, created_at, last_seen_at (RFC 3339 or null),
+        /// dropped_messages.
         #[arg(long)]
         json: bool,
     },
-    /// One device.
+    /// One device, as in `list`; exit 1 if unknown. Read-only.
     Show {
+        /// The device name, as `list` prints it.
         name: String,
+        /// Print one JSON object with the fields of `list --json`.
         #[arg(long)]
         json: bool,
     },
-    /// Refuse the device's connections (a running broker disconnects it).
-    Disable { name: String },
+    /// Refuse the device's connections (a running broker disconnects it within a second).
+    Disable {
+        /// The device name, as `list` prints it.
+        name: String,
+    },
     /// Accept the device again.
-    Enable { name: String },
-    /// Remove the device (it may be provisioned again by its anchor).
-    Delete { name: String },
+    Enable {
+        /// The device name, as `list` prints it.
+        name: String,
+    },
+    /// Remove the device and its sessions (its anchor may provision it again).
+    Delete {
+        /// The device name, as `list` prints it.
+        name: String,
+    },
     /// Write every device to a JSON file, e.g. to move a standalone registry into a
     /// cluster (docs/cluster.md). Changes nothing.
     Export {
@@ -119,14 +142,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logging as `[log]` says (SPEC 2, 10): `RUST_LOG`, when set, overrides the level; one line
+/// Logging as `[log]` says (contract §2, 10): `RUST_LOG`, when set, overrides the level; one line
 /// per event, text (`key=value`) or JSON. An invalid level falls back to `info` here and is
-/// reported by the config loader.
+/// reported by the config loader. `config::log_filter` adds the hold on rustls's
+/// per-connection ClientHello remarks.
 fn init_tracing(log: &certmq::config::Log) {
-    use certmq::config::LogFormat;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use certmq::config::{log_filter, LogFormat};
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = from_env
+        .and_then(|l| EnvFilter::try_new(log_filter(&l)).ok())
+        .or_else(|| EnvFilter::try_new(log_filter(&log.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new(log_filter("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -192,7 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Where the config file is (SPEC 1): `--config`, else `$CERTMQ_CONFIG`, else
+/// Where the config file is (contract §1): `--config`, else `$CERTMQ_CONFIG`, else
 /// `config/certmq.toml` when it exists, else `/etc/certmq/certmq.toml`. When none is there
 /// the error names every place tried.
 fn config_path(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -238,15 +265,22 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    // The registry, when it exists, must not hold a pinned name for an anchor.
-    let registry = registry_to_read(&config)?;
-    if let Err(ServerError::Config(e)) =
-        server::sync_pinned(&config, registry.as_ref(), Mode::DryRun)
-    {
-        return Ok(report(&e));
+    // The registry, when it exists (with [cluster], the cluster's bucket), must not hold
+    // a pinned name for an anchor; one that cannot be read is a problem listed with those
+    // of data_dir.
+    let mut problems = Vec::new();
+    match registry_to_read(&config) {
+        Ok(registry) => {
+            if let Err(ServerError::Config(e)) =
+                server::sync_pinned(&config, registry.as_ref(), Mode::DryRun)
+            {
+                return Ok(report(&e));
+            }
+        }
+        Err(e) => problems.push(format!("registry: {}", sentence(&e))),
     }
     // What `serve` would meet next: its listeners and its data_dir.
-    let problems = cli::serve_preflight(&config);
+    problems.extend(cli::serve_preflight(&config));
     if !problems.is_empty() {
         eprintln!(
             "certmq: {} problem(s) with {}:",
@@ -320,30 +354,48 @@ fn explain(path: &Path, cert: &Path, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `certmq devices ...`: never creates the registry (docs/operations.md, "Files and
+/// permissions"); `list` and `show` open it read-only and ask a running broker which
+/// devices are online. With `[cluster]` the commands act on the cluster's bucket.
 fn devices(path: &Path, command: DevicesCommand) -> anyhow::Result<ExitCode> {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
     if let Some(settings) = &config.cluster {
-        return cluster_devices(&config, settings, command);
+        // A device may be connected to any node: this node's broker cannot say.
+        let registry = cluster_registry(&config, settings)?;
+        return manage(&registry, command, &cli::Online::unknown());
     }
-    if let DevicesCommand::Export { out } = &command {
-        // Read-only: an absent registry exports as empty and is not created.
-        return export(&cli::registry_for_reading(&config)?, out);
-    }
-    let registry = Registry::open(&config.server.data_dir)?;
-    manage(&registry, command)
-}
-
-/// `certmq devices ...` with a `[cluster]` config: the same commands against the cluster's
-/// bucket, read through NATS (docs/cluster.md, "Registry").
-fn cluster_devices(
-    config: &Config,
-    settings: &certmq::config::Cluster,
-    command: DevicesCommand,
-) -> anyhow::Result<ExitCode> {
-    manage(&cluster_registry(config, settings)?, command)
+    let data_dir = &config.server.data_dir;
+    let access = match command {
+        DevicesCommand::List { .. }
+        | DevicesCommand::Show { .. }
+        | DevicesCommand::Export { .. } => Access::ReadOnly,
+        _ => Access::ReadWrite,
+    };
+    let registry = match (Registry::open_existing(data_dir, access)?, &command) {
+        (Some(r), _) => r,
+        // Importing into a data_dir without a registry yet creates it.
+        (None, DevicesCommand::Import { .. }) => Registry::open(data_dir)?,
+        (None, DevicesCommand::List { .. } | DevicesCommand::Export { .. }) => {
+            Registry::in_memory()?
+        }
+        (
+            None,
+            DevicesCommand::Show { name, .. }
+            | DevicesCommand::Disable { name }
+            | DevicesCommand::Enable { name }
+            | DevicesCommand::Delete { name },
+        ) => {
+            return Err(cli::CliError::NoRegistry {
+                name: name.clone(),
+                path: data_dir.join(certmq::registry::DB_FILE),
+            }
+            .into())
+        }
+    };
+    manage(&registry, command, &cli::Online::ask(data_dir))
 }
 
 /// The cluster's registry bucket, read through NATS (exit 1 naming the servers when they
@@ -374,17 +426,22 @@ fn registry_to_read(config: &Config) -> anyhow::Result<Box<dyn Backend>> {
 }
 
 /// `certmq devices ...` against either registry.
-fn manage(registry: &dyn Backend, command: DevicesCommand) -> anyhow::Result<ExitCode> {
+fn manage(
+    registry: &dyn Backend,
+    command: DevicesCommand,
+    online: &cli::Online,
+) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     match command {
         DevicesCommand::List { json } => {
             let all = registry.list()?;
             if json {
-                let rows: Vec<_> = all.iter().map(cli::device_json).collect();
-                writeln!(std::io::stdout(), "{}", serde_json::Value::Array(rows))?;
+                let rows: Vec<_> = all.iter().map(|d| cli::device_json(d, online)).collect();
+                writeln!(out, "{}", serde_json::Value::Array(rows))?;
             } else {
-                writeln!(std::io::stdout(), "{}", cli::device_header())?;
+                writeln!(out, "{}", cli::device_header())?;
                 for d in &all {
-                    writeln!(std::io::stdout(), "{}", cli::device_line(d))?;
+                    writeln!(out, "{}", cli::device_line(d, online))?;
                 }
             }
         }
@@ -393,32 +450,35 @@ fn manage(registry: &dyn Backend, command: DevicesCommand) -> anyhow::Result<Exi
                 return Err(cli::CliError::UnknownDevice(name).into());
             };
             if json {
-                writeln!(std::io::stdout(), "{}", cli::device_json(&d))?;
+                writeln!(out, "{}", cli::device_json(&d, online))?;
             } else {
-                writeln!(std::io::stdout(), "{}", cli::device_header())?;
-                writeln!(std::io::stdout(), "{}", cli::device_line(&d))?;
+                writeln!(out, "{}", cli::device_header())?;
+                writeln!(out, "{}", cli::device_line(&d, online))?;
             }
         }
         DevicesCommand::Disable { name } => {
             registry.set_enabled(&name, false)?;
-            writeln!(std::io::stdout(), "device {name} disabled")?;
+            writeln!(out, "device {name} disabled")?;
         }
         DevicesCommand::Enable { name } => {
             registry.set_enabled(&name, true)?;
-            writeln!(std::io::stdout(), "device {name} enabled")?;
+            writeln!(out, "device {name} enabled")?;
         }
         DevicesCommand::Delete { name } => {
             registry.delete(&name)?;
-            writeln!(std::io::stdout(), "device {name} deleted")?;
+            writeln!(out, "device {name} deleted")?;
         }
-        DevicesCommand::Export { out } => return export(registry, &out),
+        DevicesCommand::Export { out: file } => {
+            drop(out);
+            return export(registry, &file);
+        }
         DevicesCommand::Import { file } => {
             let imported = cli::import(registry, &file)?;
             let ok = cli::import_report(
                 &file,
                 registry,
                 &imported,
-                &mut std::io::stdout().lock(),
+                &mut out,
                 &mut std::io::stderr().lock(),
             )?;
             if !ok {
@@ -448,6 +508,20 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     };
     for w in &config.warnings {
         tracing::warn!("{w}");
+    }
+    // Before SQLite meets them: a file this user may not write is named with its owner and
+    // mode, not as SQLite's "attempt to write a readonly database".
+    let problems = cli::data_dir_problems(&config.server.data_dir);
+    if !problems.is_empty() {
+        eprintln!(
+            "certmq: {} problem(s) with {}:",
+            problems.len(),
+            config.path.display()
+        );
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+        return Ok(ExitCode::from(1));
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -489,7 +563,7 @@ impl UnixSignals {
     }
 }
 
-/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (SPEC 8);
+/// SIGINT/SIGTERM: graceful shutdown; a second one exits at once. SIGHUP: reload (contract §8);
 /// an invalid file is logged problem by problem and the old config stays in force.
 async fn signals(
     handlers: UnixSignals,

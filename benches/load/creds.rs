@@ -5,7 +5,7 @@
 //! reconnecting.
 //!
 //! Every `ClientConfig` has TLS resumption disabled: the connect workload measures full
-//! handshakes, and certmq re-authorises resumed sessions anyway (SPEC 3 step 8). Issued
+//! handshakes, and certmq re-authorises resumed sessions anyway (contract §3 step 8). Issued
 //! certificates can be kept in a folder (`--devices-dir`) so that a second run presents the
 //! same devices again: that separates first contact (certmq provisions the device) from a
 //! known device reconnecting.

@@ -1,5 +1,5 @@
 //! `idle`: open N connections, hold them, and read the broker's resident memory (VmRSS)
-//! before and after: its memory cost per idle TLS connection (SPEC 11).
+//! before and after: its memory cost per idle TLS connection (contract §11).
 //!
 //! Each held connection is a task that answers nothing, sends PINGREQ at half the keep
 //! alive, and notices when the broker closes it (counted: a broker that sheds idle

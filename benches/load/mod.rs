@@ -1,4 +1,4 @@
-//! The certmq load generator (SPEC 11): a plain MQTT 3.1.1 client over tokio-rustls that
+//! The certmq load generator (contract §11): a plain MQTT 3.1.1 client over tokio-rustls that
 //! targets any MQTT-over-TLS broker with client certificates, so that certmq and Mosquitto
 //! are measured by the very same client.
 //!

@@ -1,5 +1,5 @@
 //! A client's certificate chain, as rustls hands it to the verifier, through the one entry
-//! point that decides SPEC 3 steps 2 to 4: `policy::match_chain` (chain limits, parsing,
+//! point that decides contract §3 steps 2 to 4: `policy::match_chain` (chain limits, parsing,
 //! candidate paths by name and key identifier, webpki per path, key usage, name
 //! constraints on the CN, CRLs). It must never panic, and its work stays within the
 //! per-handshake budget whatever the bytes.

@@ -1,5 +1,7 @@
 //! Arbitrary bytes as the stream of one connection: the reader must never panic, never wait
-//! on a stream that has ended, and whatever it decodes must encode without panicking.
+//! on a stream that has ended, and whatever it decodes must encode without panicking; encoded
+//! within a peer's Maximum Packet Size (the same limit), it must fit or be refused whole, and
+//! `encoded_len` must say what `encode` writes.
 
 #![no_main]
 
@@ -8,7 +10,7 @@ use std::pin::pin;
 use std::task::{Context, Waker};
 
 use bytes::BytesMut;
-use certmq::mqtt::codec::{encode, PacketReader};
+use certmq::mqtt::codec::{encode, encode_within, encoded_len, PacketReader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,7 +31,17 @@ async fn read_everything(wire: &[u8], max_packet_size: usize) {
     while let Ok(packet) = reader.read_packet().await {
         out.clear();
         // An encoding error is a refusal, not a bug; a panic is a bug.
-        let _ = encode(&packet, &mut out);
+        if let Ok(written) = encode(&packet, &mut out) {
+            assert_eq!(encoded_len(&packet), written, "encoded_len of {packet:?}");
+        }
+        out.clear();
+        match encode_within(&packet, Some(max_packet_size), &mut out) {
+            Ok(written) => {
+                assert_eq!(written, out.len());
+                assert!(written <= max_packet_size, "{written} > {max_packet_size}");
+            }
+            Err(_) => assert!(out.is_empty(), "a refused packet left bytes behind"),
+        }
     }
 }
 

@@ -89,6 +89,8 @@ struct Input {
     receive_max: u8,
     /// The client's Maximum Packet Size (MQTT 5), if any.
     client_max_packet: Option<u16>,
+    /// The client's Topic Alias Maximum (MQTT 5): the aliases the broker may assign.
+    client_topic_alias_max: u8,
     expiry_was_zero: bool,
     problem_info: bool,
     /// A will, published unless the connection ends with a plain DISCONNECT.
@@ -242,6 +244,11 @@ async fn run(input: Input) {
             input.client_max_packet.map(|m| usize::from(m.max(16)))
         } else {
             None
+        },
+        client_topic_alias_max: if input.v5 {
+            u16::from(input.client_topic_alias_max % 8)
+        } else {
+            0
         },
         write_limit: Duration::from_secs(30),
         expiry_was_zero: input.v5 && input.expiry_was_zero,

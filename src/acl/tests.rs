@@ -1,4 +1,4 @@
-//! ACL behaviour from SPEC 5: substitution, coverage (with an exhaustive cross-check
+//! ACL behaviour from contract §5: substitution, coverage (with an exhaustive cross-check
 //! against plain matching), deny lists, `$SYS`, and the `v1/devices/me/` alias.
 
 use super::*;

@@ -1,4 +1,4 @@
-//! Session expiry (SPEC 2 `max_session_expiry`, SPEC 4): how long a persistent session
+//! Session expiry (contract §2 `max_session_expiry`, contract §4): how long a persistent session
 //! outlives its connection, and the timers that end it.
 //!
 //! Every persistent session has a finite expiry unless the operator sets
@@ -308,12 +308,7 @@ mod tests {
             10,
         );
         broker.publish_will(&session, will, session.generation());
-        let received = || {
-            broker
-                .metrics
-                .messages_received
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let received = || broker.metrics.messages_received.get();
         tokio::time::sleep(Duration::from_millis(9_999)).await;
         assert_eq!(received(), 0, "not before the delay");
         tokio::time::sleep(Duration::from_millis(2)).await;

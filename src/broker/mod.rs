@@ -2,7 +2,7 @@
 //!
 //! - [`conn`]: one connection after CONNACK: its loop (keep alive, QoS flows, delivery),
 //!   with `conn::publish` and `conn::subscribe` for the inbound packets, and
-//!   [`conn::connect`]: CONNECT -> CONNACK codes, client identifier rules (SPEC 3, 4).
+//!   [`conn::connect`]: CONNECT -> CONNACK codes, client identifier rules (contract §3, 4).
 //! - [`session`]: one session's queue and in-flight state (the durability interface).
 //! - [`router`]: the subscription table; [`retain`]: retained messages and their owners;
 //!   `retained`: the per-device retained quota and the paced retained backlog checks.
@@ -58,7 +58,7 @@ pub enum WriteError {
     Encode(#[source] CodecError),
     #[error("writing to the client failed")]
     Io(#[source] std::io::Error),
-    /// SPEC 9: a client that does not read cannot hold a task forever.
+    /// contract §9: a client that does not read cannot hold a task forever.
     #[error("the client did not read for {0:?}")]
     Timeout(Duration),
 }
@@ -81,13 +81,13 @@ pub async fn send<W: AsyncWrite + Unpin>(
     }
 }
 
-/// A will message waiting for its connection to end (SPEC 6).
+/// A will message waiting for its connection to end (contract §6).
 #[derive(Clone)]
 pub struct Will {
     pub message: Message,
     /// MQTT 5 Will Delay Interval, seconds.
     pub delay: u32,
-    /// Asked when a delayed will fires whether its device may still publish it (SPEC 4:
+    /// Asked when a delayed will fires whether its device may still publish it (contract §4:
     /// dropped if the device is disabled, deleted or revoked, or the topic is no longer
     /// allowed); Err carries the reason for the log. Blocking: it reads the registry and
     /// validates the chain. None: no check beyond the session's ACL (tests).
@@ -134,7 +134,7 @@ impl std::fmt::Debug for Will {
 }
 
 /// The sessions table, with the number of persistent sessions each device holds
-/// (`max_sessions_per_device`, SPEC 4) kept with it so the quota costs no scan.
+/// (`max_sessions_per_device`, contract §4) kept with it so the quota costs no scan.
 #[derive(Debug, Default)]
 struct Sessions {
     map: HashMap<SessionKey, SessionRef>,
@@ -200,7 +200,7 @@ impl Sessions {
 /// Why [`Broker::open_session`] refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenRefused {
-    /// SPEC 4: one more persistent session than `max_sessions_per_device`.
+    /// contract §4: one more persistent session than `max_sessions_per_device`.
     #[error("quota exceeded: the device already holds {max} persistent sessions (max_sessions_per_device)")]
     Quota { max: usize },
 }
@@ -213,13 +213,13 @@ pub struct Broker {
     /// Read for every PUBLISH (shared-group cursors are atomics); written by SUBSCRIBE.
     router: RwLock<Router<SessionRef>>,
     /// Read on every SUBSCRIBE, written on retained PUBLISH; with each topic's owner for
-    /// `max_retained_per_device` (SPEC 4).
+    /// `max_retained_per_device` (contract §4).
     retained: RwLock<Owned<Arc<Message>>>,
     pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
     /// The message store; None only for brokers built without durability (unit tests).
     journal: Option<Journal>,
-    /// `[limits] stall_timeout`, seconds (SPEC 9).
+    /// `[limits] stall_timeout`, seconds (contract §9).
     stall_timeout: AtomicU64,
     /// Cluster mode: the other nodes (set once, before anything is accepted).
     remote: std::sync::OnceLock<Arc<dyn remote::Remote>>,
@@ -265,21 +265,21 @@ pub struct Published {
     /// Sessions the message was queued for.
     pub queued: usize,
     /// Whether it was submitted to the store (persistent subscribers or retained): the
-    /// publisher is acknowledged only after [`Journal::barrier`] (SPEC 7).
+    /// publisher is acknowledged only after [`Journal::barrier`] (contract §7).
     pub durable: bool,
     /// Sessions that could not take it (a full queue of QoS 1/2 messages): counted and
-    /// logged; an MQTT 5 publisher whose message no session took gets 0x97 (SPEC 7).
+    /// logged; an MQTT 5 publisher whose message no session took gets 0x97 (contract §7).
     pub refused: usize,
     /// An online subscriber's queue is more than half full: the publisher's task should
     /// yield its thread so that the subscriber's task gets to run. Never a wait: a slow
-    /// subscriber does not block publishers (SPEC 9), it only stops being starved.
+    /// subscriber does not block publishers (contract §9), it only stops being starved.
     pub congested: bool,
-    /// Deliveries to connected sessions whose queue is full (SPEC 9 flow control): the
+    /// Deliveries to connected sessions whose queue is full (contract §9 flow control): the
     /// publisher offers each again ([`Broker::offer`]) once its session has room, and reads
     /// nothing more until then.
     pub waiting: Vec<(SessionRef, Delivery)>,
     /// A retained message over its device's `max_retained_per_device`: not retained, not
-    /// routed (counted and logged); an MQTT 5 QoS 1/2 publisher gets 0x97 (SPEC 4).
+    /// routed (counted and logged); an MQTT 5 QoS 1/2 publisher gets 0x97 (contract §4).
     pub retained_refused: bool,
     /// Cluster mode: completes once the message is stored for the other nodes; the
     /// publisher's acknowledgement waits for it too.
@@ -356,7 +356,7 @@ impl Broker {
         self.journal.as_ref()
     }
 
-    /// Puts back what the store held (SPEC 7 recovery): sessions offline with their
+    /// Puts back what the store held (contract §7 recovery): sessions offline with their
     /// subscriptions, queues and in-flight state, and retained messages. `acl_for` gives
     /// each device's current ACL (deliveries to offline sessions are checked against it).
     /// Returns the sessions with an expiry deadline, for [`Broker::schedule_expiry`].
@@ -447,7 +447,7 @@ impl Broker {
     }
 
     /// Whether opening a session under `key` would stay within `max_sessions` persistent
-    /// sessions of its device (SPEC 4): asked before CONNECT commits anything, so that a
+    /// sessions of its device (contract §4): asked before CONNECT commits anything, so that a
     /// refusal writes nothing; [`Broker::open_session`] enforces it again.
     pub fn may_open(
         &self,
@@ -464,7 +464,7 @@ impl Broker {
         resumed || sessions.persistent_besides(key) < max
     }
 
-    /// SPEC 4: finds or creates the session (device, client id) and attaches the
+    /// contract §4: finds or creates the session (device, client id) and attaches the
     /// connection; a connection already holding it is told to close (takeover). Clean
     /// start discards any previous state. A resumed session gets the connection's ACL:
     /// subscriptions it no longer allows are removed and queued messages it may no longer
@@ -552,7 +552,7 @@ impl Broker {
 
     /// Forgets every session of `device`, in memory and in the store: subscriptions,
     /// queued and in-flight messages, and (through [`Broker::is_current`]) pending wills.
-    /// For a device whose registry entry is gone (SPEC 4): a device created later under
+    /// For a device whose registry entry is gone (contract §4): a device created later under
     /// the same name starts empty. Connections still holding one are revoked by the caller.
     pub fn forget_device(&self, device: &DeviceName) -> usize {
         let sessions = self.sessions().of_device(device);
@@ -566,7 +566,7 @@ impl Broker {
     }
 
     /// Applies the current decision to every session held for a device that is not
-    /// connected now (SPEC 4: on restore, reload and registry changes). `verdict` is asked
+    /// connected now (contract §4: on restore, reload and registry changes). `verdict` is asked
     /// once per device: Ok gives the ACL (disallowed subscriptions removed, messages it may
     /// no longer receive discarded); an Err whose entry is gone forgets the device's
     /// sessions (connected ones too: their connection is revoked by the caller); any other
@@ -670,7 +670,7 @@ impl Broker {
     /// Never blocks: each subscriber's queue is bounded; what a full queue cannot take is
     /// handed back (`pace`) or dropped and counted by policy.
     ///
-    /// `pace`: the publisher can wait (SPEC 9 flow control). Deliveries to connected
+    /// `pace`: the publisher can wait (contract §9 flow control). Deliveries to connected
     /// sessions whose queue is full come back in [`Published::waiting`], for the publisher to
     /// [`Broker::offer`] again when they have room, before it reads its next message.
     pub fn publish(
@@ -700,14 +700,12 @@ impl Broker {
         publisher: Option<&SessionRef>,
         pace: bool,
     ) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         let mut durable = false;
         if msg.retain {
             match self.keep_retained(&msg, owner, publisher) {
                 Ok(stored) => durable = stored,
-                // SPEC 4: over the device's quota it is neither retained nor routed.
+                // contract §4: over the device's quota it is neither retained nor routed.
                 Err(_) => {
                     return Published {
                         retained_refused: true,
@@ -728,9 +726,7 @@ impl Broker {
     /// is not forwarded again, and the retained store learns of it separately, through
     /// [`Broker::retain_remote`]). `pace`: as for [`Broker::publish`].
     pub fn publish_remote(&self, msg: Arc<Message>, pace: bool) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         self.route_local(&msg, None, pace)
     }
 
@@ -744,9 +740,7 @@ impl Broker {
     /// Cluster mode: a message for one member, on this node, of the shared subscription
     /// `sub` (NATS chose this node among those with members).
     pub fn publish_shared(&self, msg: Arc<Message>, sub: &Subscription, pace: bool) -> Published {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc();
         let target = self
             .router
             .read()
@@ -767,7 +761,7 @@ impl Broker {
         let targets = if self.remote.get().is_some() {
             router.route_plain(&msg.topic, publisher)
         } else {
-            // A shared group's message goes to a connected member with room (SPEC 9: the
+            // A shared group's message goes to a connected member with room (contract §9: the
             // group paces as a whole); when none has room, to the next one in rotation.
             router.route(&msg.topic, publisher, |s| s.online() && s.has_room())
         };
@@ -804,7 +798,7 @@ impl Broker {
         out
     }
 
-    /// Offers a delivery that found its session's queue full again (SPEC 9): Err hands it
+    /// Offers a delivery that found its session's queue full again (contract §9): Err hands it
     /// back while the session still has no room and is not stalled.
     pub fn offer(
         &self,
@@ -912,7 +906,7 @@ impl Broker {
 
     /// Gives a session a new ACL (reload, resume, restore, registry change), removes the
     /// subscriptions it no longer allows and discards the queued and in-flight messages it
-    /// may no longer receive (SPEC 4), logging both. Returns how many subscriptions were
+    /// may no longer receive (contract §4), logging both. Returns how many subscriptions were
     /// removed.
     pub fn apply_acl(&self, session: &SessionRef, acl: Arc<DeviceAcl>) -> usize {
         session.set_acl(acl.clone());

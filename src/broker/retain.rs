@@ -1,5 +1,5 @@
 //! Retained messages: the last retained message of each topic, delivered on SUBSCRIBE
-//! (SPEC 6; MQTT 3.1.1 §3.3.1.3, 5.0 §3.3.1.3).
+//! (contract §6; MQTT 3.1.1 §3.3.1.3, 5.0 §3.3.1.3).
 //!
 //! Stored in the same topic-level trie as the subscriptions (`broker::trie`), but
 //! walked the other way: a filter through stored topics. `matching("devices/dev-1/#")`
@@ -8,9 +8,9 @@
 //!
 //! Generic over the message type `M` so the broker decides what a message is (payload,
 //! QoS, properties, expiry). Synchronous and free of I/O, for the same reason as the
-//! router: it sits under a short `std` lock. Durability (SPEC 7) and the MQTT 5 rule that
+//! router: it sits under a short `std` lock. Durability (contract §7) and the MQTT 5 rule that
 //! shared subscriptions get no retained messages belong to the caller. [`Owned`] adds who
-//! holds each topic, for the per-device quota (SPEC 4 `max_retained_per_device`).
+//! holds each topic, for the per-device quota (contract §4 `max_retained_per_device`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -123,14 +123,14 @@ impl<M: Clone> Retained<M> {
     }
 }
 
-/// Why a retained message was not kept (SPEC 4 `max_retained_per_device`).
+/// Why a retained message was not kept (contract §4 `max_retained_per_device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the device already holds {max} retained topics (max_retained_per_device)")]
 pub struct QuotaExceeded {
     pub max: usize,
 }
 
-/// The broker's retained messages with their owners (SPEC 4): a retained message belongs to
+/// The broker's retained messages with their owners (contract §4): a retained message belongs to
 /// the device that published it last, and a device holds at most `max` of them. Clearing a
 /// topic (empty payload, whoever sends it) frees its owner's slot; replacing one's own
 /// topic needs no new slot; taking over another device's topic moves the slot.

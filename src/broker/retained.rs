@@ -1,6 +1,6 @@
-//! Retained messages at the broker level: the per-device quota on PUBLISH (SPEC 4
+//! Retained messages at the broker level: the per-device quota on PUBLISH (contract §4
 //! `max_retained_per_device`) with its store record, and the checks that pace every
-//! matching retained message into a new subscription (SPEC 7), however many there are.
+//! matching retained message into a new subscription (contract §7), however many there are.
 //!
 //! A retained publish over its device's quota is neither retained nor routed to current
 //! subscribers. Why not route it as a plain message: an MQTT 5 QoS 1/2 publisher is told

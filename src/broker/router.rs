@@ -1,4 +1,4 @@
-//! The subscription table: who gets a message published on a topic (SPEC 5, 6).
+//! The subscription table: who gets a message published on a topic (contract §5, 6).
 //!
 //! Every PUBLISH goes through [`Router::route`], so it is built for that call: a trie of
 //! topic levels (`broker::trie`) walked once per message, costing O(levels ×

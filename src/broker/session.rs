@@ -1,4 +1,4 @@
-//! The state of one MQTT session (SPEC 4): what it waits to send, what is in flight each
+//! The state of one MQTT session (contract §4): what it waits to send, what is in flight each
 //! way, which connection holds it. This is the interface the durability issue backs with
 //! SQLite: every change to a session's durable state goes through a method here.
 //!
@@ -100,10 +100,10 @@ pub enum Enqueued {
     /// The queue was full: its oldest QoS 0 message was dropped to make room.
     QueuedDroppedOldQos0,
     /// The queue was full of QoS 1/2 messages: this one was dropped (an offline session,
-    /// or a delivery that may not wait; SPEC 7).
+    /// or a delivery that may not wait; contract §7).
     DroppedFull,
     /// The queue of a connected session is full and it made no progress for
-    /// `stall_timeout`: dropped, and the session paces nobody (SPEC 9).
+    /// `stall_timeout`: dropped, and the session paces nobody (contract §9).
     DroppedStalled,
     /// The session's ACL denies the topic (`deny_subscribe` of a broad subscription).
     Denied,
@@ -130,7 +130,7 @@ pub struct Session {
     inner: Mutex<Inner>,
     notify: Notify,
     /// Wakes publishers paced by this session's full queue when it has room again, or when
-    /// it goes offline (SPEC 9 flow control).
+    /// it goes offline (contract §9 flow control).
     room: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
@@ -160,16 +160,16 @@ struct Inner {
     expiry: Expiry,
     acl: Arc<DeviceAcl>,
     /// Subscriptions made through `v1/devices/me/...`, in canonical form: deliveries that
-    /// match one are sent back under the `me` topic (SPEC 5).
+    /// match one are sent back under the `me` topic (contract §5).
     aliased: Vec<TopicFilter>,
     /// When the connection last made progress: took deliveries from the queue, or had one
     /// acknowledged (or attached). A full queue with no progress for `stall_timeout` is a
-    /// stalled subscriber, which paces nobody (SPEC 9). tokio's clock, so paused-time tests
+    /// stalled subscriber, which paces nobody (contract §9). tokio's clock, so paused-time tests
     /// can drive it.
     progress: tokio::time::Instant,
     /// The stall of this session was logged (once per stall, not per dropped message).
     stall_logged: bool,
-    /// Retained messages matching new subscriptions, not yet in `queue` (SPEC 7: all are
+    /// Retained messages matching new subscriptions, not yet in `queue` (contract §7: all are
     /// delivered, however many, without growing `queue` past `max_queued`). One entry per
     /// subscription filter, in SUBSCRIBE order; the connection moves them into `queue` as
     /// it drains ([`Session::take_retained`]). `Arc` references to the retained store's
@@ -320,7 +320,7 @@ impl Session {
         self.notify.notified()
     }
 
-    /// Queues a delivery (SPEC 6, 9: bounded; QoS 0 dropped first). For a persistent
+    /// Queues a delivery (contract §6, 9: bounded; QoS 0 dropped first). For a persistent
     /// session a QoS 1/2 delivery is submitted to the store (the caller waits for a barrier
     /// before acknowledging the publisher). Never waits.
     pub fn enqueue(&self, d: Delivery) -> Enqueued {
@@ -333,7 +333,7 @@ impl Session {
     /// [`Session::enqueue`] for fan-out, under one lock: the ACL's per-message check, the
     /// queue, and whether the queue is now more than half full (the subscriber lags).
     ///
-    /// `pace` is the `stall_timeout` of a publisher that may wait (SPEC 9 flow control):
+    /// `pace` is the `stall_timeout` of a publisher that may wait (contract §9 flow control):
     /// when this session is connected, its queue full and it made progress within that
     /// time, the delivery is handed back (`Err`) for the publisher to offer again once
     /// [`Session::room`] says there is room. A session that made no progress for longer is
@@ -652,7 +652,7 @@ impl Session {
     }
 
     /// Discards the queued deliveries, and the in-flight ones not yet acknowledged by a
-    /// PUBREC, whose topic `keep` refuses (SPEC 4: what a session may no longer receive);
+    /// PUBREC, whose topic `keep` refuses (contract §4: what a session may no longer receive);
     /// their store rows go too. Returns how many were discarded.
     pub fn purge(&self, keep: impl Fn(&TopicName) -> bool) -> usize {
         let mut inner = self.lock();
@@ -684,7 +684,7 @@ impl Session {
     }
 
     /// An inbound QoS 2 PUBLISH arrived. A new id is recorded only when fewer than `limit`
-    /// exchanges are open (SPEC 7: an id recorded for a message that is then refused would
+    /// exchanges are open (contract §7: an id recorded for a message that is then refused would
     /// make its resend look like a duplicate, acknowledged and never delivered); `None`
     /// records without a limit (MQTT 3.1.1 cannot be told one: the packet id space bounds
     /// the set to 65,535 ids).
@@ -806,7 +806,7 @@ impl Session {
 }
 
 impl Inner {
-    /// Queues a delivery by the bounded-queue policy (SPEC 6, 9): QoS 0 is not kept offline;
+    /// Queues a delivery by the bounded-queue policy (contract §6, 9): QoS 0 is not kept offline;
     /// a full queue gives up its oldest QoS 0 message, else refuses. A QoS 1/2 delivery of a
     /// persistent session is submitted to the store here, under the session lock, so the
     /// store sees deliveries in queue order.

@@ -9,7 +9,7 @@
 //!
 //! Nothing here recurses: a peer can send a 65,535-byte topic of `/` characters, i.e. 65,536
 //! levels, and a recursive insert, prune or `Drop` on a tokio worker's 2 MiB stack would take
-//! the broker down (SPEC 9). Walks are loops, pruning is two passes over the path, and
+//! the broker down (contract §9). Walks are loops, pruning is two passes over the path, and
 //! [`Node`]'s `Drop` empties the subtree through a heap stack.
 
 use std::collections::HashMap;

@@ -401,7 +401,7 @@ fn named_first_group_is_group_one() {
     assert_eq!(name.as_str(), "42");
 }
 
-/// Documents the unanchored SEARCH semantics (SPEC 3 step 5, like ThingsBoard): without
+/// Documents the unanchored SEARCH semantics (contract §3 step 5, like ThingsBoard): without
 /// `^...$` a pattern meant for a whole domain matches inside a longer, attacker-chosen CN,
 /// and the whole match becomes the name. Operators must anchor.
 #[test]

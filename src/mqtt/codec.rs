@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 and 5.0 packets over one connection's byte stream (SPEC 6 and 9).
+//! MQTT 3.1.1 and 5.0 packets over one connection's byte stream (contract §6 and 9).
 //!
 //! Why this module exists: `mqttbytes-ng` decodes and encodes packet bodies well, but it has
 //! a single maintainer, counts its size limit without the fixed header, skips several
@@ -16,15 +16,18 @@
 
 mod encode;
 mod frame;
+mod rules;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_reader;
+#[cfg(test)]
+mod tests_rules;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub use encode::encode;
+pub use encode::{encode, encode_within, encoded_len, fit};
 pub use mqttbytes_ng::{v4, v5, QoS};
 
 /// How much the reader asks the stream for at a time. The buffer grows by at most this much
@@ -112,6 +115,9 @@ pub enum CodecError {
     PacketTooLarge { size: usize, max: usize },
     #[error("malformed packet")]
     Malformed(#[source] Malformed),
+    /// What MQTT 5 calls a Protocol Error (0x82): the packet decodes, but breaks a rule.
+    #[error("protocol error")]
+    Protocol(#[source] Violation),
     /// The first packet of a connection must be CONNECT (MQTT-3.1.0-1); decided from its
     /// first byte, so an HTTP request or a TLS record is refused at once.
     #[error("the first packet is not CONNECT")]
@@ -119,10 +125,15 @@ pub enum CodecError {
     /// A second CONNECT is a protocol violation (MQTT-3.1.0-2).
     #[error("a second CONNECT arrived on the same connection")]
     UnexpectedConnect,
-    /// MQTT 3.1 (`MQIsdp`) or an unknown level of `MQTT`: the caller answers with an MQTT
-    /// 3.1.1 CONNACK, return code 1, then closes.
+    /// MQTT 3.1 (`MQIsdp`) or an unknown level of `MQTT`. `form` is the CONNACK layout the
+    /// client can parse, judged from the layout of its CONNECT: the caller answers in that
+    /// form (3.1.1 return code 1, or MQTT 5 0x84), then closes.
     #[error("unsupported protocol {name:?} level {level}")]
-    UnsupportedProtocol { name: String, level: u8 },
+    UnsupportedProtocol {
+        name: String,
+        level: u8,
+        form: Protocol,
+    },
     /// The caller used the reader out of order: `read_connect` must succeed exactly once,
     /// before any `read_packet`.
     #[error("read_connect must succeed exactly once, before read_packet")]
@@ -138,10 +149,25 @@ impl CodecError {
         match self {
             CodecError::Io(_) | CodecError::Closed => 0x80,
             CodecError::TruncatedPacket | CodecError::Malformed(_) => 0x81,
-            CodecError::NotConnect | CodecError::UnexpectedConnect => 0x82,
+            CodecError::NotConnect | CodecError::UnexpectedConnect | CodecError::Protocol(_) => {
+                0x82
+            }
             CodecError::OutOfOrder | CodecError::Unencodable(_) => 0x83,
             CodecError::UnsupportedProtocol { .. } => 0x84,
             CodecError::PacketTooLarge { .. } => 0x95,
+        }
+    }
+}
+
+impl CodecError {
+    /// The reason string of the MQTT 5 DISCONNECT (or log line) about this error: the
+    /// error and, for a malformed packet or a protocol error, the rule it broke.
+    pub fn reason_string(&self) -> String {
+        match (self, std::error::Error::source(self)) {
+            (CodecError::Malformed(_) | CodecError::Protocol(_), Some(cause)) => {
+                format!("{self}: {cause}")
+            }
+            _ => self.to_string(),
         }
     }
 }
@@ -178,10 +204,41 @@ pub enum Malformed {
     ReservedConnectFlag,
     #[error("MQTT 3.1.1 CONNECT has a password without a user name")]
     PasswordWithoutUserName,
+    /// MQTT-1.5.3-2 (3.1.1) and MQTT-1.5.4-2 (5.0): no UTF-8 string may hold U+0000.
+    #[error("{0} contains U+0000")]
+    Nul(&'static str),
+    /// MQTT-3.3.1-2: a QoS 0 message is never a redelivery.
+    #[error("QoS 0 PUBLISH with DUP set")]
+    DupOnQos0,
+    /// MQTT-3.3.2-14: a Response Topic is a topic name, so it has no wildcard.
+    #[error("response topic contains a wildcard")]
+    ResponseTopicWildcard,
 }
 
-/// Why a packet could not be encoded. Only broker bugs reach this: what we send is built by
-/// us, never copied blindly from a peer.
+/// A rule broken by a packet that decodes: MQTT 5 answers it with 0x82 Protocol Error,
+/// MQTT 3.1.1 by closing the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    /// MQTT 5 §2.2.2.2: only User Property (and, server to client, Subscription
+    /// Identifier) may appear more than once.
+    #[error("{0} appears more than once")]
+    DuplicateProperty(&'static str),
+    /// MQTT-2.2.1-3: SUBSCRIBE, UNSUBSCRIBE and PUBLISH with QoS > 0 carry a non-zero id.
+    #[error("{0} with packet identifier 0")]
+    PacketIdZero(&'static str),
+    /// MQTT 5 §3.1.2.11.3-4: Receive Maximum and Maximum Packet Size are never 0.
+    #[error("{0} of 0")]
+    Zero(&'static str),
+    /// MQTT 5 §3.1.2.11.6-7: the two Request properties are 0 or 1.
+    #[error("{name} of {value}, which must be 0 or 1")]
+    NotABoolean { name: &'static str, value: u8 },
+    /// MQTT-4.7.3-1: topic names and filters are at least one character long.
+    #[error("empty topic filter")]
+    EmptyTopicFilter,
+}
+
+/// Why a packet could not be encoded: a broker bug (what we send is built by us, never
+/// copied blindly from a peer), or a peer whose Maximum Packet Size leaves no room for it.
 #[derive(Debug, thiserror::Error)]
 pub enum Unencodable {
     #[error("mqttbytes-ng refused the packet")]
@@ -194,6 +251,10 @@ pub enum Unencodable {
     },
     #[error("a length of {len} does not fit a Variable Byte Integer")]
     TooLong { len: usize },
+    /// Even without what MQTT 5 lets a sender leave out, the packet is larger than the
+    /// peer's Maximum Packet Size.
+    #[error("a packet of {size} bytes exceeds the peer's maximum packet size of {max} bytes")]
+    ExceedsPeerMaximum { size: usize, max: usize },
 }
 
 /// Reads packets from one connection. It owns the read buffer, so a read cancelled by
@@ -204,10 +265,13 @@ pub struct PacketReader<R> {
     /// Bytes read but not yet decoded: at most the current packet (bounded by
     /// `max_packet_size`) plus one `READ_CHUNK`.
     buf: BytesMut,
-    /// Limit on a whole packet (fixed header included), as SPEC 9 and MQTT 5 define it.
+    /// Limit on a whole packet (fixed header included), as contract §9 and MQTT 5 define it.
     max_packet_size: usize,
     /// `None` until `read_connect` succeeds; then every packet is decoded with it.
     protocol: Option<Protocol>,
+    /// The protocol the CONNECT named, once its name and level were read: the form of the
+    /// CONNACK that refuses a CONNECT which then fails to decode.
+    announced: Option<Protocol>,
 }
 
 impl<R: AsyncRead + Unpin> PacketReader<R> {
@@ -217,6 +281,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
             buf: BytesMut::new(),
             max_packet_size,
             protocol: None,
+            announced: None,
         }
     }
 
@@ -226,30 +291,13 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         if self.protocol.is_some() {
             return Err(CodecError::OutOfOrder);
         }
-        let (header, mut frame) = self.next_frame().await?;
+        let (header, frame) = self.next_frame().await?;
         let protocol = frame::connect_protocol(&frame[header.header_len..])?;
-        let connect = match protocol {
-            Protocol::V311 => match v4::Packet::read(&mut frame, usize::MAX).map_err(decode)? {
-                v4::Packet::Connect(connect) => Connect::V311(connect),
-                _ => return Err(CodecError::NotConnect),
-            },
-            Protocol::V5 => match v5::Packet::read(&mut frame, None).map_err(decode)? {
-                v5::Packet::Connect(connect, will, login) => {
-                    if let Some(will) = &will {
-                        check_topic(&will.topic)?;
-                    }
-                    Connect::V5 {
-                        connect,
-                        will,
-                        login,
-                    }
-                }
-                _ => return Err(CodecError::NotConnect),
-            },
-        };
+        self.announced = Some(protocol);
+        let connect = decode_connect(protocol, &header, frame)?;
         self.protocol = Some(protocol);
         // Most connections idle after CONNECT: give the read chunk back now rather than hold
-        // 8 KiB per idle device (SPEC 11 idle memory); the next read allocates again.
+        // 8 KiB per idle device (contract §11 idle memory); the next read allocates again.
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
@@ -277,6 +325,12 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// The protocol fixed by `read_connect`, if it succeeded.
     pub fn protocol(&self) -> Option<Protocol> {
         self.protocol
+    }
+
+    /// The protocol the CONNECT announced by its name and level, also when it then failed
+    /// to decode: whether an MQTT 5 CONNACK may tell the client why it is refused.
+    pub fn announced(&self) -> Option<Protocol> {
+        self.announced
     }
 
     pub fn into_inner(self) -> R {
@@ -350,7 +404,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     async fn fill(&mut self) -> Result<(), CodecError> {
         let result = if self.buf.capacity() == 0 {
             // An idle connection (buffer released after CONNECT) waits with a small array in
-            // its own future instead of an 8 KiB heap chunk (SPEC 11 idle memory); the
+            // its own future instead of an 8 KiB heap chunk (contract §11 idle memory); the
             // copy happens in the same poll that completed the read, so a cancelled read
             // loses nothing.
             let mut small = [0u8; IDLE_READ];
@@ -378,6 +432,41 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     }
 }
 
+/// Decodes a CONNECT (`frame`, fixed header included) in the protocol it announced, with
+/// the rules mqttbytes-ng skips (`rules.rs`).
+fn decode_connect(
+    protocol: Protocol,
+    header: &frame::FixedHeader,
+    mut frame: BytesMut,
+) -> Result<Connect, CodecError> {
+    match protocol {
+        Protocol::V311 => match v4::Packet::read(&mut frame, usize::MAX).map_err(decode)? {
+            v4::Packet::Connect(connect) => {
+                rules::connect_v311(&connect)?;
+                Ok(Connect::V311(connect))
+            }
+            _ => Err(CodecError::NotConnect),
+        },
+        Protocol::V5 => {
+            rules::before_decode_connect_v5(&frame[header.header_len..])?;
+            match v5::Packet::read(&mut frame, None).map_err(decode)? {
+                v5::Packet::Connect(connect, will, login) => {
+                    if let Some(will) = &will {
+                        check_topic(&will.topic)?;
+                    }
+                    rules::connect_v5(&connect, will.as_ref(), login.as_ref())?;
+                    Ok(Connect::V5 {
+                        connect,
+                        will,
+                        login,
+                    })
+                }
+                _ => Err(CodecError::NotConnect),
+            }
+        }
+    }
+}
+
 /// Decodes one whole packet (`frame`, fixed header included) of an established connection.
 fn decode_packet(
     protocol: Protocol,
@@ -390,11 +479,13 @@ fn decode_packet(
     }
     match protocol {
         Protocol::V311 => {
+            rules::before_decode_v311(header.byte1, body)?;
             let packet = v4::Packet::read(&mut frame, usize::MAX).map_err(decode)?;
             if matches!(&packet, v4::Packet::Unsubscribe(unsubscribe) if unsubscribe.topics.is_empty())
             {
                 return Err(CodecError::Malformed(Malformed::EmptyUnsubscribe));
             }
+            rules::packet_v311(&packet)?;
             Ok(Packet::V311(packet))
         }
         Protocol::V5 => {
@@ -406,6 +497,7 @@ fn decode_packet(
                     reason_code,
                 ))));
             }
+            rules::before_decode_v5(header.byte1, body)?;
             let packet = v5::Packet::read(&mut frame, None).map_err(decode)?;
             match &packet {
                 v5::Packet::Publish(publish) => check_topic(&publish.topic)?,
@@ -414,6 +506,7 @@ fn decode_packet(
                 }
                 _ => {}
             }
+            rules::packet_v5(&packet)?;
             Ok(Packet::V5(packet))
         }
     }

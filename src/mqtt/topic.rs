@@ -14,7 +14,7 @@ use std::fmt;
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
 /// Prefix that marks an MQTT 5 shared subscription (`$share/GROUP/filter`); certmq honours
-/// it for MQTT 3.1.1 clients too (SPEC 6).
+/// it for MQTT 3.1.1 clients too (contract §6).
 const SHARE_PREFIX: &str = "$share/";
 
 /// Why a string is not a valid topic name, topic filter or subscription.

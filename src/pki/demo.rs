@@ -1,4 +1,4 @@
-//! `certmq demo-pki`: a complete example PKI and a config that uses it (SPEC 1).
+//! `certmq demo-pki`: a complete example PKI and a config that uses it (contract §1).
 //!
 //! Why everything is generated in memory before the first byte is written: the command
 //! must never replace an existing key, nor start writing a PKI it cannot finish because a
@@ -48,7 +48,7 @@ const FILE_NAMES: [&str; 18] = [
     "certmq.toml",
 ];
 
-/// The demo config. Paths are relative to the file's own folder (SPEC 1), so the folder
+/// The demo config. Paths are relative to the file's own folder (contract §1), so the folder
 /// can be moved or copied as a whole.
 const CONFIG: &str = r##"# certmq example configuration, written by `certmq demo-pki`.
 # Relative paths resolve against this file's folder. Start the broker with:

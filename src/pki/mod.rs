@@ -28,7 +28,7 @@ pub use demo::{write_demo, DemoFiles};
 
 /// The OID of `id-at-commonName` (2.5.4.3). rcgen keys a subject by attribute type, so a
 /// second CN is only expressible as a "custom" attribute with the very same OID; the DER
-/// then holds two CN attributes, which is the hostile case SPEC 3 step 5 must refuse.
+/// then holds two CN attributes, which is the hostile case contract §3 step 5 must refuse.
 const COMMON_NAME_OID: [u64; 4] = [2, 5, 4, 3];
 
 /// Why building or writing a PKI failed. Causes are kept so that the CLI can print the
@@ -235,7 +235,7 @@ pub struct Issued {
 
 impl Issued {
     /// The leaf PEM followed by the given CA certificates' PEM: the chain file a device
-    /// sends (leaf first, then its intermediates, SPEC 1 `explain`).
+    /// sends (leaf first, then its intermediates, contract §1 `explain`).
     pub fn chain_pem(&self, intermediates: &[&Ca]) -> String {
         let mut chain = self.cert_pem.clone();
         for ca in intermediates {
@@ -406,7 +406,7 @@ impl fmt::Debug for Ca {
     }
 }
 
-/// A self-signed leaf, for the pinned strategy (SPEC 3 step 2): nothing but its
+/// A self-signed leaf, for the pinned strategy (contract §3 step 2): nothing but its
 /// fingerprint makes it trusted.
 pub fn self_signed(spec: &LeafSpec) -> Result<Issued, PkiError> {
     let what = || format!("self-signed {}", spec.label());

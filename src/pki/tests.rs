@@ -349,7 +349,7 @@ fn fixtures_fail_the_way_their_names_say() {
         ..LeafSpec::device("dev-1")
     });
     assert_eq!(ca_leaf, Err(webpki::Error::CaUsedAsEndEntity));
-    // SPEC 3: no EKU extension at all is acceptable for a client.
+    // contract §3: no EKU extension at all is acceptable for a client.
     check(LeafSpec {
         eku: None,
         ..LeafSpec::device("dev-1")

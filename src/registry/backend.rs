@@ -20,7 +20,7 @@ use crate::config::PinnedDevice;
 /// waits for fsync; a cluster write for NATS): the server calls them from `spawn_blocking`,
 /// except [`Backend::touch`], [`Backend::count_dropped`] and the reads of a backend whose
 /// reads are in memory.
-pub trait Backend: Send + Sync {
+pub trait Backend: crate::tls::KnownDevices + Send + Sync {
     /// Contract §3 step 7 for one connection, atomically: with `Mode::Commit`, provisioning and
     /// rotation are stored before this returns; `Mode::DryRun` writes nothing.
     fn admit(
@@ -144,6 +144,12 @@ impl ChangeFeed {
 
 /// A shared backend is a backend: the server holds `Arc<dyn Backend>` and passes
 /// `&shared.registry` wherever a `&dyn Backend` is asked.
+impl<B: crate::tls::KnownDevices + ?Sized> crate::tls::KnownDevices for Arc<B> {
+    fn device_with(&self, fingerprint: &crate::cert::Fingerprint) -> Option<String> {
+        (**self).device_with(fingerprint)
+    }
+}
+
 impl<B: Backend + ?Sized> Backend for Arc<B> {
     fn admit(
         &self,

@@ -1,4 +1,4 @@
-//! The device registry (SPEC 3 step 7): which device names exist, which rule each is bound
+//! The device registry (contract §3 step 7): which device names exist, which rule each is bound
 //! to, the certificate it currently uses, whether it is enabled.
 //!
 //! The rules live here, as one transaction per admission ([`Registry::admit`]), so that
@@ -20,10 +20,10 @@ use crate::config::PINNED_SOURCE;
 use crate::identity::DeviceName;
 
 pub use backend::{Backend, ChangeFeed, Changes, Feed, Imported};
-pub use store::{PinnedSync, Registry, RegistryError, DB_FILE};
+pub use store::{Access, PinnedSync, Registry, RegistryError, DB_FILE};
 
 /// The rule a device is bound to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
     /// A `[[device]]` entry of the config.
     Pinned,
@@ -72,7 +72,7 @@ pub struct Device {
     /// Seconds since the epoch.
     pub created_at: i64,
     pub last_seen_at: Option<i64>,
-    /// Messages its sessions could not take (SPEC 7: a full queue), counted since created.
+    /// Messages its sessions could not take (contract §7: a full queue), counted since created.
     pub dropped_messages: u64,
 }
 
@@ -96,7 +96,7 @@ pub struct Presented<'a> {
     /// The anchor's `create_devices` (pinned devices are always (re)entered).
     pub create: bool,
     /// The name belongs to a `[[device]]` entry of the config: no anchor may provision it,
-    /// even while its registry row is missing (SPEC 4: a pinned name is reserved).
+    /// even while its registry row is missing (contract §4: a pinned name is reserved).
     pub reserved: bool,
 }
 
@@ -148,7 +148,7 @@ impl Refusal {
     }
 }
 
-/// Applies the rules of SPEC 3 step 7 to a stored row (None = unknown name). Pure, so the
+/// Applies the rules of contract §3 step 7 to a stored row (None = unknown name). Pure, so the
 /// rules are tested without a database; the store runs it inside one transaction.
 pub fn decide(stored: Option<&Device>, presented: &Presented<'_>) -> Result<Admitted, Refusal> {
     let Some(stored) = stored else {

@@ -40,11 +40,34 @@ pub enum RegistryError {
         #[source]
         source: rusqlite::Error,
     },
+    /// Access rights (the file, its folder): the message says what is wrong in words and
+    /// names the owners, modes and the user this process runs as, in place of SQLite's
+    /// `SQLITE_READONLY_DIRECTORY` or `SQLITE_CANTOPEN` (kept in `sqlite` for debugging).
+    #[error("cannot open the registry {path}: {detail}")]
+    Denied {
+        path: PathBuf,
+        detail: String,
+        sqlite: rusqlite::Error,
+    },
+    #[error("cannot read the registry {path} ({detail})")]
+    Unreadable {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the registry {path} ({detail})")]
+    Unwritable {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a certmq database (application_id {found:#x}); refusing to use it")]
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
-    /// SPEC 7: a damaged file is refused at start, never used silently.
+    /// contract §7: a damaged file is refused at start, never used silently.
     #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
     Damaged { path: PathBuf, report: String },
     #[error("{path}: the write-ahead log was not fully checkpointed ({done} of {log} pages; another process is reading it)")]
@@ -69,6 +92,36 @@ pub enum RegistryError {
     Contention { name: String, attempts: usize },
 }
 
+/// How [`Registry::open_existing`] opens the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// An error opening `path`: for access rights, one that says what is wrong in words and
+/// names owners, modes and this process's user.
+fn open_error(path: &Path, source: rusqlite::Error) -> RegistryError {
+    match crate::sqlite::access_problem(&source) {
+        Some(problem) => RegistryError::Denied {
+            path: path.to_path_buf(),
+            detail: format!("{problem} ({})", crate::sqlite::access_detail(path)),
+            sqlite: source,
+        },
+        None => RegistryError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// SQLite's `-wal` or `-shm` file next to a database file.
+fn wal_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// What [`Registry::sync_pinned`] found.
 #[derive(Debug, Default)]
 pub struct PinnedSync {
@@ -76,6 +129,13 @@ pub struct PinnedSync {
     pub conflicts: Vec<(String, String)>,
     /// Pinned names whose row was missing and is (or, in a dry run, would be) created.
     pub created: Vec<String>,
+}
+
+/// Refused certificates are named by the device they belong to (`tls::KnownDevices`).
+impl crate::tls::KnownDevices for Registry {
+    fn device_with(&self, fingerprint: &Fingerprint) -> Option<String> {
+        self.name_of(fingerprint).ok().flatten()
+    }
 }
 
 /// The registry. The connection sits behind a std Mutex: every operation is a short
@@ -87,7 +147,7 @@ pub struct Registry {
     conn: Mutex<Connection>,
     /// last_seen_at updates waiting for the next flush.
     seen: Mutex<HashMap<String, i64>>,
-    /// Messages dropped for each device's sessions (SPEC 7: a full queue), waiting for the
+    /// Messages dropped for each device's sessions (contract §7: a full queue), waiting for the
     /// next flush into `dropped_messages`.
     dropped: Mutex<HashMap<String, u64>>,
 }
@@ -100,28 +160,106 @@ impl Registry {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|source| RegistryError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let registry = Registry {
+        let conn = Connection::open(&path).map_err(|source| open_error(&path, source))?;
+        let registry = Registry::with(path, conn);
+        registry.init().map_err(|e| registry.named(e))?;
+        Ok(registry)
+    }
+
+    /// Opens `data_dir/certmq.db` for a CLI command if it exists, never creating it nor
+    /// `data_dir` (docs/contract.md, "Operations": `check`, `explain` and `devices
+    /// list|show` never create or modify a database; run as root before the first start
+    /// they must not leave a root-owned file the broker's user cannot open). `Ok(None)`:
+    /// no registry yet.
+    ///
+    /// [`Access::ReadOnly`] opens the file read-only: no migration, no journal mode
+    /// change, no write. As root, SQLite gives the `-wal` and `-shm` files it may create
+    /// the database file's owner. [`Access::ReadWrite`] (the `devices` commands that
+    /// change a row) opens it as the broker does, without creating it.
+    pub fn open_existing(
+        data_dir: &Path,
+        access: Access,
+    ) -> Result<Option<Registry>, RegistryError> {
+        let path = data_dir.join(DB_FILE);
+        match std::fs::metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(RegistryError::Unreadable {
+                    detail: crate::sqlite::access_detail(&path),
+                    path,
+                    source,
+                })
+            }
+        }
+        if access == Access::ReadWrite {
+            // SQLite would open a file it may not write read-only, and fail at the write.
+            for file in [
+                path.clone(),
+                wal_file(&path, "-wal"),
+                wal_file(&path, "-shm"),
+            ] {
+                crate::sqlite::writable_file(&file).map_err(|source| {
+                    RegistryError::Unwritable {
+                        detail: crate::sqlite::access_detail(&file),
+                        path: file.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        use rusqlite::OpenFlags;
+        let flags = match access {
+            Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+            Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags)
+            .map_err(|source| open_error(&path, source))?;
+        let registry = Registry::with(path, conn);
+        match access {
+            Access::ReadOnly => registry.check_read_only(),
+            Access::ReadWrite => registry.init(),
+        }
+        .map_err(|e| registry.named(e))?;
+        Ok(Some(registry))
+    }
+
+    fn with(path: PathBuf, conn: Connection) -> Registry {
+        Registry {
             path,
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
-        };
-        registry.init().map_err(|e| registry.named(e))?;
-        Ok(registry)
+        }
+    }
+
+    /// What [`Registry::init`] checks, without writing: a certmq registry of this schema.
+    fn check_read_only(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        let app_id: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        if app_id != APPLICATION_ID {
+            return Err(RegistryError::Foreign {
+                path: self.path.clone(),
+                found: app_id,
+            });
+        }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(RegistryError::Schema {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
     }
 
     /// Names the file in a database error met while opening (read-only file system,
     /// locked, corrupt...), so the startup error says which file.
     fn named(&self, e: RegistryError) -> RegistryError {
         match e {
-            RegistryError::Sqlite(source) => RegistryError::Open {
-                path: self.path.clone(),
-                source,
-            },
+            RegistryError::Sqlite(source) => open_error(&self.path, source),
+            RegistryError::Open { source, .. } => open_error(&self.path, source),
             other => other,
         }
     }
@@ -197,7 +335,7 @@ impl Registry {
         Ok(())
     }
 
-    /// SPEC 3 step 7 in one IMMEDIATE transaction: the lookup and the write (provisioning
+    /// contract §3 step 7 in one IMMEDIATE transaction: the lookup and the write (provisioning
     /// or rotation) cannot interleave with another connection or the CLI.
     pub fn admit(
         &self,
@@ -250,12 +388,12 @@ impl Registry {
         Ok(outcome)
     }
 
-    /// Enters the config's pinned devices (SPEC 3 step 7, at start and on reload).
+    /// Enters the config's pinned devices (contract §3 step 7, at start and on reload).
     /// Conflicts are the names that the registry holds for an anchor: a config error,
     /// reported by the caller; nothing is written then. Otherwise `created` lists the pinned
     /// names whose row was missing (never seen, or deleted by `certmq devices delete`) and
     /// is now (re)created: a new registry entry, so sessions left under that name belong to
-    /// the deleted one (SPEC 4).
+    /// the deleted one (contract §4).
     pub fn sync_pinned(
         &self,
         pinned: &[PinnedDevice],
@@ -357,6 +495,29 @@ impl Registry {
         get(&conn, name)
     }
 
+    /// The device whose current certificate has `fingerprint`, if any.
+    pub fn name_of(&self, fingerprint: &Fingerprint) -> Result<Option<String>, RegistryError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT name FROM devices WHERE fingerprint = ?1",
+                params![fingerprint.to_hex()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Indexes the registry by fingerprint, so that [`Registry::name_of`] is one lookup
+    /// however many devices there are. Idempotent; a database without the index (opened
+    /// read-only, or by an older certmq) answers the same, by a scan. Called by the broker.
+    pub fn index_fingerprints(&self) -> Result<(), RegistryError> {
+        let conn = self.lock()?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS devices_by_fingerprint ON devices (fingerprint)",
+        )?;
+        Ok(())
+    }
+
     /// Every device, by name.
     pub fn list(&self) -> Result<Vec<Device>, RegistryError> {
         let conn = self.lock()?;
@@ -406,7 +567,7 @@ impl Registry {
         Ok(())
     }
 
-    /// SQLite's `quick_check` of the whole file, run by the broker at start (SPEC 7): a
+    /// SQLite's `quick_check` of the whole file, run by the broker at start (contract §7): a
     /// damaged registry is refused, naming the file, never used silently.
     pub fn quick_check(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;
@@ -424,7 +585,7 @@ impl Registry {
     }
 
     /// Copies the write-ahead log into `certmq.db` and truncates it, so that the file alone
-    /// is the whole registry (SPEC 7, at a graceful stop). The CLI may be reading at that
+    /// is the whole registry (contract §7, at a graceful stop). The CLI may be reading at that
     /// moment: then part of the log stays, which loses nothing.
     pub fn checkpoint(&self) -> Result<(), RegistryError> {
         let conn = self.lock()?;

@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint (SPEC 10), on `admin_bind` when set: `GET /healthz` and
+//! The admin HTTP endpoint (contract §10), on `admin_bind` when set: `GET /healthz` and
 //! `GET /metrics` (Prometheus text). hyper's HTTP/1 server on its own listener and tasks,
 //! off the device path: a slow scraper costs the brokers nothing but its own task.
 
@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::metrics::{Format, LiveGauges};
+use crate::registry::Source;
 
 /// A request that takes longer than this (headers included) is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,18 +74,28 @@ async fn respond(
                 );
             }
             match healthy(shared).await {
-                Ok(()) => text(StatusCode::OK, "ok\n".to_owned()),
+                // Degraded CRLs do not make the broker unhealthy (a restart would not
+                // fix them; other anchors and pinned devices work): they are detail lines.
+                Ok(()) => {
+                    let config = shared.snapshot().config.clone();
+                    let mut body = "ok\n".to_owned();
+                    for line in shared.crls.health(&config) {
+                        body.push_str(&format!("warning: {line}\n"));
+                    }
+                    text(StatusCode::OK, body)
+                }
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
             }
         }
         "/metrics" => {
-            let body = shared.metrics.render_with(&[(
-                "certmq_sessions",
-                "sessions held, connected or not",
-                shared.broker.session_count() as f64,
-            )]);
-            let mut r = text(StatusCode::OK, body);
-            if let Ok(v) = "text/plain; version=0.0.4".parse() {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::from_accept(accept);
+            shared.metrics.set_live_gauges(live_gauges(shared));
+            let mut r = text(StatusCode::OK, shared.metrics.encode(format));
+            if let Ok(v) = format.content_type().parse() {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
             }
             r
@@ -92,7 +104,43 @@ async fn respond(
     }
 }
 
-/// SPEC 7: healthy only while both databases can commit. The registry must give its write
+/// What `/metrics` reads from the running broker: sessions, and connections per anchor
+/// (every configured anchor listed, 0 included, so a dashboard shows each one).
+fn live_gauges(shared: &Shared) -> LiveGauges {
+    let config = shared.snapshot().config.clone();
+    let mut by_anchor: Vec<(String, i64)> =
+        config.anchors.iter().map(|a| (a.name.clone(), 0)).collect();
+    let mut pinned = 0;
+    for (source, n) in shared.live.by_source() {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        match source {
+            Source::Pinned => pinned += n,
+            Source::Anchor(name) => match by_anchor.iter_mut().find(|(a, _)| *a == name) {
+                Some(slot) => slot.1 += n,
+                // An anchor a reload just removed, whose connections are being revoked.
+                None => by_anchor.push((name, n)),
+            },
+        }
+    }
+    LiveGauges {
+        sessions: i64::try_from(shared.broker.session_count()).unwrap_or(i64::MAX),
+        by_anchor,
+        pinned,
+        nats_connected: shared
+            .cluster
+            .get()
+            .map(|n| {
+                (
+                    n.cluster.node().to_owned(),
+                    i64::from(n.cluster.connected()),
+                )
+            })
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// contract §7: healthy only while both databases can commit. The registry must give its write
 /// lock (another process, the `certmq devices` CLI, shares it). The message store must
 /// commit a probe write through its writer: while commits fail (a full disk) only a real
 /// commit can tell whether they work again, and the probe shares the next group commit.

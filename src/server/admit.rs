@@ -1,4 +1,4 @@
-//! CONNECT admission (SPEC 3, 4), from the CONNECT packet to a session the broker may
+//! CONNECT admission (contract §3, 4), from the CONNECT packet to a session the broker may
 //! open: the decision (first as a dry run), the authentication method, the client id, the
 //! will, the session quota, then the registry commit and what it implies (a new entry
 //! forgets the name's old sessions; a rotation cuts the superseded certificate). A refusal
@@ -6,7 +6,6 @@
 //! the CONNACK it gets back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -46,7 +45,7 @@ pub(super) struct Accepted {
 /// itself failed to run). Already logged and counted.
 pub(super) type Refusal = Option<Packet>;
 
-/// Decides a CONNECT (SPEC 3 step 8 and the checks of SPEC 4-6), committing to the
+/// Decides a CONNECT (contract §3 step 8 and the checks of contract §4-6), committing to the
 /// registry only once it is accepted.
 pub(super) async fn admit(
     shared: &Arc<Shared>,
@@ -67,7 +66,7 @@ pub(super) async fn admit(
     let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
         line.refused(label, why);
         metrics.auth_refused(label);
-        Some(ack)
+        connect::within_client_max(ack, &req)
     };
     let admission = match dry.result {
         Ok(a) => a,
@@ -85,7 +84,7 @@ pub(super) async fn admit(
         let ack = connect::connack_bad_auth_method(method);
         return Err(refuse("bad_authentication_method", &why, ack));
     }
-    // Client identifier (SPEC 4) and will (SPEC 5, 6).
+    // Client identifier (contract §4) and will (contract §5, 6).
     let client_id = match connect::client_id(&req) {
         Ok(id) => id,
         Err(why) => {
@@ -102,7 +101,7 @@ pub(super) async fn admit(
         }
     };
     drop(packet);
-    // SPEC 2: every persistent session expires within `max_session_expiry`.
+    // contract §2: every persistent session expires within `max_session_expiry`.
     let granted = expiry::granted(
         req.protocol,
         req.clean_start,
@@ -166,7 +165,7 @@ pub(super) async fn admit(
     })
 }
 
-/// What the broker's own registry write implies for sessions (SPEC 4).
+/// What the broker's own registry write implies for sessions (contract §4).
 async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission: &Admission) {
     let device = admission.device.clone();
     match admission.registry {
@@ -174,10 +173,7 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
         // A new registry entry: whatever was held under this name belonged to a deleted
         // one, connections and sessions alike.
         Admitted::Provisioned => {
-            shared
-                .metrics
-                .devices_provisioned
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.devices_provisioned.inc();
             let s = shared.clone();
             let _ = tokio::task::spawn_blocking(move || s.forget_entry(&device)).await;
         }
@@ -194,7 +190,7 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
     }
 }
 
-/// The refusal of one persistent session over `max_sessions_per_device` (SPEC 4), when
+/// The refusal of one persistent session over `max_sessions_per_device` (contract §4), when
 /// the broker finds it only while opening the session (a race with another CONNECT).
 pub(super) fn refuse_quota(
     line: &DecisionLine,
@@ -272,8 +268,8 @@ fn arm_will(
     will.presenter = Some(presenter);
 }
 
-/// The check a delayed will passes when it fires (SPEC 4): the one verdict, with the chain
-/// decided again, and the will's topic under the current profile. Also the check a node
+/// The check a delayed will passes when it fires (contract §4): the one verdict, with the
+/// chain decided again, and the will's topic under the current profile. Also the check a node
 /// makes before publishing the will of a node that died (cluster mode), with the
 /// certificate recorded with the will; without one, the device's entry and profile only.
 pub(super) fn will_gate(
@@ -318,7 +314,7 @@ pub(super) fn will_gate(
     })
 }
 
-/// The fields of the one structured line per CONNECT decision (SPEC 3): every value that
+/// The fields of the one structured line per CONNECT decision (contract §3): every value that
 /// comes from the peer (device name, client id, reason) is quoted and escaped.
 pub(super) struct DecisionLine {
     peer: SocketAddr,

@@ -3,7 +3,6 @@
 //! the session opened and announced (CONNACK), then the session loop until it ends.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admit::{self, Accepted};
 use super::live::{LiveConn, LiveGuard, Scope};
+use super::metered::Metered;
 use super::{Shared, Snapshot};
 use crate::broker::conn::{self, connect, Revoke};
 use crate::broker::session::{Expiry, SessionRef};
@@ -30,14 +30,14 @@ struct Counted(Arc<Metrics>);
 
 impl Counted {
     fn new(m: Arc<Metrics>) -> Counted {
-        m.connections.fetch_add(1, Ordering::Relaxed);
+        m.connections.inc();
         Counted(m)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.connections.dec();
     }
 }
 
@@ -62,6 +62,7 @@ pub async fn handle(
         },
         false => peer,
     };
+    let tcp = Metered::new(tcp, &shared.metrics);
     let Some(tls) = handshake(tcp, peer, &snap, &shared.metrics).await else {
         return;
     };
@@ -111,10 +112,6 @@ pub async fn handle(
     );
 }
 
-/// The TLS handshake under `handshake_timeout` (SPEC 3 steps 1-4: the verifier logs and
-/// counts its own refusals). Boxed: the handshake's state (a whole rustls connection
-/// mid-handshake) would otherwise be part of this task's allocation for the connection's
-/// lifetime (SPEC 11 idle memory).
 /// The device's address from the balancer's PROXY header (`proxy_protocol`), read
 /// within the handshake timeout; None (logged) when the header is missing or malformed.
 async fn proxied_peer(tcp: &mut TcpStream, socket: SocketAddr, limit_s: u64) -> Option<SocketAddr> {
@@ -132,26 +129,30 @@ async fn proxied_peer(tcp: &mut TcpStream, socket: SocketAddr, limit_s: u64) -> 
     }
 }
 
+/// The TLS handshake under `handshake_timeout` (contract §3 steps 1-4: the verifier logs and
+/// counts its own refusals). Boxed: the handshake's state (a whole rustls connection
+/// mid-handshake) would otherwise be part of this task's allocation for the connection's
+/// lifetime (contract §11 idle memory).
 async fn handshake(
-    tcp: TcpStream,
+    tcp: Metered,
     peer: SocketAddr,
     snap: &Snapshot,
     metrics: &Metrics,
-) -> Option<TlsStream<TcpStream>> {
+) -> Option<TlsStream<Metered>> {
     let limit = snap.config.limits.handshake_timeout;
     let handshake = Box::pin(HANDSHAKE_PEER.scope(peer, snap.acceptor.accept(tcp)));
     match tokio::time::timeout(Duration::from_secs(limit), handshake).await {
         Ok(Ok(tls)) => {
-            metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+            metrics.handshakes_ok.inc();
             Some(tls)
         }
         Ok(Err(e)) => {
-            metrics.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.handshakes_failed.inc();
             log_handshake_error(peer, &e, metrics);
             None
         }
         Err(_) => {
-            metrics.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.handshakes_failed.inc();
             tracing::info!(%peer, timeout_s = limit, "TLS handshake timed out");
             None
         }
@@ -159,7 +160,7 @@ async fn handshake(
 }
 
 /// The chain the client presented, leaf first.
-fn peer_chain(tls: &TlsStream<TcpStream>) -> Vec<CertificateDer<'static>> {
+fn peer_chain(tls: &TlsStream<Metered>) -> Vec<CertificateDer<'static>> {
     tls.get_ref()
         .1
         .peer_certificates()
@@ -183,7 +184,7 @@ where
         Ok(Ok(p)) => Some(p),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "no valid CONNECT");
-            if let Some(ack) = connect::connack_for_codec_error(&e) {
+            if let Some(ack) = connect::connack_for_codec_error(&e, reader.announced()) {
                 let _ = send(wr, &ack, limit).await;
             }
             None
@@ -209,7 +210,7 @@ struct Open<'a> {
     _live: LiveGuard<'a>,
 }
 
-/// Opens the session (SPEC 4: keyed by (device, client id); a holder is taken over),
+/// Opens the session (contract §4: keyed by (device, client id); a holder is taken over),
 /// sends the CONNACK and registers the connection for re-checks.
 async fn open<'a, W: AsyncWrite + Unpin>(
     shared: &'a Arc<Shared>,
@@ -237,7 +238,9 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         Err(_) => {
             let max = limits.max_sessions_per_device;
             let ack = admit::refuse_quota(&a.line, shared, a.req.protocol, max);
-            let _ = send(wr, &ack, write_limit).await;
+            if let Some(ack) = connect::within_client_max(ack, &a.req) {
+                let _ = send(wr, &ack, write_limit).await;
+            }
             return None;
         }
     };
@@ -258,6 +261,17 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         limits.max_packet_size,
         a.granted.announce,
     );
+    let ack = match ack {
+        Ok(ack) => ack,
+        Err(refusal) => {
+            tracing::info!(%peer, device = ?device, "CONNACK exceeds the client's Maximum Packet Size");
+            if let Some(refusal) = refusal {
+                let _ = send(wr, &refusal, write_limit).await;
+            }
+            broker.close_session(&opened.session, conn_id);
+            return None;
+        }
+    };
     if let Err(e) = send(wr, &ack, write_limit).await {
         tracing::info!(%peer, device = ?device, error = %e, "CONNACK not delivered");
         broker.close_session(&opened.session, conn_id);
@@ -275,6 +289,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         ),
         receive_max: usize::from(limits.max_inflight),
         topic_alias_max: connect::TOPIC_ALIAS_MAX,
+        client_topic_alias_max: a.req.topic_alias_max.min(limits.max_server_topic_aliases),
         client_max_packet: a.req.max_packet_size.map(|m| m as usize),
         write_limit,
         expiry_was_zero: a.req.protocol == Protocol::V5 && a.req.session_expiry.unwrap_or(0) == 0,

@@ -1,4 +1,4 @@
-//! What ties a running broker to its `data_dir` (SPEC 1): an exclusive lock, so that two
+//! What ties a running broker to its `data_dir` (contract §1): an exclusive lock, so that two
 //! brokers can never run on one `data_dir`, and a control socket, through which `certmq
 //! reload` asks exactly the broker of that `data_dir` to reload (never "every process named
 //! certmq on the host", as `kill -HUP $(pidof certmq)` does).
@@ -7,8 +7,10 @@
 //!   broker's pid, so the second broker's error names the process that holds it. The lock
 //!   goes with the process, also after `kill -9`: no stale lock to clean up.
 //! - `data_dir/certmq.sock`: a Unix socket, mode 0600 (the broker's user only). One request
-//!   per connection: the line `reload`; the answer is `reloaded ...` or `refused` followed by
-//!   one line per problem, then the broker closes the connection.
+//!   per connection, then the broker closes it: the line `reload`, answered `reloaded ...`
+//!   or `refused` followed by one line per problem; or the line `online` (for `certmq
+//!   devices list|show`), answered with one JSON object `{"online": {DEVICE: CONNECTIONS}}`
+//!   naming each device with a live connection.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -190,6 +192,15 @@ async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
                 Err(e) => format!("refused\nthe reload task failed: {e}\n"),
             }
         }
+        "online" => {
+            let online: serde_json::Map<String, serde_json::Value> = shared
+                .live
+                .online()
+                .into_iter()
+                .map(|(device, n)| (device, n.into()))
+                .collect();
+            format!("{}\n", serde_json::json!({ "online": online }))
+        }
         other => format!("refused\nunknown request {other:?}\n"),
     };
     wr.write_all(reply.as_bytes()).await?;
@@ -270,6 +281,25 @@ pub fn request_reload(data_dir: &Path) -> Result<String, ControlError> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).map_err(talk)?;
     Ok(reply)
+}
+
+/// The devices with a live connection on the broker of `data_dir`, with their number of
+/// connections; `None` when that is unknown: no broker runs there, this user may not use
+/// its socket, or the broker does not answer the request (an older certmq).
+pub fn request_online(data_dir: &Path) -> Option<std::collections::BTreeMap<String, u64>> {
+    let path = data_dir.join(SOCKET_FILE);
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(REQUEST_LIMIT)).ok()?;
+    stream.write_all(b"online\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&reply).ok()?;
+    value
+        .get("online")?
+        .as_object()?
+        .iter()
+        .map(|(device, n)| Some((device.clone(), n.as_u64()?)))
+        .collect()
 }
 
 #[cfg(test)]

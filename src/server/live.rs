@@ -1,5 +1,5 @@
-//! The live connections, and how every session is held to the current decision (SPEC 4
-//! "A session lives only as long as its identity", SPEC 8): after a reload, after a registry
+//! The live connections, and how every session is held to the current decision (contract §4
+//! "A session lives only as long as its identity", contract §8): after a reload, after a registry
 //! change made by the `certmq devices` CLI, and after the broker's own provisioning and
 //! rotation writes. Each connection is judged by the one verdict, [`auth::standing`]; a
 //! connection that would now be refused is revoked (MQTT 5: DISCONNECT 0x87 with the reason
@@ -54,7 +54,39 @@ impl LiveConn {
 /// copy of the list per re-check; never held across an await.
 #[derive(Debug, Default)]
 pub struct Live {
-    conns: Mutex<HashMap<u64, LiveConn>>,
+    conns: Mutex<Conns>,
+}
+
+/// The admitted connections, and how many each rule admitted (`/metrics`: connections per
+/// anchor), kept together under one lock so the counts never drift from the map.
+#[derive(Debug, Default)]
+struct Conns {
+    by_id: HashMap<u64, LiveConn>,
+    by_source: HashMap<Source, usize>,
+}
+
+impl Conns {
+    fn insert(&mut self, id: u64, conn: LiveConn) {
+        *self.by_source.entry(conn.source.clone()).or_default() += 1;
+        if let Some(old) = self.by_id.insert(id, conn) {
+            self.forget(&old.source);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(old) = self.by_id.remove(&id) {
+            self.forget(&old.source);
+        }
+    }
+
+    fn forget(&mut self, source: &Source) {
+        if let Some(n) = self.by_source.get_mut(source) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_source.remove(source);
+            }
+        }
+    }
 }
 
 /// Removes its connection from [`Live`] when the connection task ends.
@@ -65,7 +97,7 @@ pub struct LiveGuard<'a> {
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
-        self.live.lock().remove(&self.id);
+        self.live.lock().remove(self.id);
     }
 }
 
@@ -90,7 +122,7 @@ pub enum Scope<'a> {
 }
 
 impl Live {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, LiveConn>> {
+    fn lock(&self) -> MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -101,18 +133,38 @@ impl Live {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
+    }
+
+    /// Admitted connections open now, by the rule that admitted them.
+    pub fn by_source(&self) -> Vec<(Source, usize)> {
+        self.lock()
+            .by_source
+            .iter()
+            .map(|(s, n)| (s.clone(), *n))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The devices with a live connection, and how many each has (`certmq devices list`'s
+    /// online column, through the control socket).
+    pub fn online(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for c in self.lock().by_id.values() {
+            *out.entry(c.device.as_str().to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+
     fn select(&self, scope: Scope<'_>) -> Vec<LiveConn> {
         let conns = self.lock();
+        let all = conns.by_id.values();
         match scope {
-            Scope::All { .. } => conns.values().cloned().collect(),
-            Scope::Device(d) => conns.values().filter(|c| c.device == *d).cloned().collect(),
+            Scope::All { .. } => all.cloned().collect(),
+            Scope::Device(d) => all.filter(|c| c.device == *d).cloned().collect(),
         }
     }
 

@@ -14,7 +14,9 @@ mod admin;
 mod admit;
 mod connection;
 pub mod control;
+pub mod crl_refresh;
 pub mod live;
+mod metered;
 mod proxy;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -83,8 +85,11 @@ pub struct Shared {
     /// Cluster mode: this node's NATS connection, set once by [`Server::join_cluster`]
     /// before anything is accepted; unset when standalone.
     pub cluster: std::sync::OnceLock<crate::cluster::Node>,
-    /// Serialises reloads (a SIGHUP storm runs them one after the other).
+    /// Serialises reloads (a SIGHUP storm runs them one after the other) and the CRLs
+    /// fetched from distribution points.
     reloading: Mutex<()>,
+    /// The anchors' CRL distribution points and how their fetches went.
+    pub crls: crl_refresh::CrlWatch,
     /// This broker's exclusive claim on `data_dir`, held as long as anything runs.
     _lock: control::DataDirLock,
 }
@@ -113,7 +118,7 @@ impl Server {
     /// registry holds for an anchor is a config error), and builds the TLS config. In
     /// cluster mode the registry is the cluster's bucket, read by [`Server::join_cluster`].
     pub fn new(config: Config) -> Result<Server, ServerError> {
-        // Before any database is opened: two brokers never share a data_dir (SPEC 1).
+        // Before any database is opened: two brokers never share a data_dir (contract §1).
         let lock = control::DataDirLock::acquire(&config.server.data_dir)?;
         let (registry, kv, recreated): (Arc<dyn Backend>, _, _) = match &config.cluster {
             None => {
@@ -153,7 +158,8 @@ impl Server {
         metrics.set_config_gauges(config.gauges());
         metrics.started();
         let config = Arc::new(config);
-        let tls = tls::server_config(config.clone(), metrics.clone())?;
+        let known: Arc<dyn tls::KnownDevices> = registry.clone();
+        let tls = tls::server_config(config.clone(), metrics.clone(), Some(known))?;
         let snapshot = Snapshot {
             config,
             acceptor: TlsAcceptor::from(tls),
@@ -169,6 +175,7 @@ impl Server {
                 live: live::Live::default(),
                 cluster: std::sync::OnceLock::new(),
                 reloading: Mutex::new(()),
+                crls: crl_refresh::CrlWatch::default(),
                 _lock: lock,
             }),
         })
@@ -308,6 +315,10 @@ impl Server {
             shutdown.clone(),
         ));
         let watcher = tokio::spawn(watch_registry(shared.clone(), shutdown.clone()));
+        // CRLs from distribution points: fetched once before the first connection is
+        // accepted, then every crl_refresh seconds (docs/crl.md).
+        crl_refresh::round(&shared).await;
+        let crl_task = tokio::spawn(crl_refresh::run(shared.clone(), shutdown.clone()));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening for MQTT over TLS");
         }
@@ -326,7 +337,7 @@ impl Server {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // SPEC 9: at max_connections new connections are refused at once.
+                // contract §9: at max_connections new connections are refused at once.
                 tracing::warn!(%peer, max, "refused: max_connections reached");
                 drop(tcp);
                 continue;
@@ -358,13 +369,14 @@ impl Server {
         }
         let _ = flusher.await;
         let _ = watcher.await;
+        let _ = crl_task.await;
         if let Some(t) = control_task {
             let _ = t.await;
         }
         let _ = std::fs::remove_file(data_dir.join(control::SOCKET_FILE));
         // Everything the sessions submitted on their way out is committed before exit, and
         // both write-ahead logs are checkpointed: each .db file alone is then the whole
-        // store, for a copy or a backup (SPEC 7).
+        // store, for a copy or a backup (contract §7).
         if let Some(journal) = shared.broker.journal() {
             match journal.checkpoint().await {
                 Err(e @ crate::broker::journal::CommitError::Checkpoint(_)) => {
@@ -387,9 +399,9 @@ impl Server {
     }
 }
 
-/// SPEC 3 step 7: a pinned name that the registry holds for an anchor is a config error.
+/// contract §3 step 7: a pinned name that the registry holds for an anchor is a config error.
 /// With `Mode::Commit` the pinned devices are entered when there is no conflict. Returns
-/// the pinned names whose registry row was missing and is now created (SPEC 4: a deleted
+/// the pinned names whose registry row was missing and is now created (contract §4: a deleted
 /// pinned row is recreated at start and on reload, as a new entry).
 pub fn sync_pinned(
     config: &Config,
@@ -443,7 +455,7 @@ async fn flush_last_seen(
     }
 }
 
-/// How often the registry is polled for changes made by the `certmq devices` CLI. SPEC 1
+/// How often the registry is polled for changes made by the `certmq devices` CLI. contract §1
 /// asks for disconnection within 2 seconds; SQLite's `data_version` makes a poll cheap.
 const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -522,6 +534,8 @@ fn open_registry(config: &Config) -> Result<(Arc<dyn Backend>, Vec<String>), Ser
         }
         other => other,
     })?;
+    // Refusal lines name the device of a refused certificate (one indexed lookup).
+    registry.index_fingerprints()?;
     Ok((registry, recreated))
 }
 
@@ -559,7 +573,7 @@ pub struct ReloadOutcome {
 }
 
 impl Shared {
-    /// SPEC 8: re-reads the config file; on any problem keeps the old config and returns
+    /// contract §8: re-reads the config file; on any problem keeps the old config and returns
     /// every problem; on success swaps config and TLS atomically for new connections and
     /// re-checks every live session. Blocking: call from `spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadOutcome, ServerError> {
@@ -575,9 +589,47 @@ impl Shared {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let recreated = sync_pinned(&config, &self.registry, Mode::Commit)?;
-        let config = Arc::new(config);
-        let tls = tls::server_config(config.clone(), self.metrics.clone())?;
+        let recreated = sync_pinned(&config, self.registry.as_ref(), Mode::Commit)?;
+        let recheck = self.put_in_force(Arc::new(config), &recreated)?;
+        // Anchors with a new or changed crl_url are fetched now, not at the next tick.
+        self.crls.wake();
+        Ok(ReloadOutcome { recheck })
+    }
+
+    /// Puts `crl`, fetched from `url`, in force for `anchor` (docs/crl.md): the config in
+    /// force with that CRL, swapped in like a reload, and every live session re-checked
+    /// the way a reload re-checks it. None when the anchor no longer has that URL, or a
+    /// reload meanwhile put a CRL as new in force. Blocking: call from `spawn_blocking`.
+    pub fn apply_crl(
+        &self,
+        anchor: &str,
+        url: &crate::config::CrlUrl,
+        crl: Arc<crate::config::Crl>,
+    ) -> Result<Option<live::Recheck>, ServerError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot().config.clone();
+        let newer = current
+            .anchor(anchor)
+            .and_then(|a| a.crl.as_ref())
+            .is_none_or(|c| crl.this_update > c.this_update);
+        if !newer {
+            return Ok(None);
+        }
+        let Some(config) = current.with_crl(anchor, url, crl) else {
+            return Ok(None);
+        };
+        self.put_in_force(Arc::new(config), &[]).map(Some)
+    }
+
+    /// Swaps `config` in for new connections, then holds every live session to it.
+    /// `recreated`: pinned names whose registry row is new (their old sessions go).
+    fn put_in_force(
+        &self,
+        config: Arc<Config>,
+        recreated: &[String],
+    ) -> Result<live::Recheck, ServerError> {
+        let known: Arc<dyn tls::KnownDevices> = self.registry.clone();
+        let tls = tls::server_config(config.clone(), self.metrics.clone(), Some(known))?;
         let snapshot = Arc::new(Snapshot {
             config: config.clone(),
             acceptor: TlsAcceptor::from(tls),
@@ -590,20 +642,19 @@ impl Shared {
         self.broker.set_stall_timeout(config.limits.stall_timeout);
         self.broker
             .set_retained_quota(config.limits.max_retained_per_device);
-        for name in &recreated {
+        for name in recreated {
             if let Ok(device) = crate::identity::DeviceName::parse(name) {
                 self.forget_entry(&device);
             }
         }
         let scope = live::Scope::All { revalidate: true };
-        let recheck = self
+        Ok(self
             .live
-            .recheck(&config, &self.registry, &self.broker, scope)?;
-        Ok(ReloadOutcome { recheck })
+            .recheck(&config, &self.registry, &self.broker, scope)?)
     }
 
     /// The registry entry of `device` is new (provisioned, or a pinned row recreated):
-    /// whatever was held under its name belonged to a deleted entry (SPEC 4). Its
+    /// whatever was held under its name belonged to a deleted entry (contract §4). Its
     /// connections are revoked and its sessions, queued messages and wills forgotten.
     pub fn forget_entry(&self, device: &crate::identity::DeviceName) {
         let gone = crate::auth::Revoked::Deleted(device.clone());

@@ -1,4 +1,4 @@
-//! Durable broker state (SPEC 7): retained messages and persistent sessions (their
+//! Durable broker state (contract §7): retained messages and persistent sessions (their
 //! subscriptions, the QoS 1/2 messages queued or in flight for them, the inbound QoS 2
 //! packet ids), in `data_dir/messages.db`. Each message is stored once however many
 //! sessions hold it, and read back once into one `Arc` they all share (see `schema`).
@@ -52,7 +52,7 @@ pub enum StoreError {
     Foreign { path: PathBuf, found: i64 },
     #[error("{path} has schema version {found}, this certmq knows {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: i64 },
-    /// SPEC 7: a damaged file is refused at start, never used silently.
+    /// contract §7: a damaged file is refused at start, never used silently.
     #[error("{path} is damaged (SQLite quick_check: {report}); refusing to use it")]
     Damaged { path: PathBuf, report: String },
     #[error("message store error")]

@@ -1,4 +1,4 @@
-//! Reading the store back at start (SPEC 7, recovery): persistent sessions with their
+//! Reading the store back at start (contract §7, recovery): persistent sessions with their
 //! subscriptions, queued and in-flight deliveries (in order), inbound QoS 2 ids, and
 //! retained messages. Sessions and messages that expired while the broker was down are
 //! deleted here.

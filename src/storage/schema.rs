@@ -36,7 +36,7 @@ const SESSIONS: &str = "
 /// (set for a retained publish); `queue.retain` is the flag one delivery is sent with.
 /// `queue.message_id` is indexed for the triggers' "any reference left?" lookups.
 /// `retained.owner` is the device that published the retained message last, whose
-/// `max_retained_per_device` quota it counts against (SPEC 4); NULL counts for nobody
+/// `max_retained_per_device` quota it counts against (contract §4); NULL counts for nobody
 /// (rows migrated from schema 1, which did not record it).
 const MESSAGES: &str = "
     CREATE TABLE messages (
@@ -119,7 +119,7 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
         });
     }
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // Before anything is written: a damaged file is refused, never used (SPEC 7).
+    // Before anything is written: a damaged file is refused, never used (contract §7).
     if let Some(report) = crate::sqlite::quick_check(&conn).map_err(open_err)? {
         return Err(StoreError::Damaged {
             path: path.to_path_buf(),

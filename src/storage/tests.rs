@@ -115,7 +115,7 @@ fn a_fanned_out_message_is_stored_once_and_recovered_as_one_arc() {
     assert_eq!(retained.store_id.get(), m.store_id.get());
 }
 
-/// SPEC 4: the owner of a retained message (its quota) survives a restart, and follows
+/// contract §4: the owner of a retained message (its quota) survives a restart, and follows
 /// the message when another device replaces it.
 #[test]
 fn a_retained_message_keeps_its_owner() {

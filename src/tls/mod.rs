@@ -17,7 +17,7 @@ use rustls::ServerConfig;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub use verifier::{DeviceVerifier, HANDSHAKE_PEER};
+pub use verifier::{DeviceVerifier, KnownDevices, HANDSHAKE_PEER};
 
 /// Why a TLS server config could not be built (after the config validated, this means a
 /// key or certificate rustls refuses).
@@ -34,15 +34,18 @@ pub use crate::cert::provider;
 ///
 /// TLS session resumption stays on (rustls' default in-memory cache): it saves devices a
 /// full handshake, and is safe because the admission at CONNECT re-runs every check
-/// against the current config and registry (SPEC 3 step 8; rustls does not call the
+/// against the current config and registry (contract §3 step 8; rustls does not call the
 /// verifier on resumption).
+///
+/// `known`, when given, names the device a refused certificate belongs to in the log.
 pub fn server_config(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    known: Option<Arc<dyn KnownDevices>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = config.server.cert_chain.clone();
     let key = config.server.private_key.clone_key();
-    let verifier = Arc::new(DeviceVerifier::new(config, metrics));
+    let verifier = Arc::new(DeviceVerifier::new(config, metrics, known));
     let tls = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Build)?

@@ -1,4 +1,4 @@
-//! Bounded work before authentication (SPEC 3 hardening): the chain limits, the candidate
+//! Bounded work before authentication (contract §3 hardening): the chain limits, the candidate
 //! certification paths, and one signature budget for the whole handshake.
 //!
 //! Why certmq builds paths itself instead of letting webpki search: given a set of
@@ -240,6 +240,7 @@ mod tests {
                 not_after: i64::MAX,
             },
             subject: subject.to_owned(),
+            issuer: issuer.to_owned(),
             subject_der: subject.as_bytes().to_vec(),
             issuer_der: issuer.as_bytes().to_vec(),
             is_ca: true,

@@ -1,4 +1,4 @@
-//! SPEC 3 steps 2 to 4: which rule, if any, accepts a certificate chain.
+//! contract §3 steps 2 to 4: which rule, if any, accepts a certificate chain.
 //!
 //! One function, [`match_chain`], answers the question for the three callers that ask it:
 //! the rustls verifier during the handshake (refusals become TLS alerts), the admission at
@@ -8,7 +8,7 @@
 //!
 //! Path validation is delegated to webpki with ONE linear path and ONE anchor at a time as
 //! the only trust anchor, which is what makes an intermediate anchor trust exactly its own
-//! subtree and not its root's. We add only what webpki leaves out (NOTES.md, SPEC 3
+//! subtree and not its root's. We add only what webpki leaves out (NOTES.md, contract §3
 //! hardening), each where it is done:
 //! - bounded work: the chain limits, candidate paths chosen by names and key identifiers,
 //!   one signature budget per handshake ([`super::path`]);
@@ -61,7 +61,7 @@ pub enum AnchorFailure {
     #[error("{}", classify_webpki(.0).2)]
     Path(webpki::Error),
     /// A certificate on the path is listed by the CRL of one of these anchors, all of which
-    /// appear on the path (SPEC 3 hardening: every CRL on the path).
+    /// appear on the path (contract §3 hardening: every CRL on the path).
     #[error("revoked: listed by the CRL of anchor {}", .by.join(" or "))]
     Revoked { by: Vec<String> },
     #[error("the anchor certificate itself is {0}")]
@@ -76,12 +76,17 @@ pub enum AnchorFailure {
     IssuerKeyUsage { ca: String },
     #[error("name constraints: the common name {cn:?} is not a DNS name that the name constraints of CA {ca} permit")]
     NameConstraint { cn: String, ca: String },
+    /// An anchor on the path takes its CRL from a `crl_url` and has none yet (never
+    /// fetched, no `crl` file): its certificates cannot be checked for revocation, so they
+    /// are refused until the first good fetch (docs/crl.md).
+    #[error("the CRL of anchor {anchor} has not been fetched yet from {url}; its certificates cannot be checked for revocation")]
+    CrlUnavailable { anchor: String, url: String },
     /// The per-handshake budget ran out before this anchor's paths could be checked.
     #[error("not checked: the chain needs more than the per-handshake budget ({} candidate paths, {} signatures)", path::MAX_CANDIDATE_PATHS, path::SIGNATURE_BUDGET)]
     Budget,
 }
 
-/// Why no rule accepted the chain (SPEC 3 step 4).
+/// Why no rule accepted the chain (contract §3 step 4).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChainRefusal {
     #[error("no client certificate")]
@@ -114,7 +119,7 @@ pub enum ChainRefusal {
 impl ChainRefusal {
     /// The one classification of a refusal: its short, stable label for metrics and
     /// structured logs, and the certificate error whose TLS alert tells the client why
-    /// (SPEC 3 step 4). `Display` is the sentence.
+    /// (contract §3 step 4). `Display` is the sentence.
     pub fn class(&self) -> (&'static str, C) {
         match self {
             ChainRefusal::NoCertificate => ("no_certificate", C::BadEncoding),
@@ -134,7 +139,7 @@ impl ChainRefusal {
         self.class().0
     }
 
-    /// The rustls error whose alert tells the client why (SPEC 3 step 4).
+    /// The rustls error whose alert tells the client why (contract §3 step 4).
     pub fn to_rustls(&self) -> rustls::Error {
         match self {
             ChainRefusal::NoCertificate => rustls::Error::NoCertificatesPresented,
@@ -163,6 +168,7 @@ impl AnchorFailure {
             AnchorFailure::LeafKeyUsage => ("bad_key_usage", C::InvalidPurpose),
             AnchorFailure::IssuerKeyUsage { .. } => ("issuer_key_usage", C::InvalidPurpose),
             AnchorFailure::NameConstraint { .. } => ("name_constraint", C::NotValidForName),
+            AnchorFailure::CrlUnavailable { .. } => ("crl_unavailable", C::UnknownRevocationStatus),
             AnchorFailure::Budget => ("path_budget", C::ApplicationVerificationFailure),
         }
     }
@@ -202,6 +208,30 @@ pub struct ChainReport {
     pub anchors: Vec<Result<usize, AnchorFailure>>,
     pub outcome: Result<Rule, ChainRefusal>,
     pub work: Work,
+    /// When no anchor issued the chain: the CAs, nearest to the leaf first, any of which
+    /// configured as an anchor would have been this chain's trust anchor, as far as the
+    /// chain shows them (the leaf's issuer, then the issuer of each CA certificate the
+    /// client sent above it). Empty otherwise.
+    pub missing_anchor: Vec<CaName>,
+}
+
+/// A CA named by a certificate it issued: its subject and key identifier, as the
+/// issuer and authorityKeyIdentifier of that certificate say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaName {
+    pub subject: String,
+    /// As `openssl x509 -text` prints a key identifier.
+    pub key_id: Option<String>,
+}
+
+impl std::fmt::Display for CaName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.subject)?;
+        if let Some(id) = &self.key_id {
+            write!(f, " (key id {id})")?;
+        }
+        Ok(())
+    }
 }
 
 impl ChainReport {
@@ -212,11 +242,92 @@ impl ChainReport {
             anchors: Vec::new(),
             outcome: Err(refusal),
             work,
+            missing_anchor: Vec::new(),
         }
     }
 }
 
-/// Decides SPEC 3 steps 2 to 4 for the chain a client sent (leaf first).
+/// The issuer of `cert` as a [`CaName`].
+fn issuer_of(cert: &CertInfo) -> CaName {
+    CaName {
+        subject: cert.issuer.clone(),
+        key_id: cert.authority_key_id.as_deref().map(crate::cert::key_id),
+    }
+}
+
+/// See [`ChainReport::missing_anchor`]. Bounded by the chain's length (at most
+/// `path::MAX_CHAIN_CERTS`); a root the client sent ends the walk (its issuer is itself).
+fn missing_anchor(leaf: &CertInfo, sent: &[Option<CertInfo>]) -> Vec<CaName> {
+    if leaf.self_issued {
+        return Vec::new();
+    }
+    let mut out = vec![issuer_of(leaf)];
+    let mut current = leaf;
+    for _ in 0..sent.len() {
+        let above = sent
+            .iter()
+            .flatten()
+            .find(|c| c.is_ca && c.subject_der == current.issuer_der);
+        match above {
+            Some(ca) if !ca.self_issued => {
+                out.push(issuer_of(ca));
+                current = ca;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Step 3 for every candidate path, shortest first, within one signature budget: for each
+/// anchor, the length of a validated path to it, or why none validated.
+fn try_paths(
+    config: &Config,
+    search: &path::Search,
+    presented: &Presented<'_>,
+    now: UnixTime,
+    work: &mut Work,
+) -> Vec<Result<usize, AnchorFailure>> {
+    let budget = SignatureBudget::new(path::SIGNATURE_BUDGET);
+    let metered = path::metered(
+        super::provider().signature_verification_algorithms.all,
+        &budget,
+    );
+    let algorithms: Vec<&dyn SignatureVerificationAlgorithm> = metered
+        .iter()
+        .map(|m| m as &dyn SignatureVerificationAlgorithm)
+        .collect();
+    let mut results: Vec<Option<Result<usize, AnchorFailure>>> = vec![None; config.anchors.len()];
+    for candidate in &search.candidates {
+        let slot = &mut results[candidate.anchor];
+        // One validated path per anchor is enough: candidates come shortest first.
+        if matches!(slot, Some(Ok(_))) {
+            continue;
+        }
+        let result = if budget.exhausted() {
+            Err(AnchorFailure::Budget)
+        } else {
+            work.paths_tried += 1;
+            validate(config, candidate, presented, &algorithms, &budget, now)
+        };
+        if result.is_ok() || slot.is_none() {
+            *slot = Some(result);
+        }
+    }
+    work.signatures = budget.spent();
+    work.budget_exhausted = search.truncated || budget.exhausted();
+    let anchors: Vec<Result<usize, AnchorFailure>> = results
+        .into_iter()
+        .map(|r| match r {
+            Some(r) => r,
+            None if search.truncated => Err(AnchorFailure::Budget),
+            None => Err(AnchorFailure::NotInChain),
+        })
+        .collect();
+    anchors
+}
+
+/// Decides contract §3 steps 2 to 4 for the chain a client sent (leaf first).
 pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime) -> ChainReport {
     let mut work = Work {
         certificates: chain.len(),
@@ -257,6 +368,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
             anchors: Vec::new(),
             outcome,
             work,
+            missing_anchor: Vec::new(),
         };
     }
     // Step 3: path validation to each anchor; the nearest wins, then the first in the file.
@@ -280,42 +392,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
     let anchor_infos: Vec<&CertInfo> = config.anchors.iter().map(|a| &a.info).collect();
     let search = path::candidate_paths(&leaf, &presented.infos, &anchor_infos);
     work.candidate_paths = search.candidates.len();
-    let budget = SignatureBudget::new(path::SIGNATURE_BUDGET);
-    let metered = path::metered(
-        super::provider().signature_verification_algorithms.all,
-        &budget,
-    );
-    let algorithms: Vec<&dyn SignatureVerificationAlgorithm> = metered
-        .iter()
-        .map(|m| m as &dyn SignatureVerificationAlgorithm)
-        .collect();
-    let mut results: Vec<Option<Result<usize, AnchorFailure>>> = vec![None; config.anchors.len()];
-    for candidate in &search.candidates {
-        let slot = &mut results[candidate.anchor];
-        // One validated path per anchor is enough: candidates come shortest first.
-        if matches!(slot, Some(Ok(_))) {
-            continue;
-        }
-        let result = if budget.exhausted() {
-            Err(AnchorFailure::Budget)
-        } else {
-            work.paths_tried += 1;
-            validate(config, candidate, &presented, &algorithms, &budget, now)
-        };
-        if result.is_ok() || slot.is_none() {
-            *slot = Some(result);
-        }
-    }
-    work.signatures = budget.spent();
-    work.budget_exhausted = search.truncated || budget.exhausted();
-    let anchors: Vec<Result<usize, AnchorFailure>> = results
-        .into_iter()
-        .map(|r| match r {
-            Some(r) => r,
-            None if search.truncated => Err(AnchorFailure::Budget),
-            None => Err(AnchorFailure::NotInChain),
-        })
-        .collect();
+    let anchors = try_paths(config, &search, &presented, now, &mut work);
     let best = anchors
         .iter()
         .enumerate()
@@ -327,12 +404,19 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         None if work.budget_exhausted => Err(ChainRefusal::Budget),
         None => Err(first_reason(config, &anchors)),
     };
+    let missing_anchor = match outcome {
+        Err(ChainRefusal::UnknownIssuer | ChainRefusal::NoAnchors) => {
+            missing_anchor(&leaf, &presented.infos)
+        }
+        _ => Vec::new(),
+    };
     ChainReport {
         leaf: Some(leaf),
         pinned: None,
         anchors,
         outcome,
         work,
+        missing_anchor,
     }
 }
 
@@ -455,6 +539,15 @@ fn validate(
     cas.push(&anchor.info);
     rules::key_usage(chain.leaf, &cas)?;
     rules::cn_name_constraints(chain.cn.as_deref(), &cas)?;
+    // A valid path is still refused while an anchor on it cannot say what it revoked.
+    if let Some(b) = on_path.iter().find(|b| b.crl.is_none()) {
+        if let Some(url) = &b.crl_url {
+            return Err(AnchorFailure::CrlUnavailable {
+                anchor: b.name.clone(),
+                url: url.url.clone(),
+            });
+        }
+    }
     Ok(depth)
 }
 

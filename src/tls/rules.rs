@@ -1,5 +1,5 @@
 //! Checks certmq adds on a path webpki has validated, because webpki does not make them
-//! (SPEC 3 "Hardening of steps 3-6"). Pure functions over [`CertInfo`].
+//! (contract §3 "Hardening of steps 3-6"). Pure functions over [`CertInfo`].
 
 use rustls_pki_types::DnsName;
 
@@ -58,6 +58,7 @@ mod tests {
                 not_after: i64::MAX,
             },
             subject: "CN=Site A CA".to_owned(),
+            issuer: "CN=Root".to_owned(),
             subject_der: Vec::new(),
             issuer_der: Vec::new(),
             is_ca: true,

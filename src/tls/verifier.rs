@@ -1,4 +1,4 @@
-//! The rustls client-certificate verifier: SPEC 3 steps 1 to 4 at handshake time.
+//! The rustls client-certificate verifier: contract §3 steps 1 to 4 at handshake time.
 //!
 //! It composes rather than replaces: the decision is [`policy::match_chain`] (webpki path
 //! validation per anchor plus pinning); TLS 1.2/1.3 handshake signatures are checked by
@@ -13,7 +13,7 @@
 //!
 //! - the work is kept off the tokio workers that serve established sessions
 //!   (`block_in_place` on a multi-thread runtime) and at most [`verification_slots`]
-//!   chains are verified at once in the process (SPEC 3: bounded work before
+//!   chains are verified at once in the process (contract §3: bounded work before
 //!   authentication; the work of one verification is bounded in [`super::path`]).
 //!
 //! A refusal is logged here, once, with the peer address (from the task-local set by the
@@ -40,21 +40,50 @@ tokio::task_local! {
     pub static HANDSHAKE_PEER: SocketAddr;
 }
 
+/// Which device, if any, the registry binds to a certificate: a refusal at TLS names it,
+/// so that an operator reading "expired" or "unknown issuer" knows whose device it is.
+pub trait KnownDevices: Send + Sync + std::fmt::Debug {
+    /// The name of the device whose current certificate has `fingerprint`. Blocking (a
+    /// registry read): called off the async workers, for logged refusals only.
+    fn device_with(&self, fingerprint: &Fingerprint) -> Option<String>;
+}
+
 /// Verifies client certificates against one loaded [`Config`]. A reload builds a new one.
 #[derive(Debug)]
 pub struct DeviceVerifier {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    known: Option<Arc<dyn KnownDevices>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl DeviceVerifier {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> DeviceVerifier {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        known: Option<Arc<dyn KnownDevices>>,
+    ) -> DeviceVerifier {
         DeviceVerifier {
             config,
             metrics,
+            known,
             algorithms: super::provider().signature_verification_algorithms,
         }
+    }
+}
+
+impl DeviceVerifier {
+    /// The configured anchors as a refusal line lists them: `fleet,backend`, or `-`.
+    fn anchor_names(&self) -> String {
+        if self.config.anchors.is_empty() {
+            return "-".to_owned();
+        }
+        self.config
+            .anchors
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -84,28 +113,41 @@ impl ClientCertVerifier for DeviceVerifier {
             let _slot = Slot::acquire();
             policy::match_chain(&self.config, &chain, now)
         });
-        match report.outcome {
+        match &report.outcome {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(refusal) => {
                 self.metrics.auth_refused(refusal.label());
                 let peer = HANDSHAKE_PEER.try_with(|p| *p).ok();
-                // Rate-limited per peer address (SPEC 10); the metric counts every one.
+                // Rate-limited per peer address (contract §10); the metric counts every one.
                 let suppressed = match peer {
                     Some(p) => crate::logline::refusal_allowed(p.ip()),
                     None => Some(0),
                 };
                 if let Some(suppressed) = suppressed {
                     let fingerprint = Fingerprint::of(end_entity);
+                    let device = self
+                        .known
+                        .as_ref()
+                        .and_then(|k| off_the_workers(|| k.device_with(&fingerprint)));
+                    let issuer = report.leaf.as_ref().map(|l| l.issuer.as_str());
+                    // For an unknown issuer, what was configured instead.
+                    let anchors = matches!(
+                        refusal,
+                        policy::ChainRefusal::UnknownIssuer | policy::ChainRefusal::NoAnchors
+                    )
+                    .then(|| self.anchor_names());
                     tracing::warn!(
                         target: "certmq::auth",
                         peer = %peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                         %fingerprint,
                         rule = "-",
-                        device = "-",
+                        device = device.as_deref().unwrap_or("-"),
                         result = "refused",
                         stage = "tls",
                         reason = refusal.label(),
-                        // The sentence can quote the certificate's names: escaped.
+                        // Peer-chosen names: recorded as strings, so quoted and escaped.
+                        issuer = issuer.unwrap_or("-"),
+                        anchors = anchors.as_deref(),
                         detail = ?refusal.to_string(),
                         suppressed,
                         "refused at TLS"

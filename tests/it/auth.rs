@@ -1,4 +1,4 @@
-//! SPEC 3 end to end: a real broker on 127.0.0.1:0, real MQTT clients (rumqttc) over
+//! contract §3 end to end: a real broker on 127.0.0.1:0, real MQTT clients (rumqttc) over
 //! mutual TLS, one test per acceptance path and per refusal reason, each with its own
 //! fixture certificates.
 
@@ -30,13 +30,7 @@ async fn accepts_chain_with_intermediate_and_provisions() {
     let d = registry(&fx).get("dev-001").unwrap().expect("provisioned");
     assert_eq!(d.source.as_str(), "fleet");
     assert_eq!(d.fingerprint, certmq::cert::Fingerprint::of(&dev.cert_der));
-    assert_eq!(
-        broker
-            .metrics
-            .devices_provisioned
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(broker.metrics.devices_provisioned.get(), 1);
 }
 
 #[tokio::test]

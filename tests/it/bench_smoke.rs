@@ -1,4 +1,4 @@
-//! Smoke test of the load generator (`benches/load`, SPEC 11): every workload at a tiny
+//! Smoke test of the load generator (`benches/load`, contract §11): every workload at a tiny
 //! size against a real certmq broker in this process, plus the generator's codec,
 //! percentile and /proc readers. Counts are asserted (every connection accepted, every
 //! acknowledged QoS 1 message delivered), never timings: the machine is shared.

@@ -1,4 +1,4 @@
-//! SPEC 1 black-box, the commands that read or change the device registry: `explain`,
+//! contract §1 black-box, the commands that read or change the device registry: `explain`,
 //! `devices ...`, and `check` against a registry that holds a pinned name for an anchor.
 //! Registries are filled the way they are in production: a real broker (in this process,
 //! on 127.0.0.1:0) provisions devices from real TLS connections, and is stopped before the
@@ -55,7 +55,7 @@ fn rfc3339(v: &Value) -> OffsetDateTime {
     OffsetDateTime::parse(s, &Rfc3339).unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"))
 }
 
-/// Asserts the SPEC 1 device object: exactly these fields, each of its type.
+/// Asserts the contract §1 device object: exactly these fields, each of its type.
 #[track_caller]
 fn assert_device(v: &Value, name: &str, source: &str, cert_der: &[u8], enabled: bool) {
     let keys: BTreeSet<&str> = v
@@ -69,10 +69,12 @@ fn assert_device(v: &Value, name: &str, source: &str, cert_der: &[u8], enabled: 
         "source",
         "fingerprint",
         "enabled",
+        // Beyond the contract's list: connected to the running broker (null: none runs).
+        "online",
         "not_after",
         "created_at",
         "last_seen_at",
-        // Beyond SPEC 1's list: what the device's sessions could not take (SPEC 7).
+        // Beyond contract §1's list: what the device's sessions could not take (contract §7).
         "dropped_messages",
     ];
     assert_eq!(keys, expected.into_iter().collect(), "{v}");
@@ -166,7 +168,7 @@ fn explain_prints_numbered_steps() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     let fingerprint = Fingerprint::of(&dev.cert_der).to_hex();
     let expected_starts = [
-        "1. certificate: subject CN=dev-001.devices.example.com, fingerprint ",
+        "1. certificate: subject CN=dev-001.devices.example.com, issuer CN=Test Fleet CA, fingerprint ",
         "2. pinned: no [[device]] has this fingerprint",
         "3. anchor fleet: valid path with 0 intermediate(s)",
         "   chosen: anchor fleet",

@@ -45,11 +45,15 @@ async fn a_node_is_unhealthy_without_nats_and_recovers_by_itself() {
     )
     .await;
     wait_health(&node, 200).await;
+    let series = "certmq_cluster_nats_connected{node=\"a\"}";
+    assert_eq!(node.metric(series).await, Some(1.0));
     nats.stop();
     let body = wait_health(&node, 503).await;
     assert!(body.contains("not connected to NATS"), "{body}");
+    assert_eq!(node.metric(series).await, Some(0.0));
     nats.restart();
     wait_health(&node, 200).await;
+    assert_eq!(node.metric(series).await, Some(1.0));
 }
 
 #[tokio::test]
@@ -827,4 +831,25 @@ async fn a_delayed_will_is_cancelled_by_a_connection_on_another_node() {
     t.a.wait_line("will not published here").await;
     let more = within(&mut on_b, Duration::from_secs(3)).await;
     assert!(more.is_none(), "the device is back: {more:?}");
+}
+
+/// The example node configs in contrib/cluster/ are valid but for the certificate files
+/// an operator puts in /etc/certmq: no unknown key, no bad value.
+#[test]
+fn the_example_cluster_configs_hold_no_problem_but_the_missing_certificates() {
+    let fx = Fixture::new();
+    for node in ["a", "b"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("contrib/cluster/certmq-{node}.toml"));
+        let out = certmq(fx.dir.path(), &["check", "--config", arg(&path)]);
+        assert_eq!(out.code, Some(1), "{out:?}");
+        let problems: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("  "))
+            .filter(|l| !l.contains("/etc/certmq/"))
+            .collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert!(out.stderr.contains("3 problem(s)"), "{out:?}");
+    }
 }

@@ -1,4 +1,4 @@
-//! SPEC 7 end to end: acknowledged means kept. The broker runs as a real `certmq serve`
+//! contract §7 end to end: acknowledged means kept. The broker runs as a real `certmq serve`
 //! child process and is SIGKILLed (`kill -9`) at seeded pseudo-random points; every
 //! message it acknowledged must come out after a restart on the same `data_dir`, QoS 2
 //! exactly once, retained messages and provisioned devices included. A full disk refuses
@@ -346,7 +346,7 @@ async fn inbound_qos2_id_survives_kill_9_and_is_not_routed_twice() {
     assert_eq!(rx.got.get(&7), Some(&1), "{:?}", rx.got);
 }
 
-/// SPEC 7: a full disk refuses new QoS 1/2 messages and provisioning instead of
+/// contract §7: a full disk refuses new QoS 1/2 messages and provisioning instead of
 /// acknowledging them; QoS 0 keeps flowing; space coming back brings the store back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_refuses_what_it_cannot_keep_and_recovers() {
@@ -656,7 +656,7 @@ enum Out {
     Done,
 }
 
-/// SPEC 7 (issue 10's kill -9 loop): a publisher pipelines more QoS 2 messages than the
+/// contract §7 (the kill -9 loop): a publisher pipelines more QoS 2 messages than the
 /// in-flight window (64) — all at once over MQTT 3.1.1, which cannot be told a limit; over
 /// MQTT 5 once beyond the Receive Maximum (DISCONNECT 0x93), then within it — and after
 /// every kill -9 resends its unfinished backlog. Every message arrives exactly once.

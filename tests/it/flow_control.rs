@@ -1,4 +1,4 @@
-//! Flow control (SPEC 9): publishers are paced to their consumers, so a subscriber that
+//! Flow control (contract §9): publishers are paced to their consumers, so a subscriber that
 //! keeps reading, however slowly, receives every QoS 1/2 message that was acknowledged; a
 //! stalled subscriber paces nobody after `stall_timeout`; and a publisher whose messages do
 //! not reach a full session is never slowed. A real broker in this process, real TLS, a
@@ -107,13 +107,7 @@ async fn slow_reader_gets_everything(v: V, qos: u8) {
         assert!(codes.iter().all(|c| *c == 0), "acknowledgements: {codes:?}");
     }
     assert_eq!(got.len(), total);
-    assert_eq!(
-        broker
-            .metrics
-            .messages_sent
-            .load(std::sync::atomic::Ordering::Relaxed) as usize,
-        total
-    );
+    assert_eq!(broker.metrics.messages_sent.get() as usize, total);
 }
 
 both_versions! {
@@ -154,12 +148,7 @@ async fn a_full_session_does_not_slow_an_unrelated_publisher() {
     // full, and one more message waits for room.
     let held = 64 + 5 + 1;
     tokio::time::timeout(WAIT, async {
-        while broker
-            .metrics
-            .messages_received
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < held
-        {
+        while broker.metrics.messages_received.get() < held {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -172,10 +161,7 @@ async fn a_full_session_does_not_slow_an_unrelated_publisher() {
         assert_eq!(reader.recv().await.payload, [i]);
     }
     // A is still held: nothing more of it was taken while B went through.
-    let received = broker
-        .metrics
-        .messages_received
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let received = broker.metrics.messages_received.get();
     assert_eq!(received, held + 100, "publisher A was not paced");
     paced.abort();
 }

@@ -1,4 +1,4 @@
-//! SPEC 3 "Hardening of steps 3-6", end to end: a real broker on 127.0.0.1:0, real TLS
+//! contract §3 "Hardening of steps 3-6", end to end: a real broker on 127.0.0.1:0, real TLS
 //! clients, certificates built per test. One test per refusal reason; each asserts the TLS
 //! alert the client receives and the reason counted in `certmq_auth_refusals_total`.
 //!

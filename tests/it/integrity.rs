@@ -1,4 +1,4 @@
-//! Message integrity (SPEC 7 "No silent loss"): an inbound QoS 2 packet id is recorded only
+//! Message integrity (contract §7 "No silent loss"): an inbound QoS 2 packet id is recorded only
 //! for a message the broker accepts, so a client over its Receive Maximum loses nothing.
 
 use crate::common::coretests::both_versions;
@@ -129,7 +129,7 @@ both_versions! {
         => qos2_over_the_window_loses_nothing;
 }
 
-/// SPEC 7, no silent loss: a message an offline persistent session cannot queue is not
+/// contract §7, no silent loss: a message an offline persistent session cannot queue is not
 /// acknowledged as a success to an MQTT 5 publisher (0x97), and every such drop is counted
 /// (metric per reason, `devices show` per device), for 3.1.1 publishers too.
 #[tokio::test]

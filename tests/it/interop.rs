@@ -1,7 +1,7 @@
 //! Interoperability with the broker's peers in the field: Mosquitto's command-line clients
 //! (`mosquitto_pub` / `mosquitto_sub`, MQTT 3.1.1 and 5) and Python's paho-mqtt 2.x,
 //! spawned as real programs against a real broker on 127.0.0.1:0 over mutual TLS; and the
-//! README's `mosquitto_pub` examples run verbatim against the shipped config.
+//! README's `mosquitto_pub` examples run verbatim against a demo PKI like `certs-example/`.
 //!
 //! Readiness without sleeps: a subscriber is known to be subscribed when it prints a
 //! retained marker published before it started. Absence ("the denied message was not
@@ -20,7 +20,7 @@ use crate::common::interop::{
 use crate::common::{self_signed, Broker, Fixture};
 use tokio::process::Command;
 
-/// The repository root: the README, `config/` and `certs-example/` live there.
+/// The repository root: the README and the paho script live there.
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -260,7 +260,7 @@ async fn mosquitto_refused_at_connect_says_not_authorised() {
         return;
     }
     let b = Bench::start().await;
-    // Trusted chain, but cn_regex does not match: refused at CONNECT (SPEC 3 step 5).
+    // Trusted chain, but cn_regex does not match: refused at CONNECT (contract §3 step 5).
     let intruder = Bench::device(&b.fx, "intruder", "intruder.example.org");
     let args = ["-q", "1", "-t", "devices/intruder/x", "-m", "x"];
     let v311 = b.publish(&intruder, Version::V311, &args).await;
@@ -437,36 +437,32 @@ fn readme_examples(readme: &str) -> Vec<String> {
         .collect()
 }
 
-/// The shipped config with only `bind`, `admin_bind` and `data_dir` changed, written to
-/// `dir/config/certmq.toml` next to a `dir/certs-example` link, so its relative paths
-/// (`../certs-example/...`) resolve as they do in the repository.
-fn shipped_config_copy(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("config/certmq.toml")).expect("config");
-    let (mut bind, mut data_dir) = (0, 0);
-    let data = dir.join("data");
+/// A fresh `certmq demo-pki` PKI in `dir/certs-example` (what the repository's
+/// `certs-example/` is), its config listening on 127.0.0.1:0 (data_dir is its `data`
+/// folder). The README examples run with `dir` as their working directory, so their
+/// `certs-example/...` paths resolve here: nothing in the working tree is read, and an
+/// edited `config/certmq.toml` (the README's "Add a trust anchor" recipe) or
+/// `certs-example/` cannot break this test. `.ci/run` runs the same examples against the
+/// repository's own config and certificates.
+fn demo_config(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs-example");
+    let files = certmq::pki::write_demo(&certs, 30).expect("demo-pki");
+    let text = std::fs::read_to_string(&files.config).expect("config");
+    let mut binds = 0;
     let rewritten: Vec<String> = text
         .lines()
         .map(|line| {
             if line.starts_with("bind =") {
-                bind += 1;
+                binds += 1;
                 "bind = \"127.0.0.1:0\"".to_owned()
-            } else if line.starts_with("admin_bind =") {
-                "admin_bind = \"127.0.0.1:0\"".to_owned()
-            } else if line.starts_with("data_dir =") {
-                data_dir += 1;
-                format!("data_dir = {:?}", data.to_str().expect("UTF-8 tempdir"))
             } else {
                 line.to_owned()
             }
         })
         .collect();
-    assert_eq!((bind, data_dir), (1, 1), "config/certmq.toml changed shape");
-    std::fs::create_dir(dir.join("config")).expect("mkdir");
-    std::os::unix::fs::symlink(repo().join("certs-example"), dir.join("certs-example"))
-        .expect("symlink");
-    let path = dir.join("config/certmq.toml");
-    std::fs::write(&path, rewritten.join("\n") + "\n").expect("write config");
-    path
+    assert_eq!(binds, 1, "the demo config changed shape");
+    std::fs::write(&files.config, rewritten.join("\n") + "\n").expect("write config");
+    files.config
 }
 
 /// The value after `flag` in a command's words.
@@ -481,7 +477,7 @@ fn arg_after<'a>(words: &'a [String], flag: &str) -> &'a str {
 }
 
 #[tokio::test]
-async fn readme_mosquitto_examples_work_against_the_shipped_config() {
+async fn readme_mosquitto_examples_work_against_a_demo_pki() {
     if !mosquitto_available() {
         return;
     }
@@ -489,9 +485,9 @@ async fn readme_mosquitto_examples_work_against_the_shipped_config() {
     let examples = readme_examples(&readme);
     assert!(!examples.is_empty(), "no mosquitto_pub examples in README");
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(&shipped_config_copy(dir.path())).await;
+    let broker = Broker::start(&demo_config(dir.path())).await;
     let port = broker.addr.port();
-    let certs = repo().join("certs-example");
+    let certs = dir.path().join("certs-example");
     let backend = Creds::files(
         &certs.join("root.pem"),
         &certs.join("backend.pem"),
@@ -518,7 +514,7 @@ async fn readme_mosquitto_examples_work_against_the_shipped_config() {
         ));
         let line = example.replace(" -p 8883 ", &format!(" -p {port} "));
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(&line).current_dir(repo());
+        cmd.arg("-c").arg(&line).current_dir(dir.path());
         run(&line, cmd).await.assert_success();
     }
     let done = sub.finish().await;

@@ -1,4 +1,4 @@
-//! SPEC 2: the server key may be PKCS#8, SEC1 or PKCS#1 PEM. rcgen writes PKCS#8 only, so
+//! contract §2: the server key may be PKCS#8, SEC1 or PKCS#1 PEM. rcgen writes PKCS#8 only, so
 //! the other two forms are fixed files (tests/fixtures/keys, made with openssl).
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Identity and session lifecycle (SPEC 3 "Hardening", SPEC 4 "A session lives only as long
+//! Identity and session lifecycle (contract §3 "Hardening", contract §4 "A session lives only as long
 //! as its identity"): a session never outlives the decision that admitted it. Each test
 //! reproduces one way a session used to outlive it — a narrowed profile, a deleted device, a
 //! deleted pinned name, a rotation, a disabled device's delayed will — against `certmq
@@ -446,7 +446,7 @@ async fn a_client_id_cannot_forge_log_fields_or_lines() {
     );
 }
 
-/// SPEC 3 "Names people can read": a CN whose name part holds a zero-width space (or a
+/// contract §3 "Names people can read": a CN whose name part holds a zero-width space (or a
 /// bidi override) is refused at CONNECT and provisions nothing, so `devices list` can never
 /// show two identical-looking `pump-1` rows.
 #[tokio::test]

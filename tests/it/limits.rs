@@ -1,4 +1,4 @@
-//! SPEC 9, limits and hostile input end to end: raw bytes over TLS and plain TCP against a
+//! contract §9, limits and hostile input end to end: raw bytes over TLS and plain TCP against a
 //! real broker. Each case shows the offender is closed (MQTT 5: with the matching
 //! DISCONNECT first) and that the broker keeps serving everyone else.
 

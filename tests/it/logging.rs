@@ -1,4 +1,4 @@
-//! `[log]` (SPEC 2, 10): JSON lines that every parser reads, one per event, with a peer's
+//! `[log]` (contract §2, 10): JSON lines that every parser reads, one per event, with a peer's
 //! values escaped; the level from the file, overridden by `RUST_LOG`; an invalid level is a
 //! config problem.
 
@@ -128,7 +128,7 @@ fn an_invalid_level_is_a_config_problem() {
     assert!(run.stderr.contains("log.level"), "{}", run.stderr);
 }
 
-/// SPEC 10: `/metrics` has HELP and TYPE lines for every family, before its samples; the
+/// contract §10: `/metrics` has HELP and TYPE lines for every family, before its samples; the
 /// expiry gauges, build info and process metrics are there; a fresh start counts as a
 /// successful load of the configuration.
 #[tokio::test]

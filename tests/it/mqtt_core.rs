@@ -1,4 +1,4 @@
-//! SPEC 6, black-box: QoS 0, 1 and 2 end to end with their acknowledgement flows,
+//! contract §6, black-box: QoS 0, 1 and 2 end to end with their acknowledgement flows,
 //! overlapping subscriptions of one session, and QoS 2 exactly-once across a reconnect in
 //! the middle of the exchange, both directions. Sessions, keep alive and wills are in
 //! `mqtt_core_sessions.rs`; retained messages, wildcards, ACLs, the `me` alias and shared

@@ -1,4 +1,4 @@
-//! SPEC 5 and 6, black-box: retained messages, `+` / `#` wildcards and `$` topics, publish
+//! contract §5 and 6, black-box: retained messages, `+` / `#` wildcards and `$` topics, publish
 //! and subscribe ACLs with deny lists, the ThingsBoard `v1/devices/me/` alias both ways,
 //! and shared subscriptions.
 

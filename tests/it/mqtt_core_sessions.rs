@@ -1,4 +1,4 @@
-//! SPEC 4 and 6, black-box: persistent sessions catching up, clean sessions, session
+//! contract §4 and 6, black-box: persistent sessions catching up, clean sessions, session
 //! takeover keyed by (device, client id), keep alive at 1.5x, and will messages.
 
 use std::time::{Duration, Instant};
@@ -143,7 +143,7 @@ async fn same_device_same_client_id_takes_over_v5_with_disconnect_0x8e() {
     assert_eq!(second.recv_until_marker().await, vec![]);
 }
 
-/// SPEC 4: the session key is (device, client id): dev-1 and dev-2 both using "same" stay
+/// contract §4: the session key is (device, client id): dev-1 and dev-2 both using "same" stay
 /// connected side by side and each gets its own messages.
 async fn two_devices_same_client_id(v: V) {
     let s = Setup::new().await;

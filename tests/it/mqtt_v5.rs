@@ -1,4 +1,4 @@
-//! SPEC 6, MQTT 5 features end to end: a real broker on 127.0.0.1:0 over mutual TLS, a
+//! contract §6, MQTT 5 features end to end: a real broker on 127.0.0.1:0 over mutual TLS, a
 //! scripted MQTT 5 client (rumqttc's codec, `crate::common::v5tests`) where a test must control
 //! every packet, and rumqttc's own event loop where a plain client is enough. Subscription
 //! options, shared subscriptions and retain handling are in `mqtt_v5_subscriptions.rs`.

@@ -1,4 +1,4 @@
-//! SPEC 6, MQTT 5 delivery end to end: subscription identifiers, no local, retain as
+//! contract §6, MQTT 5 delivery end to end: subscription identifiers, no local, retain as
 //! published, retain handling, shared subscriptions with options, and the client's own
 //! limits (Receive Maximum, Maximum Packet Size) as the broker must honour them. A real
 //! broker over mutual TLS, a scripted MQTT 5 client (`crate::common::v5tests`).

@@ -1,4 +1,4 @@
-//! The operator's commands around a running broker (SPEC 1): `certmq reload` reaches the
+//! The operator's commands around a running broker (contract §1): `certmq reload` reaches the
 //! broker of one `data_dir` and no other, two brokers never share a `data_dir`, and the
 //! config file is found without `--config` the documented way.
 
@@ -189,7 +189,7 @@ async fn a_backup_of_a_running_broker_restores_into_another() {
     assert_eq!(r.recv().await.payload, b"retained");
 }
 
-/// `check` meets what `serve` would (SPEC 1): a listening address in use, a data_dir that
+/// `check` meets what `serve` would (contract §1): a listening address in use, a data_dir that
 /// cannot be written; yet it passes while this data_dir's own broker holds the ports.
 #[tokio::test]
 async fn check_finds_a_port_in_use_and_an_unwritable_data_dir() {

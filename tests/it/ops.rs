@@ -1,4 +1,4 @@
-//! Operations black-box (SPEC 1, 8, 10): `certmq serve` as a real subprocess, driven the
+//! Operations black-box (contract §1, 8, 10): `certmq serve` as a real subprocess, driven the
 //! way an operator or systemd drives it — edit the TOML file and send SIGHUP, run
 //! `certmq devices ...` next to it, scrape `/metrics`, send SIGTERM — and watched from
 //! real TLS clients. Every wait is bounded and waits for an event (a log line, a packet,
@@ -387,7 +387,7 @@ async fn resumed_tls_of_a_deleted_device_is_refused_at_connect() {
     );
     assert_eq!(run.code, Some(0), "{run:#?}");
     // The server config did not change, so TLS resumes and skips the certificate checks:
-    // the CONNECT admission alone must refuse (SPEC 3 step 8).
+    // the CONNECT admission alone must refuse (contract §3 step 8).
     let (ack, tls) = client
         .raw_first_packet(broker.mqtt, &RawConnect::new(V::V4, "d").bytes())
         .await

@@ -1,4 +1,4 @@
-//! Per-device and per-session bounds that must never lose anything silently (SPEC 2, 4, 7):
+//! Per-device and per-session bounds that must never lose anything silently (contract §2, 4, 7):
 //! `max_session_expiry` (MQTT 5 expiry capped and announced in CONNACK; MQTT 3.1.1
 //! persistent sessions expire too), `max_retained_per_device` (v5 PUBACK 0x97, counted
 //! drops otherwise, ownership kept across a restart), and retained messages on SUBSCRIBE
@@ -83,7 +83,7 @@ async fn v311_persistent_session_expires_after_max_session_expiry() {
     assert!(!again.session_present, "the expired session was resumed");
 }
 
-/// SPEC 4: a device holds at most `max_retained_per_device` retained topics. One more is
+/// contract §4: a device holds at most `max_retained_per_device` retained topics. One more is
 /// refused to an MQTT 5 QoS 1 publisher with 0x97 and a reason string; a QoS 0 one is
 /// dropped and counted; neither reaches subscribers. Replacing its own topic and clearing one
 /// (which frees the slot) always work.
@@ -268,7 +268,7 @@ async fn seed_retained(fx: &Fixture, broker: &Broker) {
     }
 }
 
-/// SPEC 7: "Retained messages matching a new subscription are all delivered, paced by flow
+/// contract §7: "Retained messages matching a new subscription are all delivered, paced by flow
 /// control, however many": 5,000 retained topics reach a new `retained/#` subscription of
 /// an MQTT 5 and of an MQTT 3.1.1 client, five times `max_queued_messages`.
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! SPEC 7 "No silent loss", the store's own part: a message reaching many persistent
+//! contract §7 "No silent loss", the store's own part: a message reaching many persistent
 //! sessions is stored once and comes back once (memory and disk after a restart match
 //! those before it), a store written by the previous schema opens with everything it held,
 //! a graceful stop leaves self-contained database files, a damaged file is refused at start,
@@ -18,7 +18,7 @@ use crate::common::durability::{fill, Tmpfs};
 use crate::common::ops::{config_with_limits, pinned_backend, serve_expecting_exit, Proc};
 use crate::common::{Client, Fixture, WAIT};
 
-/// How long a graceful stop may take (SPEC 1: within the grace period).
+/// How long a graceful stop may take (contract §1: within the grace period).
 const STOP: Duration = Duration::from_secs(15);
 
 /// A fixture whose config has the fleet anchor, a pinned `backend` that may publish and
@@ -59,7 +59,7 @@ impl Site {
     }
 }
 
-/// SIGTERM, and the exit status must be success (SPEC 1).
+/// SIGTERM, and the exit status must be success (contract §1).
 async fn stop(mut broker: Proc) {
     broker.signal("TERM");
     let status = broker.wait_exit(STOP).await;
@@ -129,7 +129,7 @@ fn count(db: &Path, sql: &str) -> i64 {
     c.query_row(sql, [], |r| r.get(0)).expect(sql)
 }
 
-/// SPEC 7: "a message reaching many sessions is stored once and referenced by each, so
+/// contract §7: "a message reaching many sessions is stored once and referenced by each, so
 /// memory and disk after a restart match those before it". Twenty offline persistent
 /// sessions share a backlog of 16 KiB messages; the broker's RSS and the message store's
 /// size after a restart stay close to those before it, every message is still delivered,
@@ -197,7 +197,7 @@ async fn restart_keeps_memory_and_disk_of_a_fanned_out_backlog() {
 
 /// Copies the committed v1 fixture (see `tests/fixtures/store-v1/README.md`) into the
 /// site's data_dir as its message store, beside the registry that goes with it: sessions
-/// belong to registry entries (SPEC 4), so a message store without its registry would
+/// belong to registry entries (contract §4), so a message store without its registry would
 /// rightly start empty. A first run enters the pinned backend and provisions dev-2.
 async fn install_v1_fixture(site: &Site) {
     let mut broker = site.start().await;
@@ -334,7 +334,7 @@ async fn a_schema_1_message_store_opens_with_everything_it_held() {
     assert_eq!(count(&site.db("messages.db"), "PRAGMA user_version"), 2);
 }
 
-/// SPEC 7: "A graceful stop leaves a self-contained database (WAL checkpointed)": after
+/// contract §7: "A graceful stop leaves a self-contained database (WAL checkpointed)": after
 /// SIGTERM no write-ahead log holds anything, and the two `.db` files alone, copied to a
 /// fresh data_dir, are the whole store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,7 +427,7 @@ fn damage_free_list(db: &Path) {
     std::fs::write(db, bytes).expect("write");
 }
 
-/// SPEC 7: a damaged file is never used silently. Each database, damaged where starting
+/// contract §7: a damaged file is never used silently. Each database, damaged where starting
 /// does not look, makes `certmq serve` exit 1 naming the file, and the file is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_database_is_refused_at_start_naming_the_file() {
@@ -459,7 +459,7 @@ async fn damaged_database_is_refused_at_start_naming_the_file() {
     }
 }
 
-/// SPEC 7: "`/healthz` is unhealthy while either database cannot commit": a full disk makes
+/// contract §7: "`/healthz` is unhealthy while either database cannot commit": a full disk makes
 /// the message store fail its commits while the registry, only read, still answers; health
 /// must say so, and be healthy again once space is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

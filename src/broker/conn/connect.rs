@@ -1,5 +1,5 @@
-//! CONNECT handling: the admission decision (SPEC 3) and the client identifier rules
-//! (SPEC 4), mapped to CONNACK return codes (MQTT 3.1.1) and reason codes (MQTT 5).
+//! CONNECT handling: the admission decision (contract §3) and the client identifier rules
+//! (contract §4), mapped to CONNACK return codes (MQTT 3.1.1) and reason codes (MQTT 5).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,6 +28,8 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5: how many topic aliases the client accepts from us (absent: 0).
+    pub topic_alias_max: u16,
     /// MQTT 5 Request Problem Information (default 1).
     pub problem_info: bool,
     /// MQTT 5 Authentication Method: enhanced authentication, which certmq does not offer.
@@ -35,7 +37,7 @@ pub struct ConnectRequest {
 }
 
 impl ConnectRequest {
-    /// Username and password are ignored (SPEC 3): identity comes from the certificate.
+    /// Username and password are ignored (contract §3): identity comes from the certificate.
     pub fn from_packet(connect: &Connect) -> ConnectRequest {
         match connect {
             Connect::V311(c) => ConnectRequest {
@@ -46,6 +48,7 @@ impl ConnectRequest {
                 session_expiry: None,
                 receive_maximum: None,
                 max_packet_size: None,
+                topic_alias_max: 0,
                 problem_info: true,
                 authentication_method: None,
             },
@@ -59,6 +62,7 @@ impl ConnectRequest {
                     session_expiry: p.and_then(|p| p.session_expiry_interval),
                     receive_maximum: p.and_then(|p| p.receive_maximum),
                     max_packet_size: p.and_then(|p| p.max_packet_size),
+                    topic_alias_max: p.and_then(|p| p.topic_alias_max).unwrap_or(0),
                     problem_info: p.and_then(|p| p.request_problem_info) != Some(0),
                     authentication_method: p.and_then(|p| p.authentication_method.clone()),
                 }
@@ -77,7 +81,7 @@ pub enum WillRefusal {
 }
 
 /// The will of a CONNECT, with the `me` alias applied and the publish ACL checked
-/// (SPEC 5, 6): a device learns at CONNECT that its will could never be published.
+/// (contract §5, 6): a device learns at CONNECT that its will could never be published.
 pub fn will(connect: &Connect, device: &str, acl: &DeviceAcl) -> Result<Option<Will>, WillRefusal> {
     let now = Message::now();
     let (topic, payload, qos, retain, delay, expiry, props) = match connect {
@@ -166,7 +170,7 @@ pub struct ClientId {
     pub assigned: bool,
 }
 
-/// SPEC 4: an empty client id is assigned one; 3.1.1 with clean session 0 is refused.
+/// contract §4: an empty client id is assigned one; 3.1.1 with clean session 0 is refused.
 pub fn client_id(req: &ConnectRequest) -> Result<ClientId, ClientIdRefusal> {
     if !req.client_id.is_empty() {
         return Ok(ClientId {
@@ -195,7 +199,7 @@ fn assign_id() -> String {
     format!("certmq-{t:x}-{n:x}")
 }
 
-/// The keep alive the broker enforces, in seconds (SPEC 6, 9): the client's value capped
+/// The keep alive the broker enforces, in seconds (contract §6, 9): the client's value capped
 /// at `max_keep_alive`. A client asking for none (0) still gets `max_keep_alive`, so that
 /// no wait on a peer is unbounded. MQTT 5 clients are told via Server Keep Alive.
 pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
@@ -206,8 +210,20 @@ pub fn effective_keep_alive(requested: u16, max_keep_alive: u16) -> u16 {
     }
 }
 
+/// A CONNACK (or any packet) within the client's Maximum Packet Size: its reason string
+/// and user properties left out if need be (MQTT-3.2.2-19/20); None when even that does
+/// not fit (a client stating less than 5 bytes), then the connection just closes.
+pub fn within_client_max(ack: Packet, req: &ConnectRequest) -> Option<Packet> {
+    codec::fit(ack, req.max_packet_size.map(|m| m as usize)).ok()
+}
+
 /// A successful CONNACK. `session_expiry`: MQTT 5 Session Expiry Interval to announce
 /// when the broker uses less than the client asked for (`broker::expiry::granted`).
+///
+/// Err when it is larger than the client's Maximum Packet Size (MQTT-3.1.2-24: never sent
+/// then): the CONNACK 0x95 "Packet too large" to send instead, if even that fits.
+// Built once per connection and sent at once: a large Err costs less than a Box would.
+#[allow(clippy::result_large_err)]
 pub fn connack_success(
     req: &ConnectRequest,
     id: &ClientId,
@@ -216,8 +232,8 @@ pub fn connack_success(
     receive_maximum: u16,
     max_packet_size: usize,
     session_expiry: Option<u32>,
-) -> Packet {
-    match req.protocol {
+) -> Result<Packet, Option<Packet>> {
+    let ack = match req.protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::Success,
             session_present,
@@ -238,10 +254,13 @@ pub fn connack_success(
                 properties: Some(properties),
             }))
         }
-    }
+    };
+    within_client_max(ack, req).ok_or_else(|| {
+        within_client_max(bare_v5_refusal(v5::ConnectReturnCode::PacketTooLarge), req)
+    })
 }
 
-/// The CONNACK that refuses an admission (SPEC 3: code 5 / 0x87 with a reason string; a
+/// The CONNACK that refuses an admission (contract §3: code 5 / 0x87 with a reason string; a
 /// registry that cannot answer is "server unavailable", code 3 / 0x88).
 pub fn connack_refused(protocol: Protocol, refused: &Refused) -> Packet {
     let unavailable = matches!(refused, Refused::Store(_));
@@ -289,7 +308,7 @@ pub fn connack_bad_client_id(protocol: Protocol, why: &ClientIdRefusal) -> Packe
 }
 
 /// The CONNACK refusing one persistent session more than `max_sessions_per_device`
-/// (SPEC 4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
+/// (contract §4): 3.1.1 return code 3, MQTT 5 0x97 "quota exceeded".
 pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Packet {
     match protocol {
         Protocol::V311 => Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
@@ -300,21 +319,31 @@ pub fn connack_quota(protocol: Protocol, why: &crate::broker::OpenRefused) -> Pa
     }
 }
 
-/// The CONNACK for a CONNECT the codec refused, when one is due: MQTT 3.1 gets 3.1.1
-/// return code 1 (what MQTT 3.1 clients understand); an unknown level of `MQTT` gets 0x84
-/// in MQTT 5 form, as MQTT 5 §3.1.2.2 allows. Other errors just close.
-pub fn connack_for_codec_error(e: &CodecError) -> Option<Packet> {
+/// The CONNACK for a CONNECT the codec refused, when one is due (docs/contract.md, "MQTT
+/// conformance"). An unsupported protocol level is answered in the CONNACK form the
+/// client's CONNECT layout shows it parses: 3.1.1 return code 1 (3.1.1 [MQTT-3.1.2-2]; what
+/// MQTT 3.1 clients understand too), or 0x84 in MQTT 5 form (MQTT 5 §3.1.2.2). A CONNECT
+/// that announced MQTT 5 and is malformed or breaks a rule gets 0x81 or 0x82, as MQTT 5
+/// §3.1.4 allows; MQTT 3.1.1 has no return code for those and just closes. None of these
+/// carries a reason string: the client's Maximum Packet Size is not known.
+pub fn connack_for_codec_error(e: &CodecError, announced: Option<Protocol>) -> Option<Packet> {
     match e {
-        CodecError::UnsupportedProtocol { name, .. } if name == "MQIsdp" => {
-            Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
-                v4::ConnectReturnCode::RefusedProtocolVersion,
-                false,
-            ))))
-        }
-        CodecError::UnsupportedProtocol { .. } => Some(v5_refusal(
+        CodecError::UnsupportedProtocol {
+            form: Protocol::V311,
+            ..
+        } => Some(Packet::V311(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::RefusedProtocolVersion,
+            false,
+        )))),
+        CodecError::UnsupportedProtocol { .. } => Some(bare_v5_refusal(
             v5::ConnectReturnCode::UnsupportedProtocolVersion,
-            e.to_string(),
         )),
+        CodecError::Malformed(_) if announced == Some(Protocol::V5) => {
+            Some(bare_v5_refusal(v5::ConnectReturnCode::MalformedPacket))
+        }
+        CodecError::Protocol(_) if announced == Some(Protocol::V5) => {
+            Some(bare_v5_refusal(v5::ConnectReturnCode::ProtocolError))
+        }
         _ => None,
     }
 }
@@ -329,6 +358,15 @@ pub fn connack_unavailable(protocol: Protocol, reason: &str) -> Packet {
         ))),
         Protocol::V5 => v5_refusal(v5::ConnectReturnCode::ServerUnavailable, reason.to_owned()),
     }
+}
+
+/// An MQTT 5 CONNACK with a reason code and no properties (`20 03 00 CODE 00`).
+fn bare_v5_refusal(code: v5::ConnectReturnCode) -> Packet {
+    Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
+        session_present: false,
+        code,
+        properties: None,
+    }))
 }
 
 fn v5_refusal(code: v5::ConnectReturnCode, reason: String) -> Packet {
@@ -355,6 +393,7 @@ mod tests {
             session_expiry: None,
             receive_maximum: None,
             max_packet_size: None,
+            topic_alias_max: 0,
             problem_info: true,
             authentication_method: None,
         }

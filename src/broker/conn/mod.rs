@@ -1,4 +1,4 @@
-//! One connection after CONNACK: the MQTT session loop (SPEC 4, 6, 9).
+//! One connection after CONNACK: the MQTT session loop (contract §4, 6, 9).
 //!
 //! One task per connection reads packets, enforces keep alive, moves deliveries from the
 //! session's queue into an out buffer within the in-flight window, and writes that buffer
@@ -6,13 +6,13 @@
 //! on while a write waits (PUBACKs keep freeing the window; a broker that stops reading while
 //! it writes deadlocks with a client that does the same). A client that does not read stops
 //! our writes: deliveries pile up in its bounded session queue (its publishers are paced
-//! until it stalls, SPEC 9), reading stops at `OUT_MAX`, and a write without progress for
+//! until it stalls, contract §9), reading stops at `OUT_MAX`, and a write without progress for
 //! `write_limit` ends the connection. A message of this client's that waits for room in a
 //! subscriber's queue (`Conn::paced`) stops reading from it, nothing else.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+mod alias;
 pub mod connect;
 mod publish;
 mod subscribe;
@@ -57,6 +58,9 @@ pub struct Params {
     pub receive_max: usize,
     /// Topic aliases the client may use (our Topic Alias Maximum).
     pub topic_alias_max: u16,
+    /// Topic aliases we may use towards the client: its Topic Alias Maximum (0 in 3.1.1),
+    /// capped at `max_server_topic_aliases`.
+    pub client_topic_alias_max: u16,
     /// The client's Maximum Packet Size (MQTT 5).
     pub client_max_packet: Option<usize>,
     /// Bound on one write to the client.
@@ -111,14 +115,14 @@ impl End {
                     CodecError::Closed | CodecError::Io(_) | CodecError::TruncatedPacket
                 ) =>
             {
-                (disconnect_code(e.v5_reason_code()), e.to_string())
+                (disconnect_code(e.v5_reason_code()), e.reason_string())
             }
             _ => return None,
         };
         Some(disconnect_v5(code, &text))
     }
 
-    /// Whether the will is published (SPEC 6: not on DISCONNECT; MQTT 5 0x04 asks for it;
+    /// Whether the will is published (contract §6: not on DISCONNECT; MQTT 5 0x04 asks for it;
     /// not when the broker itself shuts down).
     fn publishes_will(&self) -> bool {
         match self {
@@ -194,6 +198,7 @@ where
         broker.hold_will(session, w);
     }
     let write_limit = params.write_limit;
+    let params_alias_max = params.client_topic_alias_max;
     let mut conn = Conn {
         broker,
         session,
@@ -204,13 +209,14 @@ where
         out: BytesMut::new(),
         unflushed: false,
         aliases: HashMap::new(),
+        out_aliases: alias::OutAliases::new(params_alias_max),
         pending: std::collections::VecDeque::new(),
         paced: None,
     };
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
         if let Some(bye) = end.disconnect_packet() {
-            let _ = codec::encode(&bye, &mut conn.out);
+            let _ = codec::encode_within(&bye, conn.p.client_max_packet, &mut conn.out);
         }
     }
     // What is still buffered (the final DISCONNECT included) goes out, then TLS closes;
@@ -288,15 +294,17 @@ struct Conn<'a> {
     wr: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     /// Encoded packets not yet handed to TLS. Bounded: deliveries stop at `OUT_HIGH`,
     /// reading stops at `OUT_MAX`, and a write that makes no progress for `write_limit`
-    /// ends the connection (SPEC 9: a client that does not read).
+    /// ends the connection (contract §9: a client that does not read).
     out: BytesMut,
     /// Handed to TLS but not yet flushed to the socket.
     unflushed: bool,
     /// MQTT 5 topic aliases set by the client on this connection.
     aliases: HashMap<u16, String>,
+    /// MQTT 5 topic aliases certmq set towards the client on this connection.
+    out_aliases: alias::OutAliases,
     /// Acknowledgements waiting for their messages' commit, in PUBLISH order.
     pending: std::collections::VecDeque<publish::PendingAck>,
-    /// A message waiting for room in the queues it must reach (SPEC 9 flow control):
+    /// A message waiting for room in the queues it must reach (contract §9 flow control):
     /// while it waits nothing more is read from this client (TCP back-pressure; its
     /// acknowledgement waits too), everything else goes on.
     paced: Option<publish::Paced>,
@@ -516,7 +524,7 @@ impl Conn<'_> {
 
     /// Handles one packet: PUBLISH, the hot path, inline; every other packet through a boxed
     /// [`Conn::handle`], whose state (every handler's) then stays out of the connection's
-    /// task allocation while it idles (SPEC 11 idle memory) at the price of one small
+    /// task allocation while it idles (contract §11 idle memory) at the price of one small
     /// allocation per non-PUBLISH packet.
     async fn dispatch(&mut self, inbound: Inbound) -> Option<End> {
         match inbound {
@@ -635,16 +643,13 @@ impl Conn<'_> {
                     .map_err(|e| End::Write(WriteError::Encode(e)))?;
                 sent += 1;
             }
-            self.broker
-                .metrics
-                .messages_sent
-                .fetch_add(sent, Ordering::Relaxed);
+            self.broker.metrics.messages_sent.inc_by(sent);
         }
     }
 
     /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
     /// large for the client), in which case its exchange is abandoned.
-    fn outgoing_packet(&self, o: Outgoing) -> Option<Packet> {
+    fn outgoing_packet(&mut self, o: Outgoing) -> Option<Packet> {
         let (pkid, d, dup) = match o {
             Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
             Outgoing::Publish {
@@ -660,32 +665,39 @@ impl Conn<'_> {
             self.abandon(pkid, "expired");
             return None;
         }
-        let topic = if self.session.delivers_aliased(&d.msg.topic) {
-            acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str())
-                .unwrap_or_else(|| d.msg.topic.as_str().to_owned())
-        } else {
-            d.msg.topic.as_str().to_owned()
-        };
+        // Borrowed from the message unless the v1/devices/me alias rewrites it.
+        let topic = self
+            .session
+            .delivers_aliased(&d.msg.topic)
+            .then(|| acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str()))
+            .flatten()
+            .map_or(Cow::Borrowed(d.msg.topic.as_str()), Cow::Owned);
+        let choice = self.out_aliases.choose(&topic);
         let packet = wire::publish(
             self.p.protocol,
-            &topic,
-            d.msg.payload.clone(),
-            d.qos,
-            d.retain,
-            dup,
-            pkid,
-            &d.msg.props,
-            now.and_then(|now| d.msg.remaining_expiry(now)),
-            &d.sub_ids,
+            &wire::OutPublish {
+                topic: &topic,
+                topic_ref: choice.topic_ref(),
+                payload: d.msg.payload.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                dup,
+                pkid,
+                props: &d.msg.props,
+                message_expiry: now.and_then(|now| d.msg.remaining_expiry(now)),
+                sub_ids: &d.sub_ids,
+            },
         );
-        if let Some(max) = self.p.client_max_packet {
-            let mut probe = BytesMut::new();
-            if codec::encode(&packet, &mut probe).map_or(true, |n| n > max) {
-                // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
-                self.abandon(pkid, "too_large_for_client");
-                return None;
-            }
+        if self
+            .p
+            .client_max_packet
+            .is_some_and(|max| codec::encoded_len(&packet) > max)
+        {
+            // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
+            self.abandon(pkid, "too_large_for_client");
+            return None;
         }
+        self.out_aliases.confirm(choice, &topic);
         Some(packet)
     }
 
@@ -701,10 +713,11 @@ impl Conn<'_> {
         text.filter(|_| self.p.problem_info)
     }
 
-    /// Queues a packet for the writer, waiting for room.
-    /// Queues a packet for the socket (written by the loop's write branch).
+    /// Queues a packet for the socket (written by the loop's write branch), within the
+    /// client's Maximum Packet Size (a reason string it has no room for is left out).
     async fn send(&mut self, packet: &Packet) -> Result<(), End> {
-        codec::encode(packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        codec::encode_within(packet, self.p.client_max_packet, &mut self.out)
+            .map_err(|e| End::Write(WriteError::Encode(e)))?;
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! Inbound PUBLISH (SPEC 5, 6): topic alias resolution (MQTT 5), topic validation, the
+//! Inbound PUBLISH (contract §5, 6): topic alias resolution (MQTT 5), topic validation, the
 //! `v1/devices/me/` alias, the publish ACL, then QoS 0/1/2 with exactly-once inbound
 //! (method A: routed on PUBLISH, the packet id remembered until PUBREL, so a resent
 //! duplicate is acknowledged but not routed again, also across a reconnect).
@@ -34,7 +34,7 @@ fn both(a: Option<Barrier>, b: Option<Barrier>) -> Option<Barrier> {
 /// A store barrier an acknowledgement waits for.
 pub(super) type Barrier = tokio::sync::oneshot::Receiver<crate::broker::journal::Commit>;
 
-/// A PUBACK or PUBREC waiting for its message's commit (SPEC 7: acknowledged means
+/// A PUBACK or PUBREC waiting for its message's commit (contract §7: acknowledged means
 /// stored). The loop keeps reading meanwhile; acknowledgements leave in PUBLISH order.
 /// A QoS 0 retained message waits here too, with nothing to send: its commit is not
 /// awaited one message at a time, but it still counts against the bound on what waits.
@@ -83,7 +83,7 @@ enum Next {
     Routed(Published, bool),
 }
 
-/// A routed message some of whose sessions had no room yet (SPEC 9 flow control), and what
+/// A routed message some of whose sessions had no room yet (contract §9 flow control), and what
 /// its acknowledgement needs once they do.
 pub(super) struct Paced {
     /// What routing did so far.
@@ -268,7 +268,7 @@ impl Conn<'_> {
     }
 
     /// Acknowledges a routed message: for QoS 1/2 after its commit, and with 0x97 for an
-    /// MQTT 5 publisher when sessions matched and none could take it (SPEC 7, no silent
+    /// MQTT 5 publisher when sessions matched and none could take it (contract §7, no silent
     /// loss; a 3.1.1 publisher cannot be told, and the drop is counted and logged, per
     /// device in `devices show`).
     async fn finish_publish(&mut self, paced: Paced) -> Result<(), End> {
@@ -282,7 +282,7 @@ impl Conn<'_> {
         // Cluster mode: stored for the other nodes too before it is acknowledged.
         let remote = published.remote.take();
         if published.retained_refused {
-            // SPEC 4: over the device's max_retained_per_device, neither retained nor
+            // contract §4: over the device's max_retained_per_device, neither retained nor
             // routed; an MQTT 5 QoS 1/2 publisher is told (3.1.1 cannot be).
             let reason = match self.p.protocol {
                 Protocol::V5 => AckReason::QuotaExceeded,
@@ -484,7 +484,7 @@ impl Conn<'_> {
         }
     }
 
-    /// SPEC 7: a QoS 1/2 message the store cannot keep is not acknowledged. MQTT 5 gets
+    /// contract §7: a QoS 1/2 message the store cannot keep is not acknowledged. MQTT 5 gets
     /// PUBACK/PUBREC 0x97 (quota exceeded) with a reason string; MQTT 3.1.1 has no negative
     /// acknowledgement, so the connection is closed unacknowledged (the client resends).
     async fn refuse_unstored(&mut self, qos: QoS, pkid: u16) -> Result<(), End> {

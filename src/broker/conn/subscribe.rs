@@ -1,4 +1,4 @@
-//! SUBSCRIBE and UNSUBSCRIBE (SPEC 5, 6): filter validation, the `v1/devices/me/` alias,
+//! SUBSCRIBE and UNSUBSCRIBE (contract §5, 6): filter validation, the `v1/devices/me/` alias,
 //! filter coverage by the subscribe ACL, MQTT 5 subscription options, shared
 //! subscriptions, and the retained messages a new subscription receives (all of them,
 //! through the session's retained backlog, paced by its queue).
@@ -106,7 +106,7 @@ impl Conn<'_> {
             self.reason(text.as_deref()),
         ))
         .await?;
-        // SPEC 7: every match is delivered, paced by the queue's room (`refill_retained`),
+        // contract §7: every match is delivered, paced by the queue's room (`refill_retained`),
         // however many; the first ones go now, ahead of later live messages.
         for (filter, deliveries) in retained {
             self.session.add_retained(&filter, deliveries);
@@ -168,7 +168,7 @@ impl Conn<'_> {
             .await
     }
 
-    /// SPEC 7: a persistent session's SUBACK / UNSUBACK is sent only once the change is
+    /// contract §7: a persistent session's SUBACK / UNSUBACK is sent only once the change is
     /// committed, or a `kill -9` right after it would silently undo what was acknowledged.
     /// A store that cannot commit ends the connection unacknowledged (the client retries).
     async fn commit_session_change(&self) -> Result<(), End> {

@@ -115,7 +115,8 @@ impl Harness {
             MAX_INFLIGHT,
             MAX_PACKET,
             granted.announce,
-        );
+        )
+        .expect("a CONNACK that fits");
         crate::broker::send(&mut server_wr, &ack, WRITE_LIMIT)
             .await
             .expect("CONNACK sent");
@@ -125,6 +126,8 @@ impl Harness {
             window: usize::from(req.receive_maximum.unwrap_or(u16::MAX).min(MAX_INFLIGHT)),
             receive_max: usize::from(MAX_INFLIGHT),
             topic_alias_max: connect::TOPIC_ALIAS_MAX,
+            // No server aliases: the tests read topics from every PUBLISH.
+            client_topic_alias_max: 0,
             client_max_packet: None,
             write_limit: WRITE_LIMIT,
             expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,

@@ -143,7 +143,7 @@ fn device(name: &str) -> DeviceName {
     DeviceName::parse(name).unwrap()
 }
 
-/// SPEC 4: a device holds at most `max` retained topics; replacing its own needs no new
+/// contract §4: a device holds at most `max` retained topics; replacing its own needs no new
 /// slot, clearing (by anyone) frees one, taking over another device's topic moves it.
 #[test]
 fn owned_topics_count_against_their_last_publisher() {

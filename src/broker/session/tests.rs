@@ -205,7 +205,7 @@ fn purge_discards_queued_and_unacknowledged_deliveries_it_may_no_longer_receive(
     assert_eq!(s.purge(allowed), 0);
 }
 
-/// SPEC 9: a connected session with a full queue paces its publishers (the delivery is
+/// contract §9: a connected session with a full queue paces its publishers (the delivery is
 /// handed back) while it makes progress, and drops its deliveries once it made none for
 /// `stall_timeout`; taking from the queue is progress. Paused time drives the clock.
 #[tokio::test(start_paused = true)]
@@ -282,7 +282,7 @@ fn futures_poll<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::
     f.poll(&mut cx)
 }
 
-/// SPEC 7: the retained backlog feeds the queue only while it is under half its bound,
+/// contract §7: the retained backlog feeds the queue only while it is under half its bound,
 /// keeps order across batches, gives back what it could not queue, and a re-subscription
 /// with the same filter replaces (never adds to) what waits.
 #[test]

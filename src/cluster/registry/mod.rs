@@ -57,6 +57,16 @@ pub struct KvRegistry {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+impl std::fmt::Debug for KvRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRegistry")
+            .field("bucket", &self.bucket)
+            .field("node", &self.node)
+            .field("attached", &self.attached.get().is_some())
+            .finish()
+    }
+}
+
 /// What the watch task shares with the registry.
 pub struct Inner {
     /// std Mutex: short lookups and updates, never held across an await.

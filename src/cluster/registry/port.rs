@@ -10,6 +10,18 @@ use crate::registry::{
     RegistryError, Source,
 };
 
+/// Refused certificates are named by the device they belong to: a scan of the list, which
+/// is the in-memory mirror (refusal lines are rate-limited, so this stays rare).
+impl crate::tls::KnownDevices for KvRegistry {
+    fn device_with(&self, fingerprint: &crate::cert::Fingerprint) -> Option<String> {
+        self.list()
+            .ok()?
+            .into_iter()
+            .find(|d| d.fingerprint == *fingerprint)
+            .map(|d| d.name)
+    }
+}
+
 impl Backend for KvRegistry {
     fn admit(
         &self,

@@ -8,6 +8,9 @@
 //! - Strings longer than 65,535 bytes are written with a truncated `u16` length. A PUBLISH
 //!   topic can outgrow that once the `v1/devices/me/` alias is expanded, so we refuse it.
 //! - A failed write leaves half a packet in the buffer: we cut the buffer back.
+//!
+//! It also keeps what the broker sends within the client's Maximum Packet Size where MQTT 5
+//! lets a sender shrink a packet ([`fit`]).
 
 use bytes::{BufMut, BytesMut};
 use mqttbytes_ng::{v4, v5};
@@ -65,6 +68,151 @@ fn encode_v5(packet: &v5::Packet, out: &mut BytesMut) -> Result<usize, Unencodab
         }
         _ => packet.write(out, None).map_err(Unencodable::Library),
     }
+}
+
+/// The number of bytes [`encode`] writes for `packet`, without writing it: what a delivery
+/// is checked against the client's Maximum Packet Size with (`usize::MAX` for a packet that
+/// cannot be encoded).
+pub fn encoded_len(packet: &Packet) -> usize {
+    match packet {
+        Packet::V311(packet) => packet.size(),
+        // Encoded here, not by mqttbytes-ng: measured by encoding (rare packets).
+        Packet::V5(v5::Packet::Disconnect(_)) => {
+            encode(packet, &mut BytesMut::new()).unwrap_or(usize::MAX)
+        }
+        Packet::V5(packet) => packet.size(),
+    }
+}
+
+/// Appends `packet` within the peer's Maximum Packet Size `max` (MQTT 5, whole packet),
+/// shrunk by [`fit`] when it would exceed it. Returns the bytes written; on error nothing is.
+pub fn encode_within(
+    packet: &Packet,
+    max: Option<usize>,
+    out: &mut BytesMut,
+) -> Result<usize, CodecError> {
+    let written = encode(packet, out)?;
+    match max {
+        Some(max) if written > max => {
+            out.truncate(out.len() - written);
+            encode(&fit(packet.clone(), Some(max))?, out)
+        }
+        _ => Ok(written),
+    }
+}
+
+/// What a sender may leave out of a packet that would exceed the receiver's Maximum
+/// Packet Size, in the order it is left out: the Reason String, then the User Properties
+/// (MQTT-3.2.2-19/20 for CONNACK; the same rule in PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK,
+/// UNSUBACK, DISCONNECT and AUTH). Nothing else of a packet may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Optional {
+    ReasonString,
+    UserProperties,
+}
+
+/// `packet` as it may be sent to a peer whose Maximum Packet Size is `max`: unchanged when
+/// it fits, else without its reason string, else without its user properties too; an
+/// error when even that exceeds `max` (a PUBLISH is never shrunk: its properties belong to
+/// the message). For packets sent once (CONNACK); [`encode_within`] does this in place.
+pub fn fit(packet: Packet, max: Option<usize>) -> Result<Packet, CodecError> {
+    let Some(max) = max else {
+        return Ok(packet);
+    };
+    let mut scratch = BytesMut::new();
+    let mut packet = packet;
+    let mut size = encode(&packet, &mut scratch)?;
+    for optional in [Optional::ReasonString, Optional::UserProperties] {
+        if size <= max {
+            break;
+        }
+        if leave_out(&mut packet, optional) {
+            scratch.clear();
+            size = encode(&packet, &mut scratch)?;
+        }
+    }
+    if size <= max {
+        Ok(packet)
+    } else {
+        Err(CodecError::Unencodable(Unencodable::ExceedsPeerMaximum {
+            size,
+            max,
+        }))
+    }
+}
+
+/// Removes `what` from an MQTT 5 packet's properties; false when it had none. An
+/// acknowledgement's property block that ends up empty goes too, so that a PUBACK with
+/// reason Success shrinks to its two-byte form.
+fn leave_out(packet: &mut Packet, what: Optional) -> bool {
+    let Packet::V5(packet) = packet else {
+        return false;
+    };
+    match packet {
+        v5::Packet::ConnAck(p) => p
+            .properties
+            .as_mut()
+            .is_some_and(|p| take(&mut p.reason_string, &mut p.user_properties, what)),
+        v5::Packet::Disconnect(p) => p
+            .properties
+            .as_mut()
+            .is_some_and(|p| take(&mut p.reason_string, &mut p.user_properties, what)),
+        v5::Packet::Auth(p) => p
+            .properties
+            .as_mut()
+            .is_some_and(|p| take(&mut p.reason, &mut p.user_properties, what)),
+        v5::Packet::PubAck(p) => ack(&mut p.properties, what),
+        v5::Packet::PubRec(p) => ack(&mut p.properties, what),
+        v5::Packet::PubRel(p) => ack(&mut p.properties, what),
+        v5::Packet::PubComp(p) => ack(&mut p.properties, what),
+        v5::Packet::SubAck(p) => ack(&mut p.properties, what),
+        v5::Packet::UnsubAck(p) => ack(&mut p.properties, what),
+        _ => false,
+    }
+}
+
+fn take(reason: &mut Option<String>, user: &mut Vec<(String, String)>, what: Optional) -> bool {
+    match what {
+        Optional::ReasonString => reason.take().is_some(),
+        Optional::UserProperties => !std::mem::take(user).is_empty(),
+    }
+}
+
+/// The properties of the acknowledgements: a reason string and user properties, nothing
+/// else, all of it optional.
+trait AckProperties {
+    fn parts(&mut self) -> (&mut Option<String>, &mut Vec<(String, String)>);
+}
+
+macro_rules! ack_properties {
+    ($($t:ty),*) => {$(
+        impl AckProperties for $t {
+            fn parts(&mut self) -> (&mut Option<String>, &mut Vec<(String, String)>) {
+                (&mut self.reason_string, &mut self.user_properties)
+            }
+        }
+    )*};
+}
+
+ack_properties!(
+    v5::PubAckProperties,
+    v5::PubRecProperties,
+    v5::PubRelProperties,
+    v5::PubCompProperties,
+    v5::SubAckProperties,
+    v5::UnsubAckProperties
+);
+
+fn ack<P: AckProperties>(properties: &mut Option<P>, what: Optional) -> bool {
+    let Some(p) = properties.as_mut() else {
+        return false;
+    };
+    let (reason, user) = p.parts();
+    let changed = take(reason, user, what);
+    if reason.is_none() && user.is_empty() {
+        *properties = None;
+    }
+    changed
 }
 
 /// The MQTT 5 reason code for a return code that only exists in MQTT 3.1.1 (mqttbytes-ng

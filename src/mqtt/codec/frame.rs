@@ -1,7 +1,7 @@
 //! The fixed header, and the wire rules that `mqttbytes-ng` 0.7.1 does not enforce.
 //!
 //! We frame packets ourselves instead of letting `mqttbytes-ng` do it because its size
-//! limit counts only the remaining length (SPEC 9 means the whole packet) and because we
+//! limit counts only the remaining length (contract §9 means the whole packet) and because we
 //! must refuse a packet from its first byte or its length alone, before buffering its body.
 //! The checks here are the ones the MQTT specifications call "malformed" and the crate skips
 //! (it masks the bits it does not use): reserved flag bits, fixed remaining lengths, reserved
@@ -15,6 +15,7 @@ use super::{CodecError, Malformed, Protocol, Unencodable};
 /// them with the high nibble of the first byte before anything is decoded.
 pub(super) const CONNECT: u8 = 1;
 pub(super) const CONNACK: u8 = 2;
+pub(super) const PUBLISH: u8 = 3;
 pub(super) const PUBACK: u8 = 4;
 pub(super) const PUBREC: u8 = 5;
 pub(super) const PUBREL: u8 = 6;
@@ -123,8 +124,10 @@ pub(super) fn check_first_byte(byte1: u8, protocol: Protocol) -> Result<(), Malf
     let expected = match packet_type {
         0 => return Err(Malformed::ReservedPacketType(0)),
         AUTH if protocol == Protocol::V311 => return Err(Malformed::ReservedPacketType(AUTH)),
-        // PUBLISH: DUP, QoS, RETAIN; QoS 3 is refused by mqttbytes-ng (InvalidQoS).
-        3 => return Ok(()),
+        // PUBLISH: DUP, QoS, RETAIN; QoS 3 is refused by mqttbytes-ng (InvalidQoS). DUP
+        // marks a redelivery, which a QoS 0 message never is (MQTT-3.3.1-2).
+        PUBLISH if flags & 0b1110 == 0b1000 => return Err(Malformed::DupOnQos0),
+        PUBLISH => return Ok(()),
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => 0b0010,
         _ => 0,
     };
@@ -209,6 +212,7 @@ pub(super) fn connect_protocol(body: &[u8]) -> Result<Protocol, CodecError> {
             return Err(CodecError::UnsupportedProtocol {
                 name: String::from_utf8_lossy(name).into_owned(),
                 level,
+                form: connect_form(name, level, rest),
             })
         }
         _ => {
@@ -225,4 +229,71 @@ pub(super) fn connect_protocol(body: &[u8]) -> Result<Protocol, CodecError> {
         return Err(CodecError::Malformed(Malformed::PasswordWithoutUserName));
     }
     Ok(protocol)
+}
+
+/// The CONNACK layout a client whose CONNECT names a protocol level certmq does not speak
+/// can parse, judged from the layout of the rest of its CONNECT (`rest`: flags onwards):
+/// a property block after the keep alive is MQTT 5's, none is MQTT 3.1.1's (and 3.1's).
+/// When both or neither read to the exact end, a level above 5 is taken for a newer MQTT
+/// (answered in MQTT 5 form), anything else for an older one (docs/contract.md, "MQTT
+/// conformance").
+fn connect_form(name: &[u8], level: u8, rest: &[u8]) -> Protocol {
+    let [flags, _, _, payload @ ..] = rest else {
+        return Protocol::V311;
+    };
+    match (reads_as_v311(*flags, payload), reads_as_v5(*flags, payload)) {
+        (true, false) => Protocol::V311,
+        (false, true) => Protocol::V5,
+        _ if level > 5 && name == b"MQTT" => Protocol::V5,
+        _ => Protocol::V311,
+    }
+}
+
+/// The payload of a CONNECT in MQTT 3.1.1 layout, read to its exact end: client id, will
+/// topic and message, user name, password, as the flags announce them.
+fn reads_as_v311(flags: u8, payload: &[u8]) -> bool {
+    let mut rest = Some(payload);
+    rest = rest.and_then(skip_string);
+    if flags & 0b0000_0100 != 0 {
+        rest = rest.and_then(skip_string).and_then(skip_string);
+    }
+    rest = skip_login(flags, rest);
+    rest.is_some_and(<[u8]>::is_empty)
+}
+
+/// The same in MQTT 5 layout: properties first, and will properties before the will topic.
+fn reads_as_v5(flags: u8, payload: &[u8]) -> bool {
+    let mut rest = skip_properties(payload).and_then(skip_string);
+    if flags & 0b0000_0100 != 0 {
+        rest = rest
+            .and_then(skip_properties)
+            .and_then(skip_string)
+            .and_then(skip_string);
+    }
+    rest = skip_login(flags, rest);
+    rest.is_some_and(<[u8]>::is_empty)
+}
+
+fn skip_login(flags: u8, mut rest: Option<&[u8]>) -> Option<&[u8]> {
+    if flags & 0b1000_0000 != 0 {
+        rest = rest.and_then(skip_string);
+    }
+    if flags & 0b0100_0000 != 0 {
+        rest = rest.and_then(skip_string);
+    }
+    rest
+}
+
+/// What follows a two-byte length and that many bytes, if they are there.
+fn skip_string(bytes: &[u8]) -> Option<&[u8]> {
+    let [high, low, rest @ ..] = bytes else {
+        return None;
+    };
+    rest.get(usize::from(u16::from_be_bytes([*high, *low]))..)
+}
+
+/// What follows a property block (Variable Byte Integer length, then the properties).
+fn skip_properties(bytes: &[u8]) -> Option<&[u8]> {
+    let (len, len_len) = variable_byte_integer(bytes).ok().flatten()?;
+    bytes.get(len_len + len..)
 }

@@ -624,3 +624,115 @@ fn failed_encode_leaves_the_buffer_as_it_was() {
     ));
     assert_eq!(&out[..], b"kept");
 }
+
+/// A PUBACK 0x87 with a reason string and one user property (the broker sends none, but
+/// `fit` must know what to leave out first).
+fn puback_with_extras(reason: v5::PubAckReason) -> Packet {
+    Packet::V5(v5::Packet::PubAck(v5::PubAck {
+        pkid: 1,
+        reason,
+        properties: Some(v5::PubAckProperties {
+            reason_string: Some("why".into()),
+            user_properties: vec![("k".into(), "v".into())],
+        }),
+    }))
+}
+
+#[test]
+fn fit_leaves_out_the_reason_string_then_the_user_properties() {
+    let full = puback_with_extras(v5::PubAckReason::NotAuthorized);
+    // 40 11 0001 87 0d 1f 0003 "why" 26 0001 "k" 0001 "v": 19 bytes.
+    assert_eq!(encoded(full.clone()).len(), 19);
+    assert_eq!(fit(full.clone(), None).unwrap(), full);
+    assert_eq!(fit(full.clone(), Some(19)).unwrap(), full);
+    // Without the reason string: 13 bytes.
+    let no_reason = fit(full.clone(), Some(18)).unwrap();
+    assert_eq!(
+        encoded(no_reason),
+        hex("400b 0001 87 07 26 0001 6b 0001 76")
+    );
+    // Without either: the block goes too.
+    assert_eq!(
+        encoded(fit(full.clone(), Some(12)).unwrap()),
+        hex("4004 0001 87 00")
+    );
+    assert!(matches!(
+        fit(full, Some(5)),
+        Err(CodecError::Unencodable(Unencodable::ExceedsPeerMaximum {
+            size: 6,
+            max: 5
+        }))
+    ));
+    // A success PUBACK shrinks to its two-byte form.
+    let success = fit(puback_with_extras(v5::PubAckReason::Success), Some(4)).unwrap();
+    assert_eq!(encoded(success), hex("4002 0001"));
+}
+
+#[test]
+fn fit_keeps_what_is_not_optional() {
+    // A CONNACK keeps its Receive Maximum; a PUBLISH is never shrunk.
+    let connack = Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
+        session_present: false,
+        code: v5::ConnectReturnCode::Success,
+        properties: Some(v5::ConnAckProperties {
+            receive_max: Some(10),
+            reason_string: Some("a reason".into()),
+            ..empty_connack_properties()
+        }),
+    }));
+    assert_eq!(
+        encoded(fit(connack, Some(8)).unwrap()),
+        hex("2006 0000 03 21000a")
+    );
+    let publish = Packet::V5(v5::Packet::Publish(v5::Publish::new(
+        "topic",
+        QoS::AtMostOnce,
+        "payload",
+        None,
+    )));
+    assert!(fit(publish, Some(8)).is_err());
+}
+
+#[test]
+fn encode_within_writes_the_shrunk_packet_or_nothing() {
+    let full = puback_with_extras(v5::PubAckReason::NotAuthorized);
+    let mut out = BytesMut::from(&b"kept"[..]);
+    assert_eq!(encode_within(&full, Some(12), &mut out).unwrap(), 6);
+    assert_eq!(&out[4..], hex("4004 0001 87 00"));
+    assert!(encode_within(&full, Some(5), &mut out).is_err());
+    assert_eq!(out.len(), 10);
+    // No limit: as `encode`.
+    assert_eq!(encode_within(&full, None, &mut out).unwrap(), 19);
+}
+
+#[test]
+fn encoded_len_is_what_encode_writes() {
+    let mut v311 = v4::Publish::new("a/b", QoS::AtLeastOnce, vec![7u8; 300]);
+    v311.pkid = 1;
+    let mut v5 = v5::Publish::new(
+        "a/b",
+        QoS::AtLeastOnce,
+        vec![7u8; 200],
+        Some(v5::PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![1, 300],
+            ..Default::default()
+        }),
+    );
+    v5.pkid = 2;
+    let packets = [
+        Packet::V311(v4::Packet::Publish(v311)),
+        Packet::V5(v5::Packet::Publish(v5)),
+        puback_with_extras(v5::PubAckReason::NotAuthorized),
+        Packet::V5(v5::Packet::Disconnect(v5::Disconnect::new(
+            v5::DisconnectReasonCode::ProtocolError,
+        ))),
+    ];
+    for packet in packets {
+        assert_eq!(
+            encoded_len(&packet),
+            encoded(packet.clone()).len(),
+            "{packet:?}"
+        );
+    }
+}

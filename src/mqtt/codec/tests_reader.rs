@@ -265,7 +265,7 @@ async fn second_connect_is_a_protocol_error() {
 async fn mqtt_3_1_and_unknown_levels_are_unsupported() {
     // mosquitto_pub -V mqttv31
     let error = connect_error(&hex("101800064d51497364700302003c000a6f6c642d636c69656e74")).await;
-    let CodecError::UnsupportedProtocol { name, level } = &error else {
+    let CodecError::UnsupportedProtocol { name, level, .. } = &error else {
         panic!("{error:?}")
     };
     assert_eq!((name.as_str(), *level), ("MQIsdp", 3));
@@ -273,7 +273,7 @@ async fn mqtt_3_1_and_unknown_levels_are_unsupported() {
 
     let level_6 = hex("101700044d5154540602003c000b636572746d712d76333131");
     let error = connect_error(&level_6).await;
-    let CodecError::UnsupportedProtocol { name, level } = &error else {
+    let CodecError::UnsupportedProtocol { name, level, .. } = &error else {
         panic!("{error:?}")
     };
     assert_eq!((name.as_str(), *level), ("MQTT", 6));

@@ -1,4 +1,4 @@
-//! The demo PKI is what SPEC 1 describes, its chains verify as the demo config expects,
+//! The demo PKI is what contract §1 describes, its chains verify as the demo config expects,
 //! and nothing existing is ever overwritten.
 
 use std::fs;

@@ -1,4 +1,4 @@
-//! Hostile client chains for the pre-authentication work bounds (SPEC 3 "Bounded work
+//! Hostile client chains for the pre-authentication work bounds (contract §3 "Bounded work
 //! before authentication"): certificates that cost nothing to make and, before the
 //! hardening, made webpki's path search enumerate permutations of same-named CAs.
 //!

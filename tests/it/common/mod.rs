@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod coretests;
+pub mod crl_server;
 pub mod durability;
 pub mod hostile;
 pub mod interop;

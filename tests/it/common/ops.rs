@@ -1,5 +1,5 @@
-//! The broker as a real subprocess ([`Proc`]), for the operations tests (SPEC 1, 8, 10)
-//! and the kill -9 durability tests (SPEC 7): `certmq serve` started from the built binary,
+//! The broker as a real subprocess ([`Proc`]), for the operations tests (contract §1, 8, 10)
+//! and the kill -9 durability tests (contract §7): `certmq serve` started from the built binary,
 //! its ports learnt from its own log lines, signals sent with kill(2), SIGKILL on drop, and
 //! the admin endpoint read over plain HTTP/1.1. MQTT goes through the raw client
 //! ([`crate::common::coretests::raw`]).

@@ -1,4 +1,4 @@
-//! Runs the real `certmq` binary for the CLI tests (SPEC 1): exit code, stdout and stderr,
+//! Runs the real `certmq` binary for the CLI tests (contract §1): exit code, stdout and stderr,
 //! exactly what an operator's shell or script sees.
 
 use std::path::Path;
@@ -13,12 +13,14 @@ pub struct Run {
     pub stderr: String,
 }
 
-/// Runs `certmq ARGS` in `cwd`, with `RUST_LOG` unset so that logging is at its default.
+/// Runs `certmq ARGS` in `cwd`, with `RUST_LOG` unset so that logging is at its default,
+/// and `CERTMQ_CONFIG` unset so that an operator's own setting never picks the config.
 pub fn certmq(cwd: &Path, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_certmq"))
         .args(args)
         .current_dir(cwd)
         .env_remove("RUST_LOG")
+        .env_remove("CERTMQ_CONFIG")
         .output()
         .expect("run certmq");
     Run {

@@ -1,4 +1,4 @@
-//! The durability tests' tools (SPEC 7): the kill -9 world and its streams, a tmpfs mount
+//! The durability tests' tools (contract §7): the kill -9 world and its streams, a tmpfs mount
 //! for the full-disk test, and a seeded generator. The broker runs as a real child process
 //! ([`crate::common::ops::Proc`]): `kill -9` must cut it off with no destructor, no final
 //! flush and no chance to finish a commit, exactly as an operator's `kill -9` or a crash
@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A tmpfs mounted on a directory, unmounted on drop (SPEC 7's full-disk test).
+/// A tmpfs mounted on a directory, unmounted on drop (contract §7's full-disk test).
 pub struct Tmpfs {
     dir: PathBuf,
 }

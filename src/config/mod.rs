@@ -1,4 +1,4 @@
-//! The TOML configuration (SPEC 2), parsed into typed, validated values at the boundary:
+//! The TOML configuration (contract §2), parsed into typed, validated values at the boundary:
 //! PEM files loaded, the server key matched to its certificate, anchors turned into webpki
 //! trust anchors, regexes compiled, CRLs checked against their anchor, ACL profiles
 //! compiled. Everything downstream works with these types and never re-reads a file.
@@ -8,6 +8,9 @@
 //! Unknown keys are errors: a typo such as `create_device = true` or `crls = ...` must not
 //! silently change what is trusted.
 
+pub mod crl;
+mod raw;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,20 +19,21 @@ use std::sync::Arc;
 
 use regex::Regex;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Deserialize;
-use x509_parser::prelude::FromDer;
 
 use crate::acl::{AclError, Profile};
 use crate::cert::{now_secs, CertError, CertInfo, Fingerprint, Validity};
 use crate::identity::{DeviceName, NameError};
+pub use crl::{Crl, CrlError, CrlUrl};
+use raw::{RawAnchor, RawConfig, RawDevice, RawProfile, RawServer};
 
 mod cluster;
 pub use cluster::Cluster;
 
-/// The default config path, relative to the working directory (SPEC 1).
+/// The default config path, relative to the working directory (contract §1).
 pub const DEFAULT_PATH: &str = "config/certmq.toml";
-/// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], SPEC 1).
+/// Where a system installation keeps it (the fallback after [`DEFAULT_PATH`], contract §1).
 pub const SYSTEM_PATH: &str = "/etc/certmq/certmq.toml";
 
 /// The source name the registry uses for pinned devices; an anchor may not take it.
@@ -47,13 +51,19 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.field, self.kind)?;
+        // One line per problem, whatever the causes print (regex errors draw a caret
+        // under the pattern on lines of their own).
+        let mut text = format!("{}: {}: {}", self.file.display(), self.field, self.kind);
         let mut source = std::error::Error::source(&self.kind);
         while let Some(s) = source {
-            write!(f, ": {s}")?;
+            text.push_str(": ");
+            text.push_str(&s.to_string());
             source = s.source();
         }
-        Ok(())
+        if text.contains('\n') {
+            text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+        f.write_str(&text)
     }
 }
 
@@ -72,8 +82,17 @@ pub enum ProblemKind {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid TOML")]
-    Toml(#[source] toml::de::Error),
+    #[error("invalid TOML: {message}")]
+    TomlSyntax { message: String },
+    #[error("{message}")]
+    TomlValue { message: String },
+    #[error("unknown key{}; the keys here are: {known}", suggestion.map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default())]
+    UnknownKey {
+        suggestion: Option<&'static str>,
+        known: String,
+    },
+    #[error("the [{table}] table is missing")]
+    MissingTable { table: &'static str },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds {count} certificates; exactly one is expected")]
@@ -130,28 +149,36 @@ pub enum ProblemKind {
     UnknownProfile { name: String },
     #[error("invalid ACL profile")]
     Acl(#[source] AclError),
-    #[error("{path} is not a valid CRL")]
-    Crl {
+    #[error("{path} cannot be used as a trust anchor")]
+    AnchorUnusable {
         path: PathBuf,
         #[source]
         source: webpki::Error,
     },
-    #[error("{path} cannot be parsed as a CRL")]
-    CrlParse {
+    #[error("{path}")]
+    CrlInvalid {
         path: PathBuf,
         #[source]
-        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+        source: CrlError,
     },
-    #[error("{path} was not issued by this anchor (CRL issuer {issuer})")]
-    CrlIssuer { path: PathBuf, issuer: String },
-    #[error("{path}: CRL signature does not verify with the anchor's key")]
-    CrlSignature {
+    #[error("{path}, the last CRL fetched from crl_url, is not usable for this anchor and is ignored (the broker fetches it again)")]
+    CrlStoredInvalid {
         path: PathBuf,
         #[source]
-        source: x509_parser::error::X509Error,
+        source: CrlError,
     },
-    #[error("the anchor's keyUsage lacks cRLSign, so its CRL cannot be used")]
-    NoCrlSign,
+    #[error("no CRL fetched from {url} yet: serve fetches it at start, and until one is fetched this anchor accepts no certificate")]
+    CrlNotFetched { url: String },
+    #[error("invalid crl_url {value:?}: {reason}")]
+    CrlUrl { value: String, reason: &'static str },
+    #[error(
+        "crl_refresh must be between {} and {} seconds, not {value}",
+        crl::MIN_REFRESH,
+        crl::MAX_REFRESH
+    )]
+    CrlRefresh { value: u64 },
+    #[error("crl_refresh is set without crl_url")]
+    CrlRefreshWithoutUrl,
     #[error("{path}: CRL is past its nextUpdate ({next_update}); it is still applied")]
     CrlStale { path: PathBuf, next_update: String },
     #[error("certificate expired on {not_after}")]
@@ -172,6 +199,8 @@ pub enum ProblemKind {
     NatsUrl { value: String },
     #[error("{value} replicas: JetStream allows 1 to {max}")]
     Replicas { value: usize, max: usize },
+    #[error("must be at most {max}")]
+    TooLarge { max: u64 },
 }
 
 /// A config that did not load; the list holds every problem found.
@@ -199,7 +228,27 @@ pub struct Server {
     pub proxy_protocol: bool,
 }
 
-/// `[limits]`, with SPEC 2 defaults. Durations are whole seconds.
+impl Clone for Server {
+    fn clone(&self) -> Server {
+        Server {
+            bind: self.bind,
+            cert_chain_path: self.cert_chain_path.clone(),
+            cert_chain: self.cert_chain.clone(),
+            cert_info: self.cert_info.clone(),
+            private_key_path: self.private_key_path.clone(),
+            private_key: self.private_key.clone_key(),
+            data_dir: self.data_dir.clone(),
+            admin_bind: self.admin_bind,
+            proxy_protocol: self.proxy_protocol,
+        }
+    }
+}
+
+/// The largest `max_server_topic_aliases`: each delivery to a client with aliases scans
+/// them (broker/conn/alias.rs), and a few hundred topics cover a device's own traffic.
+pub const MAX_SERVER_TOPIC_ALIASES: u16 = 256;
+
+/// `[limits]`, with contract §2 defaults. Durations are whole seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -210,10 +259,10 @@ pub struct Limits {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_keep_alive: u16,
-    /// Persistent sessions one device may hold (SPEC 4): one more is refused at CONNECT.
+    /// Persistent sessions one device may hold (contract §4): one more is refused at CONNECT.
     pub max_sessions_per_device: usize,
     /// Seconds a connected subscriber with a full queue may make no progress before it
-    /// stops pacing publishers (SPEC 9 flow control).
+    /// stops pacing publishers (contract §9 flow control).
     pub stall_timeout: u64,
     /// Seconds a persistent session outlives its connection at most: caps the MQTT 5
     /// Session Expiry Interval (0xFFFFFFFF "never" included; CONNACK then announces the
@@ -221,10 +270,14 @@ pub struct Limits {
     /// otherwise hold their subscriptions and queue forever. 0: no session outlives its
     /// connection; 4294967295: sessions may be kept forever.
     pub max_session_expiry: u32,
-    /// Retained topics one device may hold (SPEC 4): a retained message belongs to the
+    /// Retained topics one device may hold (contract §4): a retained message belongs to the
     /// device that published it last; one more is refused (MQTT 5 QoS 1/2: 0x97) or
     /// dropped and counted. 0: the device may retain nothing.
     pub max_retained_per_device: usize,
+    /// Topic aliases certmq assigns towards one MQTT 5 client, at most, and never more
+    /// than the client's own Topic Alias Maximum (MQTT 5 §3.3.2.3.4). 0: none, for clients
+    /// that state a maximum but cannot resolve server aliases (libmosquitto before 2.1).
+    pub max_server_topic_aliases: u16,
 }
 
 impl Default for Limits {
@@ -241,23 +294,13 @@ impl Default for Limits {
             stall_timeout: 10,
             max_session_expiry: 604_800,
             max_retained_per_device: 1000,
+            max_server_topic_aliases: 64,
         }
     }
 }
 
-/// A CRL attached to an anchor, parsed and checked against the anchor at load time so that
-/// a wrong file is a config error, not a lock-out of every device at handshake time.
-#[derive(Debug)]
-pub struct Crl {
-    pub path: PathBuf,
-    pub list: webpki::CertRevocationList<'static>,
-    /// nextUpdate, seconds since the epoch, when present.
-    pub next_update: Option<i64>,
-    pub revoked_count: usize,
-}
-
 /// `[[anchor]]`: the certificate-chain strategy.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Anchor {
     pub name: String,
     pub certificate_path: PathBuf,
@@ -268,11 +311,17 @@ pub struct Anchor {
     pub cn_regex: Regex,
     pub create_devices: bool,
     pub acl: String,
-    pub crl: Option<Crl>,
+    /// The CRL in force: from the `crl` file or from `crl_url` (the newer of the two).
+    pub crl: Option<Arc<Crl>>,
+    /// Where the broker fetches this anchor's CRL (docs/crl.md). While it has none, from
+    /// there or from the `crl` file, the anchor accepts no certificate.
+    pub crl_url: Option<CrlUrl>,
+    /// Seconds between two fetches of `crl_url`.
+    pub crl_refresh: u64,
 }
 
 /// `[[device]]`: the pinned strategy.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PinnedDevice {
     pub name: DeviceName,
     pub certificate_path: PathBuf,
@@ -311,7 +360,7 @@ pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
 }
 
 impl Config {
-    /// The expiry dates `/metrics` shows for this config (SPEC 10): each anchor's
+    /// The expiry dates `/metrics` shows for this config (contract §10): each anchor's
     /// notAfter, each anchor CRL's nextUpdate, the server certificate's notAfter.
     pub fn gauges(&self) -> crate::metrics::ConfigGauges {
         crate::metrics::ConfigGauges {
@@ -332,6 +381,30 @@ impl Config {
                 .and_then(|leaf| crate::cert::CertInfo::from_der(leaf).ok())
                 .map_or(0, |info| info.validity.not_after),
         }
+    }
+
+    /// This config with `crl` in force for the anchor `anchor`, as fetched from `url`
+    /// (docs/crl.md). None when the anchor no longer has that `crl_url` (a reload changed
+    /// it meanwhile): the CRL is then not applied. Warnings are not carried over: they were
+    /// logged when the file was loaded.
+    pub fn with_crl(&self, anchor: &str, url: &CrlUrl, crl: Arc<Crl>) -> Option<Config> {
+        let i = self
+            .anchors
+            .iter()
+            .position(|a| a.name == anchor && a.crl_url.as_ref() == Some(url))?;
+        let mut anchors = self.anchors.clone();
+        anchors[i].crl = Some(crl);
+        Some(Config {
+            path: self.path.clone(),
+            server: self.server.clone(),
+            log: self.log.clone(),
+            limits: self.limits.clone(),
+            anchors,
+            devices: self.devices.clone(),
+            acl: self.acl.clone(),
+            cluster: self.cluster.clone(),
+            warnings: Vec::new(),
+        })
     }
 
     /// The anchor with this name.
@@ -370,18 +443,18 @@ impl Config {
                 return Err(loader.into_error());
             }
         };
-        let raw: RawConfig = match toml::from_str(&text) {
-            Ok(r) => r,
-            Err(e) => {
-                loader.problem("(file)", ProblemKind::Toml(e));
-                return Err(loader.into_error());
-            }
-        };
-        loader.build(raw)
+        let (raw, toml_problems) = raw::parse(&text);
+        for p in toml_problems {
+            loader.problem(p.field, p.kind);
+        }
+        match raw {
+            Some(raw) => loader.build(raw),
+            None => Err(loader.into_error()),
+        }
     }
 }
 
-/// `[log]` (SPEC 2): how the broker writes its log. `RUST_LOG`, when set, overrides `level`.
+/// `[log]` (contract §2): how the broker writes its log. `RUST_LOG`, when set, overrides `level`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
@@ -410,6 +483,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// rustls's ClientHello parser warns, on every connection, about what the client got
+/// wrong in it: most often an IP address sent as SNI (OpenSSL-based clients such as
+/// `mosquitto_pub -h 127.0.0.1` do it; RFC 6066 forbids it and rustls ignores it), or a
+/// malformed or repeated server name. Any client can cause these lines at will and the
+/// operator can do nothing about them, so that one module is held to errors. A handshake
+/// that fails over it is still logged by certmq; other rustls warnings are untouched.
+const PEER_TRIGGERED: &str = "rustls::msgs::handshake=error";
+
+/// The tracing filter for a `[log] level` (or `RUST_LOG`) value: the value, plus the hold
+/// on rustls's ClientHello remarks unless the value names rustls itself (then it is the
+/// operator's choice: `level = "info,rustls=debug"` shows them) or turns logging off (the
+/// hold would turn that module's errors back on).
+pub fn log_filter(level: &str) -> String {
+    if level.contains("rustls") || level.split(',').any(|d| d.trim() == "off") {
+        level.to_owned()
+    } else if level.trim().is_empty() {
+        PEER_TRIGGERED.to_owned()
+    } else {
+        format!("{level},{PEER_TRIGGERED}")
+    }
+}
+
 /// The `[log]` table of a config file, read without validating anything else: logging is
 /// set up before the config is loaded (so that loading can log). The default when the
 /// file cannot be read or the table is invalid (`check` and `serve` then report it).
@@ -420,74 +515,6 @@ pub fn log_of(path: &Path) -> Log {
         .and_then(|t| t.get("log").cloned())
         .and_then(|v| v.try_into::<Log>().ok())
         .unwrap_or_default()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    server: RawServer,
-    #[serde(default)]
-    log: Log,
-    #[serde(default)]
-    limits: Limits,
-    #[serde(default)]
-    anchor: Vec<RawAnchor>,
-    #[serde(default)]
-    device: Vec<RawDevice>,
-    #[serde(default)]
-    acl: BTreeMap<String, RawProfile>,
-    cluster: Option<cluster::RawCluster>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    bind: String,
-    cert_chain: PathBuf,
-    private_key: PathBuf,
-    data_dir: PathBuf,
-    admin_bind: Option<String>,
-    #[serde(default)]
-    proxy_protocol: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAnchor {
-    name: String,
-    certificate: PathBuf,
-    cn_regex: String,
-    #[serde(default)]
-    create_devices: bool,
-    #[serde(default = "default_profile")]
-    acl: String,
-    crl: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDevice {
-    name: String,
-    certificate: PathBuf,
-    #[serde(default = "default_profile")]
-    acl: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProfile {
-    #[serde(default)]
-    publish: Vec<String>,
-    #[serde(default)]
-    subscribe: Vec<String>,
-    #[serde(default)]
-    deny_publish: Vec<String>,
-    #[serde(default)]
-    deny_subscribe: Vec<String>,
-}
-
-fn default_profile() -> String {
-    "device".to_owned()
 }
 
 /// Accumulates problems while building a [`Config`].
@@ -531,7 +558,9 @@ impl Loader {
     }
 
     fn build(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let server = self.server(raw.server);
+        // Where the broker keeps the CRLs it fetched (docs/crl.md).
+        let data_dir = raw.server.as_ref().map(|s| self.resolve(&s.data_dir));
+        let server = raw.server.and_then(|s| self.server(s));
         if let Err(source) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
             self.problem(
                 "log.level",
@@ -543,7 +572,7 @@ impl Loader {
         }
         self.limits(&raw.limits);
         let acl = self.profiles(raw.acl);
-        let anchors = self.anchors(raw.anchor, &acl);
+        let anchors = self.anchors(raw.anchor, &acl, data_dir.as_deref());
         let devices = self.devices(raw.device, &acl);
         self.usable_rules(&anchors, &devices);
         let cluster = self.cluster(raw.cluster);
@@ -653,6 +682,13 @@ impl Loader {
             if bad {
                 self.problem(field, ProblemKind::Zero(field));
             }
+        }
+        // Each delivery to an aliasing client scans its aliases (broker/conn/alias.rs).
+        let field = "limits.max_server_topic_aliases";
+        let max = MAX_SERVER_TOPIC_ALIASES;
+        if l.max_server_topic_aliases > max {
+            let max = u64::from(max);
+            self.problem(field, ProblemKind::TooLarge { max });
         }
     }
 
@@ -793,6 +829,7 @@ impl Loader {
         &mut self,
         raw: Vec<RawAnchor>,
         acl: &BTreeMap<String, Arc<Profile>>,
+        data_dir: Option<&Path>,
     ) -> Vec<Anchor> {
         let mut out: Vec<Anchor> = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -862,7 +899,7 @@ impl Loader {
                 Err(source) => {
                     self.problem(
                         &cert_field,
-                        ProblemKind::Crl {
+                        ProblemKind::AnchorUnusable {
                             path: certificate_path.clone(),
                             source,
                         },
@@ -870,16 +907,11 @@ impl Loader {
                     continue;
                 }
             };
-            let crl = match &a.crl {
-                Some(p) => {
-                    let path = self.resolve(p);
-                    self.crl(&format!("{field}.crl"), &path, &der, &info)
-                }
-                None => None,
-            };
-            if a.crl.is_some() && crl.is_none() {
+            let Some((crl, crl_url, crl_refresh)) =
+                self.anchor_crl(&field, &a, &der, &info, data_dir)
+            else {
                 continue;
-            }
+            };
             let Some(cn_regex) = cn_regex else { continue };
             out.push(Anchor {
                 name: a.name,
@@ -890,13 +922,60 @@ impl Loader {
                 cn_regex,
                 create_devices: a.create_devices,
                 acl: a.acl,
-                crl,
+                crl: crl.map(Arc::new),
+                crl_url,
+                crl_refresh,
             });
         }
         out
     }
 
-    /// Loads a CRL (PEM or DER) and checks that this anchor issued and signed it.
+    /// Loads a CRL file (PEM or DER) and checks that this anchor issued and signed it.
+    /// An anchor's CRL in force: from its `crl` file or the copy last fetched from its
+    /// `crl_url` (the newer of the two), with the URL and refresh interval. None when the
+    /// anchor is unusable (a problem was reported).
+    fn anchor_crl(
+        &mut self,
+        field: &str,
+        a: &RawAnchor,
+        der: &CertificateDer<'_>,
+        info: &CertInfo,
+        data_dir: Option<&Path>,
+    ) -> Option<(Option<Crl>, Option<CrlUrl>, u64)> {
+        let file_crl = match &a.crl {
+            Some(p) => {
+                let path = self.resolve(p);
+                self.crl(&format!("{field}.crl"), &path, der, info)
+            }
+            None => None,
+        };
+        if a.crl.is_some() && file_crl.is_none() {
+            return None;
+        }
+        let (crl_url, crl_refresh) = self.crl_source(field, a)?;
+        // With crl_url: the copy the broker fetched last, unless the file is newer.
+        let fetched = match (&crl_url, data_dir) {
+            (Some(url), Some(dir)) => {
+                let path = crl::stored_path(dir, &a.name);
+                self.stored_crl(&format!("{field}.crl_url"), &path, url, der, info)
+            }
+            _ => None,
+        };
+        let crl = match (file_crl, fetched) {
+            (Some(f), Some(u)) if f.this_update > u.this_update => Some(f),
+            (f, u) => u.or(f),
+        };
+        if let (Some(url), None) = (&crl_url, &crl) {
+            self.warning(
+                format!("{field}.crl_url"),
+                ProblemKind::CrlNotFetched {
+                    url: url.url.clone(),
+                },
+            );
+        }
+        Some((crl, crl_url, crl_refresh))
+    }
+
     fn crl(
         &mut self,
         field: &str,
@@ -905,105 +984,94 @@ impl Loader {
         anchor: &CertInfo,
     ) -> Option<Crl> {
         let bytes = self.read(field, path)?;
-        let der = if bytes.starts_with(b"-----") {
-            match CertificateRevocationListDer::from_pem_slice(&bytes) {
-                Ok(d) => d.as_ref().to_vec(),
-                Err(source) => {
-                    self.problem(
-                        field,
-                        ProblemKind::Pem {
-                            path: path.to_path_buf(),
-                            source,
-                        },
-                    );
-                    return None;
-                }
+        match crl::verify(&bytes, anchor_der, anchor) {
+            Ok(v) => {
+                self.stale_warning(field, path, &v);
+                Some(v.at(path.to_path_buf(), None))
             }
-        } else {
-            bytes
-        };
-        let parsed = match x509_parser::revocation_list::CertificateRevocationList::from_der(&der) {
-            Ok((_, c)) => c,
             Err(source) => {
                 self.problem(
                     field,
-                    ProblemKind::CrlParse {
+                    ProblemKind::CrlInvalid {
                         path: path.to_path_buf(),
                         source,
                     },
                 );
-                return None;
+                None
             }
-        };
-        if parsed.issuer().as_raw() != anchor.subject_der.as_slice() {
-            self.problem(
-                field,
-                ProblemKind::CrlIssuer {
-                    path: path.to_path_buf(),
-                    issuer: parsed.issuer().to_string(),
-                },
-            );
-            return None;
         }
-        let anchor_cert = match x509_parser::parse_x509_certificate(anchor_der) {
-            Ok((_, c)) => c,
+    }
+
+    /// The last good CRL fetched from `url`, kept in `data_dir` by the broker: a copy
+    /// that is missing is not a problem (never fetched yet), one that is not valid for
+    /// the anchor (its certificate changed) is a warning and is ignored.
+    fn stored_crl(
+        &mut self,
+        field: &str,
+        path: &Path,
+        url: &CrlUrl,
+        anchor_der: &CertificateDer<'_>,
+        anchor: &CertInfo,
+    ) -> Option<Crl> {
+        let bytes = std::fs::read(path).ok()?;
+        match crl::verify(&bytes, anchor_der, anchor) {
+            Ok(v) => {
+                self.stale_warning(field, path, &v);
+                Some(v.at(path.to_path_buf(), Some(url.url.clone())))
+            }
             Err(source) => {
-                self.problem(
-                    field,
-                    ProblemKind::CrlParse {
-                        path: path.to_path_buf(),
-                        source,
-                    },
-                );
-                return None;
-            }
-        };
-        if let Err(source) = parsed.verify_signature(anchor_cert.public_key()) {
-            self.problem(
-                field,
-                ProblemKind::CrlSignature {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            );
-            return None;
-        }
-        if matches!(anchor.key_usage, Some((_, false))) {
-            self.problem(field, ProblemKind::NoCrlSign);
-            return None;
-        }
-        let next_update = parsed.next_update().map(|t| t.timestamp());
-        let revoked_count = parsed.iter_revoked_certificates().count();
-        if let Some(next) = next_update {
-            if next < now_secs() {
                 self.warning(
                     field,
-                    ProblemKind::CrlStale {
-                        path: path.to_path_buf(),
-                        next_update: crate::cert::rfc3339(next),
-                    },
-                );
-            }
-        }
-        let list = match webpki::OwnedCertRevocationList::from_der(&der) {
-            Ok(l) => webpki::CertRevocationList::Owned(l),
-            Err(source) => {
-                self.problem(
-                    field,
-                    ProblemKind::Crl {
+                    ProblemKind::CrlStoredInvalid {
                         path: path.to_path_buf(),
                         source,
                     },
                 );
-                return None;
+                None
+            }
+        }
+    }
+
+    fn stale_warning(&mut self, field: &str, path: &Path, crl: &crl::Verified) {
+        if let Some(next) = crl.next_update.filter(|_| crl.is_stale(now_secs())) {
+            self.warning(
+                field,
+                ProblemKind::CrlStale {
+                    path: path.to_path_buf(),
+                    next_update: crate::cert::rfc3339(next),
+                },
+            );
+        }
+    }
+
+    /// `crl_url` and `crl_refresh` of an anchor; None when they are invalid (reported).
+    fn crl_source(&mut self, field: &str, a: &RawAnchor) -> Option<(Option<CrlUrl>, u64)> {
+        let url = match a.crl_url.as_deref().map(CrlUrl::parse) {
+            None => Ok(None),
+            Some(Ok(u)) => Ok(Some(u)),
+            Some(Err(reason)) => {
+                self.problem(
+                    format!("{field}.crl_url"),
+                    ProblemKind::CrlUrl {
+                        value: a.crl_url.clone().unwrap_or_default(),
+                        reason,
+                    },
+                );
+                Err(())
             }
         };
-        Some(Crl {
-            path: path.to_path_buf(),
-            list,
-            next_update,
-            revoked_count,
-        })
+        let refresh = match a.crl_refresh {
+            Some(_) if a.crl_url.is_none() => Err(ProblemKind::CrlRefreshWithoutUrl),
+            Some(r) if !(crl::MIN_REFRESH..=crl::MAX_REFRESH).contains(&r) => {
+                Err(ProblemKind::CrlRefresh { value: r })
+            }
+            Some(r) => Ok(r),
+            None => Ok(crl::DEFAULT_REFRESH),
+        };
+        let refresh = refresh
+            .map_err(|kind| self.problem(format!("{field}.crl_refresh"), kind))
+            .ok()?;
+        Some((url.ok()?, refresh))
     }
 
     fn devices(
@@ -1066,7 +1134,7 @@ impl Loader {
         out
     }
 
-    /// SPEC 2: expired rules are warnings unless no rule at all is usable.
+    /// contract §2: expired rules are warnings unless no rule at all is usable.
     fn usable_rules(&mut self, anchors: &[Anchor], devices: &[PinnedDevice]) {
         let now = UnixTime::now();
         let usable = anchors.iter().any(|a| a.info.validity.check(now).is_ok())
@@ -1089,4 +1157,21 @@ fn valid_anchor_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_client_hello_remarks_are_held_unless_rustls_is_named() {
+        assert_eq!(log_filter("info"), "info,rustls::msgs::handshake=error");
+        assert_eq!(
+            log_filter("warn,certmq=debug"),
+            "warn,certmq=debug,rustls::msgs::handshake=error"
+        );
+        assert_eq!(log_filter("info,rustls=debug"), "info,rustls=debug");
+        assert_eq!(log_filter("off"), "off");
+        assert_eq!(log_filter(""), "rustls::msgs::handshake=error");
+    }
 }
