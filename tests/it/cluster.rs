@@ -805,9 +805,28 @@ async fn a_node_taken_for_dead_does_not_publish_the_wills_taken_over_again() {
     t.a.wait_line("taken over by another node").await;
     // The connection ends now, without DISCONNECT: its will was published already.
     device.drop_tcp().await;
-    t.a.wait_line("will not published here").await;
+    let ended = tokio::time::timeout(WAIT, async {
+        while !t.a.stderr().contains("session ended peer") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the connection never ended:\n{}",
+        t.a.stderr()
+    );
     let more = within(&mut on_b, Duration::from_secs(2)).await;
-    assert!(more.is_none(), "a second copy: {more:?}");
+    assert!(
+        more.is_none(),
+        "a second copy: {more:?}; node a:\n{}",
+        t.a.stderr()
+    );
+    assert!(
+        t.a.stderr().contains("will not published here"),
+        "node a:\n{}",
+        t.a.stderr()
+    );
 }
 
 /// MQTT 5: a new connection for the session before the will delay passed cancels the
