@@ -5,11 +5,11 @@
 //! `claims`, and this process's run), with everything needed to publish it elsewhere: the
 //! message, its delay, the session's claim revision, the device and the certificate the
 //! connection was admitted with. The record is marked when the connection ends with a
-//! delay, and removed when the will is published or cancelled here ([`writer`]).
+//! delay, and removed when the will is published or cancelled here (`writer`).
 //!
 //! Every node follows the others' heartbeats (`nodes`). Once a run is dead, the other
 //! nodes race for each of its records; removing the record's exact revision is the
-//! compare-and-set that gives it to exactly one of them ([`heir`]). That node waits what
+//! compare-and-set that gives it to exactly one of them (`heir`). That node waits what
 //! remains of the delay (keeping the record under its own run meanwhile, so that its own
 //! death passes it on), drops it if a connection claimed the session since, decides the
 //! device's standing against its own registry and config, and publishes it.
