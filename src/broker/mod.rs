@@ -112,7 +112,7 @@ impl Will {
         }
     }
 
-    /// See [`Will::ticket`](field@Will::ticket).
+    /// See `Will::ticket`.
     pub fn ticket(&self) -> u64 {
         self.ticket
     }

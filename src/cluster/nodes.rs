@@ -182,7 +182,7 @@ impl Liveness {
     }
 
     /// Reads every known node's entry (a direct read each) and notes what changed; lists
-    /// the bucket for nodes not known yet every [`DISCOVER`]. Err (nothing noted) when the
+    /// the bucket for nodes not known yet every `DISCOVER`. Err (nothing noted) when the
     /// bucket cannot be read: a node cut off from NATS sees no change, and takes nobody for
     /// dead on that account until it reads again.
     pub async fn poll(&self) -> Result<(), ClusterError> {
