@@ -255,8 +255,8 @@ async fn run(input: Input) {
         problem_info: input.problem_info,
         max_session_expiry: 604_800,
     };
-    let will = input.will.map(|q| Will {
-        message: Message {
+    let will = input.will.map(|q| {
+        let message = Message {
             topic: TopicName::parse("devices/dev1/will").expect("a valid topic"),
             payload: Bytes::from_static(b"gone"),
             qos: q.qos(),
@@ -264,9 +264,8 @@ async fn run(input: Input) {
             props: Default::default(),
             expires_at: None,
             store_id: Default::default(),
-        },
-        delay: 0,
-        gate: None,
+        };
+        Will::new(message, 0)
     });
     let shutdown = CancellationToken::new();
     let revoke = Revoke::default();
