@@ -635,6 +635,11 @@ impl Broker {
         }
     }
 
+    /// Whether a session with this key exists here (connected or not).
+    pub fn has_session(&self, key: &SessionKey) -> bool {
+        self.sessions().get(key).is_some()
+    }
+
     /// Cluster mode: the session was claimed by a connection on another node. Ends the
     /// connection holding it here (as a takeover: MQTT 5 DISCONNECT 0x8E); true if one did.
     pub fn kick(&self, key: &SessionKey) -> bool {

@@ -33,6 +33,8 @@ pub struct Claims {
     /// Sessions this node held until a connection on another node claimed them (their
     /// delayed wills are cancelled here); a new claim here takes the key out again.
     lost: Mutex<HashSet<String>>,
+    /// Asked which claimed sessions still exist when `held` is pruned.
+    broker: Arc<Broker>,
 }
 
 /// A claim's value.
@@ -75,6 +77,7 @@ impl Claims {
             run: cluster.run.clone(),
             held: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
+            broker: broker.clone(),
         });
         let watcher = claims.clone();
         let watch = claims
@@ -107,7 +110,14 @@ impl Claims {
             }
         };
         self.lost_keys().remove(&name);
-        self.lock().insert(name, (key.clone(), revision));
+        let mut held = self.lock();
+        held.insert(name, (key.clone(), revision));
+        // Sessions that ended here need no enforcing any more: forget them once the map
+        // is well above the sessions this node holds, so it does not grow with every
+        // client id ever seen.
+        if held.len() > 2 * self.broker.session_count() + 1024 {
+            held.retain(|_, (k, _)| self.broker.has_session(k));
+        }
         Ok(())
     }
 
@@ -156,15 +166,24 @@ impl Claims {
     /// Follows the bucket: a newer claim by another node (or an earlier run of this
     /// one) on a session held here takes it away. Re-watches after a NATS outage.
     async fn enforce(self: Arc<Self>, mut watch: kv::Watch, broker: Arc<Broker>) {
+        // The last claim seen: a watch resumed after an outage starts right after it, so a
+        // claim made meanwhile is not missed.
+        let mut last = 0;
         loop {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { break };
+                last = last.max(entry.revision);
                 self.on_claim(&entry, &broker);
             }
-            tracing::warn!("claims watch ended; watching again");
+            tracing::warn!(after_revision = last, "claims watch ended; watching again");
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(w) = self.store.watch_all().await {
+                let resumed = if last == 0 {
+                    self.store.watch_all().await
+                } else {
+                    self.store.watch_all_from_revision(last + 1).await
+                };
+                if let Ok(w) = resumed {
                     watch = w;
                     break;
                 }
