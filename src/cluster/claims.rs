@@ -50,11 +50,7 @@ pub fn claim_key(key: &SessionKey) -> String {
     ctx.update(key.device.as_str().as_bytes());
     ctx.update(&[0]);
     ctx.update(key.client_id.as_bytes());
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::hex(ctx.finish().as_ref())
 }
 
 impl Claims {

@@ -118,7 +118,23 @@ fn run_id() -> String {
             .unwrap_or_default();
         bytes = nanos.to_be_bytes();
     }
+    hex(&bytes)
+}
+
+/// Lower-case hex of bytes: keys, run ids and binary header values the cluster writes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of [`hex`] text; None for anything else.
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Opens the key-value bucket `<prefix>_<what>`, creating it (with `history` values per

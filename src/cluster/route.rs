@@ -43,6 +43,7 @@ use crate::broker::journal::{Commit, CommitError};
 use crate::broker::message::{Forwarded, Message};
 use crate::broker::remote::{Remote, Stored};
 use crate::broker::Broker;
+use crate::cluster::{hex, unhex};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{Subscription, TopicName};
@@ -295,20 +296,6 @@ fn envelope(
 /// A string as JSON, so that no peer-supplied value can break a header line.
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// A message from NATS, as the broker takes it.

@@ -37,6 +37,7 @@ use crate::broker::remote::{WillGates, WillKeeper, WillPresenter};
 use crate::broker::session::SessionKey;
 use crate::broker::{Broker, Will};
 use crate::cert::Fingerprint;
+use crate::cluster::{hex, unhex};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicName;
@@ -96,20 +97,6 @@ struct StoredPresenter {
     fingerprint: String,
     /// DER, leaf first.
     chain: Vec<String>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Unix milliseconds now.
