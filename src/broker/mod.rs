@@ -45,7 +45,7 @@ use crate::identity::DeviceName;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{self, CodecError, Packet, QoS};
 use crate::mqtt::topic::{Subscription, TopicFilter, TopicName};
-use journal::{Journal, Op, Recovered};
+use journal::{Journal, Op, Recovered, StoredSession};
 use message::Message;
 use retain::Owned;
 use router::{Router, SubOptions};
@@ -257,6 +257,20 @@ impl Drop for RouterGuard<'_> {
             }
         }
     }
+}
+
+/// What [`Broker::deliver_fed`] did with a message pulled for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FedOutcome {
+    /// In the session's queue: acknowledged to JetStream when the device acknowledges it.
+    Queued,
+    /// Not for this session (no matching subscription any more, No Local, the ACL):
+    /// acknowledge it.
+    NotFor,
+    /// The session could not take it now (full and stalled): give it back for later.
+    Later,
+    /// The session is gone from this node or its connection ended: give it back now.
+    Gone,
 }
 
 /// What [`Broker::publish`] did.
@@ -722,7 +736,8 @@ impl Broker {
         let mut out = self.route_local(&msg, publisher, pace);
         out.durable |= durable;
         if let Some(remote) = self.remote.get() {
-            out.remote = remote.forward(&msg, owner);
+            let client_id = publisher.map(|p| p.key.client_id.as_str());
+            out.remote = remote.forward(&msg, owner, client_id);
         }
         out
     }
@@ -764,7 +779,13 @@ impl Broker {
     ) -> Published {
         let router = self.router.read().unwrap_or_else(|p| p.into_inner());
         let targets = if self.remote.get().is_some() {
-            router.route_plain(&msg.topic, publisher)
+            let mut targets = router.route_plain(&msg.topic, publisher);
+            // A persistent session gets its stored messages from its own consumers
+            // (`cluster::sessions`), so that they wait in JetStream wherever it resumes.
+            if msg.qos != QoS::AtMostOnce {
+                targets.retain(|t| t.qos == QoS::AtMostOnce || t.key.journal().is_none());
+            }
+            targets
         } else {
             // A shared group's message goes to a connected member with room (contract §9: the
             // group paces as a whole); when none has room, to the next one in rotation.
@@ -772,6 +793,113 @@ impl Broker {
         };
         drop(router);
         self.deliver_to(msg, targets, pace)
+    }
+
+    /// Cluster mode: a stored message pulled from one of `session`'s own consumers
+    /// (docs/cluster.md "Persistent sessions"), queued with the queue id `id` (its
+    /// acknowledgement to JetStream waits for the device's). `own`: the session itself
+    /// published it (No Local). Waits while the connected session's queue is full and it
+    /// makes progress, as a paced publisher does (contract §9).
+    pub async fn deliver_fed(
+        &self,
+        session: &SessionRef,
+        msg: Arc<Message>,
+        own: bool,
+        id: i64,
+        stop: &CancellationToken,
+    ) -> FedOutcome {
+        let target = self
+            .router
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .route_plain(&msg.topic, own.then_some(session))
+            .into_iter()
+            .find(|t| &t.key == session);
+        let Some(t) = target else {
+            return FedOutcome::NotFor;
+        };
+        let qos = min_qos(msg.qos, t.qos);
+        if qos == QoS::AtMostOnce {
+            return FedOutcome::NotFor;
+        }
+        let mut delivery = Delivery {
+            qos,
+            retain: msg.retain && t.retain_as_published,
+            sub_ids: t.subscription_ids,
+            store_id: Some(id),
+            msg: msg.clone(),
+        };
+        let stall = self.stall_timeout();
+        loop {
+            if !self.is_current(session) {
+                return FedOutcome::Gone;
+            }
+            let room = session.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match session.deliver(delivery, Some(stall)) {
+                Ok((outcome, _)) => {
+                    return match outcome {
+                        Enqueued::Queued | Enqueued::QueuedDroppedOldQos0 => {
+                            self.account(&mut Published::default(), session, outcome, &msg, qos);
+                            FedOutcome::Queued
+                        }
+                        Enqueued::Denied => FedOutcome::NotFor,
+                        Enqueued::DroppedOffline => FedOutcome::Gone,
+                        Enqueued::DroppedFull | Enqueued::DroppedStalled => FedOutcome::Later,
+                    }
+                }
+                Err(back) => delivery = back,
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = stop.cancelled() => return FedOutcome::Gone,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// The subscriptions a session holds here.
+    pub fn subscriptions(&self, session: &SessionRef) -> Vec<(Subscription, SubOptions)> {
+        self.router
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscriptions_of(session)
+    }
+
+    /// Cluster mode: a persistent session read from the other nodes' store, put here
+    /// offline as [`Broker::restore`] would (its messages stay in its consumers), unless
+    /// this node already holds one under its key.
+    pub fn adopt(&self, stored: StoredSession, acl: Arc<DeviceAcl>, max_queued: usize) {
+        if self.has_session(&stored.key) {
+            return;
+        }
+        let recovered = Recovered {
+            sessions: vec![stored],
+            ..Recovered::default()
+        };
+        self.restore(recovered, |_| acl.clone(), max_queued);
+    }
+
+    /// Cluster mode: a connection on another node claimed the persistent session `key`;
+    /// it is forgotten here without touching the shared store (the other node holds it
+    /// now). A connection still holding it is told to close. True if there was one.
+    pub fn release(&self, key: &SessionKey) -> bool {
+        let session = {
+            let mut sessions = self.sessions();
+            match sessions.get(key) {
+                Some(s) if s.journal().is_some() => sessions.remove(key),
+                _ => None,
+            }
+        };
+        let Some(session) = session else {
+            return false;
+        };
+        if let Some(token) = session.kick_out() {
+            token.cancel();
+        }
+        self.router_mut().remove_all(&session);
+        true
     }
 
     /// Delivers a message to routed targets, each at min(message QoS, granted QoS).
@@ -1003,11 +1131,13 @@ impl Broker {
         // Ended by a new connection for the client id (clean start) or by forgetting
         // the device: no will (MQTT 5 §3.1.2.5). Ended by its expiry, at the same
         // moment the delay ran out (delay >= expiry): the session's end is a trigger.
-        if !self.is_current(session) && !session.expired() {
-            tracing::info!(device = ?session.key.device, "will dropped: the session ended");
+        // Asked first: a session released to another node (cluster mode) is no longer
+        // current here either, and the log line should say where it went.
+        if !self.will_ours(session, will.ticket, true) {
             return;
         }
-        if !self.will_ours(session, will.ticket, true) {
+        if !self.is_current(session) && !session.expired() {
+            tracing::info!(device = ?session.key.device, "will dropped: the session ended");
             return;
         }
         let Will { message, gate, .. } = will;
@@ -1042,7 +1172,7 @@ pub fn min_qos(a: QoS, b: QoS) -> QoS {
 }
 
 /// A subscription as the store keeps it: `$share/GROUP/filter` or the filter.
-fn subscription_text(sub: &Subscription) -> String {
+pub fn subscription_text(sub: &Subscription) -> String {
     match sub {
         Subscription::Plain(f) => f.as_str().to_owned(),
         Subscription::Shared { group, filter } => format!("$share/{group}/{}", filter.as_str()),

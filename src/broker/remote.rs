@@ -26,11 +26,16 @@ pub type Stored = oneshot::Receiver<Commit>;
 
 /// The other nodes, as the broker sees them.
 pub trait Remote: Send + Sync + std::fmt::Debug + 'static {
-    /// A message accepted on this node (after ACL), published by `device` (None: the
-    /// broker itself, e.g. a will). Returns what the publisher's acknowledgement must also
+    /// A message accepted on this node (after ACL), published by `device` through the
+    /// connection of `client_id` (None: the broker itself, e.g. a will). Returns what the publisher's acknowledgement must also
     /// wait for: Some for QoS 1/2 and retained messages, which are acknowledged only once
     /// stored for the other nodes; None for QoS 0.
-    fn forward(&self, msg: &Arc<Message>, device: Option<&DeviceName>) -> Option<Stored>;
+    fn forward(
+        &self,
+        msg: &Arc<Message>,
+        device: Option<&DeviceName>,
+        client_id: Option<&str>,
+    ) -> Option<Stored>;
 
     /// Whether messages to be stored can be taken now. When false (NATS unreachable), a
     /// QoS 1/2 PUBLISH is refused before it is routed, as when the local store fails.

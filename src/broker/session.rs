@@ -845,7 +845,9 @@ impl Inner {
                 None => return Ok(Enqueued::DroppedFull),
             }
         }
-        if let (Some(journal), false) = (journal, d.qos == QoS::AtMostOnce) {
+        // A delivery that comes with its id (pulled from a cluster session's consumer) is
+        // kept by its consumer, not written again.
+        if let (Some(journal), false, None) = (journal, d.qos == QoS::AtMostOnce, d.store_id) {
             let id = journal.next_id();
             d.store_id = Some(id);
             journal.submit(Op::Enqueue {

@@ -35,6 +35,8 @@ pub struct Claims {
     lost: Mutex<HashSet<String>>,
     /// Asked which claimed sessions still exist when `held` is pruned.
     broker: Arc<Broker>,
+    /// Persistent sessions: released to the node that claimed them.
+    sessions: Arc<super::sessions::SessionStore>,
 }
 
 /// A claim's value.
@@ -59,6 +61,7 @@ impl Claims {
     pub async fn start(
         cluster: &Cluster,
         broker: Arc<Broker>,
+        sessions: Arc<super::sessions::SessionStore>,
     ) -> Result<Arc<Claims>, ClusterError> {
         let store = super::bucket(
             cluster,
@@ -74,6 +77,7 @@ impl Claims {
             held: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
             broker: broker.clone(),
+            sessions,
         });
         let watcher = claims.clone();
         let watch = claims
@@ -206,7 +210,13 @@ impl Claims {
         };
         if let Some((key, _)) = taken {
             self.lost_keys().insert(entry.key.clone());
-            if broker.kick(&key) {
+            // A persistent session moves with the claim: forgotten here, and what this
+            // node pulled for it goes back to JetStream for the new holder.
+            let released = broker.release(&key);
+            if released {
+                self.sessions.release(&key);
+            }
+            if released || broker.kick(&key) {
                 tracing::info!(
                     device = ?key.device,
                     client_id = ?key.client_id,

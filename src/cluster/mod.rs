@@ -13,6 +13,7 @@ pub mod claims;
 pub mod nodes;
 pub mod registry;
 pub mod route;
+pub mod sessions;
 pub mod subject;
 pub mod wills;
 
@@ -23,6 +24,10 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 use crate::config::Cluster as Settings;
+
+/// How often a node looks for persistent sessions left behind by a dead node whose
+/// expiry passed (docs/cluster.md "Persistent sessions").
+const SESSION_SWEEP: Duration = Duration::from_secs(5);
 
 /// How long the first connection to NATS may take at start.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -260,6 +265,7 @@ pub struct Node {
     pub cluster: Cluster,
     pub claims: Arc<claims::Claims>,
     pub wills: Arc<wills::Wills>,
+    pub sessions: Arc<sessions::SessionStore>,
 }
 
 impl Node {
@@ -270,15 +276,19 @@ impl Node {
     pub async fn join(
         settings: &Settings,
         broker: Arc<crate::broker::Broker>,
+        sessions: Arc<sessions::SessionStore>,
     ) -> Result<Node, ClusterError> {
         let cluster = Cluster::connect(settings).await?;
         route::Fabric::start(cluster.clone(), broker.clone()).await?;
-        let claims = claims::Claims::start(&cluster, broker.clone()).await?;
+        sessions.start(&cluster).await?;
+        let claims = claims::Claims::start(&cluster, broker.clone(), sessions.clone()).await?;
         let wills = wills::Wills::start(&cluster, claims.clone(), &broker).await?;
+        sessions.sweep(SESSION_SWEEP, wills.liveness());
         Ok(Node {
             cluster,
             claims,
             wills,
+            sessions,
         })
     }
 }

@@ -70,6 +70,7 @@ mod header {
     pub const QOS: &str = "Certmq-Qos";
     pub const RETAIN: &str = "Certmq-Retain";
     pub const DEVICE: &str = "Certmq-Device";
+    pub const CLIENT: &str = "Certmq-Client";
     pub const EXPIRES: &str = "Certmq-Expires";
     pub const PAYLOAD_FORMAT: &str = "Mqtt-Payload-Format";
     pub const CONTENT_TYPE: &str = "Mqtt-Content-Type";
@@ -160,7 +161,12 @@ impl Fabric {
 }
 
 impl Remote for Fabric {
-    fn forward(&self, msg: &Arc<Message>, device: Option<&DeviceName>) -> Option<Stored> {
+    fn forward(
+        &self,
+        msg: &Arc<Message>,
+        device: Option<&DeviceName>,
+        client_id: Option<&str>,
+    ) -> Option<Stored> {
         let subject = match topic_to_subject(msg.topic.as_str()) {
             Ok(s) => s,
             Err(why) => {
@@ -174,7 +180,7 @@ impl Remote for Fabric {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let out = Outgoing {
             subject: names.message(durable, &subject),
-            headers: envelope(msg, device, self.cluster.node(), &self.run, id),
+            headers: envelope(msg, (device, client_id), self.cluster.node(), &self.run, id),
             payload: msg.payload.clone(),
             durable,
             retained: msg.retain.then(|| names.retained(&subject)),
@@ -252,7 +258,7 @@ async fn ensure_streams(cluster: &Cluster) -> Result<(), ClusterError> {
 /// Headers for a message (see the `header` names).
 fn envelope(
     msg: &Message,
-    device: Option<&DeviceName>,
+    (device, client_id): (Option<&DeviceName>, Option<&str>),
     node: &str,
     run: &str,
     id: u64,
@@ -267,6 +273,9 @@ fn envelope(
     }
     if let Some(d) = device {
         h.insert(header::DEVICE, d.as_str());
+    }
+    if let Some(c) = client_id {
+        h.insert(header::CLIENT, json_string(c).as_str());
     }
     if let Some(at) = msg.expires_at {
         let left = at.saturating_duration_since(Instant::now()).as_secs();
@@ -303,6 +312,8 @@ fn json_string(s: &str) -> String {
 pub(crate) struct Envelope {
     pub msg: Message,
     pub device: Option<DeviceName>,
+    /// The publishing connection's client id (for No Local after a session moved).
+    pub client_id: Option<String>,
     pub node: String,
     pub run: String,
     pub id: String,
@@ -355,6 +366,7 @@ pub(crate) fn open(
             store_id: Default::default(),
         },
         device: get(header::DEVICE).and_then(|d| DeviceName::parse(&d).ok()),
+        client_id: json(header::CLIENT),
         node: get(header::NODE).unwrap_or_default(),
         run: get(header::RUN).unwrap_or_default(),
         id: get(header::ID).unwrap_or_default(),
@@ -856,7 +868,7 @@ mod tests {
             store_id: Default::default(),
         };
         let device = DeviceName::parse("dev-1").unwrap();
-        let headers = envelope(&msg, Some(&device), "a", "run1", 7);
+        let headers = envelope(&msg, (Some(&device), Some("c 1")), "a", "run1", 7);
         // The topic with a space is unmappable; use a mappable one for the subject.
         let env = open("p", "p.q.a//b.c", Some(&headers), msg.payload.clone()).unwrap();
         assert_eq!(env.msg.topic.as_str(), "a.b/c");
@@ -870,6 +882,7 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(env.device, Some(device));
+        assert_eq!(env.client_id.as_deref(), Some("c 1"));
         assert_eq!(
             (env.node.as_str(), env.run.as_str(), env.id.as_str()),
             ("a", "run1", "run1-7")

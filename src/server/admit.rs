@@ -229,6 +229,57 @@ pub(super) async fn claim(
     Some(connect::connack_unavailable(protocol, &why))
 }
 
+/// How long a clean start waits for the cluster to discard the session it held.
+const DISCARD_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Cluster mode: makes the session `key` as the cluster holds it available here before it
+/// is opened (docs/cluster.md "Persistent sessions"). A resumed persistent session that
+/// another node held, or that outlived its node, is read from JetStream; a clean start
+/// discards whatever the cluster held under the key. A session that cannot be read
+/// (NATS unreachable) is refused with the CONNACK returned. None: go on.
+pub(super) async fn resume(
+    shared: &Shared,
+    line: &DecisionLine,
+    request: &crate::broker::SessionRequest,
+    protocol: Protocol,
+) -> Option<Packet> {
+    let node = shared.cluster.get()?;
+    let broker = &shared.broker;
+    let key = &request.key;
+    if request.clean_start {
+        // Gone before the CONNACK says so. Without NATS the old session stays where it
+        // is (a clean session is then local to this node anyway: `claim`).
+        let journal = broker.journal().filter(|j| !j.failing());
+        if let (false, Some(journal)) = (broker.has_session(key), journal) {
+            if !node.sessions.exists(key).await {
+                return None;
+            }
+            journal.submit(crate::broker::journal::Op::DropSession { key: key.clone() });
+            let done = tokio::time::timeout(DISCARD_LIMIT, journal.barrier()).await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::debug!(device = ?key.device, client_id = ?key.client_id, "a clean start could not discard the cluster's session in time");
+            }
+        }
+        return None;
+    }
+    if request.expiry == Expiry::OnDisconnect || broker.has_session(key) {
+        return None;
+    }
+    match node.sessions.load(key).await {
+        Ok(Some(stored)) => {
+            broker.adopt(stored, request.acl.clone(), request.max_queued);
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            let why = format!("the cluster is unavailable for a persistent session: {e}");
+            line.refused("cluster_unavailable", &why);
+            shared.metrics.auth_refused("cluster_unavailable");
+            Some(connect::connack_unavailable(protocol, &why))
+        }
+    }
+}
+
 /// Runs the admission decision off the async workers (it may commit and fsync); None when
 /// the task failed (logged).
 async fn decide(

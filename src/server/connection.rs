@@ -86,6 +86,7 @@ pub async fn handle(
     let Some(open) = open(&shared, accepted, &mut wr, &limits, peer).await else {
         return;
     };
+    let feeding = feed(&shared, &open.session);
     let end = conn::serve(
         &shared.broker,
         &open.session,
@@ -103,6 +104,7 @@ pub async fn handle(
         },
     )
     .await;
+    drop(feeding);
     tracing::info!(
         %peer,
         device = ?open.device,
@@ -110,6 +112,18 @@ pub async fn handle(
         reason = ?end.to_string(),
         "session ended"
     );
+}
+
+/// Cluster mode: while a persistent session is connected here, its stored messages are
+/// pulled from its consumers (docs/cluster.md "Persistent sessions"); dropping the guard
+/// stops that.
+fn feed(shared: &Arc<Shared>, session: &SessionRef) -> Option<tokio_util::sync::DropGuard> {
+    let node = shared.cluster.get()?;
+    session.journal()?;
+    let stop = CancellationToken::new();
+    node.sessions
+        .feed(shared.broker.clone(), session.clone(), stop.clone());
+    Some(stop.drop_guard())
 }
 
 /// The device's address from the balancer's PROXY header (`proxy_protocol`), read
@@ -210,6 +224,31 @@ struct Open<'a> {
     _live: LiveGuard<'a>,
 }
 
+/// Opens the session, as the cluster holds it (cluster mode), within the device's quota;
+/// Err: the CONNACK refusing it.
+async fn open_session(
+    shared: &Arc<Shared>,
+    (line, req): (
+        &admit::DecisionLine,
+        &crate::broker::conn::connect::ConnectRequest,
+    ),
+    request: SessionRequest,
+    conn_id: u64,
+    kick: &CancellationToken,
+    limits: &Limits,
+) -> Result<crate::broker::Opened, crate::mqtt::codec::Packet> {
+    if let Some(refusal) = admit::resume(shared, line, &request, req.protocol).await {
+        return Err(refusal);
+    }
+    shared
+        .broker
+        .open_session(request, conn_id, kick.clone())
+        .map_err(|_| {
+            let max = limits.max_sessions_per_device;
+            admit::refuse_quota(line, shared, req.protocol, max)
+        })
+}
+
 /// Opens the session (contract §4: keyed by (device, client id); a holder is taken over),
 /// sends the CONNACK and registers the connection for re-checks.
 async fn open<'a, W: AsyncWrite + Unpin>(
@@ -233,11 +272,10 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         max_sessions: limits.max_sessions_per_device,
     };
     let persistent = request.expiry != Expiry::OnDisconnect;
-    let opened = match broker.open_session(request, conn_id, kick.clone()) {
+    let opened = open_session(shared, (&a.line, &a.req), request, conn_id, &kick, limits).await;
+    let opened = match opened {
         Ok(o) => o,
-        Err(_) => {
-            let max = limits.max_sessions_per_device;
-            let ack = admit::refuse_quota(&a.line, shared, a.req.protocol, max);
+        Err(ack) => {
             if let Some(ack) = connect::within_client_max(ack, &a.req) {
                 let _ = send(wr, &ack, write_limit).await;
             }

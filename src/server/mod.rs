@@ -109,6 +109,9 @@ pub struct Server {
     shared: Arc<Shared>,
     /// Cluster mode: the registry bucket, read by [`Server::join_cluster`].
     kv: Option<Arc<crate::cluster::registry::KvRegistry>>,
+    /// Cluster mode: the session store (the broker's journal), started by
+    /// [`Server::join_cluster`].
+    sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
     /// Restored offline sessions with an expiry deadline, timed from `run`.
     deadlines: Mutex<Vec<(crate::broker::session::SessionRef, i64)>>,
 }
@@ -130,9 +133,21 @@ impl Server {
                 (kv.clone(), Some(kv), Vec::new())
             }
         };
-        let (store, mut recovered) = Store::open(&config.server.data_dir)?;
+        // Standalone, sessions and retained messages are in SQLite; in cluster mode they
+        // live in JetStream (docs/cluster.md), so nothing is recovered from disk.
+        let (backend, mut recovered, sessions): (Arc<dyn crate::broker::journal::Backend>, _, _) =
+            match &config.cluster {
+                None => {
+                    let (store, recovered) = Store::open(&config.server.data_dir)?;
+                    (Arc::new(store), recovered, None)
+                }
+                Some(settings) => {
+                    let sessions = crate::cluster::sessions::SessionStore::new(settings);
+                    (sessions.clone(), Default::default(), Some(sessions))
+                }
+            };
         let metrics = Arc::new(Metrics::default());
-        let journal = crate::broker::journal::Journal::new(Arc::new(store));
+        let journal = crate::broker::journal::Journal::new(backend);
         let broker = Broker::new(metrics.clone(), Some(journal));
         broker.set_stall_timeout(config.limits.stall_timeout);
         broker.cap_restored_expiry(&mut recovered, config.limits.max_session_expiry);
@@ -166,6 +181,7 @@ impl Server {
         };
         Ok(Server {
             kv,
+            sessions,
             deadlines: Mutex::new(deadlines),
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(snapshot)),
@@ -188,7 +204,11 @@ impl Server {
         let Some(settings) = &config.cluster else {
             return Ok(());
         };
-        let node = crate::cluster::Node::join(settings, self.shared.broker.clone()).await?;
+        let Some(sessions) = self.sessions.clone() else {
+            return Ok(());
+        };
+        let node =
+            crate::cluster::Node::join(settings, self.shared.broker.clone(), sessions).await?;
         if let Some(kv) = &self.kv {
             self.join_registry(kv, &node.cluster).await?;
         }

@@ -100,16 +100,16 @@ fn check_reports_every_cluster_problem() {
 }
 
 /// Two nodes on one NATS with a pinned `backend` allowed everywhere, and its client.
-struct Two {
-    _nats: Nats,
-    fx: Fixture,
-    a: Proc,
-    b: Proc,
-    backend: crate::common::Client,
+pub(crate) struct Two {
+    pub(crate) _nats: Nats,
+    pub(crate) fx: Fixture,
+    pub(crate) a: Proc,
+    pub(crate) b: Proc,
+    pub(crate) backend: crate::common::Client,
 }
 
 impl Two {
-    async fn start() -> Option<Two> {
+    pub(crate) async fn start() -> Option<Two> {
         let nats = Nats::start()?;
         let fx = Fixture::new();
         let cert = self_signed("backend");

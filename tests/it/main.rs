@@ -11,6 +11,7 @@ mod cli_operator;
 mod cli_registry;
 mod cluster;
 mod cluster_registry;
+mod cluster_sessions;
 mod common;
 mod conformance;
 mod crl_url;

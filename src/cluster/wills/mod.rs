@@ -283,6 +283,11 @@ impl Wills {
 
     /// Starts taking over the wills of dead nodes, published through `broker` once
     /// `gates` allows them. Called once the registry answers (the check reads it).
+    /// Which nodes are alive, as this node tells (heartbeats).
+    pub fn liveness(&self) -> Arc<super::nodes::Liveness> {
+        self.liveness.clone()
+    }
+
     pub fn inherit(&self, broker: Arc<Broker>, gates: WillGates) {
         let heir = heir::Heir {
             cluster: self.cluster.clone(),

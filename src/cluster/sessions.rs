@@ -1,0 +1,934 @@
+//! Persistent sessions in JetStream (contract §12, docs/cluster.md "Persistent sessions"):
+//! a session that outlives its connection is resumed on whichever node the device
+//! reconnects to, after a node crash included, with everything acknowledged to publishers
+//! while it was away.
+//!
+//! - The session's **record** (expiry, subscriptions, which node holds it) is one value in
+//!   the bucket `<prefix>_sessions`, keyed by the session's claim key.
+//! - Its **pending messages** are the unacknowledged messages of its own durable consumers
+//!   on `<prefix>_msgs`: one per stored-QoS subscription and subject (`a/#` is `a` and
+//!   `a.>`), as nats-server's MQTT support does. JetStream keeps them while nobody is
+//!   connected; whichever node holds the session pulls them ([`SessionStore::feed`]) into
+//!   the session's queue, and a message is acknowledged to JetStream only when the device
+//!   acknowledged it (PUBACK, PUBCOMP), or it expired or was refused by the ACL.
+//!
+//! [`SessionStore`] is the broker's durability backend in cluster mode (the
+//! `journal::Backend` port): record changes and acknowledgements are ops applied in order
+//! by one task, and a barrier completes once every op before it reached JetStream, so a
+//! SUBACK means the subscription's consumer exists.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, AckKind};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::claims::claim_key;
+use super::nodes::{Liveness, Verdict};
+use super::{route, subject, Cluster, ClusterError};
+use crate::broker::journal::{Backend, CommitError, Op, StoredSession, SubOptions};
+use crate::broker::router::RetainHandling;
+use crate::broker::session::{SessionKey, SessionRef};
+use crate::broker::{Broker, FedOutcome};
+use crate::config::Cluster as Settings;
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic::Subscription;
+
+/// How long one JetStream request of the writer may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pulled message the device has not acknowledged comes again after this long (the
+/// node holding it died); the holder keeps it by reporting progress.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Unacknowledged messages per consumer (the session's queue bounds what is pulled).
+const MAX_ACK_PENDING: i64 = 1024;
+/// A message the session could not take (queue full and stalled) comes again after this.
+const RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// A session's record in `<prefix>_sessions`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Record {
+    device: String,
+    client_id: String,
+    /// MQTT 5 session expiry seconds; None = never.
+    expiry: Option<u32>,
+    /// Set while nobody is connected: when the session ends (seconds since the epoch).
+    expires_at: Option<i64>,
+    subscriptions: Vec<Sub>,
+    /// The node and run that wrote it last (the holder).
+    node: String,
+    run: String,
+}
+
+/// One subscription of a record.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Sub {
+    /// As subscribed, after the `me` alias (`$share/g/f` or `f`).
+    filter: String,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    retain_handling: u8,
+    id: Option<u32>,
+    aliased: bool,
+}
+
+impl Sub {
+    fn new(filter: &str, opts: &SubOptions, aliased: bool) -> Sub {
+        Sub {
+            filter: filter.to_owned(),
+            qos: opts.qos as u8,
+            no_local: opts.no_local,
+            retain_as_published: opts.retain_as_published,
+            retain_handling: match opts.retain_handling {
+                RetainHandling::SendAlways => 0,
+                RetainHandling::SendIfNew => 1,
+                RetainHandling::Never => 2,
+            },
+            id: opts.subscription_id,
+            aliased,
+        }
+    }
+
+    fn options(&self) -> SubOptions {
+        SubOptions {
+            qos: match self.qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            },
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            retain_handling: match self.retain_handling {
+                0 => RetainHandling::SendAlways,
+                1 => RetainHandling::SendIfNew,
+                _ => RetainHandling::Never,
+            },
+            subscription_id: self.id,
+        }
+    }
+
+    /// The NATS subjects of its consumers: none for QoS 0 (nothing to keep) and for
+    /// shared subscriptions (their group's consumer keeps them, docs/cluster.md).
+    fn stored_subjects(&self) -> Vec<String> {
+        if self.qos == 0 {
+            return Vec::new();
+        }
+        match Subscription::parse(&self.filter) {
+            Ok(Subscription::Plain(f)) => {
+                subject::filter_to_subjects(f.as_str()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The durable consumer of a session's subscription subject.
+fn consumer_name(claim: &str, subject: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(claim.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(subject.as_bytes());
+    format!("ps-{}", super::hex(&ctx.finish().as_ref()[..12]))
+}
+
+/// A pulled message in a session's queue, until the device acknowledges it.
+struct Held {
+    claim: String,
+    seq: u64,
+    msg: jetstream::Message,
+}
+
+/// A change to what a running feeder pulls.
+enum Feed {
+    Add(String),
+    Remove(String),
+}
+
+/// A session's pulled messages: stream sequence -> (queue id, consumer).
+type HeldBy = HashMap<u64, (i64, String)>;
+
+/// What the pulling side and the writer share.
+#[derive(Default)]
+struct Shared {
+    /// Queue id of a pulled delivery -> the message to acknowledge.
+    acks: Mutex<HashMap<i64, Held>>,
+    /// Per session (claim key): stream sequence -> (queue id, consumer) of what it holds,
+    /// so a message delivered again (by a second overlapping consumer, or after the
+    /// acknowledgement wait) is not queued twice.
+    held: Mutex<HashMap<String, HeldBy>>,
+    /// Per session held here and online: its feeder.
+    feeders: Mutex<HashMap<String, mpsc::UnboundedSender<Feed>>>,
+    /// Sessions released to another node since the writer last looked: it forgets what
+    /// it wrote of them.
+    released: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The cluster's session store; the broker's durability backend in cluster mode.
+pub struct SessionStore {
+    bucket_name: String,
+    tx: mpsc::UnboundedSender<Op>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Op>>>,
+    next_id: AtomicI64,
+    shared: Arc<Shared>,
+    cluster: OnceLock<Cluster>,
+    store: OnceLock<kv::Store>,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("bucket", &self.bucket_name)
+            .finish()
+    }
+}
+
+impl Backend for SessionStore {
+    fn submit(&self, op: Op) {
+        // Before the node joined, ops wait in the channel; after the writer stopped
+        // (shutdown), a barrier's sender is dropped and its waiter sees `Stopped`.
+        let _ = self.tx.send(op);
+    }
+
+    fn next_id(&self) -> i64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn failing(&self) -> bool {
+        self.cluster.get().is_none_or(|c| !c.connected())
+    }
+
+    fn describe(&self) -> String {
+        format!("NATS bucket {}", self.bucket_name)
+    }
+}
+
+impl SessionStore {
+    /// The store of a node with these settings; it writes nothing until [`SessionStore::start`].
+    pub fn new(settings: &Settings) -> Arc<SessionStore> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Arc::new(SessionStore {
+            bucket_name: super::Names::new(&settings.prefix).bucket("sessions"),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            next_id: AtomicI64::new(1),
+            shared: Arc::default(),
+            cluster: OnceLock::new(),
+            store: OnceLock::new(),
+        })
+    }
+
+    /// Opens (creating) the bucket and starts applying ops.
+    pub async fn start(self: &Arc<Self>, cluster: &Cluster) -> Result<(), ClusterError> {
+        let store = super::bucket(
+            cluster,
+            "sessions",
+            1,
+            "certmq persistent sessions (docs/cluster.md)",
+        )
+        .await?;
+        let stream = cluster
+            .js
+            .get_stream(cluster.names.messages_stream())
+            .await
+            .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+        let _ = self.cluster.set(cluster.clone());
+        let _ = self.store.set(store.clone());
+        let Some(rx) = lock(&self.rx).take() else {
+            return Ok(());
+        };
+        let writer = Writer {
+            cluster: cluster.clone(),
+            store,
+            stream,
+            shared: self.shared.clone(),
+            records: HashMap::new(),
+            failed: None,
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(())
+    }
+
+    /// The session `key` as JetStream holds it (subscriptions and expiry; its messages
+    /// stay in its consumers), None when there is none.
+    pub async fn load(&self, key: &SessionKey) -> Result<Option<StoredSession>, ClusterError> {
+        let Some(store) = self.store.get() else {
+            return Err(ClusterError::jetstream(
+                "reading a session",
+                "not joined yet",
+            ));
+        };
+        let Some((_, record)) = read(store, &claim_key(key)).await? else {
+            return Ok(None);
+        };
+        let subscriptions = record
+            .subscriptions
+            .iter()
+            .map(|s| (s.filter.clone(), s.options(), s.aliased))
+            .collect();
+        Ok(Some(StoredSession {
+            key: key.clone(),
+            expiry: record.expiry,
+            expires_at: record.expires_at,
+            subscriptions,
+            queue: Vec::new(),
+            inbound: Vec::new(),
+        }))
+    }
+
+    /// Whether JetStream holds a session under `key` (false when it cannot be read).
+    /// Asked by each connection itself, so clean starts do not queue behind the writer.
+    pub async fn exists(&self, key: &SessionKey) -> bool {
+        let Some(store) = self.store.get() else {
+            return false;
+        };
+        matches!(read(store, &claim_key(key)).await, Ok(Some(_)))
+    }
+
+    /// The session `key` was claimed by a connection on another node: what this node
+    /// pulled for it and the device did not acknowledge goes back to JetStream at once
+    /// (the other node gets it), and its writes stop here.
+    pub fn release(&self, key: &SessionKey) {
+        let claim = claim_key(key);
+        let held = lock(&self.shared.held).remove(&claim).unwrap_or_default();
+        let mut acks = lock(&self.shared.acks);
+        let back: Vec<Held> = held
+            .values()
+            .filter_map(|(id, _)| acks.remove(id))
+            .collect();
+        drop(acks);
+        lock(&self.shared.feeders).remove(&claim);
+        lock(&self.shared.released).push(claim);
+        if back.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for h in back {
+                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+            }
+        });
+    }
+
+    /// Pulls the session's stored messages into its queue while `stop` is not cancelled
+    /// (the connection holding it on this node is open).
+    pub fn feed(
+        self: &Arc<Self>,
+        broker: Arc<Broker>,
+        session: SessionRef,
+        stop: CancellationToken,
+    ) {
+        let Some(cluster) = self.cluster.get().cloned() else {
+            return;
+        };
+        let claim = claim_key(&session.key);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        lock(&self.shared.feeders).insert(claim.clone(), tx.clone());
+        let names: HashSet<String> = broker
+            .subscriptions(&session)
+            .into_iter()
+            .flat_map(|(sub, opts)| {
+                let text = crate::broker::subscription_text(&sub);
+                Sub::new(&text, &opts, false).stored_subjects()
+            })
+            .map(|s| consumer_name(&claim, &s))
+            .collect();
+        let feeder = Feeder {
+            cluster,
+            broker,
+            session,
+            claim: claim.clone(),
+            shared: self.shared.clone(),
+            store: self.clone(),
+        };
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut pulls: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+            for name in names {
+                let task = tokio::spawn(feeder.clone().pull(name.clone(), stop.clone()));
+                pulls.insert(name, task.abort_handle());
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    change = rx.recv() => match change {
+                        Some(Feed::Add(name)) => {
+                            if let std::collections::hash_map::Entry::Vacant(slot) = pulls.entry(name) {
+                                let pull = feeder.clone().pull(slot.key().clone(), stop.clone());
+                                slot.insert(tokio::spawn(pull).abort_handle());
+                            }
+                        }
+                        Some(Feed::Remove(name)) => {
+                            if let Some(task) = pulls.remove(&name) {
+                                task.abort();
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            for task in pulls.values() {
+                task.abort();
+            }
+            let mut feeders = lock(&shared.feeders);
+            if feeders.get(&claim).is_some_and(|t| t.same_channel(&tx)) {
+                feeders.remove(&claim);
+            }
+        });
+    }
+
+    /// Sessions whose node died leave their record behind: every `every`, while some run
+    /// is dead, ends those whose expiry passed (counted from when their node was found
+    /// dead, for a session that was connected then). A scan reads every record, so it
+    /// runs only when a run died since the last one, or when the earliest deadline it
+    /// found has come.
+    pub fn sweep(self: &Arc<Self>, every: Duration, liveness: Arc<Liveness>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut known_dead = HashSet::new();
+            let mut next: Option<i64> = None;
+            loop {
+                tokio::time::sleep(every).await;
+                let dead: HashSet<(String, String)> = liveness.dead_runs().into_iter().collect();
+                if dead.is_empty() {
+                    continue;
+                }
+                let now = crate::cert::now_secs();
+                if dead == known_dead && next.is_none_or(|at| at > now) {
+                    continue;
+                }
+                match this.sweep_once(&liveness).await {
+                    Ok(at) => {
+                        known_dead = dead;
+                        next = at;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "session sweep failed; next time"),
+                }
+            }
+        });
+    }
+
+    /// One scan; returns the earliest deadline still to come of a dead node's session.
+    async fn sweep_once(&self, liveness: &Liveness) -> Result<Option<i64>, ClusterError> {
+        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
+            return Ok(None);
+        };
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| ClusterError::jetstream("listing sessions", e))?;
+        let mut claims = Vec::new();
+        while let Some(Ok(claim)) = keys.next().await {
+            claims.push(claim);
+        }
+        let now = crate::cert::now_secs();
+        let mut next = None;
+        for claim in claims {
+            let Some((revision, mut record)) = read(store, &claim).await? else {
+                continue;
+            };
+            let orphan = matches!(
+                liveness.verdict(&record.node, &record.run),
+                Verdict::Dead { .. }
+            );
+            if !orphan || record.run == cluster.run {
+                continue;
+            }
+            let at = match (record.expires_at, record.expiry) {
+                (Some(at), _) => at,
+                (None, None) => continue, // never expires
+                // Connected when its node died: offline from now on.
+                (None, Some(secs)) => {
+                    let at = now + i64::from(secs);
+                    record.expires_at = Some(at);
+                    let value = serde_json::to_vec(&record).unwrap_or_default();
+                    if store.update(&claim, value.into(), revision).await.is_err() {
+                        continue; // resumed meanwhile, or another node marked it
+                    }
+                    at
+                }
+            };
+            if at > now {
+                next = Some(next.map_or(at, |n: i64| n.min(at)));
+                continue;
+            }
+            // One node wins the delete (compare-and-set on the revision it read).
+            if store
+                .delete_expect_revision(&claim, Some(revision))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let stream = cluster
+                .js
+                .get_stream(cluster.names.messages_stream())
+                .await
+                .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+            for s in &record.subscriptions {
+                for subject in s.stored_subjects() {
+                    let _ = stream
+                        .delete_consumer(&consumer_name(&claim, &subject))
+                        .await;
+                }
+            }
+            tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
+        }
+        Ok(next)
+    }
+}
+
+/// Reads a record: its revision and value; None when there is none (or a delete marker).
+async fn read(store: &kv::Store, claim: &str) -> Result<Option<(u64, Record)>, ClusterError> {
+    let entry = tokio::time::timeout(STEP_TIMEOUT, store.entry(claim))
+        .await
+        .map_err(|_| ClusterError::jetstream("reading a session", "no answer"))?
+        .map_err(|e| ClusterError::jetstream("reading a session", e))?;
+    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<Record>(&entry.value) {
+        Ok(r) => Ok(Some((entry.revision, r))),
+        Err(e) => {
+            tracing::warn!(claim, error = %e, "unreadable session record; taken as none");
+            Ok(None)
+        }
+    }
+}
+
+/// Applies ops in order.
+struct Writer {
+    cluster: Cluster,
+    store: kv::Store,
+    stream: jetstream::stream::Stream,
+    shared: Arc<Shared>,
+    /// Sessions this node wrote: their last revision and value.
+    records: HashMap<String, (u64, Record)>,
+    /// The first failure since the last barrier.
+    failed: Option<String>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        while let Some(op) = rx.recv().await {
+            for claim in std::mem::take(&mut *lock(&self.shared.released)) {
+                self.records.remove(&claim);
+            }
+            self.apply(op).await;
+        }
+    }
+
+    async fn apply(&mut self, op: Op) {
+        match op {
+            Op::Group(ops) => {
+                for op in ops {
+                    Box::pin(self.apply(op)).await;
+                }
+            }
+            Op::Barrier(tx) | Op::Checkpoint(tx) => {
+                let outcome = match self.failed.take() {
+                    Some(e) => Err(CommitError::Failed(format!("JetStream: {e}"))),
+                    None => Ok(()),
+                };
+                let _ = tx.send(outcome);
+            }
+            Op::Probe => {
+                if !self.cluster.connected() {
+                    self.fail("not connected to NATS".into());
+                }
+            }
+            Op::Session {
+                key,
+                expiry,
+                expires_at,
+            } => {
+                let outcome = self
+                    .change(&key, expires_at.is_none(), |r| {
+                        r.expiry = expiry;
+                        r.expires_at = expires_at;
+                        Vec::new()
+                    })
+                    .await;
+                self.settle(outcome);
+            }
+            Op::DropSession { key } => {
+                let outcome = self.drop_session(&key).await;
+                self.settle(outcome);
+            }
+            Op::Subscribe {
+                key,
+                filter,
+                opts,
+                aliased,
+            } => {
+                let sub = Sub::new(&filter, &opts, aliased);
+                let outcome = self
+                    .change(&key, false, move |r| {
+                        let before = r
+                            .subscriptions
+                            .iter()
+                            .position(|s| s.filter == sub.filter)
+                            .map(|i| r.subscriptions.remove(i));
+                        r.subscriptions.push(sub.clone());
+                        let old = before.map(|b| b.stored_subjects()).unwrap_or_default();
+                        let new = sub.stored_subjects();
+                        let mut changes: Vec<(String, bool)> = old
+                            .into_iter()
+                            .filter(|s| !new.contains(s))
+                            .map(|s| (s, false))
+                            .collect();
+                        changes.extend(new.into_iter().map(|s| (s, true)));
+                        changes
+                    })
+                    .await;
+                self.settle(outcome);
+            }
+            Op::Unsubscribe { key, filter } => {
+                let outcome = self
+                    .change(&key, false, |r| {
+                        let Some(i) = r.subscriptions.iter().position(|s| s.filter == filter)
+                        else {
+                            return Vec::new();
+                        };
+                        let gone = r.subscriptions.remove(i);
+                        gone.stored_subjects()
+                            .into_iter()
+                            .map(|s| (s, false))
+                            .collect()
+                    })
+                    .await;
+                self.settle(outcome);
+            }
+            Op::Delivered { id } => {
+                let held = lock(&self.shared.acks).remove(&id);
+                if let Some(h) = held {
+                    if let Some(m) = lock(&self.shared.held).get_mut(&h.claim) {
+                        m.remove(&h.seq);
+                    }
+                    if let Err(e) = h.msg.ack().await {
+                        tracing::debug!(error = %e, "acknowledgement to JetStream lost; the message comes again");
+                    }
+                }
+            }
+            // What a delivery went out with, QoS 2 progress both ways and retained
+            // messages are not kept across nodes (docs/cluster.md, best effort).
+            Op::Enqueue { .. }
+            | Op::Sent { .. }
+            | Op::Released { .. }
+            | Op::InboundBegin { .. }
+            | Op::InboundRelease { .. }
+            | Op::Retain { .. } => {}
+        }
+    }
+
+    fn settle(&mut self, outcome: Result<(), ClusterError>) {
+        if let Err(e) = outcome {
+            self.fail(e.to_string());
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        tracing::warn!(error = %e, "session store write failed");
+        self.failed.get_or_insert(e);
+    }
+
+    /// Changes a record (read first when this node has not written it) and writes it
+    /// back conditionally on its revision; `edit` returns the consumers to create (true)
+    /// or delete (false). This node holds the session (it claimed it), so a write that
+    /// lost the race to an older holder's last write reads again and wins.
+    async fn change(
+        &mut self,
+        key: &SessionKey,
+        take: bool,
+        edit: impl Fn(&mut Record) -> Vec<(String, bool)>,
+    ) -> Result<(), ClusterError> {
+        let claim = claim_key(key);
+        let mut changes = Vec::new();
+        for attempt in 0..4 {
+            let current = match self.records.get(&claim) {
+                Some(r) if attempt == 0 => Some(r.clone()),
+                // Only opening a session takes it; any other change of a session that
+                // another run wrote since (or removed) is no longer this node's to make.
+                _ => match read(&self.store, &claim).await? {
+                    Some((_, r)) if !take && r.run != self.cluster.run => None,
+                    None if !take => None,
+                    found => Some(found.unwrap_or_default()),
+                },
+            };
+            let Some((revision, mut record)) = current else {
+                self.records.remove(&claim);
+                tracing::debug!(claim = %claim, "session held by another node now; change not written");
+                return Ok(());
+            };
+            record.device = key.device.as_str().to_owned();
+            record.client_id = key.client_id.clone();
+            record.node = self.cluster.node().to_owned();
+            record.run = self.cluster.run.clone();
+            changes = edit(&mut record);
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            let write = async {
+                if revision == 0 {
+                    self.store
+                        .create(&claim, value.into())
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    self.store
+                        .update(&claim, value.into(), revision)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            match tokio::time::timeout(STEP_TIMEOUT, write).await {
+                Ok(Ok(new)) => {
+                    self.records.insert(claim.clone(), (new, record));
+                    break;
+                }
+                Ok(Err(e)) if attempt < 3 && self.cluster.connected() => {
+                    tracing::debug!(error = %e, "session record changed meanwhile; reading again");
+                }
+                Ok(Err(e)) => return Err(ClusterError::jetstream("writing a session", e)),
+                Err(_) => return Err(ClusterError::jetstream("writing a session", "no answer")),
+            }
+        }
+        for (subject, create) in changes {
+            let name = consumer_name(&claim, &subject);
+            if create {
+                self.create_consumer(&name, &subject).await?;
+            } else {
+                let _ = self.stream.delete_consumer(&name).await;
+            }
+            if let Some(feeder) = lock(&self.shared.feeders).get(&claim) {
+                let _ = feeder.send(if create {
+                    Feed::Add(name)
+                } else {
+                    Feed::Remove(name)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_consumer(&self, name: &str, subject: &str) -> Result<(), ClusterError> {
+        let config = consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: self.cluster.names.message(true, subject),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAX_ACK_PENDING,
+            // What is published from the SUBSCRIBE on (its SUBACK waits for this).
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        };
+        let create = self
+            .stream
+            .get_or_create_consumer::<consumer::pull::Config>(name, config);
+        match tokio::time::timeout(STEP_TIMEOUT, create).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ClusterError::jetstream(
+                format!("creating consumer {name}"),
+                e,
+            )),
+            Err(_) => Err(ClusterError::jetstream(
+                format!("creating consumer {name}"),
+                "no answer",
+            )),
+        }
+    }
+
+    /// Removes the session with its consumers (and the messages only they kept).
+    async fn drop_session(&mut self, key: &SessionKey) -> Result<(), ClusterError> {
+        let claim = claim_key(key);
+        lock(&self.shared.held).remove(&claim);
+        let known = self.records.remove(&claim);
+        let Some((revision, record)) = read(&self.store, &claim).await? else {
+            return Ok(());
+        };
+        // A session this node wrote that another run wrote since was taken over
+        // (its claim was missed here, e.g. during a NATS outage): not ours to end.
+        if known.is_some_and(|(ours, _)| ours != revision) && record.run != self.cluster.run {
+            tracing::debug!(claim = %claim, "session held by another node now; not removed");
+            return Ok(());
+        }
+        for s in &record.subscriptions {
+            for subject in s.stored_subjects() {
+                let _ = self
+                    .stream
+                    .delete_consumer(&consumer_name(&claim, &subject))
+                    .await;
+            }
+        }
+        tokio::time::timeout(STEP_TIMEOUT, self.store.delete(&claim))
+            .await
+            .map_err(|_| ClusterError::jetstream("removing a session", "no answer"))?
+            .map_err(|e| ClusterError::jetstream("removing a session", e))
+    }
+}
+
+/// Pulls one online session's consumers.
+#[derive(Clone)]
+struct Feeder {
+    cluster: Cluster,
+    broker: Arc<Broker>,
+    session: SessionRef,
+    claim: String,
+    shared: Arc<Shared>,
+    store: Arc<SessionStore>,
+}
+
+impl Feeder {
+    async fn pull(self, name: String, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            if let Err(e) = self.pull_once(&name, &stop).await {
+                tracing::debug!(consumer = %name, error = %e, "session consumer failed; retrying");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn pull_once(&self, name: &str, stop: &CancellationToken) -> Result<(), ClusterError> {
+        let stream = self
+            .cluster
+            .js
+            .get_stream(self.cluster.names.messages_stream())
+            .await
+            .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_consumer(name)
+            .await
+            .map_err(|e| ClusterError::jetstream(format!("opening consumer {name}"), e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ClusterError::jetstream(format!("reading consumer {name}"), e))?;
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let Some(m) = next else { return Ok(()) };
+            let m = m.map_err(|e| ClusterError::jetstream(format!("consumer {name}"), e))?;
+            self.take(name, m, stop).await;
+        }
+    }
+
+    /// Queues one pulled message for the session, or gives it back.
+    async fn take(&self, name: &str, m: jetstream::Message, stop: &CancellationToken) {
+        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+            let _ = m.ack().await;
+            return;
+        };
+        let seen = lock(&self.shared.held)
+            .get(&self.claim)
+            .and_then(|h| h.get(&seq).cloned());
+        if let Some((_, by)) = seen {
+            // Held already: a second consumer's copy is not needed; our own copy came
+            // again after the acknowledgement wait, and is still in the queue.
+            let kind = if by == name {
+                AckKind::Progress
+            } else {
+                AckKind::Ack
+            };
+            let _ = m.ack_with(kind).await;
+            return;
+        }
+        let env = route::open(
+            self.cluster.names.prefix(),
+            m.subject.as_str(),
+            m.headers.as_ref(),
+            m.payload.clone(),
+        );
+        let Some(env) = env else {
+            let _ = m.ack().await;
+            return;
+        };
+        let own = env.device.as_ref() == Some(&self.session.key.device)
+            && env.client_id.as_deref() == Some(self.session.key.client_id.as_str());
+        let id = self.store.next_id();
+        lock(&self.shared.held)
+            .entry(self.claim.clone())
+            .or_default()
+            .insert(seq, (id, name.to_owned()));
+        lock(&self.shared.acks).insert(
+            id,
+            Held {
+                claim: self.claim.clone(),
+                seq,
+                msg: m,
+            },
+        );
+        let outcome = self
+            .broker
+            .deliver_fed(&self.session, Arc::new(env.msg), own, id, stop)
+            .await;
+        if outcome == FedOutcome::Queued {
+            return;
+        }
+        let held = lock(&self.shared.acks).remove(&id);
+        if let Some(m) = lock(&self.shared.held).get_mut(&self.claim) {
+            m.remove(&seq);
+        }
+        let Some(h) = held else { return };
+        let kind = match outcome {
+            FedOutcome::Queued | FedOutcome::NotFor => AckKind::Ack,
+            FedOutcome::Later => AckKind::Nak(Some(RETRY_DELAY)),
+            FedOutcome::Gone => AckKind::Nak(None),
+        };
+        let _ = h.msg.ack_with(kind).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscription_survives_its_record() {
+        let opts = SubOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::SendIfNew,
+            subscription_id: Some(7),
+        };
+        let sub = Sub::new("a/+/c", &opts, true);
+        let json = serde_json::to_string(&sub).unwrap();
+        let back: Sub = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sub);
+        assert_eq!(back.options(), opts);
+        assert!(back.aliased);
+    }
+
+    #[test]
+    fn only_stored_plain_subscriptions_have_consumers() {
+        let at = SubOptions::with_qos;
+        assert_eq!(
+            Sub::new("a/#", &at(QoS::AtLeastOnce), false).stored_subjects(),
+            vec!["a".to_owned(), "a.>".to_owned()]
+        );
+        assert!(Sub::new("a/#", &at(QoS::AtMostOnce), false)
+            .stored_subjects()
+            .is_empty());
+        assert!(Sub::new("$share/g/a/#", &at(QoS::AtLeastOnce), false)
+            .stored_subjects()
+            .is_empty());
+    }
+
+    #[test]
+    fn consumer_names_are_stable_and_distinct() {
+        let a = consumer_name("k1", "a.>");
+        assert_eq!(a, consumer_name("k1", "a.>"));
+        assert_ne!(a, consumer_name("k1", "a"));
+        assert_ne!(a, consumer_name("k2", "a.>"));
+        assert!(a.starts_with("ps-") && a.len() == 3 + 24, "{a}");
+    }
+}
