@@ -872,3 +872,141 @@ fn the_example_cluster_configs_hold_no_problem_but_the_missing_certificates() {
         assert!(out.stderr.contains("3 problem(s)"), "{out:?}");
     }
 }
+
+/// A PUBACK a pipelined QoS 1 publisher saw: packet id, reason, when.
+type Ack = (u16, u8, Instant);
+type Acks = std::sync::Arc<std::sync::Mutex<Vec<Ack>>>;
+
+/// Waits (bounded) until the acknowledgements seen satisfy `pred`.
+async fn until(what: &str, acks: &Acks, pred: impl Fn(&[Ack]) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !pred(&acks.lock().unwrap()) {
+        assert!(Instant::now() < deadline, "no {what} within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// NATS stopped (kill -9) and restarted in the middle of a QoS 1 stream from node a to a
+/// subscriber on node b: while it is away nothing is acknowledged with success (0x97
+/// instead), acknowledgements with success resume within 10 s of its return, and every
+/// message acknowledged with success reaches the subscriber.
+#[tokio::test]
+async fn nats_stopped_and_restarted_under_load_acknowledges_only_what_was_stored() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let mut sub = Peer::connect(&t.backend, t.b.mqtt, V::V5, "sub", &Opts::default()).await;
+    assert_eq!(sub.subscribe("load/#", 1).await, 1);
+    let mut probe = Peer::connect(&t.backend, t.a.mqtt, V::V5, "probe", &Opts::default()).await;
+    until_routed(&mut probe, &mut sub, "load/probe").await;
+
+    let (first, publisher) = t
+        .backend
+        .raw_first_packet(t.a.mqtt, &RawConnect::new(V::V5, "pub").bytes())
+        .await
+        .expect("CONNACK");
+    assert_eq!(first[3], 0, "CONNACK {first:02x?}");
+    let (mut rd, mut wr) = tokio::io::split(publisher);
+    let stop = Arc::new(AtomicBool::new(false));
+    let halt = stop.clone();
+    let writer = tokio::spawn(async move {
+        for i in 1..=60_000u16 {
+            if halt.load(Ordering::SeqCst) {
+                return;
+            }
+            let topic = format!("load/{i}");
+            let p = raw_publish(V::V5, &topic, b"payload", 1, i, false);
+            if wr.write_all(&p).await.is_err() {
+                return;
+            }
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let acks: Acks = Arc::default();
+    let seen = acks.clone();
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 2];
+        while rd.read_exact(&mut head).await.is_ok() {
+            let mut rest = vec![0u8; usize::from(head[1])];
+            if rd.read_exact(&mut rest).await.is_err() {
+                return;
+            }
+            if head[0] == PUBACK {
+                let pkid = u16::from_be_bytes([rest[0], rest[1]]);
+                let reason = rest.get(2).copied().unwrap_or(0);
+                seen.lock().unwrap().push((pkid, reason, Instant::now()));
+            }
+        }
+    });
+    until("200 acknowledgements", &acks, |a| a.len() >= 200).await;
+    t._nats.stop();
+    until("refusal while NATS is away", &acks, |a| {
+        a.iter().any(|(_, r, _)| *r == 0x97)
+    })
+    .await;
+    let refused_at = acks.lock().unwrap().len();
+    t._nats.restart();
+    let back = Instant::now();
+    until("success after NATS returned", &acks, |a: &[Ack]| {
+        a[refused_at..]
+            .iter()
+            .any(|(_, r, at)| *r == 0 && *at > back)
+    })
+    .await;
+    let recovered = acks.lock().unwrap()[refused_at..]
+        .iter()
+        .find(|(_, r, at)| *r == 0 && *at > back)
+        .map(|(_, _, at)| at.duration_since(back))
+        .unwrap();
+    eprintln!("QoS 1 acknowledged with success again {recovered:?} after NATS restarted");
+    assert!(
+        recovered < Duration::from_secs(10),
+        "recovered after {recovered:?}"
+    );
+    let total = acks.lock().unwrap().len();
+    until("200 more acknowledgements", &acks, |a: &[Ack]| {
+        a.len() >= total + 200
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let _ = writer.await;
+
+    let ok: std::collections::BTreeSet<String> = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, r, _)| *r == 0)
+        .map(|(pkid, _, _)| format!("load/{pkid}"))
+        .collect();
+    let refused = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, r, _)| *r != 0)
+        .count();
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok.is_subset(&got) && Instant::now() < deadline {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), sub.try_recv()).await {
+            got.insert(m.topic);
+        }
+    }
+    let missing: Vec<&String> = ok.difference(&got).collect();
+    eprintln!(
+        "{} acknowledged, {refused} refused, {} missing",
+        ok.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} messages acknowledged with success never arrived: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    reader.abort();
+}
