@@ -382,6 +382,13 @@ if [[ fan-in-qos1-durable =~ $ONLY ]]; then
     run "fan-in-qos1-durable" fan-in --publishers "$FAN_IN_P" --qos 1 --duration "$FLOW_SECS" \
         --persistent-subscribers
 fi
+# --- cluster rows (issue 12): two nodes on NATS JetStream ---------------------------------
+# Everything about them is in benches/compare-cluster.sh (rows `cluster-…`, its own ports
+# NATS_PORT NODE_A_PORT NODE_B_PORT); it reuses this script's PKI, config and generator.
+# shellcheck source=benches/compare-cluster.sh
+source benches/compare-cluster.sh
+cluster_workloads
+# --- end of the cluster rows ------------------------------------------------------------
 say "workloads took $((SECONDS - START)) s"
 say "load average after the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -421,4 +428,5 @@ jq -rs "$JQ_DEFS"'
       (.figures.latency_p99_ms | fmt), (.load | fmt)]
    | @tsv)
 ' "$RESULTS" | column -t -s $'\t'
+cluster_tables # the cluster rows' tables (benches/compare-cluster.sh)
 say "raw results: $RESULTS"

@@ -49,9 +49,18 @@ pub struct Args {
     pub host: String,
     #[arg(long, default_value_t = 8883)]
     pub port: u16,
-    /// Name the server certificate must carry (default: --host).
+    /// Name the server certificate must carry (default: --host, and --sub-host for the
+    /// subscribers when given).
     #[arg(long)]
     pub server_name: Option<String>,
+    /// Where the subscribers of fan-in and fan-out connect, when not to the publishers'
+    /// broker: another node of a cluster, so that every message crosses between nodes
+    /// (default: --host).
+    #[arg(long)]
+    pub sub_host: Option<String>,
+    /// The subscribers' port (default: --port).
+    #[arg(long)]
+    pub sub_port: Option<u16>,
     /// PEM file of the CA certificate(s) that issued the server certificate.
     #[arg(long)]
     pub ca: PathBuf,

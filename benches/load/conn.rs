@@ -31,12 +31,21 @@ pub struct Target {
 }
 
 impl Target {
+    /// The broker of the publishers (and of every connection of `connect` and `idle`).
     pub fn resolve(args: &Args) -> Result<Target, LoadError> {
-        let addr = resolve(&args.host, args.port)?;
-        let name = args
-            .server_name
-            .clone()
-            .unwrap_or_else(|| args.host.clone());
+        Target::at(&args.host, args.port, args)
+    }
+
+    /// The broker of the subscribers: `--sub-host`/`--sub-port` where given, else the
+    /// publishers' (one broker, or one cluster node for both sides).
+    pub fn resolve_sub(args: &Args) -> Result<Target, LoadError> {
+        let host = args.sub_host.as_deref().unwrap_or(&args.host);
+        Target::at(host, args.sub_port.unwrap_or(args.port), args)
+    }
+
+    fn at(host: &str, port: u16, args: &Args) -> Result<Target, LoadError> {
+        let addr = resolve(host, port)?;
+        let name = args.server_name.clone().unwrap_or_else(|| host.to_owned());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|source| LoadError::ServerName { name, source })?;
         Ok(Target {

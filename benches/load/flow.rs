@@ -18,6 +18,10 @@
 //! shows as `lost` and its queueing shows in the latency: both are results, and the same
 //! rule applies to every broker. For QoS 1, `lost` also counts what was sent but never
 //! acknowledged; `acked_lost` is the broken promise.
+//!
+//! Subscribers may connect to another broker than the publishers (`--sub-host`,
+//! `--sub-port`: `Ctx::sub_target`), e.g. to another node of a cluster; latency stays exact
+//! because both ends still run in this one process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -124,8 +128,13 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
         _ => ctx.topic_for(&ctx.creds.get(0).device),
     };
     progress(&format!(
-        "{name} {}: {} publisher(s), {} subscriber(s) on {filter:?}, {:?}",
-        ctx.label, plan.publishers, plan.subscribers, plan.duration
+        "{name} {}: {} publisher(s) to {}, {} subscriber(s) to {} on {filter:?}, {:?}",
+        ctx.label,
+        plan.publishers,
+        ctx.target.addr,
+        plan.subscribers,
+        ctx.sub_target.addr,
+        plan.duration
     ));
     let mut subs = Vec::with_capacity(plan.subscribers);
     for s in 0..plan.subscribers {
@@ -136,16 +145,21 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
                 .map(|d| d.as_millis())
                 .unwrap_or(0);
             Conn::open_with(
-                &ctx.target,
+                &ctx.sub_target,
                 ctx.sub_creds.get(s),
                 &format!("bench-sub-{s}-{run}"),
                 false,
             )
             .await?
         } else {
-            Conn::open(&ctx.target, ctx.sub_creds.get(s), &format!("bench-sub-{s}")).await?
+            Conn::open(
+                &ctx.sub_target,
+                ctx.sub_creds.get(s),
+                &format!("bench-sub-{s}"),
+            )
+            .await?
         };
-        conn.subscribe(&ctx.target, &filter, plan.qos).await?;
+        conn.subscribe(&ctx.sub_target, &filter, plan.qos).await?;
         subs.push(conn);
     }
     let mut pubs = Vec::with_capacity(plan.publishers);
@@ -330,11 +344,11 @@ async fn receive(
             delivered.fetch_add(batch, Ordering::Relaxed);
         }
         if !acks.is_empty() {
-            conn.write(&ctx.target, &acks).await?;
+            conn.write(&ctx.sub_target, &acks).await?;
             acks.clear();
         }
     }
-    let _closed = conn.close(&ctx.target).await;
+    let _closed = conn.close(&ctx.sub_target).await;
     Ok(out)
 }
 

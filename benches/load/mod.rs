@@ -101,7 +101,11 @@ pub enum LoadError {
 
 /// Everything a workload needs, shared by its tasks.
 pub struct Ctx {
+    /// Where publishers (connect, idle: every connection) connect.
     pub target: conn::Target,
+    /// Where subscribers connect (fan-in, fan-out): `target` unless `--sub-host` or
+    /// `--sub-port` names another broker, e.g. another node of a cluster.
+    pub sub_target: conn::Target,
     /// Publishers' (connect, idle: every connection's) identities.
     pub creds: Credentials,
     /// Subscribers' identity (fan-in, fan-out).
@@ -131,6 +135,7 @@ impl Ctx {
 /// Runs the workload `args` names and returns its result.
 pub async fn run(args: &Args) -> Result<Report, LoadError> {
     let target = conn::Target::resolve(args)?;
+    let sub_target = conn::Target::resolve_sub(args)?;
     let source = args.source().ok_or(LoadError::NoIdentity)?;
     let count = match args.workload {
         Workload::Connect => args.connections.unwrap_or(2000),
@@ -156,6 +161,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
     };
     let ctx = Arc::new(Ctx {
         target,
+        sub_target,
         creds,
         sub_creds,
         persistent_subscribers: args.persistent_subscribers,

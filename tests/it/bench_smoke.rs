@@ -174,6 +174,66 @@ async fn fan_in_delivers_every_acknowledged_qos1_message() {
     bench.broker.stop().await;
 }
 
+/// `--sub-host`/`--sub-port` send the subscribers to another broker than the publishers
+/// (another cluster node in `compare-cluster.sh`): with nothing listening there the run
+/// fails at the subscriber's connect; pointed back at the same broker it delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_in_subscribers_connect_where_sub_port_says() {
+    let bench = Bench::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let err = bench
+        .run(
+            "fan-in",
+            &[
+                "--publishers",
+                "1",
+                "--duration",
+                "0.1",
+                "--sub-port",
+                &closed,
+            ],
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::Io {
+                what: "TCP connect",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let same = bench.broker.addr.port().to_string();
+    let r = bench
+        .run(
+            "fan-in",
+            &[
+                "--publishers",
+                "1",
+                "--qos",
+                "1",
+                "--duration",
+                "0.2",
+                "--sub-host",
+                "127.0.0.1",
+                "--sub-port",
+                &same,
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(figure(&r, "delivered") > 0.0, "{r:?}");
+    assert_eq!(figure(&r, "acked_lost"), 0.0, "{r:?}");
+    bench.broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_delivers_each_message_to_every_subscriber() {
     let bench = Bench::start().await;
