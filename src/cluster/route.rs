@@ -48,9 +48,15 @@ use crate::identity::DeviceName;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{Subscription, TopicName};
 
-/// Messages waiting to be published to NATS; beyond this, QoS 0 messages are not
-/// forwarded (counted) and QoS 1/2 ones are refused (0x97), never queued without bound.
+/// Stored messages (QoS 1/2, retained) waiting to be published to JetStream; beyond
+/// this they are refused (0x97), never queued without bound.
 const OUTBOX: usize = 8192;
+/// QoS 0 messages waiting to be published to NATS; beyond this they are not forwarded
+/// (counted: `certmq_messages_dropped_total{reason="cluster_backlog"}`). Separate from
+/// the stored outbox, so a QoS 0 flood never refuses a QoS 1 message.
+const CORE_OUTBOX: usize = 16_384;
+/// QoS 0 messages published to NATS per turn of the forwarding task.
+const CORE_BATCH: usize = 512;
 /// How long a JetStream publish may wait for its acknowledgement.
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages a node's consumer may hold unacknowledged (its share of back-pressure).
@@ -98,6 +104,8 @@ pub struct Fabric {
     run: String,
     next_id: AtomicU64,
     outbox: mpsc::Sender<Outgoing>,
+    core_outbox: mpsc::Sender<Outgoing>,
+    metrics: Arc<crate::metrics::Metrics>,
     interest: mpsc::UnboundedSender<(Subscription, bool)>,
     /// Topics already logged as unmappable.
     unmappable: Mutex<HashSet<String>>,
@@ -121,12 +129,15 @@ impl Fabric {
         node_consumer(&cluster).await?;
         let run = cluster.run.clone();
         let (outbox, out_rx) = mpsc::channel(OUTBOX);
+        let (core_outbox, core_rx) = mpsc::channel(CORE_OUTBOX);
         let (interest, interest_rx) = mpsc::unbounded_channel();
         let fabric = Arc::new(Fabric {
             cluster: cluster.clone(),
             run: run.clone(),
             next_id: AtomicU64::new(1),
             outbox,
+            core_outbox,
+            metrics: broker.metrics.clone(),
             interest,
             unmappable: Mutex::new(HashSet::new()),
         });
@@ -136,6 +147,13 @@ impl Fabric {
             "retained messages loaded from the cluster"
         );
         tokio::spawn(publish_loop(cluster.clone(), out_rx));
+        // Unconstrained: a turn drains what waits instead of yielding after tokio's
+        // per-turn budget, so the node's busy publishers cannot starve forwarding
+        // (docs/cluster.md, "Routing").
+        tokio::spawn(tokio::task::unconstrained(core_loop(
+            cluster.clone(),
+            core_rx,
+        )));
         tokio::spawn(core_interest(
             cluster.clone(),
             broker.clone(),
@@ -187,9 +205,18 @@ impl Remote for Fabric {
             done: None,
         };
         if !stored {
-            if !self.cluster.connected() || self.outbox.try_send(out).is_err() {
-                // Counted like any other message a subscriber did not get.
-                tracing::debug!(topic = ?msg.topic.as_str(), "QoS 0 message not forwarded: NATS unreachable or backlogged");
+            let reason = if !self.cluster.connected() {
+                "cluster_unreachable"
+            } else if self.core_outbox.try_send(out).is_err() {
+                "cluster_backlog"
+            } else {
+                return None;
+            };
+            // Counted like any other message a subscriber did not get; logged at powers
+            // of two of the running total.
+            let total = self.metrics.count_drop(reason);
+            if total.is_power_of_two() {
+                tracing::warn!(reason, dropped_so_far = total, topic = ?msg.topic.as_str(), "QoS 0 message not forwarded to the other nodes");
             }
             return None;
         }
@@ -373,11 +400,11 @@ pub(crate) fn open(
     })
 }
 
-/// Publishes what the broker forwards, in order. A stored message's acknowledgement is
-/// awaited off this loop, so publishing goes on meanwhile.
-async fn publish_loop(cluster: Cluster, mut rx: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        if !out.durable && out.retained.is_none() {
+/// Publishes the QoS 0 messages the broker forwards, in order, a batch per turn.
+async fn core_loop(cluster: Cluster, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut batch = Vec::with_capacity(CORE_BATCH);
+    while rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
+        for out in batch.drain(..) {
             if let Err(e) = cluster
                 .client
                 .publish_with_headers(out.subject, out.headers, out.payload)
@@ -385,8 +412,14 @@ async fn publish_loop(cluster: Cluster, mut rx: mpsc::Receiver<Outgoing>) {
             {
                 tracing::debug!(error = %e, "QoS 0 message not forwarded");
             }
-            continue;
         }
+    }
+}
+
+/// Publishes what the broker forwards, in order. A stored message's acknowledgement is
+/// awaited off this loop, so publishing goes on meanwhile.
+async fn publish_loop(cluster: Cluster, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
         let mut acks = Vec::new();
         let mut failed = None;
         // The message itself: stored (QoS 1/2) or core (retained QoS 0).

@@ -289,6 +289,12 @@ async fn without_nats_a_node_serves_qos0_locally_and_refuses_what_it_cannot_stor
         .send(&raw_publish(V::V5, "local/zero", b"q0", 0, 0, false))
         .await;
     assert_eq!(next_topic(&mut sub).await, "local/zero");
+    // Delivered here, and counted as not forwarded to the other nodes.
+    let unforwarded = r#"certmq_messages_dropped_total{reason="cluster_unreachable"}"#;
+    assert!(
+        t.a.metric(unforwarded).await >= Some(1.0),
+        "QoS 0 not forwarded, uncounted"
+    );
     assert_eq!(
         publisher
             .publish_acked(1, false, 2, "local/one", b"x")
