@@ -33,6 +33,7 @@ mod operator;
 mod ops;
 mod proxy_protocol;
 mod quotas;
+mod recheck;
 mod refusal_detail;
 mod store_integrity;
 mod tls_log;
