@@ -17,7 +17,7 @@ use rustls::ServerConfig;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub use verifier::{DeviceVerifier, KnownDevices, HANDSHAKE_PEER};
+pub use verifier::{DeviceVerifier, Handshake, KnownDevices, Verdict, HANDSHAKE};
 
 /// Why a TLS server config could not be built (after the config validated, this means a
 /// key or certificate rustls refuses).
