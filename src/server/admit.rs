@@ -83,15 +83,11 @@ pub(super) async fn admit(
         metrics.auth_refused(label);
         connect::within_client_max(ack, &req)
     };
+    let refuse_decision =
+        |r: &auth::Refused| refuse(r.label(), r, connect::connack_refused(req.protocol, r));
     let admission = match dry.result {
         Ok(a) => a,
-        Err(r) => {
-            return Err(refuse(
-                r.label(),
-                &r,
-                connect::connack_refused(req.protocol, &r),
-            ))
-        }
+        Err(r) => return Err(refuse_decision(&r)),
     };
     let device = admission.device.clone();
     if let Some(method) = &req.authentication_method {
@@ -151,13 +147,7 @@ pub(super) async fn admit(
         match decision.result {
             // The same chain under the same config names the same device.
             Ok(a) => a,
-            Err(r) => {
-                return Err(refuse(
-                    r.label(),
-                    &r,
-                    connect::connack_refused(req.protocol, &r),
-                ))
-            }
+            Err(r) => return Err(refuse_decision(&r)),
         }
     };
     line.accepted(&admission.registry);
