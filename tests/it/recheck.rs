@@ -134,7 +134,7 @@ async fn resumed_tls_of_a_disabled_device_is_refused_at_connect() {
 }
 
 #[tokio::test]
-async fn a_full_handshake_then_connect_is_admitted_once_with_one_line() {
+async fn a_full_handshake_then_connect_is_logged_with_the_documented_fields() {
     let fx = Fixture::new();
     let path = config(&fx, &Fixture::fleet_anchor(true));
     let mut broker = Proc::start(&fx, &path).await;
