@@ -16,7 +16,7 @@
 # Raw results (one JSON object per line) are kept in $RESULTS
 # (default $CARGO_TARGET_DIR/compare-results.jsonl).
 #
-# Sizes (environment): CONNECT_N=2000 CONNECT_C=16 FAN_IN_P=8 FAN_OUT_S=8 FLOW_SECS=5
+# Sizes (environment): CONNECT_N=2000 CONNECT_C=16 STORM_N=5000 STORM_C=32 FAN_IN_P=8 FAN_OUT_S=8 FLOW_SECS=5
 # IDLE_N=10000 FAN_IN_ROUNDS=2 CLI_MSGS=20000; paced flows: PACED_RATE=1000 messages/s per
 # publisher. Ports: CERTMQ_PORT=18883 MOSQ_PORT=18884 RUMQTTD_PORT=18885. rumqttd:
 # RUMQTTD_CACHE (default ~/.cache/certmq-bench/rumqttd-0.20.0), or RUMQTTD=/path/to/rumqttd.
@@ -42,6 +42,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 CONNECT_N="${CONNECT_N:-2000}"
 CONNECT_C="${CONNECT_C:-16}"
+STORM_N="${STORM_N:-5000}"
+STORM_C="${STORM_C:-32}"
 FAN_IN_P="${FAN_IN_P:-8}"
 FAN_OUT_S="${FAN_OUT_S:-8}"
 FLOW_SECS="${FLOW_SECS:-5}"
@@ -344,6 +346,10 @@ run idle idle -n "$IDLE_N" -c 32 --settle 2
 # Devices never seen by either broker (certmq provisions each one), then the same again.
 run connect-first connect -n "$CONNECT_N" -c "$CONNECT_C" --device-offset 100000
 run connect connect -n "$CONNECT_N" -c "$CONNECT_C" --device-offset 100000
+# Reconnect storm: STORM_N devices connect once (STORM_C at a time; certmq provisions
+# them), then all reconnect at the same moment resuming their TLS sessions (one client
+# config per device, so each resumes its own).
+run storm storm -n "$STORM_N" -c "$STORM_C" --resume --device-offset 200000
 # Flows unpaced (throughput at saturation: the generator shares the 2 cores, and what a
 # broker cannot forward shows as `lost` or as queueing latency), then paced at the same
 # offered load for both brokers (latency below saturation).
@@ -395,7 +401,7 @@ say "load average after the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
 # --- table ------------------------------------------------------------------------------
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "sizes: connect N=$CONNECT_N C=$CONNECT_C; fan-in P=$FAN_IN_P, fan-out S=$FAN_OUT_S, ${FLOW_SECS} s each (paced: $PACED_RATE msg/s per publisher); idle N=$IDLE_N; cli fan-in $FAN_IN_P x $CLI_MSGS"
+echo "sizes: connect N=$CONNECT_N C=$CONNECT_C; storm N=$STORM_N (warm-up C=$STORM_C); fan-in P=$FAN_IN_P, fan-out S=$FAN_OUT_S, ${FLOW_SECS} s each (paced: $PACED_RATE msg/s per publisher); idle N=$IDLE_N; cli fan-in $FAN_IN_P x $CLI_MSGS"
 echo "brokers: certmq $(git describe --always --dirty 2>/dev/null || echo '?'), $("$MOSQUITTO" -h | head -n 1 | sed 's/^mosquitto version/mosquitto/'), rumqttd $RUMQTTD_VERSION"
 JQ_DEFS='
   def fmt: if . == null then "-" elif (. | fabs) >= 100 then (. * 10 | round / 10 | tostring)

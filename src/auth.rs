@@ -109,13 +109,16 @@ struct Named<'c> {
 }
 
 /// contract §3 steps 2 to 6 for `chain` (leaf first): which rule accepts it and which device it
-/// names. No registry: shared by [`decide`] and [`standing`].
+/// names. No registry: shared by [`decide`] and [`standing`]. `verified`: steps 2 to 4 as
+/// the TLS verifier already decided them for this chain under this very `config` (see
+/// [`decide_verified`]); None decides them now.
 fn identify<'c>(
     config: &'c Config,
     chain: &[CertificateDer<'_>],
     now: UnixTime,
+    verified: Option<ChainReport>,
 ) -> (Decision, Option<Named<'c>>) {
-    let report = policy::match_chain(config, chain, now);
+    let report = verified.unwrap_or_else(|| policy::match_chain(config, chain, now));
     let mut decision = Decision {
         cn: None,
         device: None,
@@ -184,7 +187,23 @@ pub fn decide(
     now: UnixTime,
     mode: Mode,
 ) -> Decision {
-    let (mut decision, named) = identify(config, chain, now);
+    decide_verified(config, registry, chain, now, mode, None)
+}
+
+/// [`decide`], with steps 2 to 4 taken from `verified` when given: the report the TLS
+/// verifier reached for this same chain, in this connection's full handshake, under this
+/// same `config`, and still within its `valid_until` (contract §3 step 8: the caller
+/// passes None for a resumed session or when the config changed since the handshake).
+/// Steps 5 to 7 always run.
+pub fn decide_verified(
+    config: &Config,
+    registry: &dyn Backend,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+    mode: Mode,
+    verified: Option<ChainReport>,
+) -> Decision {
+    let (mut decision, named) = identify(config, chain, now, verified);
     let (Some(named), Some(leaf)) = (named, decision.report.leaf.as_ref()) else {
         return decision;
     };
@@ -307,7 +326,7 @@ pub fn standing(
             return Err(Revoked::Superseded(device.clone()));
         }
         if revalidate {
-            let (decision, named) = identify(config, p.chain, now);
+            let (decision, named) = identify(config, p.chain, now, None);
             match named {
                 None => {
                     let refused = match decision.result {

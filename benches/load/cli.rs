@@ -22,6 +22,9 @@ pub enum Workload {
     FanOut,
     /// N connections opened and held; the broker's RSS before and after.
     Idle,
+    /// N devices connect once, then all reconnect at the same moment (with `--resume`,
+    /// resuming their TLS sessions); connects/s and the time until all are back.
+    Storm,
 }
 
 impl Workload {
@@ -32,6 +35,7 @@ impl Workload {
             Workload::FanIn => "fan-in",
             Workload::FanOut => "fan-out",
             Workload::Idle => "idle",
+            Workload::Storm => "storm",
         }
     }
 }
@@ -105,9 +109,15 @@ pub struct Args {
     #[arg(long)]
     pub pid: Option<u32>,
 
-    /// Connections (connect: default 2000; idle: default 10000).
+    /// Connections (connect: default 2000; idle: default 10000; storm: devices, default
+    /// 5000).
     #[arg(short = 'n', long)]
     pub connections: Option<usize>,
+    /// Keep TLS sessions for resumption: each identity has its own client config and
+    /// session cache, so a device resumes only its own session. Off by default (every
+    /// connection a full handshake).
+    #[arg(long)]
+    pub resume: bool,
     /// Connections opened at the same time (connect, idle).
     #[arg(short = 'c', long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,

@@ -113,8 +113,14 @@ pub struct Credentials {
 
 impl Credentials {
     /// Builds `count` identities (one when the source is a single certificate). Issuing
-    /// is CPU work: call it before any timed section, off the async workers.
-    pub fn load(source: &Source, ca: &Path, count: usize) -> Result<Credentials, CredsError> {
+    /// is CPU work: call it before any timed section, off the async workers. `resume`:
+    /// each identity's client config keeps the TLS sessions the server gives it.
+    pub fn load(
+        source: &Source,
+        ca: &Path,
+        count: usize,
+        resume: bool,
+    ) -> Result<Credentials, CredsError> {
         let roots = roots(ca)?;
         let identities = match source {
             Source::Single { cert, key } => {
@@ -122,7 +128,7 @@ impl Credentials {
                 let device = device_name(cert, &chain[0])?;
                 let key = private_key(key)?;
                 vec![Identity {
-                    tls: client_config(&roots, chain, key, cert)?,
+                    tls: client_config(&roots, chain, key, cert, resume)?,
                     device,
                 }]
             }
@@ -137,7 +143,7 @@ impl Credentials {
                 for i in (0..count.max(1)).map(|i| i + offset) {
                     let (chain, key, path) = issuer.device(i, devices_dir.as_deref())?;
                     out.push(Identity {
-                        tls: client_config(&roots, chain, key, &path)?,
+                        tls: client_config(&roots, chain, key, &path, resume)?,
                         device: format!("bench-{i}"),
                     });
                 }
@@ -316,6 +322,7 @@ fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     path: &Path,
+    resume: bool,
 ) -> Result<Arc<ClientConfig>, CredsError> {
     let mut config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -327,7 +334,9 @@ fn client_config(
                 path: path.to_owned(),
                 source,
             })?;
-    config.resumption = Resumption::disabled();
+    if !resume {
+        config.resumption = Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

@@ -4,14 +4,15 @@
 //!
 //! ```text
 //! cli::Args -> run -> creds (identities, issued off the async workers)
-//!                  -> connect | flow (fan-in, fan-out) | idle   each over conn::Conn
+//!                  -> connect | storm | flow (fan-in, fan-out) | idle   each over conn::Conn
 //!                  -> report::Report (table or one JSON line)
 //! ```
 //!
 //! The generator shares the machine with the broker, so it is built to be cheap: a
 //! hand-rolled codec (`mqtt`), packets batched into one write, latencies kept in a `Vec`
-//! and sorted once. It never retries: a failure is counted and reported, because a broker
-//! that refuses work under load is a result too.
+//! and sorted once. It never retries (except `storm`, where a device tries again until it
+//! is back, as devices do): a failure is counted and reported, because a broker that
+//! refuses work under load is a result too.
 
 pub mod cli;
 pub mod conn;
@@ -22,6 +23,7 @@ pub mod idle;
 pub mod mqtt;
 pub mod procfs;
 pub mod report;
+pub mod storm;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -140,6 +142,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
     let count = match args.workload {
         Workload::Connect => args.connections.unwrap_or(2000),
         Workload::Idle => args.connections.unwrap_or(10_000),
+        Workload::Storm => args.connections.unwrap_or(5_000),
         Workload::FanIn => usize::from(args.publishers),
         Workload::FanOut => 1,
     };
@@ -153,10 +156,14 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
     let creds = {
         let source = source.clone();
         let ca = ca.clone();
-        tokio::task::spawn_blocking(move || Credentials::load(&source, &ca, count)).await??
+        let resume = args.resume;
+        tokio::task::spawn_blocking(move || Credentials::load(&source, &ca, count, resume))
+            .await??
     };
     let sub_creds = match args.sub_source() {
-        Some(sub) => tokio::task::spawn_blocking(move || Credentials::load(&sub, &ca, 1)).await??,
+        Some(sub) => {
+            tokio::task::spawn_blocking(move || Credentials::load(&sub, &ca, 1, false)).await??
+        }
         None => creds.clone(),
     };
     let ctx = Arc::new(Ctx {
@@ -172,6 +179,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
     });
     match args.workload {
         Workload::Connect => connect::run(&ctx, count, usize::from(args.concurrency)).await,
+        Workload::Storm => storm::run(&ctx, count, usize::from(args.concurrency)).await,
         Workload::Idle => {
             let plan = idle::Plan {
                 connections: count,

@@ -20,11 +20,13 @@ use crate::broker::message::Message;
 use crate::broker::remote::WillPresenter;
 use crate::broker::session::{Expiry, SessionKey};
 use crate::broker::{OpenRefused, Will, WillGate};
-use crate::cert::now_secs;
+use crate::cert::{now_secs, Fingerprint};
 use crate::config::{Config, Limits};
 use crate::identity::DeviceName;
 use crate::mqtt::codec::{Connect, Packet, Protocol};
 use crate::registry::{Admitted, Mode};
+use crate::tls::policy::ChainReport;
+use crate::tls::Verdict;
 
 /// An admitted CONNECT: everything opening its session needs.
 pub(super) struct Accepted {
@@ -47,36 +49,45 @@ pub(super) type Refusal = Option<Packet>;
 
 /// Decides a CONNECT (contract §3 step 8 and the checks of contract §4-6), committing to the
 /// registry only once it is accepted.
+///
+/// `verdict`: what the TLS verifier decided in this connection's handshake, if it ran
+/// (never on resumption); reused for steps 2 to 4 only under the conditions of
+/// [`reusable`].
 pub(super) async fn admit(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     packet: Connect,
     chain: Vec<CertificateDer<'static>>,
+    verdict: Option<Verdict>,
     limits: &Limits,
 ) -> Result<Accepted, Refusal> {
     let metrics = &shared.metrics;
     let req = ConnectRequest::from_packet(&packet);
     let config = shared.snapshot().config.clone();
     let chain = Arc::new(chain);
+    let verified = reusable(verdict, &config, &chain);
     // A dry run first: every other reason to refuse is known before anything is written.
-    let dry = decide(shared, &config, &chain, Mode::DryRun, peer)
-        .await
-        .ok_or(None)?;
+    let dry = decide(
+        shared,
+        &config,
+        &chain,
+        Mode::DryRun,
+        peer,
+        verified.clone(),
+    )
+    .await
+    .ok_or(None)?;
     let line = DecisionLine::new(peer, &req, &dry, &config);
     let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
         line.refused(label, why);
         metrics.auth_refused(label);
         connect::within_client_max(ack, &req)
     };
+    let refuse_decision =
+        |r: &auth::Refused| refuse(r.label(), r, connect::connack_refused(req.protocol, r));
     let admission = match dry.result {
         Ok(a) => a,
-        Err(r) => {
-            return Err(refuse(
-                r.label(),
-                &r,
-                connect::connack_refused(req.protocol, &r),
-            ))
-        }
+        Err(r) => return Err(refuse_decision(&r)),
     };
     let device = admission.device.clone();
     if let Some(method) = &req.authentication_method {
@@ -130,19 +141,13 @@ pub(super) async fn admit(
     let admission = if admission.registry == Admitted::Known {
         admission
     } else {
-        let decision = decide(shared, &config, &chain, Mode::Commit, peer)
+        let decision = decide(shared, &config, &chain, Mode::Commit, peer, verified)
             .await
             .ok_or(None)?;
         match decision.result {
             // The same chain under the same config names the same device.
             Ok(a) => a,
-            Err(r) => {
-                return Err(refuse(
-                    r.label(),
-                    &r,
-                    connect::connack_refused(req.protocol, &r),
-                ))
-            }
+            Err(r) => return Err(refuse_decision(&r)),
         }
     };
     line.accepted(&admission.registry);
@@ -280,6 +285,27 @@ pub(super) async fn resume(
     }
 }
 
+/// The verifier's report on this connection's chain, when contract §3 step 8 lets the
+/// admission reuse it instead of validating the chain again: the verifier ran in this
+/// connection's own handshake (a resumed session has no verdict), under the config still
+/// in force (a reload or a CRL update swaps the config: the chain is decided again), for
+/// this leaf, and no certificate of the path has expired since (`valid_until`). Steps 5
+/// to 7 run at CONNECT in every case.
+fn reusable(
+    verdict: Option<Verdict>,
+    config: &Arc<Config>,
+    chain: &[CertificateDer<'static>],
+) -> Option<ChainReport> {
+    let v = verdict?;
+    let same_leaf = match (&v.report.leaf, chain.first()) {
+        (Some(leaf), Some(der)) => leaf.fingerprint == Fingerprint::of(der),
+        _ => false,
+    };
+    let in_time = v.report.valid_until.is_some_and(|t| now_secs() < t);
+    (Arc::ptr_eq(&v.config, config) && same_leaf && in_time && v.report.outcome.is_ok())
+        .then_some(v.report)
+}
+
 /// Runs the admission decision off the async workers (it may commit and fsync); None when
 /// the task failed (logged).
 async fn decide(
@@ -288,10 +314,11 @@ async fn decide(
     chain: &Arc<Vec<CertificateDer<'static>>>,
     mode: Mode,
     peer: SocketAddr,
+    verified: Option<ChainReport>,
 ) -> Option<Decision> {
     let (config, registry, chain) = (config.clone(), shared.registry.clone(), chain.clone());
     let decided = tokio::task::spawn_blocking(move || {
-        auth::decide(&config, &registry, &chain, UnixTime::now(), mode)
+        auth::decide_verified(&config, &registry, &chain, UnixTime::now(), mode, verified)
     })
     .await;
     match decided {

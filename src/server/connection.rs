@@ -23,7 +23,7 @@ use crate::broker::{send, SessionRequest};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{Connect, PacketReader, Protocol};
-use crate::tls::HANDSHAKE_PEER;
+use crate::tls::{Handshake, Verdict, HANDSHAKE};
 
 /// Keeps `certmq_connections` right on every exit path.
 struct Counted(Arc<Metrics>);
@@ -63,7 +63,7 @@ pub async fn handle(
         false => peer,
     };
     let tcp = Metered::new(tcp, &shared.metrics);
-    let Some(tls) = handshake(tcp, peer, &snap, &shared.metrics).await else {
+    let Some((tls, verdict)) = handshake(tcp, peer, &snap, &shared.metrics).await else {
         return;
     };
     drop(snap);
@@ -74,7 +74,7 @@ pub async fn handle(
     let Some(packet) = read_connect(&mut reader, &mut wr, peer, &limits).await else {
         return;
     };
-    let accepted = match admit::admit(&shared, peer, packet, chain, &limits).await {
+    let accepted = match admit::admit(&shared, peer, packet, chain, verdict, &limits).await {
         Ok(a) => a,
         Err(ack) => {
             if let Some(ack) = ack {
@@ -144,7 +144,8 @@ async fn proxied_peer(tcp: &mut TcpStream, socket: SocketAddr, limit_s: u64) -> 
 }
 
 /// The TLS handshake under `handshake_timeout` (contract §3 steps 1-4: the verifier logs and
-/// counts its own refusals). Boxed: the handshake's state (a whole rustls connection
+/// counts its own refusals), with the verifier's verdict when it ran (a full handshake;
+/// none on resumption). Boxed: the handshake's state (a whole rustls connection
 /// mid-handshake) would otherwise be part of this task's allocation for the connection's
 /// lifetime (contract §11 idle memory).
 async fn handshake(
@@ -152,13 +153,14 @@ async fn handshake(
     peer: SocketAddr,
     snap: &Snapshot,
     metrics: &Metrics,
-) -> Option<TlsStream<Metered>> {
+) -> Option<(TlsStream<Metered>, Option<Verdict>)> {
     let limit = snap.config.limits.handshake_timeout;
-    let handshake = Box::pin(HANDSHAKE_PEER.scope(peer, snap.acceptor.accept(tcp)));
+    let scope = Handshake::new(peer);
+    let handshake = Box::pin(HANDSHAKE.scope(scope.clone(), snap.acceptor.accept(tcp)));
     match tokio::time::timeout(Duration::from_secs(limit), handshake).await {
         Ok(Ok(tls)) => {
             metrics.handshakes_ok.inc();
-            Some(tls)
+            Some((tls, scope.take_verdict()))
         }
         Ok(Err(e)) => {
             metrics.handshakes_failed.inc();

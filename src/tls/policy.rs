@@ -199,7 +199,7 @@ pub struct Work {
 }
 
 /// Everything [`match_chain`] found out, for `explain`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChainReport {
     pub leaf: Option<CertInfo>,
     /// The pinned device whose certificate has the leaf's fingerprint.
@@ -213,6 +213,11 @@ pub struct ChainReport {
     /// chain shows them (the leaf's issuer, then the issuer of each CA certificate the
     /// client sent above it). Empty otherwise.
     pub missing_anchor: Vec<CaName>,
+    /// When the chain was accepted: the earliest notAfter (seconds) of the leaf, of every
+    /// certificate the client sent and of the chosen anchor (or the pinned leaf's own). Up
+    /// to then, time alone cannot change the outcome under the same config: the admission
+    /// at CONNECT reuses the verifier's report only before it (contract §3 step 8).
+    pub valid_until: Option<i64>,
 }
 
 /// A CA named by a certificate it issued: its subject and key identifier, as the
@@ -243,6 +248,7 @@ impl ChainReport {
             outcome: Err(refusal),
             work,
             missing_anchor: Vec::new(),
+            valid_until: None,
         }
     }
 }
@@ -362,6 +368,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
                 error,
             }),
         };
+        let valid_until = outcome.is_ok().then_some(leaf.validity.not_after);
         return ChainReport {
             leaf: Some(leaf),
             pinned: Some(i),
@@ -369,6 +376,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
             outcome,
             work,
             missing_anchor: Vec::new(),
+            valid_until,
         };
     }
     // Step 3: path validation to each anchor; the nearest wins, then the first in the file.
@@ -410,6 +418,19 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         }
         _ => Vec::new(),
     };
+    let valid_until = match outcome {
+        Ok(Rule::Anchor(i)) => presented
+            .infos
+            .iter()
+            .flatten()
+            .map(|c| c.validity.not_after)
+            .chain([
+                leaf.validity.not_after,
+                config.anchors[i].info.validity.not_after,
+            ])
+            .min(),
+        _ => None,
+    };
     ChainReport {
         leaf: Some(leaf),
         pinned: None,
@@ -417,6 +438,7 @@ pub fn match_chain(config: &Config, chain: &[CertificateDer<'_>], now: UnixTime)
         outcome,
         work,
         missing_anchor,
+        valid_until,
     }
 }
 

@@ -35,9 +35,47 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 tokio::task_local! {
-    /// The peer of the handshake being driven by this task; read by the verifier so that
-    /// its refusal log line names the peer. Set by the connection task around `accept`.
-    pub static HANDSHAKE_PEER: SocketAddr;
+    /// The handshake being driven by this task: its peer, read by the verifier so that its
+    /// refusal log line names the peer, and the slot where it leaves its verdict. Set by
+    /// the connection task around `accept`.
+    pub static HANDSHAKE: Arc<Handshake>;
+}
+
+/// One handshake as its connection task sees it.
+#[derive(Debug)]
+pub struct Handshake {
+    pub peer: SocketAddr,
+    /// Set by the verifier when it accepted the chain in this handshake. std Mutex: set
+    /// once inside rustls' synchronous callback, taken once after the handshake.
+    verdict: Mutex<Option<Verdict>>,
+}
+
+impl Handshake {
+    pub fn new(peer: SocketAddr) -> Arc<Handshake> {
+        Arc::new(Handshake {
+            peer,
+            verdict: Mutex::new(None),
+        })
+    }
+
+    /// The verifier's verdict, when it ran in this handshake (never on TLS resumption).
+    pub fn take_verdict(&self) -> Option<Verdict> {
+        self.verdict
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+/// The chain accepted by the verifier in one full handshake, and the config it was decided
+/// under. The admission at CONNECT reuses the report instead of validating the chain
+/// again only while that same config is in force and time cannot have changed the outcome
+/// (contract §3 step 8: the full re-check stays for resumed sessions, which have no verdict,
+/// and after a reload or a CRL update).
+#[derive(Debug)]
+pub struct Verdict {
+    pub config: Arc<Config>,
+    pub report: policy::ChainReport,
 }
 
 /// Which device, if any, the registry binds to a certificate: a refusal at TLS names it,
@@ -113,11 +151,24 @@ impl ClientCertVerifier for DeviceVerifier {
             let _slot = Slot::acquire();
             policy::match_chain(&self.config, &chain, now)
         });
+        if report.outcome.is_ok() {
+            let verdict = Verdict {
+                config: self.config.clone(),
+                report,
+            };
+            // Outside a connection task (in-memory handshakes) nobody takes it.
+            let _ = HANDSHAKE.try_with(|h| {
+                *h.verdict
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(verdict);
+            });
+            return Ok(ClientCertVerified::assertion());
+        }
         match &report.outcome {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(refusal) => {
                 self.metrics.auth_refused(refusal.label());
-                let peer = HANDSHAKE_PEER.try_with(|p| *p).ok();
+                let peer = HANDSHAKE.try_with(|h| h.peer).ok();
                 // Rate-limited per peer address (contract §10); the metric counts every one.
                 let suppressed = match peer {
                     Some(p) => crate::logline::refusal_allowed(p.ip()),

@@ -34,6 +34,7 @@ mod operator;
 mod ops;
 mod proxy_protocol;
 mod quotas;
+mod recheck;
 mod refusal_detail;
 mod store_integrity;
 mod tls_log;
