@@ -22,6 +22,10 @@ pub enum Workload {
     FanOut,
     /// N connections opened and held; the broker's RSS before and after.
     Idle,
+    /// N QoS 1 messages kept for one offline persistent session; the broker's RSS.
+    Queued,
+    /// N retained messages, one topic each; the broker's RSS.
+    Retained,
 }
 
 impl Workload {
@@ -32,6 +36,8 @@ impl Workload {
             Workload::FanIn => "fan-in",
             Workload::FanOut => "fan-out",
             Workload::Idle => "idle",
+            Workload::Queued => "queued",
+            Workload::Retained => "retained",
         }
     }
 }
@@ -96,7 +102,8 @@ pub struct Args {
     #[arg(long)]
     pub pid: Option<u32>,
 
-    /// Connections (connect: default 2000; idle: default 10000).
+    /// Connections (connect: default 2000; idle: default 10000), or messages (queued,
+    /// retained: default 10000).
     #[arg(short = 'n', long)]
     pub connections: Option<usize>,
     /// Connections opened at the same time (connect, idle).
@@ -128,12 +135,18 @@ pub struct Args {
     /// retained message, which a durable broker stores.
     #[arg(long)]
     pub retain: bool,
-    /// Idle: seconds to wait after the last connection opened before reading the RSS.
+    /// Idle, queued, retained: seconds to wait after the last connection opened (the last
+    /// PUBACK) before reading the RSS.
     #[arg(long, default_value = "2", value_parser = parse_secs)]
     pub settle: Duration,
     /// Idle: seconds to keep holding the connections after the measurement.
     #[arg(long, default_value = "0", value_parser = parse_secs)]
     pub hold: Duration,
+    /// Idle: local addresses to connect from, in turn (e.g. 127.0.0.1,127.0.0.2). One
+    /// source address has about 28,000 ephemeral ports (ip_local_port_range) towards one
+    /// server port: more idle connections than that need several.
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<std::net::IpAddr>,
     /// Seconds any single wait on the broker may take.
     #[arg(long, default_value = "15", value_parser = parse_secs)]
     pub timeout: Duration,
