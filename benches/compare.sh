@@ -397,17 +397,20 @@ idle_big() {
 
 # capacity: certmq alone (the capacity sheet), restarted with its queue and retained
 # limits raised so that one session (one device) holds every message, each size on a fresh
-# process: QoS 1 messages queued for one offline persistent session (QUEUED_SIZES), and
+# process and data folder: QoS 1 messages queued for one offline persistent session (QUEUED_SIZES), and
 # retained messages, one topic each (RETAINED_SIZES). 64-byte payloads.
 capacity() {
     [[ capacity =~ $ONLY ]] && [ -n "$QUEUED_SIZES$RETAINED_SIZES" ] || return 0
-    sed 's/^max_connections = 100000$/max_connections = 100000\nmax_queued_messages = 10000000\nmax_retained_per_device = 10000000/' \
-        "$WORK/certmq.toml" >"$WORK/certmq-capacity.toml"
     local kind n
     for kind in queued retained; do
         local sizes=$QUEUED_SIZES
         [ "$kind" = retained ] && sizes=$RETAINED_SIZES
         for n in $sizes; do
+            # A data folder of its own: retained messages are durable, and the previous
+            # row's would be restored at start.
+            sed -e 's/^max_connections = 100000$/max_connections = 100000\nmax_queued_messages = 10000000\nmax_retained_per_device = 10000000/' \
+                -e "s|^data_dir = .*|data_dir = \"$WORK/certmq-data-$kind-$n\"|" \
+                "$WORK/certmq.toml" >"$WORK/certmq-capacity.toml"
             restart_brokers "$WORK/certmq-capacity.toml"
             say "capacity-$kind-$n: certmq (load $(load1))"
             "$LOAD" "$kind" -n "$n" --settle 2 --timeout 60 "${COMMON[@]}" --port "$CERTMQ_PORT" \
