@@ -398,7 +398,8 @@ idle_big() {
 # capacity: certmq alone (the capacity sheet), restarted with its queue and retained
 # limits raised so that one session (one device) holds every message, each size on a fresh
 # process and data folder: QoS 1 messages queued for one offline persistent session (QUEUED_SIZES), and
-# retained messages, one topic each (RETAINED_SIZES). 64-byte payloads.
+# retained messages, one topic each (RETAINED_SIZES). 64-byte payloads. It runs last: the
+# brokers are left as they are (certmq on the raised limits) until the script ends.
 capacity() {
     [[ capacity =~ $ONLY ]] && [ -n "$QUEUED_SIZES$RETAINED_SIZES" ] || return 0
     local kind n
@@ -419,7 +420,6 @@ capacity() {
                     '.workload = $name | .round = 1 | .load = ($load | tonumber)' >>"$RESULTS"
         done
     done
-    restart_brokers
 }
 
 # paced: the paced rows, REPEAT rounds (the p99 of each broker, its median and range, is
