@@ -18,14 +18,22 @@
 #
 # Sizes (environment): CONNECT_N=2000 CONNECT_C=16 STORM_N=5000 STORM_C=32 FAN_IN_P=8 FAN_OUT_S=8 FLOW_SECS=5
 # IDLE_N=10000 FAN_IN_ROUNDS=2 CLI_MSGS=20000; paced flows: PACED_RATE=1000 messages/s per
-# publisher. Ports: CERTMQ_PORT=18883 MOSQ_PORT=18884 RUMQTTD_PORT=18885. rumqttd:
+# publisher, REPEAT=1 rounds of them (REPEAT=5: every paced row five times, and a table of
+# the median and min-max of each broker's p99 over the rounds). IDLE_BIG_N=50000: the
+# `idle-big` row, on freshly restarted brokers, from IDLE_SOURCES=4 loopback source
+# addresses (one address has about 28,000 ports towards one server port); 0 skips it.
+# Capacity (certmq only, restarted with queue and retained limits raised): QUEUED_SIZES=
+# "10000 100000" messages for one offline session, RETAINED_SIZES="10000 100000" retained
+# topics; empty skips them. Ports: CERTMQ_PORT=18883 MOSQ_PORT=18884 RUMQTTD_PORT=18885. rumqttd:
 # RUMQTTD_CACHE (default ~/.cache/certmq-bench/rumqttd-0.20.0), or RUMQTTD=/path/to/rumqttd.
 # KEEP=1 keeps the work folder.
 #
 # File descriptors: every idle connection costs one descriptor in the generator and one in
 # the broker. The script raises the soft RLIMIT_NOFILE of this shell, which both brokers
-# and the generator inherit, to the hard limit (`ulimit -n`), and lowers IDLE_N (saying
-# so) when even that is too small.
+# and the generator inherit, to the hard limit (`ulimit -n`); as root it first tries to
+# raise the hard limit to what IDLE_BIG_N needs (at most /proc/sys/fs/nr_open; this needs
+# CAP_SYS_RESOURCE, which a container may lack); it lowers IDLE_N and IDLE_BIG_N (saying
+# so) when the limit is still too small.
 #
 # Parity: Mosquitto trusts root + intermediate (it cannot trust an intermediate alone),
 # certmq the intermediate; neither checks a CRL; both log warnings and errors only;
@@ -54,6 +62,11 @@ MOSQ_PORT="${MOSQ_PORT:-18884}"
 RUMQTTD_PORT="${RUMQTTD_PORT:-18885}"
 FAN_IN_ROUNDS="${FAN_IN_ROUNDS:-2}"
 CLI_MSGS="${CLI_MSGS:-20000}"
+REPEAT="${REPEAT:-1}"
+IDLE_BIG_N="${IDLE_BIG_N:-50000}"
+IDLE_SOURCES="${IDLE_SOURCES:-4}"
+QUEUED_SIZES="${QUEUED_SIZES-10000 100000}"
+RETAINED_SIZES="${RETAINED_SIZES-10000 100000}"
 ONLY="${ONLY:-.}"
 RUMQTTD_VERSION=0.20.0
 RUMQTTD_CACHE="${RUMQTTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/certmq-bench/rumqttd-$RUMQTTD_VERSION}"
@@ -61,12 +74,22 @@ RUMQTTD_CACHE="${RUMQTTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/certmq-bench/rum
 say() { echo "[compare] $*" >&2; }
 
 # --- file descriptors -------------------------------------------------------------------
+want="$((IDLE_BIG_N + 1024))"
+if [ "$(id -u)" = 0 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$want" ]; then
+    nr_open="$(cat /proc/sys/fs/nr_open 2>/dev/null || echo 1048576)"
+    ulimit -Hn "$((want < nr_open ? want : nr_open))" 2>/dev/null \
+        || say "cannot raise the hard RLIMIT_NOFILE above $(ulimit -Hn) (no CAP_SYS_RESOURCE here)"
+fi
 hard="$(ulimit -Hn)"
 if [ "$hard" = unlimited ]; then hard=1048576; fi
 ulimit -n "$hard"
 if [ "$((IDLE_N + 256))" -gt "$hard" ]; then
     IDLE_N="$((hard - 256))"
     say "RLIMIT_NOFILE is $hard: idle uses $IDLE_N connections instead"
+fi
+if [ "$((IDLE_BIG_N + 256))" -gt "$hard" ]; then
+    IDLE_BIG_N="$((hard - 256))"
+    say "RLIMIT_NOFILE is $hard: idle-big uses $IDLE_BIG_N connections instead"
 fi
 say "RLIMIT_NOFILE $(ulimit -n) for the brokers and the generator"
 
@@ -167,7 +190,7 @@ cat >"$WORK/rumqttd.toml" <<EOF
 id = 0
 
 [router]
-max_connections = 20000
+max_connections = $((IDLE_BIG_N + 1000))
 max_outgoing_packet_count = 200
 max_segment_size = 104857600
 max_segment_count = 10
@@ -216,6 +239,27 @@ wait_port "$MOSQ_PORT" "$MOSQ_PID"
 wait_port "$RUMQTTD_PORT" "$RUMQTTD_PID"
 say "certmq pid $CERTMQ_PID on $CERTMQ_PORT, mosquitto pid $MOSQ_PID on $MOSQ_PORT ($("$MOSQUITTO" -h | head -n 1)), rumqttd $RUMQTTD_VERSION pid $RUMQTTD_PID on $RUMQTTD_PORT"
 say "load average before the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# restart_brokers [certmq-config]: every broker stopped and started again on the same
+# config (certmq on the one given), so that a row measures memory on a fresh process:
+# memory freed by earlier rows would otherwise be reused and hide the cost.
+restart_brokers() {
+    local certmq_config="${1:-$WORK/certmq.toml}"
+    for pid in $CERTMQ_PID $MOSQ_PID $RUMQTTD_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    RUST_LOG=warn "$CERTMQ" serve --config "$certmq_config" 2>>"$WORK/certmq.log" &
+    CERTMQ_PID=$!
+    "$MOSQUITTO" -c "$WORK/mosquitto.conf" 2>>"$WORK/mosquitto.log" &
+    MOSQ_PID=$!
+    "$RUMQTTD" -q -c "$WORK/rumqttd.toml" >>"$WORK/rumqttd.log" 2>&1 &
+    RUMQTTD_PID=$!
+    wait_port "$CERTMQ_PORT" "$CERTMQ_PID"
+    wait_port "$MOSQ_PORT" "$MOSQ_PID"
+    wait_port "$RUMQTTD_PORT" "$RUMQTTD_PID"
+    say "brokers restarted: certmq $CERTMQ_PID, mosquitto $MOSQ_PID, rumqttd $RUMQTTD_PID"
+}
 
 # --- workloads --------------------------------------------------------------------------
 : >"$RESULTS"
@@ -340,9 +384,64 @@ cli_fan_in() {
     done
 }
 
+# idle_big: IDLE_BIG_N idle connections on freshly restarted brokers, from IDLE_SOURCES
+# loopback source addresses (127.0.0.1..): one source address has only
+# ip_local_port_range's ports (about 28,000 here) towards one server port. The sysctl is
+# left alone (it is machine-wide); 127.0.0.0/8 is local on Linux without configuration.
+idle_big() {
+    [[ idle-big =~ $ONLY ]] && [ "$IDLE_BIG_N" -gt 0 ] || return 0
+    local sources=127.0.0.1 i
+    for i in $(seq 2 "$IDLE_SOURCES"); do sources="$sources,127.0.0.$i"; done
+    restart_brokers
+    run idle-big idle -n "$IDLE_BIG_N" -c 32 --settle 5 --timeout 60 --source-addrs "$sources"
+    restart_brokers
+}
+
+# capacity: certmq alone (the capacity sheet), restarted with its queue and retained
+# limits raised so that one session (one device) holds every message, each size on a fresh
+# process and data folder: QoS 1 messages queued for one offline persistent session (QUEUED_SIZES), and
+# retained messages, one topic each (RETAINED_SIZES). 64-byte payloads. It runs last: the
+# brokers are left as they are (certmq on the raised limits) until the script ends.
+capacity() {
+    [[ capacity =~ $ONLY ]] && [ -n "$QUEUED_SIZES$RETAINED_SIZES" ] || return 0
+    local kind n
+    for kind in queued retained; do
+        local sizes=$QUEUED_SIZES
+        [ "$kind" = retained ] && sizes=$RETAINED_SIZES
+        for n in $sizes; do
+            # A data folder of its own: retained messages are durable, and the previous
+            # row's would be restored at start.
+            sed -e 's/^max_connections = 100000$/max_connections = 100000\nmax_queued_messages = 10000000\nmax_retained_per_device = 10000000/' \
+                -e "s|^data_dir = .*|data_dir = \"$WORK/certmq-data-$kind-$n\"|" \
+                "$WORK/certmq.toml" >"$WORK/certmq-capacity.toml"
+            restart_brokers "$WORK/certmq-capacity.toml"
+            say "capacity-$kind-$n: certmq (load $(load1))"
+            "$LOAD" "$kind" -n "$n" --settle 2 --timeout 60 "${COMMON[@]}" --port "$CERTMQ_PORT" \
+                --pid "$CERTMQ_PID" --label certmq \
+                | jq -c --arg name "capacity-$kind-$n" --arg load "$(load1)" \
+                    '.workload = $name | .round = 1 | .load = ($load | tonumber)' >>"$RESULTS"
+        done
+    done
+}
+
+# paced: the paced rows, REPEAT rounds (the p99 of each broker, its median and range, is
+# tabled at the end: one round's p99 on a shared machine is noise as much as a figure).
+paced() {
+    for ROUND in $(seq 1 "$REPEAT"); do
+        for qos in 0 1; do
+            run "fan-in-qos$qos-paced" fan-in --publishers "$FAN_IN_P" --qos "$qos" \
+                --duration "$FLOW_SECS" --rate "$PACED_RATE"
+            run "fan-out-qos$qos-paced" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" \
+                --duration "$FLOW_SECS" --rate "$PACED_RATE"
+        done
+    done
+    ROUND=1
+}
+
 START=$SECONDS
 # Idle first, on fresh brokers: memory freed by earlier workloads would hide the cost.
 run idle idle -n "$IDLE_N" -c 32 --settle 2
+idle_big
 # Devices never seen by either broker (certmq provisions each one), then the same again.
 run connect-first connect -n "$CONNECT_N" -c "$CONNECT_C" --device-offset 100000
 run connect connect -n "$CONNECT_N" -c "$CONNECT_C" --device-offset 100000
@@ -358,12 +457,7 @@ for qos in 0 1; do
     run "fan-out-qos$qos" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" --duration "$FLOW_SECS"
 done
 cli_fan_in
-for qos in 0 1; do
-    run "fan-in-qos$qos-paced" fan-in --publishers "$FAN_IN_P" --qos "$qos" \
-        --duration "$FLOW_SECS" --rate "$PACED_RATE"
-    run "fan-out-qos$qos-paced" fan-out --subscribers "$FAN_OUT_S" --qos "$qos" \
-        --duration "$FLOW_SECS" --rate "$PACED_RATE"
-done
+paced
 # The unpaced fan-in rows again (rounds 2..FAN_IN_ROUNDS): the machine is shared.
 for ROUND in $(seq 2 "$FAN_IN_ROUNDS"); do
     for qos in 0 1; do
@@ -395,6 +489,7 @@ fi
 source benches/compare-cluster.sh
 cluster_workloads
 # --- end of the cluster rows ------------------------------------------------------------
+capacity
 say "workloads took $((SECONDS - START)) s"
 say "load average after the workloads: $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -435,4 +530,37 @@ jq -rs "$JQ_DEFS"'
    | @tsv)
 ' "$RESULTS" | column -t -s $'\t'
 cluster_tables # the cluster rows' tables (benches/compare-cluster.sh)
+# The paced rows over their REPEAT rounds: each broker's p99 (and p50), median and range.
+if [ "$REPEAT" -gt 1 ]; then
+    echo
+    echo "paced rows over $REPEAT rounds: median (min-max) per broker; ratio of certmq's median to the peer's"
+    jq -rs "$JQ_DEFS"'
+      def med: sort | if length % 2 == 1 then .[length / 2 | floor]
+                      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+      def span($k): map(.figures[$k]) | "\(med | fmt) (\(min | fmt)-\(max | fmt))";
+      (["workload", "figure", "certmq", "mosquitto", "rumqttd", "vs mosquitto", "vs rumqttd"] | @tsv),
+      (map(select(.workload | test("-paced$"))) | group_by(.workload)[] as $w
+       | ["latency_p50_ms", "latency_p99_ms"][] as $k
+       | ($w | map(select(.broker == "certmq"))) as $c
+       | ($w | map(select(.broker == "mosquitto"))) as $m
+       | ($w | map(select(.broker == "rumqttd"))) as $q
+       | [$w[0].workload, ($k | sub("latency_"; "")), ($c | span($k)), ($m | span($k)), ($q | span($k)),
+          ratio($c | map(.figures[$k]) | med; $m | map(.figures[$k]) | med),
+          ratio($c | map(.figures[$k]) | med; $q | map(.figures[$k]) | med)]
+       | @tsv)
+    ' "$RESULTS" | column -t -s $'\t'
+fi
+# Capacity rows (certmq only): resident memory per message kept.
+if jq -e -s 'any(.workload | startswith("capacity-"))' "$RESULTS" >/dev/null; then
+    echo
+    echo "capacity (certmq, fresh process per row, 64-byte payloads)"
+    jq -rs "$JQ_DEFS"'
+      (["row", "messages", "kept", "rss_before_mib", "rss_after_mib", "bytes_per_message", "load"] | @tsv),
+      (map(select(.workload | startswith("capacity-")))[]
+       | [.workload, (.figures.messages | fmt), ((.figures.queued // .figures.retained) | fmt),
+          (.figures.rss_before_mib | fmt), (.figures.rss_after_mib | fmt),
+          (.figures.rss_bytes_per_message | fmt), (.load | fmt)]
+       | @tsv)
+    ' "$RESULTS" | column -t -s $'\t'
+fi
 say "raw results: $RESULTS"

@@ -25,6 +25,10 @@ pub enum Workload {
     /// N devices connect once, then all reconnect at the same moment (with `--resume`,
     /// resuming their TLS sessions); connects/s and the time until all are back.
     Storm,
+    /// N QoS 1 messages kept for one offline persistent session; the broker's RSS.
+    Queued,
+    /// N retained messages, one topic each; the broker's RSS.
+    Retained,
 }
 
 impl Workload {
@@ -36,6 +40,8 @@ impl Workload {
             Workload::FanOut => "fan-out",
             Workload::Idle => "idle",
             Workload::Storm => "storm",
+            Workload::Queued => "queued",
+            Workload::Retained => "retained",
         }
     }
 }
@@ -110,7 +116,7 @@ pub struct Args {
     pub pid: Option<u32>,
 
     /// Connections (connect: default 2000; idle: default 10000; storm: devices, default
-    /// 5000).
+    /// 5000), or messages (queued, retained: default 10000).
     #[arg(short = 'n', long)]
     pub connections: Option<usize>,
     /// Keep TLS sessions for resumption: each identity has its own client config and
@@ -147,12 +153,18 @@ pub struct Args {
     /// retained message, which a durable broker stores.
     #[arg(long)]
     pub retain: bool,
-    /// Idle: seconds to wait after the last connection opened before reading the RSS.
+    /// Idle, queued, retained: seconds to wait after the last connection opened (the last
+    /// PUBACK) before reading the RSS.
     #[arg(long, default_value = "2", value_parser = parse_secs)]
     pub settle: Duration,
     /// Idle: seconds to keep holding the connections after the measurement.
     #[arg(long, default_value = "0", value_parser = parse_secs)]
     pub hold: Duration,
+    /// Idle: local addresses to connect from, in turn (e.g. 127.0.0.1,127.0.0.2). One
+    /// source address has about 28,000 ephemeral ports (ip_local_port_range) towards one
+    /// server port: more idle connections than that need several.
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<std::net::IpAddr>,
     /// Seconds any single wait on the broker may take.
     #[arg(long, default_value = "15", value_parser = parse_secs)]
     pub timeout: Duration,

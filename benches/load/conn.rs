@@ -5,12 +5,13 @@
 //! connections must be opened the same way so that their setup is comparable too.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -28,6 +29,9 @@ pub struct Target {
     pub addr: SocketAddr,
     pub server_name: ServerName<'static>,
     pub timeout: Duration,
+    /// Local addresses connections are made from, in turn; empty: the kernel's choice.
+    pub sources: Vec<IpAddr>,
+    next_source: AtomicUsize,
 }
 
 impl Target {
@@ -52,7 +56,25 @@ impl Target {
             addr,
             server_name,
             timeout: args.timeout,
+            sources: args.source_addrs.clone(),
+            next_source: AtomicUsize::new(0),
         })
+    }
+
+    /// A TCP connection to the broker, from the next source address if any were given
+    /// (bound to port 0: the kernel picks a free port of that address).
+    async fn tcp(&self) -> std::io::Result<TcpStream> {
+        if self.sources.is_empty() {
+            return TcpStream::connect(self.addr).await;
+        }
+        let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
+        let source = SocketAddr::new(self.sources[i], 0);
+        let socket = match source {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(source)?;
+        socket.connect(self.addr).await
     }
 
     /// Awaits `fut` for at most the target's timeout.
@@ -96,12 +118,10 @@ impl Conn {
     ) -> Result<Conn, LoadError> {
         let tcp = target
             .bounded("TCP connect", async {
-                TcpStream::connect(target.addr)
-                    .await
-                    .map_err(|source| LoadError::Io {
-                        what: "TCP connect",
-                        source,
-                    })
+                target.tcp().await.map_err(|source| LoadError::Io {
+                    what: "TCP connect",
+                    source,
+                })
             })
             .await?;
         tcp.set_nodelay(true).map_err(|source| LoadError::Io {

@@ -7,6 +7,12 @@
 //! opened, so that buffers allocated during the handshakes and freed after are not counted
 //! as held. Every connection costs this process a file descriptor, and the broker one
 //! more: the soft RLIMIT_NOFILE of both must exceed N (`ulimit -n`; compare.sh raises it).
+//! One source address has about 28,000 ports towards one server port: beyond that, give
+//! several (`--source-addrs`).
+//!
+//! The kernel's own cost per connection (socket, inode, file, epoll objects; TCP buffers)
+//! is not in any process's RSS: the run also reports the machine-wide change of the slab
+//! and of TCP's buffer pages over the same interval, per connection (both ends).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -44,6 +50,7 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
         ctx.label, plan.concurrency
     ));
     let rss_before = ctx.pid.map(procfs::rss_kib).transpose()?;
+    let kernel_before = procfs::kernel_mem()?;
     let next = Arc::new(AtomicUsize::new(0));
     let opened = Arc::new(AtomicU64::new(0));
     let closed_by_broker = Arc::new(AtomicU64::new(0));
@@ -89,6 +96,7 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
     }
     tokio::time::sleep(plan.settle).await;
     let rss_after = ctx.pid.map(procfs::rss_kib).transpose()?;
+    let kernel_after = procfs::kernel_mem()?;
     let held = holders.len() as u64 - closed_by_broker.load(Ordering::Relaxed);
     progress(&format!("idle {}: holding {held} connections", ctx.label));
     tokio::time::sleep(plan.hold).await;
@@ -112,6 +120,13 @@ pub async fn run(ctx: &Arc<Ctx>, plan: &Plan) -> Result<Report, LoadError> {
             after.saturating_sub(before) as f64 / held.max(1) as f64,
         );
     }
+    // Each connection is two sockets of this kernel on loopback (the generator's and the
+    // broker's): the figure per connection covers both ends.
+    let held_f = held.max(1) as f64;
+    let slab = kernel_after.slab_kib as f64 - kernel_before.slab_kib as f64;
+    report.push("kernel_slab_kib_per_connection", slab / held_f);
+    let pages = kernel_after.tcp_pages as f64 - kernel_before.tcp_pages as f64;
+    report.push("kernel_tcp_buffer_kib_per_connection", pages * 4.0 / held_f);
     Ok(report)
 }
 

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cli::Args -> run -> creds (identities, issued off the async workers)
-//!                  -> connect | storm | flow (fan-in, fan-out) | idle   each over conn::Conn
+//!                  -> connect | storm | flow (fan-in, fan-out) | idle | capacity
+//!                     (queued, retained)   each over conn::Conn
 //!                  -> report::Report (table or one JSON line)
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! is back, as devices do): a failure is counted and reported, because a broker that
 //! refuses work under load is a result too.
 
+pub mod capacity;
 pub mod cli;
 pub mod conn;
 pub mod connect;
@@ -144,7 +146,7 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
         Workload::Idle => args.connections.unwrap_or(10_000),
         Workload::Storm => args.connections.unwrap_or(5_000),
         Workload::FanIn => usize::from(args.publishers),
-        Workload::FanOut => 1,
+        Workload::FanOut | Workload::Queued | Workload::Retained => 1,
     };
     report::progress(&format!(
         "{} {}: preparing {count} client identit{}",
@@ -188,6 +190,17 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
                 hold: args.hold,
             };
             idle::run(&ctx, &plan).await
+        }
+        Workload::Queued | Workload::Retained => {
+            let plan = capacity::Plan {
+                messages: args.connections.unwrap_or(10_000) as u64,
+                payload: usize::from(args.payload),
+                settle: args.settle,
+            };
+            match args.workload {
+                Workload::Queued => capacity::queued(&ctx, &plan).await,
+                _ => capacity::retained(&ctx, &plan).await,
+            }
         }
         Workload::FanIn | Workload::FanOut => {
             let fan_in = args.workload == Workload::FanIn;

@@ -58,6 +58,50 @@ pub fn rss_kib(pid: u32) -> Result<u64, LoadError> {
         })
 }
 
+/// The kernel's own memory for sockets, machine-wide: `Slab` of /proc/meminfo (socket,
+/// inode, file and epoll objects live in slab caches) and the pages TCP buffers hold
+/// (`mem` of the TCP line of /proc/net/sockstat). Neither is in a broker's RSS.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelMem {
+    pub slab_kib: u64,
+    pub tcp_pages: u64,
+}
+
+/// Reads [`KernelMem`] now. Machine-wide: other processes' activity shows in it too.
+pub fn kernel_mem() -> Result<KernelMem, LoadError> {
+    let meminfo = "/proc/meminfo".to_owned();
+    let text = read(&meminfo)?;
+    let slab_kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or(LoadError::ProcFormat {
+            path: meminfo,
+            field: "Slab",
+        })?;
+    let sockstat = "/proc/net/sockstat".to_owned();
+    let text = read(&sockstat)?;
+    let tcp_pages = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields
+                .windows(2)
+                .find(|w| w[0] == "mem")
+                .and_then(|w| w[1].parse().ok())
+        })
+        .ok_or(LoadError::ProcFormat {
+            path: sockstat,
+            field: "TCP mem",
+        })?;
+    Ok(KernelMem {
+        slab_kib,
+        tcp_pages,
+    })
+}
+
 /// This process's soft RLIMIT_NOFILE ("Max open files"); `u64::MAX` when unlimited.
 pub fn open_files_limit() -> Result<u64, LoadError> {
     let path = "/proc/self/limits".to_owned();

@@ -1,13 +1,14 @@
-//! One connection, in its own task, read top-down in [`handle`]: TLS handshake (bounded by
-//! `handshake_timeout`), CONNECT (bounded by `connect_timeout`), admission (`admit.rs`),
-//! the session opened and announced (CONNACK), then the session loop until it ends.
+//! One connection, in its own task, read top-down in [`handle`] and [`prepare`]: TLS
+//! handshake (bounded by `handshake_timeout`), CONNECT (bounded by `connect_timeout`),
+//! admission (`admit.rs`), the session opened and announced (CONNACK), then the session loop
+//! until it ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
@@ -51,41 +52,20 @@ pub async fn handle(
     _permit: OwnedSemaphorePermit,
 ) {
     let _counted = Counted::new(shared.metrics.clone());
-    let snap = shared.snapshot();
-    let limits = snap.config.limits.clone();
-    let write_limit = Duration::from_secs(limits.connect_timeout);
-    let mut tcp = tcp;
-    let peer = match snap.config.server.proxy_protocol {
-        true => match proxied_peer(&mut tcp, peer, limits.handshake_timeout).await {
-            Some(p) => p,
-            None => return,
-        },
-        false => peer,
-    };
-    let tcp = Metered::new(tcp, &shared.metrics);
-    let Some((tls, verdict)) = handshake(tcp, peer, &snap, &shared.metrics).await else {
+    // Boxed, and freed at CONNACK: a task's allocation is as large as its future's largest
+    // state and is held for the connection's lifetime, and the states before CONNACK (TLS
+    // stream before the split, CONNECT, admission, opening) are far larger than what an
+    // idle session needs (contract §11 idle memory; heaptrack: tokio's task cell was 9.3
+    // KiB per idle connection with them inline).
+    let Some(ready) = Box::pin(prepare(tcp, peer, &shared)).await else {
         return;
     };
-    drop(snap);
-    let chain = peer_chain(&tls);
-    // Split now: bytes the client pipelined after CONNECT stay in the reader's buffer.
-    let (rd, mut wr) = tokio::io::split(tls);
-    let mut reader = PacketReader::new(rd, limits.max_packet_size);
-    let Some(packet) = read_connect(&mut reader, &mut wr, peer, &limits).await else {
-        return;
-    };
-    let accepted = match admit::admit(&shared, peer, packet, chain, verdict, &limits).await {
-        Ok(a) => a,
-        Err(ack) => {
-            if let Some(ack) = ack {
-                let _ = send(&mut wr, &ack, write_limit).await;
-            }
-            return;
-        }
-    };
-    let Some(open) = open(&shared, accepted, &mut wr, &limits, peer).await else {
-        return;
-    };
+    let Ready {
+        peer,
+        mut reader,
+        wr,
+        open,
+    } = ready;
     let feeding = feed(&shared, &open.session);
     let end = conn::serve(
         &shared.broker,
@@ -124,6 +104,52 @@ fn feed(shared: &Arc<Shared>, session: &SessionRef) -> Option<tokio_util::sync::
     node.sessions
         .feed(shared.broker.clone(), session.clone(), stop.clone());
     Some(stop.drop_guard())
+}
+
+/// A connection through CONNACK, ready for its session loop.
+struct Ready<'a> {
+    /// The device's address (from the PROXY header when `proxy_protocol` is on).
+    peer: SocketAddr,
+    reader: PacketReader<ReadHalf<TlsStream<Metered>>>,
+    wr: WriteHalf<TlsStream<Metered>>,
+    open: Open<'a>,
+}
+
+/// Everything up to CONNACK: the PROXY header if configured, the TLS handshake, CONNECT,
+/// admission, and the session opened and announced. None when the connection ends before.
+async fn prepare(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Ready<'_>> {
+    let snap = shared.snapshot();
+    let limits = snap.config.limits.clone();
+    let write_limit = Duration::from_secs(limits.connect_timeout);
+    let mut tcp = tcp;
+    let peer = match snap.config.server.proxy_protocol {
+        true => proxied_peer(&mut tcp, peer, limits.handshake_timeout).await?,
+        false => peer,
+    };
+    let tcp = Metered::new(tcp, &shared.metrics);
+    let (tls, verdict) = handshake(tcp, peer, &snap, &shared.metrics).await?;
+    drop(snap);
+    let chain = peer_chain(&tls);
+    // Split now: bytes the client pipelined after CONNECT stay in the reader's buffer.
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut reader = PacketReader::new(rd, limits.max_packet_size);
+    let packet = read_connect(&mut reader, &mut wr, peer, &limits).await?;
+    let accepted = match admit::admit(shared, peer, packet, chain, verdict, &limits).await {
+        Ok(a) => a,
+        Err(ack) => {
+            if let Some(ack) = ack {
+                let _ = send(&mut wr, &ack, write_limit).await;
+            }
+            return None;
+        }
+    };
+    let open = open(shared, accepted, &mut wr, &limits, peer).await?;
+    Some(Ready {
+        peer,
+        reader,
+        wr,
+        open,
+    })
 }
 
 /// The device's address from the balancer's PROXY header (`proxy_protocol`), read

@@ -277,6 +277,58 @@ async fn idle_holds_connections_and_reads_the_broker_rss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_keeps_every_message_for_the_offline_session_and_reads_the_rss() {
+    let bench = Bench::start().await;
+    let r = bench
+        .run("queued", &["-n", "45", "--settle", "0.1"], true)
+        .await
+        .unwrap();
+    assert_eq!(figure(&r, "messages"), 45.0, "{r:?}");
+    assert_eq!(figure(&r, "rejected"), 0.0, "{r:?}");
+    assert_eq!(figure(&r, "queued"), 45.0, "{r:?}");
+    assert!(figure(&r, "rss_bytes_per_message") >= 0.0);
+    bench.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_keeps_one_message_per_topic_and_reads_the_rss() {
+    let bench = Bench::start().await;
+    let r = bench
+        .run("retained", &["-n", "45", "--settle", "0.1"], true)
+        .await
+        .unwrap();
+    assert_eq!(figure(&r, "rejected"), 0.0, "{r:?}");
+    assert_eq!(figure(&r, "retained"), 45.0, "{r:?}");
+    assert!(figure(&r, "rss_after_mib") > 0.0);
+    bench.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connects_from_the_source_addresses_given() {
+    let bench = Bench::start().await;
+    let r = bench
+        .run(
+            "idle",
+            &[
+                "-n",
+                "6",
+                "-c",
+                "2",
+                "--settle",
+                "0.1",
+                "--source-addrs",
+                "127.0.0.1,127.0.0.2",
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(figure(&r, "held"), 6.0, "{r:?}");
+    assert!(figure(&r, "kernel_slab_kib_per_connection").is_finite());
+    bench.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_the_acl_refuses_fails_the_run() {
     let bench = Bench::start().await;
     // Without --sub-cert the subscriber is device bench-0, whose `device` profile may not
@@ -456,6 +508,7 @@ mod procfs_readers {
         assert!(cpu_seconds(pid).unwrap().0 >= 0.0);
         assert!(open_files_limit().unwrap() > 0);
         assert!(rss_kib(u32::MAX).is_err());
+        assert!(kernel_mem().unwrap().slab_kib > 0);
     }
 }
 
