@@ -745,7 +745,14 @@ impl Writer {
     /// Removes the session with its consumers (and the messages only they kept).
     async fn drop_session(&mut self, key: &SessionKey) -> Result<(), ClusterError> {
         let claim = claim_key(key);
-        lock(&self.shared.held).remove(&claim);
+        // What it held goes with its consumers: nothing to acknowledge any more.
+        let held = lock(&self.shared.held).remove(&claim).unwrap_or_default();
+        {
+            let mut acks = lock(&self.shared.acks);
+            for (id, _) in held.values() {
+                acks.remove(id);
+            }
+        }
         let known = self.records.remove(&claim);
         let Some((revision, record)) = read(&self.store, &claim).await? else {
             return Ok(());
