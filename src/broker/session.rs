@@ -134,6 +134,9 @@ pub struct Session {
     room: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
+    /// Mirrors `!inner.aliased.is_empty()`, so that a delivery to a session without
+    /// `v1/devices/me` subscriptions takes no lock to learn it (`delivers_aliased`).
+    any_aliased: AtomicBool,
     /// Set when the session ended because its expiry passed: a will due at that same
     /// moment is still published (the session's end is one of its triggers).
     expired: AtomicBool,
@@ -242,6 +245,7 @@ impl Session {
             notify: Notify::new(),
             room: Notify::new(),
             online: AtomicBool::new(false),
+            any_aliased: AtomicBool::new(false),
             expired: AtomicBool::new(false),
             journal,
         }))
@@ -487,10 +491,17 @@ impl Session {
         if aliased {
             inner.aliased.push(filter.clone());
         }
+        self.any_aliased
+            .store(!inner.aliased.is_empty(), Ordering::Release);
     }
 
     /// Whether a delivery on `topic` goes back under the `me` alias.
     pub fn delivers_aliased(&self, topic: &TopicName) -> bool {
+        // Asked for every delivery: without aliased subscriptions (most sessions) no lock,
+        // which publishers to this session would otherwise contend for.
+        if !self.any_aliased.load(Ordering::Acquire) {
+            return false;
+        }
         let inner = self.lock();
         !inner.aliased.is_empty() && inner.aliased.iter().any(|f| f.matches(topic))
     }
