@@ -137,6 +137,8 @@ pub struct Session {
     /// Mirrors `!inner.aliased.is_empty()`, so that a delivery to a session without
     /// `v1/devices/me` subscriptions takes no lock to learn it (`delivers_aliased`).
     any_aliased: AtomicBool,
+    /// See [`Session::acl_epoch`].
+    acl_epoch: AtomicU64,
     /// Set when the session ended because its expiry passed: a will due at that same
     /// moment is still published (the session's end is one of its triggers).
     expired: AtomicBool,
@@ -246,6 +248,7 @@ impl Session {
             room: Notify::new(),
             online: AtomicBool::new(false),
             any_aliased: AtomicBool::new(false),
+            acl_epoch: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             journal,
         }))
@@ -481,7 +484,15 @@ impl Session {
     }
 
     pub fn set_acl(&self, acl: Arc<DeviceAcl>) {
-        self.lock().acl = acl;
+        let mut inner = self.lock();
+        inner.acl = acl;
+        self.acl_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes whenever [`Session::set_acl`] gives the session an ACL: a verdict of
+    /// [`Session::acl`] cached under one value holds while it stays the same.
+    pub fn acl_epoch(&self) -> u64 {
+        self.acl_epoch.load(Ordering::Acquire)
     }
 
     /// Records (or forgets) a subscription made through the `me` alias.

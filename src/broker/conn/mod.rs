@@ -212,6 +212,7 @@ where
         out_aliases: alias::OutAliases::new(params_alias_max),
         pending: std::collections::VecDeque::new(),
         paced: None,
+        allowed: None,
     };
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
@@ -308,6 +309,11 @@ struct Conn<'a> {
     /// while it waits nothing more is read from this client (TCP back-pressure; its
     /// acknowledgement waits too), everything else goes on.
     paced: Option<publish::Paced>,
+    /// The last topic the session's ACL let this client publish to, with the
+    /// [`Session::acl_epoch`](crate::broker::session::Session::acl_epoch) it was decided
+    /// under: a device publishing on one topic is checked once, not per message (the check
+    /// locks the session and matches every pattern), until its ACL changes.
+    allowed: Option<(u64, crate::mqtt::topic::TopicName)>,
 }
 
 /// The loop's two deadlines: keep alive (reset by every packet read) and write progress
