@@ -213,6 +213,7 @@ where
         pending: std::collections::VecDeque::new(),
         paced: None,
         allowed: None,
+        routes: Default::default(),
     };
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
@@ -314,6 +315,8 @@ struct Conn<'a> {
     /// under: a device publishing on one topic is checked once, not per message (the check
     /// locks the session and matches every pattern), until its ACL changes.
     allowed: Option<(u64, crate::mqtt::topic::TopicName)>,
+    /// This client's last routing decision (see [`crate::broker::RouteCache`]).
+    routes: crate::broker::RouteCache,
 }
 
 /// The loop's two deadlines: keep alive (reset by every packet read) and write progress

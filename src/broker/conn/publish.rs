@@ -402,7 +402,7 @@ impl Conn<'_> {
 
     /// Routes the message. A publisher feeding a subscriber that falls behind yields its
     /// thread (see [`Published::congested`]).
-    fn route(&self, topic: TopicName, p: InPublish) -> Published {
+    fn route(&mut self, topic: TopicName, p: InPublish) -> Published {
         let message = Message {
             topic,
             payload: p.payload,
@@ -413,7 +413,7 @@ impl Conn<'_> {
             store_id: Default::default(),
         };
         self.broker
-            .publish(Arc::new(message), Some(self.session), true)
+            .publish_cached(Arc::new(message), self.session, &mut self.routes)
     }
 
     /// Queues an acknowledgement behind those already waiting (PUBACK and PUBREC go out in
