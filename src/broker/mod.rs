@@ -228,12 +228,35 @@ pub struct Broker {
     wills: std::sync::OnceLock<Arc<dyn remote::WillKeeper>>,
     /// The next [`Will::ticket`](field@Will::ticket).
     next_will: AtomicU64,
+    /// Bumped under the router's write lock by every change to it, so that a publisher's
+    /// [`RouteCache`] knows when its routing decision is out of date.
+    router_generation: AtomicU64,
+}
+
+/// A publisher's last routing decision: the topic, the router generation it was made
+/// under, and its targets (None: a shared group matched, so each message is routed anew).
+/// A device publishes on one topic, message after message: while nobody subscribes or
+/// unsubscribes, the walk of the subscription trie (its allocations, its hashing of every
+/// level, the router's lock) is done once, not per message. Boxed: an idle connection that
+/// never publishes pays one word for it. The sessions it names stay allocated until the
+/// publisher's next message replaces it, nothing more (a message only reaches a session
+/// through the current router's decision).
+#[derive(Debug, Default)]
+pub struct RouteCache(Option<Box<CachedRoute>>);
+
+#[derive(Debug)]
+struct CachedRoute {
+    generation: u64,
+    topic: TopicName,
+    targets: Option<Vec<router::Target<SessionRef>>>,
 }
 
 /// The router's write guard; see [`Broker::router_mut`].
 struct RouterGuard<'a> {
     guard: std::sync::RwLockWriteGuard<'a, Router<SessionRef>>,
     remote: Option<&'a Arc<dyn remote::Remote>>,
+    /// `Broker::router_generation`.
+    generation: &'a AtomicU64,
 }
 
 impl std::ops::Deref for RouterGuard<'_> {
@@ -251,6 +274,9 @@ impl std::ops::DerefMut for RouterGuard<'_> {
 
 impl Drop for RouterGuard<'_> {
     fn drop(&mut self) {
+        // Still under the write lock (the guard field drops after this): a reader that
+        // holds the read lock sees the generation of the table it reads.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         if let Some(remote) = self.remote {
             for (sub, added) in self.guard.take_interest_changes() {
                 remote.interest(&sub, added);
@@ -337,6 +363,7 @@ impl Broker {
             remote: std::sync::OnceLock::new(),
             wills: std::sync::OnceLock::new(),
             next_will: AtomicU64::new(1),
+            router_generation: AtomicU64::new(0),
         })
     }
 
@@ -354,6 +381,7 @@ impl Broker {
         if self.remote.set(remote.clone()).is_err() {
             return;
         }
+        self.router_generation.fetch_add(1, Ordering::AcqRel);
         router.track_interest();
         for (sub, added) in router.take_interest_changes() {
             remote.interest(&sub, added);
@@ -452,6 +480,7 @@ impl Broker {
         RouterGuard {
             guard: self.router.write().unwrap_or_else(|p| p.into_inner()),
             remote: self.remote.get(),
+            generation: &self.router_generation,
         }
     }
 
@@ -699,7 +728,19 @@ impl Broker {
         pace: bool,
     ) -> Published {
         let owner = publisher.map(|p| &p.key.device);
-        self.publish_owned(msg, owner, publisher, pace)
+        self.publish_owned(msg, owner, publisher, pace, None)
+    }
+
+    /// [`Broker::publish`] for a connected client, paced, reusing its last routing
+    /// decision while it still holds (see [`RouteCache`]).
+    pub fn publish_cached(
+        &self,
+        msg: Arc<Message>,
+        publisher: &SessionRef,
+        cache: &mut RouteCache,
+    ) -> Published {
+        let owner = Some(&publisher.key.device);
+        self.publish_owned(msg, owner, Some(publisher), true, Some(cache))
     }
 
     /// Cluster mode: the will of a session `device` held on a node that died, published by
@@ -707,7 +748,7 @@ impl Broker {
     /// decided the device's standing again. Routed and forwarded as any accepted message; a
     /// retained will counts against the device's retained quota. Nobody waits for it.
     pub fn publish_orphan_will(&self, device: &DeviceName, msg: Arc<Message>) -> Published {
-        self.publish_owned(msg, Some(device), None, false)
+        self.publish_owned(msg, Some(device), None, false, None)
     }
 
     /// [`Broker::publish`] of a message whose retained copy, if any, counts against
@@ -718,6 +759,7 @@ impl Broker {
         owner: Option<&DeviceName>,
         publisher: Option<&SessionRef>,
         pace: bool,
+        cache: Option<&mut RouteCache>,
     ) -> Published {
         self.metrics.messages_received.inc();
         let mut durable = false;
@@ -733,7 +775,12 @@ impl Broker {
                 }
             }
         }
-        let mut out = self.route_local(&msg, publisher, pace);
+        let mut out = match cache {
+            Some(cache) if self.remote.get().is_none() => {
+                self.route_cached(&msg, publisher, pace, cache)
+            }
+            _ => self.route_local(&msg, publisher, pace),
+        };
         out.durable |= durable;
         if let Some(remote) = self.remote.get() {
             let client_id = publisher.map(|p| p.key.client_id.as_str());
@@ -766,7 +813,40 @@ impl Broker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .pick_shared(sub, |s| s.online() && s.has_room());
-        self.deliver_to(&msg, target.into_iter().collect(), pace)
+        self.deliver_to(&msg, target.as_slice(), pace)
+    }
+
+    /// [`Broker::route_local`] standalone, through the publisher's [`RouteCache`]: the
+    /// same targets as routing now, since the router has not changed since they were found.
+    fn route_cached(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<&SessionRef>,
+        pace: bool,
+        cache: &mut RouteCache,
+    ) -> Published {
+        let generation = self.router_generation.load(Ordering::Acquire);
+        let fresh = |c: &&CachedRoute| c.generation == generation && c.topic == msg.topic;
+        if let Some(c) = cache.0.as_deref().filter(fresh) {
+            return match &c.targets {
+                Some(targets) => self.deliver_to(msg, targets, pace),
+                None => self.route_local(msg, publisher, pace),
+            };
+        }
+        let router = self.router.read().unwrap_or_else(|p| p.into_inner());
+        // Stable while the read lock is held: writers bump it under the write lock.
+        let generation = self.router_generation.load(Ordering::Acquire);
+        let targets = router.route_fixed(&msg.topic, publisher);
+        drop(router);
+        let c = cache.0.insert(Box::new(CachedRoute {
+            generation,
+            topic: msg.topic.clone(),
+            targets,
+        }));
+        match &c.targets {
+            Some(targets) => self.deliver_to(msg, targets, pace),
+            None => self.route_local(msg, publisher, pace),
+        }
     }
 
     /// Routes a message to this node's matching sessions (see [`Broker::publish`]). In
@@ -792,7 +872,7 @@ impl Broker {
             router.route(&msg.topic, publisher, |s| s.online() && s.has_room())
         };
         drop(router);
-        self.deliver_to(msg, targets, pace)
+        self.deliver_to(msg, &targets, pace)
     }
 
     /// Cluster mode: a stored message pulled from one of `session`'s own consumers
@@ -906,7 +986,7 @@ impl Broker {
     fn deliver_to(
         &self,
         msg: &Arc<Message>,
-        targets: Vec<router::Target<SessionRef>>,
+        targets: &[router::Target<SessionRef>],
         pace: bool,
     ) -> Published {
         let pace = pace.then(|| self.stall_timeout());
@@ -915,7 +995,7 @@ impl Broker {
             let delivery = Delivery {
                 qos: min_qos(msg.qos, t.qos),
                 retain: msg.retain && t.retain_as_published,
-                sub_ids: t.subscription_ids,
+                sub_ids: t.subscription_ids.clone(),
                 store_id: None,
                 msg: msg.clone(),
             };
@@ -925,7 +1005,7 @@ impl Broker {
                     out.congested |= lagging && t.key.online();
                     self.account(&mut out, &t.key, outcome, msg, qos);
                 }
-                Err(delivery) => out.waiting.push((t.key, delivery)),
+                Err(delivery) => out.waiting.push((t.key.clone(), delivery)),
             }
         }
         out
@@ -1161,6 +1241,9 @@ impl Broker {
         self.sessions().map.len()
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// The lower of two QoS levels.
 pub fn min_qos(a: QoS, b: QoS) -> QoS {

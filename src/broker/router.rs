@@ -354,6 +354,18 @@ impl<K: Clone + Eq + Hash> Router<K> {
         Some(Target::new(key.clone(), opts))
     }
 
+    /// [`Router::route`] when its answer depends only on the table: None when a shared
+    /// group matches (its member is chosen per message, among those connected with room).
+    /// What a publisher may keep for its next message on the same topic, until the table
+    /// changes.
+    pub fn route_fixed(&self, topic: &TopicName, publisher: Option<&K>) -> Option<Vec<Target<K>>> {
+        let matched = self.matching_subs(topic);
+        if matched.iter().any(|s| !s.shared.is_empty()) {
+            return None;
+        }
+        Some(self.targets(matched, publisher, |_| true, false))
+    }
+
     fn route_with(
         &self,
         topic: &TopicName,
@@ -362,6 +374,17 @@ impl<K: Clone + Eq + Hash> Router<K> {
         shared: bool,
     ) -> Vec<Target<K>> {
         let matched = self.matching_subs(topic);
+        self.targets(matched, publisher, eligible, shared)
+    }
+
+    /// The targets of the matched nodes (see [`Router::route`]).
+    fn targets(
+        &self,
+        matched: Vec<&Subs<K>>,
+        publisher: Option<&K>,
+        eligible: impl Fn(&K) -> bool,
+        shared: bool,
+    ) -> Vec<Target<K>> {
         let plain_nodes = matched.iter().filter(|s| !s.plain.is_empty()).count();
         let capacity = matched.iter().map(|s| s.plain.len() + s.shared.len()).sum();
         let mut targets: Vec<Target<K>> = Vec::with_capacity(capacity);

@@ -134,6 +134,11 @@ pub struct Session {
     room: Notify,
     /// Mirrors `inner.attached.is_some()` for lock-free checks (shared subscriptions).
     online: AtomicBool,
+    /// Mirrors `!inner.aliased.is_empty()`, so that a delivery to a session without
+    /// `v1/devices/me` subscriptions takes no lock to learn it (`delivers_aliased`).
+    any_aliased: AtomicBool,
+    /// See [`Session::acl_epoch`].
+    acl_epoch: AtomicU64,
     /// Set when the session ended because its expiry passed: a will due at that same
     /// moment is still published (the session's end is one of its triggers).
     expired: AtomicBool,
@@ -242,6 +247,8 @@ impl Session {
             notify: Notify::new(),
             room: Notify::new(),
             online: AtomicBool::new(false),
+            any_aliased: AtomicBool::new(false),
+            acl_epoch: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             journal,
         }))
@@ -477,7 +484,15 @@ impl Session {
     }
 
     pub fn set_acl(&self, acl: Arc<DeviceAcl>) {
-        self.lock().acl = acl;
+        let mut inner = self.lock();
+        inner.acl = acl;
+        self.acl_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes whenever [`Session::set_acl`] gives the session an ACL: a verdict of
+    /// [`Session::acl`] cached under one value holds while it stays the same.
+    pub fn acl_epoch(&self) -> u64 {
+        self.acl_epoch.load(Ordering::Acquire)
     }
 
     /// Records (or forgets) a subscription made through the `me` alias.
@@ -487,10 +502,17 @@ impl Session {
         if aliased {
             inner.aliased.push(filter.clone());
         }
+        self.any_aliased
+            .store(!inner.aliased.is_empty(), Ordering::Release);
     }
 
     /// Whether a delivery on `topic` goes back under the `me` alias.
     pub fn delivers_aliased(&self, topic: &TopicName) -> bool {
+        // Asked for every delivery: without aliased subscriptions (most sessions) no lock,
+        // which publishers to this session would otherwise contend for.
+        if !self.any_aliased.load(Ordering::Acquire) {
+            return false;
+        }
         let inner = self.lock();
         !inner.aliased.is_empty() && inner.aliased.iter().any(|f| f.matches(topic))
     }

@@ -27,7 +27,7 @@ mod tests_rules;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub use encode::{encode, encode_within, encoded_len, fit};
+pub use encode::{encode, encode_bare_publish, encode_within, encoded_len, fit, BarePublish};
 pub use mqttbytes_ng::{v4, v5, QoS};
 
 /// How much the reader asks the stream for at a time. The buffer grows by at most this much

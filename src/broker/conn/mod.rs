@@ -212,6 +212,8 @@ where
         out_aliases: alias::OutAliases::new(params_alias_max),
         pending: std::collections::VecDeque::new(),
         paced: None,
+        allowed: None,
+        routes: Default::default(),
     };
     let end = conn.run(reader, &signals).await;
     if conn.p.protocol == Protocol::V5 {
@@ -308,6 +310,13 @@ struct Conn<'a> {
     /// while it waits nothing more is read from this client (TCP back-pressure; its
     /// acknowledgement waits too), everything else goes on.
     paced: Option<publish::Paced>,
+    /// The last topic the session's ACL let this client publish to, with the
+    /// [`Session::acl_epoch`](crate::broker::session::Session::acl_epoch) it was decided
+    /// under: a device publishing on one topic is checked once, not per message (the check
+    /// locks the session and matches every pattern), until its ACL changes.
+    allowed: Option<(u64, crate::mqtt::topic::TopicName)>,
+    /// This client's last routing decision (see [`crate::broker::RouteCache`]).
+    routes: crate::broker::RouteCache,
 }
 
 /// The loop's two deadlines: keep alive (reset by every packet read) and write progress
@@ -352,10 +361,8 @@ impl Conn<'_> {
     ) -> End {
         // A resumed session first gets what was in flight (DUP), then its queue.
         for o in self.session.resend_inflight(self.conn_id) {
-            if let Some(p) = self.outgoing_packet(o) {
-                if let Err(end) = self.send(&p).await {
-                    return end;
-                }
+            if let Err(end) = self.encode_outgoing(o) {
+                return end;
             }
         }
         let mut timers = Timers::new(self.p.keep_alive, self.p.write_limit);
@@ -641,22 +648,22 @@ impl Conn<'_> {
             }
             let mut sent = 0u64;
             for o in batch {
-                let Some(packet) = self.outgoing_packet(o) else {
-                    continue;
-                };
-                codec::encode(&packet, &mut self.out)
-                    .map_err(|e| End::Write(WriteError::Encode(e)))?;
-                sent += 1;
+                sent += u64::from(self.encode_outgoing(o)?);
             }
             self.broker.metrics.messages_sent.inc_by(sent);
         }
     }
 
-    /// Builds the packet for an outgoing item; None when it is not sent (expired, or too
-    /// large for the client), in which case its exchange is abandoned.
-    fn outgoing_packet(&mut self, o: Outgoing) -> Option<Packet> {
+    /// Encodes an outgoing item into the out buffer; false when it is not sent (expired, or
+    /// too large for the client), in which case its exchange is abandoned.
+    fn encode_outgoing(&mut self, o: Outgoing) -> Result<bool, End> {
         let (pkid, d, dup) = match o {
-            Outgoing::PubRel { pkid } => return Some(wire::pubrel(self.p.protocol, pkid)),
+            Outgoing::PubRel { pkid } => {
+                let rel = wire::pubrel(self.p.protocol, pkid);
+                codec::encode_within(&rel, self.p.client_max_packet, &mut self.out)
+                    .map_err(|e| End::Write(WriteError::Encode(e)))?;
+                return Ok(true);
+            }
             Outgoing::Publish {
                 pkid,
                 delivery,
@@ -668,7 +675,7 @@ impl Conn<'_> {
         let now = d.msg.expires_at.map(|_| Message::now());
         if now.is_some_and(|now| d.msg.expired(now)) {
             self.abandon(pkid, "expired");
-            return None;
+            return Ok(false);
         }
         // Borrowed from the message unless the v1/devices/me alias rewrites it.
         let topic = self
@@ -677,6 +684,38 @@ impl Conn<'_> {
             .then(|| acl::alias_outbound(d.msg.topic.as_str(), self.device.as_str()))
             .flatten()
             .map_or(Cow::Borrowed(d.msg.topic.as_str()), Cow::Owned);
+        // Nothing but topic and payload on the wire (always for 3.1.1; for 5 without
+        // forwarded properties, expiry, subscription ids or topic aliases): written straight
+        // into the out buffer, without a packet holding a copy of the topic per delivery.
+        let bare = self.p.protocol == Protocol::V311
+            || (now.is_none()
+                && d.sub_ids.is_empty()
+                && self.p.client_topic_alias_max == 0
+                && d.msg.props.is_empty());
+        if bare {
+            let p = codec::BarePublish {
+                topic: &topic,
+                payload: &d.msg.payload,
+                qos: d.qos,
+                retain: d.retain,
+                dup,
+                pkid,
+            };
+            return match codec::encode_bare_publish(
+                self.p.protocol,
+                &p,
+                self.p.client_max_packet,
+                &mut self.out,
+            ) {
+                Ok(_) => Ok(true),
+                Err(CodecError::Unencodable(codec::Unencodable::ExceedsPeerMaximum { .. })) => {
+                    // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
+                    self.abandon(pkid, "too_large_for_client");
+                    Ok(false)
+                }
+                Err(e) => Err(End::Write(WriteError::Encode(e))),
+            };
+        }
         let choice = self.out_aliases.choose(&topic);
         let packet = wire::publish(
             self.p.protocol,
@@ -700,10 +739,11 @@ impl Conn<'_> {
         {
             // MQTT 5 §3.1.2.11.4: discard what exceeds the client's maximum.
             self.abandon(pkid, "too_large_for_client");
-            return None;
+            return Ok(false);
         }
         self.out_aliases.confirm(choice, &topic);
-        Some(packet)
+        codec::encode(&packet, &mut self.out).map_err(|e| End::Write(WriteError::Encode(e)))?;
+        Ok(true)
     }
 
     fn abandon(&self, pkid: u16, reason: &'static str) {

@@ -109,7 +109,8 @@ impl Conn<'_> {
                 "a PUBLISH from a client may not carry subscription identifiers",
             ));
         }
-        let topic = self.canonical_topic(&p)?;
+        let mut p = p;
+        let topic = self.canonical_topic(&mut p)?;
         // A store that cannot commit refuses new QoS 1/2 messages up front, once a probe
         // write confirms it still cannot (so it recovers when space comes back).
         if p.qos != QoS::AtMostOnce && self.store_refuses().await {
@@ -161,7 +162,8 @@ impl Conn<'_> {
 
     /// The topic the ACL and the router see: the client's alias resolved, then
     /// `v1/devices/me/...` rewritten to `v1/devices/<name>/...`.
-    fn canonical_topic(&mut self, p: &InPublish) -> Result<TopicName, End> {
+    /// The topic is taken out of `p` (no copy per message).
+    fn canonical_topic(&mut self, p: &mut InPublish) -> Result<TopicName, End> {
         let invalid = |t: &str, e: &dyn std::fmt::Display| {
             protocol_error(
                 v5::DisconnectReasonCode::TopicNameInvalid,
@@ -169,7 +171,7 @@ impl Conn<'_> {
             )
         };
         let topic = self.resolve_alias(p)?;
-        let name = TopicName::parse(&topic).map_err(|e| invalid(&topic, &e))?;
+        let name = TopicName::parse_owned(topic).map_err(|(e, t)| invalid(&t, &e))?;
         match acl::alias_inbound(name.as_str(), self.device.as_str()) {
             Some(t) => TopicName::parse(&t).map_err(|e| invalid(&t, &e)),
             None => Ok(name),
@@ -190,9 +192,19 @@ impl Conn<'_> {
     }
 
     /// The session's ACL on this topic; a denial is counted and logged.
-    fn may_publish(&self, topic: &TopicName) -> bool {
+    fn may_publish(&mut self, topic: &TopicName) -> bool {
+        let epoch = self.session.acl_epoch();
+        if self
+            .allowed
+            .as_ref()
+            .is_some_and(|(e, t)| *e == epoch && t == topic)
+        {
+            return true;
+        }
         let allowed = self.session.acl().can_publish(topic);
-        if !allowed {
+        if allowed {
+            self.allowed = Some((epoch, topic.clone()));
+        } else {
             self.broker.metrics.dropped("acl", 1);
             tracing::info!(
                 device = ?self.device,
@@ -356,8 +368,9 @@ impl Conn<'_> {
         self.queue_ack(PendingAck::new(wait, qos, pkid, ack)).await
     }
 
-    /// MQTT 5 §3.3.2.3.4: a topic alias with a topic sets it; an alias alone uses it.
-    fn resolve_alias(&mut self, p: &InPublish) -> Result<String, End> {
+    /// MQTT 5 §3.3.2.3.4: a topic alias with a topic sets it; an alias alone uses it. The
+    /// topic is taken out of `p`.
+    fn resolve_alias(&mut self, p: &mut InPublish) -> Result<String, End> {
         use v5::DisconnectReasonCode as D;
         let Some(alias) = p.topic_alias else {
             if p.topic.is_empty() {
@@ -366,7 +379,7 @@ impl Conn<'_> {
                     "empty topic name without a topic alias",
                 ));
             }
-            return Ok(p.topic.clone());
+            return Ok(std::mem::take(&mut p.topic));
         };
         if alias == 0 || alias > self.p.topic_alias_max {
             return Err(protocol_error(
@@ -383,13 +396,13 @@ impl Conn<'_> {
             })
         } else {
             self.aliases.insert(alias, p.topic.clone());
-            Ok(p.topic.clone())
+            Ok(std::mem::take(&mut p.topic))
         }
     }
 
     /// Routes the message. A publisher feeding a subscriber that falls behind yields its
     /// thread (see [`Published::congested`]).
-    fn route(&self, topic: TopicName, p: InPublish) -> Published {
+    fn route(&mut self, topic: TopicName, p: InPublish) -> Published {
         let message = Message {
             topic,
             payload: p.payload,
@@ -400,7 +413,7 @@ impl Conn<'_> {
             store_id: Default::default(),
         };
         self.broker
-            .publish(Arc::new(message), Some(self.session), true)
+            .publish_cached(Arc::new(message), self.session, &mut self.routes)
     }
 
     /// Queues an acknowledgement behind those already waiting (PUBACK and PUBREC go out in

@@ -736,3 +736,57 @@ fn encoded_len_is_what_encode_writes() {
         );
     }
 }
+
+/// The delivery hot path's PUBLISH encoder writes what mqttbytes-ng writes for the same
+/// packet, for both versions, every QoS and flag, and a payload whose remaining length
+/// needs two bytes; and it refuses what exceeds the peer's maximum, writing nothing.
+#[test]
+fn bare_publish_encodes_as_the_library_does() {
+    let long = vec![7u8; 300];
+    for payload in [&b""[..], &b"hello"[..], &long[..]] {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for (retain, dup) in [(false, false), (true, false), (false, true), (true, true)] {
+                let dup = dup && qos != QoS::AtMostOnce;
+                let pkid = if qos == QoS::AtMostOnce { 0 } else { 513 };
+                let bare = BarePublish {
+                    topic: "devices/dev-1/t",
+                    payload,
+                    qos,
+                    retain,
+                    dup,
+                    pkid,
+                };
+                let v4 = Packet::V311(v4::Packet::Publish(v4::Publish {
+                    dup,
+                    qos,
+                    retain,
+                    topic: bare.topic.to_owned(),
+                    pkid,
+                    payload: Bytes::copy_from_slice(payload),
+                }));
+                let v5 = Packet::V5(v5::Packet::Publish(v5::Publish {
+                    dup,
+                    qos,
+                    retain,
+                    topic: Bytes::copy_from_slice(bare.topic.as_bytes()),
+                    pkid,
+                    payload: Bytes::copy_from_slice(payload),
+                    properties: None,
+                }));
+                for (protocol, packet) in [(Protocol::V311, v4), (Protocol::V5, v5)] {
+                    let (mut ours, mut theirs) =
+                        (BytesMut::from(&b"x"[..]), BytesMut::from(&b"x"[..]));
+                    let n = encode_bare_publish(protocol, &bare, None, &mut ours).unwrap();
+                    let m = encode(&packet, &mut theirs).unwrap();
+                    assert_eq!((n, &ours[..]), (m, &theirs[..]), "{protocol:?} {qos:?}");
+                    let mut refused = BytesMut::from(&b"x"[..]);
+                    assert!(
+                        encode_bare_publish(protocol, &bare, Some(n - 1), &mut refused).is_err()
+                    );
+                    assert_eq!(&refused[..], b"x");
+                    assert!(encode_bare_publish(protocol, &bare, Some(n), &mut refused).is_ok());
+                }
+            }
+        }
+    }
+}
