@@ -539,7 +539,7 @@ if [ "$REPEAT" -gt 1 ]; then
                       else (.[length / 2 - 1] + .[length / 2]) / 2 end;
       def span($k): map(.figures[$k]) | "\(med | fmt) (\(min | fmt)-\(max | fmt))";
       (["workload", "figure", "certmq", "mosquitto", "rumqttd", "vs mosquitto", "vs rumqttd"] | @tsv),
-      (map(select(.workload | test("-paced$"))) | group_by(.workload)[] as $w
+      (map(select((.workload | test("-paced$")) and (.workload | startswith("cluster-") | not))) | group_by(.workload)[] as $w
        | ["latency_p50_ms", "latency_p99_ms"][] as $k
        | ($w | map(select(.broker == "certmq"))) as $c
        | ($w | map(select(.broker == "mosquitto"))) as $m
