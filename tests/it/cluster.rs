@@ -825,8 +825,9 @@ async fn a_node_taken_for_dead_does_not_publish_the_wills_taken_over_again() {
     let more = within(&mut on_b, Duration::from_secs(2)).await;
     assert!(
         more.is_none(),
-        "a second copy: {more:?}; node a:\n{}",
-        t.a.stderr()
+        "a second copy: {more:?}; node a:\n{}\nnode b:\n{}",
+        t.a.stderr(),
+        t.b.stderr()
     );
     assert!(
         t.a.stderr().contains("will not published here"),
