@@ -259,12 +259,14 @@ fn settle(writer: &Writer, slots: &mut HashMap<String, Slot>, key: &str, outcome
     match outcome {
         Outcome::Wrote(written) => slot.written = written,
         Outcome::Taken(ticket) => {
-            tracing::warn!(key, "a will recorded here was taken over by another node (this node was taken for dead): it is not published here");
+            // Marked before it is logged: a connection ending once the line is out must
+            // find its will taken (the line is what operators, and the tests, act on).
             writer
                 .taken
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(ticket);
+            tracing::warn!(key, "a will recorded here was taken over by another node (this node was taken for dead): it is not published here");
             slot.written = None;
             // Written again, it would be published twice.
             if slot.want.as_ref().is_some_and(|r| r.ticket == ticket) {
