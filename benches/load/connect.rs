@@ -77,13 +77,7 @@ pub async fn run(ctx: &Arc<Ctx>, n: usize, concurrency: usize) -> Result<Report,
     report.push("failed", failures as f64);
     report.push("connects_per_s", ok as f64 / elapsed);
     latencies.report(&mut report, "connect_");
-    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-        report.push("server_cpu_s", after.0 - before.0);
-        report.push(
-            "server_cpu_ms_per_connect",
-            (after.0 - before.0) * 1000.0 / ok.max(1) as f64,
-        );
-    }
+    report.push_connect_cpu(cpu_before, cpu_after, ok);
     Ok(report)
 }
 

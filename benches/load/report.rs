@@ -41,6 +41,23 @@ impl Report {
         });
     }
 
+    /// The broker's CPU over a connect workload (`before`/`after` from procfs, when
+    /// `--pid` was given), in all and per successful connect.
+    pub fn push_connect_cpu(
+        &mut self,
+        before: Option<super::procfs::CpuSeconds>,
+        after: Option<super::procfs::CpuSeconds>,
+        ok: usize,
+    ) {
+        if let (Some(before), Some(after)) = (before, after) {
+            self.push("server_cpu_s", after.0 - before.0);
+            self.push(
+                "server_cpu_ms_per_connect",
+                (after.0 - before.0) * 1000.0 / ok.max(1) as f64,
+            );
+        }
+    }
+
     /// One JSON object: `{"workload":..,"broker":..,"figures":{name: value, ..}}`.
     pub fn json(&self) -> String {
         let figures: serde_json::Map<String, serde_json::Value> = self

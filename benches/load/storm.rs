@@ -96,13 +96,7 @@ pub async fn run(ctx: &Arc<Ctx>, n: usize, concurrency: usize) -> Result<Report,
     report.push("all_back_s", last_back_s);
     report.push("wall_s", all_back);
     latencies.report(&mut report, "back_");
-    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-        report.push("server_cpu_s", after.0 - before.0);
-        report.push(
-            "server_cpu_ms_per_connect",
-            (after.0 - before.0) * 1000.0 / ok.max(1) as f64,
-        );
-    }
+    report.push_connect_cpu(cpu_before, cpu_after, ok);
     Ok(report)
 }
 
