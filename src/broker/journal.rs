@@ -115,9 +115,12 @@ pub enum Op {
     Group(Vec<Op>),
     /// Completes when everything submitted before it is committed.
     Barrier(oneshot::Sender<Commit>),
-    /// A barrier that then compacts the backend's log (graceful stop): for SQLite, the
-    /// write-ahead log is checkpointed so the `.db` file alone is the whole store.
-    Checkpoint(oneshot::Sender<Commit>),
+    /// The end of a graceful stop: a barrier, then the backend compacts its log and closes
+    /// (SQLite: the write-ahead log is checkpointed, so the `.db` file alone is the whole
+    /// store, and the connection closed, which removes the `-wal` and `-shm` files). Ops
+    /// submitted afterwards are not applied; their barriers complete with
+    /// [`CommitError::Stopped`].
+    Close(oneshot::Sender<Commit>),
 }
 
 /// A delivery read back from the backend; `msg` is shared with every other delivery (and
@@ -281,11 +284,12 @@ impl Journal {
         rx
     }
 
-    /// Commits everything submitted so far, then compacts the backend's log (a graceful
-    /// stop leaves a self-contained database). Submitting more afterwards is allowed.
-    pub async fn checkpoint(&self) -> Commit {
+    /// Commits everything submitted so far, compacts the backend's log and closes the
+    /// backend (a graceful stop leaves a self-contained database and nothing open): see
+    /// [`Op::Close`]. Completes once the backend is closed.
+    pub async fn close(&self) -> Commit {
         let (tx, rx) = oneshot::channel();
-        self.submit(Op::Checkpoint(tx));
+        self.submit(Op::Close(tx));
         rx.await.unwrap_or(Err(CommitError::Stopped))
     }
 

@@ -531,7 +531,7 @@ impl Writer {
                     Box::pin(self.apply(op)).await;
                 }
             }
-            Op::Barrier(tx) | Op::Checkpoint(tx) => {
+            Op::Barrier(tx) | Op::Close(tx) => {
                 let outcome = match self.failed.take() {
                     Some(e) => Err(CommitError::Failed(format!("JetStream: {e}"))),
                     None => Ok(()),

@@ -56,9 +56,10 @@ pub trait Backend: crate::tls::KnownDevices + Send + Sync {
     fn data_version(&self) -> Result<i64, RegistryError>;
     /// Whether provisioning could be stored now (the health check).
     fn writable(&self) -> Result<(), RegistryError>;
-    /// At a graceful stop: leaves the store complete (SQLite: the WAL checkpointed; the
-    /// cluster: pending `last_seen_at` writes done).
-    fn checkpoint(&self) -> Result<(), RegistryError>;
+    /// The end of a graceful stop: leaves the store complete and lets it go (SQLite: the
+    /// WAL checkpointed, the connection closed; the cluster: pending `last_seen_at` writes
+    /// done). Nothing calls the backend afterwards.
+    fn close(&self) -> Result<(), RegistryError>;
     /// Where the registry lives, for messages (a file, or a bucket on NATS).
     fn describe(&self) -> String;
 }
@@ -198,8 +199,8 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     fn writable(&self) -> Result<(), RegistryError> {
         (**self).writable()
     }
-    fn checkpoint(&self) -> Result<(), RegistryError> {
-        (**self).checkpoint()
+    fn close(&self) -> Result<(), RegistryError> {
+        (**self).close()
     }
     fn describe(&self) -> String {
         (**self).describe()
@@ -267,8 +268,8 @@ impl Backend for Registry {
         Registry::writable(self)
     }
 
-    fn checkpoint(&self) -> Result<(), RegistryError> {
-        Registry::checkpoint(self)
+    fn close(&self) -> Result<(), RegistryError> {
+        Registry::close(self)
     }
 
     fn describe(&self) -> String {

@@ -80,6 +80,9 @@ pub enum RegistryError {
     UnknownDevice(String),
     #[error("the registry lock was poisoned by a panic")]
     Poisoned,
+    /// Used after [`Registry::close`]: the broker is stopping.
+    #[error("the registry {path} is closed (the broker is stopping)")]
+    Closed { path: PathBuf },
     /// Cluster mode: the bucket cannot be read or written now (NATS unreachable, a
     /// timeout, JetStream refusing). Provisioning and rotation are then refused.
     #[error("NATS bucket {bucket}: {reason}")]
@@ -122,6 +125,22 @@ fn wal_file(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The registry's connection, locked; only made while it is open (see `Registry::lock`).
+struct Conn<'a>(std::sync::MutexGuard<'a, Option<Connection>>);
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("checked open in Registry::lock")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.0.as_mut().expect("checked open in Registry::lock")
+    }
+}
+
 /// What [`Registry::sync_pinned`] found.
 #[derive(Debug, Default)]
 pub struct PinnedSync {
@@ -144,7 +163,8 @@ impl crate::tls::KnownDevices for Registry {
 #[derive(Debug)]
 pub struct Registry {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    /// `None` once [`Registry::close`] ran (a graceful stop).
+    conn: Mutex<Option<Connection>>,
     /// last_seen_at updates waiting for the next flush.
     seen: Mutex<HashMap<String, i64>>,
     /// Messages dropped for each device's sessions (contract §7: a full queue), waiting for the
@@ -227,7 +247,7 @@ impl Registry {
     fn with(path: PathBuf, conn: Connection) -> Registry {
         Registry {
             path,
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
             seen: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
         }
@@ -269,8 +289,14 @@ impl Registry {
         &self.path
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, RegistryError> {
-        self.conn.lock().map_err(|_| RegistryError::Poisoned)
+    fn lock(&self) -> Result<Conn<'_>, RegistryError> {
+        let guard = self.conn.lock().map_err(|_| RegistryError::Poisoned)?;
+        if guard.is_none() {
+            return Err(RegistryError::Closed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(Conn(guard))
     }
 
     fn init(&self) -> Result<(), RegistryError> {
@@ -587,8 +613,7 @@ impl Registry {
     /// Copies the write-ahead log into `certmq.db` and truncates it, so that the file alone
     /// is the whole registry (contract §7, at a graceful stop). The CLI may be reading at that
     /// moment: then part of the log stays, which loses nothing.
-    pub fn checkpoint(&self) -> Result<(), RegistryError> {
-        let conn = self.lock()?;
+    fn checkpoint(&self, conn: &Connection) -> Result<(), RegistryError> {
         let (busy, log, done): (i64, i64, i64) =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -601,6 +626,24 @@ impl Registry {
             });
         }
         Ok(())
+    }
+
+    /// The end of a graceful stop: checkpoints the write-ahead log into `certmq.db`, then closes
+    /// the connection, which removes the `-wal` and `-shm` files when no other process has
+    /// the database open. Whatever calls it later gets [`RegistryError::Closed`]. The
+    /// connection is closed even when the checkpoint fails; the first error is returned.
+    pub fn close(&self) -> Result<(), RegistryError> {
+        let taken = self
+            .conn
+            .lock()
+            .map_err(|_| RegistryError::Poisoned)?
+            .take();
+        let Some(conn) = taken else {
+            return Ok(());
+        };
+        let checkpointed = self.checkpoint(&conn);
+        let closed = conn.close().map_err(|(_, e)| RegistryError::Sqlite(e));
+        checkpointed.and(closed)
     }
 
     /// Records a connection time, written at the next [`Registry::flush_last_seen`].
@@ -696,7 +739,7 @@ impl Registry {
         })?;
         let registry = Registry {
             path,
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
             seen: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
         };
@@ -708,6 +751,24 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A graceful stop closes the registry while other handles on it still exist (tasks
+    /// that have not dropped theirs yet): the files are final when `close` returns.
+    #[test]
+    fn close_leaves_the_database_file_alone_and_refuses_later_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = std::sync::Arc::new(Registry::open(dir.path()).expect("open"));
+        let held = registry.clone();
+        registry.touch("nobody", 1);
+        registry.flush_last_seen().expect("flush");
+        let wal = wal_file(&dir.path().join(DB_FILE), "-wal");
+        assert!(wal.exists());
+        registry.close().expect("close");
+        assert!(!wal.exists());
+        assert!(!wal_file(&dir.path().join(DB_FILE), "-shm").exists());
+        assert!(matches!(held.get("d1"), Err(RegistryError::Closed { .. })));
+        registry.close().expect("a second close is harmless");
+    }
 
     /// A registry written by schema version 1 opens, keeps its rows, and counts drops.
     #[test]

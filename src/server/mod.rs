@@ -398,7 +398,7 @@ impl Server {
         // both write-ahead logs are checkpointed: each .db file alone is then the whole
         // store, for a copy or a backup (contract §7).
         if let Some(journal) = shared.broker.journal() {
-            match journal.checkpoint().await {
+            match journal.close().await {
                 Err(e @ crate::broker::journal::CommitError::Checkpoint(_)) => {
                     tracing::warn!(error = %e, "message store not checkpointed at stop")
                 }
@@ -407,10 +407,10 @@ impl Server {
             }
         }
         let registry = shared.registry.clone();
-        match tokio::task::spawn_blocking(move || registry.checkpoint()).await {
+        match tokio::task::spawn_blocking(move || registry.close()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "registry not checkpointed at stop"),
-            Err(e) => tracing::warn!(error = %e, "registry checkpoint did not run"),
+            Err(e) => tracing::warn!(error = %e, "registry close did not run"),
         }
         if let Some(t) = admin_task {
             let _ = t.await;

@@ -402,7 +402,7 @@ fn a_schema_1_store_is_migrated_in_place_keeping_everything() {
 }
 
 #[test]
-fn a_checkpoint_leaves_the_database_file_self_contained() {
+fn a_close_leaves_the_database_file_self_contained_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
     sessions(&store, &["a"]);
@@ -411,9 +411,15 @@ fn a_checkpoint_leaves_the_database_file_self_contained() {
     let wal = dir.path().join(format!("{DB_FILE}-wal"));
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    store.submit(Op::Checkpoint(tx));
+    store.submit(Op::Close(tx));
     rx.blocking_recv().unwrap().unwrap();
-    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    // Closed by the time the close is answered: the log and shared-memory files are gone.
+    assert!(!wal.exists());
+    assert!(!dir.path().join(format!("{DB_FILE}-shm")).exists());
+    // Later ops are not applied: their barrier reports the store stopped.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.submit(Op::Barrier(tx));
+    assert!(rx.blocking_recv().is_err());
     // The .db file alone holds the queued message.
     let copy = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join(DB_FILE), copy.path().join(DB_FILE)).unwrap();

@@ -85,7 +85,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
             }
         }
         let mut barriers = Vec::new();
-        let mut checkpoints = Vec::new();
+        let mut closes = Vec::new();
         let mut work = Vec::with_capacity(ops.len());
         // A group is committed in this batch as a whole: flattened in place.
         let mut flat = Vec::with_capacity(ops.len());
@@ -98,7 +98,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
         for op in flat {
             match op {
                 Op::Barrier(b) => barriers.push(b),
-                Op::Checkpoint(c) => checkpoints.push(c),
+                Op::Close(c) => closes.push(c),
                 other => work.push(other),
             }
         }
@@ -130,12 +130,21 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
         for b in barriers {
             let _ = b.send(last.clone().map_err(CommitError::Failed));
         }
-        for c in checkpoints {
-            let outcome = match &last {
+        if !closes.is_empty() {
+            let checkpointed = match &last {
                 Ok(()) => checkpoint(&conn),
                 Err(e) => Err(CommitError::Failed(e.clone())),
             };
-            let _ = c.send(outcome);
+            // Closed before answering: whoever waits on the close may then copy, remove or
+            // reopen the files (the last connection's close deletes `-wal` and `-shm`).
+            let closed = conn
+                .close()
+                .map_err(|(_, e)| CommitError::Checkpoint(format!("closing the database: {e}")));
+            let outcome = checkpointed.and(closed);
+            for c in closes {
+                let _ = c.send(outcome.clone());
+            }
+            return;
         }
     }
 }
@@ -443,7 +452,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             // Rewriting the header field dirties page 1: the commit must write a frame.
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
-        Op::Barrier(_) | Op::Checkpoint(_) => {}
+        Op::Barrier(_) | Op::Close(_) => {}
         // Flattened into the batch before this point; applied in order if one gets here.
         Op::Group(inner) => {
             for op in inner {

@@ -62,6 +62,13 @@ async fn provision(fx: &Fixture, names: &[&str]) {
         );
     }
     broker.stop().await;
+    // Both databases are closed by the time the stop returns: no -wal or -shm file is left.
+    let left: Vec<String> = owners(&fx.data_dir()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        left,
+        ["certmq.db", "certmq.lock", "messages.db"],
+        "{left:?}"
+    );
 }
 
 #[test]
@@ -159,7 +166,15 @@ fn run_unprivileged(fx: &Fixture, args: &[&str]) -> Run {
     let config = fx.path("certmq.toml");
     let binary = fx.path("certmq-bin");
     if !binary.exists() {
-        std::fs::copy(env!("CARGO_BIN_EXE_certmq"), &binary).expect("copy binary");
+        // Copied by a child process: a copy written from this (multi-threaded) process
+        // would have its write descriptor inherited by any child another test forks at
+        // that moment, and running it then fails with ETXTBSY (exit 126 from setpriv).
+        let cp = Command::new("cp")
+            .arg(env!("CARGO_BIN_EXE_certmq"))
+            .arg(&binary)
+            .status()
+            .expect("run cp");
+        assert!(cp.success(), "copy the binary: {cp}");
     }
     let mut cmd = if euid() == 0 {
         let mut c = Command::new("setpriv");

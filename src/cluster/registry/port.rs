@@ -179,7 +179,7 @@ impl Backend for KvRegistry {
         }
     }
 
-    fn checkpoint(&self) -> Result<(), RegistryError> {
+    fn close(&self) -> Result<(), RegistryError> {
         self.flush_activity(true).map(|_| ())
     }
 
