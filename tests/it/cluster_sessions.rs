@@ -232,3 +232,84 @@ async fn the_session_of_a_dead_node_expires_on_a_survivor() {
     let (_raw, present) = Raw::connect_session(&t.backend, t.b.mqtt, "short", false, Some(2)).await;
     assert!(!present, "the expired session is gone");
 }
+
+/// contract §12: while NATS is away, a persistent session the cluster holds cannot be
+/// read, so resuming it on a node that does not hold it is refused as server unavailable
+/// (3.1.1 code 3, MQTT 5 0x88) with the reason logged; it is never answered with a fresh
+/// session, which would strand what the cluster kept. With NATS back, the same CONNECT
+/// resumes the session with the message acknowledged while the device was away.
+#[tokio::test]
+async fn resuming_a_cluster_session_without_nats_is_refused_until_nats_is_back() {
+    use crate::common::coretests::raw::{Pkt, Raw, RawConnect};
+    let Some(mut t) = Two::start().await else {
+        return;
+    };
+    let mut pa = Peer::connect(&t.backend, t.a.mqtt, V::V5, "pa", &Opts::default()).await;
+    for v in [V::V4, V::V5] {
+        let id = format!("held-{v:?}");
+        let mut dev = Peer::connect(&t.backend, t.a.mqtt, v, &id, &persistent()).await;
+        assert_eq!(dev.subscribe(&format!("held/{v:?}/#"), 1).await, 1);
+        dev.disconnect().await;
+        assert_eq!(
+            pa.publish(&format!("held/{v:?}/kept"), 1, false, b"kept")
+                .await,
+            0
+        );
+    }
+
+    t._nats.stop();
+    for (v, unavailable) in [(V::V4, 3), (V::V5, 0x88)] {
+        let id = format!("held-{v:?}");
+        let connect = RawConnect {
+            clean: false,
+            session_expiry: (v == V::V5).then_some(3600),
+            ..RawConnect::new(v, &id)
+        };
+        match Raw::try_connect(&t.backend, t.b.mqtt, &connect.bytes()).await {
+            Ok((_, Pkt::ConnAck { present, code })) => {
+                assert_eq!((present, code), (false, unavailable), "{v:?}")
+            }
+            other => panic!(
+                "{v:?}: expected a refusing CONNACK, got {:?}",
+                other.map(|(_, p)| p)
+            ),
+        }
+        let line = t.b.wait_line("cluster_unavailable").await;
+        assert!(line.contains("persistent session"), "{line}");
+    }
+
+    t._nats.restart();
+    t.b.wait_line("connected to NATS").await;
+    for v in [V::V4, V::V5] {
+        let id = format!("held-{v:?}");
+        let connect = RawConnect {
+            clean: false,
+            session_expiry: (v == V::V5).then_some(3600),
+            ..RawConnect::new(v, &id)
+        };
+        // JetStream may still be recovering its streams for a moment after the reconnect:
+        // the refusal then stands, and the device tries again.
+        let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+        let mut raw = loop {
+            match Raw::try_connect(&t.backend, t.b.mqtt, &connect.bytes()).await {
+                Ok((raw, Pkt::ConnAck { present, code: 0 })) => {
+                    assert!(present, "{v:?}: the session the cluster held");
+                    break raw;
+                }
+                Ok((_, Pkt::ConnAck { code, .. })) if code == 3 || code == 0x88 => {}
+                other => panic!("{v:?}: unexpected answer {:?}", other.map(|(_, p)| p)),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{v:?}: still refused after NATS came back"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        match raw.try_recv().await {
+            Ok(Pkt::Publish { topic, qos: 1, .. }) => {
+                assert_eq!(topic, format!("held/{v:?}/kept"))
+            }
+            other => panic!("{v:?}: expected the kept message, got {other:?}"),
+        }
+    }
+}
