@@ -44,6 +44,19 @@ pub enum CommitError {
 /// The completion of a barrier: Ok once everything submitted before it is committed.
 pub type Commit = Result<(), CommitError>;
 
+/// The backend's count of failed commits, read before a connection submits the ops an
+/// acknowledgement depends on ([`Journal::epoch`]).
+///
+/// A barrier only answers for its own batch: the writer may take a connection's ops in one
+/// batch, fail it, and take the barrier submitted right after them in the next batch, which
+/// commits. Answered alone, that barrier would say Ok, and the connection would acknowledge
+/// what was rolled back. [`Journal::since`] turns such an Ok into a failure when any batch
+/// failed after the epoch. It is conservative: a failure of another connection's batch in
+/// that window also counts, so a message that was in fact committed can be refused (the
+/// client resends it: a duplicate at worst, never a loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(u64);
+
 /// One change to the durable state, applied in submission order.
 #[derive(Debug)]
 pub enum Op {
@@ -178,6 +191,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn next_id(&self) -> i64;
     /// Whether the last commit failed (then new QoS 1/2 messages are refused).
     fn failing(&self) -> bool;
+    /// How many batches failed to commit so far; only ever grows. Incremented before any
+    /// barrier of the failed batch (or a later one) is answered (see [`Epoch`]).
+    fn failures(&self) -> u64;
     /// Where the state lives, for log lines and `/healthz` (a file path, a bucket).
     fn describe(&self) -> String;
 }
@@ -303,5 +319,30 @@ impl Journal {
     /// Whether the last commit failed (new QoS 1/2 messages are then refused).
     pub fn failing(&self) -> bool {
         self.backend.failing()
+    }
+
+    /// Read before submitting the ops an acknowledgement depends on; see [`Epoch`].
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.backend.failures())
+    }
+
+    /// The outcome of a barrier for ops submitted after `epoch`: a failure when the
+    /// barrier failed or any batch failed since `epoch` (the ops may have been in it).
+    pub fn since(&self, epoch: Epoch, outcome: Commit) -> Commit {
+        outcome?;
+        let failed = self.backend.failures().saturating_sub(epoch.0);
+        if failed > 0 {
+            return Err(CommitError::Failed(format!(
+                "{failed} commit(s) failed while these changes were pending"
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Journal::barrier`] answered for the ops submitted after `epoch` (see
+    /// [`Journal::since`]).
+    pub async fn barrier_since(&self, epoch: Epoch) -> Commit {
+        let outcome = self.barrier().await;
+        self.since(epoch, outcome)
     }
 }

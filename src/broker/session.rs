@@ -733,16 +733,16 @@ impl Session {
         });
     }
 
-    /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown.
+    /// PUBREL for an inbound QoS 2 exchange; false if the id was unknown. The release is
+    /// submitted to the store either way: an unknown id may be the client's retry after a
+    /// release whose commit failed, still on disk (a no-op otherwise).
     pub fn inbound_qos2_release(&self, pkid: u16) -> bool {
         let mut inner = self.lock();
         let found = inner.inbound_qos2.remove(&pkid);
-        if found {
-            self.submit(Op::InboundRelease {
-                key: self.key.clone(),
-                pkid,
-            });
-        }
+        self.submit(Op::InboundRelease {
+            key: self.key.clone(),
+            pkid,
+        });
         found
     }
 

@@ -18,7 +18,7 @@
 //! SUBACK means the subscription's consumer exists.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -165,6 +165,8 @@ struct Shared {
     /// Sessions released to another node since the writer last looked: it forgets what
     /// it wrote of them.
     released: Mutex<Vec<String>>,
+    /// Ops that failed to reach JetStream so far (`journal::Epoch`).
+    failures: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -203,6 +205,10 @@ impl Backend for SessionStore {
 
     fn failing(&self) -> bool {
         self.cluster.get().is_none_or(|c| !c.connected())
+    }
+
+    fn failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::SeqCst)
     }
 
     fn describe(&self) -> String {
@@ -635,6 +641,7 @@ impl Writer {
 
     fn fail(&mut self, e: String) {
         tracing::warn!(error = %e, "session store write failed");
+        self.shared.failures.fetch_add(1, Ordering::SeqCst);
         self.failed.get_or_insert(e);
     }
 

@@ -24,7 +24,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -77,6 +77,8 @@ struct Inner {
     next_id: AtomicI64,
     /// Set while commits fail (disk full, read-only): new QoS 1/2 messages are refused.
     failing: Arc<AtomicBool>,
+    /// Batches that failed to commit so far (`journal::Epoch`).
+    failures: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -96,14 +98,24 @@ impl Store {
         let (recovered, max_message_id) =
             recover::load(&conn, crate::cert::now_secs()).map_err(named)?;
         let failing = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
-        writer::spawn(conn, rx, failing.clone(), max_message_id + 1)?;
+        writer::spawn(
+            conn,
+            rx,
+            writer::Health {
+                failing: failing.clone(),
+                failures: failures.clone(),
+            },
+            max_message_id + 1,
+        )?;
         let store = Store {
             inner: Arc::new(Inner {
                 path,
                 tx,
                 next_id: AtomicI64::new(recovered.max_queue_id + 1),
                 failing,
+                failures,
             }),
         };
         Ok((store, recovered))
@@ -127,6 +139,10 @@ impl Backend for Store {
 
     fn failing(&self) -> bool {
         self.inner.failing.load(Ordering::Relaxed)
+    }
+
+    fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::SeqCst)
     }
 
     fn describe(&self) -> String {

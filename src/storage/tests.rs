@@ -426,3 +426,48 @@ fn a_close_leaves_the_database_file_self_contained_and_nothing_else() {
     let (_copy, recovered) = Store::open(copy.path()).unwrap();
     assert_eq!(recovered.sessions[0].queue.len(), 1);
 }
+
+/// The writer takes a connection's ops in one batch, that batch fails (here: another
+/// process holds the write lock past the busy timeout, standing in for a full disk), and
+/// the connection's barrier lands in the next batch, which commits. The barrier alone says
+/// Ok; answered for the epoch read before the ops were submitted, it says the ops failed,
+/// so the connection never acknowledges what was rolled back.
+#[test]
+fn a_barrier_after_a_failed_batch_fails_for_the_ops_submitted_before_it() {
+    use crate::broker::journal::Journal;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    sessions(&store, &["a"]);
+    barrier(&store);
+    let locker = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let journal = Journal::new(Arc::new(store.clone()));
+    let epoch = journal.epoch();
+    // A retained QoS 1 publish: the PUBACK waits for this.
+    journal.submit(Op::Retain {
+        topic: "x/1".into(),
+        msg: Some(message("x/1", b"lost", true)),
+        owner: None,
+    });
+    // The writer fails that batch after the busy timeout (5 s).
+    while store.failures() == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+
+    // Another connection's op, then the barrier: a batch that commits.
+    sessions(&store, &["b"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let since = rt.block_on(journal.barrier_since(epoch));
+    assert_eq!(count(dir.path(), "SELECT count(*) FROM retained"), 0);
+    assert!(since.is_err(), "reported {since:?} for a rolled-back op");
+    // The barrier by itself answers for its own batch only.
+    assert!(rt.block_on(journal.barrier()).is_ok());
+    // An epoch read after the failure is not affected by it.
+    let later = journal.epoch();
+    assert!(rt.block_on(journal.barrier_since(later)).is_ok());
+}

@@ -1,7 +1,7 @@
 //! The store's writer thread: the only owner of the SQLite connection after recovery.
 //! One transaction per batch of ops, one fsync per commit (group commit).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -22,16 +22,25 @@ const MAX_BATCH: usize = 50_000;
 /// little latency, and long enough for a subscriber on the same host to acknowledge.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// What the writer tells the rest of the broker about its commits.
+pub(super) struct Health {
+    /// Set while commits fail, cleared by the next successful one.
+    pub failing: Arc<AtomicBool>,
+    /// Failed batches so far, incremented before any barrier is answered after the
+    /// failure (`journal::Epoch`).
+    pub failures: Arc<AtomicU64>,
+}
+
 /// Starts the writer thread. `next_message` is the first unused message id.
 pub(super) fn spawn(
     conn: Connection,
     rx: mpsc::Receiver<Op>,
-    failing: Arc<AtomicBool>,
+    health: Health,
     next_message: i64,
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("certmq-store".into())
-        .spawn(move || run(conn, rx, &failing, next_message))
+        .spawn(move || run(conn, rx, &health, next_message))
         .map(|_| ())
         .map_err(StoreError::Thread)
 }
@@ -55,7 +64,7 @@ impl MessageIds {
     }
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_message: i64) {
+fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, health: &Health, next_message: i64) {
     let mut ids = MessageIds { next: next_message };
     // The outcome of the last batch that wrote something. A batch of barriers alone
     // answers with it: the ops those barriers follow may have gone in that batch (the
@@ -117,12 +126,13 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, failing: &AtomicBool, next_
             );
             match &last {
                 Ok(()) => {
-                    if failing.swap(false, Ordering::Relaxed) {
+                    if health.failing.swap(false, Ordering::Relaxed) {
                         tracing::info!("message store writable again");
                     }
                 }
                 Err(e) => {
-                    failing.store(true, Ordering::Relaxed);
+                    health.failures.fetch_add(1, Ordering::SeqCst);
+                    health.failing.store(true, Ordering::Relaxed);
                     tracing::error!(error = %e, ops = work.len(), "message store commit failed: these changes are not durable");
                 }
             }

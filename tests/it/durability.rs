@@ -782,3 +782,77 @@ both_versions! {
         pipelined_qos2_beyond_the_window_across_kill_9(v, seed)
     };
 }
+
+/// A PUBREL whose release cannot be committed (full disk) must not be
+/// answered with PUBCOMP: the client then reuses the id, and after a (graceful) restart
+/// the stored id makes the new message a "duplicate", acknowledged and never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubcomp_is_not_sent_when_the_release_cannot_be_committed() {
+    let w = World::new("");
+    let Some(_mount) = mount_or_skip(&w, "2m") else {
+        return;
+    };
+    let mut broker = Proc::start(&w.fx, &w.config).await;
+    create_offline_subscriber(&w, &broker, 2).await;
+    let dev = w.device("dev-1");
+    let t = topic("dev-1");
+    let (mut p, _) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
+    p.try_send(&raw_publish_flags(
+        V::V4,
+        &t,
+        &payload(1),
+        2,
+        1,
+        false,
+        false,
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        p.try_recv().await.expect("PUBREC"),
+        Pkt::Ack {
+            kind: PUBREC,
+            pkid: 1,
+            ..
+        }
+    ));
+    let filler = w.fx.data_dir().join("filler");
+    fill(&filler);
+    p.try_send(&raw_ack(PUBREL, 1)).await.unwrap();
+    let answer = p.recv_or_closed().await;
+    std::fs::remove_file(&filler).unwrap();
+    let completed = matches!(
+        answer,
+        Some(Pkt::Ack {
+            kind: PUBCOMP,
+            pkid: 1,
+            ..
+        })
+    );
+    drop(p);
+    // Graceful stop, then start again on the same data_dir.
+    broker.signal("TERM");
+    broker.wait_exit(std::time::Duration::from_secs(30)).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut p, present) = Raw::connect_session(&dev, broker.mqtt, "p", false, None).await;
+    assert!(present);
+    if completed {
+        // The client was told id 1 is free: it reuses it for a new message.
+        assert_eq!(p.publish_acked(2, false, 1, &t, &payload(2)).await, 0);
+    } else {
+        // Not completed: the client resends PUBREL, then goes on.
+        p.try_send(&raw_ack(PUBREL, 1)).await.unwrap();
+        let _ = p.try_recv().await;
+        assert_eq!(p.publish_acked(2, false, 1, &t, &payload(2)).await, 0);
+    }
+    assert_eq!(p.publish_acked(1, false, 2, &t, MARKER).await, 0);
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
+    let mut rx = Receiver::default();
+    assert_eq!(rx.run(&mut s, None).await, Ok(true));
+    assert_eq!(
+        rx.got.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2],
+        "PUBCOMP sent on a full disk: {completed}; message 2 (PUBREC'd and PUBCOMP'd) lost\n{}",
+        broker.stderr()
+    );
+}

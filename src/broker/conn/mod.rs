@@ -564,12 +564,16 @@ impl Conn<'_> {
                 Ok(())
             }
             Inbound::PubRec { pkid, accepted } => {
+                let epoch = self.epoch();
                 if self.session.pubrec(pkid, accepted) {
                     // The release is committed before PUBREL leaves: the client forgets the
                     // id on PUBREL, so after a restart the broker must resend PUBREL, never
-                    // the PUBLISH (which the client would take for a new message).
-                    if self.session.journal().is_some() {
-                        self.commit().await;
+                    // the PUBLISH (which the client would take for a new message). Not
+                    // committed: no PUBREL, the connection ends; the client keeps the id,
+                    // and the session (which holds the exchange as released) sends PUBREL
+                    // when it is back.
+                    if self.session.journal().is_some() && !self.commit(epoch).await {
+                        return Some(unstored("the message store cannot record the release now"));
                     }
                     self.send(&wire::pubrel(self.p.protocol, pkid)).await
                 } else {
@@ -577,12 +581,16 @@ impl Conn<'_> {
                 }
             }
             Inbound::PubRel(pkid) => {
+                let epoch = self.epoch();
                 let found = self.session.inbound_qos2_release(pkid);
                 // The id is forgotten durably before PUBCOMP frees it for reuse: otherwise a
                 // restart would take the client's next message with this id for a
-                // duplicate, acknowledge it, and drop it.
-                if found && self.session.journal().is_some() {
-                    self.commit().await;
+                // duplicate, acknowledge it, and drop it. Not committed: no PUBCOMP, the
+                // connection ends, and the client sends PUBREL again when it is back. That
+                // retry finds the id gone from memory but maybe still on disk, so the
+                // release is committed whether or not the session held the id.
+                if self.session.journal().is_some() && !self.commit(epoch).await {
+                    return Some(unstored("the message store cannot record the release now"));
                 }
                 self.send(&wire::pubcomp(self.p.protocol, pkid, found))
                     .await
@@ -631,6 +639,7 @@ impl Conn<'_> {
                 return Ok(self.session.has_queued());
             }
             self.refill_retained();
+            let epoch = self.epoch();
             let batch = self
                 .session
                 .next_batch(self.conn_id, self.p.window, PUMP_BATCH);
@@ -643,8 +652,10 @@ impl Conn<'_> {
                 matches!(o, Outgoing::Publish { delivery, .. }
                     if delivery.qos == QoS::ExactlyOnce && delivery.store_id.is_some())
             });
-            if qos2_stored {
-                self.commit().await;
+            // Not committed: nothing is sent and the connection ends; the deliveries stay in
+            // flight in the session and are sent (with DUP) when the client is back.
+            if qos2_stored && !self.commit(epoch).await {
+                return Err(unstored("the message store cannot record a packet id now"));
             }
             let mut sent = 0u64;
             for o in batch {
@@ -773,6 +784,13 @@ fn protocol_error(code: v5::DisconnectReasonCode, text: &str) -> End {
         code,
         text: text.to_owned(),
     }
+}
+
+/// contract §7: an acknowledgement (PUBREL, PUBCOMP) or a QoS 2 PUBLISH whose state the store
+/// could not commit is not sent; the connection ends with MQTT 5 DISCONNECT 0x97 (3.1.1:
+/// closed), and the client repeats the step when it is back.
+fn unstored(text: &str) -> End {
+    protocol_error(v5::DisconnectReasonCode::QuotaExceeded, text)
 }
 
 /// An MQTT 5 DISCONNECT with a reason string.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::{protocol_error, Conn, End};
 use crate::acl;
+use crate::broker::journal::Epoch;
 use crate::broker::message::Message;
 use crate::broker::session::InboundQos2;
 use crate::broker::wire::{self, AckReason, InPublish};
@@ -45,6 +46,9 @@ pub(super) struct PendingAck {
     pub(super) pkid: u16,
     /// What to send once committed; None for QoS 0.
     pub(super) ack: Option<crate::mqtt::codec::Packet>,
+    /// The store's epoch before the message's ops were submitted: a batch that failed
+    /// since then fails this acknowledgement too (see `journal::Epoch`).
+    pub(super) epoch: Option<Epoch>,
 }
 
 impl PendingAck {
@@ -59,16 +63,18 @@ impl PendingAck {
             qos,
             pkid,
             ack: Some(ack),
+            epoch: None,
         }
     }
 
     /// A QoS 0 message's commit: nothing to send, only something to wait for.
-    fn commit_only(wait: Option<Barrier>) -> PendingAck {
+    fn commit_only(wait: Option<Barrier>, epoch: Option<Epoch>) -> PendingAck {
         PendingAck {
             wait,
             qos: QoS::AtMostOnce,
             pkid: 0,
             ack: None,
+            epoch,
         }
     }
 }
@@ -97,6 +103,8 @@ pub(super) struct Paced {
     pkid: u16,
     /// A retained message (with a payload): the retained store took it.
     retained: bool,
+    /// The store's epoch before routing (see `PendingAck::epoch`).
+    epoch: Option<Epoch>,
 }
 
 impl Conn<'_> {
@@ -120,6 +128,7 @@ impl Conn<'_> {
         }
         let allowed = self.may_publish(&topic);
         let (qos, pkid) = (p.qos, p.pkid);
+        let epoch = self.broker.journal().map(|j| j.epoch());
         let (mut published, retained) = match self.take(topic, p, allowed) {
             Next::Duplicate => {
                 // A duplicate of a PUBLISH already routed: acknowledge only.
@@ -137,7 +146,7 @@ impl Conn<'_> {
             Next::Denied(topic) => {
                 let text = format!("not authorized to publish to {topic}");
                 return self
-                    .acknowledge(qos, pkid, AckReason::NotAuthorized, None, Some(&text))
+                    .acknowledge(qos, pkid, AckReason::NotAuthorized, None, None, Some(&text))
                     .await;
             }
             Next::Routed(published, retained) => (published, retained),
@@ -149,6 +158,7 @@ impl Conn<'_> {
             qos,
             pkid,
             retained,
+            epoch,
         };
         if paced.waiting.is_empty() {
             self.finish_publish(paced).await
@@ -289,6 +299,7 @@ impl Conn<'_> {
             qos,
             pkid,
             retained,
+            epoch,
             ..
         } = paced;
         // Cluster mode: stored for the other nodes too before it is acknowledged.
@@ -301,7 +312,7 @@ impl Conn<'_> {
                 Protocol::V311 => AckReason::Success,
             };
             let text = Some(crate::broker::retained::QUOTA_TEXT);
-            return self.acknowledge(qos, pkid, reason, None, text).await;
+            return self.acknowledge(qos, pkid, reason, None, None, text).await;
         }
         if qos == QoS::AtMostOnce {
             if published.durable {
@@ -313,11 +324,11 @@ impl Conn<'_> {
                 // failed commit is logged when it completes.
                 let wait = self.broker.journal().map(|s| s.barrier_rx());
                 return self
-                    .queue_ack(PendingAck::commit_only(both(wait, remote)))
+                    .queue_ack(PendingAck::commit_only(both(wait, remote), epoch))
                     .await;
             }
             if remote.is_some() {
-                return self.queue_ack(PendingAck::commit_only(remote)).await;
+                return self.queue_ack(PendingAck::commit_only(remote, None)).await;
             }
             return Ok(());
         }
@@ -339,7 +350,7 @@ impl Conn<'_> {
         };
         let text = (reason == AckReason::QuotaExceeded)
             .then_some("no subscriber could take the message: their queues are full");
-        self.acknowledge(qos, pkid, reason, both(wait, remote), text)
+        self.acknowledge(qos, pkid, reason, both(wait, remote), epoch, text)
             .await
     }
 
@@ -352,6 +363,7 @@ impl Conn<'_> {
         pkid: u16,
         reason: AckReason,
         wait: Option<Barrier>,
+        epoch: Option<Epoch>,
         text: Option<&str>,
     ) -> Result<(), End> {
         let text = self.reason(text);
@@ -365,7 +377,11 @@ impl Conn<'_> {
                 wire::pubrec(self.p.protocol, pkid, reason, text)
             }
         };
-        self.queue_ack(PendingAck::new(wait, qos, pkid, ack)).await
+        let ack = PendingAck {
+            epoch,
+            ..PendingAck::new(wait, qos, pkid, ack)
+        };
+        self.queue_ack(ack).await
     }
 
     /// MQTT 5 §3.3.2.3.4: a topic alias with a topic sets it; an alias alone uses it. The
@@ -450,6 +466,10 @@ impl Conn<'_> {
         ack: PendingAck,
         outcome: crate::broker::journal::Commit,
     ) -> Result<(), End> {
+        let outcome = match (ack.epoch, self.broker.journal()) {
+            (Some(epoch), Some(journal)) => journal.since(epoch, outcome),
+            _ => outcome,
+        };
         let Some(packet) = &ack.ack else {
             // QoS 0: nobody to tell. The message was routed; only its durability failed.
             if let Err(e) = outcome {
@@ -483,12 +503,24 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Waits for the group commit of what this connection submitted; false if it failed.
-    pub(super) async fn commit(&self) -> bool {
+    /// The store's epoch, read before submitting ops that [`Conn::commit`] then waits for.
+    pub(super) fn epoch(&self) -> Option<Epoch> {
+        self.broker.journal().map(|j| j.epoch())
+    }
+
+    /// Waits for the group commit of what this connection submitted since `epoch` (taken
+    /// with [`Conn::epoch`] before submitting); false if it failed, or if any batch failed
+    /// since `epoch` (see `journal::Epoch`).
+    pub(super) async fn commit(&self, epoch: Option<Epoch>) -> bool {
         let Some(journal) = self.broker.journal() else {
             return true;
         };
-        match journal.barrier().await {
+        let outcome = journal.barrier().await;
+        let outcome = match epoch {
+            Some(epoch) => journal.since(epoch, outcome),
+            None => outcome,
+        };
+        match outcome {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(device = ?self.device, error = %e, "message not durable");

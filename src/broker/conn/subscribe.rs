@@ -5,6 +5,7 @@
 
 use super::{protocol_error, Conn, End};
 use crate::acl;
+use crate::broker::journal::Epoch;
 use crate::broker::min_qos;
 use crate::broker::router::{RetainHandling, SubOptions};
 use crate::broker::session::{Delivery, Enqueued};
@@ -30,6 +31,7 @@ impl Conn<'_> {
                 "subscription identifier 0",
             ));
         }
+        let epoch = self.epoch();
         let device_acl = self.session.acl();
         let mut results = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
@@ -96,7 +98,7 @@ impl Conn<'_> {
                 retained.push((sub.filter().clone(), matched));
             }
         }
-        self.commit_session_change().await?;
+        self.commit_session_change(epoch).await?;
         let text = (!denied.is_empty())
             .then(|| format!("not authorized to subscribe to {}", denied.join(", ")));
         self.send(&wire::suback(
@@ -153,6 +155,7 @@ impl Conn<'_> {
         pkid: u16,
         filters: Vec<String>,
     ) -> Result<(), End> {
+        let epoch = self.epoch();
         let mut existed = Vec::with_capacity(filters.len());
         for f in filters {
             match self.canonical(&f) {
@@ -163,7 +166,7 @@ impl Conn<'_> {
                 None => existed.push(false),
             }
         }
-        self.commit_session_change().await?;
+        self.commit_session_change(epoch).await?;
         self.send(&wire::unsuback(self.p.protocol, pkid, &existed))
             .await
     }
@@ -171,8 +174,8 @@ impl Conn<'_> {
     /// contract §7: a persistent session's SUBACK / UNSUBACK is sent only once the change is
     /// committed, or a `kill -9` right after it would silently undo what was acknowledged.
     /// A store that cannot commit ends the connection unacknowledged (the client retries).
-    async fn commit_session_change(&self) -> Result<(), End> {
-        if self.session.journal().is_some() && !self.commit().await {
+    async fn commit_session_change(&self, epoch: Option<Epoch>) -> Result<(), End> {
+        if self.session.journal().is_some() && !self.commit(epoch).await {
             return Err(protocol_error(
                 v5::DisconnectReasonCode::QuotaExceeded,
                 "the message store cannot record the subscription now",
