@@ -628,11 +628,18 @@ impl Registry {
         Ok(())
     }
 
-    /// The end of a graceful stop: checkpoints the write-ahead log into `certmq.db`, then closes
+    /// The end of a graceful stop: writes pending `last_seen_at` values and drop counts,
+    /// checkpoints the write-ahead log into `certmq.db`, then closes
     /// the connection, which removes the `-wal` and `-shm` files when no other process has
     /// the database open. Whatever calls it later gets [`RegistryError::Closed`]. The
     /// connection is closed even when the checkpoint fails; the first error is returned.
     pub fn close(&self) -> Result<(), RegistryError> {
+        // What the sessions recorded during the grace period, after the last periodic flush.
+        if let Err(e) = self.flush_last_seen() {
+            if !matches!(e, RegistryError::Closed { .. }) {
+                tracing::warn!(error = %e, "last_seen_at not written at stop");
+            }
+        }
         let taken = self
             .conn
             .lock()
@@ -759,15 +766,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = std::sync::Arc::new(Registry::open(dir.path()).expect("open"));
         let held = registry.clone();
-        registry.touch("nobody", 1);
-        registry.flush_last_seen().expect("flush");
+        registry
+            .lock()
+            .expect("lock")
+            .execute(
+                "INSERT INTO devices (name, source, fingerprint, not_before, not_after, enabled, \
+                 created_at, updated_at) VALUES ('d1', 'fleet', ?1, 1, 2, 1, 3, 3)",
+                [&"ab".repeat(32)],
+            )
+            .expect("a device");
         let wal = wal_file(&dir.path().join(DB_FILE), "-wal");
         assert!(wal.exists());
+        // Recorded after the last periodic flush: written by the close.
+        registry.count_dropped("d1", 3);
         registry.close().expect("close");
         assert!(!wal.exists());
         assert!(!wal_file(&dir.path().join(DB_FILE), "-shm").exists());
         assert!(matches!(held.get("d1"), Err(RegistryError::Closed { .. })));
         registry.close().expect("a second close is harmless");
+        let reopened = Registry::open(dir.path()).expect("reopen");
+        let d1 = reopened.get("d1").expect("read").expect("kept");
+        assert_eq!(d1.dropped_messages, 3);
     }
 
     /// A registry written by schema version 1 opens, keeps its rows, and counts drops.
