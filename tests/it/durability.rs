@@ -856,3 +856,63 @@ async fn pubcomp_is_not_sent_when_the_release_cannot_be_committed() {
         broker.stderr()
     );
 }
+
+/// A subscriber's PUBREC whose release cannot be committed (full disk) is not followed by
+/// PUBREL: the connection ends and the subscriber keeps the id. Back (disk free again), it
+/// gets PUBREL for the same id, completes, and a restart then delivers nothing again. Had
+/// PUBREL gone out, the subscriber would have forgotten the id while the disk still held
+/// the delivery as unreleased: the restart would resend the PUBLISH, which the subscriber
+/// rightly takes for a new message (a QoS 2 duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubrel_is_not_sent_when_the_release_cannot_be_committed() {
+    let w = World::new("");
+    let Some(_mount) = mount_or_skip(&w, "2m") else {
+        return;
+    };
+    let mut broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, _) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
+    assert_eq!(s.subscribe("devices/+/t", 2).await, 2);
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
+    let t = topic("dev-1");
+    assert_eq!(p.publish_acked(2, false, 1, &t, &payload(1)).await, 0);
+    let pkid = match s.try_recv().await.expect("the QoS 2 delivery") {
+        Pkt::Publish { qos: 2, pkid, .. } => pkid,
+        other => panic!("expected the QoS 2 delivery, got {other:?}"),
+    };
+
+    let filler = w.fx.data_dir().join("filler");
+    fill(&filler);
+    s.try_send(&raw_ack(PUBREC, pkid)).await.unwrap();
+    let answer = s.recv_or_closed().await;
+    assert_eq!(
+        answer, None,
+        "PUBREL sent although the release was not stored"
+    );
+    std::fs::remove_file(&filler).unwrap();
+
+    // Back: the session still holds the exchange as released.
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
+    assert!(present);
+    assert_eq!(
+        s.try_recv().await.expect("PUBREL again"),
+        Pkt::Ack {
+            kind: PUBREL,
+            pkid,
+            reason: 0
+        }
+    );
+    s.try_send(&raw_ack(PUBCOMP, pkid)).await.unwrap();
+    s.disconnect().await;
+
+    broker.signal("TERM");
+    broker.wait_exit(std::time::Duration::from_secs(30)).await;
+    let broker = Proc::start(&w.fx, &w.config).await;
+    let (mut s, present) = Raw::connect_session(&w.backend, broker.mqtt, "S", false, None).await;
+    assert!(present);
+    let (mut p, _) = Raw::connect_session(&w.device("dev-1"), broker.mqtt, "p", true, None).await;
+    assert_eq!(p.publish_acked(1, false, 1, &t, MARKER).await, 0);
+    let mut rx = Receiver::default();
+    rx.got.insert(1, 1);
+    assert_eq!(rx.run(&mut s, None).await, Ok(true));
+    assert_eq!(rx.got.get(&1), Some(&1), "message 1 was delivered twice");
+}
