@@ -1,7 +1,8 @@
 //! The store against a real SQLite file in a temporary directory: each message stored once
 //! and read back into one shared `Arc`, message rows going with their last reference, ids
-//! continuing after a restart, a schema-1 file migrated in place, and a checkpoint that
-//! leaves the database file self-contained.
+//! continuing after a restart, a schema-1 file migrated in place, a close that leaves the
+//! database file self-contained, updates that reach the writer before the row they change,
+//! and barriers answered for the epoch their ops were submitted in.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -470,4 +471,83 @@ fn a_barrier_after_a_failed_batch_fails_for_the_ops_submitted_before_it() {
     // An epoch read after the failure is not affected by it.
     let later = journal.epoch();
     assert!(rt.block_on(journal.barrier_since(later)).is_ok());
+}
+
+/// A QoS 2 delivery whose packet id is committed before its Enqueue reaches the writer:
+/// the subscriber's pump submits `Sent` and waits for a barrier before the PUBLISH leaves
+/// (conn/mod.rs `pump`), while the publisher's group holding the `Enqueue` is still open
+/// (session.rs `enqueue` submits into the thread-local group), so the writer can take the
+/// `Sent` in an earlier batch than its row. The packet id must still be on disk once the
+/// row is: the PUBLISH left with it, and a restart redelivers with DUP and that id.
+#[test]
+fn a_packet_id_committed_before_its_enqueue_reached_the_writer_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    sessions(&store, &["a"]);
+    barrier(&store);
+    let m = message("t/1", b"x", false);
+    let id = store.next_id();
+    // Subscriber thread: Sent, then the pump's commit barrier, answered Ok.
+    store.submit(Op::Sent { id, pkid: 7 });
+    barrier(&store);
+    // Publisher thread: routing ends, the group with the Enqueue is submitted.
+    store.submit(Op::Group(vec![
+        Op::Enqueue {
+            id,
+            key: key("a"),
+            msg: m.clone(),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            sub_ids: Vec::new(),
+        },
+        Op::Probe,
+    ]));
+    barrier(&store);
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path()).unwrap();
+    let q = &recovered.sessions[0].queue;
+    assert_eq!(q.len(), 1);
+    assert_eq!(
+        q[0].pkid,
+        Some(7),
+        "the PUBLISH left with packet id 7 after a barrier said it was committed"
+    );
+}
+
+/// A QoS 1 delivery acknowledged (PUBACK) by the subscriber before the publisher's group
+/// with its Enqueue reached the writer, which took the acknowledgement in an earlier batch:
+/// the delivery must stay delivered, not come back as a queued row and be redelivered
+/// after a restart.
+#[test]
+fn a_delivery_acknowledged_before_its_enqueue_reached_the_writer_stays_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    sessions(&store, &["a"]);
+    barrier(&store);
+    let m = message("t/1", b"x", false);
+    let id = store.next_id();
+    store.submit(Op::Sent { id, pkid: 1 });
+    store.submit(Op::Delivered { id });
+    // The writer wakes for these alone (no Enqueue in the batch: no gather window).
+    barrier(&store);
+    store.submit(Op::Group(vec![Op::Enqueue {
+        id,
+        key: key("a"),
+        msg: m.clone(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        sub_ids: Vec::new(),
+    }]));
+    barrier(&store);
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path()).unwrap();
+    assert!(
+        recovered.sessions[0].queue.is_empty(),
+        "acknowledged delivery resurrected: {:?}",
+        recovered.sessions[0]
+            .queue
+            .iter()
+            .map(|q| q.id)
+            .collect::<Vec<_>>()
+    );
 }

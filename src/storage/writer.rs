@@ -1,9 +1,11 @@
 //! The store's writer thread: the only owner of the SQLite connection after recovery.
 //! One transaction per batch of ops, one fsync per commit (group commit).
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, Transaction};
 
@@ -20,7 +22,20 @@ const MAX_BATCH: usize = 50_000;
 /// How long a batch with new deliveries waits for more ops (see `run`). Below one fsync on
 /// the disks measured here (about 0.4 ms for a 4 KiB `dd oflag=dsync` write), so it adds
 /// little latency, and long enough for a subscriber on the same host to acknowledge.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+const GATHER: Duration = Duration::from_millis(1);
+/// How long an update that matched no row is kept for its Enqueue (see [`EarlyUpdates`]).
+/// Only routing separates the two: the publisher submits the Enqueue when its group closes,
+/// at the end of a synchronous stretch of one thread (microseconds; milliseconds under
+/// load), and the writer takes ops in submission order, so the Enqueue arrives a batch or
+/// two later. A minute is far longer than that, even behind slow fsyncs or a failed
+/// commit's 5 s busy timeout. An update still kept after it is one whose row is gone for
+/// good (its session dropped or expired, its Enqueue rolled back): it is dropped.
+const EARLY_MAX_AGE: Duration = Duration::from_secs(60);
+/// The most deliveries with kept updates (some 150 bytes each: about 15 MB at the cap).
+/// An update waits only while its Enqueue is on its way, a batch or two, so even at tens
+/// of thousands of deliveries a second few are kept at a time; what fills the map beyond
+/// that waits for rows that never come, and past the cap the oldest of it goes first.
+const EARLY_MAX: usize = 100_000;
 
 /// What the writer tells the rest of the broker about its commits.
 pub(super) struct Health {
@@ -66,6 +81,7 @@ impl MessageIds {
 
 fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, health: &Health, next_message: i64) {
     let mut ids = MessageIds { next: next_message };
+    let mut early = EarlyUpdates::default();
     // The outcome of the last batch that wrote something. A batch of barriers alone
     // answers with it: the ops those barriers follow may have gone in that batch (the
     // writer can wake between a connection's ops and its barrier), and a failed commit
@@ -111,12 +127,12 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, health: &Health, next_messa
                 other => work.push(other),
             }
         }
-        let work = updates_after_their_enqueue(work);
         let gathered = work.len();
-        let work = coalesce(work);
+        let work = prepare(work, &mut early);
+        let started = Instant::now();
         if !work.is_empty() {
-            let started = std::time::Instant::now();
-            last = apply(&mut conn, &work, &mut ids).map_err(|e| e.to_string());
+            last =
+                apply(&mut conn, &work, &mut ids, &mut early, started).map_err(|e| e.to_string());
             tracing::trace!(
                 gathered,
                 applied = work.len(),
@@ -137,6 +153,8 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, health: &Health, next_messa
                 }
             }
         }
+        // After the batch, with its start time: an Enqueue in this batch had its chance.
+        early.prune(started);
         for b in barriers {
             let _ = b.send(last.clone().map_err(CommitError::Failed));
         }
@@ -176,12 +194,23 @@ fn checkpoint(conn: &Connection) -> Result<(), CommitError> {
     Ok(())
 }
 
+/// Orders and trims a batch's ops before they are applied: see the two steps.
+fn prepare(work: Vec<Op>, early: &mut EarlyUpdates) -> Vec<Op> {
+    let work = updates_after_their_enqueue(work);
+    let (work, coalesced) = coalesce(work);
+    // Updates kept for a delivery whose Enqueue coalesce just removed would wait for a row
+    // that is never written.
+    for id in coalesced {
+        early.forget(id);
+    }
+    work
+}
+
 /// A delivery's group (its Enqueue) is submitted when the publisher's routing ends, so the
 /// subscriber's connection can send it and submit `Sent` (even `Released`/`Delivered`)
 /// a moment before. Within a batch, such updates are moved right after their Enqueue, so
-/// they apply to the row instead of to nothing.
+/// they apply to the row instead of to nothing; across batches, [`EarlyUpdates`] keeps them.
 fn updates_after_their_enqueue(work: Vec<Op>) -> Vec<Op> {
-    use std::collections::{HashMap, HashSet};
     let update_id = |op: &Op| match op {
         Op::Sent { id, .. } | Op::Released { id } | Op::Delivered { id } => Some(*id),
         _ => None,
@@ -237,12 +266,169 @@ fn updates_after_their_enqueue(work: Vec<Op>) -> Vec<Op> {
     out
 }
 
+/// One change to a queued delivery's row, kept in [`EarlyUpdates`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Update {
+    Sent { pkid: u16 },
+    Released,
+    Delivered,
+}
+
+impl Update {
+    fn of(op: &Op) -> Option<(i64, Update)> {
+        match op {
+            Op::Sent { id, pkid } => Some((*id, Update::Sent { pkid: *pkid })),
+            Op::Released { id } => Some((*id, Update::Released)),
+            Op::Delivered { id } => Some((*id, Update::Delivered)),
+            _ => None,
+        }
+    }
+
+    /// Applies the update; returns how many rows it changed (0: the row is not there).
+    fn apply(self, tx: &Transaction<'_>, id: i64) -> Result<usize, rusqlite::Error> {
+        match self {
+            Update::Sent { pkid } => tx
+                .prepare_cached("UPDATE queue SET pkid = ?2 WHERE id = ?1")?
+                .execute(params![id, pkid]),
+            Update::Released => tx
+                .prepare_cached("UPDATE queue SET released = 1 WHERE id = ?1")?
+                .execute(params![id]),
+            Update::Delivered => tx
+                .prepare_cached("DELETE FROM queue WHERE id = ?1")?
+                .execute(params![id]),
+        }
+    }
+}
+
+/// Updates (`Sent`, `Released`, `Delivered`) that reached the writer before their
+/// delivery's Enqueue, by delivery id, in arrival order. The Enqueue travels in the
+/// publisher's group, submitted when routing ends; the subscriber can take the delivery
+/// from its in-memory queue, send it and even have it acknowledged before that, and the
+/// writer can commit those updates in an earlier batch than the row. Applied then, they
+/// change nothing and are lost: an acknowledged delivery comes back after a restart (a
+/// second delivery of a QoS 2 message), a packet id already on the wire is not on disk.
+/// So an update that changes no row is kept here, and applied right after its Enqueue,
+/// in the Enqueue's transaction.
+///
+/// What is kept follows the transactions: an update kept by a batch that fails is
+/// dropped with the rest of that batch (see [`EarlyUpdates::roll_back`]). Updates for a
+/// row that is gone for good (a dropped or expired session) are never claimed: they are
+/// dropped after [`EARLY_MAX_AGE`], or sooner past [`EARLY_MAX`].
+#[derive(Debug, Default)]
+struct EarlyUpdates {
+    held: HashMap<i64, Held>,
+    /// `held` ordered by age, for pruning.
+    by_age: BTreeSet<(Instant, i64)>,
+    /// How to undo what the current batch kept, should it fail.
+    undo: Vec<Undo>,
+}
+
+#[derive(Debug)]
+struct Held {
+    since: Instant,
+    updates: Vec<Update>,
+}
+
+#[derive(Debug)]
+enum Undo {
+    /// The batch kept the first update for this id.
+    Created(i64),
+    /// The batch added to this id's updates, which had this many.
+    Grew(i64, usize),
+}
+
+impl EarlyUpdates {
+    /// Keeps `update` of delivery `id`, whose row is not there (yet).
+    fn hold(&mut self, id: i64, update: Update, now: Instant) {
+        match self.held.get_mut(&id) {
+            Some(h) => {
+                self.undo.push(Undo::Grew(id, h.updates.len()));
+                h.updates.push(update);
+            }
+            None => {
+                self.undo.push(Undo::Created(id));
+                self.held.insert(
+                    id,
+                    Held {
+                        since: now,
+                        updates: vec![update],
+                    },
+                );
+                self.by_age.insert((now, id));
+            }
+        }
+    }
+
+    /// Takes the updates kept for `id`, for its Enqueue. Not undone if the batch fails:
+    /// that Enqueue is gone for good, and nothing else would claim them.
+    fn take(&mut self, id: i64) -> Option<Vec<Update>> {
+        let h = self.held.remove(&id)?;
+        self.by_age.remove(&(h.since, id));
+        Some(h.updates)
+    }
+
+    /// Drops what is kept for `id` (its Enqueue will not be written).
+    fn forget(&mut self, id: i64) {
+        self.take(id);
+    }
+
+    /// The batch committed: what it kept stays.
+    fn commit(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The batch failed: what it kept goes, like every other op of it. Undone newest
+    /// first, so an id kept, taken and kept again within the batch ends up absent.
+    fn roll_back(&mut self) {
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Created(id) => {
+                    self.take(id);
+                }
+                Undo::Grew(id, len) => {
+                    if let Some(h) = self.held.get_mut(&id) {
+                        h.updates.truncate(len);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops what was kept before `now - EARLY_MAX_AGE`, then the oldest past
+    /// [`EARLY_MAX`]. `now` is a parameter so that tests need not wait.
+    fn prune(&mut self, now: Instant) {
+        let mut aged = 0usize;
+        let mut over = 0usize;
+        while let Some(&(since, id)) = self.by_age.first() {
+            let old = now.saturating_duration_since(since) > EARLY_MAX_AGE;
+            if !old && self.held.len() <= EARLY_MAX {
+                break;
+            }
+            if old {
+                aged += 1;
+            } else {
+                over += 1;
+            }
+            self.take(id);
+        }
+        if aged + over > 0 {
+            tracing::debug!(
+                aged,
+                over_cap = over,
+                kept = self.held.len(),
+                "store: dropped updates whose delivery never reached the store"
+            );
+        }
+    }
+}
+
 /// Drops the ops of deliveries that were queued AND acknowledged within this batch: a
 /// subscriber that keeps up acknowledges most messages before their row is even committed,
 /// and such a row need never touch the disk. Their barriers still wait for this commit,
-/// so an acknowledgement to the publisher still follows everything before it.
-fn coalesce(work: Vec<Op>) -> Vec<Op> {
-    use std::collections::HashSet;
+/// so an acknowledgement to the publisher still follows everything before it. Returns
+/// the ops left and the ids of the deliveries dropped: none of their ops is applied, so
+/// no update of theirs can reach [`EarlyUpdates`] from this batch.
+fn coalesce(work: Vec<Op>) -> (Vec<Op>, HashSet<i64>) {
     let enqueued: HashSet<i64> = work
         .iter()
         .filter_map(|op| match op {
@@ -251,7 +437,7 @@ fn coalesce(work: Vec<Op>) -> Vec<Op> {
         })
         .collect();
     if enqueued.is_empty() {
-        return work;
+        return (work, HashSet::new());
     }
     let done: HashSet<i64> = work
         .iter()
@@ -261,9 +447,10 @@ fn coalesce(work: Vec<Op>) -> Vec<Op> {
         })
         .collect();
     if done.is_empty() {
-        return work;
+        return (work, done);
     }
-    work.into_iter()
+    let work = work
+        .into_iter()
         .filter(|op| match op {
             Op::Enqueue { id, .. }
             | Op::Sent { id, .. }
@@ -271,7 +458,8 @@ fn coalesce(work: Vec<Op>) -> Vec<Op> {
             | Op::Delivered { id } => !done.contains(id),
             _ => true,
         })
-        .collect()
+        .collect();
+    (work, done)
 }
 
 fn subscribe(
@@ -342,10 +530,34 @@ fn retain(
     Ok(())
 }
 
-fn apply(conn: &mut Connection, ops: &[Op], ids: &mut MessageIds) -> Result<(), rusqlite::Error> {
+/// Applies `ops` in one transaction. `early` changes with it: what the batch kept there is
+/// gone again if the batch fails. `started`: when the batch began (the writer's clock, for
+/// [`EarlyUpdates::prune`]).
+fn apply(
+    conn: &mut Connection,
+    ops: &[Op],
+    ids: &mut MessageIds,
+    early: &mut EarlyUpdates,
+    started: Instant,
+) -> Result<(), rusqlite::Error> {
+    let applied = transaction(conn, ops, ids, early, started);
+    match applied {
+        Ok(()) => early.commit(),
+        Err(_) => early.roll_back(),
+    }
+    applied
+}
+
+fn transaction(
+    conn: &mut Connection,
+    ops: &[Op],
+    ids: &mut MessageIds,
+    early: &mut EarlyUpdates,
+    started: Instant,
+) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in ops {
-        apply_one(&tx, op, ids)?;
+        apply_one(&tx, op, ids, early, started)?;
     }
     tx.commit()
 }
@@ -375,7 +587,13 @@ fn store_message(
     Ok(id)
 }
 
-fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), rusqlite::Error> {
+fn apply_one(
+    tx: &Transaction<'_>,
+    op: &Op,
+    ids: &mut MessageIds,
+    early: &mut EarlyUpdates,
+    started: Instant,
+) -> Result<(), rusqlite::Error> {
     let now = crate::cert::now_secs();
     match op {
         Op::Session {
@@ -417,20 +635,27 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
             retain,
             sub_ids,
         } => {
+            let kept = early.take(*id).unwrap_or_default();
+            // Acknowledged (or dropped) before its row came: neither is written, as in
+            // `coalesce`. The message row is not written either; its id is assigned by
+            // whichever op stores it.
+            if kept.contains(&Update::Delivered) {
+                return Ok(());
+            }
             let message_id = store_message(tx, msg, ids, now)?;
             enqueue(tx, *id, key, message_id, *qos, *retain, sub_ids)?;
+            for update in kept {
+                update.apply(tx, *id)?;
+            }
         }
-        Op::Sent { id, pkid } => {
-            tx.prepare_cached("UPDATE queue SET pkid = ?2 WHERE id = ?1")?
-                .execute(params![id, pkid])?;
-        }
-        Op::Released { id } => {
-            tx.prepare_cached("UPDATE queue SET released = 1 WHERE id = ?1")?
-                .execute(params![id])?;
-        }
-        Op::Delivered { id } => {
-            tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?
-                .execute(params![id])?;
+        Op::Sent { .. } | Op::Released { .. } | Op::Delivered { .. } => {
+            if let Some((id, update)) = Update::of(op) {
+                // No row: its Enqueue has not reached the writer yet (or the row is gone
+                // for good); keep the update for it.
+                if update.apply(tx, id)? == 0 {
+                    early.hold(id, update, started);
+                }
+            }
         }
         Op::Retain {
             topic, msg: None, ..
@@ -466,7 +691,7 @@ fn apply_one(tx: &Transaction<'_>, op: &Op, ids: &mut MessageIds) -> Result<(), 
         // Flattened into the batch before this point; applied in order if one gets here.
         Op::Group(inner) => {
             for op in inner {
-                apply_one(tx, op, ids)?;
+                apply_one(tx, op, ids, early, started)?;
             }
         }
     }
@@ -541,4 +766,186 @@ pub(super) fn key(device: String, client_id: String) -> Result<SessionKey, Store
     let device = crate::identity::DeviceName::parse(&device)
         .map_err(|e| StoreError::Corrupt(format!("device name {device:?}: {e}")))?;
     Ok(SessionKey { device, client_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::journal::Forwarded;
+    use crate::mqtt::topic::TopicName;
+
+    fn enqueue_op(id: i64) -> Op {
+        Op::Enqueue {
+            id,
+            key: SessionKey {
+                device: DeviceName::parse("backend").unwrap(),
+                client_id: "a".into(),
+            },
+            msg: Arc::new(Message {
+                topic: TopicName::parse("t/1").unwrap(),
+                payload: bytes::Bytes::from_static(b"x"),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                props: Forwarded::default(),
+                expires_at: None,
+                store_id: Default::default(),
+            }),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            sub_ids: Vec::new(),
+        }
+    }
+
+    fn kept(early: &EarlyUpdates) -> Vec<(i64, Vec<Update>)> {
+        let mut v: Vec<_> = early
+            .held
+            .iter()
+            .map(|(id, h)| (*id, h.updates.clone()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        assert_eq!(early.by_age.len(), early.held.len(), "age index in step");
+        v
+    }
+
+    fn queue_ids(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn.prepare("SELECT id FROM queue ORDER BY id").unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
+    /// An update whose Enqueue never comes (its row was dropped with its session) is kept
+    /// for a while, then dropped; past the cap, the oldest go first.
+    #[test]
+    fn an_update_whose_enqueue_never_comes_is_dropped_after_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open(&dir.path().join("m.db")).unwrap();
+        let mut ids = MessageIds { next: 1 };
+        let mut early = EarlyUpdates::default();
+        let t0 = Instant::now();
+        apply(
+            &mut conn,
+            &[Op::Sent { id: 9, pkid: 1 }, Op::Delivered { id: 9 }],
+            &mut ids,
+            &mut early,
+            t0,
+        )
+        .unwrap();
+        assert_eq!(
+            kept(&early),
+            [(9, vec![Update::Sent { pkid: 1 }, Update::Delivered])]
+        );
+        early.prune(t0 + EARLY_MAX_AGE);
+        assert_eq!(kept(&early).len(), 1, "not yet");
+        early.prune(t0 + EARLY_MAX_AGE + Duration::from_secs(1));
+        assert_eq!(kept(&early), []);
+
+        for id in 0..EARLY_MAX as i64 + 3 {
+            early.hold(id, Update::Released, t0 + Duration::from_micros(id as u64));
+        }
+        early.commit();
+        early.prune(t0);
+        assert_eq!(early.held.len(), EARLY_MAX);
+        assert_eq!(early.by_age.len(), EARLY_MAX);
+        assert!(
+            (0..3).all(|id| !early.held.contains_key(&id)),
+            "the oldest go"
+        );
+        assert!(early.held.contains_key(&3));
+    }
+
+    /// A failed batch leaves nothing it kept behind, and what its Enqueues took is gone
+    /// with them; what earlier batches kept stays.
+    #[test]
+    fn a_failed_batch_leaves_no_kept_updates_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open(&dir.path().join("m.db")).unwrap();
+        let mut ids = MessageIds { next: 1 };
+        let mut early = EarlyUpdates::default();
+        let t0 = Instant::now();
+        apply(
+            &mut conn,
+            &[
+                enqueue_op(1),
+                Op::Sent { id: 10, pkid: 3 },
+                Op::Sent { id: 12, pkid: 4 },
+            ],
+            &mut ids,
+            &mut early,
+            t0,
+        )
+        .unwrap();
+        let before = kept(&early);
+        assert_eq!(
+            before,
+            [
+                (10, vec![Update::Sent { pkid: 3 }]),
+                (12, vec![Update::Sent { pkid: 4 }])
+            ]
+        );
+        // Grows 10's, creates 11's, takes 12's; the duplicate row id then fails the batch.
+        let failed = apply(
+            &mut conn,
+            &[
+                Op::Released { id: 10 },
+                Op::Sent { id: 11, pkid: 5 },
+                Op::Delivered { id: 11 },
+                enqueue_op(12),
+                enqueue_op(1),
+            ],
+            &mut ids,
+            &mut early,
+            t0,
+        );
+        assert!(failed.is_err());
+        assert_eq!(kept(&early), [(10, vec![Update::Sent { pkid: 3 }])]);
+        assert!(early.undo.is_empty());
+        assert_eq!(queue_ids(&conn), [1]);
+
+        // The next batch starts from there.
+        apply(&mut conn, &[enqueue_op(10)], &mut ids, &mut early, t0).unwrap();
+        assert_eq!(kept(&early), []);
+        let pkid: Option<u16> = conn
+            .query_row("SELECT pkid FROM queue WHERE id = 10", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pkid, Some(3));
+    }
+
+    /// Updates kept for a delivery whose Enqueue and Delivered then share a batch: coalesce
+    /// drops the pair, and what was kept goes with it; nothing of the pair is kept.
+    #[test]
+    fn a_coalesced_delivery_leaves_nothing_kept() {
+        let mut early = EarlyUpdates::default();
+        let t0 = Instant::now();
+        early.hold(5, Update::Sent { pkid: 1 }, t0);
+        early.commit();
+        let work = prepare(
+            vec![
+                enqueue_op(5),
+                Op::Delivered { id: 5 },
+                Op::Delivered { id: 6 },
+            ],
+            &mut early,
+        );
+        assert!(matches!(work[..], [Op::Delivered { id: 6 }]), "{work:?}");
+        assert_eq!(kept(&early), []);
+    }
+
+    /// A kept Delivered: the Enqueue writes nothing, not even the message.
+    #[test]
+    fn an_enqueue_after_its_delivered_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open(&dir.path().join("m.db")).unwrap();
+        let mut ids = MessageIds { next: 1 };
+        let mut early = EarlyUpdates::default();
+        let t0 = Instant::now();
+        let ops = [Op::Sent { id: 7, pkid: 2 }, Op::Delivered { id: 7 }];
+        apply(&mut conn, &ops, &mut ids, &mut early, t0).unwrap();
+        apply(&mut conn, &[enqueue_op(7)], &mut ids, &mut early, t0).unwrap();
+        assert_eq!(kept(&early), []);
+        assert_eq!(queue_ids(&conn), Vec::<i64>::new());
+        let messages: i64 = conn
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(messages, 0);
+    }
 }
