@@ -161,7 +161,8 @@ fn load_in_tx(conn: &Connection, now: i64) -> Result<(Recovered, i64), StoreErro
 }
 
 /// Sessions whose expiry passed while the broker was down end now, and expired messages
-/// lose their references (the triggers then take the messages with them).
+/// lose their references (the triggers then take the messages with them); deliveries of
+/// sessions that do not exist and messages nothing refers to are removed.
 fn purge_expired(conn: &Connection, now: i64) -> Result<(), StoreError> {
     let mut expired = Vec::new();
     {
@@ -190,6 +191,18 @@ fn purge_expired(conn: &Connection, now: i64) -> Result<(), StoreError> {
             params![now],
         )?;
     }
+    // Deliveries of sessions that no longer exist (written by versions that queued for a
+    // session ended while the message was being routed), and messages nothing refers to.
+    conn.execute(
+        "DELETE FROM queue WHERE NOT EXISTS (SELECT 1 FROM sessions s
+             WHERE s.device = queue.device AND s.client_id = queue.client_id)",
+        [],
+    )?;
+    conn.execute(
+        "DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM queue WHERE message_id = messages.id)
+             AND NOT EXISTS (SELECT 1 FROM retained WHERE message_id = messages.id)",
+        [],
+    )?;
     Ok(())
 }
 

@@ -551,3 +551,26 @@ fn a_delivery_acknowledged_before_its_enqueue_reached_the_writer_stays_delivered
             .collect::<Vec<_>>()
     );
 }
+
+/// Deliveries left for a session the store no longer holds (older versions queued for a
+/// session that ended while the message was being routed) are removed at start, and the
+/// messages only they referred to with them.
+#[test]
+fn deliveries_of_a_session_that_is_gone_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path()).unwrap();
+        sessions(&store, &["a", "b"]);
+        enqueue(&store, "a", &message("t/1", b"orphan", false));
+        enqueue(&store, "b", &message("t/2", b"kept", false));
+        barrier(&store);
+    }
+    let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    c.execute("DELETE FROM sessions WHERE client_id = 'a'", [])
+        .unwrap();
+    drop(c);
+    let (_store, recovered) = Store::open(dir.path()).unwrap();
+    assert_eq!(recovered.sessions.len(), 1);
+    assert_eq!(count(dir.path(), "SELECT count(*) FROM queue"), 1);
+    assert_eq!(messages(dir.path()), 1);
+}

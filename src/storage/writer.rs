@@ -488,6 +488,14 @@ fn subscribe(
     Ok(())
 }
 
+/// Whether the store holds the persistent session `key`.
+fn session_exists(tx: &Transaction<'_>, key: &SessionKey) -> Result<bool, rusqlite::Error> {
+    tx.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM sessions WHERE device = ?1 AND client_id = ?2)",
+    )?
+    .query_row(params![key.device.as_str(), key.client_id], |r| r.get(0))
+}
+
 fn enqueue(
     tx: &Transaction<'_>,
     id: i64,
@@ -642,6 +650,11 @@ fn apply_one(
             if kept.contains(&Update::Delivered) {
                 return Ok(());
             }
+            // The session ended (a clean start took it over, it expired) while the
+            // publisher's group was still open: a row for it would never be read again.
+            if !session_exists(tx, key)? {
+                return Ok(());
+            }
             let message_id = store_message(tx, msg, ids, now)?;
             enqueue(tx, *id, key, message_id, *qos, *retain, sub_ids)?;
             for update in kept {
@@ -774,6 +787,18 @@ mod tests {
     use crate::broker::journal::Forwarded;
     use crate::mqtt::topic::TopicName;
 
+    /// The session `enqueue_op` queues for.
+    fn session_op() -> Op {
+        Op::Session {
+            key: SessionKey {
+                device: DeviceName::parse("backend").unwrap(),
+                client_id: "a".into(),
+            },
+            expiry: None,
+            expires_at: None,
+        }
+    }
+
     fn enqueue_op(id: i64) -> Op {
         Op::Enqueue {
             id,
@@ -865,6 +890,7 @@ mod tests {
         apply(
             &mut conn,
             &[
+                session_op(),
                 enqueue_op(1),
                 Op::Sent { id: 10, pkid: 3 },
                 Op::Sent { id: 12, pkid: 4 },
@@ -938,7 +964,11 @@ mod tests {
         let mut ids = MessageIds { next: 1 };
         let mut early = EarlyUpdates::default();
         let t0 = Instant::now();
-        let ops = [Op::Sent { id: 7, pkid: 2 }, Op::Delivered { id: 7 }];
+        let ops = [
+            session_op(),
+            Op::Sent { id: 7, pkid: 2 },
+            Op::Delivered { id: 7 },
+        ];
         apply(&mut conn, &ops, &mut ids, &mut early, t0).unwrap();
         apply(&mut conn, &[enqueue_op(7)], &mut ids, &mut early, t0).unwrap();
         assert_eq!(kept(&early), []);
@@ -947,5 +977,32 @@ mod tests {
             .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
             .unwrap();
         assert_eq!(messages, 0);
+    }
+
+    /// An Enqueue for a session the store does not hold (it ended while the publisher's
+    /// group was open) writes neither the delivery nor the message.
+    #[test]
+    fn an_enqueue_for_a_session_that_ended_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open(&dir.path().join("m.db")).unwrap();
+        let mut ids = MessageIds { next: 1 };
+        let mut early = EarlyUpdates::default();
+        let t0 = Instant::now();
+        apply(&mut conn, &[enqueue_op(8)], &mut ids, &mut early, t0).unwrap();
+        assert_eq!(queue_ids(&conn), Vec::<i64>::new());
+        let messages: i64 = conn
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(messages, 0);
+        // With the session: written.
+        apply(
+            &mut conn,
+            &[session_op(), enqueue_op(9)],
+            &mut ids,
+            &mut early,
+            t0,
+        )
+        .unwrap();
+        assert_eq!(queue_ids(&conn), [9]);
     }
 }
