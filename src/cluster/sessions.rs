@@ -6,8 +6,9 @@
 //! - The session's **record** (expiry, subscriptions, which node holds it) is one value in
 //!   the bucket `<prefix>_sessions`, keyed by the session's claim key.
 //! - Its **pending messages** are the unacknowledged messages of its own durable consumers
-//!   on `<prefix>_msgs`: one per stored-QoS subscription and subject (`a/#` is `a` and
-//!   `a.>`), as nats-server's MQTT support does. JetStream keeps them while nobody is
+//!   on `<prefix>_msgs`: one per subject of its stored-QoS plain subscriptions (`a/#` is
+//!   `a` and `a.>`; overlapping filters share a subject's consumer, which goes only when
+//!   no subscription needs it any more), as nats-server's MQTT support does. JetStream keeps them while nobody is
 //!   connected; whichever node holds the session pulls them ([`SessionStore::feed`]) into
 //!   the session's queue, and a message is acknowledged to JetStream only when the device
 //!   acknowledged it (PUBACK, PUBCOMP), or it expired or was refused by the ACL.
@@ -17,7 +18,7 @@
 //! by one task, and a barrier completes once every op before it reached JetStream, so a
 //! SUBACK means the subscription's consumer exists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -124,6 +125,29 @@ impl Sub {
             _ => Vec::new(),
         }
     }
+}
+
+/// The subjects whose consumers a session with these subscriptions needs. A consumer is
+/// per (session, subject), not per filter: `a/#` (`a`, `a.>`) and `a` share the one for
+/// `a`, so what a change may delete is decided by what the remaining subscriptions need.
+fn needed_subjects(subs: &[Sub]) -> BTreeSet<String> {
+    subs.iter().flat_map(Sub::stored_subjects).collect()
+}
+
+/// The consumer changes of a record whose subscriptions went from needing `before` to
+/// `after`: `ensure` is created (true), and what is no longer needed deleted (false).
+fn consumer_changes(
+    before: &BTreeSet<String>,
+    after: &[Sub],
+    ensure: Vec<String>,
+) -> Vec<(String, bool)> {
+    let after = needed_subjects(after);
+    let mut changes: Vec<(String, bool)> = before
+        .difference(&after)
+        .map(|s| (s.clone(), false))
+        .collect();
+    changes.extend(ensure.into_iter().map(|s| (s, true)));
+    changes
 }
 
 /// The durable consumer of a session's subscription subject.
@@ -471,12 +495,10 @@ impl SessionStore {
                 .get_stream(cluster.names.messages_stream())
                 .await
                 .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
-            for s in &record.subscriptions {
-                for subject in s.stored_subjects() {
-                    let _ = stream
-                        .delete_consumer(&consumer_name(&claim, &subject))
-                        .await;
-                }
+            for subject in needed_subjects(&record.subscriptions) {
+                let _ = stream
+                    .delete_consumer(&consumer_name(&claim, &subject))
+                    .await;
             }
             tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
         }
@@ -570,21 +592,12 @@ impl Writer {
                 let sub = Sub::new(&filter, &opts, aliased);
                 let outcome = self
                     .change(&key, false, move |r| {
-                        let before = r
-                            .subscriptions
-                            .iter()
-                            .position(|s| s.filter == sub.filter)
-                            .map(|i| r.subscriptions.remove(i));
+                        let before = needed_subjects(&r.subscriptions);
+                        r.subscriptions.retain(|s| s.filter != sub.filter);
                         r.subscriptions.push(sub.clone());
-                        let old = before.map(|b| b.stored_subjects()).unwrap_or_default();
-                        let new = sub.stored_subjects();
-                        let mut changes: Vec<(String, bool)> = old
-                            .into_iter()
-                            .filter(|s| !new.contains(s))
-                            .map(|s| (s, false))
-                            .collect();
-                        changes.extend(new.into_iter().map(|s| (s, true)));
-                        changes
+                        // The new subscription's consumers are ensured even when the
+                        // subject was needed already (creating an existing one keeps it).
+                        consumer_changes(&before, &r.subscriptions, sub.stored_subjects())
                     })
                     .await;
                 self.settle(outcome);
@@ -592,15 +605,9 @@ impl Writer {
             Op::Unsubscribe { key, filter } => {
                 let outcome = self
                     .change(&key, false, |r| {
-                        let Some(i) = r.subscriptions.iter().position(|s| s.filter == filter)
-                        else {
-                            return Vec::new();
-                        };
-                        let gone = r.subscriptions.remove(i);
-                        gone.stored_subjects()
-                            .into_iter()
-                            .map(|s| (s, false))
-                            .collect()
+                        let before = needed_subjects(&r.subscriptions);
+                        r.subscriptions.retain(|s| s.filter != filter);
+                        consumer_changes(&before, &r.subscriptions, Vec::new())
                     })
                     .await;
                 self.settle(outcome);
@@ -763,13 +770,11 @@ impl Writer {
             tracing::debug!(claim = %claim, "session held by another node now; not removed");
             return Ok(());
         }
-        for s in &record.subscriptions {
-            for subject in s.stored_subjects() {
-                let _ = self
-                    .stream
-                    .delete_consumer(&consumer_name(&claim, &subject))
-                    .await;
-            }
+        for subject in needed_subjects(&record.subscriptions) {
+            let _ = self
+                .stream
+                .delete_consumer(&consumer_name(&claim, &subject))
+                .await;
         }
         tokio::time::timeout(STEP_TIMEOUT, self.store.delete(&claim))
             .await
@@ -928,6 +933,30 @@ mod tests {
         assert!(Sub::new("$share/g/a/#", &at(QoS::AtLeastOnce), false)
             .stored_subjects()
             .is_empty());
+    }
+
+    #[test]
+    fn a_shared_subject_keeps_its_consumer_while_a_subscription_needs_it() {
+        let at = SubOptions::with_qos;
+        let wide = Sub::new("a/#", &at(QoS::AtLeastOnce), false);
+        let narrow = Sub::new("a", &at(QoS::ExactlyOnce), false);
+        let before = needed_subjects(&[wide.clone(), narrow.clone()]);
+        // Unsubscribing `a`: `a/#` still needs `a`; nothing is deleted.
+        assert!(consumer_changes(&before, std::slice::from_ref(&wide), Vec::new()).is_empty());
+        // `a` at QoS 0 instead: same.
+        let zero = Sub::new("a", &at(QoS::AtMostOnce), false);
+        assert!(consumer_changes(&before, &[wide.clone(), zero.clone()], Vec::new()).is_empty());
+        // Unsubscribing `a/#` then: only `a.>` goes.
+        assert_eq!(
+            consumer_changes(&before, std::slice::from_ref(&narrow), Vec::new()),
+            vec![("a.>".to_owned(), false)]
+        );
+        // The last one: `a` goes too.
+        let only = needed_subjects(std::slice::from_ref(&narrow));
+        assert_eq!(
+            consumer_changes(&only, &[zero], Vec::new()),
+            vec![("a".to_owned(), false)]
+        );
     }
 
     #[test]

@@ -314,11 +314,12 @@ async fn resuming_a_cluster_session_without_nats_is_refused_until_nats_is_back()
     }
 }
 
-/// Review: `a/#` has the consumers `a` and `a.>`, and the filter `a` has `a` too: one
-/// durable consumer for both. Removing the filter `a` (UNSUBSCRIBE, or a QoS 0
-/// SUBSCRIBE replacing it) must not take away what `a/#` still receives.
+/// `a/#` has the consumers `a` and `a.>`, and the filter `a` has `a` too: one durable
+/// consumer for both. Removing the filter `a` (UNSUBSCRIBE while offline afterwards, or a
+/// QoS 0 SUBSCRIBE replacing it while online) keeps that consumer, so every QoS 1 message
+/// `a/#` still matches arrives, online and after a resume on the other node.
 #[tokio::test]
-async fn review_overlapping_filters_share_a_consumer() {
+async fn removing_one_of_two_overlapping_filters_keeps_what_the_other_receives() {
     use crate::common::coretests::raw::{raw_ack, Pkt, Raw};
     let Some(t) = Two::start().await else { return };
     let mut pb = Peer::connect(&t.backend, t.b.mqtt, V::V4, "pub-ov", &Opts::default()).await;
