@@ -48,6 +48,10 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 const MAX_ACK_PENDING: i64 = 1024;
 /// A message the session could not take (queue full and stalled) comes again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How often the sweep reads every record even though no run was seen dying: records of
+/// runs that ended unseen (every node restarted) are found at start and then this often.
+/// Each scan costs one read per record, on every node.
+const FULL_SCAN: Duration = Duration::from_secs(300);
 
 /// A session's record in `<prefix>_sessions`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -282,29 +286,51 @@ impl SessionStore {
 
     /// The session `key` as JetStream holds it (subscriptions and expiry; its messages
     /// stay in its consumers), None when there is none.
+    ///
+    /// A record whose end time (`expires_at`, set while nobody is connected) has passed is
+    /// no session: it is not resumed (Session Present 0), whoever held it, and it is
+    /// discarded here as the sweep would (record at the revision read, then consumers).
+    /// Its holder may be a run nobody saw die (every node restarted), whose sessions the
+    /// sweep only finds at its next full scan.
     pub async fn load(&self, key: &SessionKey) -> Result<Option<StoredSession>, ClusterError> {
-        let Some(store) = self.store.get() else {
+        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
             return Err(ClusterError::jetstream(
                 "reading a session",
                 "not joined yet",
             ));
         };
-        let Some((_, record)) = read(store, &claim_key(key)).await? else {
-            return Ok(None);
-        };
-        let subscriptions = record
-            .subscriptions
-            .iter()
-            .map(|s| (s.filter.clone(), s.options(), s.aliased))
-            .collect();
-        Ok(Some(StoredSession {
-            key: key.clone(),
-            expiry: record.expiry,
-            expires_at: record.expires_at,
-            subscriptions,
-            queue: Vec::new(),
-            inbound: Vec::new(),
-        }))
+        let claim = claim_key(key);
+        // A record written between the read and the discard (resumed on another node
+        // meanwhile) is read again: it may be live now.
+        for _ in 0..3 {
+            let Some((revision, record)) = read(store, &claim).await? else {
+                return Ok(None);
+            };
+            let now = crate::cert::now_secs();
+            if record.expires_at.is_none_or(|at| at > now) {
+                let subscriptions = record
+                    .subscriptions
+                    .iter()
+                    .map(|s| (s.filter.clone(), s.options(), s.aliased))
+                    .collect();
+                return Ok(Some(StoredSession {
+                    key: key.clone(),
+                    expiry: record.expiry,
+                    expires_at: record.expires_at,
+                    subscriptions,
+                    queue: Vec::new(),
+                    inbound: Vec::new(),
+                }));
+            }
+            if discard(cluster, store, &claim, revision, &record).await? {
+                tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired while nobody held it; discarded instead of resumed");
+                return Ok(None);
+            }
+        }
+        Err(ClusterError::jetstream(
+            "reading a session",
+            "its record kept changing",
+        ))
     }
 
     /// Whether JetStream holds a session under `key` (false when it cannot be read).
@@ -407,56 +433,81 @@ impl SessionStore {
         });
     }
 
-    /// Sessions whose node died leave their record behind: every `every`, while some run
-    /// is dead, ends those whose expiry passed (counted from when their node was found
-    /// dead, for a session that was connected then). A scan reads every record, so it
-    /// runs only when a run died since the last one, or when the earliest deadline it
-    /// found has come.
+    /// Sessions whose node died leave their record behind: every `every`, this ends those
+    /// whose expiry passed (counted from when their node was found dead, for a session
+    /// that was connected then). A scan reads every record, so it runs when a run died
+    /// since the last one, when the earliest deadline it found has come, and in full at
+    /// start and every [`FULL_SCAN`]: a run that ended before this one started (every
+    /// node restarted) or while this node could not see it is never in
+    /// [`Liveness::dead_runs`], yet its records are a dead run's all the same.
     pub fn sweep(self: &Arc<Self>, every: Duration, liveness: Arc<Liveness>) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut known_dead = HashSet::new();
             let mut next: Option<i64> = None;
+            let mut last_full: Option<std::time::Instant> = None;
             loop {
-                tokio::time::sleep(every).await;
                 let dead: HashSet<(String, String)> = liveness.dead_runs().into_iter().collect();
-                if dead.is_empty() {
-                    continue;
-                }
                 let now = crate::cert::now_secs();
-                if dead == known_dead && next.is_none_or(|at| at > now) {
-                    continue;
-                }
-                match this.sweep_once(&liveness).await {
-                    Ok(at) => {
-                        known_dead = dead;
-                        next = at;
+                let full = last_full.is_none_or(|at| at.elapsed() >= FULL_SCAN);
+                let due = next.is_some_and(|at| at <= now);
+                if full || due || dead != known_dead {
+                    // After listing the records: every run that wrote one wrote its
+                    // heartbeat before, so one read of the heartbeats tells which are dead.
+                    let scan = async {
+                        let claims = this.list().await?;
+                        liveness.poll().await?;
+                        this.sweep_once(claims, &liveness).await
+                    };
+                    match scan.await {
+                        Ok(at) => {
+                            known_dead = dead;
+                            next = at;
+                            if full {
+                                last_full = Some(std::time::Instant::now());
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "session sweep failed; next time"),
                     }
-                    Err(e) => tracing::debug!(error = %e, "session sweep failed; next time"),
                 }
+                tokio::time::sleep(every).await;
             }
         });
     }
 
-    /// One scan; returns the earliest deadline still to come of a dead node's session.
-    async fn sweep_once(&self, liveness: &Liveness) -> Result<Option<i64>, ClusterError> {
-        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
-            return Ok(None);
+    /// The claim keys of every record.
+    async fn list(&self) -> Result<Vec<String>, ClusterError> {
+        let Some(store) = self.store.get() else {
+            return Ok(Vec::new());
         };
         let mut keys = store
             .keys()
             .await
             .map_err(|e| ClusterError::jetstream("listing sessions", e))?;
         let mut claims = Vec::new();
-        while let Some(Ok(claim)) = keys.next().await {
-            claims.push(claim);
+        while let Some(claim) = keys.next().await {
+            claims.push(claim.map_err(|e| ClusterError::jetstream("listing sessions", e))?);
         }
+        Ok(claims)
+    }
+
+    /// One scan of `claims`; returns the earliest deadline still to come of a dead run's
+    /// session.
+    async fn sweep_once(
+        &self,
+        claims: Vec<String>,
+        liveness: &Liveness,
+    ) -> Result<Option<i64>, ClusterError> {
+        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
+            return Ok(None);
+        };
         let now = crate::cert::now_secs();
         let mut next = None;
         for claim in claims {
             let Some((revision, mut record)) = read(store, &claim).await? else {
                 continue;
             };
+            // A live holder ends its sessions itself, at their expiry.
             let orphan = matches!(
                 liveness.verdict(&record.node, &record.run),
                 Verdict::Dead { .. }
@@ -482,28 +533,46 @@ impl SessionStore {
                 next = Some(next.map_or(at, |n: i64| n.min(at)));
                 continue;
             }
-            // One node wins the delete (compare-and-set on the revision it read).
-            if store
-                .delete_expect_revision(&claim, Some(revision))
-                .await
-                .is_err()
-            {
-                continue;
+            if discard(cluster, store, &claim, revision, &record).await? {
+                tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
             }
-            let stream = cluster
-                .js
-                .get_stream(cluster.names.messages_stream())
-                .await
-                .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
-            for subject in needed_subjects(&record.subscriptions) {
-                let _ = stream
-                    .delete_consumer(&consumer_name(&claim, &subject))
-                    .await;
-            }
-            tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
         }
         Ok(next)
     }
+}
+
+/// Ends a session nobody holds: removes its record at `revision` (compare-and-set: of the
+/// nodes sweeping, or a sweep and a resume, exactly one ends it, and a record written
+/// since, by a node resuming it, is left alone), then its consumers and with them the
+/// messages only they kept. False when the record changed since it was read.
+async fn discard(
+    cluster: &Cluster,
+    store: &kv::Store,
+    claim: &str,
+    revision: u64,
+    record: &Record,
+) -> Result<bool, ClusterError> {
+    let delete = store.delete_expect_revision(claim, Some(revision));
+    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
+            return Ok(false);
+        }
+        Err(_) => return Err(ClusterError::jetstream("removing a session", "no answer")),
+    }
+    // The record is gone, so nobody resumes the session: its consumers can go at leisure.
+    let stream = cluster
+        .js
+        .get_stream(cluster.names.messages_stream())
+        .await
+        .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+    for subject in needed_subjects(&record.subscriptions) {
+        let _ = stream
+            .delete_consumer(&consumer_name(claim, &subject))
+            .await;
+    }
+    Ok(true)
 }
 
 /// Reads a record: its revision and value; None when there is none (or a delete marker).
