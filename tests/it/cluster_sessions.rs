@@ -367,11 +367,12 @@ async fn removing_one_of_two_overlapping_filters_keeps_what_the_other_receives()
     );
 }
 
-/// Review: one node, no move, no failure. A QoS 2 subscriber slower than JetStream's
-/// acknowledgement wait (10 s) behind a full queue: every message must still arrive
-/// exactly once.
+/// One node, no move, no failure: a QoS 2 subscriber whose backlog takes longer to drain
+/// than JetStream's acknowledgement wait (10 s), behind a queue of 4, gets every message
+/// exactly once. The node pulls no more than the queue takes, and a copy JetStream sends
+/// again of a message the session still holds or already acknowledged is not queued.
 #[tokio::test]
-async fn review_a_slow_qos2_subscriber_on_one_node_gets_each_message_once() {
+async fn a_slow_qos2_subscriber_on_one_node_gets_each_message_once() {
     use crate::common::coretests::raw::{raw_ack, Pkt, Raw, PUBCOMP, PUBREC, PUBREL};
     use crate::common::nats::Nats;
     use crate::common::ops::{pinned, Proc, BACKEND_PROFILE};
