@@ -386,6 +386,13 @@ impl Session {
         inner.queue.len() < inner.max_queued
     }
 
+    /// How many more deliveries the queue takes now (cluster mode pulls no more than this
+    /// from a persistent session's consumers).
+    pub fn free_room(&self) -> usize {
+        let inner = self.lock();
+        inner.max_queued.saturating_sub(inner.queue.len())
+    }
+
     /// When a paced publisher should look again even without a wake-up: the moment this
     /// session would count as stalled.
     pub fn stall_deadline(&self, stall: std::time::Duration) -> tokio::time::Instant {

@@ -6,8 +6,9 @@
 //! - The session's **record** (expiry, subscriptions, which node holds it) is one value in
 //!   the bucket `<prefix>_sessions`, keyed by the session's claim key.
 //! - Its **pending messages** are the unacknowledged messages of its own durable consumers
-//!   on `<prefix>_msgs`: one per stored-QoS subscription and subject (`a/#` is `a` and
-//!   `a.>`), as nats-server's MQTT support does. JetStream keeps them while nobody is
+//!   on `<prefix>_msgs`: one per subject of its stored-QoS plain subscriptions (`a/#` is
+//!   `a` and `a.>`; overlapping filters share a subject's consumer, which goes only when
+//!   no subscription needs it any more), as nats-server's MQTT support does. JetStream keeps them while nobody is
 //!   connected; whichever node holds the session pulls them ([`SessionStore::feed`]) into
 //!   the session's queue, and a message is acknowledged to JetStream only when the device
 //!   acknowledged it (PUBACK, PUBCOMP), or it expired or was refused by the ACL.
@@ -17,13 +18,13 @@
 //! by one task, and a barrier completes once every op before it reached JetStream, so a
 //! SUBACK means the subscription's consumer exists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, AckKind};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -45,8 +46,25 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Unacknowledged messages per consumer (the session's queue bounds what is pulled).
 const MAX_ACK_PENDING: i64 = 1024;
+/// At most this many messages per pull request (fewer when the session's queue has less
+/// room).
+const MAX_BATCH: usize = 200;
+/// How long a pull request waits at JetStream for messages before another is sent.
+const PULL_WAIT: Duration = Duration::from_secs(30);
+/// A consumer's ack floor is read again once this many acknowledgements above it are
+/// kept ([`Acked`]).
+const ACKED_PRUNE: usize = 64;
+/// At most this many acknowledgements above the floor are kept per consumer, the oldest
+/// going first: a bound on memory for a consumer whose floor one message holds down
+/// (a copy of a message acknowledged more than this many acknowledgements ago, and still
+/// above the floor, would be queued again).
+const ACKED_KEPT: usize = 4 * MAX_ACK_PENDING as usize;
 /// A message the session could not take (queue full and stalled) comes again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How often the sweep reads every record even though no run was seen dying: records of
+/// runs that ended unseen (every node restarted) are found at start and then this often.
+/// Each scan costs one read per record, on every node.
+const FULL_SCAN: Duration = Duration::from_secs(300);
 
 /// A session's record in `<prefix>_sessions`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -126,6 +144,29 @@ impl Sub {
     }
 }
 
+/// The subjects whose consumers a session with these subscriptions needs. A consumer is
+/// per (session, subject), not per filter: `a/#` (`a`, `a.>`) and `a` share the one for
+/// `a`, so what a change may delete is decided by what the remaining subscriptions need.
+fn needed_subjects(subs: &[Sub]) -> BTreeSet<String> {
+    subs.iter().flat_map(Sub::stored_subjects).collect()
+}
+
+/// The consumer changes of a record whose subscriptions went from needing `before` to
+/// `after`: `ensure` is created (true), and what is no longer needed deleted (false).
+fn consumer_changes(
+    before: &BTreeSet<String>,
+    after: &[Sub],
+    ensure: Vec<String>,
+) -> Vec<(String, bool)> {
+    let after = needed_subjects(after);
+    let mut changes: Vec<(String, bool)> = before
+        .difference(&after)
+        .map(|s| (s.clone(), false))
+        .collect();
+    changes.extend(ensure.into_iter().map(|s| (s, true)));
+    changes
+}
+
 /// The durable consumer of a session's subscription subject.
 fn consumer_name(claim: &str, subject: &str) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -138,8 +179,61 @@ fn consumer_name(claim: &str, subject: &str) -> String {
 /// A pulled message in a session's queue, until the device acknowledges it.
 struct Held {
     claim: String,
+    /// The consumer it came through.
+    consumer: String,
     seq: u64,
     msg: jetstream::Message,
+}
+
+/// What one consumer of a session had acknowledged through this node: a copy of one of
+/// these coming again is acknowledged again and dropped, never queued a second time.
+///
+/// Why copies come again: JetStream redelivers a message whose acknowledgement wait
+/// passed, and acknowledgements and deliveries cross on the way (a copy sent just before
+/// JetStream processed the acknowledgement). Once the original is acknowledged it is no
+/// longer in `held`, so without this a QoS 2 message would reach the device twice on one
+/// node with nothing failing. Pulling no more than the session's queue takes
+/// ([`Feeder::pull_once`]) makes such copies rare; this makes them harmless.
+///
+/// Bounded by JetStream's own record: every stream sequence of the consumer at or below
+/// its ack floor is acknowledged, so only acknowledgements above the floor as last read
+/// are kept (and at most [`ACKED_KEPT`] of them, should one message hold the floor down
+/// for long). A redelivery after another node's death is of a message nobody
+/// acknowledged: it is in no such set and above the floor, and is delivered.
+#[derive(Debug, Default)]
+struct Acked {
+    /// The consumer's ack floor (a stream sequence) when last read.
+    floor: u64,
+    /// Stream sequences acknowledged here above `floor`.
+    above: BTreeSet<u64>,
+    /// How many `above` held after the last read of the floor: it is read again once
+    /// that doubled (at least [`ACKED_PRUNE`]).
+    after_read: usize,
+}
+
+impl Acked {
+    fn note(&mut self, seq: u64) {
+        if seq <= self.floor {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.len() > ACKED_KEPT {
+            self.above.pop_first();
+        }
+    }
+
+    fn set_floor(&mut self, floor: u64) {
+        if floor > self.floor {
+            self.floor = floor;
+            self.above = self.above.split_off(&floor.saturating_add(1));
+        }
+        self.after_read = self.above.len();
+    }
+
+    fn wants_floor(&self) -> bool {
+        let grown = self.after_read.saturating_mul(2).min(ACKED_KEPT);
+        self.above.len() >= ACKED_PRUNE.max(grown)
+    }
 }
 
 /// A change to what a running feeder pulls.
@@ -160,6 +254,9 @@ struct Shared {
     /// so a message delivered again (by a second overlapping consumer, or after the
     /// acknowledgement wait) is not queued twice.
     held: Mutex<HashMap<String, HeldBy>>,
+    /// Per session (claim key) and consumer: what this node acknowledged of it.
+    /// Locked inside `held` (never the other way round).
+    acked: Mutex<HashMap<String, HashMap<String, Acked>>>,
     /// Per session held here and online: its feeder.
     feeders: Mutex<HashMap<String, mpsc::UnboundedSender<Feed>>>,
     /// Sessions released to another node since the writer last looked: it forgets what
@@ -171,6 +268,51 @@ struct Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// The session `claim` acknowledged stream message `seq` to JetStream through consumer
+    /// `consumer` (or is about to).
+    fn note_acked(&self, claim: &str, consumer: &str, seq: u64) {
+        lock(&self.acked)
+            .entry(claim.to_owned())
+            .or_default()
+            .entry(consumer.to_owned())
+            .or_default()
+            .note(seq);
+    }
+
+    /// Whether the session acknowledged stream message `seq` already: through any of its
+    /// consumers (a sequence names one message of the stream), or at or below the ack
+    /// floor of `consumer`, the one a copy came through (a floor says nothing of the
+    /// messages of another consumer's subjects).
+    fn was_acked(&self, claim: &str, consumer: &str, seq: u64) -> bool {
+        let acked = lock(&self.acked);
+        let Some(session) = acked.get(claim) else {
+            return false;
+        };
+        session.get(consumer).is_some_and(|a| seq <= a.floor)
+            || session.values().any(|a| a.above.contains(&seq))
+    }
+
+    /// Forgets what the session acknowledged: all of it (`consumer` None: the session left
+    /// this node) or one consumer's (deleted: no copy comes through it any more).
+    fn forget_acked(&self, claim: &str, consumer: Option<&str>) {
+        let mut acked = lock(&self.acked);
+        match consumer {
+            None => {
+                acked.remove(claim);
+            }
+            Some(name) => {
+                if let Some(session) = acked.get_mut(claim) {
+                    session.remove(name);
+                    if session.is_empty() {
+                        acked.remove(claim);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The cluster's session store; the broker's durability backend in cluster mode.
@@ -264,29 +406,51 @@ impl SessionStore {
 
     /// The session `key` as JetStream holds it (subscriptions and expiry; its messages
     /// stay in its consumers), None when there is none.
+    ///
+    /// A record whose end time (`expires_at`, set while nobody is connected) has passed is
+    /// no session: it is not resumed (Session Present 0), whoever held it, and it is
+    /// discarded here as the sweep would (record at the revision read, then consumers).
+    /// Its holder may be a run nobody saw die (every node restarted), whose sessions the
+    /// sweep only finds at its next full scan.
     pub async fn load(&self, key: &SessionKey) -> Result<Option<StoredSession>, ClusterError> {
-        let Some(store) = self.store.get() else {
+        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
             return Err(ClusterError::jetstream(
                 "reading a session",
                 "not joined yet",
             ));
         };
-        let Some((_, record)) = read(store, &claim_key(key)).await? else {
-            return Ok(None);
-        };
-        let subscriptions = record
-            .subscriptions
-            .iter()
-            .map(|s| (s.filter.clone(), s.options(), s.aliased))
-            .collect();
-        Ok(Some(StoredSession {
-            key: key.clone(),
-            expiry: record.expiry,
-            expires_at: record.expires_at,
-            subscriptions,
-            queue: Vec::new(),
-            inbound: Vec::new(),
-        }))
+        let claim = claim_key(key);
+        // A record written between the read and the discard (resumed on another node
+        // meanwhile) is read again: it may be live now.
+        for _ in 0..3 {
+            let Some((revision, record)) = read(store, &claim).await? else {
+                return Ok(None);
+            };
+            let now = crate::cert::now_secs();
+            if record.expires_at.is_none_or(|at| at > now) {
+                let subscriptions = record
+                    .subscriptions
+                    .iter()
+                    .map(|s| (s.filter.clone(), s.options(), s.aliased))
+                    .collect();
+                return Ok(Some(StoredSession {
+                    key: key.clone(),
+                    expiry: record.expiry,
+                    expires_at: record.expires_at,
+                    subscriptions,
+                    queue: Vec::new(),
+                    inbound: Vec::new(),
+                }));
+            }
+            if discard(cluster, store, &claim, revision, &record).await? {
+                tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired while nobody held it; discarded instead of resumed");
+                return Ok(None);
+            }
+        }
+        Err(ClusterError::jetstream(
+            "reading a session",
+            "its record kept changing",
+        ))
     }
 
     /// Whether JetStream holds a session under `key` (false when it cannot be read).
@@ -311,6 +475,7 @@ impl SessionStore {
             .collect();
         drop(acks);
         lock(&self.shared.feeders).remove(&claim);
+        self.shared.forget_acked(&claim, None);
         lock(&self.shared.released).push(claim);
         if back.is_empty() {
             return;
@@ -374,13 +539,18 @@ impl SessionStore {
                             if let Some(task) = pulls.remove(&name) {
                                 task.abort();
                             }
+                            shared.forget_acked(&claim, Some(&name));
                         }
                         None => break,
                     },
                 }
             }
-            for task in pulls.values() {
-                task.abort();
+            // Stopped: each pull ends by itself, giving back what it had pulled and not
+            // queued (`give_back`); aborting it would leave that to the acknowledgement wait.
+            if !stop.is_cancelled() {
+                for task in pulls.values() {
+                    task.abort();
+                }
             }
             let mut feeders = lock(&shared.feeders);
             if feeders.get(&claim).is_some_and(|t| t.same_channel(&tx)) {
@@ -389,56 +559,81 @@ impl SessionStore {
         });
     }
 
-    /// Sessions whose node died leave their record behind: every `every`, while some run
-    /// is dead, ends those whose expiry passed (counted from when their node was found
-    /// dead, for a session that was connected then). A scan reads every record, so it
-    /// runs only when a run died since the last one, or when the earliest deadline it
-    /// found has come.
+    /// Sessions whose node died leave their record behind: every `every`, this ends those
+    /// whose expiry passed (counted from when their node was found dead, for a session
+    /// that was connected then). A scan reads every record, so it runs when a run died
+    /// since the last one, when the earliest deadline it found has come, and in full at
+    /// start and every [`FULL_SCAN`]: a run that ended before this one started (every
+    /// node restarted) or while this node could not see it is never in
+    /// [`Liveness::dead_runs`], yet its records are a dead run's all the same.
     pub fn sweep(self: &Arc<Self>, every: Duration, liveness: Arc<Liveness>) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut known_dead = HashSet::new();
             let mut next: Option<i64> = None;
+            let mut last_full: Option<std::time::Instant> = None;
             loop {
-                tokio::time::sleep(every).await;
                 let dead: HashSet<(String, String)> = liveness.dead_runs().into_iter().collect();
-                if dead.is_empty() {
-                    continue;
-                }
                 let now = crate::cert::now_secs();
-                if dead == known_dead && next.is_none_or(|at| at > now) {
-                    continue;
-                }
-                match this.sweep_once(&liveness).await {
-                    Ok(at) => {
-                        known_dead = dead;
-                        next = at;
+                let full = last_full.is_none_or(|at| at.elapsed() >= FULL_SCAN);
+                let due = next.is_some_and(|at| at <= now);
+                if full || due || dead != known_dead {
+                    // After listing the records: every run that wrote one wrote its
+                    // heartbeat before, so one read of the heartbeats tells which are dead.
+                    let scan = async {
+                        let claims = this.list().await?;
+                        liveness.poll().await?;
+                        this.sweep_once(claims, &liveness).await
+                    };
+                    match scan.await {
+                        Ok(at) => {
+                            known_dead = dead;
+                            next = at;
+                            if full {
+                                last_full = Some(std::time::Instant::now());
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "session sweep failed; next time"),
                     }
-                    Err(e) => tracing::debug!(error = %e, "session sweep failed; next time"),
                 }
+                tokio::time::sleep(every).await;
             }
         });
     }
 
-    /// One scan; returns the earliest deadline still to come of a dead node's session.
-    async fn sweep_once(&self, liveness: &Liveness) -> Result<Option<i64>, ClusterError> {
-        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
-            return Ok(None);
+    /// The claim keys of every record.
+    async fn list(&self) -> Result<Vec<String>, ClusterError> {
+        let Some(store) = self.store.get() else {
+            return Ok(Vec::new());
         };
         let mut keys = store
             .keys()
             .await
             .map_err(|e| ClusterError::jetstream("listing sessions", e))?;
         let mut claims = Vec::new();
-        while let Some(Ok(claim)) = keys.next().await {
-            claims.push(claim);
+        while let Some(claim) = keys.next().await {
+            claims.push(claim.map_err(|e| ClusterError::jetstream("listing sessions", e))?);
         }
+        Ok(claims)
+    }
+
+    /// One scan of `claims`; returns the earliest deadline still to come of a dead run's
+    /// session.
+    async fn sweep_once(
+        &self,
+        claims: Vec<String>,
+        liveness: &Liveness,
+    ) -> Result<Option<i64>, ClusterError> {
+        let (Some(store), Some(cluster)) = (self.store.get(), self.cluster.get()) else {
+            return Ok(None);
+        };
         let now = crate::cert::now_secs();
         let mut next = None;
         for claim in claims {
             let Some((revision, mut record)) = read(store, &claim).await? else {
                 continue;
             };
+            // A live holder ends its sessions itself, at their expiry.
             let orphan = matches!(
                 liveness.verdict(&record.node, &record.run),
                 Verdict::Dead { .. }
@@ -464,30 +659,46 @@ impl SessionStore {
                 next = Some(next.map_or(at, |n: i64| n.min(at)));
                 continue;
             }
-            // One node wins the delete (compare-and-set on the revision it read).
-            if store
-                .delete_expect_revision(&claim, Some(revision))
-                .await
-                .is_err()
-            {
-                continue;
+            if discard(cluster, store, &claim, revision, &record).await? {
+                tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
             }
-            let stream = cluster
-                .js
-                .get_stream(cluster.names.messages_stream())
-                .await
-                .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
-            for s in &record.subscriptions {
-                for subject in s.stored_subjects() {
-                    let _ = stream
-                        .delete_consumer(&consumer_name(&claim, &subject))
-                        .await;
-                }
-            }
-            tracing::info!(device = %record.device, client_id = %record.client_id, held_by = %record.node, "session expired after its node died; removed");
         }
         Ok(next)
     }
+}
+
+/// Ends a session nobody holds: removes its record at `revision` (compare-and-set: of the
+/// nodes sweeping, or a sweep and a resume, exactly one ends it, and a record written
+/// since, by a node resuming it, is left alone), then its consumers and with them the
+/// messages only they kept. False when the record changed since it was read.
+async fn discard(
+    cluster: &Cluster,
+    store: &kv::Store,
+    claim: &str,
+    revision: u64,
+    record: &Record,
+) -> Result<bool, ClusterError> {
+    let delete = store.delete_expect_revision(claim, Some(revision));
+    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
+            return Ok(false);
+        }
+        Err(_) => return Err(ClusterError::jetstream("removing a session", "no answer")),
+    }
+    // The record is gone, so nobody resumes the session: its consumers can go at leisure.
+    let stream = cluster
+        .js
+        .get_stream(cluster.names.messages_stream())
+        .await
+        .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
+    for subject in needed_subjects(&record.subscriptions) {
+        let _ = stream
+            .delete_consumer(&consumer_name(claim, &subject))
+            .await;
+    }
+    Ok(true)
 }
 
 /// Reads a record: its revision and value; None when there is none (or a delete marker).
@@ -576,21 +787,12 @@ impl Writer {
                 let sub = Sub::new(&filter, &opts, aliased);
                 let outcome = self
                     .change(&key, false, move |r| {
-                        let before = r
-                            .subscriptions
-                            .iter()
-                            .position(|s| s.filter == sub.filter)
-                            .map(|i| r.subscriptions.remove(i));
+                        let before = needed_subjects(&r.subscriptions);
+                        r.subscriptions.retain(|s| s.filter != sub.filter);
                         r.subscriptions.push(sub.clone());
-                        let old = before.map(|b| b.stored_subjects()).unwrap_or_default();
-                        let new = sub.stored_subjects();
-                        let mut changes: Vec<(String, bool)> = old
-                            .into_iter()
-                            .filter(|s| !new.contains(s))
-                            .map(|s| (s, false))
-                            .collect();
-                        changes.extend(new.into_iter().map(|s| (s, true)));
-                        changes
+                        // The new subscription's consumers are ensured even when the
+                        // subject was needed already (creating an existing one keeps it).
+                        consumer_changes(&before, &r.subscriptions, sub.stored_subjects())
                     })
                     .await;
                 self.settle(outcome);
@@ -598,15 +800,9 @@ impl Writer {
             Op::Unsubscribe { key, filter } => {
                 let outcome = self
                     .change(&key, false, |r| {
-                        let Some(i) = r.subscriptions.iter().position(|s| s.filter == filter)
-                        else {
-                            return Vec::new();
-                        };
-                        let gone = r.subscriptions.remove(i);
-                        gone.stored_subjects()
-                            .into_iter()
-                            .map(|s| (s, false))
-                            .collect()
+                        let before = needed_subjects(&r.subscriptions);
+                        r.subscriptions.retain(|s| s.filter != filter);
+                        consumer_changes(&before, &r.subscriptions, Vec::new())
                     })
                     .await;
                 self.settle(outcome);
@@ -614,6 +810,10 @@ impl Writer {
             Op::Delivered { id } => {
                 let held = lock(&self.shared.acks).remove(&id);
                 if let Some(h) = held {
+                    // Noted before it leaves `held`: a copy coming meanwhile finds it in
+                    // one or the other. Noted even if the acknowledgement below is lost:
+                    // the copy JetStream then sends is acknowledged again, not queued.
+                    self.shared.note_acked(&h.claim, &h.consumer, h.seq);
                     if let Some(m) = lock(&self.shared.held).get_mut(&h.claim) {
                         m.remove(&h.seq);
                     }
@@ -760,6 +960,7 @@ impl Writer {
                 acks.remove(id);
             }
         }
+        self.shared.forget_acked(&claim, None);
         let known = self.records.remove(&claim);
         let Some((revision, record)) = read(&self.store, &claim).await? else {
             return Ok(());
@@ -770,18 +971,25 @@ impl Writer {
             tracing::debug!(claim = %claim, "session held by another node now; not removed");
             return Ok(());
         }
-        for s in &record.subscriptions {
-            for subject in s.stored_subjects() {
-                let _ = self
-                    .stream
-                    .delete_consumer(&consumer_name(&claim, &subject))
-                    .await;
-            }
+        for subject in needed_subjects(&record.subscriptions) {
+            let _ = self
+                .stream
+                .delete_consumer(&consumer_name(&claim, &subject))
+                .await;
         }
         tokio::time::timeout(STEP_TIMEOUT, self.store.delete(&claim))
             .await
             .map_err(|_| ClusterError::jetstream("removing a session", "no answer"))?
             .map_err(|e| ClusterError::jetstream("removing a session", e))
+    }
+}
+
+/// The connection ended with messages of a pull request already here but not taken:
+/// they go back to JetStream at once (negative acknowledgement), for whichever node the
+/// device turns to, rather than after the acknowledgement wait.
+async fn give_back(batch: &mut consumer::pull::Batch) {
+    while let Some(Some(Ok(m))) = batch.next().now_or_never() {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
     }
 }
 
@@ -809,6 +1017,17 @@ impl Feeder {
         }
     }
 
+    /// Pulls the consumer `name` while `stop` is not cancelled, no more at a time than the
+    /// session's queue has room for.
+    ///
+    /// Why bounded: JetStream's acknowledgement wait runs from the moment a message is
+    /// sent. Pulled in bulk (a client-side buffer of hundreds) ahead of a slow device,
+    /// messages waited here unqueued past the wait, JetStream sent them again, and each
+    /// copy, arriving after its original had been delivered and acknowledged, was queued a
+    /// second time. Pulled by the room in the queue, what arrives is queued at once; a
+    /// queued message is held, and a copy of a held message is answered with progress
+    /// (which restarts the wait) rather than queued ([`Feeder::take`]). What still comes
+    /// twice (a copy crossing its acknowledgement) is caught by [`Acked`].
     async fn pull_once(&self, name: &str, stop: &CancellationToken) -> Result<(), ClusterError> {
         let stream = self
             .cluster
@@ -820,18 +1039,75 @@ impl Feeder {
             .get_consumer(name)
             .await
             .map_err(|e| ClusterError::jetstream(format!("opening consumer {name}"), e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| ClusterError::jetstream(format!("reading consumer {name}"), e))?;
         loop {
-            let next = tokio::select! {
+            let room = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                next = messages.next() => next,
+                room = self.room() => room,
             };
-            let Some(m) = next else { return Ok(()) };
-            let m = m.map_err(|e| ClusterError::jetstream(format!("consumer {name}"), e))?;
-            self.take(name, m, stop).await;
+            self.read_floor(&consumer, name).await;
+            let mut batch = consumer
+                .batch()
+                .max_messages(room.min(MAX_BATCH))
+                .expires(PULL_WAIT)
+                .messages()
+                .await
+                .map_err(|e| ClusterError::jetstream(format!("reading consumer {name}"), e))?;
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => {
+                        give_back(&mut batch).await;
+                        return Ok(());
+                    }
+                    next = batch.next() => next,
+                };
+                let Some(m) = next else { break };
+                let m = m.map_err(|e| ClusterError::jetstream(format!("consumer {name}"), e))?;
+                self.take(name, m, stop).await;
+            }
+        }
+    }
+
+    /// Waits until the session's queue has room; returns how much.
+    async fn room(&self) -> usize {
+        loop {
+            let woken = self.session.room();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let free = self.session.free_room();
+            if free > 0 {
+                return free;
+            }
+            tokio::select! {
+                // A paced publisher may wait for the same room: it is told too.
+                _ = woken => self.session.pass_room(),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Reads the consumer's ack floor once enough acknowledgements above the last one read
+    /// are kept, and forgets those it covers.
+    async fn read_floor(&self, consumer: &consumer::PullConsumer, name: &str) {
+        let wants = lock(&self.shared.acked)
+            .get(&self.claim)
+            .and_then(|s| s.get(name))
+            .is_some_and(Acked::wants_floor);
+        if !wants {
+            return;
+        }
+        match tokio::time::timeout(STEP_TIMEOUT, consumer.get_info()).await {
+            Ok(Ok(info)) => {
+                if let Some(a) = lock(&self.shared.acked)
+                    .get_mut(&self.claim)
+                    .and_then(|s| s.get_mut(name))
+                {
+                    a.set_floor(info.ack_floor.stream_sequence);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(consumer = %name, error = %e, "ack floor not read; next time")
+            }
+            Err(_) => tracing::debug!(consumer = %name, "ack floor not read in time; next time"),
         }
     }
 
@@ -841,20 +1117,6 @@ impl Feeder {
             let _ = m.ack().await;
             return;
         };
-        let seen = lock(&self.shared.held)
-            .get(&self.claim)
-            .and_then(|h| h.get(&seq).cloned());
-        if let Some((_, by)) = seen {
-            // Held already: a second consumer's copy is not needed; our own copy came
-            // again after the acknowledgement wait, and is still in the queue.
-            let kind = if by == name {
-                AckKind::Progress
-            } else {
-                AckKind::Ack
-            };
-            let _ = m.ack_with(kind).await;
-            return;
-        }
         let env = route::open(
             self.cluster.names.prefix(),
             m.subject.as_str(),
@@ -865,17 +1127,44 @@ impl Feeder {
             let _ = m.ack().await;
             return;
         };
+        let id = self.store.next_id();
+        // Looked up and taken under one lock: of two copies arriving at once (two
+        // overlapping consumers), one is queued.
+        let seen = {
+            let mut held = lock(&self.shared.held);
+            let session = held.entry(self.claim.clone()).or_default();
+            match session.get(&seq) {
+                Some((_, by)) => Some(by == name),
+                None if self.shared.was_acked(&self.claim, name, seq) => Some(false),
+                None => {
+                    session.insert(seq, (id, name.to_owned()));
+                    None
+                }
+            }
+        };
+        match seen {
+            // Our own copy came again after the acknowledgement wait while the original
+            // is still in the queue: it stays there, and JetStream waits again.
+            Some(true) => {
+                let _ = m.ack_with(AckKind::Progress).await;
+                return;
+            }
+            // Another consumer's copy of a message held, or a copy of one acknowledged
+            // already: not needed.
+            Some(false) => {
+                self.shared.note_acked(&self.claim, name, seq);
+                let _ = m.ack().await;
+                return;
+            }
+            None => {}
+        }
         let own = env.device.as_ref() == Some(&self.session.key.device)
             && env.client_id.as_deref() == Some(self.session.key.client_id.as_str());
-        let id = self.store.next_id();
-        lock(&self.shared.held)
-            .entry(self.claim.clone())
-            .or_default()
-            .insert(seq, (id, name.to_owned()));
         lock(&self.shared.acks).insert(
             id,
             Held {
                 claim: self.claim.clone(),
+                consumer: name.to_owned(),
                 seq,
                 msg: m,
             },
@@ -935,6 +1224,75 @@ mod tests {
         assert!(Sub::new("$share/g/a/#", &at(QoS::AtLeastOnce), false)
             .stored_subjects()
             .is_empty());
+    }
+
+    #[test]
+    fn a_shared_subject_keeps_its_consumer_while_a_subscription_needs_it() {
+        let at = SubOptions::with_qos;
+        let wide = Sub::new("a/#", &at(QoS::AtLeastOnce), false);
+        let narrow = Sub::new("a", &at(QoS::ExactlyOnce), false);
+        let before = needed_subjects(&[wide.clone(), narrow.clone()]);
+        // Unsubscribing `a`: `a/#` still needs `a`; nothing is deleted.
+        assert!(consumer_changes(&before, std::slice::from_ref(&wide), Vec::new()).is_empty());
+        // `a` at QoS 0 instead: same.
+        let zero = Sub::new("a", &at(QoS::AtMostOnce), false);
+        assert!(consumer_changes(&before, &[wide.clone(), zero.clone()], Vec::new()).is_empty());
+        // Unsubscribing `a/#` then: only `a.>` goes.
+        assert_eq!(
+            consumer_changes(&before, std::slice::from_ref(&narrow), Vec::new()),
+            vec![("a.>".to_owned(), false)]
+        );
+        // The last one: `a` goes too.
+        let only = needed_subjects(std::slice::from_ref(&narrow));
+        assert_eq!(
+            consumer_changes(&only, &[zero], Vec::new()),
+            vec![("a".to_owned(), false)]
+        );
+    }
+
+    #[test]
+    fn what_a_session_acknowledged_is_known_until_the_floor_covers_it() {
+        let shared = Shared::default();
+        shared.note_acked("s", "c1", 5);
+        shared.note_acked("s", "c1", 7);
+        assert!(shared.was_acked("s", "c1", 5));
+        // A copy of the same message through an overlapping consumer.
+        assert!(shared.was_acked("s", "c2", 7));
+        // Never acknowledged here (e.g. pulled by a node that died since): delivered.
+        assert!(!shared.was_acked("s", "c1", 6));
+        assert!(!shared.was_acked("other", "c1", 5));
+
+        let mut acked = Acked::default();
+        for seq in [5, 7, 9] {
+            acked.note(seq);
+        }
+        acked.set_floor(7);
+        assert_eq!(acked.above.iter().copied().collect::<Vec<_>>(), vec![9]);
+        acked.note(3); // at or below the floor: the floor says it already
+        assert_eq!(acked.above.len(), 1);
+        // A floor read earlier than the one kept does not take it back.
+        acked.set_floor(2);
+        assert_eq!(acked.floor, 7);
+    }
+
+    #[test]
+    fn acknowledgements_kept_above_the_floor_are_bounded() {
+        let mut acked = Acked::default();
+        for seq in 1..ACKED_PRUNE as u64 {
+            acked.note(seq);
+        }
+        assert!(!acked.wants_floor());
+        acked.note(ACKED_PRUNE as u64);
+        assert!(acked.wants_floor());
+        // One message holds the floor down: read again only once twice as many are kept.
+        acked.set_floor(0);
+        assert!(!acked.wants_floor());
+        for seq in 0..(ACKED_KEPT as u64 * 2) {
+            acked.note(1000 + seq);
+        }
+        assert_eq!(acked.above.len(), ACKED_KEPT);
+        assert_eq!(acked.above.first(), Some(&(1000 + ACKED_KEPT as u64)));
+        assert!(acked.wants_floor());
     }
 
     #[test]
