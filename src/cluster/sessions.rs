@@ -28,7 +28,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::claims::claim_key;
+use super::claims::{claim_key, Claims};
 use super::nodes::{Liveness, Verdict};
 use super::{route, subject, Cluster, ClusterError};
 use crate::broker::journal::{Backend, CommitError, Op, StoredSession, SubOptions};
@@ -373,8 +373,13 @@ impl SessionStore {
         })
     }
 
-    /// Opens (creating) the bucket and starts applying ops.
-    pub async fn start(self: &Arc<Self>, cluster: &Cluster) -> Result<(), ClusterError> {
+    /// Opens (creating) the bucket and starts applying ops; `claims` say which node may
+    /// write a session's record.
+    pub async fn start(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        claims: Arc<Claims>,
+    ) -> Result<(), ClusterError> {
         let store = super::bucket(
             cluster,
             "sessions",
@@ -397,6 +402,7 @@ impl SessionStore {
             store,
             stream,
             shared: self.shared.clone(),
+            claims,
             records: HashMap::new(),
             failed: None,
         };
@@ -725,6 +731,8 @@ struct Writer {
     store: kv::Store,
     stream: jetstream::stream::Stream,
     shared: Arc<Shared>,
+    /// Who holds each session: only the holder of its claim writes its record.
+    claims: Arc<Claims>,
     /// Sessions this node wrote: their last revision and value.
     records: HashMap<String, (u64, Record)>,
     /// The first failure since the last barrier.
@@ -847,8 +855,21 @@ impl Writer {
 
     /// Changes a record (read first when this node has not written it) and writes it
     /// back conditionally on its revision; `edit` returns the consumers to create (true)
-    /// or delete (false). This node holds the session (it claimed it), so a write that
-    /// lost the race to an older holder's last write reads again and wins.
+    /// or delete (false). `take`: the session opens here (a missing record is created).
+    ///
+    /// The session's claim decides who writes, not the record. Ops are applied in order
+    /// but after they were submitted, so this node may come to a change (its "open"
+    /// included) after a connection on another node claimed the session and wrote the
+    /// record; written then, it marked the record as this node's, and the node holding
+    /// the claim skipped every later change of its own as "held by another node" while
+    /// acknowledging it (its SUBSCRIBE's consumer was never created). So: a node that
+    /// knows it lost the claim writes nothing; a record naming another run is written only
+    /// if the claim is this run's, read from the claims bucket (only in that case: on the
+    /// common path the record names this run), at the revision read, which takes the
+    /// record back from a late writer. A change not written answers its barrier Ok: the
+    /// only connection waiting for it is one whose session was taken over, and reading
+    /// the claim released that session here, so the connection ends without acknowledging
+    /// (`Claims::holds`).
     async fn change(
         &mut self,
         key: &SessionKey,
@@ -858,15 +879,24 @@ impl Writer {
         let claim = claim_key(key);
         let mut changes = Vec::new();
         for attempt in 0..4 {
-            let current = match self.records.get(&claim) {
-                Some(r) if attempt == 0 => Some(r.clone()),
-                // Only opening a session takes it; any other change of a session that
-                // another run wrote since (or removed) is no longer this node's to make.
-                _ => match read(&self.store, &claim).await? {
-                    Some((_, r)) if !take && r.run != self.cluster.run => None,
-                    None if !take => None,
-                    found => Some(found.unwrap_or_default()),
-                },
+            let current = if self.claims.lost_claim(&claim) {
+                None
+            } else {
+                match self.records.get(&claim) {
+                    Some(r) if attempt == 0 => Some(r.clone()),
+                    _ => match read(&self.store, &claim).await? {
+                        Some(found) if found.1.run == self.cluster.run => Some(found),
+                        Some(found) => self.claims.holds(&claim).await?.then_some(found),
+                        None if take => Some((0, Record::default())),
+                        // Removed since: only opening the session writes it anew. Most
+                        // likely a clean start on another node, which claimed it first:
+                        // the claim is read to release it here now (`Claims::holds`).
+                        None => {
+                            self.claims.holds(&claim).await?;
+                            None
+                        }
+                    },
+                }
             };
             let Some((revision, mut record)) = current else {
                 self.records.remove(&claim);
@@ -961,13 +991,18 @@ impl Writer {
             }
         }
         self.shared.forget_acked(&claim, None);
-        let known = self.records.remove(&claim);
-        let Some((revision, record)) = read(&self.store, &claim).await? else {
+        self.records.remove(&claim);
+        // As for a change (`Writer::change`), the claim decides: a session claimed on
+        // another node since is not this node's to end, and a clean start here, which
+        // claimed it first, ends it whoever wrote the record last.
+        if self.claims.lost_claim(&claim) {
+            tracing::debug!(claim = %claim, "session held by another node now; not removed");
+            return Ok(());
+        }
+        let Some((_revision, record)) = read(&self.store, &claim).await? else {
             return Ok(());
         };
-        // A session this node wrote that another run wrote since was taken over
-        // (its claim was missed here, e.g. during a NATS outage): not ours to end.
-        if known.is_some_and(|(ours, _)| ours != revision) && record.run != self.cluster.run {
+        if record.run != self.cluster.run && !self.claims.holds(&claim).await? {
             tracing::debug!(claim = %claim, "session held by another node now; not removed");
             return Ok(());
         }

@@ -496,12 +496,15 @@ async fn sessions_of_a_restarted_cluster_expire() {
     }
 }
 
-/// Review: a device opens its session on a (whose session writer is busy with another
-/// session's long SUBSCRIBE), leaves at once and opens the session on b. a's queued
-/// "open" write lands after b's and takes the record back; b then skips its writes as
-/// "held by another node" while answering SUBACK with success.
+/// The claim decides who writes a session's record: a device opens its session on a
+/// (whose session writer is busy with another session's long SUBSCRIBE), leaves at once
+/// and opens the session on b. a's queued "open" write comes after b claimed the session
+/// and wrote the record: it is not written (a no longer holds the claim), so b's later
+/// SUBSCRIBE is recorded with its consumer, and a QoS 1 message published after its
+/// SUBACK arrives. Before, a's late write marked the record as a's, and b skipped its
+/// own writes as "held by another node" while answering SUBACK with success.
 #[tokio::test]
-async fn review_a_late_open_write_of_the_previous_node_does_not_strand_the_session() {
+async fn a_late_open_write_of_the_previous_node_does_not_strand_the_session() {
     use crate::common::coretests::raw::{raw_ack, raw_subscribe_many, Pkt, Raw, PUBACK};
     let Some(t) = Two::start().await else { return };
     // Keep a's writer busy: 300 filters, each a record update and two consumers.
