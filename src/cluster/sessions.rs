@@ -238,7 +238,9 @@ impl Acked {
 
 /// A change to what a running feeder pulls.
 enum Feed {
-    Add(String),
+    /// A consumer (name, subject) was created.
+    Add(String, String),
+    /// A consumer (name) was deleted.
     Remove(String),
 }
 
@@ -507,14 +509,9 @@ impl SessionStore {
         let claim = claim_key(&session.key);
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.shared.feeders).insert(claim.clone(), tx.clone());
-        let names: HashSet<String> = broker
-            .subscriptions(&session)
+        let names: HashMap<String, String> = session_subjects(&broker, &session)
             .into_iter()
-            .flat_map(|(sub, opts)| {
-                let text = crate::broker::subscription_text(&sub);
-                Sub::new(&text, &opts, false).stored_subjects()
-            })
-            .map(|s| consumer_name(&claim, &s))
+            .map(|s| (consumer_name(&claim, &s), s))
             .collect();
         let feeder = Feeder {
             cluster,
@@ -527,17 +524,17 @@ impl SessionStore {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let mut pulls: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-            for name in names {
-                let task = tokio::spawn(feeder.clone().pull(name.clone(), stop.clone()));
+            for (name, subject) in names {
+                let task = tokio::spawn(feeder.clone().pull(name.clone(), subject, stop.clone()));
                 pulls.insert(name, task.abort_handle());
             }
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     change = rx.recv() => match change {
-                        Some(Feed::Add(name)) => {
+                        Some(Feed::Add(name, subject)) => {
                             if let std::collections::hash_map::Entry::Vacant(slot) = pulls.entry(name) {
-                                let pull = feeder.clone().pull(slot.key().clone(), stop.clone());
+                                let pull = feeder.clone().pull(slot.key().clone(), subject, stop.clone());
                                 slot.insert(tokio::spawn(pull).abort_handle());
                             }
                         }
@@ -705,6 +702,57 @@ async fn discard(
             .await;
     }
     Ok(true)
+}
+
+/// The subjects whose consumers `session`'s subscriptions need (in memory: what it was
+/// resumed with and subscribed since).
+fn session_subjects(broker: &Broker, session: &SessionRef) -> BTreeSet<String> {
+    broker
+        .subscriptions(session)
+        .into_iter()
+        .flat_map(|(sub, opts)| {
+            let text = crate::broker::subscription_text(&sub);
+            Sub::new(&text, &opts, false).stored_subjects()
+        })
+        .collect()
+}
+
+/// Creates the durable consumer `name` of a session's subscription subject (an existing
+/// one is kept as it is).
+async fn create_consumer(
+    cluster: &Cluster,
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    subject: &str,
+) -> Result<consumer::PullConsumer, ClusterError> {
+    let config = consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: cluster.names.message(true, subject),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: MAX_ACK_PENDING,
+        // What is published from the SUBSCRIBE on (its SUBACK waits for this).
+        deliver_policy: consumer::DeliverPolicy::New,
+        ..Default::default()
+    };
+    let create = stream.get_or_create_consumer::<consumer::pull::Config>(name, config);
+    match tokio::time::timeout(STEP_TIMEOUT, create).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(ClusterError::jetstream(
+            format!("creating consumer {name}"),
+            e,
+        )),
+        Err(_) => Err(ClusterError::jetstream(
+            format!("creating consumer {name}"),
+            "no answer",
+        )),
+    }
+}
+
+/// Whether opening a consumer failed because JetStream has no consumer of that name.
+fn no_such_consumer(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<jetstream::context::ConsumerInfoError>()
+        .is_some_and(|e| e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound)
 }
 
 /// Reads a record: its revision and value; None when there is none (or a delete marker).
@@ -943,7 +991,7 @@ impl Writer {
             }
             if let Some(feeder) = lock(&self.shared.feeders).get(&claim) {
                 let _ = feeder.send(if create {
-                    Feed::Add(name)
+                    Feed::Add(name, subject)
                 } else {
                     Feed::Remove(name)
                 });
@@ -953,30 +1001,9 @@ impl Writer {
     }
 
     async fn create_consumer(&self, name: &str, subject: &str) -> Result<(), ClusterError> {
-        let config = consumer::pull::Config {
-            durable_name: Some(name.to_owned()),
-            filter_subject: self.cluster.names.message(true, subject),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
-            max_ack_pending: MAX_ACK_PENDING,
-            // What is published from the SUBSCRIBE on (its SUBACK waits for this).
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
-        };
-        let create = self
-            .stream
-            .get_or_create_consumer::<consumer::pull::Config>(name, config);
-        match tokio::time::timeout(STEP_TIMEOUT, create).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ClusterError::jetstream(
-                format!("creating consumer {name}"),
-                e,
-            )),
-            Err(_) => Err(ClusterError::jetstream(
-                format!("creating consumer {name}"),
-                "no answer",
-            )),
-        }
+        create_consumer(&self.cluster, &self.stream, name, subject)
+            .await
+            .map(|_| ())
     }
 
     /// Removes the session with its consumers (and the messages only they kept).
@@ -1040,9 +1067,9 @@ struct Feeder {
 }
 
 impl Feeder {
-    async fn pull(self, name: String, stop: CancellationToken) {
+    async fn pull(self, name: String, subject: String, stop: CancellationToken) {
         while !stop.is_cancelled() {
-            if let Err(e) = self.pull_once(&name, &stop).await {
+            if let Err(e) = self.pull_once(&name, &subject, &stop).await {
                 tracing::debug!(consumer = %name, error = %e, "session consumer failed; retrying");
             }
             tokio::select! {
@@ -1063,17 +1090,33 @@ impl Feeder {
     /// queued message is held, and a copy of a held message is answered with progress
     /// (which restarts the wait) rather than queued ([`Feeder::take`]). What still comes
     /// twice (a copy crossing its acknowledgement) is caught by [`Acked`].
-    async fn pull_once(&self, name: &str, stop: &CancellationToken) -> Result<(), ClusterError> {
+    async fn pull_once(
+        &self,
+        name: &str,
+        subject: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), ClusterError> {
         let stream = self
             .cluster
             .js
             .get_stream(self.cluster.names.messages_stream())
             .await
             .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
-        let consumer: consumer::PullConsumer = stream
-            .get_consumer(name)
-            .await
-            .map_err(|e| ClusterError::jetstream(format!("opening consumer {name}"), e))?;
+        let consumer: consumer::PullConsumer = match stream.get_consumer(name).await {
+            Ok(c) => c,
+            Err(e) if no_such_consumer(e.as_ref()) => {
+                match self.create_missing(&stream, name, subject).await? {
+                    Some(c) => c,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => {
+                return Err(ClusterError::jetstream(
+                    format!("opening consumer {name}"),
+                    e,
+                ))
+            }
+        };
         loop {
             let room = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -1100,6 +1143,35 @@ impl Feeder {
                 self.take(name, m, stop).await;
             }
         }
+    }
+
+    /// The consumer `name` of a subject the session's subscriptions need does not exist:
+    /// the SUBSCRIBE that recorded the subscription could not create it (the connection
+    /// then ended unacknowledged, and the session kept the subscription), or it was lost
+    /// since. Pulled as it was, it failed forever and nothing published for the
+    /// subscription arrived; it is created here instead, from now on (what was published
+    /// while it was missing was kept for nobody). None: not created, no subscription needs
+    /// it any more (an UNSUBSCRIBE meanwhile; the feeder is told to stop pulling it).
+    ///
+    /// Checked again once created: an UNSUBSCRIBE whose deletion of the consumer came
+    /// before this creation leaves it needed by nobody, and it is deleted again, lest it
+    /// keep messages for nobody until the session ends.
+    async fn create_missing(
+        &self,
+        stream: &jetstream::stream::Stream,
+        name: &str,
+        subject: &str,
+    ) -> Result<Option<consumer::PullConsumer>, ClusterError> {
+        if !session_subjects(&self.broker, &self.session).contains(subject) {
+            return Ok(None);
+        }
+        let created = create_consumer(&self.cluster, stream, name, subject).await?;
+        if !session_subjects(&self.broker, &self.session).contains(subject) {
+            let _ = stream.delete_consumer(name).await;
+            return Ok(None);
+        }
+        tracing::info!(device = %self.session.key.device, client_id = %self.session.key.client_id, consumer = %name, "the consumer of a stored subscription was missing; created again");
+        Ok(Some(created))
     }
 
     /// Waits until the session's queue has room; returns how much.

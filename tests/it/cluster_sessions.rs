@@ -540,3 +540,64 @@ async fn a_late_open_write_of_the_previous_node_does_not_strand_the_session() {
         ),
     }
 }
+
+/// The `ps-` consumers of persistent sessions on the message stream, by name.
+async fn session_consumers(nats: &crate::common::nats::Nats) -> BTreeSet<String> {
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("certmq_msgs").await.expect("message stream");
+    let mut names = stream.consumer_names();
+    let mut all = BTreeSet::new();
+    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+        let name = name.expect("consumer name");
+        if name.starts_with("ps-") {
+            all.insert(name);
+        }
+    }
+    all
+}
+
+/// A resumed session whose record lists a QoS 1 subscription without its consumer (the
+/// consumer was lost: deleted here behind the broker's back, as a failed creation would
+/// leave it) gets the consumer created again by the node that pulls it, instead of
+/// pulling a consumer that does not exist forever: a message published afterwards
+/// arrives.
+#[tokio::test]
+async fn a_resumed_session_creates_the_consumer_its_subscription_lacks() {
+    use crate::common::coretests::raw::{raw_ack, Pkt, Raw, PUBACK};
+    let Some(t) = Two::start().await else { return };
+    let (mut raw, _) = Raw::connect_session(&t.backend, t.a.mqtt, "lacks", false, None).await;
+    assert_eq!(raw.subscribe("lacks/#", 1).await, 1);
+    raw.disconnect().await;
+    let before = session_consumers(&t._nats).await;
+    assert_eq!(before.len(), 2, "`lacks` and `lacks.>`: {before:?}");
+    let client = async_nats::connect(t._nats.url()).await.expect("NATS");
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("certmq_msgs")
+        .await
+        .expect("message stream");
+    for name in &before {
+        stream.delete_consumer(name).await.expect("deleted");
+    }
+
+    let (mut raw, present) = Raw::connect_session(&t.backend, t.b.mqtt, "lacks", false, None).await;
+    assert!(present);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while session_consumers(&t._nats).await != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost consumers were not created again:\n--- b\n{}",
+            t.b.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut pa = Peer::connect(&t.backend, t.a.mqtt, V::V4, "pub-lacks", &Opts::default()).await;
+    assert_eq!(pa.publish("lacks/1", 1, false, b"after").await, 0);
+    match tokio::time::timeout(Duration::from_secs(5), raw.try_recv()).await {
+        Ok(Ok(Pkt::Publish { topic, pkid, .. })) => {
+            raw.send(&raw_ack(PUBACK, pkid)).await;
+            assert_eq!(topic, "lacks/1");
+        }
+        other => panic!("the message never arrived ({other:?})"),
+    }
+}
