@@ -681,14 +681,8 @@ async fn discard(
     revision: u64,
     record: &Record,
 ) -> Result<bool, ClusterError> {
-    let delete = store.delete_expect_revision(claim, Some(revision));
-    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
-            return Ok(false);
-        }
-        Err(_) => return Err(ClusterError::jetstream("removing a session", "no answer")),
+    if !remove_record(store, claim, revision).await? {
+        return Ok(false);
     }
     // The record is gone, so nobody resumes the session: its consumers can go at leisure.
     let stream = cluster
@@ -702,6 +696,24 @@ async fn discard(
             .await;
     }
     Ok(true)
+}
+
+/// Removes a record if it is still at `revision`; false when it changed since (written,
+/// or removed, by another node).
+async fn remove_record(
+    store: &kv::Store,
+    claim: &str,
+    revision: u64,
+) -> Result<bool, ClusterError> {
+    let delete = store.delete_expect_revision(claim, Some(revision));
+    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => {
+            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
+            Ok(false)
+        }
+        Err(_) => Err(ClusterError::jetstream("removing a session", "no answer")),
+    }
 }
 
 /// The subjects whose consumers `session`'s subscriptions need (in memory: what it was
@@ -1026,23 +1038,34 @@ impl Writer {
             tracing::debug!(claim = %claim, "session held by another node now; not removed");
             return Ok(());
         }
-        let Some((_revision, record)) = read(&self.store, &claim).await? else {
-            return Ok(());
-        };
-        if record.run != self.cluster.run && !self.claims.holds(&claim).await? {
-            tracing::debug!(claim = %claim, "session held by another node now; not removed");
+        // The record goes first, at the revision read (compare-and-set), then its
+        // consumers: a node that claimed the session after this one and wrote the record
+        // meanwhile keeps it, and the consumers it needs. (Deleted after the consumers,
+        // unconditionally, a record rewritten while they were being deleted went too.)
+        for _ in 0..3 {
+            let Some((revision, record)) = read(&self.store, &claim).await? else {
+                return Ok(());
+            };
+            if record.run != self.cluster.run && !self.claims.holds(&claim).await? {
+                tracing::debug!(claim = %claim, "session held by another node now; not removed");
+                return Ok(());
+            }
+            if !remove_record(&self.store, &claim, revision).await? {
+                // Rewritten since it was read: whose it is now is decided again.
+                continue;
+            }
+            for subject in needed_subjects(&record.subscriptions) {
+                let _ = self
+                    .stream
+                    .delete_consumer(&consumer_name(&claim, &subject))
+                    .await;
+            }
             return Ok(());
         }
-        for subject in needed_subjects(&record.subscriptions) {
-            let _ = self
-                .stream
-                .delete_consumer(&consumer_name(&claim, &subject))
-                .await;
-        }
-        tokio::time::timeout(STEP_TIMEOUT, self.store.delete(&claim))
-            .await
-            .map_err(|_| ClusterError::jetstream("removing a session", "no answer"))?
-            .map_err(|e| ClusterError::jetstream("removing a session", e))
+        Err(ClusterError::jetstream(
+            "removing a session",
+            "its record kept changing",
+        ))
     }
 }
 

@@ -601,3 +601,39 @@ async fn a_resumed_session_creates_the_consumer_its_subscription_lacks() {
         other => panic!("the message never arrived ({other:?})"),
     }
 }
+
+/// Removing a session (here a clean start on b) deletes the record only at the revision it
+/// read: a connection on a that resumed the session meanwhile, and wrote the record, keeps
+/// it, so the session is there when the device comes back. Before, b deleted the record
+/// unconditionally after deleting the session's 600 consumers, by which time a had
+/// written it: the resumed session's record was gone.
+#[tokio::test]
+async fn removing_a_session_leaves_a_record_rewritten_meanwhile() {
+    use crate::common::coretests::raw::Raw;
+    let Some(t) = Two::start().await else { return };
+    let (mut dev, _) = Raw::connect_session(&t.backend, t.a.mqtt, "torn", false, None).await;
+    let names: Vec<String> = (0..300).map(|i| format!("torn/{i}/#")).collect();
+    let filters: Vec<(&str, u8)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+    assert_eq!(dev.subscribe_many(7, &filters).await, vec![1; 300]);
+    dev.disconnect().await;
+
+    // A clean start on b removes the session (600 consumers, then the record) while the
+    // device resumes it on a.
+    let (backend, b) = (t.backend.clone(), t.b.mqtt);
+    let clean =
+        tokio::spawn(async move { Raw::connect_session(&backend, b, "torn", true, None).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (dev, _) = Raw::connect_session(&t.backend, t.a.mqtt, "torn", false, None).await;
+    let _ = clean.await;
+    // Once b's removal is over (b's writer answered the clean start's barrier).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    dev.disconnect().await;
+    // On b, which reads the record (a would resume the session it holds in memory).
+    let (_dev, present) = Raw::connect_session(&t.backend, t.b.mqtt, "torn", false, None).await;
+    assert!(
+        present,
+        "the session resumed on a was removed by the clean start it came after:\n--- a\n{}\n--- b\n{}",
+        t.a.stderr(),
+        t.b.stderr()
+    );
+}
