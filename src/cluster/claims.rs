@@ -40,7 +40,7 @@ pub struct Claims {
 }
 
 /// A claim's value.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Claim {
     node: String,
     run: String,
@@ -76,7 +76,7 @@ impl Claims {
             run: cluster.run.clone(),
             held: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
-            broker: broker.clone(),
+            broker,
             sessions,
         });
         let watcher = claims.clone();
@@ -85,7 +85,7 @@ impl Claims {
             .watch_all()
             .await
             .map_err(|e| ClusterError::jetstream("watching the claims bucket", e))?;
-        tokio::spawn(async move { watcher.enforce(watch, broker).await });
+        tokio::spawn(async move { watcher.enforce(watch).await });
         Ok(claims)
     }
 
@@ -109,16 +109,40 @@ impl Claims {
                 ))
             }
         };
-        self.lost_keys().remove(&name);
+        // Under the lock of `held`, as the watch takes a claim away (`yield_to`): a newer
+        // claim seen meanwhile either finds this one (and is newer than it) or is older.
         let mut held = self.lock();
-        held.insert(name, (key.clone(), revision));
+        self.lost_keys().remove(&name);
+        held.insert(name.clone(), (key.clone(), revision));
         // Sessions that ended here need no enforcing any more: forget them once the map
         // is well above the sessions this node holds, so it does not grow with every
-        // client id ever seen.
+        // client id ever seen. Not the one just claimed: its session opens after the claim.
         if held.len() > 2 * self.broker.session_count() + 1024 {
-            held.retain(|_, (k, _)| self.broker.has_session(k));
+            held.retain(|n, (k, _)| *n == name || self.broker.has_session(k));
         }
         Ok(())
+    }
+
+    /// Whether a connection on another node claimed the session with this claim key since
+    /// this node claimed it (the watch, or the session writer, saw the newer claim).
+    pub fn lost_claim(&self, claim: &str) -> bool {
+        self.lost_keys().contains(claim)
+    }
+
+    /// Does now what the watch does on seeing it when the session `key`, claimed here,
+    /// was claimed on another node before it was opened here: the watch found nothing to
+    /// close then. False when this node still holds the claim as far as it knows.
+    pub fn enforce_opened(&self, key: &SessionKey) -> bool {
+        if !self.lost(key) {
+            return false;
+        }
+        if !self.broker.release(key) {
+            self.broker.kick(key);
+        } else {
+            self.sessions.release(key);
+        }
+        tracing::info!(device = ?key.device, client_id = ?key.client_id, "session claimed on another node while it was opened here");
+        true
     }
 
     /// The revision of this node's claim on a session, if it holds one.
@@ -134,6 +158,29 @@ impl Claims {
     /// The current claim on a session (by its claim key): its revision and the run of the
     /// node that made it; None when nobody claimed it.
     pub async fn current(&self, claim: &str) -> Result<Option<(u64, String)>, ClusterError> {
+        Ok(self
+            .holder(claim)
+            .await?
+            .map(|(revision, claim)| (revision, claim.run)))
+    }
+
+    /// Whether this run holds the session with this claim key now, read from the bucket
+    /// (not from the watch, which may lag). A newer claim by another run found here is
+    /// enforced at once, as the watch will when it gets there: the session is closed and
+    /// released on this node.
+    pub async fn holds(&self, claim: &str) -> Result<bool, ClusterError> {
+        match self.holder(claim).await? {
+            Some((_, c)) if c.run == self.run => Ok(true),
+            Some((revision, c)) => {
+                self.yield_to(claim, revision, &c.node);
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The claim on a session as the bucket has it now: its revision and value.
+    async fn holder(&self, claim: &str) -> Result<Option<(u64, Claim)>, ClusterError> {
         let read = self.store.entry(claim);
         let entry = match tokio::time::timeout(CLAIM_TIMEOUT, read).await {
             Ok(Ok(e)) => e,
@@ -148,10 +195,9 @@ impl Claims {
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| {
-                let run = serde_json::from_slice::<Claim>(&e.value)
-                    .map(|c| c.run)
-                    .unwrap_or_default();
-                (e.revision, run)
+                // Unreadable: nobody's, so not this run's either.
+                let claim = serde_json::from_slice::<Claim>(&e.value).unwrap_or_default();
+                (e.revision, claim)
             }))
     }
 
@@ -165,7 +211,7 @@ impl Claims {
 
     /// Follows the bucket: a newer claim by another node (or an earlier run of this
     /// one) on a session held here takes it away. Re-watches after a NATS outage.
-    async fn enforce(self: Arc<Self>, mut watch: kv::Watch, broker: Arc<Broker>) {
+    async fn enforce(self: Arc<Self>, mut watch: kv::Watch) {
         // The last claim seen: a watch resumed after an outage starts right after it, so a
         // claim made meanwhile is not missed.
         let mut last = 0;
@@ -173,7 +219,7 @@ impl Claims {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { break };
                 last = last.max(entry.revision);
-                self.on_claim(&entry, &broker);
+                self.on_claim(&entry);
             }
             tracing::warn!(after_revision = last, "claims watch ended; watching again");
             loop {
@@ -191,7 +237,7 @@ impl Claims {
         }
     }
 
-    fn on_claim(&self, entry: &kv::Entry, broker: &Broker) {
+    fn on_claim(&self, entry: &kv::Entry) {
         if entry.operation != kv::Operation::Put {
             return;
         }
@@ -201,26 +247,36 @@ impl Claims {
         if claim.run == self.run {
             return;
         }
+        self.yield_to(&entry.key, entry.revision, &claim.node);
+    }
+
+    /// Another run claimed the session `claim` at `revision` (by a connection on `node`):
+    /// if that is newer than this node's claim, the session is no longer this node's.
+    fn yield_to(&self, claim: &str, revision: u64, node: &str) {
         let taken = {
             let mut held = self.lock();
-            match held.get(&entry.key) {
-                Some((_, ours)) if entry.revision > *ours => held.remove(&entry.key),
+            let taken = match held.get(claim) {
+                Some((_, ours)) if revision > *ours => held.remove(claim),
                 _ => None,
+            };
+            // Marked under the lock of `held`: see `claim`.
+            if taken.is_some() {
+                self.lost_keys().insert(claim.to_owned());
             }
+            taken
         };
         if let Some((key, _)) = taken {
-            self.lost_keys().insert(entry.key.clone());
             // A persistent session moves with the claim: forgotten here, and what this
             // node pulled for it goes back to JetStream for the new holder.
-            let released = broker.release(&key);
+            let released = self.broker.release(&key);
             if released {
                 self.sessions.release(&key);
             }
-            if released || broker.kick(&key) {
+            if released || self.broker.kick(&key) {
                 tracing::info!(
                     device = ?key.device,
                     client_id = ?key.client_id,
-                    by = %claim.node,
+                    by = %node,
                     "session taken over by a connection on another node"
                 );
             }

@@ -280,8 +280,9 @@ impl Node {
     ) -> Result<Node, ClusterError> {
         let cluster = Cluster::connect(settings).await?;
         route::Fabric::start(cluster.clone(), broker.clone()).await?;
-        sessions.start(&cluster).await?;
+        // Claims first: the session writer asks them who holds a session.
         let claims = claims::Claims::start(&cluster, broker.clone(), sessions.clone()).await?;
+        sessions.start(&cluster, claims.clone()).await?;
         let wills = wills::Wills::start(&cluster, claims.clone(), &broker).await?;
         sessions.sweep(SESSION_SWEEP, wills.liveness());
         Ok(Node {

@@ -28,7 +28,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::claims::claim_key;
+use super::claims::{claim_key, Claims};
 use super::nodes::{Liveness, Verdict};
 use super::{route, subject, Cluster, ClusterError};
 use crate::broker::journal::{Backend, CommitError, Op, StoredSession, SubOptions};
@@ -238,7 +238,9 @@ impl Acked {
 
 /// A change to what a running feeder pulls.
 enum Feed {
-    Add(String),
+    /// A consumer (name, subject) was created.
+    Add(String, String),
+    /// A consumer (name) was deleted.
     Remove(String),
 }
 
@@ -373,8 +375,13 @@ impl SessionStore {
         })
     }
 
-    /// Opens (creating) the bucket and starts applying ops.
-    pub async fn start(self: &Arc<Self>, cluster: &Cluster) -> Result<(), ClusterError> {
+    /// Opens (creating) the bucket and starts applying ops; `claims` say which node may
+    /// write a session's record.
+    pub async fn start(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        claims: Arc<Claims>,
+    ) -> Result<(), ClusterError> {
         let store = super::bucket(
             cluster,
             "sessions",
@@ -397,6 +404,7 @@ impl SessionStore {
             store,
             stream,
             shared: self.shared.clone(),
+            claims,
             records: HashMap::new(),
             failed: None,
         };
@@ -501,14 +509,9 @@ impl SessionStore {
         let claim = claim_key(&session.key);
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.shared.feeders).insert(claim.clone(), tx.clone());
-        let names: HashSet<String> = broker
-            .subscriptions(&session)
+        let names: HashMap<String, String> = session_subjects(&broker, &session)
             .into_iter()
-            .flat_map(|(sub, opts)| {
-                let text = crate::broker::subscription_text(&sub);
-                Sub::new(&text, &opts, false).stored_subjects()
-            })
-            .map(|s| consumer_name(&claim, &s))
+            .map(|s| (consumer_name(&claim, &s), s))
             .collect();
         let feeder = Feeder {
             cluster,
@@ -521,17 +524,17 @@ impl SessionStore {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let mut pulls: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-            for name in names {
-                let task = tokio::spawn(feeder.clone().pull(name.clone(), stop.clone()));
+            for (name, subject) in names {
+                let task = tokio::spawn(feeder.clone().pull(name.clone(), subject, stop.clone()));
                 pulls.insert(name, task.abort_handle());
             }
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     change = rx.recv() => match change {
-                        Some(Feed::Add(name)) => {
+                        Some(Feed::Add(name, subject)) => {
                             if let std::collections::hash_map::Entry::Vacant(slot) = pulls.entry(name) {
-                                let pull = feeder.clone().pull(slot.key().clone(), stop.clone());
+                                let pull = feeder.clone().pull(slot.key().clone(), subject, stop.clone());
                                 slot.insert(tokio::spawn(pull).abort_handle());
                             }
                         }
@@ -678,14 +681,8 @@ async fn discard(
     revision: u64,
     record: &Record,
 ) -> Result<bool, ClusterError> {
-    let delete = store.delete_expect_revision(claim, Some(revision));
-    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
-            return Ok(false);
-        }
-        Err(_) => return Err(ClusterError::jetstream("removing a session", "no answer")),
+    if !remove_record(store, claim, revision).await? {
+        return Ok(false);
     }
     // The record is gone, so nobody resumes the session: its consumers can go at leisure.
     let stream = cluster
@@ -699,6 +696,75 @@ async fn discard(
             .await;
     }
     Ok(true)
+}
+
+/// Removes a record if it is still at `revision`; false when it changed since (written,
+/// or removed, by another node).
+async fn remove_record(
+    store: &kv::Store,
+    claim: &str,
+    revision: u64,
+) -> Result<bool, ClusterError> {
+    let delete = store.delete_expect_revision(claim, Some(revision));
+    match tokio::time::timeout(STEP_TIMEOUT, delete).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => {
+            tracing::debug!(claim, error = %e, "session record changed meanwhile; not removed");
+            Ok(false)
+        }
+        Err(_) => Err(ClusterError::jetstream("removing a session", "no answer")),
+    }
+}
+
+/// The subjects whose consumers `session`'s subscriptions need (in memory: what it was
+/// resumed with and subscribed since).
+fn session_subjects(broker: &Broker, session: &SessionRef) -> BTreeSet<String> {
+    broker
+        .subscriptions(session)
+        .into_iter()
+        .flat_map(|(sub, opts)| {
+            let text = crate::broker::subscription_text(&sub);
+            Sub::new(&text, &opts, false).stored_subjects()
+        })
+        .collect()
+}
+
+/// Creates the durable consumer `name` of a session's subscription subject (an existing
+/// one is kept as it is).
+async fn create_consumer(
+    cluster: &Cluster,
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    subject: &str,
+) -> Result<consumer::PullConsumer, ClusterError> {
+    let config = consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: cluster.names.message(true, subject),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: MAX_ACK_PENDING,
+        // What is published from the SUBSCRIBE on (its SUBACK waits for this).
+        deliver_policy: consumer::DeliverPolicy::New,
+        ..Default::default()
+    };
+    let create = stream.get_or_create_consumer::<consumer::pull::Config>(name, config);
+    match tokio::time::timeout(STEP_TIMEOUT, create).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(ClusterError::jetstream(
+            format!("creating consumer {name}"),
+            e,
+        )),
+        Err(_) => Err(ClusterError::jetstream(
+            format!("creating consumer {name}"),
+            "no answer",
+        )),
+    }
+}
+
+/// Whether opening a consumer failed because JetStream has no consumer of that name.
+fn no_such_consumer(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<jetstream::context::ConsumerInfoError>()
+        .is_some_and(|e| e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound)
 }
 
 /// Reads a record: its revision and value; None when there is none (or a delete marker).
@@ -725,6 +791,8 @@ struct Writer {
     store: kv::Store,
     stream: jetstream::stream::Stream,
     shared: Arc<Shared>,
+    /// Who holds each session: only the holder of its claim writes its record.
+    claims: Arc<Claims>,
     /// Sessions this node wrote: their last revision and value.
     records: HashMap<String, (u64, Record)>,
     /// The first failure since the last barrier.
@@ -847,8 +915,21 @@ impl Writer {
 
     /// Changes a record (read first when this node has not written it) and writes it
     /// back conditionally on its revision; `edit` returns the consumers to create (true)
-    /// or delete (false). This node holds the session (it claimed it), so a write that
-    /// lost the race to an older holder's last write reads again and wins.
+    /// or delete (false). `take`: the session opens here (a missing record is created).
+    ///
+    /// The session's claim decides who writes, not the record. Ops are applied in order
+    /// but after they were submitted, so this node may come to a change (its "open"
+    /// included) after a connection on another node claimed the session and wrote the
+    /// record; written then, it marked the record as this node's, and the node holding
+    /// the claim skipped every later change of its own as "held by another node" while
+    /// acknowledging it (its SUBSCRIBE's consumer was never created). So: a node that
+    /// knows it lost the claim writes nothing; a record naming another run is written only
+    /// if the claim is this run's, read from the claims bucket (only in that case: on the
+    /// common path the record names this run), at the revision read, which takes the
+    /// record back from a late writer. A change not written answers its barrier Ok: the
+    /// only connection waiting for it is one whose session was taken over, and reading
+    /// the claim released that session here, so the connection ends without acknowledging
+    /// (`Claims::holds`).
     async fn change(
         &mut self,
         key: &SessionKey,
@@ -858,15 +939,24 @@ impl Writer {
         let claim = claim_key(key);
         let mut changes = Vec::new();
         for attempt in 0..4 {
-            let current = match self.records.get(&claim) {
-                Some(r) if attempt == 0 => Some(r.clone()),
-                // Only opening a session takes it; any other change of a session that
-                // another run wrote since (or removed) is no longer this node's to make.
-                _ => match read(&self.store, &claim).await? {
-                    Some((_, r)) if !take && r.run != self.cluster.run => None,
-                    None if !take => None,
-                    found => Some(found.unwrap_or_default()),
-                },
+            let current = if self.claims.lost_claim(&claim) {
+                None
+            } else {
+                match self.records.get(&claim) {
+                    Some(r) if attempt == 0 => Some(r.clone()),
+                    _ => match read(&self.store, &claim).await? {
+                        Some(found) if found.1.run == self.cluster.run => Some(found),
+                        Some(found) => self.claims.holds(&claim).await?.then_some(found),
+                        None if take => Some((0, Record::default())),
+                        // Removed since: only opening the session writes it anew. Most
+                        // likely a clean start on another node, which claimed it first:
+                        // the claim is read to release it here now (`Claims::holds`).
+                        None => {
+                            self.claims.holds(&claim).await?;
+                            None
+                        }
+                    },
+                }
             };
             let Some((revision, mut record)) = current else {
                 self.records.remove(&claim);
@@ -913,7 +1003,7 @@ impl Writer {
             }
             if let Some(feeder) = lock(&self.shared.feeders).get(&claim) {
                 let _ = feeder.send(if create {
-                    Feed::Add(name)
+                    Feed::Add(name, subject)
                 } else {
                     Feed::Remove(name)
                 });
@@ -923,30 +1013,9 @@ impl Writer {
     }
 
     async fn create_consumer(&self, name: &str, subject: &str) -> Result<(), ClusterError> {
-        let config = consumer::pull::Config {
-            durable_name: Some(name.to_owned()),
-            filter_subject: self.cluster.names.message(true, subject),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
-            max_ack_pending: MAX_ACK_PENDING,
-            // What is published from the SUBSCRIBE on (its SUBACK waits for this).
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
-        };
-        let create = self
-            .stream
-            .get_or_create_consumer::<consumer::pull::Config>(name, config);
-        match tokio::time::timeout(STEP_TIMEOUT, create).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ClusterError::jetstream(
-                format!("creating consumer {name}"),
-                e,
-            )),
-            Err(_) => Err(ClusterError::jetstream(
-                format!("creating consumer {name}"),
-                "no answer",
-            )),
-        }
+        create_consumer(&self.cluster, &self.stream, name, subject)
+            .await
+            .map(|_| ())
     }
 
     /// Removes the session with its consumers (and the messages only they kept).
@@ -961,26 +1030,42 @@ impl Writer {
             }
         }
         self.shared.forget_acked(&claim, None);
-        let known = self.records.remove(&claim);
-        let Some((revision, record)) = read(&self.store, &claim).await? else {
-            return Ok(());
-        };
-        // A session this node wrote that another run wrote since was taken over
-        // (its claim was missed here, e.g. during a NATS outage): not ours to end.
-        if known.is_some_and(|(ours, _)| ours != revision) && record.run != self.cluster.run {
+        self.records.remove(&claim);
+        // As for a change (`Writer::change`), the claim decides: a session claimed on
+        // another node since is not this node's to end, and a clean start here, which
+        // claimed it first, ends it whoever wrote the record last.
+        if self.claims.lost_claim(&claim) {
             tracing::debug!(claim = %claim, "session held by another node now; not removed");
             return Ok(());
         }
-        for subject in needed_subjects(&record.subscriptions) {
-            let _ = self
-                .stream
-                .delete_consumer(&consumer_name(&claim, &subject))
-                .await;
+        // The record goes first, at the revision read (compare-and-set), then its
+        // consumers: a node that claimed the session after this one and wrote the record
+        // meanwhile keeps it, and the consumers it needs. (Deleted after the consumers,
+        // unconditionally, a record rewritten while they were being deleted went too.)
+        for _ in 0..3 {
+            let Some((revision, record)) = read(&self.store, &claim).await? else {
+                return Ok(());
+            };
+            if record.run != self.cluster.run && !self.claims.holds(&claim).await? {
+                tracing::debug!(claim = %claim, "session held by another node now; not removed");
+                return Ok(());
+            }
+            if !remove_record(&self.store, &claim, revision).await? {
+                // Rewritten since it was read: whose it is now is decided again.
+                continue;
+            }
+            for subject in needed_subjects(&record.subscriptions) {
+                let _ = self
+                    .stream
+                    .delete_consumer(&consumer_name(&claim, &subject))
+                    .await;
+            }
+            return Ok(());
         }
-        tokio::time::timeout(STEP_TIMEOUT, self.store.delete(&claim))
-            .await
-            .map_err(|_| ClusterError::jetstream("removing a session", "no answer"))?
-            .map_err(|e| ClusterError::jetstream("removing a session", e))
+        Err(ClusterError::jetstream(
+            "removing a session",
+            "its record kept changing",
+        ))
     }
 }
 
@@ -1005,9 +1090,9 @@ struct Feeder {
 }
 
 impl Feeder {
-    async fn pull(self, name: String, stop: CancellationToken) {
+    async fn pull(self, name: String, subject: String, stop: CancellationToken) {
         while !stop.is_cancelled() {
-            if let Err(e) = self.pull_once(&name, &stop).await {
+            if let Err(e) = self.pull_once(&name, &subject, &stop).await {
                 tracing::debug!(consumer = %name, error = %e, "session consumer failed; retrying");
             }
             tokio::select! {
@@ -1028,17 +1113,33 @@ impl Feeder {
     /// queued message is held, and a copy of a held message is answered with progress
     /// (which restarts the wait) rather than queued ([`Feeder::take`]). What still comes
     /// twice (a copy crossing its acknowledgement) is caught by [`Acked`].
-    async fn pull_once(&self, name: &str, stop: &CancellationToken) -> Result<(), ClusterError> {
+    async fn pull_once(
+        &self,
+        name: &str,
+        subject: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), ClusterError> {
         let stream = self
             .cluster
             .js
             .get_stream(self.cluster.names.messages_stream())
             .await
             .map_err(|e| ClusterError::jetstream("opening the message stream", e))?;
-        let consumer: consumer::PullConsumer = stream
-            .get_consumer(name)
-            .await
-            .map_err(|e| ClusterError::jetstream(format!("opening consumer {name}"), e))?;
+        let consumer: consumer::PullConsumer = match stream.get_consumer(name).await {
+            Ok(c) => c,
+            Err(e) if no_such_consumer(e.as_ref()) => {
+                match self.create_missing(&stream, name, subject).await? {
+                    Some(c) => c,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => {
+                return Err(ClusterError::jetstream(
+                    format!("opening consumer {name}"),
+                    e,
+                ))
+            }
+        };
         loop {
             let room = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -1065,6 +1166,35 @@ impl Feeder {
                 self.take(name, m, stop).await;
             }
         }
+    }
+
+    /// The consumer `name` of a subject the session's subscriptions need does not exist:
+    /// the SUBSCRIBE that recorded the subscription could not create it (the connection
+    /// then ended unacknowledged, and the session kept the subscription), or it was lost
+    /// since. Pulled as it was, it failed forever and nothing published for the
+    /// subscription arrived; it is created here instead, from now on (what was published
+    /// while it was missing was kept for nobody). None: not created, no subscription needs
+    /// it any more (an UNSUBSCRIBE meanwhile; the feeder is told to stop pulling it).
+    ///
+    /// Checked again once created: an UNSUBSCRIBE whose deletion of the consumer came
+    /// before this creation leaves it needed by nobody, and it is deleted again, lest it
+    /// keep messages for nobody until the session ends.
+    async fn create_missing(
+        &self,
+        stream: &jetstream::stream::Stream,
+        name: &str,
+        subject: &str,
+    ) -> Result<Option<consumer::PullConsumer>, ClusterError> {
+        if !session_subjects(&self.broker, &self.session).contains(subject) {
+            return Ok(None);
+        }
+        let created = create_consumer(&self.cluster, stream, name, subject).await?;
+        if !session_subjects(&self.broker, &self.session).contains(subject) {
+            let _ = stream.delete_consumer(name).await;
+            return Ok(None);
+        }
+        tracing::info!(device = %self.session.key.device, client_id = %self.session.key.client_id, consumer = %name, "the consumer of a stored subscription was missing; created again");
+        Ok(Some(created))
     }
 
     /// Waits until the session's queue has room; returns how much.

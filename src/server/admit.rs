@@ -212,26 +212,40 @@ pub(super) fn refuse_quota(
 /// Cluster mode: claims the session for this node, so that a connection holding it on
 /// another node is closed there. A persistent session that cannot be claimed (NATS
 /// unreachable) is refused with the CONNACK returned; a clean one stays local to this
-/// node (logged). None: go on.
+/// node (logged). Ok(true): claimed.
 pub(super) async fn claim(
     shared: &Shared,
     line: &DecisionLine,
-    session: &crate::broker::session::SessionRef,
+    key: &crate::broker::session::SessionKey,
     persistent: bool,
     protocol: Protocol,
-) -> Option<Packet> {
-    let node = shared.cluster.get()?;
-    let Err(e) = node.claims.claim(&session.key).await else {
-        return None;
+) -> Result<bool, Packet> {
+    let Some(node) = shared.cluster.get() else {
+        return Ok(false);
+    };
+    let Err(e) = node.claims.claim(key).await else {
+        return Ok(true);
     };
     if !persistent {
-        tracing::warn!(device = ?session.key.device, client_id = ?session.key.client_id, error = %e, "session not claimed in the cluster: it is local to this node");
-        return None;
+        tracing::warn!(device = ?key.device, client_id = ?key.client_id, error = %e, "session not claimed in the cluster: it is local to this node");
+        return Ok(false);
     }
     let why = format!("the cluster is unavailable for a persistent session: {e}");
     line.refused("cluster_unavailable", &why);
     shared.metrics.auth_refused("cluster_unavailable");
-    Some(connect::connack_unavailable(protocol, &why))
+    Err(connect::connack_unavailable(protocol, &why))
+}
+
+/// Cluster mode, right after the session claimed here was opened: a connection on
+/// another node that claimed it meanwhile, before it was open, found nothing to close
+/// here; it is closed now (as taken over, after its CONNACK).
+pub(super) fn claimed_elsewhere_meanwhile(
+    shared: &Shared,
+    key: &crate::broker::session::SessionKey,
+) {
+    if let Some(node) = shared.cluster.get() {
+        node.claims.enforce_opened(key);
+    }
 }
 
 /// How long a clean start waits for the cluster to discard the session it held.

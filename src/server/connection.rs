@@ -254,6 +254,11 @@ struct Open<'a> {
 
 /// Opens the session, as the cluster holds it (cluster mode), within the device's quota;
 /// Err: the CONNACK refusing it.
+///
+/// Cluster mode: the session is claimed first, before the cluster's copy is read or
+/// discarded and before the session's own writes are submitted (opening it submits one):
+/// the claim decides which node may write a session's record (docs/cluster.md
+/// "Persistent sessions"), so this node holds it by the time they are applied.
 async fn open_session(
     shared: &Arc<Shared>,
     (line, req): (
@@ -265,16 +270,23 @@ async fn open_session(
     kick: &CancellationToken,
     limits: &Limits,
 ) -> Result<crate::broker::Opened, crate::mqtt::codec::Packet> {
+    let persistent = request.expiry != Expiry::OnDisconnect;
+    let key = request.key.clone();
+    let claimed = admit::claim(shared, line, &key, persistent, req.protocol).await?;
     if let Some(refusal) = admit::resume(shared, line, &request, req.protocol).await {
         return Err(refusal);
     }
-    shared
+    let opened = shared
         .broker
         .open_session(request, conn_id, kick.clone())
         .map_err(|_| {
             let max = limits.max_sessions_per_device;
             admit::refuse_quota(line, shared, req.protocol, max)
-        })
+        })?;
+    if claimed {
+        admit::claimed_elsewhere_meanwhile(shared, &key);
+    }
+    Ok(opened)
 }
 
 /// Opens the session (contract §4: keyed by (device, client id); a holder is taken over),
@@ -299,7 +311,6 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         max_queued: limits.max_queued_messages,
         max_sessions: limits.max_sessions_per_device,
     };
-    let persistent = request.expiry != Expiry::OnDisconnect;
     let opened = open_session(shared, (&a.line, &a.req), request, conn_id, &kick, limits).await;
     let opened = match opened {
         Ok(o) => o,
@@ -310,13 +321,6 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             return None;
         }
     };
-    if let Some(ack) =
-        admit::claim(shared, &a.line, &opened.session, persistent, a.req.protocol).await
-    {
-        let _ = send(wr, &ack, write_limit).await;
-        broker.close_session(&opened.session, conn_id);
-        return None;
-    }
     let keep_alive = connect::effective_keep_alive(a.req.keep_alive, limits.max_keep_alive);
     let ack = connect::connack_success(
         &a.req,

@@ -496,12 +496,15 @@ async fn sessions_of_a_restarted_cluster_expire() {
     }
 }
 
-/// Review: a device opens its session on a (whose session writer is busy with another
-/// session's long SUBSCRIBE), leaves at once and opens the session on b. a's queued
-/// "open" write lands after b's and takes the record back; b then skips its writes as
-/// "held by another node" while answering SUBACK with success.
+/// The claim decides who writes a session's record: a device opens its session on a
+/// (whose session writer is busy with another session's long SUBSCRIBE), leaves at once
+/// and opens the session on b. a's queued "open" write comes after b claimed the session
+/// and wrote the record: it is not written (a no longer holds the claim), so b's later
+/// SUBSCRIBE is recorded with its consumer, and a QoS 1 message published after its
+/// SUBACK arrives. Before, a's late write marked the record as a's, and b skipped its
+/// own writes as "held by another node" while answering SUBACK with success.
 #[tokio::test]
-async fn review_a_late_open_write_of_the_previous_node_does_not_strand_the_session() {
+async fn a_late_open_write_of_the_previous_node_does_not_strand_the_session() {
     use crate::common::coretests::raw::{raw_ack, raw_subscribe_many, Pkt, Raw, PUBACK};
     let Some(t) = Two::start().await else { return };
     // Keep a's writer busy: 300 filters, each a record update and two consumers.
@@ -536,4 +539,101 @@ async fn review_a_late_open_write_of_the_previous_node_does_not_strand_the_sessi
             t.b.stderr()
         ),
     }
+}
+
+/// The `ps-` consumers of persistent sessions on the message stream, by name.
+async fn session_consumers(nats: &crate::common::nats::Nats) -> BTreeSet<String> {
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("certmq_msgs").await.expect("message stream");
+    let mut names = stream.consumer_names();
+    let mut all = BTreeSet::new();
+    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+        let name = name.expect("consumer name");
+        if name.starts_with("ps-") {
+            all.insert(name);
+        }
+    }
+    all
+}
+
+/// A resumed session whose record lists a QoS 1 subscription without its consumer (the
+/// consumer was lost: deleted here behind the broker's back, as a failed creation would
+/// leave it) gets the consumer created again by the node that pulls it, instead of
+/// pulling a consumer that does not exist forever: a message published afterwards
+/// arrives.
+#[tokio::test]
+async fn a_resumed_session_creates_the_consumer_its_subscription_lacks() {
+    use crate::common::coretests::raw::{raw_ack, Pkt, Raw, PUBACK};
+    let Some(t) = Two::start().await else { return };
+    let (mut raw, _) = Raw::connect_session(&t.backend, t.a.mqtt, "lacks", false, None).await;
+    assert_eq!(raw.subscribe("lacks/#", 1).await, 1);
+    raw.disconnect().await;
+    let before = session_consumers(&t._nats).await;
+    assert_eq!(before.len(), 2, "`lacks` and `lacks.>`: {before:?}");
+    let client = async_nats::connect(t._nats.url()).await.expect("NATS");
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("certmq_msgs")
+        .await
+        .expect("message stream");
+    for name in &before {
+        stream.delete_consumer(name).await.expect("deleted");
+    }
+
+    let (mut raw, present) = Raw::connect_session(&t.backend, t.b.mqtt, "lacks", false, None).await;
+    assert!(present);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while session_consumers(&t._nats).await != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost consumers were not created again:\n--- b\n{}",
+            t.b.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut pa = Peer::connect(&t.backend, t.a.mqtt, V::V4, "pub-lacks", &Opts::default()).await;
+    assert_eq!(pa.publish("lacks/1", 1, false, b"after").await, 0);
+    match tokio::time::timeout(Duration::from_secs(5), raw.try_recv()).await {
+        Ok(Ok(Pkt::Publish { topic, pkid, .. })) => {
+            raw.send(&raw_ack(PUBACK, pkid)).await;
+            assert_eq!(topic, "lacks/1");
+        }
+        other => panic!("the message never arrived ({other:?})"),
+    }
+}
+
+/// Removing a session (here a clean start on b) deletes the record only at the revision it
+/// read: a connection on a that resumed the session meanwhile, and wrote the record, keeps
+/// it, so the session is there when the device comes back. Before, b deleted the record
+/// unconditionally after deleting the session's 600 consumers, by which time a had
+/// written it: the resumed session's record was gone.
+#[tokio::test]
+async fn removing_a_session_leaves_a_record_rewritten_meanwhile() {
+    use crate::common::coretests::raw::Raw;
+    let Some(t) = Two::start().await else { return };
+    let (mut dev, _) = Raw::connect_session(&t.backend, t.a.mqtt, "torn", false, None).await;
+    let names: Vec<String> = (0..300).map(|i| format!("torn/{i}/#")).collect();
+    let filters: Vec<(&str, u8)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+    assert_eq!(dev.subscribe_many(7, &filters).await, vec![1; 300]);
+    dev.disconnect().await;
+
+    // A clean start on b removes the session (600 consumers, then the record) while the
+    // device resumes it on a.
+    let (backend, b) = (t.backend.clone(), t.b.mqtt);
+    let clean =
+        tokio::spawn(async move { Raw::connect_session(&backend, b, "torn", true, None).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (dev, _) = Raw::connect_session(&t.backend, t.a.mqtt, "torn", false, None).await;
+    let _ = clean.await;
+    // Once b's removal is over (b's writer answered the clean start's barrier).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    dev.disconnect().await;
+    // On b, which reads the record (a would resume the session it holds in memory).
+    let (_dev, present) = Raw::connect_session(&t.backend, t.b.mqtt, "torn", false, None).await;
+    assert!(
+        present,
+        "the session resumed on a was removed by the clean start it came after:\n--- a\n{}\n--- b\n{}",
+        t.a.stderr(),
+        t.b.stderr()
+    );
 }

@@ -174,12 +174,23 @@ impl Conn<'_> {
     /// contract §7: a persistent session's SUBACK / UNSUBACK is sent only once the change is
     /// committed, or a `kill -9` right after it would silently undo what was acknowledged.
     /// A store that cannot commit ends the connection unacknowledged (the client retries).
+    ///
+    /// A session taken over meanwhile is not acknowledged either: the store skips a change
+    /// of a session another node holds now (cluster mode, docs/cluster.md "Persistent
+    /// sessions") and releases the session here before answering, so the change is in
+    /// neither the session nor its record; the connection ends as taken over.
     async fn commit_session_change(&self, epoch: Option<Epoch>) -> Result<(), End> {
-        if self.session.journal().is_some() && !self.commit(epoch).await {
+        if self.session.journal().is_none() {
+            return Ok(());
+        }
+        if !self.commit(epoch).await {
             return Err(protocol_error(
                 v5::DisconnectReasonCode::QuotaExceeded,
                 "the message store cannot record the subscription now",
             ));
+        }
+        if !self.broker.is_current(self.session) {
+            return Err(End::TakenOver);
         }
         Ok(())
     }
