@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, AckKind};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -1069,13 +1069,23 @@ impl Writer {
     }
 }
 
-/// The connection ended with messages of a pull request already here but not taken:
-/// they go back to JetStream at once (negative acknowledgement), for whichever node the
-/// device turns to, rather than after the acknowledgement wait.
-async fn give_back(batch: &mut consumer::pull::Batch) {
-    while let Some(Some(Ok(m))) = batch.next().now_or_never() {
-        let _ = m.ack_with(AckKind::Nak(None)).await;
-    }
+/// The connection ended with a pull request open: what it brings goes back to JetStream at
+/// once (negative acknowledgement), for whichever node the device turns to, rather than
+/// after the acknowledgement wait. That is what is already here, and what JetStream sends
+/// for the request until it expires ([`PULL_WAIT`]): the request stays open at the server
+/// after the connection ended, and a message published after the device moved to another
+/// node may be sent to it rather than to the new node's request. Read to its end here (by
+/// a task of its own, so the stop does not wait), it is handed on at once; dropped, it
+/// would reach the other node only after the acknowledgement wait.
+async fn give_back(mut batch: consumer::pull::Batch) {
+    let drain = async {
+        while let Some(next) = batch.next().await {
+            if let Ok(m) = next {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PULL_WAIT + STEP_TIMEOUT, drain).await;
 }
 
 /// Pulls one online session's consumers.
@@ -1156,7 +1166,7 @@ impl Feeder {
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => {
-                        give_back(&mut batch).await;
+                        tokio::spawn(give_back(batch));
                         return Ok(());
                     }
                     next = batch.next() => next,
