@@ -566,7 +566,7 @@ impl SessionStore {
     /// whose expiry passed (counted from when their node was found dead, for a session
     /// that was connected then). A scan reads every record, so it runs when a run died
     /// since the last one, when the earliest deadline it found has come, and in full at
-    /// start and every [`FULL_SCAN`]: a run that ended before this one started (every
+    /// start and every `FULL_SCAN` (5 minutes): a run that ended before this one started (every
     /// node restarted) or while this node could not see it is never in
     /// [`Liveness::dead_runs`], yet its records are a dead run's all the same.
     pub fn sweep(self: &Arc<Self>, every: Duration, liveness: Arc<Liveness>) {
