@@ -858,11 +858,13 @@ impl Broker {
         pace: bool,
     ) -> Published {
         let router = self.router.read().unwrap_or_else(|p| p.into_inner());
-        let targets = if self.remote.get().is_some() {
+        let targets = if let Some(remote) = self.remote.get() {
             let mut targets = router.route_plain(&msg.topic, publisher);
             // A persistent session gets its stored messages from its own consumers
-            // (`cluster::sessions`), so that they wait in JetStream wherever it resumes.
-            if msg.qos != QoS::AtMostOnce {
+            // (`cluster::sessions`), so that they wait in JetStream wherever it resumes;
+            // a topic that cannot travel (`Remote::carries`) never reaches a consumer, and
+            // is routed here like any other.
+            if msg.qos != QoS::AtMostOnce && remote.carries(msg.topic.as_str()) {
                 targets.retain(|t| t.qos == QoS::AtMostOnce || t.key.journal().is_none());
             }
             targets

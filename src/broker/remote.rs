@@ -41,6 +41,11 @@ pub trait Remote: Send + Sync + std::fmt::Debug + 'static {
     /// QoS 1/2 PUBLISH is refused before it is routed, as when the local store fails.
     fn accepting(&self) -> bool;
 
+    /// Whether a message on `topic` can travel to the other nodes (and be kept for
+    /// persistent sessions there). One that cannot stays on this node, where it is routed
+    /// to every matching session, persistent ones included.
+    fn carries(&self, topic: &str) -> bool;
+
     /// The first local subscription on `sub` appeared (`added`), or the last one went.
     /// Called in the order the router changed, under the router's lock: implementations
     /// only queue the change.

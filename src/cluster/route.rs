@@ -245,6 +245,10 @@ impl Remote for Fabric {
         self.cluster.connected()
     }
 
+    fn carries(&self, topic: &str) -> bool {
+        super::subject::mappable(topic)
+    }
+
     fn interest(&self, sub: &Subscription, added: bool) {
         let _ = self.interest.send((sub.clone(), added));
     }
@@ -283,6 +287,14 @@ async fn ensure_streams(cluster: &Cluster) -> Result<(), ClusterError> {
 }
 
 /// Headers for a message (see the `header` names).
+/// The wall clock in milliseconds since the Unix epoch (0 before it).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn envelope(
     msg: &Message,
     (device, client_id): (Option<&DeviceName>, Option<&str>),
@@ -305,8 +317,13 @@ fn envelope(
         h.insert(header::CLIENT, json_string(c).as_str());
     }
     if let Some(at) = msg.expires_at {
-        let left = at.saturating_duration_since(Instant::now()).as_secs();
-        let unix = crate::cert::now_secs().saturating_add(i64::try_from(left).unwrap_or(0));
+        // Whole seconds on the wire, rounded up from the millisecond: rounded down (as
+        // both ends did), a message lost up to 2 s of its interval on every other node,
+        // and one with an interval of 1 s arrived there already expired. Up, it may live
+        // up to a second longer there.
+        let left = u64::try_from(at.saturating_duration_since(Instant::now()).as_millis())
+            .unwrap_or(u64::MAX);
+        let unix = unix_millis().saturating_add(left).div_ceil(1000);
         h.insert(header::EXPIRES, unix.to_string().as_str());
     }
     let p = &msg.props;
@@ -377,10 +394,11 @@ pub(crate) fn open(
         content_type: json(header::CONTENT_TYPE),
     };
     let expires_at = get(header::EXPIRES)
-        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|v| v.parse::<u64>().ok())
         .map(|unix| {
-            let left = u64::try_from(unix - crate::cert::now_secs()).unwrap_or(0);
-            Instant::now() + Duration::from_secs(left)
+            // Measured from this millisecond, not from the start of this second.
+            let left = unix.saturating_mul(1000).saturating_sub(unix_millis());
+            Instant::now() + Duration::from_millis(left)
         });
     Some(Envelope {
         msg: Message {
@@ -909,9 +927,11 @@ mod tests {
         assert_eq!(env.msg.qos, QoS::ExactlyOnce);
         assert!(env.msg.retain);
         assert_eq!(env.msg.props, msg.props);
+        // Rounded up to the second on the wire: up to a second more, never less (but for
+        // the time this test takes).
         let left = env.msg.expires_at.unwrap() - Instant::now();
         assert!(
-            left <= Duration::from_secs(100) && left >= Duration::from_secs(95),
+            left <= Duration::from_secs(101) && left >= Duration::from_secs(95),
             "{left:?}"
         );
         assert_eq!(env.device, Some(device));

@@ -8,7 +8,8 @@
 //!   token `/`, so no NATS token is empty (`/a` -> `/.a`, `a/` -> `a./`, `a//b` -> `a./.b`);
 //! - `.` becomes `//` (a `.` separates tokens in NATS);
 //! - whitespace cannot be carried (NATS subjects have none), nor a level that is exactly
-//!   `*` or `>` (a NATS wildcard): such topics are [`Unmappable`].
+//!   `*` or `>` (a NATS wildcard), nor a subject over [`MAX_SUBJECT`] bytes: such topics
+//!   are [`Unmappable`].
 //!
 //! Filters map the same way with `+` -> `*` and `#` -> `>`; `a/#` also matches `a`
 //! itself in MQTT, so it becomes two subjects, `a` and `a.>`.
@@ -20,11 +21,46 @@ pub enum Unmappable {
     WhiteSpace(String),
     #[error("topic {0:?} has a level '*' or '>', which would be a NATS wildcard")]
     WildcardLevel(String),
+    #[error("topic of {0} bytes maps to a NATS subject longer than {MAX_SUBJECT} bytes")]
+    TooLong(usize),
 }
+
+/// The longest subject a topic or filter may map to. nats-server closes the connection of
+/// a client that sends a protocol line over `max_control_line` (4,096 bytes by default)
+/// (`-ERR 'maximum control line exceeded'`), and the client sends its subscriptions again
+/// after every reconnect: one subscription to a longer filter kept a node off NATS. The
+/// longest line a subject goes into is a JetStream consumer creation (`$JS.API.CONSUMER.
+/// CREATE.<stream>.<consumer>.<subject>` plus a reply inbox) or an `HPUB` with the prefix
+/// and sizes: with the prefix at most 32 bytes (config), 3 KiB leaves room for all of it.
+pub const MAX_SUBJECT: usize = 3072;
 
 /// The subject for a topic name (no wildcards in `topic`; it was validated as a topic).
 pub fn topic_to_subject(topic: &str) -> Result<String, Unmappable> {
     map(topic, false).map(|mut v| v.remove(0))
+}
+
+/// Whether [`topic_to_subject`] maps `topic`, without building the subject: asked for every
+/// stored message on its way through the router.
+pub fn mappable(topic: &str) -> bool {
+    let mut len = 0usize;
+    for (i, level) in topic.split('/').enumerate() {
+        if i > 0 {
+            len += 1;
+        }
+        match level {
+            "" => len += 1,
+            "*" | ">" => return false,
+            _ => {
+                for c in level.chars() {
+                    if c.is_whitespace() {
+                        return false;
+                    }
+                    len += if c == '.' { 2 } else { c.len_utf8() };
+                }
+            }
+        }
+    }
+    len <= MAX_SUBJECT
 }
 
 /// The subjects a filter covers: one, or two for a trailing `#` after a level.
@@ -66,6 +102,9 @@ fn map(text: &str, filter: bool) -> Result<Vec<String>, Unmappable> {
             out.push('.');
         }
     }
+    if out.len() > MAX_SUBJECT {
+        return Err(Unmappable::TooLong(text.len()));
+    }
     Ok(parent.into_iter().chain([out]).collect())
 }
 
@@ -86,6 +125,42 @@ pub fn subject_to_topic(subject: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A topic or filter whose subject would exceed [`MAX_SUBJECT`] is refused, and
+    /// [`mappable`] agrees with [`topic_to_subject`] on every case.
+    #[test]
+    fn subjects_longer_than_the_limit_are_refused() {
+        let fits = format!("a/{}", "x".repeat(MAX_SUBJECT - 2));
+        let over = format!("a/{}", "x".repeat(MAX_SUBJECT - 1));
+        let dots = format!("a/{}", ".".repeat(MAX_SUBJECT / 2));
+        assert!(topic_to_subject(&fits).is_ok());
+        assert_eq!(
+            topic_to_subject(&over),
+            Err(Unmappable::TooLong(over.len()))
+        );
+        assert!(topic_to_subject(&dots).is_err(), "each '.' takes two bytes");
+        assert!(filter_to_subjects(&format!("{over}/#")).is_err());
+        assert!(filter_to_subjects(&format!("long/{}", "x".repeat(5000))).is_err());
+        for topic in [
+            fits.as_str(),
+            over.as_str(),
+            dots.as_str(),
+            "a/b",
+            "/a//b/",
+            "a b",
+            "a/*/b",
+            "a/>",
+            "x.y/z",
+            "ü/ñ",
+            "",
+        ] {
+            assert_eq!(
+                mappable(topic),
+                topic_to_subject(topic).is_ok(),
+                "{topic:?}"
+            );
+        }
+    }
 
     /// The conversion table of nats-server's MQTT documentation, and the round trip.
     #[test]

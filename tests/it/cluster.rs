@@ -1017,3 +1017,88 @@ async fn nats_stopped_and_restarted_under_load_acknowledges_only_what_was_stored
     );
     reader.abort();
 }
+
+/// A subscription to a filter whose NATS subject would be longer than nats-server's
+/// `max_control_line` (4,096 bytes) used to be a `SUB` line the server answers with
+/// `-ERR 'maximum control line exceeded'` and a close, sent again after every reconnect:
+/// the node stayed off NATS. Such a filter now matches messages of its node only, and the
+/// node stays healthy and keeps storing QoS 1 messages.
+#[tokio::test]
+async fn a_filter_too_long_for_a_nats_subject_keeps_the_node_on_nats() {
+    let Some(t) = Two::start().await else { return };
+    wait_health(&t.b, 200).await;
+    let mut long = Peer::connect(&t.backend, t.b.mqtt, V::V5, "long", &Opts::default()).await;
+    let filter = format!("long/{}", "x".repeat(5000));
+    assert_eq!(long.subscribe(&filter, 0).await, 0);
+    let mut statuses = Vec::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        statuses.push(t.b.get("/healthz").await.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut on_b = Peer::connect(&t.backend, t.b.mqtt, V::V5, "pub-b", &Opts::default()).await;
+    let code = on_b.publish("ok/x", 1, false, b"x").await;
+    let unhealthy = statuses.iter().filter(|s| **s != 200).count();
+    assert!(
+        unhealthy == 0 && code == 0,
+        "{unhealthy} of {} /healthz samples not 200; QoS 1 PUBLISH on b: {code:#x}\n{}",
+        statuses.len(),
+        t.b.stderr()
+    );
+    // Still served on its node: a message on a topic that long is delivered locally.
+    let topic = format!("long/{}", "x".repeat(5000));
+    assert_eq!(on_b.publish(&topic, 0, false, b"local").await, 0);
+    assert_eq!(long.recv().await.topic, topic);
+}
+
+/// A message with Message Expiry Interval 1 published on a reaches its subscriber on b:
+/// the expiry crosses in whole seconds rounded up, measured from the millisecond.
+#[tokio::test]
+async fn a_one_second_expiry_crosses_nodes() {
+    let Some(t) = Two::start().await else { return };
+    let mut sub = Peer::connect(&t.backend, t.b.mqtt, V::V5, "exp-sub", &Opts::default()).await;
+    assert_eq!(sub.subscribe("exp/#", 1).await, 1);
+    let (mut raw, _) = Raw::connect_ok(
+        &t.backend,
+        t.a.mqtt,
+        &RawConnect::new(V::V5, "exp-pub").bytes(),
+    )
+    .await;
+    let topic = b"exp/one";
+    let mut body = vec![0, topic.len() as u8];
+    body.extend_from_slice(topic);
+    body.extend_from_slice(&[0, 1]); // packet id
+    body.extend_from_slice(&[5, 0x02, 0, 0, 0, 1]); // Message Expiry Interval 1
+    body.extend_from_slice(b"short-lived");
+    let mut pkt = vec![0x32, body.len() as u8];
+    pkt.extend_from_slice(&body);
+    raw.send(&pkt).await;
+    assert_eq!(raw.recv().await[0], PUBACK);
+    raw.send(&raw_publish(V::V5, "exp/one", b"marker", 1, 2, false))
+        .await;
+    assert_eq!(raw.recv().await[0], PUBACK);
+    let first = sub.recv().await;
+    assert_eq!(
+        String::from_utf8_lossy(&first.payload),
+        "short-lived",
+        "the 1 s message was not delivered on the other node"
+    );
+}
+
+/// A QoS 1 message on a topic no NATS subject can carry (white space) stays on its node;
+/// a persistent session there still gets it (routers otherwise leave persistent sessions
+/// to their JetStream consumers, which never see such a topic).
+#[tokio::test]
+async fn a_topic_that_cannot_cross_nodes_still_reaches_a_persistent_session_on_its_node() {
+    let Some(t) = Two::start().await else { return };
+    let persistent = Opts {
+        clean: false,
+        will: None,
+    };
+    let mut sub = Peer::connect(&t.backend, t.a.mqtt, V::V5, "ws-sub", &persistent).await;
+    assert_eq!(sub.subscribe("ws/#", 1).await, 1);
+    let mut pa = Peer::connect(&t.backend, t.a.mqtt, V::V5, "ws-pub", &Opts::default()).await;
+    assert_eq!(pa.publish("ws/a b", 1, false, b"spaced").await, 0);
+    let m = sub.recv().await;
+    assert_eq!((m.topic.as_str(), m.qos), ("ws/a b", 1));
+}
