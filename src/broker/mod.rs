@@ -791,10 +791,19 @@ impl Broker {
 
     /// Cluster mode: a message another node accepted, for this node's sessions only (it
     /// is not forwarded again, and the retained store learns of it separately, through
-    /// [`Broker::retain_remote`]). `pace`: as for [`Broker::publish`].
-    pub fn publish_remote(&self, msg: Arc<Message>, pace: bool) -> Published {
+    /// [`Broker::retain_remote`]). `pace`: as for [`Broker::publish`]. `origin`: the
+    /// session (device, client id) of the connection that published it: a session here
+    /// under the same key (the client moved to this node since) is its publisher for No
+    /// Local, as it would be on one node.
+    pub fn publish_remote(
+        &self,
+        msg: Arc<Message>,
+        origin: Option<&SessionKey>,
+        pace: bool,
+    ) -> Published {
         self.metrics.messages_received.inc();
-        self.route_local(&msg, None, pace)
+        let publisher = origin.and_then(|key| self.sessions().get(key).cloned());
+        self.route_local(&msg, publisher.as_ref(), pace)
     }
 
     /// Cluster mode: the retained message (or, with an empty payload, the clearing) of a

@@ -363,6 +363,16 @@ pub(crate) struct Envelope {
     pub id: String,
 }
 
+impl Envelope {
+    /// The publishing connection's session key, when the message says (No Local).
+    pub(crate) fn origin(&self) -> Option<crate::broker::session::SessionKey> {
+        Some(crate::broker::session::SessionKey {
+            device: self.device.clone()?,
+            client_id: self.client_id.clone()?,
+        })
+    }
+}
+
 /// Reads a message from NATS; None (logged) when it is not a certmq message.
 pub(crate) fn open(
     prefix: &str,
@@ -613,7 +623,8 @@ async fn core_reader(
             continue;
         }
         // QoS 0: nobody to pace; a full queue drops it, counted as for a local publisher.
-        let _ = broker.publish_remote(Arc::new(env.msg), false);
+        let origin = env.origin();
+        let _ = broker.publish_remote(Arc::new(env.msg), origin.as_ref(), false);
     }
 }
 
@@ -764,10 +775,11 @@ async fn consume(
 /// sessions queued, before the caller acknowledges it to JetStream.
 async fn take_durable(broker: &Arc<Broker>, env: Envelope, shared: Option<&Subscription>) {
     tracing::trace!(from = %env.node, id = %env.id, topic = ?env.msg.topic.as_str(), "stored message from another node");
+    let origin = env.origin();
     let msg = Arc::new(env.msg);
     let mut published = match shared {
         Some(sub) => broker.publish_shared(msg, sub, true),
-        None => broker.publish_remote(msg, true),
+        None => broker.publish_remote(msg, origin.as_ref(), true),
     };
     let mut waiting = std::mem::take(&mut published.waiting);
     let stall = broker.stall_timeout();

@@ -1102,3 +1102,58 @@ async fn a_topic_that_cannot_cross_nodes_still_reaches_a_persistent_session_on_i
     let m = sub.recv().await;
     assert_eq!((m.topic.as_str(), m.qos), ("ws/a b", 1));
 }
+
+/// No Local across nodes: a message another node accepted from the connection of
+/// (device, client id) is not delivered to a No Local subscription of the session with that
+/// key here (the client moved to this node while its message was on the way), as on one
+/// node. Driven by a message published straight to NATS with the envelope a node writes,
+/// so the move needs no race; a second subscriber shows the message did arrive.
+#[tokio::test]
+async fn no_local_holds_for_a_message_from_the_same_client_on_another_node() {
+    use crate::common::v5tests::Raw5;
+    use rumqttc::v5::mqttbytes::v5::Filter;
+    use rumqttc::v5::mqttbytes::QoS;
+    let Some(t) = Two::start().await else { return };
+    let mut own = Raw5::open(&t.backend, t.b.mqtt, "mover").await;
+    let mut no_local = Filter::new("nl/#", QoS::AtMostOnce);
+    no_local.nolocal = true;
+    own.subscribe(vec![no_local], None).await;
+    let mut other = Raw5::open(&t.backend, t.b.mqtt, "watcher").await;
+    other.sub("nl/#", QoS::AtMostOnce).await;
+
+    let nats = async_nats::connect(t._nats.url()).await.expect("NATS");
+    let send = |client: &'static str, payload: &'static str| {
+        let nats = nats.clone();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Certmq-Node", "elsewhere");
+            h.insert("Certmq-Run", "elsewhere-run");
+            h.insert("Certmq-Id", payload);
+            h.insert("Certmq-Qos", "0");
+            h.insert("Certmq-Device", "backend");
+            h.insert("Certmq-Client", format!("\"{client}\"").as_str());
+            nats.publish_with_headers("certmq.m.nl.x", h, payload.into())
+                .await
+                .expect("publish");
+            nats.flush().await.expect("flush");
+        }
+    };
+    // The core subscription reaches NATS after SUBACK: repeat until the watcher sees one.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        send("someone", "probe").await;
+        if let Ok(p) = tokio::time::timeout(Duration::from_millis(300), other.next_publish()).await
+        {
+            assert_eq!(p.payload, "probe");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no probe reached node b");
+    }
+    send("mover", "own").await;
+    send("someone", "marker").await;
+    let seen = other.until_payload(b"marker").await;
+    assert!(seen.iter().any(|p| p.payload == "own"), "{seen:?}");
+    // The mover gets the probes (from another client) but never its own message.
+    let got = own.until_payload(b"marker").await;
+    assert!(got.iter().all(|p| p.payload != "own"), "{got:?}");
+}
