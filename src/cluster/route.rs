@@ -752,8 +752,27 @@ async fn consume(
         .messages()
         .await
         .map_err(|e| ClusterError::jetstream(format!("reading consumer {name}"), e))?;
+    // The stream sequences this node handled lately. A subscriber that is slow but keeps
+    // making progress paces this consumer (`take_durable`) past the acknowledgement wait
+    // for the messages pulled behind the one it waits on, and JetStream sends those
+    // again; a copy of one handled already is acknowledged and not delivered twice (a
+    // QoS 2 subscriber beside the slow one got it twice). A window of the last
+    // `RECENT_IDS` is far more than can be unacknowledged (`MAX_ACK_PENDING`).
+    let mut handled = Recent::new();
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| ClusterError::jetstream(format!("consumer {name}"), e))?;
+        if let Ok(info) = m.info() {
+            if !handled.first(&info.stream_sequence.to_string()) {
+                tracing::debug!(
+                    sequence = info.stream_sequence,
+                    "a stored message came again after it was handled; not delivered twice"
+                );
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(error = %e, "stored message not acknowledged to JetStream; it will come again");
+                }
+                continue;
+            }
+        }
         let env = open(
             cluster.names.prefix(),
             m.subject.as_str(),

@@ -1157,3 +1157,73 @@ async fn no_local_holds_for_a_message_from_the_same_client_on_another_node() {
     let got = own.until_payload(b"marker").await;
     assert!(got.iter().all(|p| p.payload != "own"), "{got:?}");
 }
+
+/// A slow but progressing QoS 1 subscriber on b paces b's consumer (docs/cluster.md, "Flow
+/// control across nodes") past JetStream's acknowledgement wait (30 s) for the messages
+/// pulled behind the one it waits on, which JetStream then sends again; a QoS 2
+/// subscriber beside it still gets each message once. Takes about 110 s.
+#[tokio::test]
+async fn pacing_by_a_slow_subscriber_does_not_duplicate_qos2() {
+    use std::collections::HashMap;
+    let Some(t) = Two::start().await else { return };
+    let mut fast = Peer::connect(&t.backend, t.b.mqtt, V::V5, "fast", &Opts::default()).await;
+    assert_eq!(fast.subscribe("dup/#", 2).await, 2);
+    let (mut slow, _) = Raw::connect_ok(
+        &t.backend,
+        t.b.mqtt,
+        &RawConnect::new(V::V4, "slow").bytes(),
+    )
+    .await;
+    assert_eq!(slow.subscribe("dup/#", 1).await, 1);
+    // Reads every PUBLISH, acknowledges one every 400 ms: never stalled, always full.
+    let slow_task = tokio::spawn(async move {
+        let mut unacked = std::collections::VecDeque::new();
+        for _ in 0..64 {
+            unacked.push_back(slow.next_publish().await.pkid);
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            if let Some(p) = unacked.pop_front() {
+                slow.send(&raw_ack(PUBACK, p)).await;
+            }
+            unacked.push_back(slow.next_publish().await.pkid);
+        }
+    });
+    let mut on_a = Peer::connect(&t.backend, t.a.mqtt, V::V5, "pub", &Opts::default()).await;
+    const N: usize = 1300;
+    for i in 0..N {
+        assert_eq!(
+            on_a.publish("dup/x", 1, false, format!("m{i}").as_bytes())
+                .await,
+            0
+        );
+    }
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(110);
+    while Instant::now() < until {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, fast.try_recv()).await {
+            Ok(Some(m)) => {
+                let n = seen.entry(m.payload).or_default();
+                *n += 1;
+                if *n > 1 || seen.len() == N {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    slow_task.abort();
+    let dups: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(p, n)| (String::from_utf8_lossy(p).into_owned(), *n))
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "{} of {} distinct messages delivered more than once at QoS 2, e.g. {:?}",
+        dups.len(),
+        seen.len(),
+        &dups[..dups.len().min(5)]
+    );
+}
