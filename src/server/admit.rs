@@ -39,6 +39,9 @@ pub(super) struct Accepted {
     pub granted: Granted,
     /// The config it was decided under (a reload meanwhile means deciding once more).
     pub config: Arc<Config>,
+    /// The registry generation read before the admission read the registry (a
+    /// registry-driven re-check meanwhile means deciding once more: `Live::registry_changed`).
+    pub registry_generation: u64,
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     pub line: DecisionLine,
 }
@@ -63,6 +66,9 @@ pub(super) async fn admit(
 ) -> Result<Accepted, Refusal> {
     let metrics = &shared.metrics;
     let req = ConnectRequest::from_packet(&packet);
+    // Before any registry read below: a registry change whose re-check misses this
+    // connection bumps it after this read (`Live::registry_changed`).
+    let registry_generation = shared.live.registry_generation();
     let config = shared.snapshot().config.clone();
     let chain = Arc::new(chain);
     let verified = reusable(verdict, &config, &chain);
@@ -165,6 +171,7 @@ pub(super) async fn admit(
         will,
         granted,
         config,
+        registry_generation,
         chain,
         line,
     })
@@ -180,13 +187,22 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
         Admitted::Provisioned => {
             shared.metrics.devices_provisioned.inc();
             let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.forget_entry(&device)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                // Committed: a connection admitted on the old rows registering after the
+                // copy below checks itself again.
+                s.live.registry_changed();
+                s.forget_entry(&device)
+            })
+            .await;
         }
         // Connections still using the superseded certificate are cut now, not at the next
         // registry poll.
         Admitted::Rotated { .. } => {
             let (s, c) = (shared.clone(), config.clone());
             let _ = tokio::task::spawn_blocking(move || {
+                // Committed: a connection admitted with the superseded certificate that
+                // registers after this re-check's copy checks itself again.
+                s.live.registry_changed();
                 s.live
                     .recheck(&c, &s.registry, &s.broker, Scope::Device(&device))
             })

@@ -378,14 +378,27 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             revoke: revoke.clone(),
         },
     );
-    // A reload between the admission and the registration above would have missed this
-    // connection: decide once more if the config changed meanwhile.
+    // A reload or a registry change between the admission and the registration above may
+    // have re-checked the live connections without this one (it registered after their
+    // copy of the list): decide once more if the config or the registry changed meanwhile.
+    // The registry generation read here comes after `register` took the list's lock; a
+    // re-check that missed this connection bumped it before taking that lock for its copy,
+    // so the bump happens-before this read (`Live::registry_changed`).
     if !Arc::ptr_eq(&shared.snapshot().config, &a.config) {
         let s = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let config = s.snapshot().config.clone();
             let scope = Scope::All { revalidate: true };
             s.live.recheck(&config, &s.registry, &s.broker, scope)
+        })
+        .await;
+    } else if shared.live.registry_generation() != a.registry_generation {
+        let s = shared.clone();
+        let d = device.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let config = s.snapshot().config.clone();
+            s.live
+                .recheck(&config, &s.registry, &s.broker, Scope::Device(&d))
         })
         .await;
     }

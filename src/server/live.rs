@@ -12,6 +12,7 @@
 //! pushes ([`follow`], docs/cluster.md "Registry").
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
@@ -55,6 +56,11 @@ impl LiveConn {
 #[derive(Debug, Default)]
 pub struct Live {
     conns: Mutex<Conns>,
+    /// Bumped by every registry-driven re-check before it copies the list
+    /// ([`Live::registry_changed`]). A connection admitted on a registry read that such a
+    /// re-check then missed (it registers after the copy) finds the number changed after
+    /// registering, and decides once more (connection.rs `open`).
+    registry_generation: AtomicU64,
 }
 
 /// The admitted connections, and how many each rule admitted (`/metrics`: connections per
@@ -124,6 +130,24 @@ pub enum Scope<'a> {
 impl Live {
     fn lock(&self) -> MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The registry generation: read by a CONNECT before its admission reads the registry,
+    /// and again right after [`Live::register`].
+    pub fn registry_generation(&self) -> u64 {
+        self.registry_generation.load(Ordering::SeqCst)
+    }
+
+    /// Says that the registry changed (another process's write seen, a pushed change, the
+    /// broker's own provisioning or rotation committed). Called before the re-check it
+    /// precedes copies the list, and after the change is visible to registry reads: a
+    /// connection either registered before that copy (and is judged by the re-check), or
+    /// registers after it and then reads the bumped number (the bump is sequenced before
+    /// the copy's lock, which the registration's lock acquires after), so it re-checks
+    /// itself. One whose generation read comes after the bump reads the registry after the
+    /// change and needs nothing more.
+    pub fn registry_changed(&self) {
+        self.registry_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Registers a connection until the guard drops.
@@ -291,6 +315,10 @@ pub async fn follow(
 fn apply(shared: &super::Shared, changes: &Changes) -> Result<Recheck, RegistryError> {
     let config = shared.snapshot().config.clone();
     let registry = shared.registry.as_ref();
+    // The mirror already holds these changes (it is updated before they are pushed):
+    // connections admitted on the old rows that register after the copies below check
+    // themselves again.
+    shared.live.registry_changed();
     for name in &changes.replaced {
         if let Ok(device) = DeviceName::parse(name) {
             shared.forget_entry(&device);
