@@ -44,6 +44,9 @@ pub(super) struct Accepted {
     pub registry_generation: u64,
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     pub line: DecisionLine,
+    /// When the connection must have its chain decided again because a certificate of it
+    /// expires (seconds, ascending): see [`expiry_deadlines`].
+    pub expires: Vec<i64>,
 }
 
 /// Why a CONNECT was not admitted: the CONNACK to send, if any (None when the decision
@@ -84,6 +87,7 @@ pub(super) async fn admit(
     .await
     .ok_or(None)?;
     let line = DecisionLine::new(peer, &req, &dry, &config);
+    let expires = expiry_deadlines(&dry.report);
     let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
         line.refused(label, why);
         metrics.auth_refused(label);
@@ -174,6 +178,7 @@ pub(super) async fn admit(
         registry_generation,
         chain,
         line,
+        expires,
     })
 }
 
@@ -334,6 +339,21 @@ fn reusable(
     let in_time = v.report.valid_until.is_some_and(|t| now_secs() < t);
     (Arc::ptr_eq(&v.config, config) && same_leaf && in_time && v.report.outcome.is_ok())
         .then_some(v.report)
+}
+
+/// When an admitted chain's standing may change with time alone (contract §4 "When"): the
+/// report's `valid_until` (the earliest notAfter of the leaf, of every certificate sent and
+/// of the anchor), then the leaf's own notAfter if later. The first may belong to an
+/// intermediate the chosen path does not need, so a re-check there can keep the connection;
+/// an expired leaf is refused on every path, so the second always ends it.
+fn expiry_deadlines(report: &ChainReport) -> Vec<i64> {
+    let mut out: Vec<i64> = report.valid_until.into_iter().collect();
+    if let Some(leaf) = &report.leaf {
+        if report.outcome.is_ok() && out.first().is_none_or(|t| *t < leaf.validity.not_after) {
+            out.push(leaf.validity.not_after);
+        }
+    }
+    out
 }
 
 /// Runs the admission decision off the async workers (it may commit and fsync); None when

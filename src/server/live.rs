@@ -125,6 +125,10 @@ pub enum Scope<'a> {
     All { revalidate: bool },
     /// One device, after the broker itself changed its registry row.
     Device(&'a DeviceName),
+    /// One connection, its chain decided again, once a certificate of its path reached its
+    /// notAfter (connection.rs `watch_expiry`): the re-check a reload would make of it.
+    /// Offline sessions are not concerned (they present no chain).
+    Connection { id: u64, device: &'a DeviceName },
 }
 
 impl Live {
@@ -189,6 +193,13 @@ impl Live {
         match scope {
             Scope::All { .. } => all.cloned().collect(),
             Scope::Device(d) => all.filter(|c| c.device == *d).cloned().collect(),
+            Scope::Connection { id, device } => conns
+                .by_id
+                .get(&id)
+                .filter(|c| c.device == *device)
+                .cloned()
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -212,7 +223,10 @@ impl Live {
         scope: Scope<'_>,
     ) -> Result<Recheck, RegistryError> {
         let rows = Rows::read(registry, scope)?;
-        let revalidate = matches!(scope, Scope::All { revalidate: true });
+        let revalidate = matches!(
+            scope,
+            Scope::All { revalidate: true } | Scope::Connection { .. }
+        );
         let now = UnixTime::now();
         let mut out = Recheck::default();
         for c in self.select(scope) {
@@ -232,6 +246,7 @@ impl Live {
         let only = match scope {
             Scope::Device(d) => Some(d),
             Scope::All { .. } => None,
+            Scope::Connection { .. } => return Ok(out),
         };
         out.sessions_forgotten = broker.reauthorize(only, |device| {
             auth::standing(config, rows.get(device), device, None, false, now)
@@ -263,7 +278,9 @@ impl Rows {
                     .map(|d| (d.name.clone(), d))
                     .collect(),
             ),
-            Scope::Device(d) => Rows::One(registry.get(d.as_str())?),
+            Scope::Device(d) | Scope::Connection { device: d, .. } => {
+                Rows::One(registry.get(d.as_str())?)
+            }
         })
     }
 
