@@ -39,8 +39,14 @@ pub(super) struct Accepted {
     pub granted: Granted,
     /// The config it was decided under (a reload meanwhile means deciding once more).
     pub config: Arc<Config>,
+    /// The registry generation read before the admission read the registry (a
+    /// registry-driven re-check meanwhile means deciding once more: `Live::registry_changed`).
+    pub registry_generation: u64,
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     pub line: DecisionLine,
+    /// When the connection must have its chain decided again because a certificate of it
+    /// expires (seconds, ascending): see [`expiry_deadlines`].
+    pub expires: Vec<i64>,
 }
 
 /// Why a CONNECT was not admitted: the CONNACK to send, if any (None when the decision
@@ -63,6 +69,9 @@ pub(super) async fn admit(
 ) -> Result<Accepted, Refusal> {
     let metrics = &shared.metrics;
     let req = ConnectRequest::from_packet(&packet);
+    // Before any registry read below: a registry change whose re-check misses this
+    // connection bumps it after this read (`Live::registry_changed`).
+    let registry_generation = shared.live.registry_generation();
     let config = shared.snapshot().config.clone();
     let chain = Arc::new(chain);
     let verified = reusable(verdict, &config, &chain);
@@ -78,6 +87,7 @@ pub(super) async fn admit(
     .await
     .ok_or(None)?;
     let line = DecisionLine::new(peer, &req, &dry, &config);
+    let expires = expiry_deadlines(&dry.report);
     let refuse = |label: &'static str, why: &dyn std::fmt::Display, ack: Packet| {
         line.refused(label, why);
         metrics.auth_refused(label);
@@ -165,8 +175,10 @@ pub(super) async fn admit(
         will,
         granted,
         config,
+        registry_generation,
         chain,
         line,
+        expires,
     })
 }
 
@@ -180,13 +192,22 @@ async fn registry_written(shared: &Arc<Shared>, config: &Arc<Config>, admission:
         Admitted::Provisioned => {
             shared.metrics.devices_provisioned.inc();
             let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.forget_entry(&device)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                // Committed: a connection admitted on the old rows registering after the
+                // copy below checks itself again.
+                s.live.registry_changed();
+                s.forget_entry(&device)
+            })
+            .await;
         }
         // Connections still using the superseded certificate are cut now, not at the next
         // registry poll.
         Admitted::Rotated { .. } => {
             let (s, c) = (shared.clone(), config.clone());
             let _ = tokio::task::spawn_blocking(move || {
+                // Committed: a connection admitted with the superseded certificate that
+                // registers after this re-check's copy checks itself again.
+                s.live.registry_changed();
                 s.live
                     .recheck(&c, &s.registry, &s.broker, Scope::Device(&device))
             })
@@ -318,6 +339,21 @@ fn reusable(
     let in_time = v.report.valid_until.is_some_and(|t| now_secs() < t);
     (Arc::ptr_eq(&v.config, config) && same_leaf && in_time && v.report.outcome.is_ok())
         .then_some(v.report)
+}
+
+/// When an admitted chain's standing may change with time alone (contract §4 "When"): the
+/// report's `valid_until` (the earliest notAfter of the leaf, of every certificate sent and
+/// of the anchor), then the leaf's own notAfter if later. The first may belong to an
+/// intermediate the chosen path does not need, so a re-check there can keep the connection;
+/// an expired leaf is refused on every path, so the second always ends it.
+fn expiry_deadlines(report: &ChainReport) -> Vec<i64> {
+    let mut out: Vec<i64> = report.valid_until.into_iter().collect();
+    if let Some(leaf) = &report.leaf {
+        if report.outcome.is_ok() && out.first().is_none_or(|t| *t < leaf.validity.not_after) {
+            out.push(leaf.validity.not_after);
+        }
+    }
+    out
 }
 
 /// Runs the admission decision off the async workers (it may commit and fsync); None when

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::admit::{self, Accepted};
 use super::live::{LiveConn, LiveGuard, Scope};
@@ -250,6 +250,8 @@ struct Open<'a> {
     kick: CancellationToken,
     revoke: Arc<Revoke>,
     _live: LiveGuard<'a>,
+    /// Stops the expiry watch ([`watch_expiry`]) when the connection ends.
+    _expiry: Option<DropGuard>,
 }
 
 /// Opens the session, as the cluster holds it (cluster mode), within the device's quota;
@@ -378,8 +380,12 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             revoke: revoke.clone(),
         },
     );
-    // A reload between the admission and the registration above would have missed this
-    // connection: decide once more if the config changed meanwhile.
+    // A reload or a registry change between the admission and the registration above may
+    // have re-checked the live connections without this one (it registered after their
+    // copy of the list): decide once more if the config or the registry changed meanwhile.
+    // The registry generation read here comes after `register` took the list's lock; a
+    // re-check that missed this connection bumped it before taking that lock for its copy,
+    // so the bump happens-before this read (`Live::registry_changed`).
     if !Arc::ptr_eq(&shared.snapshot().config, &a.config) {
         let s = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -388,7 +394,29 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             s.live.recheck(&config, &s.registry, &s.broker, scope)
         })
         .await;
+    } else if shared.live.registry_generation() != a.registry_generation {
+        let s = shared.clone();
+        let d = device.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let config = s.snapshot().config.clone();
+            s.live
+                .recheck(&config, &s.registry, &s.broker, Scope::Device(&d))
+        })
+        .await;
     }
+    // Registered above: the watch's re-check finds this connection.
+    let expiry = (!a.expires.is_empty()).then(|| {
+        let stop = CancellationToken::new();
+        let watch = watch_expiry(
+            shared.clone(),
+            conn_id,
+            device.clone(),
+            a.expires.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(watch);
+        stop.drop_guard()
+    });
     Some(Open {
         session: opened.session,
         conn_id,
@@ -400,7 +428,61 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         kick,
         revoke,
         _live: live,
+        _expiry: expiry,
     })
+}
+
+/// Ends a connection whose certificate expires while it is connected (contract §4 "When",
+/// §8): at each deadline (seconds, ascending; `admit::expiry_deadlines`) the connection's
+/// chain is decided again, as a reload decides it, and a refusal revokes it with the
+/// documented reason. Nothing else looks at the clock: without this, a session would
+/// outlive its certificate until the next reload or CRL update.
+async fn watch_expiry(
+    shared: Arc<Shared>,
+    conn_id: u64,
+    device: crate::identity::DeviceName,
+    deadlines: Vec<i64>,
+    stop: CancellationToken,
+) {
+    for deadline in deadlines {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = past(deadline) => {}
+        }
+        let (s, d) = (shared.clone(), device.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let config = s.snapshot().config.clone();
+            let scope = Scope::Connection {
+                id: conn_id,
+                device: &d,
+            };
+            s.live.recheck(&config, &s.registry, &s.broker, scope)
+        })
+        .await;
+        match checked {
+            Ok(Ok(r)) if r.revoked > 0 => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(device = ?device, error = %e, "expiry re-check failed; keeping the session")
+            }
+            Err(e) => tracing::warn!(device = ?device, error = %e, "expiry re-check task failed"),
+        }
+    }
+}
+
+/// Returns once the wall clock is past `deadline` (seconds; X.509 notAfter is inclusive).
+/// Sleeps a minute at most at a time: certificate times are wall-clock times, and a clock
+/// step or a suspended host must not postpone the check by the monotonic timer's reckoning.
+async fn past(deadline: i64) {
+    const STEP: u64 = 60;
+    loop {
+        let now = crate::cert::now_secs();
+        if now > deadline {
+            return;
+        }
+        let left = u64::try_from(deadline - now).unwrap_or(0).saturating_add(1);
+        tokio::time::sleep(Duration::from_secs(left.min(STEP))).await;
+    }
 }
 
 /// Handshake failures the verifier did not already log (no certificate, TLS protocol

@@ -12,6 +12,7 @@
 //! pushes ([`follow`], docs/cluster.md "Registry").
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
@@ -55,6 +56,11 @@ impl LiveConn {
 #[derive(Debug, Default)]
 pub struct Live {
     conns: Mutex<Conns>,
+    /// Bumped by every registry-driven re-check before it copies the list
+    /// ([`Live::registry_changed`]). A connection admitted on a registry read that such a
+    /// re-check then missed (it registers after the copy) finds the number changed after
+    /// registering, and decides once more (connection.rs `open`).
+    registry_generation: AtomicU64,
 }
 
 /// The admitted connections, and how many each rule admitted (`/metrics`: connections per
@@ -119,11 +125,33 @@ pub enum Scope<'a> {
     All { revalidate: bool },
     /// One device, after the broker itself changed its registry row.
     Device(&'a DeviceName),
+    /// One connection, its chain decided again, once a certificate of its path reached its
+    /// notAfter (connection.rs `watch_expiry`): the re-check a reload would make of it.
+    /// Offline sessions are not concerned (they present no chain).
+    Connection { id: u64, device: &'a DeviceName },
 }
 
 impl Live {
     fn lock(&self) -> MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The registry generation: read by a CONNECT before its admission reads the registry,
+    /// and again right after [`Live::register`].
+    pub fn registry_generation(&self) -> u64 {
+        self.registry_generation.load(Ordering::SeqCst)
+    }
+
+    /// Says that the registry changed (another process's write seen, a pushed change, the
+    /// broker's own provisioning or rotation committed). Called before the re-check it
+    /// precedes copies the list, and after the change is visible to registry reads: a
+    /// connection either registered before that copy (and is judged by the re-check), or
+    /// registers after it and then reads the bumped number (the bump is sequenced before
+    /// the copy's lock, which the registration's lock acquires after), so it re-checks
+    /// itself. One whose generation read comes after the bump reads the registry after the
+    /// change and needs nothing more.
+    pub fn registry_changed(&self) {
+        self.registry_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Registers a connection until the guard drops.
@@ -165,6 +193,13 @@ impl Live {
         match scope {
             Scope::All { .. } => all.cloned().collect(),
             Scope::Device(d) => all.filter(|c| c.device == *d).cloned().collect(),
+            Scope::Connection { id, device } => conns
+                .by_id
+                .get(&id)
+                .filter(|c| c.device == *device)
+                .cloned()
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -188,7 +223,10 @@ impl Live {
         scope: Scope<'_>,
     ) -> Result<Recheck, RegistryError> {
         let rows = Rows::read(registry, scope)?;
-        let revalidate = matches!(scope, Scope::All { revalidate: true });
+        let revalidate = matches!(
+            scope,
+            Scope::All { revalidate: true } | Scope::Connection { .. }
+        );
         let now = UnixTime::now();
         let mut out = Recheck::default();
         for c in self.select(scope) {
@@ -208,6 +246,7 @@ impl Live {
         let only = match scope {
             Scope::Device(d) => Some(d),
             Scope::All { .. } => None,
+            Scope::Connection { .. } => return Ok(out),
         };
         out.sessions_forgotten = broker.reauthorize(only, |device| {
             auth::standing(config, rows.get(device), device, None, false, now)
@@ -239,7 +278,9 @@ impl Rows {
                     .map(|d| (d.name.clone(), d))
                     .collect(),
             ),
-            Scope::Device(d) => Rows::One(registry.get(d.as_str())?),
+            Scope::Device(d) | Scope::Connection { device: d, .. } => {
+                Rows::One(registry.get(d.as_str())?)
+            }
         })
     }
 
@@ -291,6 +332,10 @@ pub async fn follow(
 fn apply(shared: &super::Shared, changes: &Changes) -> Result<Recheck, RegistryError> {
     let config = shared.snapshot().config.clone();
     let registry = shared.registry.as_ref();
+    // The mirror already holds these changes (it is updated before they are pushed):
+    // connections admitted on the old rows that register after the copies below check
+    // themselves again.
+    shared.live.registry_changed();
     for name in &changes.replaced {
         if let Ok(device) = DeviceName::parse(name) {
             shared.forget_entry(&device);

@@ -515,6 +515,10 @@ async fn watch_registry(shared: Arc<Shared>, shutdown: CancellationToken) {
         if seen.is_some_and(|v| v != version) {
             let s = shared.clone();
             let result = tokio::task::spawn_blocking(move || {
+                // The change is committed (its data_version was read): connections admitted
+                // on the old rows that register after this re-check's copy of the list
+                // re-check themselves.
+                s.live.registry_changed();
                 let config = s.snapshot().config.clone();
                 let scope = live::Scope::All { revalidate: false };
                 s.live.recheck(&config, &s.registry, &s.broker, scope)

@@ -275,6 +275,43 @@ async fn rotation_disconnects_connections_using_the_old_certificate() {
 
 // ------------------------------------------- a disabled device's delayed will is dropped
 
+/// A certificate that expires while its connection is open ends the connection (contract §4
+/// "When"): at the chain's notAfter the broker decides it again, as a reload would, and
+/// revokes it with the documented reason. Nothing else happens meanwhile (no reload, no CRL,
+/// no registry write); the wait is generous, debug builds are slow.
+#[tokio::test]
+async fn a_certificate_expiring_while_connected_ends_the_connection() {
+    let fx = Fixture::new();
+    let path = config(&fx, &Fixture::fleet_anchor(true));
+    let broker = Proc::start(&fx, &path).await;
+    let now = time::OffsetDateTime::now_utc();
+    let now = now - time::Duration::nanoseconds(i64::from(now.nanosecond()));
+    let spec = LeafSpec {
+        validity: Validity {
+            not_before: now - time::Duration::days(1),
+            not_after: now + time::Duration::seconds(6),
+        },
+        ..LeafSpec::device("d1.devices.example.com")
+    };
+    let dev = fx.client(&fx.fleet.issue(&spec).expect("short-lived leaf"));
+    let mut tls = open_v5(&dev, broker.mqtt, "d1").await;
+    let bye = tls
+        .expect_disconnect(std::time::Duration::from_secs(40))
+        .await;
+    assert!(
+        time::OffsetDateTime::now_utc() > spec.validity.not_after,
+        "not before notAfter"
+    );
+    assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");
+    assert!(bye.reason.contains("expired"), "{bye:?}");
+    let log = broker.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("session revoked") && l.contains("expired")),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn delayed_will_of_a_disabled_device_is_dropped() {
     let fx = Fixture::new();
