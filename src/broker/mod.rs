@@ -1082,16 +1082,30 @@ impl Broker {
         self.stall_timeout.store(secs, Ordering::Relaxed);
     }
 
-    /// Adds a subscription; true if it replaced one with the same filter. `aliased`: made
-    /// through `v1/devices/me/` (deliveries go back under `me`).
+    /// Adds a subscription; `Some(true)` if it replaced one with the same filter. `aliased`:
+    /// made through `v1/devices/me/` (deliveries go back under `me`).
+    ///
+    /// `None`: the session's ACL in force now does not allow the filter, and nothing was
+    /// added. The caller checked an earlier snapshot (one per SUBSCRIBE packet); a reload
+    /// may have replaced the ACL since, and its [`Broker::apply_acl`] pruned the session's
+    /// subscriptions without this one (contract §8). Checked under the router's write lock,
+    /// the lock that pruning lists the subscriptions under, and after taking it: `apply_acl`
+    /// sets the ACL (and bumps the session's ACL epoch) before it takes that lock to list.
+    /// So either this subscription is added before the listing, which sees it and removes
+    /// it if refused, or after the listing, whose lock release happens-before this
+    /// acquisition, so that the new ACL is read here. No subscription added under a
+    /// replaced ACL survives.
     pub fn subscribe(
         &self,
         session: &SessionRef,
         sub: &Subscription,
         opts: SubOptions,
         aliased: bool,
-    ) -> bool {
+    ) -> Option<bool> {
         let mut router = self.router_mut();
+        if !session.acl().can_subscribe(sub.filter()) {
+            return None;
+        }
         if let Some(journal) = session.journal() {
             journal.submit(Op::Subscribe {
                 key: session.key.clone(),
@@ -1101,7 +1115,7 @@ impl Broker {
             });
         }
         session.set_aliased(sub.filter(), aliased);
-        router.subscribe(session, sub, opts)
+        Some(router.subscribe(session, sub, opts))
     }
 
     /// Removes a subscription; true if it existed.
