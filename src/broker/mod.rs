@@ -910,6 +910,7 @@ impl Broker {
             msg: msg.clone(),
         };
         let stall = self.stall_timeout();
+        let mut held = false;
         loop {
             if !self.is_current(session) {
                 return FedOutcome::Gone;
@@ -917,14 +918,25 @@ impl Broker {
             let room = session.room();
             tokio::pin!(room);
             room.as_mut().enable();
-            match session.deliver(delivery, Some(stall)) {
+            // Once handed back, the delivery is checked against the ACL in force when it
+            // is offered again: a reload may have removed its subscription meanwhile.
+            let offered = if held {
+                session.redeliver(delivery, Some(stall))
+            } else {
+                session.deliver(delivery, Some(stall))
+            };
+            held = true;
+            match offered {
                 Ok((outcome, _)) => {
                     return match outcome {
                         Enqueued::Queued | Enqueued::QueuedDroppedOldQos0 => {
                             self.account(&mut Published::default(), session, outcome, &msg, qos);
                             FedOutcome::Queued
                         }
-                        Enqueued::Denied => FedOutcome::NotFor,
+                        Enqueued::Denied => {
+                            self.metrics.dropped("acl", 1);
+                            FedOutcome::NotFor
+                        }
                         Enqueued::DroppedOffline => FedOutcome::Gone,
                         Enqueued::DroppedFull | Enqueued::DroppedStalled => FedOutcome::Later,
                     }
@@ -1012,7 +1024,9 @@ impl Broker {
     }
 
     /// Offers a delivery that found its session's queue full again (contract §9): Err hands it
-    /// back while the session still has no room and is not stalled.
+    /// back while the session still has no room and is not stalled. It is checked against
+    /// the session's current ACL ([`Session::redeliver`]): a reload that narrowed the
+    /// profile while it was held dropped the subscription it was routed through (§8).
     pub fn offer(
         &self,
         out: &mut Published,
@@ -1021,7 +1035,7 @@ impl Broker {
     ) -> Result<(), Delivery> {
         let msg = delivery.msg.clone();
         let qos = delivery.qos;
-        let (outcome, _) = session.deliver(delivery, Some(self.stall_timeout()))?;
+        let (outcome, _) = session.redeliver(delivery, Some(self.stall_timeout()))?;
         session.pass_room();
         self.account(out, session, outcome, &msg, qos);
         Ok(())

@@ -1,13 +1,15 @@
 //! A reload that narrows a live session's profile leaves nothing flowing that the new
 //! profile forbids (contract §4 "Outcomes", §5 "Delivery", §8): not a subscription added by
-//! a SUBSCRIBE in progress during the reload.
+//! a SUBSCRIBE in progress during the reload, nor a delivery held for a full subscriber.
 
 use std::time::Duration;
 
-use crate::common::coretests::raw::{raw_subscribe_many, Pkt, Raw, RawConnect};
+use crate::common::coretests::raw::{
+    parse, raw_publish, raw_subscribe, raw_subscribe_many, Pkt, Raw, RawConnect,
+};
 use crate::common::coretests::{Opts, Peer, MARKER, V};
-use crate::common::ops::{config, pinned_backend, Proc};
-use crate::common::{Fixture, WAIT};
+use crate::common::ops::{config, config_with_limits, pinned_backend, Proc};
+use crate::common::{read_packet, Fixture, WAIT};
 
 /// The fleet anchor bound to the profile `wide`, whose subscribe patterns are `subscribe`.
 fn fleet_wide(subscribe: &str) -> String {
@@ -100,5 +102,78 @@ async fn a_subscribe_racing_a_narrowing_reload_keeps_a_forbidden_subscription() 
         "after the reload narrowed the profile to devices/d1/#, the live session still received {} message(s) on fleet/..., e.g. {:?}",
         forbidden.len(),
         forbidden.first()
+    );
+}
+
+/// A publisher paced by a full subscriber (contract §9) holds the subscriber's delivery;
+/// a reload narrows the subscriber's profile (its queue is purged, its subscription
+/// removed), and the held delivery, offered again, must be checked against the new ACL
+/// rather than queued: the subscriber may no longer receive its topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_delivery_reaches_a_subscriber_after_its_profile_narrowed() {
+    let fx = Fixture::new();
+    let (backend_section, backend) = pinned_backend(&fx);
+    let limits = "handshake_timeout = 5\nconnect_timeout = 5\nmax_queued_messages = 2\nmax_inflight = 1\nstall_timeout = 4";
+    let path = config_with_limits(
+        &fx,
+        limits,
+        &format!("{}\n{backend_section}", fleet_wide(WIDE)),
+    );
+    let mut broker = Proc::start(&fx, &path).await;
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let (mut s, _) =
+        Raw::connect_ok(&dev, broker.mqtt, &RawConnect::new(V::V4, "d1-c").bytes()).await;
+    s.send(&raw_subscribe(V::V4, 1, "fleet/#", 1)).await;
+    let ack = s.recv().await;
+    assert_eq!(ack[0], 0x90, "{ack:02x?}");
+    assert_eq!(ack[4], 1, "granted under the wide profile");
+
+    // The backend publishes 4 QoS 1 messages: 1 in flight to s (never acknowledged), 2
+    // queued, the 4th paced (its PUBACK waits).
+    let (mut p, _) =
+        Raw::connect_ok(&backend, broker.mqtt, &RawConnect::new(V::V4, "p").bytes()).await;
+    for i in 1..=4u16 {
+        p.send(&raw_publish(
+            V::V4,
+            &format!("fleet/m{i}"),
+            format!("m{i}").as_bytes(),
+            1,
+            i,
+            false,
+        ))
+        .await;
+    }
+    for i in 1..=3u16 {
+        let a = p.recv().await;
+        assert_eq!(a, [0x40, 2, 0, i as u8], "PUBACK {i}");
+    }
+    // The 4th is paced.
+    let held = tokio::time::timeout(Duration::from_millis(300), p.recv_or_closed()).await;
+    assert!(held.is_err(), "the 4th PUBACK waits: {held:?}");
+
+    // The operator narrows the profile: fleet/# is no longer allowed to d1.
+    config_with_limits(
+        &fx,
+        limits,
+        &format!("{}\n{backend_section}", fleet_wide(NARROW)),
+    );
+    broker.reload().await.expect("reload accepted");
+    let log = broker.stderr();
+    assert!(log.contains("subscription removed"), "{log}");
+
+    // Whatever s reads from now on: m1 was written before the reload; anything else on
+    // fleet/ arrived after the re-check.
+    let mut after = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while let Ok(Ok(bytes)) = tokio::time::timeout_at(deadline, read_packet(s.tls_mut())).await {
+        if let Ok(Pkt::Publish { topic, .. }) = parse(&bytes, V::V4) {
+            if topic != "fleet/m1" {
+                after.push(topic);
+            }
+        }
+    }
+    assert!(
+        after.is_empty(),
+        "delivered after the reload removed fleet/# from d1's profile: {after:?}"
     );
 }
