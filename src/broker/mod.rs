@@ -87,10 +87,11 @@ pub struct Will {
     pub message: Message,
     /// MQTT 5 Will Delay Interval, seconds.
     pub delay: u32,
-    /// Asked when a delayed will fires whether its device may still publish it (contract §4:
-    /// dropped if the device is disabled, deleted or revoked, or the topic is no longer
-    /// allowed); Err carries the reason for the log. Blocking: it reads the registry and
-    /// validates the chain. None: no check beyond the session's ACL (tests).
+    /// Asked when a will fires (after its delay, or as its connection ends) whether its
+    /// device may still publish it (contract §4: dropped if the device is disabled, deleted
+    /// or revoked, or the topic is no longer allowed); Err carries the reason for the log.
+    /// Blocking: it reads the registry and validates the chain. None: no check beyond the
+    /// session's ACL (tests).
     pub gate: Option<WillGate>,
     /// The certificate the connection was admitted with: cluster mode records it with the
     /// will, for the node that publishes it should this one die. None: tests.
@@ -1205,10 +1206,29 @@ impl Broker {
             }
         };
         if delay == 0 {
-            if self.will_ours(session, ticket, false) {
-                fire(will.message);
-            }
-            self.will_settled(session, ticket);
+            // The gate reads the registry and validates the chain: blocking, so it runs off
+            // the async path, in a task of its own, before the will is published. Without
+            // it a connection that drops between a `devices disable` / `delete` and the
+            // next registry poll (contract §8) would still speak once more, which the
+            // session's ACL alone does not prevent.
+            let Some(gate) = will.gate.clone() else {
+                if self.will_ours(session, ticket, false) {
+                    fire(will.message);
+                }
+                self.will_settled(session, ticket);
+                return;
+            };
+            let broker = self.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                if let Some(message) = broker.will_passes(&session, Some(gate), will.message).await
+                {
+                    if broker.will_ours(&session, ticket, false) {
+                        fire(message);
+                    }
+                }
+                broker.will_settled(&session, ticket);
+            });
             return;
         }
         self.will_waits(session, ticket, delay);
@@ -1249,6 +1269,19 @@ impl Broker {
             return;
         }
         let Will { message, gate, .. } = will;
+        if let Some(message) = self.will_passes(session, gate, message).await {
+            fire(message);
+        }
+    }
+
+    /// Asks a will's gate, off the async path, whether its device may still publish it;
+    /// a refusal is logged and counted. None: dropped.
+    async fn will_passes(
+        &self,
+        session: &SessionRef,
+        gate: Option<WillGate>,
+        message: Message,
+    ) -> Option<Message> {
         let verdict = match gate {
             None => Ok(message),
             Some(gate) => tokio::task::spawn_blocking(move || gate(&message).map(|()| message))
@@ -1256,10 +1289,11 @@ impl Broker {
                 .unwrap_or_else(|e| Err(format!("the will check failed: {e}"))),
         };
         match verdict {
-            Ok(message) => fire(message),
+            Ok(message) => Some(message),
             Err(reason) => {
                 tracing::warn!(device = ?session.key.device, reason = ?reason, "will dropped");
                 self.metrics.dropped("revoked", 1);
+                None
             }
         }
     }
