@@ -87,10 +87,11 @@ pub struct Will {
     pub message: Message,
     /// MQTT 5 Will Delay Interval, seconds.
     pub delay: u32,
-    /// Asked when a delayed will fires whether its device may still publish it (contract §4:
-    /// dropped if the device is disabled, deleted or revoked, or the topic is no longer
-    /// allowed); Err carries the reason for the log. Blocking: it reads the registry and
-    /// validates the chain. None: no check beyond the session's ACL (tests).
+    /// Asked when a will fires (after its delay, or as its connection ends) whether its
+    /// device may still publish it (contract §4: dropped if the device is disabled, deleted
+    /// or revoked, or the topic is no longer allowed); Err carries the reason for the log.
+    /// Blocking: it reads the registry and validates the chain. None: no check beyond the
+    /// session's ACL (tests).
     pub gate: Option<WillGate>,
     /// The certificate the connection was admitted with: cluster mode records it with the
     /// will, for the node that publishes it should this one die. None: tests.
@@ -921,6 +922,7 @@ impl Broker {
             msg: msg.clone(),
         };
         let stall = self.stall_timeout();
+        let mut held = false;
         loop {
             if !self.is_current(session) {
                 return FedOutcome::Gone;
@@ -928,14 +930,25 @@ impl Broker {
             let room = session.room();
             tokio::pin!(room);
             room.as_mut().enable();
-            match session.deliver(delivery, Some(stall)) {
+            // Once handed back, the delivery is checked against the ACL in force when it
+            // is offered again: a reload may have removed its subscription meanwhile.
+            let offered = if held {
+                session.redeliver(delivery, Some(stall))
+            } else {
+                session.deliver(delivery, Some(stall))
+            };
+            held = true;
+            match offered {
                 Ok((outcome, _)) => {
                     return match outcome {
                         Enqueued::Queued | Enqueued::QueuedDroppedOldQos0 => {
                             self.account(&mut Published::default(), session, outcome, &msg, qos);
                             FedOutcome::Queued
                         }
-                        Enqueued::Denied => FedOutcome::NotFor,
+                        Enqueued::Denied => {
+                            self.metrics.dropped("acl", 1);
+                            FedOutcome::NotFor
+                        }
                         Enqueued::DroppedOffline => FedOutcome::Gone,
                         Enqueued::DroppedFull | Enqueued::DroppedStalled => FedOutcome::Later,
                     }
@@ -1023,7 +1036,9 @@ impl Broker {
     }
 
     /// Offers a delivery that found its session's queue full again (contract §9): Err hands it
-    /// back while the session still has no room and is not stalled.
+    /// back while the session still has no room and is not stalled. It is checked against
+    /// the session's current ACL ([`Session::redeliver`]): a reload that narrowed the
+    /// profile while it was held dropped the subscription it was routed through (§8).
     pub fn offer(
         &self,
         out: &mut Published,
@@ -1032,7 +1047,7 @@ impl Broker {
     ) -> Result<(), Delivery> {
         let msg = delivery.msg.clone();
         let qos = delivery.qos;
-        let (outcome, _) = session.deliver(delivery, Some(self.stall_timeout()))?;
+        let (outcome, _) = session.redeliver(delivery, Some(self.stall_timeout()))?;
         session.pass_room();
         self.account(out, session, outcome, &msg, qos);
         Ok(())
@@ -1093,16 +1108,30 @@ impl Broker {
         self.stall_timeout.store(secs, Ordering::Relaxed);
     }
 
-    /// Adds a subscription; true if it replaced one with the same filter. `aliased`: made
-    /// through `v1/devices/me/` (deliveries go back under `me`).
+    /// Adds a subscription; `Some(true)` if it replaced one with the same filter. `aliased`:
+    /// made through `v1/devices/me/` (deliveries go back under `me`).
+    ///
+    /// `None`: the session's ACL in force now does not allow the filter, and nothing was
+    /// added. The caller checked an earlier snapshot (one per SUBSCRIBE packet); a reload
+    /// may have replaced the ACL since, and its [`Broker::apply_acl`] pruned the session's
+    /// subscriptions without this one (contract §8). Checked under the router's write lock,
+    /// the lock that pruning lists the subscriptions under, and after taking it: `apply_acl`
+    /// sets the ACL (and bumps the session's ACL epoch) before it takes that lock to list.
+    /// So either this subscription is added before the listing, which sees it and removes
+    /// it if refused, or after the listing, whose lock release happens-before this
+    /// acquisition, so that the new ACL is read here. No subscription added under a
+    /// replaced ACL survives.
     pub fn subscribe(
         &self,
         session: &SessionRef,
         sub: &Subscription,
         opts: SubOptions,
         aliased: bool,
-    ) -> bool {
+    ) -> Option<bool> {
         let mut router = self.router_mut();
+        if !session.acl().can_subscribe(sub.filter()) {
+            return None;
+        }
         if let Some(journal) = session.journal() {
             journal.submit(Op::Subscribe {
                 key: session.key.clone(),
@@ -1112,7 +1141,7 @@ impl Broker {
             });
         }
         session.set_aliased(sub.filter(), aliased);
-        router.subscribe(session, sub, opts)
+        Some(router.subscribe(session, sub, opts))
     }
 
     /// Removes a subscription; true if it existed.
@@ -1188,10 +1217,29 @@ impl Broker {
             }
         };
         if delay == 0 {
-            if self.will_ours(session, ticket, false) {
-                fire(will.message);
-            }
-            self.will_settled(session, ticket);
+            // The gate reads the registry and validates the chain: blocking, so it runs off
+            // the async path, in a task of its own, before the will is published. Without
+            // it a connection that drops between a `devices disable` / `delete` and the
+            // next registry poll (contract §8) would still speak once more, which the
+            // session's ACL alone does not prevent.
+            let Some(gate) = will.gate.clone() else {
+                if self.will_ours(session, ticket, false) {
+                    fire(will.message);
+                }
+                self.will_settled(session, ticket);
+                return;
+            };
+            let broker = self.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                if let Some(message) = broker.will_passes(&session, Some(gate), will.message).await
+                {
+                    if broker.will_ours(&session, ticket, false) {
+                        fire(message);
+                    }
+                }
+                broker.will_settled(&session, ticket);
+            });
             return;
         }
         self.will_waits(session, ticket, delay);
@@ -1232,6 +1280,19 @@ impl Broker {
             return;
         }
         let Will { message, gate, .. } = will;
+        if let Some(message) = self.will_passes(session, gate, message).await {
+            fire(message);
+        }
+    }
+
+    /// Asks a will's gate, off the async path, whether its device may still publish it;
+    /// a refusal is logged and counted. None: dropped.
+    async fn will_passes(
+        &self,
+        session: &SessionRef,
+        gate: Option<WillGate>,
+        message: Message,
+    ) -> Option<Message> {
         let verdict = match gate {
             None => Ok(message),
             Some(gate) => tokio::task::spawn_blocking(move || gate(&message).map(|()| message))
@@ -1239,10 +1300,11 @@ impl Broker {
                 .unwrap_or_else(|e| Err(format!("the will check failed: {e}"))),
         };
         match verdict {
-            Ok(message) => fire(message),
+            Ok(message) => Some(message),
             Err(reason) => {
                 tracing::warn!(device = ?session.key.device, reason = ?reason, "will dropped");
                 self.metrics.dropped("revoked", 1);
+                None
             }
         }
     }

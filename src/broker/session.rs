@@ -350,8 +350,44 @@ impl Session {
         d: Delivery,
         pace: Option<std::time::Duration>,
     ) -> Result<(Enqueued, bool), Delivery> {
+        self.deliver_checked(d, pace, false)
+    }
+
+    /// [`Session::deliver`] for a delivery handed back earlier (`Err`) and offered again
+    /// (contract §8, 9). It was routed through a subscription that a reload may have
+    /// removed while it was held, after `purge` emptied the queue of what the new ACL
+    /// refuses: so it is checked against the ACL in force now, always, not only for
+    /// profiles with `deny_subscribe`. The check is made under the session lock, the one
+    /// [`Session::set_acl`] replaces the ACL under: either the new ACL is seen here, or this
+    /// delivery is queued before it is set and the `purge` that follows removes it.
+    /// Retries are rare (a full queue), so the check is not worth caching by epoch.
+    pub fn redeliver(
+        &self,
+        d: Delivery,
+        pace: Option<std::time::Duration>,
+    ) -> Result<(Enqueued, bool), Delivery> {
+        self.deliver_checked(d, pace, true)
+    }
+
+    /// `always_check`: check the ACL even for a profile without `deny_subscribe`.
+    fn deliver_checked(
+        &self,
+        d: Delivery,
+        pace: Option<std::time::Duration>,
+        always_check: bool,
+    ) -> Result<(Enqueued, bool), Delivery> {
         let mut inner = self.lock();
-        if inner.acl.filters_deliveries() && !inner.acl.can_receive(&d.msg.topic) {
+        if (always_check || inner.acl.filters_deliveries()) && !inner.acl.can_receive(&d.msg.topic)
+        {
+            drop(inner);
+            if always_check {
+                tracing::info!(
+                    device = ?self.key.device,
+                    client_id = ?self.key.client_id,
+                    topic = ?d.msg.topic.as_str(),
+                    "held delivery dropped: no longer allowed"
+                );
+            }
             return Ok((Enqueued::Denied, false));
         }
         let outcome = inner.push(d, &self.key, self.journal.as_ref(), pace)?;

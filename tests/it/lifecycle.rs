@@ -344,6 +344,42 @@ async fn delayed_will_of_a_disabled_device_is_dropped() {
     assert!(got.is_empty(), "the will was published: {got:?}");
 }
 
+/// A will without delay passes the same gate as a delayed one: a connection that drops
+/// between `devices disable` and the next registry poll (500 ms) does not get to speak
+/// once more. Should the poll win the race, the connection is revoked without its will:
+/// either way nothing is published.
+#[tokio::test]
+async fn undelayed_will_of_a_disabled_device_is_dropped() {
+    let fx = Fixture::new();
+    let (backend_section, backend) = pinned_backend(&fx);
+    let path = config(
+        &fx,
+        &format!("{}\n{backend_section}", Fixture::fleet_anchor(true)),
+    );
+    let broker = Proc::start(&fx, &path).await;
+    let mut b = Peer::connect(&backend, broker.mqtt, V::V5, "b", &Opts::default()).await;
+    assert_eq!(b.subscribe("devices/#", 1).await, 1);
+    let dev = fx.client(&fx.device("d1.devices.example.com"));
+    let opts = Opts {
+        clean: true,
+        will: Some(WillMsg {
+            topic: "devices/d1/status".into(),
+            payload: b"offline".to_vec(),
+            qos: 1,
+            retain: false,
+            delay: 0,
+        }),
+    };
+    let d = Peer::connect(&dev, broker.mqtt, V::V5, "d1", &opts).await;
+    devices(&fx, &path, &["disable", "d1"]);
+    d.drop_tcp().await;
+    // Past the next poll, so that a will published anyway would be here by now.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(b.publish("devices/d1/x", 1, false, MARKER).await, 0);
+    let got = b.recv_until_marker().await;
+    assert!(got.is_empty(), "the will was published: {got:?}");
+}
+
 // ------------------------------------------- 6. persistent sessions per device
 
 /// An MQTT 5 CONNECT, keep alive 30 s, Session Expiry Interval 600 s, clean start 0.

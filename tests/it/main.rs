@@ -2,6 +2,7 @@
 //! MQTT client and subprocess harnesses) is compiled once. Each module is one area;
 //! `cargo test --test it MODULE::` runs one of them.
 
+mod acl_reload;
 mod admitted_across;
 mod architecture;
 mod auth;

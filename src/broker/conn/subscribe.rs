@@ -71,7 +71,19 @@ impl Conn<'_> {
                 retain_handling,
                 subscription_id,
             };
-            let existed = self.broker.subscribe(self.session, &sub, opts, aliased);
+            // The snapshot above may be stale by now: a reload that narrowed the profile
+            // meanwhile is seen here (`Broker::subscribe`), and the filter refused.
+            let Some(existed) = self.broker.subscribe(self.session, &sub, opts, aliased) else {
+                tracing::info!(
+                    device = ?self.device,
+                    client_id = ?self.session.key.client_id,
+                    filter = ?f.filter,
+                    "subscription denied by ACL: the profile changed during the SUBSCRIBE"
+                );
+                results.push(SubResult::NotAuthorized);
+                denied.push(f.filter);
+                continue;
+            };
             results.push(SubResult::Granted(f.qos));
             // Retained messages: never for shared subscriptions (MQTT 5 §4.8.2).
             let send_retained = !shared

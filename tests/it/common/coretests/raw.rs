@@ -191,6 +191,12 @@ impl Raw {
         &self.tls
     }
 
+    /// The TLS session for reading directly (e.g. with a deadline, without the panics of
+    /// [`Raw::recv`]).
+    pub fn tls_mut(&mut self) -> &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        &mut self.tls
+    }
+
     /// Publishes and waits for the PUBACK (QoS 1) or runs PUBREC/PUBREL/PUBCOMP (QoS 2);
     /// returns the PUBACK/PUBREC reason code. Deliveries to this connection in between
     /// are not expected.
