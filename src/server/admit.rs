@@ -133,13 +133,7 @@ pub(super) async fn admit(
         device: device.clone(),
         client_id: client_id.id.clone(),
     };
-    let quota = limits.max_sessions_per_device;
-    let persistent = granted.expiry != Expiry::OnDisconnect;
-    if !shared
-        .broker
-        .may_open(&key, req.clean_start, persistent, quota)
-    {
-        let why = OpenRefused::Quota { max: quota };
+    if let Some(why) = over_quota(shared, &key, req.clean_start, granted.expiry, limits) {
         return Err(refuse(
             "quota_exceeded",
             &why,
@@ -180,6 +174,20 @@ pub(super) async fn admit(
         line,
         expires,
     })
+}
+
+/// contract §4: a new persistent session beyond `max_sessions_per_device` is refused.
+fn over_quota(
+    shared: &Shared,
+    key: &SessionKey,
+    clean_start: bool,
+    expiry: Expiry,
+    limits: &Limits,
+) -> Option<OpenRefused> {
+    let max = limits.max_sessions_per_device;
+    let persistent = expiry != Expiry::OnDisconnect;
+    (!shared.broker.may_open(key, clean_start, persistent, max))
+        .then_some(OpenRefused::Quota { max })
 }
 
 /// What the broker's own registry write implies for sessions (contract §4).

@@ -349,25 +349,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         broker.close_session(&opened.session, conn_id);
         return None;
     }
-    let params = conn::Params {
-        protocol: a.req.protocol,
-        keep_alive,
-        window: usize::from(
-            a.req
-                .receive_maximum
-                .unwrap_or(u16::MAX)
-                .min(limits.max_inflight)
-                .max(1),
-        ),
-        receive_max: usize::from(limits.max_inflight),
-        topic_alias_max: connect::TOPIC_ALIAS_MAX,
-        client_topic_alias_max: a.req.topic_alias_max.min(limits.max_server_topic_aliases),
-        client_max_packet: a.req.max_packet_size.map(|m| m as usize),
-        write_limit,
-        expiry_was_zero: a.req.protocol == Protocol::V5 && a.req.session_expiry.unwrap_or(0) == 0,
-        max_session_expiry: limits.max_session_expiry,
-        problem_info: a.req.problem_info,
-    };
+    let params = session_params(&a.req, limits, keep_alive, write_limit);
     let revoke = Arc::new(Revoke::default());
     let live = shared.live.register(
         conn_id,
@@ -380,30 +362,7 @@ async fn open<'a, W: AsyncWrite + Unpin>(
             revoke: revoke.clone(),
         },
     );
-    // A reload or a registry change between the admission and the registration above may
-    // have re-checked the live connections without this one (it registered after their
-    // copy of the list): decide once more if the config or the registry changed meanwhile.
-    // The registry generation read here comes after `register` took the list's lock; a
-    // re-check that missed this connection bumped it before taking that lock for its copy,
-    // so the bump happens-before this read (`Live::registry_changed`).
-    if !Arc::ptr_eq(&shared.snapshot().config, &a.config) {
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let config = s.snapshot().config.clone();
-            let scope = Scope::All { revalidate: true };
-            s.live.recheck(&config, &s.registry, &s.broker, scope)
-        })
-        .await;
-    } else if shared.live.registry_generation() != a.registry_generation {
-        let s = shared.clone();
-        let d = device.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let config = s.snapshot().config.clone();
-            s.live
-                .recheck(&config, &s.registry, &s.broker, Scope::Device(&d))
-        })
-        .await;
-    }
+    recheck_if_changed(shared, &a.config, a.registry_generation, &device).await;
     // Registered above: the watch's re-check finds this connection.
     let expiry = (!a.expires.is_empty()).then(|| {
         let stop = CancellationToken::new();
@@ -430,6 +389,66 @@ async fn open<'a, W: AsyncWrite + Unpin>(
         _live: live,
         _expiry: expiry,
     })
+}
+
+/// The session loop's parameters, from the CONNECT and the limits.
+fn session_params(
+    req: &connect::ConnectRequest,
+    limits: &Limits,
+    keep_alive: u16,
+    write_limit: Duration,
+) -> conn::Params {
+    conn::Params {
+        protocol: req.protocol,
+        keep_alive,
+        window: usize::from(
+            req.receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(limits.max_inflight)
+                .max(1),
+        ),
+        receive_max: usize::from(limits.max_inflight),
+        topic_alias_max: connect::TOPIC_ALIAS_MAX,
+        client_topic_alias_max: req.topic_alias_max.min(limits.max_server_topic_aliases),
+        client_max_packet: req.max_packet_size.map(|m| m as usize),
+        write_limit,
+        expiry_was_zero: req.protocol == Protocol::V5 && req.session_expiry.unwrap_or(0) == 0,
+        max_session_expiry: limits.max_session_expiry,
+        problem_info: req.problem_info,
+    }
+}
+
+/// Called right after the connection joined the live connections. A reload or a registry
+/// change between the admission and that registration may have re-checked the live
+/// connections without this one (it registered after their copy of the list): decide once
+/// more if the config or the registry changed meanwhile. The registry generation read here
+/// comes after `register` took the list's lock; a re-check that missed this connection
+/// bumped it before taking that lock for its copy, so the bump happens-before this read
+/// (`Live::registry_changed`).
+async fn recheck_if_changed(
+    shared: &Arc<Shared>,
+    admitted_under: &Arc<crate::config::Config>,
+    registry_generation: u64,
+    device: &crate::identity::DeviceName,
+) {
+    if !Arc::ptr_eq(&shared.snapshot().config, admitted_under) {
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let config = s.snapshot().config.clone();
+            let scope = Scope::All { revalidate: true };
+            s.live.recheck(&config, &s.registry, &s.broker, scope)
+        })
+        .await;
+    } else if shared.live.registry_generation() != registry_generation {
+        let s = shared.clone();
+        let d = device.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let config = s.snapshot().config.clone();
+            s.live
+                .recheck(&config, &s.registry, &s.broker, Scope::Device(&d))
+        })
+        .await;
+    }
 }
 
 /// Ends a connection whose certificate expires while it is connected (contract §4 "When",
