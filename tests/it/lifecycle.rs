@@ -284,22 +284,14 @@ async fn a_certificate_expiring_while_connected_ends_the_connection() {
     let fx = Fixture::new();
     let path = config(&fx, &Fixture::fleet_anchor(true));
     let broker = Proc::start(&fx, &path).await;
-    let now = time::OffsetDateTime::now_utc();
-    let now = now - time::Duration::nanoseconds(i64::from(now.nanosecond()));
-    let spec = LeafSpec {
-        validity: Validity {
-            not_before: now - time::Duration::days(1),
-            not_after: now + time::Duration::seconds(6),
-        },
-        ..LeafSpec::device("d1.devices.example.com")
-    };
-    let dev = fx.client(&fx.fleet.issue(&spec).expect("short-lived leaf"));
+    let (leaf, not_after) = fx.short_lived_device("d1.devices.example.com", 6);
+    let dev = fx.client(&leaf);
     let mut tls = open_v5(&dev, broker.mqtt, "d1").await;
     let bye = tls
         .expect_disconnect(std::time::Duration::from_secs(40))
         .await;
     assert!(
-        time::OffsetDateTime::now_utc() > spec.validity.not_after,
+        time::OffsetDateTime::now_utc() > not_after,
         "not before notAfter"
     );
     assert_eq!(bye.code, NOT_AUTHORIZED_V5, "{bye:?}");

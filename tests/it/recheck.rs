@@ -14,7 +14,6 @@ use crate::common::coretests::V;
 use crate::common::ops::{config, Proc};
 use crate::common::run::{arg, certmq};
 use crate::common::{read_packet, Fixture, WAIT};
-use certmq::pki::{LeafSpec, Validity};
 
 const ACCEPTED_V4: [u8; 4] = [0x20, 2, 0, 0];
 const REFUSED_V4: [u8; 4] = [0x20, 2, 0, 5];
@@ -67,16 +66,7 @@ async fn resumed_tls_of_a_certificate_that_expired_since_is_refused_at_connect()
     let path = config(&fx, &Fixture::fleet_anchor(true));
     let broker = Proc::start(&fx, &path).await;
     // Valid for a few more seconds only.
-    let now = time::OffsetDateTime::now_utc();
-    let now = now - time::Duration::nanoseconds(i64::from(now.nanosecond()));
-    let spec = LeafSpec {
-        validity: Validity {
-            not_before: now - time::Duration::days(1),
-            not_after: now + time::Duration::seconds(4),
-        },
-        ..LeafSpec::device("dev-1.devices.example.com")
-    };
-    let leaf = fx.fleet.issue(&spec).expect("short-lived leaf");
+    let (leaf, not_after) = fx.short_lived_device("dev-1.devices.example.com", 4);
     // One ClientConfig for both connections: its session cache holds the ticket.
     let client = fx.client(&leaf);
     let (ack, tls) = client
@@ -87,7 +77,7 @@ async fn resumed_tls_of_a_certificate_that_expired_since_is_refused_at_connect()
     drop(tls);
 
     // Past notAfter (X.509 times are whole seconds).
-    let expired = spec.validity.not_after + time::Duration::seconds(1);
+    let expired = not_after + time::Duration::seconds(1);
     let wait = (expired - time::OffsetDateTime::now_utc()).whole_milliseconds();
     tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
 

@@ -42,12 +42,7 @@ impl Conn<'_> {
                 continue;
             };
             if !device_acl.can_subscribe(sub.filter()) {
-                tracing::info!(
-                    device = ?self.device,
-                    client_id = ?self.session.key.client_id,
-                    filter = ?f.filter,
-                    "subscription denied by ACL"
-                );
+                self.log_denied(&f.filter, "subscription denied by ACL");
                 results.push(SubResult::NotAuthorized);
                 denied.push(f.filter);
                 continue;
@@ -74,11 +69,9 @@ impl Conn<'_> {
             // The snapshot above may be stale by now: a reload that narrowed the profile
             // meanwhile is seen here (`Broker::subscribe`), and the filter refused.
             let Some(existed) = self.broker.subscribe(self.session, &sub, opts, aliased) else {
-                tracing::info!(
-                    device = ?self.device,
-                    client_id = ?self.session.key.client_id,
-                    filter = ?f.filter,
-                    "subscription denied by ACL: the profile changed during the SUBSCRIBE"
+                self.log_denied(
+                    &f.filter,
+                    "subscription denied by ACL: the profile changed during the SUBSCRIBE",
                 );
                 results.push(SubResult::NotAuthorized);
                 denied.push(f.filter);
@@ -95,8 +88,11 @@ impl Conn<'_> {
             if send_retained {
                 let now = crate::broker::message::Message::now();
                 let mut matched = Vec::new();
+                // The ACL in force now, not the packet's snapshot: a reload during the
+                // SUBSCRIBE narrows what its retained messages may show too.
+                let acl = self.session.acl();
                 for (topic, msg) in self.broker.retained_matching(sub.filter()) {
-                    if msg.expired(now) || !device_acl.can_receive(&topic) {
+                    if msg.expired(now) || !acl.can_receive(&topic) {
                         continue;
                     }
                     matched.push(Delivery {
@@ -205,6 +201,16 @@ impl Conn<'_> {
             return Err(End::TakenOver);
         }
         Ok(())
+    }
+
+    /// The log line of a filter refused by the ACL.
+    fn log_denied(&self, filter: &str, what: &'static str) {
+        tracing::info!(
+            device = ?self.device,
+            client_id = ?self.session.key.client_id,
+            filter = ?filter,
+            "{what}"
+        );
     }
 
     /// Parses a requested filter and applies the `me` alias to its filter part; the flag

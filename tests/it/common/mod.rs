@@ -102,6 +102,22 @@ impl Fixture {
             .expect("device cert")
     }
 
+    /// A fleet device certificate valid since yesterday and for `seconds` more only, and
+    /// its notAfter (on a whole second: certificates carry no fractions).
+    pub fn short_lived_device(&self, cn: &str, seconds: i64) -> (Issued, time::OffsetDateTime) {
+        let now = time::OffsetDateTime::now_utc();
+        let now = now - time::Duration::nanoseconds(i64::from(now.nanosecond()));
+        let spec = LeafSpec {
+            validity: Validity {
+                not_before: now - time::Duration::days(1),
+                not_after: now + time::Duration::seconds(seconds),
+            },
+            ..LeafSpec::device(cn)
+        };
+        let leaf = self.fleet.issue(&spec).expect("short-lived leaf");
+        (leaf, spec.validity.not_after)
+    }
+
     /// A client (chain PEM = leaf then the fleet intermediate).
     pub fn client_with_chain(&self, leaf: &Issued) -> Client {
         Client::new(self, &leaf.chain_pem(&[&self.fleet]), &leaf.key_pem)
